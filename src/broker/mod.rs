@@ -1,0 +1,6 @@
+//! The Broker: schedules the pollers, keeps the market snapshot, evaluates policies behind
+//! guard rails and hands relocations to the conduit.
+
+pub mod benchmarks;
+pub mod pricing;
+pub mod regions;

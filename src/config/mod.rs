@@ -1,0 +1,1108 @@
+//! Configuration: a TOML file parsed into [`raw::RawConfig`] (unknown keys are errors), then
+//! validated into [`Config`]. Validation collects every problem at once; each
+//! [`ConfigError`] names the key path and, where the file has it, `file:line:column`.
+//!
+//! Relative paths in the file are resolved against the file's own directory, so an example
+//! configuration works from wherever the daemon is started.
+
+pub mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::model::{ComponentKind, RegionInfo, Requirements};
+use raw::*;
+
+/// The validated configuration. Every field has already been checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// The file this was read from.
+    pub path: PathBuf,
+    pub daemon: DaemonSettings,
+    pub broker: BrokerSettings,
+    /// Optional region table that extends or replaces rows of the shipped one.
+    pub regions_file: Option<PathBuf>,
+    pub providers: BTreeMap<String, Provider>,
+    pub policies: BTreeMap<String, PolicySpec>,
+    pub services: BTreeMap<String, ServiceSpec>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonSettings {
+    /// Where the decision log, feed cache and journal live. Default `/var/lib/fluidcloud`,
+    /// or `$STATE_DIRECTORY` when systemd sets it.
+    pub state_dir: PathBuf,
+    /// HTTP API and `/metrics`. Default `127.0.0.1:7480`.
+    pub listen: SocketAddr,
+    /// Bearer token file. Default: `$CREDENTIALS_DIRECTORY/api-token` when set.
+    pub api_token_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// journald when `$JOURNAL_STREAM` says stderr is the journal, text otherwise.
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokerSettings {
+    /// Cron schedule (with seconds) of policy evaluation. Default every minute.
+    pub evaluate_schedule: String,
+    pub max_concurrent_relocations: u32,
+    pub max_relocations_per_window: u32,
+    pub relocation_window: Duration,
+    /// A tick that would relocate more than this share of all services relocates none.
+    pub max_relocations_percent: f64,
+    /// Wall-clock limit of one policy evaluation.
+    pub policy_timeout: Duration,
+    /// Rhai operation limit of one policy evaluation.
+    pub max_policy_operations: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Provider {
+    pub name: String,
+    pub driver: Driver,
+    /// The cloud the region belongs to, for the region table; `None` matches any.
+    pub cloud: Option<String>,
+    pub region: String,
+    pub root: Option<PathBuf>,
+    pub pricing: Option<PricingSource>,
+    pub benchmark: Option<BenchmarkSource>,
+    /// Overrides of the shipped region table for this provider.
+    pub region_overrides: Option<RawRegionOverride>,
+}
+
+/// Region facts given in the configuration; `None` keeps the table's value.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RawRegionOverride {
+    pub country: Option<String>,
+    pub subdivision: Option<String>,
+    pub eu: Option<bool>,
+    pub eea: Option<bool>,
+    pub tags: Option<Vec<String>>,
+}
+
+impl RawRegionOverride {
+    pub fn apply(&self, base: &mut RegionInfo) {
+        if let Some(v) = &self.country {
+            base.country = v.clone();
+        }
+        if let Some(v) = &self.subdivision {
+            base.subdivision = v.clone();
+        }
+        if let Some(v) = self.eu {
+            base.eu = v;
+        }
+        if let Some(v) = self.eea {
+            base.eea = v;
+        }
+        if let Some(v) = &self.tags {
+            base.tags = v.clone();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    Local,
+    Qemu,
+    S3,
+    Swift,
+}
+
+impl Driver {
+    pub const NAMES: &'static [&'static str] = &["local", "qemu", "s3", "swift"];
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "local" => Driver::Local,
+            "qemu" => Driver::Qemu,
+            "s3" => Driver::S3,
+            "swift" => Driver::Swift,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PricingFormat {
+    /// AWS price-list bulk offer file (`products` + `terms.OnDemand`).
+    Aws,
+    /// Azure Retail Prices API (`Items` + `NextPageLink`).
+    Azure,
+    /// Our normalised catalogue, CSV.
+    Csv,
+    /// Our normalised catalogue, JSON (an array of rows or `{"offers": [...]}`).
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PricingSource {
+    pub format: PricingFormat,
+    /// `file://`, `http://` or `https://`.
+    pub url: String,
+    pub schedule: String,
+    /// A cached download younger than this is used without fetching again.
+    pub ttl: Duration,
+    /// Prices older than this do not justify a relocation (stale-data guard).
+    pub max_age: Duration,
+    pub timeout: Duration,
+    /// A feed larger than this is refused.
+    pub max_bytes: u64,
+    /// Catalogue rows whose `provider` column equals this are taken.
+    pub catalogue_provider: String,
+    /// Rows whose region equals this are taken.
+    pub feed_region: String,
+    pub currency: String,
+    /// Applied where the feed does not carry a storage price.
+    pub storage_price_per_gib_month: Option<f64>,
+    /// Applied where the feed does not carry an egress price.
+    pub egress_price_per_gib: Option<f64>,
+    /// Prices above this are rejected as absurd.
+    pub max_price_per_hour: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchmarkSource {
+    pub schedule: String,
+    pub max_age: Duration,
+    pub timeout: Duration,
+    pub kind: BenchmarkKind,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum BenchmarkKind {
+    Builtin {
+        path: PathBuf,
+        file_size_mib: u64,
+        random_reads: u64,
+    },
+    Command {
+        command: Vec<String>,
+        map: BenchmarkMap,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchmarkMap {
+    pub seq_write_mb_s: Option<String>,
+    pub seq_read_mb_s: Option<String>,
+    pub rand_read_iops: Option<String>,
+    pub rand_read_latency_seconds: Option<String>,
+    pub bandwidth_scale: f64,
+    pub latency_scale: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Decide and log, never act.
+    Audit,
+    /// Decide, log, and wait for an operator to approve through the API.
+    Approve,
+    /// Decide and relocate.
+    Enforce,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Audit => "audit",
+            Mode::Approve => "approve",
+            Mode::Enforce => "enforce",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicySpec {
+    pub name: String,
+    pub file: PathBuf,
+    pub mode: Mode,
+    /// Required `(current − target) / current` monthly cost, unless the policy's reason is
+    /// not about cost (see the README). Default 0.10.
+    pub min_improvement_ratio: f64,
+    /// Consecutive evaluations that must ask for the same target. Default 3.
+    pub confirmations: u32,
+    pub min_residency: Duration,
+    pub cooldown: Duration,
+    pub break_even_horizon_days: f64,
+    pub expected_downtime: Duration,
+    pub move_duration: Duration,
+    pub downtime_cost_per_hour: f64,
+    pub blackouts: Vec<Blackout>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Blackout {
+    pub cron: String,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub provider: String,
+    pub policy: String,
+    pub flavor: Option<String>,
+    pub requirements: Requirements,
+    pub pinned: bool,
+    pub health_check: Option<HealthCheck>,
+    pub components: Vec<Component>,
+}
+
+impl ServiceSpec {
+    /// Bytes a relocation carries (volumes, VM disks, buckets not kept at the source).
+    pub fn bytes_to_move(&self) -> u64 {
+        self.components
+            .iter()
+            .filter(|c| !(c.kind == ComponentKind::Bucket && c.keep_at_source))
+            .map(|c| (c.size_gib * GIB) as u64)
+            .sum()
+    }
+
+    /// GiB of block storage the service keeps at its provider.
+    pub fn storage_gib(&self) -> f64 {
+        self.components
+            .iter()
+            .filter(|c| matches!(c.kind, ComponentKind::Vm | ComponentKind::Volume))
+            .map(|c| c.size_gib)
+            .sum()
+    }
+}
+
+pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthCheck {
+    pub url: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Component {
+    pub kind: ComponentKind,
+    pub name: String,
+    pub size_gib: f64,
+    pub keep_at_source: bool,
+    pub settings: toml::Table,
+}
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column, where known.
+    pub location: Option<(usize, usize)>,
+    /// Dotted key path, e.g. `services.shop.provider`; empty for syntax errors.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((l, c)) = self.location {
+            write!(f, ":{l}:{c}")?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// All problems of one file; displays one per line.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                location: None,
+                key: String::new(),
+                message: format!("cannot read the configuration file: {e}"),
+            }])
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let locator = Locator::new(path, text);
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let location = e.span().map(|s| locator.line_col(s.start));
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                location,
+                key: String::new(),
+                message: e.message().trim().to_string(),
+            }])
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut v = Validator {
+            locator: &locator,
+            base: &base,
+            errors: Vec::new(),
+        };
+        let config = v.config(path, raw);
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
+    }
+
+    /// Where pricing downloads are cached.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.daemon.state_dir.join("cache")
+    }
+
+    /// The decision log, one JSON object per line.
+    pub fn decision_log_path(&self) -> PathBuf {
+        self.daemon.state_dir.join("decisions.jsonl")
+    }
+}
+
+/// Maps key paths and byte offsets of the file to line:column.
+struct Locator {
+    doc: Option<toml_edit::ImDocument<String>>,
+    line_starts: Vec<usize>,
+}
+
+impl Locator {
+    fn new(_path: &Path, text: &str) -> Self {
+        let mut line_starts = vec![0];
+        line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Locator {
+            doc: toml_edit::ImDocument::parse(text.to_string()).ok(),
+            line_starts,
+        }
+    }
+
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let start = self.line_starts[line - 1];
+        (line, offset - start + 1)
+    }
+
+    /// Location of the value at `key` (dot-separated, `[n]` for array elements), or of the
+    /// nearest parent that exists in the file.
+    fn find(&self, key: &str) -> Option<(usize, usize)> {
+        let doc = self.doc.as_ref()?;
+        let mut node = Node::Table(doc.as_table());
+        let mut best = None;
+        for part in split_key(key) {
+            let next = match (node, part) {
+                (Node::Table(t), KeyPart::Name(n)) => t.get(n).map(Node::Item),
+                (Node::Item(i), KeyPart::Name(n)) => match i {
+                    toml_edit::Item::Table(t) => t.get(n).map(Node::Item),
+                    toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => {
+                        t.get(n).map(Node::Value)
+                    }
+                    _ => None,
+                },
+                (Node::Value(toml_edit::Value::InlineTable(t)), KeyPart::Name(n)) => {
+                    t.get(n).map(Node::Value)
+                }
+                (Node::Item(toml_edit::Item::ArrayOfTables(a)), KeyPart::Index(i)) => {
+                    a.get(i).map(Node::Table)
+                }
+                (Node::Item(toml_edit::Item::Value(toml_edit::Value::Array(a))), KeyPart::Index(i))
+                | (Node::Value(toml_edit::Value::Array(a)), KeyPart::Index(i)) => {
+                    a.get(i).map(Node::Value)
+                }
+                _ => None,
+            };
+            let Some(next) = next else { break };
+            if let Some(span) = next.span() {
+                best = Some(span.start);
+            }
+            node = next;
+        }
+        best.map(|o| self.line_col(o))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Table(&'a toml_edit::Table),
+    Item(&'a toml_edit::Item),
+    Value(&'a toml_edit::Value),
+}
+
+impl Node<'_> {
+    fn span(&self) -> Option<std::ops::Range<usize>> {
+        match self {
+            Node::Table(t) => t.span(),
+            Node::Item(i) => i.span(),
+            Node::Value(v) => v.span(),
+        }
+    }
+}
+
+enum KeyPart<'a> {
+    Name(&'a str),
+    Index(usize),
+}
+
+fn split_key(key: &str) -> Vec<KeyPart<'_>> {
+    let mut out = Vec::new();
+    for seg in key.split('.') {
+        let (name, rest) = match seg.find('[') {
+            Some(i) => (&seg[..i], &seg[i..]),
+            None => (seg, ""),
+        };
+        if !name.is_empty() {
+            out.push(KeyPart::Name(name));
+        }
+        for idx in rest.split('[').filter(|s| !s.is_empty()) {
+            if let Ok(n) = idx.trim_end_matches(']').parse() {
+                out.push(KeyPart::Index(n));
+            }
+        }
+    }
+    out
+}
+
+struct Validator<'a> {
+    locator: &'a Locator,
+    base: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
+const EVERY_MINUTE: &str = "0 * * * * *";
+const EVERY_HOUR: &str = "0 0 * * * *";
+
+impl Validator<'_> {
+    fn err(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        let key = key.into();
+        let location = self.locator.find(&key);
+        self.errors.push(ConfigError {
+            file: PathBuf::new(),
+            location,
+            key,
+            message: message.into(),
+        });
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            p
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn schedule(&mut self, key: &str, s: Option<String>, default: &str) -> String {
+        let s = s.unwrap_or_else(|| default.to_string());
+        if let Err(e) = parse_cron(&s) {
+            self.err(
+                key,
+                format!("`{s}` is not a cron schedule with seconds (like \"0 */5 * * * *\"): {e}"),
+            );
+        }
+        s
+    }
+
+    fn positive(&mut self, key: &str, v: Option<f64>, default: f64) -> f64 {
+        let v = v.unwrap_or(default);
+        if !(v.is_finite() && v > 0.0) {
+            self.err(key, format!("must be a positive number, got {v}"));
+        }
+        v
+    }
+
+    fn non_negative(&mut self, key: &str, v: Option<f64>, default: f64) -> f64 {
+        let v = v.unwrap_or(default);
+        if !(v.is_finite() && v >= 0.0) {
+            self.err(key, format!("must be zero or a positive number, got {v}"));
+        }
+        v
+    }
+
+    fn at_least(&mut self, key: &str, v: Option<u64>, default: u64, min: u64) -> u64 {
+        let v = v.unwrap_or(default);
+        if v < min {
+            self.err(key, format!("must be at least {min}, got {v}"));
+        }
+        v
+    }
+
+    fn config(&mut self, path: &Path, raw: RawConfig) -> Config {
+        let daemon = self.daemon(raw.daemon);
+        let broker = self.broker(raw.broker);
+        let regions_file = raw.regions.file.as_deref().map(|f| self.path(f));
+        if let Some(f) = &regions_file {
+            if !f.is_file() {
+                self.err(
+                    "regions.file",
+                    format!("region table {} does not exist", f.display()),
+                );
+            }
+        }
+        let providers: BTreeMap<_, _> = raw
+            .providers
+            .into_iter()
+            .map(|(name, p)| {
+                let v = self.provider(&name, p);
+                (name, v)
+            })
+            .collect();
+        let policies: BTreeMap<_, _> = raw
+            .policies
+            .into_iter()
+            .map(|(name, p)| {
+                let v = self.policy(&name, p);
+                (name, v)
+            })
+            .collect();
+        let services: BTreeMap<_, _> = raw
+            .services
+            .into_iter()
+            .map(|(name, s)| {
+                let v = self.service(&name, s, &providers, &policies);
+                (name, v)
+            })
+            .collect();
+        for e in &mut self.errors {
+            e.file = path.to_path_buf();
+        }
+        Config {
+            path: path.to_path_buf(),
+            daemon,
+            broker,
+            regions_file,
+            providers,
+            policies,
+            services,
+        }
+    }
+
+    fn daemon(&mut self, raw: RawDaemon) -> DaemonSettings {
+        let state_dir = match raw.state_dir {
+            Some(s) => self.path(&s),
+            None => std::env::var_os("STATE_DIRECTORY")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/fluidcloud")),
+        };
+        let listen_s = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = listen_s.parse().unwrap_or_else(|_| {
+            self.err(
+                "daemon.listen",
+                format!("`{listen_s}` is not an address and port such as 127.0.0.1:7480"),
+            );
+            DEFAULT_LISTEN.parse().expect("default listen address")
+        });
+        let log_format = match raw.log_format.as_deref().unwrap_or("auto") {
+            "auto" => LogFormat::Auto,
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            "journald" => LogFormat::Journald,
+            other => {
+                self.err(
+                    "daemon.log_format",
+                    format!("`{other}` is not one of auto, text, json, journald"),
+                );
+                LogFormat::Auto
+            }
+        };
+        DaemonSettings {
+            state_dir,
+            listen,
+            api_token_file: raw.api_token_file.map(|f| self.path(&f)),
+            log_format,
+        }
+    }
+
+    fn broker(&mut self, raw: RawBroker) -> BrokerSettings {
+        let evaluate_schedule =
+            self.schedule("broker.evaluate_schedule", raw.evaluate_schedule, EVERY_MINUTE);
+        let pct = raw.max_relocations_percent.unwrap_or(20.0);
+        if !(pct.is_finite() && pct > 0.0 && pct <= 100.0) {
+            self.err(
+                "broker.max_relocations_percent",
+                format!("must be more than 0 and at most 100, got {pct}"),
+            );
+        }
+        let timeout_ms = self.at_least(
+            "broker.policy_timeout_ms",
+            raw.policy_timeout_ms,
+            250,
+            1,
+        );
+        let ops = self.at_least(
+            "broker.max_policy_operations",
+            raw.max_policy_operations,
+            1_000_000,
+            1_000,
+        );
+        BrokerSettings {
+            evaluate_schedule,
+            max_concurrent_relocations: raw.max_concurrent_relocations.unwrap_or(1),
+            max_relocations_per_window: raw.max_relocations_per_window.unwrap_or(5),
+            relocation_window: Duration::from_secs(self.at_least(
+                "broker.relocation_window_secs",
+                raw.relocation_window_secs,
+                86_400,
+                1,
+            )),
+            max_relocations_percent: pct,
+            policy_timeout: Duration::from_millis(timeout_ms),
+            max_policy_operations: ops,
+        }
+    }
+
+    fn provider(&mut self, name: &str, raw: RawProvider) -> Provider {
+        let key = format!("providers.{name}");
+        check_name(self, &key, name);
+        let driver = Driver::parse(&raw.driver).unwrap_or_else(|| {
+            self.err(
+                format!("{key}.driver"),
+                format!(
+                    "`{}` is not a known driver; known drivers: {}",
+                    raw.driver,
+                    Driver::NAMES.join(", ")
+                ),
+            );
+            Driver::Local
+        });
+        if raw.region.trim().is_empty() {
+            self.err(format!("{key}.region"), "must not be empty");
+        }
+        let pricing = raw
+            .pricing
+            .map(|p| self.pricing(&format!("{key}.pricing"), name, &raw.region, p));
+        let benchmark = raw
+            .benchmark
+            .map(|b| self.benchmark(&format!("{key}.benchmark"), b));
+        let region_overrides = raw.region_info.map(|r| {
+            if let Some(c) = &r.country {
+                if c.len() != 2 || !c.chars().all(|ch| ch.is_ascii_uppercase()) {
+                    self.err(
+                        format!("{key}.region_info.country"),
+                        format!("`{c}` is not an ISO 3166-1 alpha-2 code such as DE"),
+                    );
+                }
+            }
+            RawRegionOverride {
+                country: r.country,
+                subdivision: r.subdivision,
+                eu: r.eu,
+                eea: r.eea,
+                tags: r.tags,
+            }
+        });
+        Provider {
+            name: name.to_string(),
+            driver,
+            cloud: raw.cloud,
+            region: raw.region,
+            root: raw.root.map(|r| self.path(&r)),
+            pricing,
+            benchmark,
+            region_overrides,
+        }
+    }
+
+    fn pricing(&mut self, key: &str, provider: &str, region: &str, raw: RawPricing) -> PricingSource {
+        let format = match raw.format.as_str() {
+            "aws" => PricingFormat::Aws,
+            "azure" => PricingFormat::Azure,
+            "csv" => PricingFormat::Csv,
+            "json" => PricingFormat::Json,
+            other => {
+                self.err(
+                    format!("{key}.format"),
+                    format!("`{other}` is not one of aws, azure, csv, json"),
+                );
+                PricingFormat::Json
+            }
+        };
+        let url = if let Some(rest) = raw.url.strip_prefix("file://") {
+            // Relative file URLs are resolved against the configuration's directory.
+            format!("file://{}", self.path(rest).display())
+        } else if raw.url.starts_with("http://") || raw.url.starts_with("https://") {
+            raw.url.clone()
+        } else {
+            self.err(
+                format!("{key}.url"),
+                format!("`{}` must start with file://, http:// or https://", raw.url),
+            );
+            raw.url.clone()
+        };
+        let schedule = self.schedule(&format!("{key}.schedule"), raw.schedule, EVERY_HOUR);
+        let ttl = self.at_least(&format!("{key}.ttl_secs"), raw.ttl_secs, 3_600, 0);
+        let max_age = self.at_least(&format!("{key}.max_age_secs"), raw.max_age_secs, 86_400, 1);
+        let timeout = self.at_least(&format!("{key}.timeout_secs"), raw.timeout_secs, 60, 1);
+        let max_bytes = self.at_least(
+            &format!("{key}.max_bytes"),
+            raw.max_bytes,
+            2 * 1024 * 1024 * 1024,
+            1,
+        );
+        if let Some(v) = raw.storage_price_per_gib_month {
+            self.non_negative(&format!("{key}.storage_price_per_gib_month"), Some(v), 0.0);
+        }
+        if let Some(v) = raw.egress_price_per_gib {
+            self.non_negative(&format!("{key}.egress_price_per_gib"), Some(v), 0.0);
+        }
+        let max_price_per_hour =
+            self.positive(&format!("{key}.max_price_per_hour"), raw.max_price_per_hour, 1_000.0);
+        PricingSource {
+            format,
+            url,
+            schedule,
+            ttl: Duration::from_secs(ttl),
+            max_age: Duration::from_secs(max_age),
+            timeout: Duration::from_secs(timeout),
+            max_bytes,
+            catalogue_provider: raw.catalogue_provider.unwrap_or_else(|| provider.to_string()),
+            feed_region: raw.feed_region.unwrap_or_else(|| region.to_string()),
+            currency: raw.currency.unwrap_or_else(|| "USD".to_string()),
+            storage_price_per_gib_month: raw.storage_price_per_gib_month,
+            egress_price_per_gib: raw.egress_price_per_gib,
+            max_price_per_hour,
+        }
+    }
+
+    fn benchmark(&mut self, key: &str, raw: RawBenchmark) -> BenchmarkSource {
+        let schedule = self.schedule(&format!("{key}.schedule"), raw.schedule, EVERY_HOUR);
+        let max_age = self.at_least(&format!("{key}.max_age_secs"), raw.max_age_secs, 86_400, 1);
+        let timeout = self.at_least(&format!("{key}.timeout_secs"), raw.timeout_secs, 300, 1);
+        let kind = match raw.kind.as_str() {
+            "builtin" => {
+                let path = match raw.path {
+                    Some(p) => self.path(&p),
+                    None => {
+                        self.err(format!("{key}.path"), "a builtin benchmark needs `path`, the directory to test in");
+                        PathBuf::new()
+                    }
+                };
+                if raw.command.is_some() || raw.map.is_some() {
+                    self.err(format!("{key}.kind"), "`command` and `map` belong to kind = \"command\", not \"builtin\"");
+                }
+                BenchmarkKind::Builtin {
+                    path,
+                    file_size_mib: self.at_least(&format!("{key}.file_size_mib"), raw.file_size_mib, 64, 1),
+                    random_reads: self.at_least(&format!("{key}.random_reads"), raw.random_reads, 2_000, 1),
+                }
+            }
+            "command" => {
+                let command = raw.command.unwrap_or_default();
+                if command.is_empty() {
+                    self.err(format!("{key}.command"), "a command benchmark needs `command`, a program and its arguments");
+                }
+                let m = raw.map.unwrap_or_default();
+                if m.seq_write_mb_s.is_none()
+                    && m.seq_read_mb_s.is_none()
+                    && m.rand_read_iops.is_none()
+                    && m.rand_read_latency_seconds.is_none()
+                {
+                    self.err(format!("{key}.map"), "needs at least one JSON pointer, e.g. seq_read_mb_s = \"/jobs/0/read/bw_bytes\"");
+                }
+                for (k, p) in [
+                    ("seq_write_mb_s", &m.seq_write_mb_s),
+                    ("seq_read_mb_s", &m.seq_read_mb_s),
+                    ("rand_read_iops", &m.rand_read_iops),
+                    ("rand_read_latency_seconds", &m.rand_read_latency_seconds),
+                ] {
+                    if let Some(p) = p {
+                        if !p.is_empty() && !p.starts_with('/') {
+                            self.err(format!("{key}.map.{k}"), format!("`{p}` is not a JSON pointer; it must start with /"));
+                        }
+                    }
+                }
+                let bandwidth_scale = self.positive(&format!("{key}.map.bandwidth_scale"), m.bandwidth_scale, 1.0);
+                let latency_scale = self.positive(&format!("{key}.map.latency_scale"), m.latency_scale, 1.0);
+                BenchmarkKind::Command {
+                    command,
+                    map: BenchmarkMap {
+                        seq_write_mb_s: m.seq_write_mb_s,
+                        seq_read_mb_s: m.seq_read_mb_s,
+                        rand_read_iops: m.rand_read_iops,
+                        rand_read_latency_seconds: m.rand_read_latency_seconds,
+                        bandwidth_scale,
+                        latency_scale,
+                    },
+                }
+            }
+            other => {
+                self.err(format!("{key}.kind"), format!("`{other}` is not one of builtin, command"));
+                BenchmarkKind::Command {
+                    command: Vec::new(),
+                    map: BenchmarkMap {
+                        seq_write_mb_s: None,
+                        seq_read_mb_s: None,
+                        rand_read_iops: None,
+                        rand_read_latency_seconds: None,
+                        bandwidth_scale: 1.0,
+                        latency_scale: 1.0,
+                    },
+                }
+            }
+        };
+        BenchmarkSource {
+            schedule,
+            max_age: Duration::from_secs(max_age),
+            timeout: Duration::from_secs(timeout),
+            kind,
+        }
+    }
+
+    fn policy(&mut self, name: &str, raw: RawPolicy) -> PolicySpec {
+        let key = format!("policies.{name}");
+        check_name(self, &key, name);
+        let file = self.path(&raw.file);
+        if !file.is_file() {
+            self.err(
+                format!("{key}.file"),
+                format!("policy file {} does not exist", file.display()),
+            );
+        }
+        let mode = match raw.mode.as_deref().unwrap_or("audit") {
+            "audit" => Mode::Audit,
+            "approve" => Mode::Approve,
+            "enforce" => Mode::Enforce,
+            other => {
+                self.err(
+                    format!("{key}.mode"),
+                    format!("`{other}` is not one of audit, approve, enforce"),
+                );
+                Mode::Audit
+            }
+        };
+        let ratio = self.non_negative(
+            &format!("{key}.min_improvement_ratio"),
+            raw.min_improvement_ratio,
+            0.10,
+        );
+        if ratio >= 1.0 {
+            self.err(
+                format!("{key}.min_improvement_ratio"),
+                format!("is a share of the current cost and must be below 1, got {ratio}"),
+            );
+        }
+        let confirmations = raw.confirmations.unwrap_or(3);
+        if confirmations == 0 {
+            self.err(format!("{key}.confirmations"), "must be at least 1, got 0");
+        }
+        let blackouts = raw
+            .blackout
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let cron = self.schedule(&format!("{key}.blackout[{i}].cron"), Some(b.cron), "");
+                if b.duration_secs == 0 {
+                    self.err(
+                        format!("{key}.blackout[{i}].duration_secs"),
+                        "must be at least 1, got 0",
+                    );
+                }
+                Blackout {
+                    cron,
+                    duration: Duration::from_secs(b.duration_secs),
+                }
+            })
+            .collect();
+        PolicySpec {
+            name: name.to_string(),
+            file,
+            mode,
+            min_improvement_ratio: ratio,
+            confirmations,
+            min_residency: Duration::from_secs(raw.min_residency_secs.unwrap_or(86_400)),
+            cooldown: Duration::from_secs(raw.cooldown_secs.unwrap_or(3_600)),
+            break_even_horizon_days: self.positive(
+                &format!("{key}.break_even_horizon_days"),
+                raw.break_even_horizon_days,
+                30.0,
+            ),
+            expected_downtime: Duration::from_secs(raw.expected_downtime_secs.unwrap_or(60)),
+            move_duration: Duration::from_secs(raw.move_duration_secs.unwrap_or(3_600)),
+            downtime_cost_per_hour: self.non_negative(
+                &format!("{key}.downtime_cost_per_hour"),
+                raw.downtime_cost_per_hour,
+                0.0,
+            ),
+            blackouts,
+        }
+    }
+
+    fn service(
+        &mut self,
+        name: &str,
+        raw: RawService,
+        providers: &BTreeMap<String, Provider>,
+        policies: &BTreeMap<String, PolicySpec>,
+    ) -> ServiceSpec {
+        let key = format!("services.{name}");
+        check_name(self, &key, name);
+        if !providers.contains_key(&raw.provider) {
+            self.err(
+                format!("{key}.provider"),
+                format!(
+                    "unknown provider `{}`; configured providers: {}",
+                    raw.provider,
+                    list(providers.keys())
+                ),
+            );
+        }
+        if !policies.contains_key(&raw.policy) {
+            self.err(
+                format!("{key}.policy"),
+                format!(
+                    "unknown policy `{}`; configured policies: {}",
+                    raw.policy,
+                    list(policies.keys())
+                ),
+            );
+        }
+        let mut components = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let (mut vcpus, mut memory) = (0u32, 0.0f64);
+        for (i, c) in raw.components.into_iter().enumerate() {
+            let ck = format!("{key}.components[{i}]");
+            let kind = match c.kind.as_str() {
+                "vm" => ComponentKind::Vm,
+                "volume" => ComponentKind::Volume,
+                "bucket" => ComponentKind::Bucket,
+                "app" => ComponentKind::App,
+                "config" => ComponentKind::Config,
+                other => {
+                    self.err(
+                        format!("{ck}.kind"),
+                        format!("`{other}` is not one of vm, volume, bucket, app, config"),
+                    );
+                    ComponentKind::App
+                }
+            };
+            if !seen.insert(c.name.clone()) {
+                self.err(
+                    format!("{ck}.name"),
+                    format!("component name `{}` is used twice in this service", c.name),
+                );
+            }
+            let size_gib = self.non_negative(&format!("{ck}.size_gib"), c.size_gib, 0.0);
+            if matches!(kind, ComponentKind::Volume | ComponentKind::Bucket) && c.size_gib.is_none()
+            {
+                self.err(
+                    format!("{ck}.size_gib"),
+                    format!("a {} needs `size_gib` to price storage and the move", kind.as_str()),
+                );
+            }
+            if c.keep_at_source && kind != ComponentKind::Bucket {
+                self.err(
+                    format!("{ck}.keep_at_source"),
+                    "only a bucket can be kept at the source",
+                );
+            }
+            if kind == ComponentKind::Vm {
+                vcpus += c.vcpus.unwrap_or(0);
+                memory += c.memory_gib.unwrap_or(0.0);
+            }
+            components.push(Component {
+                kind,
+                name: c.name,
+                size_gib,
+                keep_at_source: c.keep_at_source,
+                settings: c.settings,
+            });
+        }
+        let requirements = Requirements {
+            vcpus: raw.vcpus.unwrap_or(vcpus.max(1)),
+            memory_gib: raw.memory_gib.unwrap_or(if memory > 0.0 { memory } else { 1.0 }),
+        };
+        let health_check = raw.health_check.map(|h| {
+            if h.url.is_none() && h.command.is_none() {
+                self.err(
+                    format!("{key}.health_check"),
+                    "needs `url` or `command`",
+                );
+            }
+            HealthCheck {
+                url: h.url,
+                command: h.command,
+                timeout: Duration::from_secs(h.timeout_secs.unwrap_or(10)),
+            }
+        });
+        ServiceSpec {
+            name: name.to_string(),
+            provider: raw.provider,
+            policy: raw.policy,
+            flavor: raw.flavor,
+            requirements,
+            pinned: raw.pinned,
+            health_check,
+            components,
+        }
+    }
+}
+
+fn check_name(v: &mut Validator<'_>, key: &str, name: &str) {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        v.err(
+            key,
+            format!("name `{name}` may hold only letters, digits, `-` and `_`"),
+        );
+    }
+}
+
+fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = names.map(String::as_str).collect();
+    if v.is_empty() {
+        "(none)".to_string()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Parses a cron schedule the way the scheduler does: seconds first, day-of-month and
+/// day-of-week both honoured.
+pub fn parse_cron(s: &str) -> Result<croner::Cron, croner::errors::CronError> {
+    croner::Cron::new(s)
+        .with_seconds_required()
+        .with_dom_and_dow()
+        .parse()
+}

@@ -1,0 +1,190 @@
+//! The configuration file exactly as written: every struct refuses unknown keys, nothing
+//! is checked beyond types. `super::validate` turns this into [`super::Config`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub daemon: RawDaemon,
+    #[serde(default)]
+    pub broker: RawBroker,
+    #[serde(default)]
+    pub regions: RawRegions,
+    #[serde(default)]
+    pub providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    pub policies: BTreeMap<String, RawPolicy>,
+    #[serde(default)]
+    pub services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    pub state_dir: Option<String>,
+    pub listen: Option<String>,
+    pub api_token_file: Option<String>,
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawBroker {
+    pub evaluate_schedule: Option<String>,
+    pub max_concurrent_relocations: Option<u32>,
+    pub max_relocations_per_window: Option<u32>,
+    pub relocation_window_secs: Option<u64>,
+    pub max_relocations_percent: Option<f64>,
+    pub policy_timeout_ms: Option<u64>,
+    pub max_policy_operations: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegions {
+    /// Extra or replacement region table in the shipped `regions.csv` format.
+    pub file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub driver: String,
+    /// The cloud the region belongs to (`aws`, `azure`, `hetzner`…), for region facts.
+    pub cloud: Option<String>,
+    pub region: String,
+    /// Driver settings (for example a local provider's `root` directory).
+    pub root: Option<String>,
+    pub pricing: Option<RawPricing>,
+    pub benchmark: Option<RawBenchmark>,
+    pub region_info: Option<RawRegionInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPricing {
+    pub format: String,
+    pub url: String,
+    pub schedule: Option<String>,
+    pub ttl_secs: Option<u64>,
+    pub max_age_secs: Option<u64>,
+    pub timeout_secs: Option<u64>,
+    pub max_bytes: Option<u64>,
+    /// Catalogue rows to take (`provider` column); defaults to the provider's name.
+    pub catalogue_provider: Option<String>,
+    /// Region to take from the feed; defaults to the provider's region.
+    pub feed_region: Option<String>,
+    pub currency: Option<String>,
+    pub storage_price_per_gib_month: Option<f64>,
+    pub egress_price_per_gib: Option<f64>,
+    pub max_price_per_hour: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBenchmark {
+    pub kind: String,
+    pub schedule: Option<String>,
+    pub max_age_secs: Option<u64>,
+    pub timeout_secs: Option<u64>,
+    /// `builtin`: directory to test in.
+    pub path: Option<String>,
+    /// `builtin`: size of the test file.
+    pub file_size_mib: Option<u64>,
+    /// `builtin`: number of random reads.
+    pub random_reads: Option<u64>,
+    /// `command`: program and arguments, run without a shell.
+    pub command: Option<Vec<String>>,
+    /// `command`: JSON pointers (RFC 6901) to each figure in the command's output.
+    pub map: Option<RawBenchmarkMap>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawBenchmarkMap {
+    pub seq_write_mb_s: Option<String>,
+    pub seq_read_mb_s: Option<String>,
+    pub rand_read_iops: Option<String>,
+    pub rand_read_latency_seconds: Option<String>,
+    /// Multiplier applied to the bandwidth figures (fio reports KiB/s: 0.001024).
+    pub bandwidth_scale: Option<f64>,
+    /// Multiplier applied to the latency figure (fio reports ns: 1e-9).
+    pub latency_scale: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegionInfo {
+    pub country: Option<String>,
+    pub subdivision: Option<String>,
+    pub eu: Option<bool>,
+    pub eea: Option<bool>,
+    pub tags: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub file: String,
+    pub mode: Option<String>,
+    pub min_improvement_ratio: Option<f64>,
+    pub confirmations: Option<u32>,
+    pub min_residency_secs: Option<u64>,
+    pub cooldown_secs: Option<u64>,
+    pub break_even_horizon_days: Option<f64>,
+    pub expected_downtime_secs: Option<u64>,
+    pub move_duration_secs: Option<u64>,
+    pub downtime_cost_per_hour: Option<f64>,
+    #[serde(default)]
+    pub blackout: Vec<RawBlackout>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBlackout {
+    pub cron: String,
+    pub duration_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub provider: String,
+    pub policy: String,
+    pub flavor: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_gib: Option<f64>,
+    #[serde(default)]
+    pub pinned: bool,
+    pub health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    pub components: Vec<RawComponent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub url: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawComponent {
+    pub kind: String,
+    pub name: String,
+    pub size_gib: Option<f64>,
+    pub vcpus: Option<u32>,
+    pub memory_gib: Option<f64>,
+    /// `bucket`: keep the data at the source provider and reconfigure the app to reach it.
+    #[serde(default)]
+    pub keep_at_source: bool,
+    /// Driver-specific settings of the component (image path, app command, config rules…).
+    #[serde(default)]
+    pub settings: toml::Table,
+}

@@ -1,0 +1,12 @@
+//! FluidCloud: relocates running cloud services between providers when the owner's policy
+//! says it pays.
+//!
+//! The crate follows the paper's architecture: the [`broker`] watches the market and
+//! decides, [`policy`] runs the owner's Rhai rules behind the broker's guard rails, the
+//! [`conduit`] relocates.
+
+pub mod broker;
+pub mod conduit;
+pub mod config;
+pub mod model;
+pub mod policy;

@@ -1,0 +1,167 @@
+//! The vocabulary shared by every part of FluidCloud: service instances and their
+//! components, provider offers, measured IO figures, region facts and the immutable
+//! market snapshot the Broker publishes after each poll.
+//!
+//! Everything here is plain data. Parsing lives in `config` and in the pollers; decisions
+//! live in `broker` and `policy`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Hours in an average month (365 × 24 / 12); how hourly prices become monthly costs.
+pub const HOURS_PER_MONTH: f64 = 730.0;
+
+/// One priced compute flavor at a provider, normalised from any feed format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The configured provider this offer belongs to.
+    pub provider: String,
+    pub region: String,
+    pub flavor: String,
+    pub vcpus: u32,
+    pub memory_gib: f64,
+    pub price_per_hour: f64,
+    /// Block storage price; `None` when the feed does not carry it.
+    pub storage_price_per_gib_month: Option<f64>,
+    /// Internet egress price; `None` when the feed does not carry it.
+    pub egress_price_per_gib: Option<f64>,
+    pub currency: String,
+}
+
+/// IO performance measured on a provider, in base-ish units people read (MB/s = 10^6 B/s).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IoFigures {
+    pub seq_write_mb_s: f64,
+    pub seq_read_mb_s: f64,
+    pub rand_read_iops: f64,
+    /// Mean latency of one random read, in seconds.
+    pub rand_read_latency_seconds: f64,
+    pub measured_at: DateTime<Utc>,
+}
+
+/// Where a provider region is, legally speaking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RegionInfo {
+    /// ISO 3166-1 alpha-2 country code.
+    pub country: String,
+    /// ISO 3166-2 subdivision code, empty when unknown.
+    pub subdivision: String,
+    pub eu: bool,
+    pub eea: bool,
+    /// Free-form jurisdiction tags such as `gdpr`, `cloud-act`, `schrems-ii-risk`.
+    pub tags: Vec<String>,
+}
+
+/// Freshness of one market data source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// `pricing:<provider>`, `benchmark:<provider>` or `regions`.
+    pub source: String,
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_attempt: Option<DateTime<Utc>>,
+    /// True when the last attempt failed and older data is being served.
+    pub stale: bool,
+    pub last_error: Option<String>,
+    /// Data older than this may not justify a relocation.
+    pub max_age_secs: u64,
+    /// Number of records the last good poll produced.
+    pub records: usize,
+}
+
+impl SourceStatus {
+    pub fn new(source: impl Into<String>, max_age_secs: u64) -> Self {
+        SourceStatus {
+            source: source.into(),
+            last_success: None,
+            last_attempt: None,
+            stale: false,
+            last_error: None,
+            max_age_secs,
+            records: 0,
+        }
+    }
+
+    /// Age of the data in seconds at `now`, `None` when there never was good data.
+    pub fn age_secs(&self, now: DateTime<Utc>) -> Option<f64> {
+        self.last_success
+            .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+    }
+
+    /// Whether the data is too old (or absent) to act on at `now`.
+    pub fn too_old(&self, now: DateTime<Utc>) -> bool {
+        match self.age_secs(now) {
+            Some(age) => age > self.max_age_secs as f64,
+            None => true,
+        }
+    }
+}
+
+/// Everything the Broker knows about the market at one instant. Published as an
+/// `Arc<MarketSnapshot>` and replaced whole, never mutated in place.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MarketSnapshot {
+    pub taken_at: Option<DateTime<Utc>>,
+    /// Offers by provider name.
+    pub offers: BTreeMap<String, Arc<Vec<Offer>>>,
+    /// Latest IO figures by provider name.
+    pub io: BTreeMap<String, IoFigures>,
+    /// Region facts by provider name.
+    pub regions: BTreeMap<String, RegionInfo>,
+    /// Freshness by source name.
+    pub sources: BTreeMap<String, SourceStatus>,
+}
+
+/// The kind of a service component, as the paper lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum ComponentKind {
+    Vm,
+    Volume,
+    Bucket,
+    App,
+    Config,
+}
+
+impl ComponentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentKind::Vm => "vm",
+            ComponentKind::Volume => "volume",
+            ComponentKind::Bucket => "bucket",
+            ComponentKind::App => "app",
+            ComponentKind::Config => "config",
+        }
+    }
+}
+
+/// The resources a service needs from an offer to run there.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Requirements {
+    pub vcpus: u32,
+    pub memory_gib: f64,
+}
+
+impl Requirements {
+    pub fn fits(&self, offer: &Offer) -> bool {
+        offer.vcpus >= self.vcpus && offer.memory_gib + 1e-9 >= self.memory_gib
+    }
+}
+
+/// Outcome a policy asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Verdict {
+    Stay { reason: String },
+    Relocate { provider: String, reason: String },
+}
+
+impl Verdict {
+    pub fn reason(&self) -> &str {
+        match self {
+            Verdict::Stay { reason } | Verdict::Relocate { reason, .. } => reason,
+        }
+    }
+}
