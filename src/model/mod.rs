@@ -155,7 +155,14 @@ impl Requirements {
 #[serde(tag = "action", rename_all = "lowercase")]
 pub enum Verdict {
     Stay { reason: String },
-    Relocate { provider: String, reason: String },
+    Relocate {
+        provider: String,
+        reason: String,
+        /// A move the owner must make whatever it costs (a regulatory reason): the cost
+        /// guard rails (improvement ratio, break-even) do not apply, the safety ones do.
+        #[serde(default)]
+        compulsory: bool,
+    },
 }
 
 impl Verdict {
