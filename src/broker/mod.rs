@@ -2,5 +2,7 @@
 //! guard rails and hands relocations to the conduit.
 
 pub mod benchmarks;
+pub mod decisions;
+pub mod guard;
 pub mod pricing;
 pub mod regions;

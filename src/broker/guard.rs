@@ -1,0 +1,410 @@
+//! Guard rails: every relocation a policy asks for passes each of these before anything
+//! moves. All rails are evaluated (so the decision log shows every verdict); the first one
+//! that refuses is the suppression reason that is counted.
+
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Blackout, BrokerSettings, PolicySpec};
+
+/// One rail's verdict on one decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RailVerdict {
+    pub rail: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// What the Broker remembers of a service between evaluations.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceMemory {
+    /// The provider the service was last seen on, and since when.
+    pub provider: String,
+    pub placed_since: Option<DateTime<Utc>>,
+    pub last_relocation: Option<DateTime<Utc>>,
+    /// The target the recent evaluations asked for, and how many in a row.
+    pub streak_target: Option<String>,
+    pub streak: u32,
+}
+
+impl ServiceMemory {
+    /// Records one evaluation's wish; returns the streak length including it.
+    pub fn observe(&mut self, target: Option<&str>) -> u32 {
+        match target {
+            Some(t) if self.streak_target.as_deref() == Some(t) => self.streak += 1,
+            Some(t) => {
+                self.streak_target = Some(t.to_string());
+                self.streak = 1;
+            }
+            None => {
+                self.streak_target = None;
+                self.streak = 0;
+            }
+        }
+        self.streak
+    }
+}
+
+/// The figures of one relocation request the rails judge.
+#[derive(Debug, Clone)]
+pub struct Proposal<'a> {
+    pub target: &'a str,
+    pub compulsory: bool,
+    pub pinned: bool,
+    /// `None` when the target has no fitting offer or is not configured.
+    pub target_known: Result<(), String>,
+    pub current_monthly_cost: f64,
+    pub target_monthly_cost: f64,
+    pub migration_cost: f64,
+    /// Sources whose data is too old to act on, with their age.
+    pub stale_sources: Vec<String>,
+    /// The consecutive-evaluation count including this one.
+    pub streak: u32,
+    pub memory: &'a ServiceMemory,
+    /// Relocations queued or running now.
+    pub active_relocations: usize,
+    /// Relocations started within the budget window.
+    pub relocations_in_window: usize,
+    pub already_relocating: bool,
+}
+
+/// Judges a proposal against every rail, in order of precedence.
+pub fn judge(
+    p: &Proposal<'_>,
+    policy: &PolicySpec,
+    broker: &BrokerSettings,
+    now: DateTime<Utc>,
+) -> Vec<RailVerdict> {
+    let mut v = Vec::with_capacity(12);
+    let mut rail = |name: &str, passed: bool, detail: String| {
+        v.push(RailVerdict {
+            rail: name.to_string(),
+            passed,
+            detail,
+        })
+    };
+
+    rail(
+        "pinned",
+        !p.pinned,
+        if p.pinned {
+            "the service is pinned to its provider".into()
+        } else {
+            "not pinned".into()
+        },
+    );
+    rail(
+        "unknown_target",
+        p.target_known.is_ok(),
+        match &p.target_known {
+            Ok(()) => format!("target `{}` has a fitting offer", p.target),
+            Err(e) => e.clone(),
+        },
+    );
+    rail(
+        "stale_data",
+        p.stale_sources.is_empty(),
+        if p.stale_sources.is_empty() {
+            "market data is fresh".into()
+        } else {
+            format!("data too old to act on: {}", p.stale_sources.join(", "))
+        },
+    );
+
+    let savings = p.current_monthly_cost - p.target_monthly_cost;
+    if p.compulsory {
+        rail(
+            "min_improvement",
+            true,
+            "compulsory move: cost rails do not apply".into(),
+        );
+        rail(
+            "break_even",
+            true,
+            "compulsory move: cost rails do not apply".into(),
+        );
+    } else {
+        let ratio = if p.current_monthly_cost > 0.0 {
+            savings / p.current_monthly_cost
+        } else {
+            0.0
+        };
+        rail(
+            "min_improvement",
+            ratio >= policy.min_improvement_ratio,
+            format!(
+                "improvement {:.1}% (monthly {:.2} → {:.2}), required {:.1}%",
+                ratio * 100.0,
+                p.current_monthly_cost,
+                p.target_monthly_cost,
+                policy.min_improvement_ratio * 100.0
+            ),
+        );
+        let horizon_savings = savings * policy.break_even_horizon_days / DAYS_PER_MONTH;
+        rail(
+            "break_even",
+            horizon_savings > p.migration_cost,
+            format!(
+                "savings over {} days {:.2} vs migration cost {:.2}",
+                policy.break_even_horizon_days, horizon_savings, p.migration_cost
+            ),
+        );
+    }
+
+    rail(
+        "confirmations",
+        p.streak >= policy.confirmations,
+        format!(
+            "{} of {} consecutive evaluations asked for `{}`",
+            p.streak, policy.confirmations, p.target
+        ),
+    );
+
+    let residency = p.memory.placed_since.map(|t| now - t);
+    let min_res = to_chrono(policy.min_residency);
+    rail(
+        "min_residency",
+        residency.is_some_and(|r| r >= min_res),
+        match residency {
+            Some(r) => format!(
+                "on `{}` for {}s, minimum {}s",
+                p.memory.provider,
+                r.num_seconds(),
+                min_res.num_seconds()
+            ),
+            None => "placement time unknown".into(),
+        },
+    );
+    let since_last = p.memory.last_relocation.map(|t| now - t);
+    let cooldown = to_chrono(policy.cooldown);
+    rail(
+        "cooldown",
+        since_last.is_none_or(|s| s >= cooldown),
+        match since_last {
+            Some(s) => format!(
+                "last relocation {}s ago, cooldown {}s",
+                s.num_seconds(),
+                cooldown.num_seconds()
+            ),
+            None => "never relocated".into(),
+        },
+    );
+    let blackout = policy
+        .blackouts
+        .iter()
+        .find(|b| in_blackout(b, now));
+    rail(
+        "blackout",
+        blackout.is_none(),
+        match blackout {
+            Some(b) => format!(
+                "inside blackout window `{}` lasting {}s",
+                b.cron,
+                b.duration.as_secs()
+            ),
+            None => "outside every blackout window".into(),
+        },
+    );
+    rail(
+        "already_relocating",
+        !p.already_relocating,
+        if p.already_relocating {
+            "a relocation of this service is already queued or running".into()
+        } else {
+            "no relocation in progress".into()
+        },
+    );
+    rail(
+        "concurrency_budget",
+        p.active_relocations < broker.max_concurrent_relocations as usize,
+        format!(
+            "{} relocations in progress, at most {}",
+            p.active_relocations, broker.max_concurrent_relocations
+        ),
+    );
+    rail(
+        "window_budget",
+        p.relocations_in_window < broker.max_relocations_per_window as usize,
+        format!(
+            "{} relocations in the last {}s, at most {}",
+            p.relocations_in_window,
+            broker.relocation_window.as_secs(),
+            broker.max_relocations_per_window
+        ),
+    );
+    v
+}
+
+/// The first rail that refused, if any.
+pub fn first_refusal(verdicts: &[RailVerdict]) -> Option<&RailVerdict> {
+    verdicts.iter().find(|v| !v.passed)
+}
+
+/// Average days in a month, matching [`crate::model::HOURS_PER_MONTH`].
+pub const DAYS_PER_MONTH: f64 = crate::model::HOURS_PER_MONTH / 24.0;
+
+fn to_chrono(d: std::time::Duration) -> ChronoDuration {
+    ChronoDuration::from_std(d).unwrap_or(ChronoDuration::MAX)
+}
+
+/// Whether `now` lies in a window that opened at a cron occurrence less than `duration` ago.
+pub fn in_blackout(b: &Blackout, now: DateTime<Utc>) -> bool {
+    let Ok(cron) = crate::config::parse_cron(&b.cron) else {
+        return false;
+    };
+    let opened_after = now - to_chrono(b.duration);
+    match cron.find_next_occurrence(&opened_after, true) {
+        Ok(start) => start <= now,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn policy() -> PolicySpec {
+        PolicySpec {
+            name: "p".into(),
+            file: "p.rhai".into(),
+            mode: crate::config::Mode::Enforce,
+            min_improvement_ratio: 0.1,
+            confirmations: 2,
+            min_residency: Duration::from_secs(3600),
+            cooldown: Duration::from_secs(600),
+            break_even_horizon_days: 30.0,
+            expected_downtime: Duration::from_secs(60),
+            move_duration: Duration::from_secs(3600),
+            downtime_cost_per_hour: 0.0,
+            blackouts: vec![],
+        }
+    }
+
+    fn broker() -> BrokerSettings {
+        BrokerSettings {
+            evaluate_schedule: "0 * * * * *".into(),
+            max_concurrent_relocations: 1,
+            max_relocations_per_window: 2,
+            relocation_window: Duration::from_secs(86400),
+            max_relocations_percent: 20.0,
+            policy_timeout: Duration::from_millis(100),
+            max_policy_operations: 10_000,
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        "2026-06-01T12:00:00Z".parse().unwrap()
+    }
+
+    fn memory() -> ServiceMemory {
+        ServiceMemory {
+            provider: "a".into(),
+            placed_since: Some(now() - ChronoDuration::hours(2)),
+            last_relocation: None,
+            streak_target: Some("b".into()),
+            streak: 2,
+        }
+    }
+
+    fn proposal(m: &ServiceMemory) -> Proposal<'_> {
+        Proposal {
+            target: "b",
+            compulsory: false,
+            pinned: false,
+            target_known: Ok(()),
+            current_monthly_cost: 100.0,
+            target_monthly_cost: 50.0,
+            migration_cost: 10.0,
+            stale_sources: vec![],
+            streak: 2,
+            memory: m,
+            active_relocations: 0,
+            relocations_in_window: 0,
+            already_relocating: false,
+        }
+    }
+
+    fn refusal(p: &Proposal<'_>, pol: &PolicySpec) -> Option<String> {
+        first_refusal(&judge(p, pol, &broker(), now())).map(|v| v.rail.clone())
+    }
+
+    #[test]
+    fn a_good_proposal_passes_every_rail() {
+        let m = memory();
+        assert_eq!(refusal(&proposal(&m), &policy()), None);
+    }
+
+    #[test]
+    fn each_rail_refuses_on_its_own_condition() {
+        let m = memory();
+        let pol = policy();
+        let cases: Vec<(&str, Box<dyn Fn(&mut Proposal<'_>)>)> = vec![
+            ("pinned", Box::new(|p| p.pinned = true)),
+            ("unknown_target", Box::new(|p| p.target_known = Err("no".into()))),
+            ("stale_data", Box::new(|p| p.stale_sources = vec!["pricing:b".into()])),
+            ("min_improvement", Box::new(|p| p.target_monthly_cost = 95.0)),
+            // 50/month saved over 30 days ≈ 49.3, less than a 60 migration cost.
+            ("break_even", Box::new(|p| p.migration_cost = 60.0)),
+            ("confirmations", Box::new(|p| p.streak = 1)),
+            ("already_relocating", Box::new(|p| p.already_relocating = true)),
+            ("concurrency_budget", Box::new(|p| p.active_relocations = 1)),
+            ("window_budget", Box::new(|p| p.relocations_in_window = 2)),
+        ];
+        for (rail, change) in cases {
+            let mut p = proposal(&m);
+            change(&mut p);
+            assert_eq!(refusal(&p, &pol).as_deref(), Some(rail), "rail {rail}");
+        }
+    }
+
+    #[test]
+    fn residency_and_cooldown_count_from_memory() {
+        let mut m = memory();
+        m.placed_since = Some(now() - ChronoDuration::minutes(30));
+        assert_eq!(refusal(&proposal(&m), &policy()).as_deref(), Some("min_residency"));
+        let mut m = memory();
+        m.last_relocation = Some(now() - ChronoDuration::minutes(5));
+        assert_eq!(refusal(&proposal(&m), &policy()).as_deref(), Some("cooldown"));
+        m.last_relocation = Some(now() - ChronoDuration::minutes(11));
+        assert_eq!(refusal(&proposal(&m), &policy()), None);
+    }
+
+    #[test]
+    fn compulsory_moves_skip_cost_rails_but_not_safety_rails() {
+        let m = memory();
+        let mut p = proposal(&m);
+        p.compulsory = true;
+        p.target_monthly_cost = 150.0;
+        p.migration_cost = 1e6;
+        assert_eq!(refusal(&p, &policy()), None);
+        p.pinned = true;
+        assert_eq!(refusal(&p, &policy()).as_deref(), Some("pinned"));
+    }
+
+    #[test]
+    fn blackout_window_covers_its_duration_only() {
+        // Every day at 11:00 for two hours: 12:00 is inside, 13:30 is not.
+        let b = Blackout {
+            cron: "0 0 11 * * *".into(),
+            duration: Duration::from_secs(7200),
+        };
+        assert!(in_blackout(&b, now()));
+        assert!(!in_blackout(&b, now() + ChronoDuration::minutes(90)));
+        assert!(!in_blackout(&b, now() - ChronoDuration::minutes(90)));
+        let mut pol = policy();
+        pol.blackouts.push(b);
+        let m = memory();
+        assert_eq!(refusal(&proposal(&m), &pol).as_deref(), Some("blackout"));
+    }
+
+    #[test]
+    fn streak_resets_on_a_different_wish() {
+        let mut m = ServiceMemory::default();
+        assert_eq!(m.observe(Some("b")), 1);
+        assert_eq!(m.observe(Some("b")), 2);
+        assert_eq!(m.observe(Some("c")), 1);
+        assert_eq!(m.observe(None), 0);
+        assert_eq!(m.observe(Some("c")), 1);
+    }
+}

@@ -1,0 +1,309 @@
+//! Telemetry: the one Prometheus registry of the daemon ([`Metrics`]) and the tracing
+//! subscriber (text, JSON or journald).
+//!
+//! Every series is created here, named with the `fluidcloud_` prefix and base units, and
+//! initialised at start for the labels the configuration makes known, so a dashboard shows
+//! zeros rather than gaps.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::config::LogFormat;
+
+/// Reasons a guard rail can suppress a decision; also the `reason` label values.
+pub const SUPPRESSION_REASONS: &[&str] = &[
+    "pinned",
+    "unknown_target",
+    "stale_data",
+    "min_improvement",
+    "break_even",
+    "confirmations",
+    "min_residency",
+    "cooldown",
+    "blackout",
+    "concurrency_budget",
+    "window_budget",
+    "max_relocations_percent",
+    "already_relocating",
+];
+
+/// Outcomes of a decision; also the `outcome` label values.
+pub const OUTCOMES: &[&str] = &[
+    "stay",
+    "suppressed",
+    "audited",
+    "pending_approval",
+    "submitted",
+    "approved",
+    "rejected",
+    "error",
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub poll_runs: IntCounterVec,
+    pub poll_errors: IntCounterVec,
+    pub poll_duration: HistogramVec,
+    pub poll_last_success: GaugeVec,
+    pub data_age: GaugeVec,
+    pub data_stale: IntGaugeVec,
+    pub rows_rejected: IntCounterVec,
+    pub market_offers: IntGaugeVec,
+    pub ticks_skipped: IntCounterVec,
+    pub policy_evaluations: IntCounterVec,
+    pub policy_duration: HistogramVec,
+    pub policy_tick_duration: HistogramVec,
+    pub decisions: IntCounterVec,
+    pub suppressions: IntCounterVec,
+    pub service_monthly_cost: GaugeVec,
+    pub service_savings: GaugeVec,
+    pub relocations_requested: IntCounterVec,
+    pub relocations_active: IntGauge,
+    pub reloads: IntCounterVec,
+    pub api_requests: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definition");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric registered once");
+                m
+            }};
+        }
+        let secs = vec![
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ];
+        let metrics = Metrics {
+            poll_runs: reg!(IntCounterVec::new(
+                Opts::new("fluidcloud_poll_runs_total", "Market source polls started."),
+                &["source"]
+            )),
+            poll_errors: reg!(IntCounterVec::new(
+                Opts::new("fluidcloud_poll_errors_total", "Market source polls that failed."),
+                &["source"]
+            )),
+            poll_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "fluidcloud_poll_duration_seconds",
+                    "Time one poll of a market source took."
+                )
+                .buckets(secs.clone()),
+                &["source"]
+            )),
+            poll_last_success: reg!(GaugeVec::new(
+                Opts::new(
+                    "fluidcloud_poll_last_success_timestamp_seconds",
+                    "Unix time of the last successful poll of a source."
+                ),
+                &["source"]
+            )),
+            data_age: reg!(GaugeVec::new(
+                Opts::new(
+                    "fluidcloud_market_data_age_seconds",
+                    "Age of the market data of a source (-1 when there never was good data)."
+                ),
+                &["source"]
+            )),
+            data_stale: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "fluidcloud_market_data_stale",
+                    "1 when the last poll of a source failed and older data is served."
+                ),
+                &["source"]
+            )),
+            rows_rejected: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_pricing_rows_rejected_total",
+                    "Feed rows refused (negative, NaN or absurd price, unknown size, currency)."
+                ),
+                &["source"]
+            )),
+            market_offers: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "fluidcloud_market_offers",
+                    "Offers known for a provider in the current market snapshot."
+                ),
+                &["provider"]
+            )),
+            ticks_skipped: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_ticks_skipped_total",
+                    "Scheduler ticks skipped because the previous run was still busy."
+                ),
+                &["job"]
+            )),
+            policy_evaluations: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_policy_evaluations_total",
+                    "Policy evaluations, by policy and result (ok or error)."
+                ),
+                &["policy", "result"]
+            )),
+            policy_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "fluidcloud_policy_evaluation_duration_seconds",
+                    "Time one policy evaluation of one service took."
+                )
+                .buckets(vec![
+                    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0
+                ]),
+                &["policy"]
+            )),
+            policy_tick_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "fluidcloud_evaluation_tick_duration_seconds",
+                    "Time one evaluation tick over all services took."
+                )
+                .buckets(secs),
+                &[]
+            )),
+            decisions: reg!(IntCounterVec::new(
+                Opts::new("fluidcloud_decisions_total", "Decisions logged, by outcome."),
+                &["outcome"]
+            )),
+            suppressions: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_suppressions_total",
+                    "Relocations a guard rail suppressed, by the first rail that refused."
+                ),
+                &["reason"]
+            )),
+            service_monthly_cost: reg!(GaugeVec::new(
+                Opts::new(
+                    "fluidcloud_service_monthly_cost",
+                    "Projected monthly cost of a service where it runs, in the feed's currency."
+                ),
+                &["service", "provider", "currency"]
+            )),
+            service_savings: reg!(GaugeVec::new(
+                Opts::new(
+                    "fluidcloud_service_projected_monthly_savings",
+                    "Monthly savings of the cheapest fitting offer elsewhere (negative: none)."
+                ),
+                &["service", "currency"]
+            )),
+            relocations_requested: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_relocations_requested_total",
+                    "Relocations handed to the conduit, by origin (policy or operator)."
+                ),
+                &["origin"]
+            )),
+            relocations_active: reg!(IntGauge::new(
+                "fluidcloud_relocations_active",
+                "Relocations queued or running in the conduit."
+            )),
+            reloads: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_config_reloads_total",
+                    "Configuration reloads, by result (ok or error)."
+                ),
+                &["result"]
+            )),
+            api_requests: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_api_requests_total",
+                    "HTTP API requests, by route and status code."
+                ),
+                &["route", "status"]
+            )),
+            build_info: reg!(IntGaugeVec::new(
+                Opts::new("fluidcloud_build_info", "Build of the running daemon (always 1)."),
+                &["version"]
+            )),
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for o in OUTCOMES {
+            metrics.decisions.with_label_values(&[o]);
+        }
+        for r in SUPPRESSION_REASONS {
+            metrics.suppressions.with_label_values(&[r]);
+        }
+        for o in ["policy", "operator"] {
+            metrics.relocations_requested.with_label_values(&[o]);
+        }
+        for r in ["ok", "error"] {
+            metrics.reloads.with_label_values(&[r]);
+        }
+        metrics
+    }
+
+    /// Creates the per-source series so they read 0 before the first poll.
+    pub fn init_source(&self, source: &str) {
+        self.poll_runs.with_label_values(&[source]);
+        self.poll_errors.with_label_values(&[source]);
+        self.poll_duration.with_label_values(&[source]);
+        self.data_stale.with_label_values(&[source]);
+        self.data_age.with_label_values(&[source]).set(-1.0);
+        self.rows_rejected.with_label_values(&[source]);
+        self.ticks_skipped.with_label_values(&[source]);
+    }
+
+    pub fn init_policy(&self, policy: &str) {
+        for r in ["ok", "error"] {
+            self.policy_evaluations.with_label_values(&[policy, r]);
+        }
+        self.policy_duration.with_label_values(&[policy]);
+    }
+
+    /// The text exposition of every series.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides the default `info` level.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let format = match format {
+        // systemd sets JOURNAL_STREAM when stderr is connected to the journal.
+        LogFormat::Auto if std::env::var_os("JOURNAL_STREAM").is_some() => LogFormat::Journald,
+        LogFormat::Auto => LogFormat::Text,
+        f => f,
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Journald => match tracing_journald::layer() {
+            Ok(layer) => {
+                registry.with(layer.with_syslog_identifier("fluidcloud".into())).init();
+                return;
+            }
+            Err(e) => {
+                let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+                registry.with(fmt).init();
+                tracing::warn!("The journal is not reachable ({e}); logging to standard error instead.");
+                return;
+            }
+        },
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .init(),
+        _ => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+}
