@@ -1,8 +1,14 @@
 //! The Broker: schedules the pollers, keeps the market snapshot, evaluates policies behind
 //! guard rails and hands relocations to the conduit.
+//!
+//! [`supervisor::Supervisor`] owns the state; [`supervisor::BrokerHandle`] is what the API and
+//! the daemon hold. Pollers live in [`pricing`], [`benchmarks`] and [`regions`]; the rails in
+//! [`guard`]; the log in [`decisions`].
 
 pub mod benchmarks;
 pub mod decisions;
 pub mod guard;
 pub mod pricing;
 pub mod regions;
+pub mod state;
+pub mod supervisor;

@@ -6,7 +6,7 @@
 //! zeros rather than gaps.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -54,7 +54,7 @@ pub struct Metrics {
     pub ticks_skipped: IntCounterVec,
     pub policy_evaluations: IntCounterVec,
     pub policy_duration: HistogramVec,
-    pub policy_tick_duration: HistogramVec,
+    pub policy_tick_duration: Histogram,
     pub decisions: IntCounterVec,
     pub suppressions: IntCounterVec,
     pub service_monthly_cost: GaugeVec,
@@ -157,13 +157,12 @@ impl Metrics {
                 ]),
                 &["policy"]
             )),
-            policy_tick_duration: reg!(HistogramVec::new(
+            policy_tick_duration: reg!(Histogram::with_opts(
                 HistogramOpts::new(
                     "fluidcloud_evaluation_tick_duration_seconds",
                     "Time one evaluation tick over all services took."
                 )
-                .buckets(secs),
-                &[]
+                .buckets(secs)
             )),
             decisions: reg!(IntCounterVec::new(
                 Opts::new("fluidcloud_decisions_total", "Decisions logged, by outcome."),

@@ -1,0 +1,67 @@
+//! What the Broker keeps across restarts: per-service memory (placement, streaks, last
+//! relocation) and decisions waiting for approval. Written atomically after each change.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::guard::ServiceMemory;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PersistedState {
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceMemory>,
+    /// Pending decision id by service.
+    #[serde(default)]
+    pub pending: BTreeMap<String, String>,
+    /// Start times of relocations handed to the conduit, for the window budget.
+    #[serde(default)]
+    pub relocation_starts: Vec<DateTime<Utc>>,
+}
+
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(state_dir: &Path) -> StateFile {
+        StateFile {
+            path: state_dir.join("broker-state.json"),
+        }
+    }
+
+    /// Loads the state; a missing file is an empty state, an unreadable one is reported and
+    /// replaced by an empty state (the decision log still holds the history).
+    pub fn load(&self) -> PersistedState {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "The broker state {} is unreadable ({e}); starting with empty memory.",
+                    self.path.display()
+                );
+                PersistedState::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PersistedState::default(),
+            Err(e) => {
+                tracing::warn!(
+                    "Cannot read the broker state {} ({e}); starting with empty memory.",
+                    self.path.display()
+                );
+                PersistedState::default()
+            }
+        }
+    }
+
+    /// Writes through a temporary file and a rename, so a crash leaves the old or the new
+    /// state, never half of one.
+    pub fn save(&self, state: &PersistedState) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(state).expect("state serialises");
+        std::fs::write(&tmp, bytes)?;
+        let f = std::fs::File::open(&tmp)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}

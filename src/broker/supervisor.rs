@@ -1,0 +1,1256 @@
+//! The supervisor: one task that owns the Broker's state. Scheduler jobs, pollers, the
+//! evaluation worker, the API and signals only send it messages; it answers, updates the
+//! state and publishes the market snapshot through a `watch` channel (swap, don't lock).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
+
+use super::decisions::{Decision, DecisionLog, Outcome};
+use super::guard::{self, Proposal, RailVerdict};
+use super::state::{PersistedState, StateFile};
+use super::{benchmarks, pricing, regions};
+use crate::conduit::{Conduit, RelocationRequest};
+use crate::config::{Config, ConfigErrors, Mode};
+use crate::model::{MarketSnapshot, SourceStatus, Verdict};
+use crate::policy::context::DecisionContext;
+use crate::policy::{Limits, Policy};
+use crate::telemetry::Metrics;
+
+/// Policies compiled for one configuration, by policy name.
+pub type Policies = BTreeMap<String, Arc<Policy>>;
+
+/// Work the scheduler asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    Evaluate,
+    Poll(String),
+}
+
+impl Job {
+    pub fn name(&self) -> &str {
+        match self {
+            Job::Evaluate => "evaluate",
+            Job::Poll(s) => s,
+        }
+    }
+}
+
+/// Messages to the supervisor.
+pub enum Command {
+    Tick(Job),
+    PollDone {
+        source: String,
+        started: Instant,
+        result: PollResult,
+    },
+    EvaluationDone(Vec<Evaluation>),
+    Services(oneshot::Sender<Vec<ServiceStatus>>),
+    Decisions {
+        query: DecisionQuery,
+        reply: oneshot::Sender<Vec<Decision>>,
+    },
+    Relocations(oneshot::Sender<Vec<crate::conduit::Relocation>>),
+    Approve {
+        id: String,
+        approve: bool,
+        reply: oneshot::Sender<Result<Decision, ApiError>>,
+    },
+    Trigger {
+        service: String,
+        to: String,
+        reason: Option<String>,
+        force: bool,
+        reply: oneshot::Sender<Result<Decision, ApiError>>,
+    },
+    Reload(oneshot::Sender<Result<(), ConfigErrors>>),
+    Ready(oneshot::Sender<Readiness>),
+    Shutdown,
+}
+
+/// Outcome of one poll.
+pub enum PollResult {
+    Pricing(Result<pricing::PollOutcome, pricing::PricingError>),
+    Benchmark(Result<crate::model::IoFigures, benchmarks::BenchmarkError>),
+}
+
+/// One service's policy evaluation, before the guard rails.
+#[derive(Clone)]
+pub struct Evaluation {
+    pub service: String,
+    pub policy: String,
+    pub policy_hash: String,
+    pub input_digest: String,
+    pub provider: String,
+    pub verdict: Result<Verdict, String>,
+    pub current_monthly_cost: Option<f64>,
+    pub currency: String,
+    /// Monthly cost and migration cost of the cheapest fitting offer, by provider.
+    pub targets: BTreeMap<String, (f64, f64)>,
+}
+
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct DecisionQuery {
+    pub service: Option<String>,
+    pub outcome: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub waiting_for: Vec<String>,
+}
+
+/// A service as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub provider: String,
+    pub policy: String,
+    pub mode: Mode,
+    pub pinned: bool,
+    pub monthly_cost: Option<f64>,
+    pub currency: String,
+    pub best_alternative: Option<String>,
+    pub best_alternative_monthly_cost: Option<f64>,
+    pub placed_since: Option<DateTime<Utc>>,
+    pub streak_target: Option<String>,
+    pub streak: u32,
+    pub last_decision: Option<String>,
+    pub last_outcome: Option<Outcome>,
+    pub pending_decision: Option<String>,
+}
+
+/// The handle the rest of the daemon holds.
+#[derive(Clone)]
+pub struct BrokerHandle {
+    pub commands: mpsc::Sender<Command>,
+    pub market: watch::Receiver<Arc<MarketSnapshot>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl BrokerHandle {
+    /// Sends a request and waits for its answer; `None` when the broker has stopped.
+    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Compiles every policy of `config`; all errors at once.
+pub fn compile_policies(config: &Config) -> Result<Policies, ConfigErrors> {
+    let limits = Limits::from(&config.broker);
+    let mut out = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (name, spec) in &config.policies {
+        match Policy::load(&spec.file, &limits) {
+            Ok(p) => {
+                out.insert(name.clone(), Arc::new(p));
+            }
+            Err(e) => errors.push(crate::config::ConfigError {
+                file: spec.file.clone(),
+                location: None,
+                key: format!("policies.{name}"),
+                message: e.to_string(),
+            }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Loads the region table of a configuration (shipped table plus the configured file).
+fn region_table(config: &Config) -> Result<regions::RegionTable, ConfigErrors> {
+    let base = regions::RegionTable::builtin();
+    match &config.regions_file {
+        None => Ok(base),
+        Some(path) => regions::RegionTable::load(path)
+            .map(|t| base.merged(&t))
+            .map_err(|e| {
+                ConfigErrors(vec![crate::config::ConfigError {
+                    file: path.clone(),
+                    location: None,
+                    key: "regions.file".into(),
+                    message: e.to_string(),
+                }])
+            }),
+    }
+}
+
+/// Everything that comes from one configuration file.
+struct Loaded {
+    config: Arc<Config>,
+    policies: Arc<Policies>,
+    regions: regions::RegionTable,
+}
+
+impl Loaded {
+    fn load(config: Config) -> Result<Loaded, ConfigErrors> {
+        let policies = compile_policies(&config);
+        let regions = region_table(&config);
+        match (policies, regions) {
+            (Ok(p), Ok(r)) => Ok(Loaded {
+                config: Arc::new(config),
+                policies: Arc::new(p),
+                regions: r,
+            }),
+            (p, r) => {
+                let mut all = Vec::new();
+                if let Err(e) = p {
+                    all.extend(e.0);
+                }
+                if let Err(e) = r {
+                    all.extend(e.0);
+                }
+                Err(ConfigErrors(all))
+            }
+        }
+    }
+}
+
+pub struct Supervisor {
+    loaded: Loaded,
+    market: Arc<MarketSnapshot>,
+    market_tx: watch::Sender<Arc<MarketSnapshot>>,
+    commands_tx: mpsc::Sender<Command>,
+    commands: mpsc::Receiver<Command>,
+    metrics: Arc<Metrics>,
+    conduit: Arc<dyn Conduit>,
+    client: reqwest::Client,
+    busy: BTreeSet<String>,
+    polled_once: BTreeSet<String>,
+    evaluated_once: bool,
+    scheduler: Option<JobScheduler>,
+    log: DecisionLog,
+    state_file: StateFile,
+    state: PersistedState,
+    /// Last logged (outcome, target, rail, policy hash) by service, to log changes only.
+    last_logged: BTreeMap<String, (Outcome, Option<String>, Option<String>, String)>,
+    last_costs: BTreeMap<String, Evaluation>,
+    notify: bool,
+}
+
+impl Supervisor {
+    /// Builds the supervisor for a validated configuration. Fails when a policy does not
+    /// compile or the state directory is unusable.
+    pub fn new(
+        config: Config,
+        conduit: Arc<dyn Conduit>,
+        notify: bool,
+    ) -> anyhow::Result<(Supervisor, BrokerHandle)> {
+        let loaded = Loaded::load(config)?;
+        let state_dir = &loaded.config.daemon.state_dir;
+        std::fs::create_dir_all(state_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the state directory {}: {e}", state_dir.display())
+        })?;
+        std::fs::create_dir_all(loaded.config.cache_dir()).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the cache directory {}: {e}",
+                loaded.config.cache_dir().display()
+            )
+        })?;
+        let log = DecisionLog::open(&loaded.config.decision_log_path())?;
+        let state_file = StateFile::new(state_dir);
+        let state = state_file.load();
+        let metrics = Arc::new(Metrics::new());
+        let (commands_tx, commands) = mpsc::channel(1024);
+        let mut market = MarketSnapshot::default();
+        refresh_regions(&mut market, &loaded);
+        let market = Arc::new(market);
+        let (market_tx, market_rx) = watch::channel(market.clone());
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("fluidcloud/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let handle = BrokerHandle {
+            commands: commands_tx.clone(),
+            market: market_rx,
+            metrics: metrics.clone(),
+        };
+        let mut s = Supervisor {
+            loaded,
+            market,
+            market_tx,
+            commands_tx,
+            commands,
+            metrics,
+            conduit,
+            client,
+            busy: BTreeSet::new(),
+            polled_once: BTreeSet::new(),
+            evaluated_once: false,
+            scheduler: None,
+            log,
+            state_file,
+            state,
+            last_logged: BTreeMap::new(),
+            last_costs: BTreeMap::new(),
+            notify,
+        };
+        s.init_series();
+        s.seed_last_logged();
+        Ok((s, handle))
+    }
+
+    fn config(&self) -> &Config {
+        &self.loaded.config
+    }
+
+    fn sources(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for (name, p) in &self.config().providers {
+            if let Some(s) = &p.pricing {
+                out.push((format!("pricing:{name}"), s.max_age.as_secs()));
+            }
+            if let Some(b) = &p.benchmark {
+                out.push((format!("benchmark:{name}"), b.max_age.as_secs()));
+            }
+        }
+        out
+    }
+
+    fn init_series(&mut self) {
+        let sources = self.sources();
+        for (s, _) in &sources {
+            self.metrics.init_source(s);
+        }
+        self.metrics.ticks_skipped.with_label_values(&["evaluate"]);
+        for p in self.config().policies.keys() {
+            self.metrics.init_policy(p);
+        }
+        // Keep the freshness of sources that still exist; start new ones empty.
+        let mut market = (*self.market).clone();
+        let keep: BTreeSet<_> = sources.iter().map(|(s, _)| s.clone()).collect();
+        market.sources.retain(|k, _| keep.contains(k));
+        for (s, max_age) in sources {
+            market
+                .sources
+                .entry(s.clone())
+                .and_modify(|st| st.max_age_secs = max_age)
+                .or_insert_with(|| SourceStatus::new(s, max_age));
+        }
+        let providers: BTreeSet<_> = self.config().providers.keys().cloned().collect();
+        market.offers.retain(|k, _| providers.contains(k));
+        market.io.retain(|k, _| providers.contains(k));
+        refresh_regions(&mut market, &self.loaded);
+        self.publish(market);
+    }
+
+    fn seed_last_logged(&mut self) {
+        for d in self.log.recent() {
+            self.last_logged.insert(d.service.clone(), log_key(d));
+        }
+    }
+
+    fn publish(&mut self, market: MarketSnapshot) {
+        let market = Arc::new(market);
+        self.market = market.clone();
+        self.market_tx.send_replace(market);
+    }
+
+    async fn start_scheduler(&mut self) -> anyhow::Result<()> {
+        if let Some(mut old) = self.scheduler.take() {
+            let _ = old.shutdown().await;
+        }
+        let sched = JobScheduler::new().await?;
+        let mut jobs = vec![(Job::Evaluate, self.config().broker.evaluate_schedule.clone())];
+        for (name, p) in &self.config().providers {
+            if let Some(s) = &p.pricing {
+                jobs.push((Job::Poll(format!("pricing:{name}")), s.schedule.clone()));
+            }
+            if let Some(b) = &p.benchmark {
+                jobs.push((Job::Poll(format!("benchmark:{name}")), b.schedule.clone()));
+            }
+        }
+        for (job, schedule) in jobs {
+            let tx = self.commands_tx.clone();
+            let metrics = self.metrics.clone();
+            let cron = CronJob::new_async(schedule.as_str(), move |_id, _sched| {
+                let tx = tx.clone();
+                let job = job.clone();
+                let metrics = metrics.clone();
+                Box::pin(async move {
+                    // The scheduler only sends ticks; a full queue means the supervisor is
+                    // far behind, and the tick is dropped and counted.
+                    if tx.try_send(Command::Tick(job.clone())).is_err() {
+                        metrics.ticks_skipped.with_label_values(&[job.name()]).inc();
+                    }
+                })
+            })?;
+            sched.add(cron).await?;
+        }
+        sched.start().await?;
+        self.scheduler = Some(sched);
+        Ok(())
+    }
+
+    /// Runs until a shutdown command; returns after the scheduler has stopped.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        self.start_scheduler().await?;
+        tracing::info!(
+            "The broker is running with {} providers, {} services and {} policies.",
+            self.config().providers.len(),
+            self.config().services.len(),
+            self.config().policies.len()
+        );
+        // Poll everything once at start so decisions do not wait for the first schedule.
+        for (s, _) in self.sources() {
+            self.start_poll(s);
+        }
+        let mut watchdog_usec = 0u64;
+        let watchdog = self.notify && sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+        let period = if watchdog {
+            std::time::Duration::from_micros(watchdog_usec / 2)
+        } else {
+            std::time::Duration::from_secs(3600)
+        };
+        let mut heartbeat = tokio::time::interval(period);
+        loop {
+            let cmd = tokio::select! {
+                c = self.commands.recv() => c,
+                _ = heartbeat.tick() => {
+                    // Reached only when the supervisor loop turns: a stuck supervisor stops
+                    // the pings and systemd restarts the daemon.
+                    if watchdog {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    }
+                    continue;
+                }
+            };
+            let Some(cmd) = cmd else { break };
+            match cmd {
+                Command::Shutdown => break,
+                other => self.handle(other).await,
+            }
+        }
+        if let Some(mut s) = self.scheduler.take() {
+            let _ = s.shutdown().await;
+        }
+        tracing::info!("The broker has stopped.");
+        Ok(())
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Tick(Job::Evaluate) => self.start_evaluation(),
+            Command::Tick(Job::Poll(s)) => self.start_poll(s),
+            Command::PollDone {
+                source,
+                started,
+                result,
+            } => self.finish_poll(source, started, result),
+            Command::EvaluationDone(evals) => self.apply(evals),
+            Command::Services(reply) => {
+                let _ = reply.send(self.services());
+            }
+            Command::Decisions { query, reply } => {
+                let _ = reply.send(self.decisions(&query));
+            }
+            Command::Relocations(reply) => {
+                let _ = reply.send(self.conduit.relocations());
+            }
+            Command::Approve { id, approve, reply } => {
+                let _ = reply.send(self.answer_pending(&id, approve));
+            }
+            Command::Trigger {
+                service,
+                to,
+                reason,
+                force,
+                reply,
+            } => {
+                let _ = reply.send(self.trigger(&service, &to, reason, force));
+            }
+            Command::Reload(reply) => {
+                let r = self.reload().await;
+                let _ = reply.send(r);
+            }
+            Command::Ready(reply) => {
+                let _ = reply.send(self.readiness());
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn readiness(&self) -> Readiness {
+        let mut waiting_for: Vec<String> = self
+            .sources()
+            .into_iter()
+            .map(|(s, _)| s)
+            .filter(|s| !self.polled_once.contains(s))
+            .collect();
+        if !self.evaluated_once && !self.config().services.is_empty() {
+            waiting_for.push("evaluate".into());
+        }
+        Readiness {
+            ready: waiting_for.is_empty(),
+            waiting_for,
+        }
+    }
+
+    async fn reload(&mut self) -> Result<(), ConfigErrors> {
+        if self.notify {
+            let _ = sd_notify::notify(
+                false,
+                &[
+                    sd_notify::NotifyState::Reloading,
+                    sd_notify::NotifyState::monotonic_usec_now()
+                        .unwrap_or(sd_notify::NotifyState::MonotonicUsec(0)),
+                ],
+            );
+        }
+        let path = self.config().path.clone();
+        let result = Config::load(&path).and_then(Loaded::load);
+        let outcome = match result {
+            Ok(loaded) => {
+                self.loaded = loaded;
+                self.init_series();
+                if let Err(e) = self.start_scheduler().await {
+                    tracing::error!("The scheduler did not restart after the reload: {e}.");
+                }
+                self.metrics.reloads.with_label_values(&["ok"]).inc();
+                tracing::info!("Reloaded the configuration from {}.", path.display());
+                for (s, _) in self.sources() {
+                    if !self.polled_once.contains(&s) {
+                        self.start_poll(s);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reloads.with_label_values(&["error"]).inc();
+                tracing::error!(
+                    "The new configuration was refused; the running one stays in force:\n{e}"
+                );
+                Err(e)
+            }
+        };
+        if self.notify {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        }
+        outcome
+    }
+
+    fn start_poll(&mut self, source: String) {
+        if self.busy.contains(&source) {
+            self.metrics.ticks_skipped.with_label_values(&[&source]).inc();
+            tracing::warn!("Skipping a tick of {source}: the previous poll is still running.");
+            return;
+        }
+        let Some((kind, provider)) = source.split_once(':') else {
+            return;
+        };
+        let Some(p) = self.config().providers.get(provider).cloned() else {
+            return;
+        };
+        self.busy.insert(source.clone());
+        self.metrics.poll_runs.with_label_values(&[&source]).inc();
+        let tx = self.commands_tx.clone();
+        let started = Instant::now();
+        let client = self.client.clone();
+        let cache = self.config().cache_dir();
+        let kind = kind.to_string();
+        tokio::spawn(async move {
+            let result = match (kind.as_str(), &p.pricing, &p.benchmark) {
+                ("pricing", Some(src), _) => {
+                    PollResult::Pricing(pricing::poll(&p.name, src, &client, &cache).await)
+                }
+                (_, _, Some(b)) => PollResult::Benchmark(benchmarks::measure(b).await),
+                _ => return,
+            };
+            let _ = tx
+                .send(Command::PollDone {
+                    source,
+                    started,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn finish_poll(&mut self, source: String, started: Instant, result: PollResult) {
+        self.busy.remove(&source);
+        self.polled_once.insert(source.clone());
+        let m = &self.metrics;
+        m.poll_duration
+            .with_label_values(&[&source])
+            .observe(started.elapsed().as_secs_f64());
+        let provider = source.split_once(':').map(|(_, p)| p.to_string()).unwrap_or_default();
+        if !self.config().providers.contains_key(&provider) {
+            return; // removed by a reload while it ran
+        }
+        let now = Utc::now();
+        let mut market = (*self.market).clone();
+        let status = market
+            .sources
+            .entry(source.clone())
+            .or_insert_with(|| SourceStatus::new(source.clone(), 86_400));
+        status.last_attempt = Some(now);
+        let error = match result {
+            PollResult::Pricing(Ok(out)) => {
+                m.rows_rejected
+                    .with_label_values(&[&source])
+                    .inc_by(out.rejected.len() as u64);
+                status.records = out.offers.len();
+                m.market_offers
+                    .with_label_values(&[&provider])
+                    .set(out.offers.len() as i64);
+                market.offers.insert(provider.clone(), Arc::new(out.offers));
+                None
+            }
+            PollResult::Benchmark(Ok(io)) => {
+                status.records = 1;
+                market.io.insert(provider.clone(), io);
+                None
+            }
+            PollResult::Pricing(Err(e)) => Some(e.to_string()),
+            PollResult::Benchmark(Err(e)) => Some(e.to_string()),
+        };
+        match error {
+            None => {
+                status.last_success = Some(now);
+                status.stale = false;
+                status.last_error = None;
+                m.poll_last_success
+                    .with_label_values(&[&source])
+                    .set(now.timestamp_millis() as f64 / 1000.0);
+                m.data_stale.with_label_values(&[&source]).set(0);
+                tracing::info!("Polled {source}: {} records.", status.records);
+            }
+            Some(e) => {
+                m.poll_errors.with_label_values(&[&source]).inc();
+                status.stale = status.last_success.is_some();
+                status.last_error = Some(e.clone());
+                m.data_stale
+                    .with_label_values(&[&source])
+                    .set(i64::from(status.stale));
+                tracing::warn!("Polling {source} failed; the last good data is kept: {e}");
+            }
+        }
+        market.taken_at = Some(now);
+        self.publish(market);
+    }
+
+    fn start_evaluation(&mut self) {
+        if self.busy.contains("evaluate") {
+            self.metrics.ticks_skipped.with_label_values(&["evaluate"]).inc();
+            tracing::warn!("Skipping an evaluation tick: the previous one is still running.");
+            return;
+        }
+        self.busy.insert("evaluate".into());
+        let config = self.loaded.config.clone();
+        let policies = self.loaded.policies.clone();
+        let market = self.market.clone();
+        let metrics = self.metrics.clone();
+        let tx = self.commands_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let evals = evaluate_all(&config, &policies, &market, &metrics, Utc::now());
+            metrics
+                .policy_tick_duration
+                .observe(started.elapsed().as_secs_f64());
+            let _ = tx.blocking_send(Command::EvaluationDone(evals));
+        });
+    }
+
+    /// Applies guard rails and modes to one tick's evaluations, logs and acts.
+    fn apply(&mut self, evals: Vec<Evaluation>) {
+        self.busy.remove("evaluate");
+        self.evaluated_once = true;
+        let now = Utc::now();
+        let window_start = now
+            - chrono::Duration::from_std(self.config().broker.relocation_window)
+                .unwrap_or(chrono::Duration::MAX);
+        self.state.relocation_starts.retain(|t| *t >= window_start);
+        let total = evals.len();
+        let config = self.loaded.config.clone();
+        let mut passed: Vec<Decision> = Vec::new();
+        let mut decisions: Vec<Decision> = Vec::new();
+
+        for ev in evals {
+            let Some(service) = config.services.get(&ev.service) else {
+                continue;
+            };
+            let Some(policy) = config.policies.get(&ev.policy) else {
+                continue;
+            };
+            self.last_costs.insert(ev.service.clone(), ev.clone());
+            // Placement memory follows the configured provider.
+            let memory = self.state.services.entry(ev.service.clone()).or_default();
+            if memory.provider != service.provider {
+                memory.provider = service.provider.clone();
+                memory.placed_since = Some(now);
+                memory.streak_target = None;
+                memory.streak = 0;
+            }
+            let mut d = Decision {
+                id: String::new(),
+                time: now,
+                service: ev.service.clone(),
+                policy: ev.policy.clone(),
+                policy_hash: ev.policy_hash.clone(),
+                input_digest: ev.input_digest.clone(),
+                mode: policy.mode.as_str().into(),
+                provider: ev.provider.clone(),
+                verdict: None,
+                outcome: Outcome::Stay,
+                suppressed_by: None,
+                rails: Vec::new(),
+                current_monthly_cost: ev.current_monthly_cost,
+                target_monthly_cost: None,
+                migration_cost: None,
+                refers_to: None,
+                error: None,
+            };
+            self.metrics
+                .policy_evaluations
+                .with_label_values(&[
+                    ev.policy.as_str(),
+                    if ev.verdict.is_ok() { "ok" } else { "error" },
+                ])
+                .inc();
+            if let Some(cost) = ev.current_monthly_cost {
+                self.metrics
+                    .service_monthly_cost
+                    .with_label_values(&[&ev.service, &ev.provider, &ev.currency])
+                    .set(cost);
+                let best = ev
+                    .targets
+                    .values()
+                    .map(|(m, _)| *m)
+                    .fold(f64::INFINITY, f64::min);
+                if best.is_finite() {
+                    self.metrics
+                        .service_savings
+                        .with_label_values(&[&ev.service, &ev.currency])
+                        .set(cost - best);
+                }
+            }
+            match &ev.verdict {
+                Err(e) => {
+                    memory.observe(None);
+                    d.outcome = Outcome::Error;
+                    d.error = Some(e.clone());
+                }
+                Ok(v @ Verdict::Stay { .. }) => {
+                    memory.observe(None);
+                    d.verdict = Some(v.clone());
+                }
+                Ok(
+                    v @ Verdict::Relocate {
+                        provider: target,
+                        compulsory,
+                        ..
+                    },
+                ) => {
+                    d.verdict = Some(v.clone());
+                    let streak = memory.observe(Some(target));
+                    let memory = memory.clone();
+                    let figures = ev.targets.get(target).copied();
+                    let target_known = if target == &service.provider {
+                        Err(format!("the policy asked to move to `{target}`, where the service already runs"))
+                    } else if !config.providers.contains_key(target) {
+                        Err(format!("the policy named `{target}`, which is not a configured provider"))
+                    } else if figures.is_none() {
+                        Err(format!("`{target}` has no offer that fits the service"))
+                    } else {
+                        Ok(())
+                    };
+                    let (target_cost, migration) = figures.unwrap_or((f64::NAN, f64::NAN));
+                    d.target_monthly_cost = figures.map(|f| f.0);
+                    d.migration_cost = figures.map(|f| f.1);
+                    let active = self.conduit.active();
+                    let already = self
+                        .conduit
+                        .relocations()
+                        .iter()
+                        .any(|r| r.request.service == ev.service && r.state.is_active());
+                    let proposal = Proposal {
+                        target,
+                        compulsory: *compulsory,
+                        pinned: service.pinned,
+                        target_known,
+                        current_monthly_cost: ev.current_monthly_cost.unwrap_or(f64::NAN),
+                        target_monthly_cost: target_cost,
+                        migration_cost: migration,
+                        stale_sources: self.stale_sources(&[&service.provider, target], now),
+                        streak,
+                        memory: &memory,
+                        active_relocations: active,
+                        relocations_in_window: self.state.relocation_starts.len(),
+                        already_relocating: already,
+                    };
+                    d.rails = guard::judge(&proposal, policy, &config.broker, now);
+                    if let Some(r) = guard::first_refusal(&d.rails) {
+                        d.outcome = Outcome::Suppressed;
+                        d.suppressed_by = Some(r.rail.clone());
+                    } else {
+                        d.outcome = match policy.mode {
+                            Mode::Audit => Outcome::Audited,
+                            Mode::Approve => Outcome::PendingApproval,
+                            Mode::Enforce => Outcome::Submitted,
+                        };
+                        passed.push(d);
+                        continue;
+                    }
+                }
+            }
+            decisions.push(d);
+        }
+
+        // The safety belt: a tick that would move too much at once moves nothing.
+        let limit = (config.broker.max_relocations_percent / 100.0 * total as f64).ceil() as usize;
+        let moving = passed
+            .iter()
+            .filter(|d| d.outcome != Outcome::Audited)
+            .count();
+        if moving > limit.max(1) {
+            tracing::error!(
+                "This tick would relocate {moving} of {total} services, more than {}%; none is relocated.",
+                config.broker.max_relocations_percent
+            );
+            for d in &mut passed {
+                d.rails.push(RailVerdict {
+                    rail: "max_relocations_percent".into(),
+                    passed: false,
+                    detail: format!(
+                        "{moving} of {total} services would move in one tick, at most {}% allowed",
+                        config.broker.max_relocations_percent
+                    ),
+                });
+                d.outcome = Outcome::Suppressed;
+                d.suppressed_by = Some("max_relocations_percent".into());
+            }
+        }
+        for mut d in passed {
+            if d.outcome == Outcome::Submitted {
+                if let Err(e) = self.submit(&d, "policy") {
+                    d.outcome = Outcome::Suppressed;
+                    d.suppressed_by = Some("already_relocating".into());
+                    d.rails.push(RailVerdict {
+                        rail: "already_relocating".into(),
+                        passed: false,
+                        detail: e,
+                    });
+                }
+            }
+            decisions.push(d);
+        }
+        for d in decisions {
+            self.record(d, now);
+        }
+        if let Err(e) = self.state_file.save(&self.state) {
+            tracing::error!("Cannot save the broker state: {e}.");
+        }
+        self.metrics
+            .relocations_active
+            .set(self.conduit.active() as i64);
+    }
+
+    /// Counts, logs (when it says something new) and remembers one decision.
+    fn record(&mut self, mut d: Decision, now: DateTime<Utc>) {
+        self.metrics
+            .decisions
+            .with_label_values(&[d.outcome.as_str()])
+            .inc();
+        if let Some(r) = &d.suppressed_by {
+            self.metrics.suppressions.with_label_values(&[r]).inc();
+        }
+        let key = log_key(&d);
+        let streak_progress = d.suppressed_by.as_deref() == Some("confirmations");
+        if self.last_logged.get(&d.service) == Some(&key) && !streak_progress {
+            return;
+        }
+        d.id = self.log.next_id(now);
+        match d.outcome {
+            Outcome::PendingApproval => {
+                self.state.pending.insert(d.service.clone(), d.id.clone());
+            }
+            Outcome::Stay | Outcome::Suppressed | Outcome::Error => {
+                // A pending decision the policy no longer stands behind is withdrawn.
+                if let Some(old) = self.state.pending.remove(&d.service) {
+                    tracing::info!(
+                        "Withdrawing pending decision {old} of {}: the policy no longer asks for it.",
+                        d.service
+                    );
+                }
+            }
+            _ => {}
+        }
+        match d.outcome {
+            Outcome::Error => tracing::warn!(
+                "Decision {} for {}: the evaluation failed: {}",
+                d.id,
+                d.service,
+                d.reason()
+            ),
+            o => tracing::info!(
+                "Decision {} for {}: {} ({}).",
+                d.id,
+                d.service,
+                o.as_str(),
+                d.reason()
+            ),
+        }
+        self.last_logged.insert(d.service.clone(), key);
+        if let Err(e) = self.log.append(d) {
+            tracing::error!("{e}");
+        }
+    }
+
+    fn stale_sources(&self, providers: &[&str], now: DateTime<Utc>) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in providers {
+            for kind in ["pricing", "benchmark"] {
+                let name = format!("{kind}:{p}");
+                if let Some(st) = self.market.sources.get(&name) {
+                    if st.too_old(now) {
+                        out.push(match st.age_secs(now) {
+                            Some(a) => format!("{name} is {a:.0}s old (max {}s)", st.max_age_secs),
+                            None => format!("{name} has no data yet"),
+                        });
+                    }
+                } else if kind == "pricing" {
+                    out.push(format!("{name} is not configured"));
+                }
+            }
+        }
+        out
+    }
+
+    fn submit(&mut self, d: &Decision, origin: &str) -> Result<(), String> {
+        let Some(Verdict::Relocate {
+            provider, reason, ..
+        }) = &d.verdict
+        else {
+            return Err("the decision is not a relocation".into());
+        };
+        let req = RelocationRequest {
+            decision_id: d.refers_to.clone().unwrap_or_else(|| d.id.clone()),
+            service: d.service.clone(),
+            from: d.provider.clone(),
+            to: provider.clone(),
+            reason: reason.clone(),
+            origin: origin.into(),
+        };
+        match self.conduit.submit(req) {
+            Ok(_) => {
+                self.metrics
+                    .relocations_requested
+                    .with_label_values(&[origin])
+                    .inc();
+                self.state.relocation_starts.push(Utc::now());
+                let m = self.state.services.entry(d.service.clone()).or_default();
+                m.last_relocation = Some(Utc::now());
+                m.streak_target = None;
+                m.streak = 0;
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn answer_pending(&mut self, id: &str, approve: bool) -> Result<Decision, ApiError> {
+        let Some(original) = self.log.get(id).cloned() else {
+            return Err(ApiError::NotFound(format!("no decision `{id}`")));
+        };
+        if self.state.pending.get(&original.service).map(String::as_str) != Some(id) {
+            return Err(ApiError::Conflict(format!(
+                "decision `{id}` is not waiting for approval (its outcome was {})",
+                original.outcome.as_str()
+            )));
+        }
+        let now = Utc::now();
+        let mut d = original.clone();
+        d.time = now;
+        d.refers_to = Some(original.id.clone());
+        self.state.pending.remove(&original.service);
+        if approve {
+            d.outcome = Outcome::Approved;
+            // Budgets are judged again: time has passed since the decision.
+            let active = self.conduit.active();
+            let cfg = self.config().broker.clone();
+            if active >= cfg.max_concurrent_relocations as usize {
+                self.state.pending.insert(original.service.clone(), original.id.clone());
+                return Err(ApiError::Conflict(format!(
+                    "{active} relocations are in progress, at most {} allowed; approve later",
+                    cfg.max_concurrent_relocations
+                )));
+            }
+            if self.state.relocation_starts.len() >= cfg.max_relocations_per_window as usize {
+                self.state.pending.insert(original.service.clone(), original.id.clone());
+                return Err(ApiError::Conflict(
+                    "the relocation budget of the window is spent; approve later".into(),
+                ));
+            }
+            if let Err(e) = self.submit(&d, "operator") {
+                self.state.pending.insert(original.service.clone(), original.id.clone());
+                return Err(ApiError::Conflict(e));
+            }
+        } else {
+            d.outcome = Outcome::Rejected;
+        }
+        d.id = self.log.next_id(now);
+        self.metrics
+            .decisions
+            .with_label_values(&[d.outcome.as_str()])
+            .inc();
+        tracing::info!(
+            "Decision {} of {} was {} by an operator.",
+            original.id,
+            d.service,
+            if approve { "approved" } else { "rejected" }
+        );
+        self.last_logged.insert(d.service.clone(), log_key(&d));
+        if let Err(e) = self.log.append(d.clone()) {
+            tracing::error!("{e}");
+        }
+        let _ = self.state_file.save(&self.state);
+        Ok(d)
+    }
+
+    fn trigger(
+        &mut self,
+        service: &str,
+        to: &str,
+        reason: Option<String>,
+        force: bool,
+    ) -> Result<Decision, ApiError> {
+        let config = self.loaded.config.clone();
+        let Some(spec) = config.services.get(service) else {
+            return Err(ApiError::NotFound(format!(
+                "no service `{service}`; configured services: {}",
+                config.services.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        if !config.providers.contains_key(to) {
+            return Err(ApiError::NotFound(format!(
+                "no provider `{to}`; configured providers: {}",
+                config.providers.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if spec.provider == to {
+            return Err(ApiError::Invalid(format!("`{service}` already runs on `{to}`")));
+        }
+        if spec.pinned && !force {
+            return Err(ApiError::Conflict(format!(
+                "`{service}` is pinned to `{}`; pass force to move it anyway",
+                spec.provider
+            )));
+        }
+        let now = Utc::now();
+        let reason = reason.unwrap_or_else(|| "relocation requested by an operator".into());
+        let mut d = Decision {
+            id: self.log.next_id(now),
+            time: now,
+            service: service.into(),
+            policy: spec.policy.clone(),
+            policy_hash: String::new(),
+            input_digest: String::new(),
+            mode: "operator".into(),
+            provider: spec.provider.clone(),
+            verdict: Some(Verdict::Relocate {
+                provider: to.into(),
+                reason,
+                compulsory: true,
+            }),
+            outcome: Outcome::Submitted,
+            suppressed_by: None,
+            rails: Vec::new(),
+            current_monthly_cost: None,
+            target_monthly_cost: None,
+            migration_cost: None,
+            refers_to: None,
+            error: None,
+        };
+        if let Some(ev) = self.last_costs.get(service) {
+            d.current_monthly_cost = ev.current_monthly_cost;
+            if let Some((m, mig)) = ev.targets.get(to) {
+                d.target_monthly_cost = Some(*m);
+                d.migration_cost = Some(*mig);
+            }
+        }
+        self.submit(&d, "operator").map_err(ApiError::Conflict)?;
+        self.metrics
+            .decisions
+            .with_label_values(&[d.outcome.as_str()])
+            .inc();
+        tracing::info!("Decision {}: an operator sent {service} to {to}.", d.id);
+        self.last_logged.insert(d.service.clone(), log_key(&d));
+        if let Err(e) = self.log.append(d.clone()) {
+            tracing::error!("{e}");
+        }
+        let _ = self.state_file.save(&self.state);
+        Ok(d)
+    }
+
+    fn services(&self) -> Vec<ServiceStatus> {
+        let config = self.config();
+        config
+            .services
+            .values()
+            .map(|s| {
+                let memory = self.state.services.get(&s.name);
+                let last = self.log.recent().iter().rev().find(|d| d.service == s.name);
+                let ev = self.last_costs.get(&s.name);
+                let best = ev.and_then(|e| {
+                    e.targets
+                        .iter()
+                        .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0))
+                        .map(|(p, (m, _))| (p.clone(), *m))
+                });
+                ServiceStatus {
+                    name: s.name.clone(),
+                    provider: s.provider.clone(),
+                    policy: s.policy.clone(),
+                    mode: config
+                        .policies
+                        .get(&s.policy)
+                        .map(|p| p.mode)
+                        .unwrap_or(Mode::Audit),
+                    pinned: s.pinned,
+                    monthly_cost: ev.and_then(|e| e.current_monthly_cost),
+                    currency: ev.map(|e| e.currency.clone()).unwrap_or_default(),
+                    best_alternative: best.as_ref().map(|b| b.0.clone()),
+                    best_alternative_monthly_cost: best.map(|b| b.1),
+                    placed_since: memory.and_then(|m| m.placed_since),
+                    streak_target: memory.and_then(|m| m.streak_target.clone()),
+                    streak: memory.map(|m| m.streak).unwrap_or(0),
+                    last_decision: last.map(|d| d.id.clone()),
+                    last_outcome: last.map(|d| d.outcome),
+                    pending_decision: self.state.pending.get(&s.name).cloned(),
+                }
+            })
+            .collect()
+    }
+
+    fn decisions(&self, q: &DecisionQuery) -> Vec<Decision> {
+        let limit = q.limit.unwrap_or(100).min(super::decisions::RECENT_DECISIONS);
+        let mut out: Vec<Decision> = self
+            .log
+            .recent()
+            .iter()
+            .rev()
+            .filter(|d| q.service.as_deref().is_none_or(|s| d.service == s))
+            .filter(|d| q.outcome.as_deref().is_none_or(|o| d.outcome.as_str() == o))
+            .take(limit)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+}
+
+fn log_key(d: &Decision) -> (Outcome, Option<String>, Option<String>, String) {
+    let target = match &d.verdict {
+        Some(Verdict::Relocate { provider, .. }) => Some(provider.clone()),
+        _ => None,
+    };
+    (
+        d.outcome,
+        target,
+        d.suppressed_by.clone(),
+        d.policy_hash.clone(),
+    )
+}
+
+fn refresh_regions(market: &mut MarketSnapshot, loaded: &Loaded) {
+    market.regions.clear();
+    for (name, p) in &loaded.config.providers {
+        if let Some(info) = regions::resolve(&loaded.regions, p) {
+            market.regions.insert(name.clone(), info);
+        }
+    }
+}
+
+/// Evaluates every service's policy against one market snapshot. Runs on a blocking thread.
+pub fn evaluate_all(
+    config: &Config,
+    policies: &Policies,
+    market: &MarketSnapshot,
+    metrics: &Metrics,
+    now: DateTime<Utc>,
+) -> Vec<Evaluation> {
+    let mut out = Vec::with_capacity(config.services.len());
+    for service in config.services.values() {
+        let Some(spec) = config.policies.get(&service.policy) else {
+            continue;
+        };
+        let Some(policy) = policies.get(&service.policy) else {
+            continue;
+        };
+        let mut ev = Evaluation {
+            service: service.name.clone(),
+            policy: service.policy.clone(),
+            policy_hash: policy.hash().to_string(),
+            input_digest: String::new(),
+            provider: service.provider.clone(),
+            verdict: Err(String::new()),
+            current_monthly_cost: None,
+            currency: String::new(),
+            targets: BTreeMap::new(),
+        };
+        match DecisionContext::build(service, spec, market, now) {
+            Err(e) => ev.verdict = Err(format!("cannot build the decision context: {e}")),
+            Ok(ctx) => {
+                ev.input_digest = digest(&ctx);
+                ev.current_monthly_cost = Some(ctx.current.monthly_cost);
+                ev.currency = ctx.current.currency.clone();
+                for c in &ctx.candidates {
+                    // Candidates are sorted by cost: the first per provider is its cheapest.
+                    ev.targets
+                        .entry(c.provider.clone())
+                        .or_insert((c.monthly_cost, c.migration_cost.total));
+                }
+                let started = Instant::now();
+                ev.verdict = policy.decide(&ctx).map_err(|e| e.to_string());
+                metrics
+                    .policy_duration
+                    .with_label_values(&[&service.policy])
+                    .observe(started.elapsed().as_secs_f64());
+            }
+        }
+        out.push(ev);
+    }
+    out
+}
+
+fn digest(ctx: &DecisionContext) -> String {
+    let mut hasher = blake3::Hasher::new();
+    // `now` changes every tick; the digest is about the market and the service.
+    if serde_json::to_writer(HashWriter(&mut hasher), &(&ctx.current, &ctx.candidates)).is_err() {
+        return String::new();
+    }
+    hasher.finalize().to_hex()[..32].to_string()
+}
+
+struct HashWriter<'a>(&'a mut blake3::Hasher);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
