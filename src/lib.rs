@@ -5,8 +5,10 @@
 //! decides, [`policy`] runs the owner's Rhai rules behind the broker's guard rails, the
 //! [`conduit`] relocates.
 
+pub mod api;
 pub mod broker;
 pub mod conduit;
+pub mod daemon;
 pub mod config;
 pub mod model;
 pub mod policy;

@@ -1,1 +1,180 @@
-fn main() {}
+//! The `fluidcloud` command line. `anyhow` lives here only; exit codes: 0 ok, 1 failure,
+//! 2 usage or configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use fluidcloud::config::Config;
+
+mod client;
+
+#[derive(Parser)]
+#[command(
+    name = "fluidcloud",
+    version,
+    about = "Moves running cloud services between providers when the owner's policy says it pays."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, short, env = "FLUIDCLOUD_CONFIG", default_value = "/etc/fluidcloud/fluidcloud.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Args, Clone)]
+pub struct ApiArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Base URL of the daemon's API (default: from the configuration's `daemon.listen`).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// File holding the API token (default: as the daemon finds it).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the broker daemon.
+    Daemon(ConfigArg),
+    /// Validate a configuration and its policies; print every problem.
+    Check(ConfigArg),
+    /// Show the services, where they run and what they cost.
+    Status(ApiArgs),
+    /// Show the market: offers, IO figures, regions and the freshness of every source.
+    Market {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only this provider.
+        #[arg(long)]
+        provider: Option<String>,
+    },
+    /// Show recent decisions, or approve or reject a pending one.
+    Decisions {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this outcome (stay, suppressed, audited, pending_approval, submitted, …).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// At most this many, newest last.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Approve this pending decision.
+        #[arg(long, conflicts_with = "reject")]
+        approve: Option<String>,
+        /// Reject this pending decision.
+        #[arg(long)]
+        reject: Option<String>,
+    },
+    /// Ask the running daemon to reload its configuration and policies.
+    Reload(ApiArgs),
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Run the test cases beside every policy in a directory.
+    Test {
+        /// Directory holding `*.rhai` policies and their test files.
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!(
+            "{} problem{} in the configuration.",
+            errors.0.len(),
+            if errors.0.len() == 1 { "" } else { "s" }
+        );
+        ExitCode::from(2)
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Daemon(c) => {
+            let config = match load(&c.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            fluidcloud::telemetry::init_tracing(config.daemon.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(fluidcloud::daemon::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check(c) => {
+            let config = match load(&c.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            if let Err(errors) = fluidcloud::broker::supervisor::compile_policies(&config) {
+                eprintln!("{errors}");
+                return Ok(ExitCode::from(2));
+            }
+            println!(
+                "{}: ok — {} providers, {} services, {} policies; API on {}; state in {}.",
+                config.path.display(),
+                config.providers.len(),
+                config.services.len(),
+                config.policies.len(),
+                config.daemon.listen,
+                config.daemon.state_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status(a) => client::status(&a),
+        Cmd::Market { api, provider } => client::market(&api, provider.as_deref()),
+        Cmd::Decisions {
+            api,
+            service,
+            outcome,
+            limit,
+            approve,
+            reject,
+        } => match (approve, reject) {
+            (Some(id), _) => client::answer(&api, &id, true),
+            (_, Some(id)) => client::answer(&api, &id, false),
+            _ => client::decisions(&api, service.as_deref(), outcome.as_deref(), limit),
+        },
+        Cmd::Reload(a) => client::reload(&a),
+        Cmd::Policy {
+            command: PolicyCmd::Test { dir },
+        } => policy_test(&dir),
+    }
+}
+
+fn policy_test(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let _ = dir;
+    anyhow::bail!("policy tests are not available in this build")
+}

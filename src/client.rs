@@ -1,0 +1,290 @@
+//! The CLI side of the API: `status`, `market`, `decisions`, `reload` ask the running daemon
+//! and print a table, or the JSON as received with `--json`.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use fluidcloud::config::Config;
+use serde_json::Value;
+
+use crate::ApiArgs;
+
+struct Api {
+    base: String,
+    token: String,
+    client: reqwest::Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Api {
+    fn new(a: &ApiArgs) -> anyhow::Result<Api> {
+        let config = Config::load(&a.config.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let base = a
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", config.daemon.listen));
+        let token_path = match &a.token_file {
+            Some(p) => p.clone(),
+            None => fluidcloud::api::token_path(&config).0,
+        };
+        let token = std::fs::read_to_string(&token_path)
+            .with_context(|| format!("cannot read the API token from {}", token_path.display()))?
+            .trim()
+            .to_string();
+        Ok(Api {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            client: reqwest::Client::new(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        })
+    }
+
+    fn call(&self, method: reqwest::Method, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        self.rt.block_on(async {
+            let resp = self
+                .client
+                .request(method, &url)
+                .bearer_auth(&self.token)
+                .timeout(std::time::Duration::from_secs(30))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the daemon at {url}"))?;
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            if !status.is_success() {
+                let msg = body
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no detail");
+                let problems: Vec<&str> = body
+                    .get("problems")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                if problems.is_empty() {
+                    anyhow::bail!("the daemon answered {status}: {msg}");
+                }
+                anyhow::bail!("the daemon answered {status}: {msg}:\n{}", problems.join("\n"));
+            }
+            Ok(body)
+        })
+    }
+}
+
+/// Prints rows as columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.2}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn print_json(v: &Value) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(a: &ApiArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(a)?;
+    let v = api.call(reqwest::Method::GET, "/v1/services")?;
+    if a.json {
+        return print_json(&v);
+    }
+    let rows = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            vec![
+                s(&x["name"]),
+                s(&x["provider"]),
+                s(&x["policy"]),
+                s(&x["mode"]),
+                format!("{} {}", s(&x["monthly_cost"]), s(&x["currency"])),
+                format!(
+                    "{} ({})",
+                    s(&x["best_alternative"]),
+                    s(&x["best_alternative_monthly_cost"])
+                ),
+                s(&x["last_outcome"]),
+                s(&x["pending_decision"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SERVICE", "PROVIDER", "POLICY", "MODE", "MONTHLY", "CHEAPEST ELSEWHERE", "LAST",
+            "PENDING",
+        ],
+        rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn market(a: &ApiArgs, provider: Option<&str>) -> anyhow::Result<ExitCode> {
+    let api = Api::new(a)?;
+    let path = match provider {
+        Some(p) => format!("/v1/market?provider={p}"),
+        None => "/v1/market".into(),
+    };
+    let v = api.call(reqwest::Method::GET, &path)?;
+    if a.json {
+        return print_json(&v);
+    }
+    if provider.is_some() {
+        let rows = v["offers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|o| {
+                vec![
+                    s(&o["flavor"]),
+                    s(&o["vcpus"]),
+                    s(&o["memory_gib"]),
+                    format!("{:.4}", o["price_per_hour"].as_f64().unwrap_or(f64::NAN)),
+                    s(&o["currency"]),
+                ]
+            })
+            .collect();
+        table(&["FLAVOR", "VCPUS", "MEMORY GIB", "PER HOUR", "CURRENCY"], rows);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sources = v["sources"].as_object().cloned().unwrap_or_default();
+    let rows = sources
+        .iter()
+        .map(|(name, st)| {
+            vec![
+                name.clone(),
+                s(&st["records"]),
+                s(&st["last_success"]),
+                if st["stale"].as_bool() == Some(true) {
+                    "stale".into()
+                } else {
+                    "fresh".into()
+                },
+                s(&st["last_error"]),
+            ]
+        })
+        .collect();
+    table(&["SOURCE", "RECORDS", "LAST SUCCESS", "STATE", "LAST ERROR"], rows);
+    println!();
+    let regions = v["regions"].as_object().cloned().unwrap_or_default();
+    let rows = regions
+        .iter()
+        .map(|(p, r)| {
+            let io = &v["io"][p];
+            vec![
+                p.clone(),
+                s(&r["country"]),
+                if r["eu"].as_bool() == Some(true) { "yes" } else { "no" }.into(),
+                s(&io["seq_read_mb_s"]),
+                s(&io["rand_read_iops"]),
+                v["offers"][p].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["PROVIDER", "COUNTRY", "EU", "SEQ READ MB/S", "RAND IOPS", "OFFERS"],
+        rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn decisions(
+    a: &ApiArgs,
+    service: Option<&str>,
+    outcome: Option<&str>,
+    limit: usize,
+) -> anyhow::Result<ExitCode> {
+    let api = Api::new(a)?;
+    let mut path = format!("/v1/decisions?limit={limit}");
+    if let Some(s) = service {
+        path.push_str(&format!("&service={s}"));
+    }
+    if let Some(o) = outcome {
+        path.push_str(&format!("&outcome={o}"));
+    }
+    let v = api.call(reqwest::Method::GET, &path)?;
+    if a.json {
+        return print_json(&v);
+    }
+    let rows = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let verdict = &d["verdict"];
+            let action = match verdict["action"].as_str() {
+                Some("relocate") => format!("relocate → {}", s(&verdict["provider"])),
+                Some(a) => a.to_string(),
+                None => "-".into(),
+            };
+            let reason = d["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| s(&verdict["reason"]));
+            vec![
+                s(&d["id"]),
+                s(&d["service"]),
+                action,
+                s(&d["outcome"]),
+                s(&d["suppressed_by"]),
+                reason,
+            ]
+        })
+        .collect();
+    table(&["ID", "SERVICE", "VERDICT", "OUTCOME", "RAIL", "REASON"], rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn answer(a: &ApiArgs, id: &str, approve: bool) -> anyhow::Result<ExitCode> {
+    let api = Api::new(a)?;
+    let verb = if approve { "approve" } else { "reject" };
+    let v = api.call(reqwest::Method::POST, &format!("/v1/decisions/{id}/{verb}"))?;
+    if a.json {
+        return print_json(&v);
+    }
+    println!("{} {id}: recorded as {}.", verb, s(&v["id"]));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn reload(a: &ApiArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(a)?;
+    let v = api.call(reqwest::Method::POST, "/v1/reload")?;
+    if a.json {
+        return print_json(&v);
+    }
+    println!("The daemon reloaded its configuration.");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,73 @@
+//! `fluidcloud daemon`: starts the broker and the HTTP API, tells systemd when it is ready,
+//! reloads on SIGHUP and stops cleanly on SIGTERM or SIGINT.
+
+use std::sync::Arc;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::broker::supervisor::{Command, Supervisor};
+use crate::conduit::{Conduit, QueueOnly};
+use crate::config::Config;
+
+/// Runs the daemon until it is told to stop.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let notify = std::env::var_os("NOTIFY_SOCKET").is_some();
+    tracing::info!(
+        "Initializing FluidCloud {} from {}.",
+        env!("CARGO_PKG_VERSION"),
+        config.path.display()
+    );
+    tracing::info!("Initializing the state directory {}.", config.daemon.state_dir.display());
+    let (token, token_path) = crate::api::load_token(&config)?;
+    tracing::info!("The API token is read from {}.", token_path.display());
+    let listen = config.daemon.listen;
+    let conduit: Arc<dyn Conduit> = Arc::new(QueueOnly::default());
+    let (supervisor, handle) = Supervisor::new(config, conduit, notify)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    tracing::info!("Serving the API and /metrics on http://{listen}.");
+    let app = crate::api::router(handle.clone(), token);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let api = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let broker = tokio::spawn(supervisor.run());
+    if notify {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    }
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received; reloading the configuration.");
+                // The supervisor reports the outcome itself; a refused file keeps the old one.
+                let _ = handle.ask(Command::Reload).await;
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM received; stopping."); break; }
+            _ = int.recv() => { tracing::info!("SIGINT received; stopping."); break; }
+        }
+    }
+    if notify {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    }
+    let _ = handle.commands.send(Command::Shutdown).await;
+    let _ = stop_tx.send(true);
+    match broker.await {
+        Ok(Ok(())) => tracing::info!("The broker exited cleanly."),
+        Ok(Err(e)) => tracing::error!("The broker exited with an error: {e}."),
+        Err(e) => tracing::error!("The broker task failed: {e}."),
+    }
+    match api.await {
+        Ok(Ok(())) => tracing::info!("The API server exited cleanly."),
+        Ok(Err(e)) => tracing::error!("The API server exited with an error: {e}."),
+        Err(e) => tracing::error!("The API server task failed: {e}."),
+    }
+    Ok(())
+}
