@@ -269,6 +269,18 @@ impl Supervisor {
                 loaded.config.cache_dir().display()
             )
         })?;
+        // A local provider is a directory; make sure it exists so its benchmark can run.
+        for p in loaded.config.providers.values() {
+            if let (crate::config::Driver::Local, Some(root)) = (p.driver, &p.root) {
+                std::fs::create_dir_all(root).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot create the directory {} of provider `{}`: {e}",
+                        root.display(),
+                        p.name
+                    )
+                })?;
+            }
+        }
         let log = DecisionLog::open(&loaded.config.decision_log_path())?;
         let state_file = StateFile::new(state_dir);
         let state = state_file.load();

@@ -1,0 +1,275 @@
+//! Shared pieces of the integration tests: a feed server on loopback and a running daemon.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// An HTTP server on 127.0.0.1 serving fixed bodies by path, counting requests.
+pub struct FeedServer {
+    pub base: String,
+    pub hits: Arc<Mutex<HashMap<String, usize>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+pub enum Body {
+    Json(String),
+    Status(u16),
+    /// Never answers.
+    Hang,
+}
+
+impl FeedServer {
+    pub fn start(routes: Vec<(&str, Body)>) -> FeedServer {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let routes: Arc<HashMap<String, Body>> = Arc::new(
+            routes
+                .into_iter()
+                .map(|(p, b)| (p.to_string(), b))
+                .collect(),
+        );
+        let h = hits.clone();
+        let base2 = base.clone();
+        rt.spawn(async move {
+            let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+                let routes = routes.clone();
+                let h = h.clone();
+                let base = base2.clone();
+                async move {
+                    use axum::response::IntoResponse;
+                    let key = match req.uri().query() {
+                        Some(q) => format!("{}?{}", req.uri().path(), q),
+                        None => req.uri().path().to_string(),
+                    };
+                    *h.lock().unwrap().entry(key.clone()).or_default() += 1;
+                    match routes.get(&key).or_else(|| routes.get(req.uri().path())) {
+                        Some(Body::Json(s)) => (
+                            [(axum::http::header::CONTENT_TYPE, "application/json")],
+                            s.replace("{BASE}", &base),
+                        )
+                            .into_response(),
+                        Some(Body::Status(c)) => {
+                            axum::http::StatusCode::from_u16(*c).unwrap().into_response()
+                        }
+                        Some(Body::Hang) => {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            "late".into_response()
+                        }
+                        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+                    }
+                }
+            });
+            axum::serve(listener, app).await.unwrap();
+        });
+        FeedServer {
+            base,
+            hits,
+            _rt: rt,
+        }
+    }
+
+    pub fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fluidcloud")
+}
+
+/// The real daemon, started on a temp dir and a free port; killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub base: String,
+    pub token: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    rt: tokio::runtime::Runtime,
+    http: reqwest::Client,
+}
+
+impl Daemon {
+    /// Writes `config` (with `{PORT}` and `{DIR}` filled in) and starts the daemon on it.
+    pub fn start(dir: &Path, config: &str) -> Daemon {
+        let port = free_port();
+        let config_path = dir.join("fluidcloud.toml");
+        std::fs::write(
+            &config_path,
+            config
+                .replace("{PORT}", &port.to_string())
+                .replace("{DIR}", &dir.display().to_string())
+                .replace("{REPO}", &repo().display().to_string()),
+        )
+        .unwrap();
+        let log = dir.join("daemon.log");
+        let child = Command::new(bin())
+            .args(["daemon", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            token: String::new(),
+            dir: dir.to_path_buf(),
+            config: config_path,
+            log,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            http: reqwest::Client::new(),
+        };
+        d.wait_for("/healthz", Duration::from_secs(60));
+        d.token = std::fs::read_to_string(dir.join("state/api-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        d
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until GET `path` answers 200.
+    pub fn wait_for(&mut self, path: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the daemon exited with {status}:\n{}", self.logs());
+            }
+            if let Ok(r) = self.raw("GET", path, false, None) {
+                if r.0 == 200 {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{path} did not answer 200 within {limit:?}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One HTTP call; returns status and body.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        auth: bool,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, String), reqwest::Error> {
+        let token = auth.then(|| self.token.clone());
+        self.call(method, path, token.as_deref(), body)
+    }
+
+    /// One HTTP call with any bearer token (or none).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, String), reqwest::Error> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(30));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        self.rt.block_on(async {
+            let resp = req.send().await?;
+            let status = resp.status().as_u16();
+            Ok((status, resp.text().await?))
+        })
+    }
+
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.raw("GET", path, true, None).unwrap();
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn metrics(&self) -> String {
+        self.raw("GET", "/metrics", false, None).unwrap().1
+    }
+
+    /// Value of one series in the exposition (`name{labels}` exactly as printed).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// Polls `f` until it returns Some, or fails with the daemon's log.
+    pub fn eventually<T>(&mut self, what: &str, limit: Duration, mut f: impl FnMut(&Daemon) -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the daemon exited with {status} while waiting for {what}:\n{}", self.logs());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+

@@ -1,0 +1,501 @@
+//! The real daemon against real-shaped AWS and Azure feeds served on loopback: polling,
+//! decisions, guard rails, approvals, the API and its token, metrics, reloads and every bad
+//! input the broker must survive.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Body, Daemon, FeedServer};
+use serde_json::{json, Value};
+
+/// An AWS price-list offer file for `region` with Linux/Shared products and decoys that the
+/// parser must skip (Windows, Dedicated, another region).
+fn aws_offer(region: &str, flavors: &[(&str, u32, f64, f64)]) -> String {
+    let mut products = serde_json::Map::new();
+    let mut terms = serde_json::Map::new();
+    let mut n = 0;
+    for (name, vcpu, mem, price) in flavors {
+        for (os, tenancy, reg, factor) in [
+            ("Linux", "Shared", region, 1.0),
+            ("Windows", "Shared", region, 0.5),
+            ("Linux", "Dedicated", region, 0.5),
+            ("Linux", "Shared", "ap-south-1", 0.1),
+        ] {
+            n += 1;
+            let sku = format!("SKU{n:05}");
+            products.insert(
+                sku.clone(),
+                json!({"sku": sku, "productFamily": "Compute Instance", "attributes": {
+                    "servicecode": "AmazonEC2", "location": "Somewhere", "locationType": "AWS Region",
+                    "regionCode": reg, "instanceType": name, "vcpu": vcpu.to_string(),
+                    "memory": format!("{mem} GiB"), "operatingSystem": os, "tenancy": tenancy,
+                    "preInstalledSw": "NA", "capacitystatus": "Used", "licenseModel": "No License required",
+                    "usagetype": format!("BoxUsage:{name}"), "operation": "RunInstances"}}),
+            );
+            let tc = format!("{sku}.JRTCKXETXF");
+            let rc = format!("{tc}.6YS6EN2CT7");
+            terms.insert(
+                sku.clone(),
+                json!({ tc.clone(): {"offerTermCode": "JRTCKXETXF", "sku": sku,
+                    "effectiveDate": "2026-11-01T00:00:00Z", "termAttributes": {},
+                    "priceDimensions": { rc.clone(): {"rateCode": rc, "description": "On Demand",
+                        "beginRange": "0", "endRange": "Inf", "unit": "Hrs", "appliesTo": [],
+                        "pricePerUnit": {"USD": format!("{:.10}", price * factor)}}}}}),
+            );
+        }
+    }
+    json!({"formatVersion": "v1.0", "offerCode": "AmazonEC2", "version": "20261101000000",
+        "publicationDate": "2026-11-01T00:00:00Z", "products": products,
+        "terms": {"OnDemand": terms}})
+    .to_string()
+}
+
+fn azure_item(sku: &str, price: f64, region: &str) -> Value {
+    json!({"currencyCode": "USD", "tierMinimumUnits": 0.0, "retailPrice": price, "unitPrice": price,
+        "armRegionName": region, "location": "EU West", "effectiveStartDate": "2026-01-01T00:00:00Z",
+        "meterId": format!("m-{sku}"), "meterName": sku.trim_start_matches("Standard_").replace('_', " "),
+        "productId": "DZH318Z0BQPS", "skuId": "DZH318Z0BQPS/00TG", "productName": "Virtual Machines Dv5 Series",
+        "skuName": sku.trim_start_matches("Standard_").replace('_', " "), "serviceName": "Virtual Machines",
+        "serviceId": "DZH313Z7MMC8", "serviceFamily": "Compute", "unitOfMeasure": "1 Hour",
+        "type": "Consumption", "isPrimaryMeterRegion": true, "armSkuName": sku})
+}
+
+fn azure_pages() -> (String, String) {
+    let page1 = json!({"BillingCurrency": "USD", "CustomerEntityId": "Default", "CustomerEntityType": "Retail",
+        "Items": [azure_item("Standard_D2s_v5", 0.021, "westeurope"),
+                  azure_item("Standard_D2s_v5", 0.5, "eastus")],
+        "NextPageLink": "{BASE}/azure/prices?page=2", "Count": 2});
+    let page2 = json!({"BillingCurrency": "USD", "CustomerEntityId": "Default", "CustomerEntityType": "Retail",
+        "Items": [azure_item("Standard_D4s_v5", 0.042, "westeurope")],
+        "NextPageLink": null, "Count": 1});
+    (page1.to_string(), page2.to_string())
+}
+
+fn feeds() -> FeedServer {
+    let (p1, p2) = azure_pages();
+    FeedServer::start(vec![
+        (
+            "/aws/us-east-1/index.json",
+            Body::Json(aws_offer(
+                "us-east-1",
+                &[("m5.large", 2, 8.0, 0.096), ("t3.medium", 2, 4.0, 0.0416)],
+            )),
+        ),
+        ("/azure/prices", Body::Json(p1)),
+        ("/azure/prices?page=2", Body::Json(p2)),
+        ("/bad/malformed.json", Body::Json("{\"products\": {\"x\": ".into())),
+        (
+            "/bad/negative.json",
+            Body::Json(aws_offer("us-east-1", &[("m5.large", 2, 8.0, -1.0)])),
+        ),
+        ("/bad/empty.json", Body::Json("{}".into())),
+        ("/bad/error", Body::Status(500)),
+        ("/bad/hang", Body::Hang),
+    ])
+}
+
+const POLICY_LOOP: &str = r#"
+fn decide(ctx) {
+    let n = 0;
+    loop { n += 1; }
+}
+"#;
+
+fn config(feeds: &FeedServer, extra: &str) -> String {
+    format!(
+        r#"
+[daemon]
+state_dir = "{{DIR}}/state"
+listen = "127.0.0.1:{{PORT}}"
+
+[broker]
+evaluate_schedule = "* * * * * *"
+max_relocations_percent = 100
+policy_timeout_ms = 200
+
+[providers.aws-va]
+driver = "local"
+cloud = "aws"
+region = "us-east-1"
+[providers.aws-va.pricing]
+format = "aws"
+url = "{base}/aws/us-east-1/index.json"
+schedule = "0 0 * * * *"
+storage_price_per_gib_month = 0.08
+egress_price_per_gib = 0.09
+
+[providers.azure-we]
+driver = "local"
+cloud = "azure"
+region = "westeurope"
+[providers.azure-we.pricing]
+format = "azure"
+url = "{base}/azure/prices"
+schedule = "0 0 * * * *"
+storage_price_per_gib_month = 0.05
+egress_price_per_gib = 0.08
+
+[policies.cheapest]
+file = "{{REPO}}/policies/cheapest.rhai"
+mode = "enforce"
+confirmations = 2
+min_residency_secs = 0
+move_duration_secs = 60
+
+[policies.eu-only]
+file = "{{REPO}}/policies/eu-only.rhai"
+mode = "approve"
+confirmations = 1
+min_residency_secs = 0
+
+[services.shop]
+provider = "aws-va"
+policy = "cheapest"
+vcpus = 2
+memory_gib = 8
+[[services.shop.components]]
+kind = "volume"
+name = "data"
+size_gib = 10
+
+[services.vault]
+provider = "aws-va"
+policy = "cheapest"
+pinned = true
+vcpus = 2
+memory_gib = 8
+
+[services.crm]
+provider = "aws-va"
+policy = "eu-only"
+vcpus = 2
+memory_gib = 4
+{extra}
+"#,
+        base = feeds.base
+    )
+}
+
+fn decisions(d: &Daemon, service: &str) -> Vec<Value> {
+    d.get(&format!("/v1/decisions?service={service}&limit=1000"))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn find(d: &Daemon, service: &str, outcome: &str) -> Option<Value> {
+    decisions(d, service)
+        .into_iter()
+        .find(|x| x["outcome"] == outcome)
+}
+
+#[test]
+fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &config(&feeds, ""));
+    d.wait_for("/readyz", Duration::from_secs(60));
+
+    // Only the Linux/Shared offers of the region count; both Azure pages were read.
+    let market = d.get("/v1/market");
+    let aws: Vec<&str> = market["offers"]["aws-va"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["flavor"].as_str().unwrap())
+        .collect();
+    assert_eq!(aws.len(), 2, "{aws:?}");
+    let prices: Vec<f64> = market["offers"]["aws-va"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["price_per_hour"].as_f64().unwrap())
+        .collect();
+    assert!(prices.contains(&0.096) && prices.contains(&0.0416), "{prices:?}");
+    let azure = market["offers"]["azure-we"].as_array().unwrap();
+    assert_eq!(azure.len(), 2, "both pages, westeurope only: {azure:?}");
+    assert_eq!(feeds.hits("/azure/prices?page=2"), 1);
+    assert_eq!(market["regions"]["aws-va"]["country"], "US");
+    assert_eq!(market["regions"]["azure-we"]["eu"], true);
+
+    // The cheapest policy must first collect its two confirmations, then it is submitted.
+    let suppressed = d.eventually("a confirmations suppression", Duration::from_secs(30), |d| {
+        find(d, "shop", "suppressed").filter(|x| x["suppressed_by"] == "confirmations")
+    });
+    assert_eq!(suppressed["verdict"]["provider"], "azure-we");
+    let submitted = d.eventually("a submitted relocation", Duration::from_secs(30), |d| {
+        find(d, "shop", "submitted")
+    });
+    assert!(submitted["current_monthly_cost"].as_f64().unwrap() > submitted["target_monthly_cost"].as_f64().unwrap());
+    assert_eq!(submitted["policy_hash"].as_str().unwrap().len(), 64);
+    assert!(!submitted["input_digest"].as_str().unwrap().is_empty());
+    let relocations = d.get("/v1/relocations");
+    assert_eq!(relocations[0]["request"]["service"], "shop");
+    assert_eq!(relocations[0]["request"]["to"], "azure-we");
+    assert_eq!(relocations[0]["state"], "queued");
+
+    // The pinned service is judged and refused by its pin.
+    let pinned = d.eventually("the pinned suppression", Duration::from_secs(30), |d| {
+        find(d, "vault", "suppressed")
+    });
+    assert_eq!(pinned["suppressed_by"], "pinned");
+
+    // eu-only in approve mode waits for an operator; approving hands it to the conduit.
+    let pending = d.eventually("a pending approval", Duration::from_secs(30), |d| {
+        find(d, "crm", "pending_approval")
+    });
+    let id = pending["id"].as_str().unwrap();
+    // One relocation is already queued (shop), and the budget allows one at a time.
+    let (status, body) = d.raw("POST", &format!("/v1/decisions/{id}/approve"), true, None).unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("in progress"), "{body}");
+    let (status, body) = d.raw("POST", &format!("/v1/decisions/{id}/reject"), true, None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = d.raw("POST", &format!("/v1/decisions/{id}/approve"), true, None).unwrap();
+    assert_eq!(status, 409, "a rejected decision cannot be approved");
+
+    // The decision log on disk holds the same decisions, one JSON object per line.
+    let log = std::fs::read_to_string(dir.path().join("state/decisions.jsonl")).unwrap();
+    let on_disk: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(on_disk.iter().any(|x| x["id"] == submitted["id"]));
+    assert!(on_disk.iter().any(|x| x["outcome"] == "rejected" && x["refers_to"] == id));
+
+    // Metrics: polls, decisions by outcome, suppressions by reason, costs, build info.
+    let m = d.metrics();
+    assert!(m.contains("fluidcloud_build_info{version=\""), "{m}");
+    assert!(d.metric("fluidcloud_poll_runs_total{source=\"pricing:aws-va\"}").unwrap() >= 1.0);
+    assert_eq!(d.metric("fluidcloud_poll_errors_total{source=\"pricing:aws-va\"}"), Some(0.0));
+    assert!(d.metric("fluidcloud_decisions_total{outcome=\"submitted\"}").unwrap() >= 1.0);
+    assert!(d.metric("fluidcloud_suppressions_total{reason=\"pinned\"}").unwrap() >= 1.0);
+    assert!(d.metric("fluidcloud_suppressions_total{reason=\"confirmations\"}").unwrap() >= 1.0);
+    assert_eq!(d.metric("fluidcloud_suppressions_total{reason=\"blackout\"}"), Some(0.0));
+    assert!(d.metric("fluidcloud_relocations_requested_total{origin=\"policy\"}").unwrap() >= 1.0);
+    assert!(m.contains("fluidcloud_service_monthly_cost{currency=\"USD\",provider=\"aws-va\",service=\"shop\"}"), "{m}");
+    let age = d.metric("fluidcloud_market_data_age_seconds{source=\"pricing:aws-va\"}").unwrap();
+    assert!((0.0..120.0).contains(&age), "{age}");
+
+    // SIGTERM stops it cleanly.
+    d.signal(libc::SIGTERM);
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(st) = d.child.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d.logs().contains("The broker exited cleanly."), "{}", d.logs());
+}
+
+#[test]
+fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config(&feeds, ""));
+    let (s, body) = d.call("GET", "/v1/services", None, None).unwrap();
+    assert_eq!(s, 401, "{body}");
+    assert!(body.contains("Bearer"), "{body}");
+    let (s, _) = d.call("GET", "/v1/services", Some("not-the-token"), None).unwrap();
+    assert_eq!(s, 401);
+    let (s, _) = d.call("POST", "/v1/reload", Some("not-the-token"), None).unwrap();
+    assert_eq!(s, 401);
+    // Health and metrics need no token.
+    assert_eq!(d.call("GET", "/healthz", None, None).unwrap().0, 200);
+    assert_eq!(d.call("GET", "/metrics", None, None).unwrap().0, 200);
+
+    let (s, body) = d.raw("GET", "/v1/services/nope", true, None).unwrap();
+    assert_eq!(s, 404, "{body}");
+    let (s, body) = d
+        .raw("POST", "/v1/services/shop/relocate", true, Some(json!({"to": "mars-1"})))
+        .unwrap();
+    assert_eq!(s, 404, "{body}");
+    assert!(body.contains("mars-1") && body.contains("aws-va"), "{body}");
+    let (s, body) = d
+        .raw("POST", "/v1/services/nope/relocate", true, Some(json!({"to": "azure-we"})))
+        .unwrap();
+    assert_eq!(s, 404, "{body}");
+    let (s, body) = d
+        .raw("POST", "/v1/services/vault/relocate", true, Some(json!({"to": "azure-we"})))
+        .unwrap();
+    assert_eq!(s, 409, "pinned: {body}");
+    let (s, body) = d
+        .raw("POST", "/v1/services/shop/relocate", true, Some(json!({"destination": "x"})))
+        .unwrap();
+    assert_eq!(s, 422, "{body}");
+    let (s, body) = d
+        .raw("POST", "/v1/decisions/d-nope/approve", true, None)
+        .unwrap();
+    assert_eq!(s, 404, "{body}");
+    // A relocation by hand is logged as an operator decision and queued.
+    let (s, body) = d
+        .raw("POST", "/v1/services/shop/relocate", true, Some(json!({"to": "azure-we", "reason": "maintenance"})))
+        .unwrap();
+    assert_eq!(s, 202, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["mode"], "operator");
+    assert_eq!(d.get("/v1/relocations")[0]["request"]["origin"], "operator");
+    assert_eq!(d.metric("fluidcloud_api_requests_total{route=\"/v1/services\",status=\"401\"}"), Some(1.0));
+}
+
+#[test]
+fn bad_feeds_are_counted_and_never_crash_the_daemon() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let mut extra = String::new();
+    for (name, path, format) in [
+        ("malformed", "/bad/malformed.json", "aws"),
+        ("negative", "/bad/negative.json", "aws"),
+        ("empty", "/bad/empty.json", "aws"),
+        ("http500", "/bad/error", "aws"),
+        ("hang", "/bad/hang", "aws"),
+        ("huge", "/aws/us-east-1/index.json", "aws"),
+    ] {
+        let limit = if name == "huge" { "max_bytes = 1000\n" } else { "" };
+        extra.push_str(&format!(
+            "[providers.{name}]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.{name}.pricing]\nformat = \"{format}\"\nurl = \"{}{path}\"\nschedule = \"0 0 * * * *\"\ntimeout_secs = 2\n{limit}\n",
+            feeds.base
+        ));
+    }
+    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    d.wait_for("/readyz", Duration::from_secs(60));
+    let market = d.get("/v1/market");
+    for name in ["malformed", "negative", "empty", "http500", "hang", "huge"] {
+        let source = format!("pricing:{name}");
+        let st = &market["sources"][&source];
+        let err = st["last_error"].as_str().unwrap_or_else(|| panic!("{source}: {st}"));
+        assert!(!err.is_empty(), "{source}");
+        assert_eq!(
+            d.metric(&format!("fluidcloud_poll_errors_total{{source=\"{source}\"}}")),
+            Some(1.0),
+            "{source}"
+        );
+        assert!(market["offers"].get(name).is_none(), "{source} must publish no offers");
+    }
+    let err = |n: &str| market["sources"][format!("pricing:{n}")]["last_error"].as_str().unwrap().to_lowercase();
+    assert!(err("malformed").contains("line"), "{}", err("malformed"));
+    assert!(err("negative").contains("negative") || err("negative").contains("reject"), "{}", err("negative"));
+    assert!(err("hang").contains("time"), "{}", err("hang"));
+    assert!(err("huge").contains("1000"), "{}", err("huge"));
+    assert!(err("http500").contains("500"), "{}", err("http500"));
+    // The good feeds still drive decisions.
+    d.eventually("a decision for shop", Duration::from_secs(30), |d| {
+        decisions(d, "shop").into_iter().next()
+    });
+}
+
+#[test]
+fn a_runaway_policy_is_an_error_decision_and_a_bad_reload_keeps_the_old_config() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("loop.rhai"), POLICY_LOOP).unwrap();
+    let extra = r#"
+[policies.runaway]
+file = "{DIR}/loop.rhai"
+
+[services.spinner]
+provider = "aws-va"
+policy = "runaway"
+vcpus = 1
+memory_gib = 1
+"#;
+    let mut d = Daemon::start(dir.path(), &config(&feeds, extra));
+    let err = d.eventually("the runaway policy's error decision", Duration::from_secs(30), |d| {
+        find(d, "spinner", "error")
+    });
+    let msg = err["error"].as_str().unwrap().to_lowercase();
+    assert!(msg.contains("runaway"), "{msg}");
+    assert!(msg.contains("time") || msg.contains("operations"), "{msg}");
+    assert!(d.metric("fluidcloud_policy_evaluations_total{policy=\"runaway\",result=\"error\"}").unwrap() >= 1.0);
+    // Other services are still decided.
+    d.eventually("shop decided", Duration::from_secs(30), |d| decisions(d, "shop").into_iter().next());
+
+    // A reload with a broken file is refused, over the API and on SIGHUP; the daemon goes on.
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, good.replace("[services.shop]", "[services.shop]\nsize = 3")).unwrap();
+    let (s, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
+    assert_eq!(s, 422, "{body}");
+    assert!(body.contains("size"), "{body}");
+    d.signal(libc::SIGHUP);
+    d.eventually("two refused reloads", Duration::from_secs(10), |d| {
+        (d.metric("fluidcloud_config_reloads_total{result=\"error\"}") == Some(2.0)).then_some(())
+    });
+    assert_eq!(d.get("/v1/services").as_array().unwrap().len(), 4);
+    // A policy that no longer compiles is refused too, with its position.
+    std::fs::write(&d.config, &good).unwrap();
+    std::fs::write(dir.path().join("loop.rhai"), "fn decide(ctx) { let x = ; }").unwrap();
+    let (s, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
+    assert_eq!(s, 422, "{body}");
+    assert!(body.contains("loop.rhai") || body.contains("runaway"), "{body}");
+    // A good reload applies: the spinner service goes away.
+    std::fs::write(dir.path().join("loop.rhai"), POLICY_LOOP).unwrap();
+    let without = good.split("[services.spinner]").next().unwrap().to_string();
+    std::fs::write(&d.config, without).unwrap();
+    let (s, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(d.get("/v1/services").as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn check_reports_every_problem_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"[daemon]
+listen = "not an address"
+
+[providers.a]
+driver = "floppy"
+region = "x"
+
+[policies.p]
+file = "missing.rhai"
+mode = "yolo"
+
+[services.s]
+provider = "nowhere"
+policy = "p"
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (needle, line) in [
+        ("daemon.listen", 2),
+        ("providers.a.driver", 5),
+        ("policies.p.file", 9),
+        ("policies.p.mode", 10),
+        ("services.s.provider", 13),
+    ] {
+        let l = err
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no error for {needle}:\n{err}"));
+        assert!(l.contains(&format!("bad.toml:{line}:")), "{needle} at line {line}: {l}");
+    }
+    // An unknown key is a syntax-level error with its position.
+    std::fs::write(&path, "[daemon]\nlisten = \"127.0.0.1:1\"\nstate_dri = \"x\"\n").unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3:1") && err.contains("state_dri"), "{err}");
+
+    // The quickstart is valid.
+    let out = std::process::Command::new(common::bin())
+        .args(["check", "--config"])
+        .arg(common::repo().join("examples/quickstart/fluidcloud.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
