@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every benchmark and prints its figures. Release builds; takes several minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== policy evaluation (10,000 services x 100 offers, one core)"
+cargo bench --locked --bench policy_eval
+echo "== AWS offer file parsing"
+cargo bench --locked --bench aws_offer_parse
+echo "== idle daemon"
+scripts/bench-idle.sh "${IDLE_WINDOW_SECS:-180}"
