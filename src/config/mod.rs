@@ -1106,3 +1106,6 @@ pub fn parse_cron(s: &str) -> Result<croner::Cron, croner::errors::CronError> {
         .with_dom_and_dow()
         .parse()
 }
+
+#[cfg(test)]
+mod tests;
