@@ -17,5 +17,7 @@ echo "== lint"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== tests"
 cargo test --locked --no-fail-fast
+echo "== dashboard"
+python3 dashboards/check.py
 echo "== policy tests"
 cargo run --quiet --locked -- policy test policies/

@@ -652,9 +652,7 @@ impl Supervisor {
                 m.poll_errors.with_label_values(&[&source]).inc();
                 status.stale = status.last_success.is_some();
                 status.last_error = Some(e.clone());
-                m.data_stale
-                    .with_label_values(&[&source])
-                    .set(i64::from(status.stale));
+                m.data_stale.with_label_values(&[&source]).set(1);
                 tracing::warn!("Polling {source} failed; the last good data is kept: {e}");
             }
         }

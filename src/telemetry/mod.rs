@@ -115,7 +115,7 @@ impl Metrics {
             data_stale: reg!(IntGaugeVec::new(
                 Opts::new(
                     "fluidcloud_market_data_stale",
-                    "1 when the last poll of a source failed and older data is served."
+                    "1 when the last poll of a source failed (older data, if any, is served)."
                 ),
                 &["source"]
             )),
@@ -138,7 +138,7 @@ impl Metrics {
                     "fluidcloud_ticks_skipped_total",
                     "Scheduler ticks skipped because the previous run was still busy."
                 ),
-                &["job"]
+                &["task"]
             )),
             policy_evaluations: reg!(IntCounterVec::new(
                 Opts::new(
