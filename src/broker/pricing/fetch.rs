@@ -1,0 +1,407 @@
+//! Getting feed bytes: `file://` in place, `http(s)://` streamed into the cache directory
+//! under a size cap, with a TTL on what is already there.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use reqwest::Url;
+use tokio::io::AsyncWriteExt;
+use tracing::debug;
+
+use super::PricingError;
+use crate::config::PricingSource;
+
+/// Large enough that the parser is not slowed down by system calls, small enough to be
+/// irrelevant to memory use.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
+/// How much of an error response's body is kept for the error message.
+const ERROR_BODY_BYTES: usize = 300;
+
+/// Where a feed (or one page of it) lives.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Location {
+    File(PathBuf),
+    Http(Url),
+}
+
+impl Location {
+    pub(crate) fn parse(url: &str) -> Result<Self, PricingError> {
+        let bad = |reason: &str| PricingError::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        if let Some(rest) = url.strip_prefix("file://") {
+            if !rest.starts_with('/') {
+                return Err(bad(
+                    "a file:// URL must hold an absolute path, as in file:///var/lib/feeds/aws.json",
+                ));
+            }
+            return Ok(Location::File(PathBuf::from(rest)));
+        }
+        if url.starts_with("http://") || url.starts_with("https://") {
+            return Url::parse(url)
+                .map(Location::Http)
+                .map_err(|e| bad(&e.to_string()));
+        }
+        Err(bad("it must start with file://, http:// or https://"))
+    }
+
+    /// Whether `other` may be followed from `self`: a remote feed must not send the poller
+    /// to local files or to another host, and a local feed must not reach out to the network.
+    pub(crate) fn same_origin(&self, other: &Location) -> bool {
+        match (self, other) {
+            (Location::File(_), Location::File(_)) => true,
+            (Location::Http(a), Location::Http(b)) => {
+                a.scheme() == b.scheme()
+                    && a.host_str() == b.host_str()
+                    && a.port_or_known_default() == b.port_or_known_default()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Refuses a local feed larger than `max_bytes` before reading any of it.
+pub(crate) async fn check_file_size(path: &Path, max_bytes: u64) -> Result<u64, PricingError> {
+    let meta = tokio::fs::metadata(path)
+        .await
+        .map_err(|source| PricingError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if meta.len() > max_bytes {
+        return Err(PricingError::TooLarge {
+            url: format!("file://{}", path.display()),
+            limit: max_bytes,
+            read: 0,
+        });
+    }
+    Ok(meta.len())
+}
+
+/// Bytes handed to the parser so far; shared because the parser owns the reader.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ByteCount(Arc<AtomicU64>);
+
+impl ByteCount {
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) struct CountingFile {
+    file: File,
+    count: ByteCount,
+}
+
+impl Read for CountingFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.count.0.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Opens a file for parsing. The buffered reader is handed over by value because serde_json
+/// reads byte by byte and is only fast on a `BufReader` it owns.
+pub(crate) fn open_counted(path: &Path) -> io::Result<(BufReader<CountingFile>, ByteCount)> {
+    let count = ByteCount::default();
+    let file = File::open(path)?;
+    let reader = BufReader::with_capacity(
+        READ_BUFFER_BYTES,
+        CountingFile {
+            file,
+            count: count.clone(),
+        },
+    );
+    Ok((reader, count))
+}
+
+/// The cache file for `key` (normally the URL) in `cache_dir`.
+pub(crate) fn cache_path(cache_dir: &Path, key: &str, extension: &str) -> PathBuf {
+    let hash = blake3::hash(key.as_bytes());
+    cache_dir.join(format!("pricing-{}.{extension}", hash.to_hex()))
+}
+
+/// Whether `path` exists and was written less than `ttl` ago.
+pub(crate) async fn is_fresh(path: &Path, ttl: Duration) -> bool {
+    if ttl.is_zero() {
+        return false;
+    }
+    let Ok(meta) = tokio::fs::metadata(path).await else {
+        return false;
+    };
+    let Ok(modified) = meta.modified() else {
+        return false;
+    };
+    // A modification time in the future (clock stepped back) proves nothing: fetch again.
+    match SystemTime::now().duration_since(modified) {
+        Ok(age) => age < ttl,
+        Err(_) => false,
+    }
+}
+
+/// Returns the path of a fresh local copy of `url` and whether it came from the cache.
+pub(crate) async fn cached_download(
+    client: &reqwest::Client,
+    url: &Url,
+    source: &PricingSource,
+    cache_dir: &Path,
+    extension: &str,
+) -> Result<(PathBuf, bool), PricingError> {
+    create_cache_dir(cache_dir).await?;
+    let path = cache_path(cache_dir, url.as_str(), extension);
+    if is_fresh(&path, source.ttl).await {
+        debug!(url = %url, path = %path.display(), "Using the cached pricing feed.");
+        return Ok((path, true));
+    }
+    remove_abandoned_parts(&path, source.timeout).await;
+    let fetch = download(client, url, &path, source.max_bytes);
+    match tokio::time::timeout(source.timeout, fetch).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(PricingError::Timeout {
+                url: url.to_string(),
+                after: source.timeout,
+            })
+        }
+    };
+    Ok((path, false))
+}
+
+pub(crate) async fn create_cache_dir(cache_dir: &Path) -> Result<(), PricingError> {
+    tokio::fs::create_dir_all(cache_dir)
+        .await
+        .map_err(|source| PricingError::Cache {
+            path: cache_dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Downloads `url` to `dest` through a temporary file, so `dest` is either the previous
+/// complete copy or the new complete copy, never a partial one.
+async fn download(
+    client: &reqwest::Client,
+    url: &Url,
+    dest: &Path,
+    max_bytes: u64,
+) -> Result<u64, PricingError> {
+    let mut body = LimitedBody::get(client, url, max_bytes).await?;
+    let mut part = PartialFile::new(dest);
+    let cache_err = |source| PricingError::Cache {
+        path: part.path.clone(),
+        source,
+    };
+    let mut file = tokio::fs::File::create(&part.path)
+        .await
+        .map_err(cache_err)?;
+    while let Some(chunk) = body.next().await? {
+        file.write_all(&chunk).await.map_err(cache_err)?;
+    }
+    file.flush().await.map_err(cache_err)?;
+    // The rename must not publish data that a crash could still lose.
+    file.sync_all().await.map_err(cache_err)?;
+    drop(file);
+    tokio::fs::rename(&part.path, dest)
+        .await
+        .map_err(|source| PricingError::Cache {
+            path: dest.to_path_buf(),
+            source,
+        })?;
+    part.keep = true;
+    debug!(url = %url, path = %dest.display(), bytes = body.read, "Downloaded the pricing feed.");
+    Ok(body.read)
+}
+
+/// Reads a whole (small) document into memory, within `max_bytes`.
+pub(crate) async fn read_to_memory(
+    client: &reqwest::Client,
+    location: &Location,
+    max_bytes: u64,
+) -> Result<Vec<u8>, PricingError> {
+    match location {
+        Location::File(path) => {
+            check_file_size(path, max_bytes).await?;
+            tokio::fs::read(path)
+                .await
+                .map_err(|source| PricingError::Read {
+                    path: path.clone(),
+                    source,
+                })
+        }
+        Location::Http(url) => {
+            let mut body = LimitedBody::get(client, url, max_bytes).await?;
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.next().await? {
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(bytes)
+        }
+    }
+}
+
+/// Writes `bytes` to `dest` through a temporary file and a rename.
+pub(crate) async fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<(), PricingError> {
+    let mut part = PartialFile::new(dest);
+    let cache_err = |source| PricingError::Cache {
+        path: dest.to_path_buf(),
+        source,
+    };
+    tokio::fs::write(&part.path, bytes)
+        .await
+        .map_err(cache_err)?;
+    tokio::fs::rename(&part.path, dest)
+        .await
+        .map_err(cache_err)?;
+    part.keep = true;
+    Ok(())
+}
+
+/// A successful response body read chunk by chunk, refused as soon as it exceeds the limit.
+struct LimitedBody {
+    response: reqwest::Response,
+    url: Url,
+    limit: u64,
+    read: u64,
+}
+
+impl LimitedBody {
+    async fn get(client: &reqwest::Client, url: &Url, limit: u64) -> Result<Self, PricingError> {
+        let mut response = client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| http_error(url, e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = match response.chunk().await {
+                Ok(Some(bytes)) => {
+                    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(ERROR_BODY_BYTES)]);
+                    text.split_whitespace().collect::<Vec<_>>().join(" ")
+                }
+                _ => String::new(),
+            };
+            return Err(PricingError::HttpStatus {
+                url: url.to_string(),
+                status: status.as_u16(),
+                body,
+            });
+        }
+        // Refuse early when the server announces the size; the streaming check below covers
+        // servers that do not (or lie).
+        if let Some(len) = response.content_length() {
+            if len > limit {
+                return Err(PricingError::TooLarge {
+                    url: url.to_string(),
+                    limit,
+                    read: 0,
+                });
+            }
+        }
+        Ok(LimitedBody {
+            response,
+            url: url.clone(),
+            limit,
+            read: 0,
+        })
+    }
+
+    async fn next(&mut self) -> Result<Option<impl std::ops::Deref<Target = [u8]>>, PricingError> {
+        let chunk = self
+            .response
+            .chunk()
+            .await
+            .map_err(|e| http_error(&self.url, e))?;
+        if let Some(bytes) = &chunk {
+            self.read += bytes.len() as u64;
+            if self.read > self.limit {
+                return Err(PricingError::TooLarge {
+                    url: self.url.to_string(),
+                    limit: self.limit,
+                    read: self.read,
+                });
+            }
+        }
+        Ok(chunk)
+    }
+}
+
+fn http_error(url: &Url, err: reqwest::Error) -> PricingError {
+    // reqwest's own message is generic ("error sending request"); the cause is further down.
+    let err = err.without_url();
+    let mut message = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    PricingError::Http {
+        url: url.to_string(),
+        message,
+    }
+}
+
+/// A temporary file beside its destination that is removed unless it was published, so a
+/// failed, refused or abandoned (timed out, cancelled) download leaves nothing behind.
+struct PartialFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+static PART_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl PartialFile {
+    fn new(dest: &Path) -> Self {
+        let n = PART_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut name = dest
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        name.push(format!(".part-{}-{n}", std::process::id()));
+        PartialFile {
+            path: dest.with_file_name(name),
+            keep: false,
+        }
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Removes temporary files of `dest` left by a process that died mid-download. A live
+/// download writes all the time, so a part untouched for longer than the timeout is dead.
+async fn remove_abandoned_parts(dest: &Path, timeout: Duration) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}.part-", name.to_string_lossy());
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let idle = entry
+            .metadata()
+            .await
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| SystemTime::now().duration_since(t).ok());
+        if idle.is_some_and(|idle| idle > timeout) {
+            debug!(path = %entry.path().display(), "Removing an abandoned partial pricing download.");
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
+    }
+}
