@@ -63,13 +63,25 @@ name = "v"
     let errs = errors(text);
     let expect = [
         ("/etc/fc.toml:2:21: broker.evaluate_schedule", "cron"),
-        ("/etc/fc.toml:3:27: broker.max_relocations_percent", "at most 100"),
+        (
+            "/etc/fc.toml:3:27: broker.max_relocations_percent",
+            "at most 100",
+        ),
         ("/etc/fc.toml:9:10: providers.a.pricing.format", "xml"),
         ("/etc/fc.toml:10:7: providers.a.pricing.url", "file://"),
-        ("/etc/fc.toml:14:10: services.s.policy", "unknown policy `missing`"),
-        ("/etc/fc.toml:15:1: services.s.components[0].size_gib", "needs `size_gib`"),
+        (
+            "/etc/fc.toml:14:10: services.s.policy",
+            "unknown policy `missing`",
+        ),
+        (
+            "/etc/fc.toml:15:1: services.s.components[0].size_gib",
+            "needs `size_gib`",
+        ),
         ("/etc/fc.toml:19:8: services.s.components[1].kind", "tape"),
-        ("/etc/fc.toml:20:8: services.s.components[1].name", "used twice"),
+        (
+            "/etc/fc.toml:20:8: services.s.components[1].name",
+            "used twice",
+        ),
     ];
     for (prefix, words) in expect {
         assert!(
