@@ -180,6 +180,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn policy_test(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let _ = dir;
-    anyhow::bail!("policy tests are not available in this build")
+    let limits = fluidcloud::policy::Limits::default();
+    match fluidcloud::policy::testing::run_dir(dir, &limits) {
+        Ok(report) => {
+            println!("{report}");
+            Ok(if report.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
 }

@@ -336,7 +336,8 @@ mod tests {
     fn each_rail_refuses_on_its_own_condition() {
         let m = memory();
         let pol = policy();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Proposal<'_>)>)> = vec![
+        type Change = Box<dyn Fn(&mut Proposal<'_>)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("pinned", Box::new(|p| p.pinned = true)),
             (
                 "unknown_target",

@@ -18,7 +18,7 @@ use super::{benchmarks, pricing, regions};
 use crate::conduit::{Conduit, RelocationRequest};
 use crate::config::{Config, ConfigErrors, Mode};
 use crate::model::{MarketSnapshot, SourceStatus, Verdict};
-use crate::policy::context::DecisionContext;
+use crate::policy::context::{DecisionContext, Market};
 use crate::policy::{Limits, Policy};
 use crate::telemetry::Metrics;
 
@@ -1245,6 +1245,8 @@ pub fn evaluate_all(
     now: DateTime<Utc>,
 ) -> Vec<Evaluation> {
     let mut out = Vec::with_capacity(config.services.len());
+    // Offer facts are built once per tick and shared by every service's context.
+    let market = Market::new(market);
     for service in config.services.values() {
         let Some(spec) = config.policies.get(&service.policy) else {
             continue;
@@ -1263,17 +1265,17 @@ pub fn evaluate_all(
             currency: String::new(),
             targets: BTreeMap::new(),
         };
-        match DecisionContext::build(service, spec, market, now) {
+        match DecisionContext::build_in(&market, service, spec, now) {
             Err(e) => ev.verdict = Err(format!("cannot build the decision context: {e}")),
             Ok(ctx) => {
                 ev.input_digest = digest(&ctx);
                 ev.current_monthly_cost = Some(ctx.current.monthly_cost);
-                ev.currency = ctx.current.currency.clone();
+                ev.currency = ctx.current.offer.offer.currency.clone();
                 for c in &ctx.candidates {
                     // Candidates are sorted by cost: the first per provider is its cheapest.
                     ev.targets
-                        .entry(c.provider.clone())
-                        .or_insert((c.monthly_cost, c.migration_cost.total));
+                        .entry(c.offer.offer.provider.clone())
+                        .or_insert((c.monthly_cost, c.migration_cost));
                 }
                 let started = Instant::now();
                 ev.verdict = policy.decide(&ctx).map_err(|e| e.to_string());

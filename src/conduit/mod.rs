@@ -5,13 +5,15 @@
 //! the API and metrics. Submitting never blocks the Broker; the conduit runs the relocation
 //! in its own task.
 
+pub mod journal;
+
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the Broker asks the conduit to do.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RelocationRequest {
     /// The decision that asked for this relocation (also the relocation's id).
     pub decision_id: String,
@@ -23,7 +25,7 @@ pub struct RelocationRequest {
     pub origin: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RelocationState {
     /// Accepted, waiting for an execution slot.

@@ -300,7 +300,6 @@ pub fn init_tracing(format: LogFormat) {
                 registry
                     .with(layer.with_syslog_identifier("fluidcloud".into()))
                     .init();
-                return;
             }
             Err(e) => {
                 let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -308,7 +307,6 @@ pub fn init_tracing(format: LogFormat) {
                 tracing::warn!(
                     "The journal is not reachable ({e}); logging to standard error instead."
                 );
-                return;
             }
         },
         LogFormat::Json => registry

@@ -1,0 +1,488 @@
+//! The relocation journal: every relocation is a persisted state machine in SQLite (WAL,
+//! synchronous writes) in the state directory. Each step of a plan is checkpointed before and
+//! after it runs, so that after a crash the executor knows, for every relocation, which steps
+//! finished, which one was in flight, and what each produced.
+//!
+//! The journal records; it does not decide. Whether an in-flight step is re-run (steps are
+//! idempotent) or rolled back is the executor's call.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use super::{RelocationRequest, RelocationState};
+
+/// Where one step of a plan stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    /// Started and not known to have finished: after a crash, re-run or compensate it.
+    Running,
+    Done,
+    Failed,
+    /// Undone during a rollback.
+    Compensated,
+}
+
+impl StepState {
+    fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Done => "done",
+            StepState::Failed => "failed",
+            StepState::Compensated => "compensated",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, JournalError> {
+        Ok(match s {
+            "pending" => StepState::Pending,
+            "running" => StepState::Running,
+            "done" => StepState::Done,
+            "failed" => StepState::Failed,
+            "compensated" => StepState::Compensated,
+            other => {
+                return Err(JournalError::Corrupt(format!(
+                    "unknown step state `{other}`"
+                )))
+            }
+        })
+    }
+}
+
+fn relocation_state_str(s: RelocationState) -> &'static str {
+    match s {
+        RelocationState::Queued => "queued",
+        RelocationState::Running => "running",
+        RelocationState::Completed => "completed",
+        RelocationState::Failed => "failed",
+        RelocationState::RolledBack => "rolled_back",
+    }
+}
+
+fn parse_relocation_state(s: &str) -> Result<RelocationState, JournalError> {
+    Ok(match s {
+        "queued" => RelocationState::Queued,
+        "running" => RelocationState::Running,
+        "completed" => RelocationState::Completed,
+        "failed" => RelocationState::Failed,
+        "rolled_back" => RelocationState::RolledBack,
+        other => {
+            return Err(JournalError::Corrupt(format!(
+                "unknown relocation state `{other}`"
+            )))
+        }
+    })
+}
+
+/// One step as journalled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub seq: u32,
+    pub name: String,
+    pub state: StepState,
+    /// What the step produced (paths, digests, operation ids), as JSON.
+    pub output: serde_json::Value,
+    pub error: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One relocation with its steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelocationRecord {
+    pub id: String,
+    pub request: RelocationRequest,
+    pub state: RelocationState,
+    pub detail: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub steps: Vec<StepRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("the relocation journal {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("no relocation `{0}` in the journal")]
+    Unknown(String),
+    #[error("relocation `{id}` has no step {seq}")]
+    UnknownStep { id: String, seq: u32 },
+    #[error("relocation `{0}` is already in the journal with a different plan")]
+    PlanMismatch(String),
+    #[error("the relocation journal holds unreadable data: {0}")]
+    Corrupt(String),
+}
+
+pub struct Journal {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS relocations (
+    id TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    state TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS steps (
+    relocation_id TEXT NOT NULL REFERENCES relocations(id),
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    output TEXT NOT NULL DEFAULT 'null',
+    error TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    PRIMARY KEY (relocation_id, seq)
+);
+";
+
+impl Journal {
+    /// Opens (creating) the journal at `path`: WAL mode, `synchronous=FULL`, so a step
+    /// reported done survives a power cut.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let err = |source| JournalError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Journal {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> JournalError {
+        JournalError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (statements are
+        // atomic), so a poisoned lock is safe to take over.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a new relocation and its planned steps in one transaction. Creating the same
+    /// relocation again with the same step names is a no-op (idempotent after a crash).
+    pub fn create(
+        &self,
+        request: &RelocationRequest,
+        steps: &[&str],
+    ) -> Result<RelocationRecord, JournalError> {
+        let id = request.decision_id.clone();
+        if let Some(existing) = self.get(&id)? {
+            let names: Vec<&str> = existing.steps.iter().map(|s| s.name.as_str()).collect();
+            if names != steps {
+                return Err(JournalError::PlanMismatch(id));
+            }
+            return Ok(existing);
+        }
+        let now = Utc::now().to_rfc3339();
+        let req = serde_json::to_string(request).expect("request serialises");
+        {
+            let mut conn = self.lock();
+            let tx = conn.transaction().map_err(|e| self.sql(e))?;
+            tx.execute(
+                "INSERT INTO relocations (id, request, state, created_at, updated_at) VALUES (?1, ?2, 'queued', ?3, ?3)",
+                params![id, req, now],
+            )
+            .map_err(|e| self.sql(e))?;
+            for (seq, name) in steps.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO steps (relocation_id, seq, name, state) VALUES (?1, ?2, ?3, 'pending')",
+                    params![id, seq as u32, name],
+                )
+                .map_err(|e| self.sql(e))?;
+            }
+            tx.commit().map_err(|e| self.sql(e))?;
+        }
+        self.get(&id)?.ok_or(JournalError::Unknown(id))
+    }
+
+    /// Sets the relocation's state and its human-readable detail.
+    pub fn set_state(
+        &self,
+        id: &str,
+        state: RelocationState,
+        detail: &str,
+    ) -> Result<(), JournalError> {
+        let n = self
+            .lock()
+            .execute(
+                "UPDATE relocations SET state = ?2, detail = ?3, updated_at = ?4 WHERE id = ?1",
+                params![
+                    id,
+                    relocation_state_str(state),
+                    detail,
+                    Utc::now().to_rfc3339()
+                ],
+            )
+            .map_err(|e| self.sql(e))?;
+        if n == 0 {
+            return Err(JournalError::Unknown(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Moves one step to `state`, recording its output or error. `Running` stamps the start,
+    /// every other state the finish.
+    pub fn set_step(
+        &self,
+        id: &str,
+        seq: u32,
+        state: StepState,
+        output: Option<&serde_json::Value>,
+        error: Option<&str>,
+    ) -> Result<(), JournalError> {
+        let now = Utc::now().to_rfc3339();
+        let output = output.map(|o| o.to_string());
+        let conn = self.lock();
+        let n = if state == StepState::Running {
+            conn.execute(
+                "UPDATE steps SET state = 'running', started_at = ?3, error = NULL WHERE relocation_id = ?1 AND seq = ?2",
+                params![id, seq, now],
+            )
+        } else {
+            conn.execute(
+                "UPDATE steps SET state = ?3, finished_at = ?4, output = COALESCE(?5, output), error = ?6 WHERE relocation_id = ?1 AND seq = ?2",
+                params![id, seq, state.as_str(), now, output, error],
+            )
+        }
+        .map_err(|e| self.sql(e))?;
+        drop(conn);
+        if n == 0 {
+            return Err(JournalError::UnknownStep {
+                id: id.to_string(),
+                seq,
+            });
+        }
+        self.touch(id)
+    }
+
+    fn touch(&self, id: &str) -> Result<(), JournalError> {
+        self.lock()
+            .execute(
+                "UPDATE relocations SET updated_at = ?2 WHERE id = ?1",
+                params![id, Utc::now().to_rfc3339()],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// One relocation with its steps.
+    pub fn get(&self, id: &str) -> Result<Option<RelocationRecord>, JournalError> {
+        let conn = self.lock();
+        let row = conn
+            .query_row(
+                "SELECT request, state, detail, created_at, updated_at FROM relocations WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        let Some((request, state, detail, created, updated)) = row else {
+            return Ok(None);
+        };
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq, name, state, output, error, started_at, finished_at FROM steps WHERE relocation_id = ?1 ORDER BY seq",
+            )
+            .map_err(|e| self.sql(e))?;
+        let raw_steps = stmt
+            .query_map(params![id], |r| {
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                ))
+            })
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql(e))?;
+        let mut steps = Vec::with_capacity(raw_steps.len());
+        for (seq, name, state, output, error, started, finished) in raw_steps {
+            steps.push(StepRecord {
+                seq,
+                name,
+                state: StepState::parse(&state)?,
+                output: serde_json::from_str(&output)
+                    .map_err(|e| JournalError::Corrupt(format!("step {seq} output: {e}")))?,
+                error,
+                started_at: started.as_deref().map(parse_time).transpose()?,
+                finished_at: finished.as_deref().map(parse_time).transpose()?,
+            });
+        }
+        Ok(Some(RelocationRecord {
+            id: id.to_string(),
+            request: serde_json::from_str(&request)
+                .map_err(|e| JournalError::Corrupt(format!("request of `{id}`: {e}")))?,
+            state: parse_relocation_state(&state)?,
+            detail,
+            created_at: parse_time(&created)?,
+            updated_at: parse_time(&updated)?,
+            steps,
+        }))
+    }
+
+    /// Every relocation, oldest first.
+    pub fn list(&self) -> Result<Vec<RelocationRecord>, JournalError> {
+        let ids: Vec<String> = {
+            let conn = self.lock();
+            let mut stmt = conn
+                .prepare("SELECT id FROM relocations ORDER BY created_at, id")
+                .map_err(|e| self.sql(e))?;
+            let ids = stmt
+                .query_map([], |r| r.get(0))
+                .map_err(|e| self.sql(e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.sql(e))?;
+            ids
+        };
+        ids.iter()
+            .filter_map(|id| self.get(id).transpose())
+            .collect()
+    }
+
+    /// Relocations a crash interrupted: queued or running. The executor resumes or rolls
+    /// back each of them at start.
+    pub fn unfinished(&self) -> Result<Vec<RelocationRecord>, JournalError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|r| r.state.is_active())
+            .collect())
+    }
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, JournalError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| JournalError::Corrupt(format!("time `{s}`: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: &str) -> RelocationRequest {
+        RelocationRequest {
+            decision_id: id.into(),
+            service: "shop".into(),
+            from: "a".into(),
+            to: "b".into(),
+            reason: "cheaper".into(),
+            origin: "policy".into(),
+        }
+    }
+
+    #[test]
+    fn steps_are_checkpointed_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.sqlite");
+        {
+            let j = Journal::open(&path).unwrap();
+            j.create(&request("r1"), &["copy-volume", "cutover"])
+                .unwrap();
+            j.set_state("r1", RelocationState::Running, "copying")
+                .unwrap();
+            j.set_step("r1", 0, StepState::Running, None, None).unwrap();
+            j.set_step(
+                "r1",
+                0,
+                StepState::Done,
+                Some(&serde_json::json!({"digest": "abc"})),
+                None,
+            )
+            .unwrap();
+            j.set_step("r1", 1, StepState::Running, None, None).unwrap();
+            // The process dies here.
+        }
+        let j = Journal::open(&path).unwrap();
+        let open = j.unfinished().unwrap();
+        assert_eq!(open.len(), 1);
+        let r = &open[0];
+        assert_eq!(r.state, RelocationState::Running);
+        assert_eq!(r.detail, "copying");
+        assert_eq!(r.steps[0].state, StepState::Done);
+        assert_eq!(r.steps[0].output["digest"], "abc");
+        assert!(r.steps[0].finished_at.is_some());
+        assert_eq!(r.steps[1].state, StepState::Running);
+        assert!(r.steps[1].started_at.is_some() && r.steps[1].finished_at.is_none());
+
+        j.set_step("r1", 1, StepState::Failed, None, Some("target unhealthy"))
+            .unwrap();
+        j.set_step("r1", 0, StepState::Compensated, None, None)
+            .unwrap();
+        j.set_state("r1", RelocationState::RolledBack, "target unhealthy")
+            .unwrap();
+        assert!(j.unfinished().unwrap().is_empty());
+        let r = j.get("r1").unwrap().unwrap();
+        assert_eq!(r.steps[1].error.as_deref(), Some("target unhealthy"));
+        // The output of a compensated step is kept: rollback needs to know what was made.
+        assert_eq!(r.steps[0].output["digest"], "abc");
+    }
+
+    #[test]
+    fn creating_again_is_idempotent_but_a_different_plan_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        let a = j.create(&request("r1"), &["x", "y"]).unwrap();
+        j.set_step("r1", 0, StepState::Done, None, None).unwrap();
+        let b = j.create(&request("r1"), &["x", "y"]).unwrap();
+        assert_eq!(a.created_at, b.created_at);
+        assert_eq!(
+            b.steps[0].state,
+            StepState::Done,
+            "re-creating must not reset steps"
+        );
+        assert!(matches!(
+            j.create(&request("r1"), &["x"]),
+            Err(JournalError::PlanMismatch(_))
+        ));
+        assert!(matches!(
+            j.set_step("r1", 7, StepState::Done, None, None),
+            Err(JournalError::UnknownStep { seq: 7, .. })
+        ));
+        assert!(matches!(
+            j.set_state("nope", RelocationState::Failed, ""),
+            Err(JournalError::Unknown(_))
+        ));
+        assert_eq!(j.list().unwrap().len(), 1);
+    }
+}
