@@ -422,9 +422,10 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["mode"], "operator");
     assert_eq!(d.get("/v1/relocations")[0]["request"]["origin"], "operator");
+    // Two refusals on that route: no token, then a wrong one.
     assert_eq!(
         d.metric("fluidcloud_api_requests_total{route=\"/v1/services\",status=\"401\"}"),
-        Some(1.0)
+        Some(2.0)
     );
 }
 

@@ -160,7 +160,12 @@ pub fn compile_policies(config: &Config) -> Result<Policies, ConfigErrors> {
     let mut out = BTreeMap::new();
     let mut errors = Vec::new();
     for (name, spec) in &config.policies {
-        match Policy::load(&spec.file, &limits) {
+        let compiled = std::fs::read_to_string(&spec.file)
+            .map_err(|e| format!("cannot read the policy file: {e}"))
+            .and_then(|source| {
+                Policy::compile(name.clone(), &source, &limits).map_err(|e| e.to_string())
+            });
+        match compiled {
             Ok(p) => {
                 out.insert(name.clone(), Arc::new(p));
             }
@@ -168,7 +173,7 @@ pub fn compile_policies(config: &Config) -> Result<Policies, ConfigErrors> {
                 file: spec.file.clone(),
                 location: None,
                 key: format!("policies.{name}"),
-                message: e.to_string(),
+                message: e,
             }),
         }
     }
