@@ -200,7 +200,9 @@ pub fn market(a: &ApiArgs, provider: Option<&str>) -> anyhow::Result<ExitCode> {
                 name.clone(),
                 s(&st["records"]),
                 s(&st["last_success"]),
-                if st["stale"].as_bool() == Some(true) {
+                if st["last_success"].is_null() {
+                    "no data".into()
+                } else if st["stale"].as_bool() == Some(true) {
                     "stale".into()
                 } else {
                     "fresh".into()

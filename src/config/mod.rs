@@ -348,6 +348,9 @@ impl std::error::Error for ConfigErrors {}
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        // An absolute path makes every relative path in the file absolute too, so the daemon
+        // does not depend on its working directory after start.
+        let path = &std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 file: path.to_path_buf(),
