@@ -350,7 +350,9 @@ fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
 fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &config(&feeds, ""));
+    // Audit mode: no policy relocation may take the slot the operator's relocation needs.
+    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let d = Daemon::start(dir.path(), &cfg);
     let (s, body) = d.call("GET", "/v1/services", None, None).unwrap();
     assert_eq!(s, 401, "{body}");
     assert!(body.contains("Bearer"), "{body}");
@@ -422,6 +424,26 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["mode"], "operator");
     assert_eq!(d.get("/v1/relocations")[0]["request"]["origin"], "operator");
+    // The concurrency budget (one) is now spent: a second one by hand needs force.
+    let (s, body) = d
+        .raw(
+            "POST",
+            "/v1/services/crm/relocate",
+            true,
+            Some(json!({"to": "azure-we"})),
+        )
+        .unwrap();
+    assert_eq!(s, 409, "{body}");
+    assert!(body.contains("force"), "{body}");
+    let (s, body) = d
+        .raw(
+            "POST",
+            "/v1/services/crm/relocate",
+            true,
+            Some(json!({"to": "azure-we", "force": true})),
+        )
+        .unwrap();
+    assert_eq!(s, 202, "{body}");
     // Two refusals on that route: no token, then a wrong one.
     assert_eq!(
         d.metric("fluidcloud_api_requests_total{route=\"/v1/services\",status=\"401\"}"),

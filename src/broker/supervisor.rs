@@ -1113,6 +1113,14 @@ impl Supervisor {
                 spec.provider
             )));
         }
+        // An operator skips the policy's rails, not the budgets, unless told to.
+        let active = self.conduit.active();
+        if !force && active >= config.broker.max_concurrent_relocations as usize {
+            return Err(ApiError::Conflict(format!(
+                "{active} relocations are in progress, at most {} allowed; pass force to start one anyway",
+                config.broker.max_concurrent_relocations
+            )));
+        }
         let now = Utc::now();
         let reason = reason.unwrap_or_else(|| "relocation requested by an operator".into());
         let mut d = Decision {
