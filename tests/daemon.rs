@@ -98,6 +98,18 @@ fn feeds() -> FeedServer {
     ])
 }
 
+const POLICY_RECURSION: &str = r#"
+fn dive(n) { dive(n + 1) }
+fn decide(ctx) { dive(0) }
+"#;
+
+const POLICY_HUGE_STRING: &str = r#"
+fn decide(ctx) {
+    let s = "x";
+    loop { s += s; }
+}
+"#;
+
 const POLICY_LOOP: &str = r#"
 fn decide(ctx) {
     let n = 0;
@@ -522,9 +534,39 @@ fn a_runaway_policy_is_an_error_decision_and_a_bad_reload_keeps_the_old_config()
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("loop.rhai"), POLICY_LOOP).unwrap();
+    std::fs::write(dir.path().join("deep.rhai"), POLICY_RECURSION).unwrap();
+    std::fs::write(dir.path().join("huge.rhai"), POLICY_HUGE_STRING).unwrap();
     let extra = r#"
 [policies.runaway]
 file = "{DIR}/loop.rhai"
+
+[policies.deep]
+file = "{DIR}/deep.rhai"
+
+[policies.huge]
+file = "{DIR}/huge.rhai"
+
+[services.diver]
+provider = "aws-va"
+policy = "deep"
+vcpus = 1
+memory_gib = 1
+
+[services.hoarder]
+provider = "aws-va"
+policy = "huge"
+vcpus = 1
+memory_gib = 1
+
+# A benchmark slower than its schedule: ticks that find it busy are skipped and counted.
+[providers.slowpoke]
+driver = "local"
+region = "eu-west-1"
+[providers.slowpoke.benchmark]
+kind = "command"
+command = ["sh", "-c", "sleep 3; echo '{\"read\": 100}'"]
+map = { seq_read_mb_s = "/read" }
+schedule = "* * * * * *"
 
 [services.spinner]
 provider = "aws-va"
@@ -546,6 +588,22 @@ memory_gib = 1
             .unwrap()
             >= 1.0
     );
+    for (service, words) in [
+        ("diver", ["deep", "call"]),
+        ("hoarder", ["huge", "string is over its limit"]),
+    ] {
+        let err = d.eventually(
+            &format!("{service}'s error decision"),
+            Duration::from_secs(30),
+            |d| find(d, service, "error"),
+        );
+        let msg = err["error"].as_str().unwrap().to_lowercase();
+        assert!(words.iter().all(|w| msg.contains(w)), "{service}: {msg}");
+    }
+    d.eventually("a skipped benchmark tick", Duration::from_secs(30), |d| {
+        d.metric("fluidcloud_ticks_skipped_total{task=\"benchmark:slowpoke\"}")
+            .filter(|v| *v >= 1.0)
+    });
     // Other services are still decided.
     d.eventually("shop decided", Duration::from_secs(30), |d| {
         decisions(d, "shop").into_iter().next()
@@ -565,7 +623,7 @@ memory_gib = 1
     d.eventually("two refused reloads", Duration::from_secs(10), |d| {
         (d.metric("fluidcloud_config_reloads_total{result=\"error\"}") == Some(2.0)).then_some(())
     });
-    assert_eq!(d.get("/v1/services").as_array().unwrap().len(), 4);
+    assert_eq!(d.get("/v1/services").as_array().unwrap().len(), 6);
     // A policy that no longer compiles is refused too, with its position.
     std::fs::write(&d.config, &good).unwrap();
     std::fs::write(dir.path().join("loop.rhai"), "fn decide(ctx) { let x = ; }").unwrap();
@@ -575,13 +633,21 @@ memory_gib = 1
         body.contains("loop.rhai") || body.contains("runaway"),
         "{body}"
     );
-    // A good reload applies: the spinner service goes away.
+    // A good reload applies: the spinner service, last in the file, goes away.
     std::fs::write(dir.path().join("loop.rhai"), POLICY_LOOP).unwrap();
     let without = good.split("[services.spinner]").next().unwrap().to_string();
     std::fs::write(&d.config, without).unwrap();
     let (s, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
     assert_eq!(s, 200, "{body}");
-    assert_eq!(d.get("/v1/services").as_array().unwrap().len(), 3);
+    let names: Vec<Value> = d
+        .get("/v1/services")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(!names.contains(&json!("spinner")));
 }
 
 #[test]
