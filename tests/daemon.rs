@@ -726,3 +726,43 @@ policy = "p"
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn services_moving_in_the_same_tick_share_the_concurrency_budget() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    // Two services identical to `shop`: all three pass their rails in the same tick.
+    let extra = r#"
+[services.shop2]
+provider = "aws-va"
+policy = "cheapest"
+vcpus = 2
+memory_gib = 8
+
+[services.shop3]
+provider = "aws-va"
+policy = "cheapest"
+vcpus = 2
+memory_gib = 8
+"#;
+    let mut d = Daemon::start(dir.path(), &config(&feeds, extra));
+    d.eventually("a submitted relocation", Duration::from_secs(30), |d| {
+        ["shop", "shop2", "shop3"]
+            .iter()
+            .find_map(|s| find(d, s, "submitted"))
+    });
+    let refused = d.eventually("two budget refusals", Duration::from_secs(30), |d| {
+        let n = ["shop", "shop2", "shop3"]
+            .iter()
+            .filter(|s| {
+                decisions(d, s)
+                    .iter()
+                    .any(|x| x["suppressed_by"] == "concurrency_budget")
+            })
+            .count();
+        (n == 2).then_some(n)
+    });
+    assert_eq!(refused, 2);
+    // The budget allows one relocation at a time: exactly one was handed over.
+    assert_eq!(d.get("/v1/relocations").as_array().unwrap().len(), 1);
+}

@@ -714,6 +714,13 @@ impl Supervisor {
         let total = evals.len();
         let config = self.loaded.config.clone();
         let mut passed: Vec<Decision> = Vec::new();
+        let relocating: BTreeSet<String> = self
+            .conduit
+            .relocations()
+            .into_iter()
+            .filter(|r| r.state.is_active())
+            .map(|r| r.request.service)
+            .collect();
         let mut decisions: Vec<Decision> = Vec::new();
 
         for ev in evals {
@@ -810,12 +817,8 @@ impl Supervisor {
                     let (target_cost, migration) = figures.unwrap_or((f64::NAN, f64::NAN));
                     d.target_monthly_cost = figures.map(|f| f.0);
                     d.migration_cost = figures.map(|f| f.1);
-                    let active = self.conduit.active();
-                    let already = self
-                        .conduit
-                        .relocations()
-                        .iter()
-                        .any(|r| r.request.service == ev.service && r.state.is_active());
+                    let active = relocating.len();
+                    let already = relocating.contains(&ev.service);
                     let proposal = Proposal {
                         target,
                         compulsory: *compulsory,
@@ -873,15 +876,38 @@ impl Supervisor {
                 d.suppressed_by = Some("max_relocations_percent".into());
             }
         }
+        let max_active = config.broker.max_concurrent_relocations as usize;
+        let max_window = config.broker.max_relocations_per_window as usize;
         for mut d in passed {
             if d.outcome == Outcome::Submitted {
-                if let Err(e) = self.submit(&d, "policy") {
+                // Every service was judged against the budgets as they stood at the start of
+                // the tick; the ones submitted earlier in this tick count too.
+                let active = self.conduit.active();
+                let refusal = if active >= max_active {
+                    Some((
+                        "concurrency_budget",
+                        format!("{active} relocations in progress after this tick's earlier submissions, at most {max_active}"),
+                    ))
+                } else if self.state.relocation_starts.len() >= max_window {
+                    Some((
+                        "window_budget",
+                        format!(
+                            "{} relocations in the window after this tick's earlier submissions, at most {max_window}",
+                            self.state.relocation_starts.len()
+                        ),
+                    ))
+                } else {
+                    self.submit(&d, "policy")
+                        .err()
+                        .map(|e| ("already_relocating", e))
+                };
+                if let Some((rail, detail)) = refusal {
                     d.outcome = Outcome::Suppressed;
-                    d.suppressed_by = Some("already_relocating".into());
+                    d.suppressed_by = Some(rail.into());
                     d.rails.push(RailVerdict {
-                        rail: "already_relocating".into(),
+                        rail: rail.into(),
                         passed: false,
-                        detail: e,
+                        detail,
                     });
                 }
             }
