@@ -12,4 +12,5 @@ pub mod config;
 pub mod daemon;
 pub mod model;
 pub mod policy;
+pub mod providers;
 pub mod telemetry;

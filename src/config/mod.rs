@@ -77,6 +77,8 @@ pub struct Provider {
     pub cloud: Option<String>,
     pub region: String,
     pub root: Option<PathBuf>,
+    /// Format new volumes get at this provider (a relocation converts to it). Default raw.
+    pub disk_format: DiskFormat,
     pub pricing: Option<PricingSource>,
     pub benchmark: Option<BenchmarkSource>,
     /// Overrides of the shipped region table for this provider.
@@ -132,6 +134,52 @@ impl Driver {
             "swift" => Driver::Swift,
             _ => return None,
         })
+    }
+}
+
+/// A disk image format, as `qemu-img` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+    Vmdk,
+    Vhdx,
+}
+
+impl DiskFormat {
+    pub const NAMES: &'static [&'static str] = &["raw", "qcow2", "vmdk", "vhdx"];
+    pub const ALL: [DiskFormat; 4] = [
+        DiskFormat::Raw,
+        DiskFormat::Qcow2,
+        DiskFormat::Vmdk,
+        DiskFormat::Vhdx,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "raw" => DiskFormat::Raw,
+            "qcow2" => DiskFormat::Qcow2,
+            "vmdk" => DiskFormat::Vmdk,
+            "vhdx" => DiskFormat::Vhdx,
+            _ => return None,
+        })
+    }
+
+    /// The name `qemu-img -f`/`-O` takes, also used as the file extension.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Vmdk => "vmdk",
+            DiskFormat::Vhdx => "vhdx",
+        }
+    }
+}
+
+impl fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -711,6 +759,16 @@ impl Validator<'_> {
         if raw.region.trim().is_empty() {
             self.err(format!("{key}.region"), "must not be empty");
         }
+        let disk_format = match raw.disk_format.as_deref() {
+            None => DiskFormat::Raw,
+            Some(f) => DiskFormat::parse(f).unwrap_or_else(|| {
+                self.err(
+                    format!("{key}.disk_format"),
+                    format!("`{f}` is not one of {}", DiskFormat::NAMES.join(", ")),
+                );
+                DiskFormat::Raw
+            }),
+        };
         let pricing = raw
             .pricing
             .map(|p| self.pricing(&format!("{key}.pricing"), name, &raw.region, p));
@@ -740,6 +798,7 @@ impl Validator<'_> {
             cloud: raw.cloud,
             region: raw.region,
             root: raw.root.map(|r| self.path(&r)),
+            disk_format,
             pricing,
             benchmark,
             region_overrides,

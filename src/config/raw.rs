@@ -59,6 +59,8 @@ pub struct RawProvider {
     pub region: String,
     /// Driver settings (for example a local provider's `root` directory).
     pub root: Option<String>,
+    /// Disk image format the provider prefers for new volumes: raw, qcow2, vmdk or vhdx.
+    pub disk_format: Option<String>,
     pub pricing: Option<RawPricing>,
     pub benchmark: Option<RawBenchmark>,
     pub region_info: Option<RawRegionInfo>,

@@ -21,6 +21,7 @@ fn provider(cloud: Option<&str>, region: &str, overrides: Option<RawRegionOverri
         cloud: cloud.map(str::to_string),
         region: region.to_string(),
         root: None,
+        disk_format: crate::config::DiskFormat::Raw,
         pricing: None,
         benchmark: None,
         region_overrides: overrides,

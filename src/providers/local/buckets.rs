@@ -1,0 +1,506 @@
+//! Buckets of the local driver: a directory per bucket, a file per object, `/` in a key a
+//! subdirectory. Keys are checked so that none can name anything outside its bucket, and
+//! symbolic links inside a bucket are never followed.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{check_name, conflict, invalid, io_err, not_found};
+use crate::providers::{object, validate_key, ObjectBody, ObjectInfo, ObjectStream, ProviderError};
+
+const CHUNK: usize = 256 * 1024;
+
+pub(super) struct Buckets {
+    provider: String,
+    dir: PathBuf,
+    tmp: PathBuf,
+    /// Held while directories inside a bucket are created or pruned, so that a write does not
+    /// lose its parent directory to a concurrent delete.
+    tree: Mutex<()>,
+}
+
+/// What a key names inside its bucket.
+enum Found {
+    File(PathBuf),
+    Missing(PathBuf),
+}
+
+impl Buckets {
+    pub(super) fn new(provider: &str, dir: PathBuf, tmp: PathBuf) -> Self {
+        Buckets {
+            provider: provider.to_string(),
+            dir,
+            tmp,
+            tree: Mutex::new(()),
+        }
+    }
+
+    fn bucket_dir(&self, service: &str, bucket: &str) -> Result<PathBuf, ProviderError> {
+        let obj = || object::bucket(service, bucket);
+        check_name(&self.provider, obj, "service name", service)?;
+        check_name(&self.provider, obj, "bucket name", bucket)?;
+        Ok(self.dir.join(service).join(bucket))
+    }
+
+    /// The bucket's directory, which must exist.
+    fn existing(&self, service: &str, bucket: &str) -> Result<PathBuf, ProviderError> {
+        let dir = self.bucket_dir(service, bucket)?;
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => Ok(dir),
+            Ok(_) => Err(invalid(
+                &self.provider,
+                object::bucket(service, bucket),
+                format!("{} is not a directory", dir.display()),
+            )),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                Err(not_found(&self.provider, object::bucket(service, bucket)))
+            }
+            Err(e) => Err(io_err(
+                &self.provider,
+                object::bucket(service, bucket),
+                format!("look at {}", dir.display()),
+                e,
+            )),
+        }
+    }
+
+    pub(super) async fn ensure(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {
+        let dir = self.bucket_dir(service, bucket)?;
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) => {
+                return Err(conflict(
+                    &self.provider,
+                    object::bucket(service, bucket),
+                    format!("{} exists and is not a directory", dir.display()),
+                ))
+            }
+            Err(_) => {}
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            io_err(
+                &self.provider,
+                object::bucket(service, bucket),
+                format!("create {}", dir.display()),
+                e,
+            )
+        })
+    }
+
+    pub(super) async fn delete(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {
+        let dir = match self.existing(service, bucket) {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _tree = self.tree.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files = Vec::new();
+        walk(&dir, &dir, &mut files, &mut |_, _| {}).map_err(|e| {
+            io_err(
+                &self.provider,
+                object::bucket(service, bucket),
+                format!("list {}", dir.display()),
+                e,
+            )
+        })?;
+        if !files.is_empty() {
+            return Err(conflict(
+                &self.provider,
+                object::bucket(service, bucket),
+                format!(
+                    "it still holds {} object(s), e.g. `{}`; delete them first",
+                    files.len(),
+                    files[0].0
+                ),
+            ));
+        }
+        // Only empty directories are left (and links, which are not objects).
+        std::fs::remove_dir_all(&dir).map_err(|e| {
+            io_err(
+                &self.provider,
+                object::bucket(service, bucket),
+                format!("remove {}", dir.display()),
+                e,
+            )
+        })
+    }
+
+    pub(super) async fn list(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Vec<ObjectInfo>, ProviderError> {
+        let dir = self.existing(service, bucket)?;
+        let provider = self.provider.clone();
+        let obj = object::bucket(service, bucket);
+        // Hashing reads every byte; keep it off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let mut files = Vec::new();
+            walk(&dir, &dir, &mut files, &mut |path, why| {
+                tracing::warn!(
+                    provider = %provider,
+                    "Skipping {} in {obj}: {why}.",
+                    path.display()
+                );
+            })
+            .map_err(|e| io_err(&provider, obj.clone(), format!("list {}", dir.display()), e))?;
+            let mut out = Vec::with_capacity(files.len());
+            for (key, path) in files {
+                let info = hash_file(&path).map_err(|e| {
+                    io_err(
+                        &provider,
+                        obj.clone(),
+                        format!("read {}", path.display()),
+                        e,
+                    )
+                })?;
+                out.push(ObjectInfo { key, ..info });
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await
+        .map_err(|e| {
+            io_err(
+                &self.provider,
+                object::bucket(service, bucket),
+                "list objects",
+                std::io::Error::other(e),
+            )
+        })?
+    }
+
+    pub(super) async fn read(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<ObjectBody, ProviderError> {
+        let obj = || object::key(service, bucket, key);
+        let path = match self.locate(service, bucket, key, false)? {
+            Found::File(p) => p,
+            Found::Missing(_) => return Err(not_found(&self.provider, obj())),
+        };
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| io_err(&self.provider, obj(), format!("open {}", path.display()), e))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| io_err(&self.provider, obj(), format!("stat {}", path.display()), e))?
+            .len();
+        Ok(ObjectBody {
+            size,
+            stream: Box::pin(file),
+        })
+    }
+
+    pub(super) async fn write(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+        mut body: ObjectStream,
+    ) -> Result<ObjectInfo, ProviderError> {
+        let obj = || object::key(service, bucket, key);
+        // Check the key before reading any data, and again before the rename.
+        self.locate(service, bucket, key, false)?;
+        let tmp = self.tmp.join(format!("object-{:016x}", fastrand::u64(..)));
+        let written = async {
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| {
+                io_err(
+                    &self.provider,
+                    obj(),
+                    format!("create {}", tmp.display()),
+                    e,
+                )
+            })?;
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; CHUNK];
+            let mut size = 0u64;
+            loop {
+                let n = body
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| io_err(&self.provider, obj(), "read the content to store", e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).await.map_err(|e| {
+                    io_err(&self.provider, obj(), format!("write {}", tmp.display()), e)
+                })?;
+                size += n as u64;
+            }
+            file.sync_all()
+                .await
+                .map_err(|e| io_err(&self.provider, obj(), format!("sync {}", tmp.display()), e))?;
+            Ok::<_, ProviderError>((size, hasher.finalize().to_hex().to_string()))
+        }
+        .await;
+        let (size, hash) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let placed = {
+            let _tree = self.tree.lock().unwrap_or_else(|e| e.into_inner());
+            self.locate(service, bucket, key, true).and_then(|found| {
+                let target = match found {
+                    Found::File(p) | Found::Missing(p) => p,
+                };
+                std::fs::rename(&tmp, &target)
+                    .and_then(|()| match target.parent() {
+                        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                        None => Ok(()),
+                    })
+                    .map_err(|e| {
+                        io_err(
+                            &self.provider,
+                            obj(),
+                            format!("move it to {}", target.display()),
+                            e,
+                        )
+                    })
+                    .map(|()| target)
+            })
+        };
+        let target = match placed {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let modified = std::fs::metadata(&target)
+            .and_then(|m| m.modified())
+            .ok()
+            .map(DateTime::<Utc>::from);
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size,
+            blake3: Some(hash),
+            etag: None,
+            modified,
+        })
+    }
+
+    pub(super) async fn delete_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(), ProviderError> {
+        let obj = || object::key(service, bucket, key);
+        let _tree = self.tree.lock().unwrap_or_else(|e| e.into_inner());
+        let path = match self.locate(service, bucket, key, false) {
+            Ok(Found::File(p)) => p,
+            Ok(Found::Missing(_)) => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(io_err(
+                    &self.provider,
+                    obj(),
+                    format!("delete {}", path.display()),
+                    e,
+                ))
+            }
+        }
+        // Directories exist only to hold keys; drop the ones this delete emptied.
+        let bucket_dir = self.bucket_dir(service, bucket)?;
+        let mut dir = path.parent().map(Path::to_path_buf);
+        while let Some(d) = dir {
+            if d == bucket_dir || std::fs::remove_dir(&d).is_err() {
+                break;
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+        Ok(())
+    }
+
+    pub(super) fn path(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<PathBuf, ProviderError> {
+        match self.locate(service, bucket, key, false)? {
+            Found::File(p) | Found::Missing(p) => Ok(p),
+        }
+    }
+
+    /// Maps a key to its file in the bucket, refusing keys that would leave the bucket, pass
+    /// through a symbolic link or collide with a directory. With `create`, makes the
+    /// directories the key needs.
+    fn locate(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+        create: bool,
+    ) -> Result<Found, ProviderError> {
+        let obj = || object::key(service, bucket, key);
+        let segments = validate_key(key).map_err(|e| invalid(&self.provider, obj(), e))?;
+        let mut path = self.existing(service, bucket)?;
+        let (last, parents) = segments
+            .split_last()
+            .ok_or_else(|| invalid(&self.provider, obj(), "the key is empty"))?;
+        let mut missing = false;
+        for (i, seg) in parents.iter().enumerate() {
+            path.push(seg);
+            let prefix = segments[..=i].join("/");
+            if missing {
+                if create {
+                    mkdir(&path).map_err(|e| {
+                        io_err(
+                            &self.provider,
+                            obj(),
+                            format!("create {}", path.display()),
+                            e,
+                        )
+                    })?;
+                }
+                continue;
+            }
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(invalid(
+                        &self.provider,
+                        obj(),
+                        format!(
+                            "`{prefix}` in the bucket is a symbolic link, which is never followed"
+                        ),
+                    ))
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(conflict(
+                        &self.provider,
+                        obj(),
+                        format!("`{prefix}` is an object, so no key can continue below it"),
+                    ))
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    missing = true;
+                    if create {
+                        mkdir(&path).map_err(|e| {
+                            io_err(
+                                &self.provider,
+                                obj(),
+                                format!("create {}", path.display()),
+                                e,
+                            )
+                        })?;
+                    }
+                }
+                Err(e) => {
+                    return Err(io_err(
+                        &self.provider,
+                        obj(),
+                        format!("look at {}", path.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        path.push(last);
+        if missing {
+            return Ok(Found::Missing(path));
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => Err(invalid(
+                &self.provider,
+                obj(),
+                "it is a symbolic link in the bucket, which is never followed",
+            )),
+            Ok(m) if m.is_file() => Ok(Found::File(path)),
+            Ok(m) if m.is_dir() && create => Err(conflict(
+                &self.provider,
+                obj(),
+                format!("`{key}` is a prefix of other objects (`{key}/…`)"),
+            )),
+            // A directory is a prefix, not an object.
+            Ok(m) if m.is_dir() => Ok(Found::Missing(path)),
+            Ok(_) => Err(invalid(
+                &self.provider,
+                obj(),
+                format!("{} is not a regular file", path.display()),
+            )),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Found::Missing(path)),
+            Err(e) => Err(io_err(
+                &self.provider,
+                obj(),
+                format!("look at {}", path.display()),
+                e,
+            )),
+        }
+    }
+}
+
+fn mkdir(path: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        other => other,
+    }
+}
+
+/// Collects `(key, path)` of every regular file below `dir`, without following links;
+/// anything else is reported through `skip`.
+fn walk(
+    base: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, PathBuf)>,
+    skip: &mut dyn FnMut(&Path, &str),
+) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            walk(base, &path, out, skip)?;
+        } else if kind.is_file() {
+            let key = path
+                .strip_prefix(base)
+                .ok()
+                .and_then(Path::to_str)
+                .map(str::to_string);
+            match key {
+                Some(k) if validate_key(&k).is_ok() => out.push((k, path)),
+                _ => skip(&path, "its name is not a valid object key"),
+            }
+        } else if kind.is_symlink() {
+            skip(
+                &path,
+                "symbolic links are not objects and are never followed",
+            );
+        } else {
+            skip(&path, "it is not a regular file");
+        }
+    }
+    Ok(())
+}
+
+fn hash_file(path: &Path) -> std::io::Result<ObjectInfo> {
+    let mut file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    let mut hasher = blake3::Hasher::new();
+    let size = std::io::copy(&mut file, &mut hasher)?;
+    Ok(ObjectInfo {
+        key: String::new(),
+        size,
+        blake3: Some(hasher.finalize().to_hex().to_string()),
+        etag: None,
+        modified: meta.modified().ok().map(DateTime::<Utc>::from),
+    })
+}

@@ -1,0 +1,412 @@
+//! The `local` driver: a provider that lives in one directory on this machine and needs
+//! nothing else running.
+//!
+//! ```text
+//! ROOT/volumes/<service>/<volume>.<raw|qcow2|vmdk|vhdx>   disk images, made by qemu-img
+//! ROOT/buckets/<service>/<bucket>/<key…>                  objects as files; `/` in keys = directories
+//! ROOT/apps/<service>/<app>/spec.json                     the AppSpec it was started with
+//!                          /desired                       `running` or `stopped`
+//!                          /pid                           pid and /proc start time of the process
+//!                          /stdout.log, stderr.log        the app's output
+//! ROOT/operations/<id>.json                               finished operations, for the journal
+//! ROOT/tmp/                                               objects being written
+//! ROOT/.lock                                              held while a daemon uses the root
+//! ```
+//!
+//! Apps are supervised processes in their own session: one that exits on its own is started
+//! again with backoff. Dropping the provider stops supervising but leaves the processes
+//! running; the next [`LocalProvider`] on the same root adopts them from their pid files,
+//! checking the process start time so that a reused pid is never taken for an app.
+
+mod apps;
+mod buckets;
+mod operations;
+mod process;
+mod volumes;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use async_trait::async_trait;
+
+use super::{
+    object, AppSpec, AppStatus, Capabilities, DiskFormat, Endpoint, ObjectBody, ObjectInfo,
+    ObjectStream, Operation, OperationId, OperationKind, Provider, ProviderError, StopOptions,
+    StopOutcome, VolumeInfo, VolumeSpec,
+};
+use crate::config::{self, Driver};
+
+/// Every live provider in this process by canonical root: opening a root twice hands out the
+/// same instance, because two supervisors of one app would fight over it.
+static OPEN: Mutex<BTreeMap<PathBuf, Weak<LocalProvider>>> = Mutex::new(BTreeMap::new());
+
+pub struct LocalProvider {
+    name: String,
+    root: PathBuf,
+    disk_format: DiskFormat,
+    ops: operations::OpStore,
+    volumes: volumes::Volumes,
+    buckets: buckets::Buckets,
+    apps: apps::Apps,
+    /// Declared last so it is released only after the supervisors have been stopped.
+    _lock: File,
+}
+
+impl LocalProvider {
+    /// Opens the provider a configuration names; it must use the `local` driver and have a
+    /// `root`. Must be called inside a tokio runtime (apps are supervised by tasks).
+    pub fn open(provider: &config::Provider) -> Result<Arc<LocalProvider>, ProviderError> {
+        if provider.driver != Driver::Local {
+            return Err(ProviderError::Setup {
+                provider: provider.name.clone(),
+                reason: format!(
+                    "it uses the `{}` driver, not `local`",
+                    super::driver_name(provider.driver)
+                ),
+            });
+        }
+        let root = provider.root.as_ref().ok_or_else(|| ProviderError::Setup {
+            provider: provider.name.clone(),
+            reason: "the local driver needs `root`, the directory it keeps services in".to_string(),
+        })?;
+        Self::open_at(&provider.name, root, provider.disk_format)
+    }
+
+    /// Opens (creating it if needed) a local provider in `root`.
+    pub fn open_at(
+        name: &str,
+        root: &Path,
+        disk_format: DiskFormat,
+    ) -> Result<Arc<LocalProvider>, ProviderError> {
+        let setup = |reason: String| ProviderError::Setup {
+            provider: name.to_string(),
+            reason,
+        };
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            setup("the local driver must be opened inside a tokio runtime; it supervises apps with tasks".to_string())
+        })?;
+        std::fs::create_dir_all(root)
+            .map_err(|e| setup(format!("cannot create its root {}: {e}", root.display())))?;
+        let root = root
+            .canonicalize()
+            .map_err(|e| setup(format!("cannot resolve its root {}: {e}", root.display())))?;
+
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = open.get(&root).and_then(Weak::upgrade) {
+            if existing.name == name && existing.disk_format == disk_format {
+                return Ok(existing);
+            }
+            return Err(setup(format!(
+                "its root {} is already used by provider `{}` in this daemon; each provider needs a root of its own",
+                root.display(),
+                existing.name
+            )));
+        }
+        open.retain(|_, w| w.strong_count() > 0);
+
+        let lock = lock_root(&root).map_err(setup)?;
+        for sub in ["volumes", "buckets", "apps", "operations", "tmp"] {
+            let dir = root.join(sub);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| setup(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        // Whatever is left in tmp/ belonged to a write that never finished; the root lock
+        // guarantees nobody is writing now.
+        clear_dir(&root.join("tmp"))
+            .map_err(|e| setup(format!("cannot clear {}: {e}", root.join("tmp").display())))?;
+        let ops = operations::OpStore::new(name, root.join("operations"));
+        ops.prune(operations::KEEP);
+        let volumes = volumes::Volumes::new(name, root.join("volumes"));
+        volumes.remove_leftovers();
+        let buckets = buckets::Buckets::new(name, root.join("buckets"), root.join("tmp"));
+        let apps = apps::Apps::load(name, root.join("apps"), runtime)?;
+        let provider = Arc::new(LocalProvider {
+            name: name.to_string(),
+            root: root.clone(),
+            disk_format,
+            ops,
+            volumes,
+            buckets,
+            apps,
+            _lock: lock,
+        });
+        open.insert(root, Arc::downgrade(&provider));
+        Ok(provider)
+    }
+
+    /// The provider's directory (canonical).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of an app: its spec, pid file and logs.
+    pub fn app_dir(&self, service: &str, app: &str) -> PathBuf {
+        self.root.join("apps").join(service).join(app)
+    }
+}
+
+/// Takes the root's lock file so that a second daemon cannot supervise the same apps.
+fn lock_root(root: &Path) -> Result<File, String> {
+    let path = root.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            format!(
+                "its root {} is in use by another process (pid {}); two daemons cannot share a local provider",
+                root.display(),
+                holder.trim()
+            )
+        } else {
+            format!("cannot lock {}: {e}", path.display())
+        });
+    }
+    let _ = file.set_len(0);
+    let _ = writeln!(file, "{}", std::process::id());
+    Ok(file)
+}
+
+fn clear_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a small file so that a crash leaves either the old or the new content.
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{:08x}.tmp", fastrand::u32(..)));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub(super) fn io_err(
+    provider: &str,
+    object: String,
+    action: impl Into<String>,
+    source: std::io::Error,
+) -> ProviderError {
+    ProviderError::Io {
+        provider: provider.to_string(),
+        object,
+        action: action.into(),
+        source,
+    }
+}
+
+pub(super) fn invalid(provider: &str, object: String, reason: impl Into<String>) -> ProviderError {
+    ProviderError::Invalid {
+        provider: provider.to_string(),
+        object,
+        reason: reason.into(),
+    }
+}
+
+pub(super) fn conflict(provider: &str, object: String, detail: impl Into<String>) -> ProviderError {
+    ProviderError::Conflict {
+        provider: provider.to_string(),
+        object,
+        detail: detail.into(),
+    }
+}
+
+pub(super) fn not_found(provider: &str, object: String) -> ProviderError {
+    ProviderError::NotFound {
+        provider: provider.to_string(),
+        object,
+    }
+}
+
+/// Checks a service, volume, bucket or app name for use as a directory or file name.
+pub(super) fn check_name(
+    provider: &str,
+    object: impl FnOnce() -> String,
+    what: &str,
+    name: &str,
+) -> Result<(), ProviderError> {
+    super::validate_name(name).map_err(|e| invalid(provider, object(), format!("{what}: {e}")))
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn driver(&self) -> Driver {
+        Driver::Local
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            compute: false,
+            block: true,
+            object: true,
+            app: true,
+        }
+    }
+
+    fn preferred_disk_format(&self) -> DiskFormat {
+        self.disk_format
+    }
+
+    async fn operation(&self, id: &OperationId) -> Result<Operation, ProviderError> {
+        self.ops.get(id)
+    }
+
+    async fn volume_info(
+        &self,
+        service: &str,
+        volume: &str,
+    ) -> Result<Option<VolumeInfo>, ProviderError> {
+        self.volumes.info(service, volume).await
+    }
+
+    async fn list_volumes(&self, service: &str) -> Result<Vec<VolumeInfo>, ProviderError> {
+        self.volumes.list(service).await
+    }
+
+    async fn create_volume(
+        &self,
+        service: &str,
+        spec: &VolumeSpec,
+    ) -> Result<Operation, ProviderError> {
+        let detail = self.volumes.create(service, spec).await?;
+        self.ops.succeeded(
+            OperationKind::CreateVolume,
+            object::volume(service, &spec.name),
+            detail,
+        )
+    }
+
+    async fn delete_volume(&self, service: &str, volume: &str) -> Result<Operation, ProviderError> {
+        let detail = self.volumes.delete(service, volume).await?;
+        self.ops.succeeded(
+            OperationKind::DeleteVolume,
+            object::volume(service, volume),
+            detail,
+        )
+    }
+
+    async fn ensure_bucket(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {
+        self.buckets.ensure(service, bucket).await
+    }
+
+    async fn delete_bucket(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {
+        self.buckets.delete(service, bucket).await
+    }
+
+    async fn list_objects(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Vec<ObjectInfo>, ProviderError> {
+        self.buckets.list(service, bucket).await
+    }
+
+    async fn read_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<ObjectBody, ProviderError> {
+        self.buckets.read(service, bucket, key).await
+    }
+
+    async fn write_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+        body: ObjectStream,
+    ) -> Result<ObjectInfo, ProviderError> {
+        self.buckets.write(service, bucket, key, body).await
+    }
+
+    async fn delete_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(), ProviderError> {
+        self.buckets.delete_object(service, bucket, key).await
+    }
+
+    fn object_path(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<PathBuf>, ProviderError> {
+        self.buckets.path(service, bucket, key).map(Some)
+    }
+
+    async fn start_app(&self, service: &str, spec: &AppSpec) -> Result<Operation, ProviderError> {
+        let detail = self.apps.start(service, spec)?;
+        self.ops.succeeded(
+            OperationKind::StartApp,
+            object::app(service, &spec.name),
+            detail,
+        )
+    }
+
+    async fn stop_app(
+        &self,
+        service: &str,
+        app: &str,
+        options: StopOptions,
+    ) -> Result<StopOutcome, ProviderError> {
+        self.apps.stop(service, app, options).await
+    }
+
+    async fn app_status(
+        &self,
+        service: &str,
+        app: &str,
+    ) -> Result<Option<AppStatus>, ProviderError> {
+        Ok(self.apps.status(service, app))
+    }
+
+    async fn app_endpoint(
+        &self,
+        service: &str,
+        app: &str,
+    ) -> Result<Option<Endpoint>, ProviderError> {
+        match self.apps.status(service, app) {
+            Some(status) => Ok(status.endpoint),
+            None => Err(not_found(&self.name, object::app(service, app))),
+        }
+    }
+}

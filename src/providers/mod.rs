@@ -1,0 +1,591 @@
+//! Providers: the places a service instance lives, behind one [`Provider`] trait.
+//!
+//! A driver serves one configured provider (a directory on this machine, a cloud account in a
+//! region). [`open`] builds the driver a [`config::Provider`] names. The trait is shaped for
+//! remote IaaS APIs as much as for this machine:
+//!
+//! - every call is async and idempotent: creating what exists with the same shape succeeds,
+//!   deleting what is gone succeeds, a different shape is a [`ProviderError::Conflict`];
+//! - a driver declares its [`Capabilities`] (compute, block, object, app); calls outside them
+//!   answer [`ProviderError::Unsupported`];
+//! - long-running calls (volume create/delete, app start) return an [`Operation`] whose
+//!   [`OperationId`] the conduit's journal persists; [`Provider::operation`] polls it, also
+//!   after a daemon restart, and [`wait_for`] polls until it finishes;
+//! - volumes expose the local path where a viaduct or `qemu-img` reads and writes their data,
+//!   buckets list objects with size and BLAKE3/ETag and read/write them as streams, apps are
+//!   started from an [`AppSpec`] and stopped gracefully (killing is the caller's decision),
+//!   and [`Provider::health_check`] runs a service's HTTP or command check with a deadline.
+//!
+//! Every [`ProviderError`] names the provider and the object it concerns.
+//!
+//! Drivers: [`local`] (the embedded default: a directory, supervised processes, image files).
+
+pub mod health;
+pub mod local;
+mod names;
+mod spec;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncRead;
+
+use crate::config::{self, Driver, HealthCheck};
+
+pub use crate::config::DiskFormat;
+pub use names::{validate_key, validate_name};
+pub use spec::{AppSpec, SettingsError};
+
+/// What a driver can do. The planner checks these before it plans a move onto a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// Virtual machines.
+    pub compute: bool,
+    /// Block volumes (disk images).
+    pub block: bool,
+    /// Object storage (buckets).
+    pub object: bool,
+    /// Supervised application processes or containers.
+    pub app: bool,
+}
+
+/// Names a long-running operation at its provider. Opaque to everyone but the driver; the
+/// journal stores it as a string and polls it again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OperationId(String);
+
+impl OperationId {
+    pub fn new(id: impl Into<String>) -> Self {
+        OperationId(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OperationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    CreateVolume,
+    DeleteVolume,
+    StartApp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum OperationState {
+    /// Still under way; `progress` is a share in 0..=1 where the provider reports one.
+    Running {
+        progress: Option<f64>,
+    },
+    Succeeded,
+    Failed {
+        message: String,
+    },
+}
+
+/// A long-running operation as its provider last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: OperationId,
+    pub kind: OperationKind,
+    /// The object it works on, e.g. "volume `shop/data`".
+    pub object: String,
+    pub state: OperationState,
+    /// What the provider said, e.g. "created" or "already existed with the same shape".
+    pub detail: String,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Operation {
+    pub fn is_finished(&self) -> bool {
+        !matches!(self.state, OperationState::Running { .. })
+    }
+}
+
+/// A volume to create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    /// Virtual size; a multiple of 512 (disks have 512-byte sectors).
+    pub size_bytes: u64,
+    pub format: DiskFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub service: String,
+    pub name: String,
+    pub format: DiskFormat,
+    /// Size the guest sees.
+    pub virtual_size: u64,
+    /// Bytes the image occupies at the provider (less than `virtual_size` when sparse).
+    pub allocated_bytes: u64,
+    /// Where the image can be read and written on this machine (by a viaduct or
+    /// `qemu-img`); `None` when the provider keeps it out of reach (a remote API).
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectInfo {
+    /// `/`-separated key relative to the bucket.
+    pub key: String,
+    pub size: u64,
+    /// BLAKE3 of the content, hex, where the provider can give it.
+    pub blake3: Option<String>,
+    /// The provider's own entity tag (S3, Swift), where it has one.
+    pub etag: Option<String>,
+    pub modified: Option<DateTime<Utc>>,
+}
+
+/// Object content as a byte stream.
+pub type ObjectStream = Pin<Box<dyn AsyncRead + Send>>;
+
+/// An object opened for reading.
+pub struct ObjectBody {
+    pub size: u64,
+    pub stream: ObjectStream,
+}
+
+impl fmt::Debug for ObjectBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectBody")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a running app can be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// `http://host:port` followed by `path` (which should start with `/`).
+    pub fn http_url(&self, path: &str) -> String {
+        if self.host.contains(':') {
+            format!("http://[{}]:{}{path}", self.host, self.port)
+        } else {
+            format!("http://{}:{}{path}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppState {
+    Running,
+    /// Wanted running but not running now: it exited and waits for its next start.
+    Restarting,
+    /// Asked to stop; still running.
+    Stopping,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub service: String,
+    pub name: String,
+    pub state: AppState,
+    pub pid: Option<u32>,
+    /// Times the provider started the app again after it exited on its own.
+    pub restarts: u32,
+    /// The running process was found at start-up (from an earlier daemon) rather than
+    /// started by this provider instance.
+    pub adopted: bool,
+    /// How the previous process ended, e.g. "killed by signal 9".
+    pub last_exit: Option<String>,
+    /// The last failure to start it, if any.
+    pub last_error: Option<String>,
+    pub endpoint: Option<Endpoint>,
+    pub spec: AppSpec,
+}
+
+/// How to stop an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopOptions {
+    /// How long to wait after the graceful signal.
+    pub timeout: Duration,
+    /// Kill it when it has not exited by then. Without this the app is left running and the
+    /// call fails with [`ProviderError::StopTimedOut`].
+    pub kill_after_timeout: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum StopOutcome {
+    AlreadyStopped,
+    Stopped { after: Duration },
+    Killed { after: Duration },
+}
+
+/// A health check that passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthReport {
+    pub attempts: u32,
+    pub elapsed: Duration,
+    /// What passed, e.g. "GET http://127.0.0.1:8080/health answered 200 OK".
+    pub detail: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error(
+        "provider `{provider}`: driver `{driver}` is not built yet; drivers in this build: local"
+    )]
+    DriverNotBuilt {
+        provider: String,
+        driver: &'static str,
+    },
+    #[error("provider `{provider}`: {reason}")]
+    Setup { provider: String, reason: String },
+    #[error("provider `{provider}`: {object}: the `{driver}` driver does not support {what}")]
+    Unsupported {
+        provider: String,
+        driver: &'static str,
+        object: String,
+        what: &'static str,
+    },
+    #[error("provider `{provider}`: {object} does not exist")]
+    NotFound { provider: String, object: String },
+    #[error("provider `{provider}`: {object} conflicts with what is there: {detail}")]
+    Conflict {
+        provider: String,
+        object: String,
+        detail: String,
+    },
+    #[error("provider `{provider}`: {object}: {reason}")]
+    Invalid {
+        provider: String,
+        object: String,
+        reason: String,
+    },
+    #[error("provider `{provider}`: {object}: cannot {action}: {source}")]
+    Io {
+        provider: String,
+        object: String,
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("provider `{provider}`: {object}: `{program}` failed: {detail}")]
+    Tool {
+        provider: String,
+        object: String,
+        program: String,
+        detail: String,
+    },
+    #[error("provider `{provider}`: {object} did not pass within {timeout:?} ({attempts} attempts); last failure: {last}")]
+    Unhealthy {
+        provider: String,
+        object: String,
+        timeout: Duration,
+        attempts: u32,
+        last: String,
+    },
+    #[error("provider `{provider}`: {object} is still running {waited:?} after SIGTERM; it was not killed because the caller did not ask for that")]
+    StopTimedOut {
+        provider: String,
+        object: String,
+        waited: Duration,
+    },
+    #[error("provider `{provider}`: {object}: operation `{operation}` failed: {message}")]
+    OperationFailed {
+        provider: String,
+        object: String,
+        operation: OperationId,
+        message: String,
+    },
+    #[error("provider `{provider}`: {object}: operation `{operation}` is not finished after {waited:?}; poll it again with its id to resume")]
+    OperationPending {
+        provider: String,
+        object: String,
+        operation: OperationId,
+        waited: Duration,
+    },
+}
+
+impl ProviderError {
+    /// True for [`ProviderError::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ProviderError::NotFound { .. })
+    }
+}
+
+/// The name a configuration file uses for a driver.
+pub fn driver_name(driver: Driver) -> &'static str {
+    match driver {
+        Driver::Local => "local",
+        Driver::Qemu => "qemu",
+        Driver::S3 => "s3",
+        Driver::Swift => "swift",
+    }
+}
+
+/// How error messages name objects; one place so every driver says it the same way.
+pub mod object {
+    pub fn volume(service: &str, name: &str) -> String {
+        format!("volume `{service}/{name}`")
+    }
+    pub fn bucket(service: &str, bucket: &str) -> String {
+        format!("bucket `{service}/{bucket}`")
+    }
+    pub fn key(service: &str, bucket: &str, key: &str) -> String {
+        format!("object `{key}` in bucket `{service}/{bucket}`")
+    }
+    pub fn app(service: &str, app: &str) -> String {
+        format!("app `{service}/{app}`")
+    }
+    pub fn service(service: &str) -> String {
+        format!("service `{service}`")
+    }
+    pub fn health_check(service: &str) -> String {
+        format!("health check of service `{service}`")
+    }
+    pub fn operation(id: &super::OperationId) -> String {
+        format!("operation `{id}`")
+    }
+}
+
+/// One provider. Calls a driver does not support (see [`Provider::capabilities`]) answer
+/// [`ProviderError::Unsupported`] through the default methods.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// The provider's name in the configuration.
+    fn name(&self) -> &str;
+    fn driver(&self) -> Driver;
+    fn capabilities(&self) -> Capabilities;
+    /// The disk image format new volumes get here; a relocation converts to it.
+    fn preferred_disk_format(&self) -> DiskFormat;
+
+    /// The current state of a long-running operation this provider started, also one started
+    /// before a daemon restart.
+    async fn operation(&self, id: &OperationId) -> Result<Operation, ProviderError>;
+
+    // --- block -------------------------------------------------------------------------
+
+    /// The volume, or `None` when it does not exist.
+    async fn volume_info(
+        &self,
+        service: &str,
+        volume: &str,
+    ) -> Result<Option<VolumeInfo>, ProviderError> {
+        Err(self.unsupported(object::volume(service, volume), "block volumes"))
+    }
+
+    /// The service's volumes, sorted by name.
+    async fn list_volumes(&self, service: &str) -> Result<Vec<VolumeInfo>, ProviderError> {
+        Err(self.unsupported(object::service(service), "block volumes"))
+    }
+
+    /// Creates an empty volume. Succeeds when it exists with the same format and size.
+    async fn create_volume(
+        &self,
+        service: &str,
+        spec: &VolumeSpec,
+    ) -> Result<Operation, ProviderError> {
+        Err(self.unsupported(object::volume(service, &spec.name), "block volumes"))
+    }
+
+    /// Deletes a volume and its data. Succeeds when it does not exist.
+    async fn delete_volume(&self, service: &str, volume: &str) -> Result<Operation, ProviderError> {
+        Err(self.unsupported(object::volume(service, volume), "block volumes"))
+    }
+
+    // --- object ------------------------------------------------------------------------
+
+    /// Creates the bucket unless it exists.
+    async fn ensure_bucket(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {
+        Err(self.unsupported(object::bucket(service, bucket), "object storage"))
+    }
+
+    /// Deletes an empty bucket; succeeds when it does not exist, refuses one holding objects.
+    async fn delete_bucket(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {
+        Err(self.unsupported(object::bucket(service, bucket), "object storage"))
+    }
+
+    /// Every object of the bucket, sorted by key.
+    async fn list_objects(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Vec<ObjectInfo>, ProviderError> {
+        Err(self.unsupported(object::bucket(service, bucket), "object storage"))
+    }
+
+    async fn read_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<ObjectBody, ProviderError> {
+        Err(self.unsupported(object::key(service, bucket, key), "object storage"))
+    }
+
+    /// Stores `body` under `key`, replacing what was there only once all of it arrived.
+    /// Returns what was written, with its BLAKE3 where the provider computes one.
+    async fn write_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+        body: ObjectStream,
+    ) -> Result<ObjectInfo, ProviderError> {
+        drop(body);
+        Err(self.unsupported(object::key(service, bucket, key), "object storage"))
+    }
+
+    /// Deletes an object; succeeds when it does not exist.
+    async fn delete_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(), ProviderError> {
+        Err(self.unsupported(object::key(service, bucket, key), "object storage"))
+    }
+
+    /// Where the object's content lives on this machine, for readers that want a path
+    /// rather than a stream; `None` when the provider keeps objects out of reach.
+    fn object_path(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<PathBuf>, ProviderError> {
+        let _ = (service, bucket, key);
+        Ok(None)
+    }
+
+    // --- app ---------------------------------------------------------------------------
+
+    /// Starts the app. Succeeds when it already runs with the same spec.
+    async fn start_app(&self, service: &str, spec: &AppSpec) -> Result<Operation, ProviderError> {
+        Err(self.unsupported(object::app(service, &spec.name), "apps"))
+    }
+
+    /// Asks the app to stop and waits up to `options.timeout`; kills it after that only when
+    /// `options.kill_after_timeout` says so. Succeeds when it is not running.
+    async fn stop_app(
+        &self,
+        service: &str,
+        app: &str,
+        options: StopOptions,
+    ) -> Result<StopOutcome, ProviderError> {
+        let _ = options;
+        Err(self.unsupported(object::app(service, app), "apps"))
+    }
+
+    /// The app's state, or `None` when the provider does not know it.
+    async fn app_status(
+        &self,
+        service: &str,
+        app: &str,
+    ) -> Result<Option<AppStatus>, ProviderError> {
+        Err(self.unsupported(object::app(service, app), "apps"))
+    }
+
+    /// Where the app listens, or `None` when its spec has no port.
+    async fn app_endpoint(
+        &self,
+        service: &str,
+        app: &str,
+    ) -> Result<Option<Endpoint>, ProviderError> {
+        Err(self.unsupported(object::app(service, app), "apps"))
+    }
+
+    // --- health ------------------------------------------------------------------------
+
+    /// Runs the check until it passes or its timeout ends. The default runs it from this
+    /// machine; a driver whose services are only reachable from elsewhere overrides it.
+    async fn health_check(
+        &self,
+        service: &str,
+        check: &HealthCheck,
+    ) -> Result<HealthReport, ProviderError> {
+        health::run(self.name(), service, check).await
+    }
+
+    /// The error a call outside this driver's capabilities answers.
+    fn unsupported(&self, object: String, what: &'static str) -> ProviderError {
+        ProviderError::Unsupported {
+            provider: self.name().to_string(),
+            driver: driver_name(self.driver()),
+            object,
+            what,
+        }
+    }
+}
+
+/// Builds the driver that serves `provider`.
+pub fn open(provider: &config::Provider) -> Result<Arc<dyn Provider>, ProviderError> {
+    match provider.driver {
+        Driver::Local => Ok(local::LocalProvider::open(provider)?),
+        other => Err(ProviderError::DriverNotBuilt {
+            provider: provider.name.clone(),
+            driver: driver_name(other),
+        }),
+    }
+}
+
+/// Polls an operation until it finishes or `timeout` passes. A failed operation is an
+/// [`ProviderError::OperationFailed`]; one still running at the deadline is an
+/// [`ProviderError::OperationPending`] and can be waited for again with the same id.
+pub async fn wait_for(
+    provider: &dyn Provider,
+    id: &OperationId,
+    timeout: Duration,
+) -> Result<Operation, ProviderError> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let op = provider.operation(id).await?;
+        match &op.state {
+            OperationState::Succeeded => return Ok(op),
+            OperationState::Failed { message } => {
+                return Err(ProviderError::OperationFailed {
+                    provider: provider.name().to_string(),
+                    object: op.object.clone(),
+                    operation: id.clone(),
+                    message: message.clone(),
+                })
+            }
+            OperationState::Running { .. } => {}
+        }
+        let waited = started.elapsed();
+        if waited >= timeout {
+            return Err(ProviderError::OperationPending {
+                provider: provider.name().to_string(),
+                object: op.object,
+                operation: id.clone(),
+                waited,
+            });
+        }
+        tokio::time::sleep(delay.min(timeout - waited)).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Environment variables by name, as an app spec holds them.
+pub type Env = BTreeMap<String, String>;
+
+#[cfg(test)]
+mod tests;
