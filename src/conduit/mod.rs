@@ -105,6 +105,9 @@ impl Conduit for QueueOnly {
     }
 
     fn relocations(&self) -> Vec<Relocation> {
-        self.records.lock().expect("relocation records lock").clone()
+        self.records
+            .lock()
+            .expect("relocation records lock")
+            .clone()
     }
 }
