@@ -161,6 +161,13 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
+/// Whether a block holds any non-zero byte. Data blocks almost always show it in their
+/// first bytes, so those are looked at before the whole block is folded.
+fn block_has_data(block: &[u8]) -> bool {
+    let head = block.len().min(64);
+    block[..head].iter().any(|&b| b != 0) || block.iter().fold(0u8, |acc, &b| acc | b) != 0
+}
+
 /// Writes `data` at `offset`, leaving holes for its all-zero 4 KiB blocks. When the region
 /// may hold old data (`region_was_zero` false), zero blocks are punched out instead of
 /// skipped. Returns the bytes written.
@@ -183,7 +190,7 @@ pub(crate) fn write_sparse(
         Ok(())
     };
     for (i, block) in data.chunks(SPARSE_BLOCK).enumerate() {
-        let is_data = block.iter().fold(0u8, |acc, &b| acc | b) != 0;
+        let is_data = block_has_data(block);
         let pos = i * SPARSE_BLOCK;
         match run_is_data {
             Some(kind) if kind == is_data => {}

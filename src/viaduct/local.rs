@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
@@ -101,22 +102,17 @@ pub fn copy_local(
         .map_err(|e| dst_err(&partial, e))?;
     let result = (|| {
         out.set_len(length).map_err(|e| dst_err(&partial, e))?;
-        let copied = copy_chunks(&source, &extents, &out, &layout).map_err(|e| match e {
-            chunks::CopyError::Read(e) => src_err(e),
-            chunks::CopyError::Write(e) => dst_err(&partial, e),
-        })?;
-        if opts.verify {
-            let held = chunks::hash_file(&out, &layout).map_err(|e| dst_err(&partial, e))?;
-            if let Some(i) = (0..held.len()).find(|&i| held[i] != copied.digests[i]) {
-                let (offset, _) = layout.range(i as u64);
-                return Err(ViaductError::DigestMismatch {
+        let copied =
+            copy_chunks(&source, &extents, &out, &layout, opts.verify).map_err(|e| match e {
+                CopyFailure::Read(e) => src_err(e),
+                CopyFailure::Write(e) => dst_err(&partial, e),
+                CopyFailure::Differs(offset) => ViaductError::DigestMismatch {
                     at: partial.display().to_string(),
                     detail: format!(
-                        "the chunk at offset {offset} differs from the source after writing"
+                        "the chunk at offset {offset} reads back different from the source"
                     ),
-                });
-            }
-        }
+                },
+            })?;
         if opts.fsync {
             out.sync_all().map_err(|e| dst_err(&partial, e))?;
         }
@@ -161,18 +157,37 @@ struct Copied {
     chunks_zero: u64,
 }
 
-/// Copies chunk by chunk with reading and hashing on one thread and writing on another,
-/// so the two halves overlap.
+enum CopyFailure {
+    Read(io::Error),
+    Write(io::Error),
+    /// The copy does not read back as the source at this offset.
+    Differs(u64),
+}
+
+/// A chunk on its way from the reader to the writer and on to the checker.
+struct InFlight {
+    index: u64,
+    offset: u64,
+    digest: blake3::Hash,
+    buf: Vec<u8>,
+}
+
+/// Copies chunk by chunk in a three-stage pipeline, so the stages overlap: one thread
+/// reads, scans for zeros and hashes; this one writes; a third reads each written chunk
+/// back and compares its digest. Chunks of zeros are never written; at the end, any part
+/// of the copy that is not a hole and was not written is checked to read as zeros.
 fn copy_chunks(
     src: &File,
     extents: &[std::ops::Range<u64>],
     dst: &File,
     layout: &Layout,
-) -> Result<Copied, chunks::CopyError> {
-    let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(3);
+    verify: bool,
+) -> Result<Copied, CopyFailure> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<InFlight>(3);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    let (check_tx, check_rx) = mpsc::sync_channel::<InFlight>(3);
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || -> Result<_, chunks::CopyError> {
+        let reader = scope.spawn(move || -> Result<_, CopyFailure> {
             let mut digests = Vec::with_capacity(layout.chunks as usize);
             let (mut bytes_read, mut zero_chunks) = (0u64, 0u64);
             for index in 0..layout.chunks {
@@ -185,50 +200,105 @@ fn copy_chunks(
                 let mut buf = empty_rx.try_recv().unwrap_or_default();
                 buf.resize(len, 0);
                 bytes_read += chunks::read_sparse(src, extents, offset, &mut buf)
-                    .map_err(chunks::CopyError::Read)?;
+                    .map_err(CopyFailure::Read)?;
                 if chunks::is_zero(&buf) {
                     digests.push(layout.zero_digest(index));
                     zero_chunks += 1;
                     continue;
                 }
-                digests.push(blake3::hash(&buf));
-                if full_tx.send((offset, buf)).is_err() {
-                    // The writer failed; it reports why.
+                let digest = blake3::hash(&buf);
+                digests.push(digest);
+                let chunk = InFlight {
+                    index,
+                    offset,
+                    digest,
+                    buf,
+                };
+                if full_tx.send(chunk).is_err() {
+                    // The writer stopped; it reports why.
                     break;
                 }
             }
             Ok((digests, bytes_read, zero_chunks))
         });
-        let mut written = 0u64;
+        let checker = scope.spawn(move || -> Result<Vec<u64>, CopyFailure> {
+            let mut written = Vec::new();
+            let mut back = Vec::new();
+            for chunk in check_rx.iter() {
+                back.resize(chunk.buf.len(), 0);
+                dst.read_exact_at(&mut back, chunk.offset)
+                    .map_err(CopyFailure::Write)?;
+                if blake3::hash(&back) != chunk.digest {
+                    return Err(CopyFailure::Differs(chunk.offset));
+                }
+                written.push(chunk.index);
+                let _ = empty_tx.send(chunk.buf);
+            }
+            Ok(written)
+        });
+        let mut bytes_written = 0u64;
         let mut chunks_written = 0u64;
         let mut write_error = None;
-        for (offset, buf) in full_rx.iter() {
-            match chunks::write_sparse(dst, offset, &buf, true) {
-                Ok(n) => written += n,
+        for chunk in full_rx.iter() {
+            match chunks::write_sparse(dst, chunk.offset, &chunk.buf, true) {
+                Ok(n) => bytes_written += n,
                 Err(e) => {
                     write_error = Some(e);
                     break;
                 }
             }
             chunks_written += 1;
-            let _ = empty_tx.send(buf);
+            if verify && check_tx.send(chunk).is_err() {
+                // The checker found a difference; it reports which.
+                break;
+            }
         }
         drop(full_rx);
-        let read = reader.join().unwrap_or_else(|_| {
-            Err(chunks::CopyError::Read(io::Error::other(
-                "the reader thread panicked",
-            )))
-        });
+        drop(check_tx);
+        let panicked = || CopyFailure::Read(io::Error::other("a copy thread panicked"));
+        let read = reader.join().unwrap_or_else(|_| Err(panicked()));
+        let checked = checker.join().unwrap_or_else(|_| Err(panicked()));
         if let Some(e) = write_error {
-            return Err(chunks::CopyError::Write(e));
+            return Err(CopyFailure::Write(e));
         }
         let (digests, bytes_read, chunks_zero) = read?;
+        let mut checked = checked?;
+        if verify {
+            checked.sort_unstable();
+            check_unwritten_are_zero(dst, layout, &checked)?;
+        }
         Ok(Copied {
             digests,
             bytes_read,
-            bytes_written: written,
+            bytes_written,
             chunks_written,
             chunks_zero,
         })
     })
+}
+
+/// Every chunk that was not written must read as zeros: cheap, since such chunks are holes
+/// and only data extents of the copy are read.
+fn check_unwritten_are_zero(
+    dst: &File,
+    layout: &Layout,
+    written: &[u64],
+) -> Result<(), CopyFailure> {
+    let len = dst.metadata().map_err(CopyFailure::Write)?.len();
+    let extents = chunks::data_extents(dst, len).map_err(CopyFailure::Write)?;
+    let mut buf = Vec::new();
+    for index in 0..layout.chunks {
+        let (offset, size) = layout.range(index);
+        if written.binary_search(&index).is_ok() || !chunks::overlaps(&extents, offset, size as u64)
+        {
+            continue;
+        }
+        buf.resize(size, 0);
+        dst.read_exact_at(&mut buf, offset)
+            .map_err(CopyFailure::Write)?;
+        if !chunks::is_zero(&buf) {
+            return Err(CopyFailure::Differs(offset));
+        }
+    }
+    Ok(())
 }

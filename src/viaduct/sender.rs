@@ -55,6 +55,11 @@ pub struct SendOptions {
     pub max_bytes_per_sec: Option<u64>,
     /// zstd level for chunks that compress (0 sends everything raw). Default 1.
     pub compression_level: i32,
+    /// Compress only while it saves time: when the wire (or the rate cap) is slower than
+    /// the compressor. On a fast link the CPU is the bottleneck and chunks go raw; on a
+    /// slow one every chunk that shrinks is compressed. When false, every chunk that
+    /// shrinks is compressed. Default true.
+    pub adaptive_compression: bool,
     /// Default 10 s.
     pub connect_timeout: Duration,
     /// A connection on which nothing moves for this long is given up. Default 60 s.
@@ -70,6 +75,7 @@ impl Default for SendOptions {
             streams: 4,
             max_bytes_per_sec: None,
             compression_level: 1,
+            adaptive_compression: true,
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(60),
             cancel: CancellationToken::new(),
@@ -135,6 +141,7 @@ struct Job {
     digests: Mutex<Vec<blake3::Hash>>,
     next: AtomicU64,
     level: i32,
+    adaptive: bool,
     stats: Stats,
     cancel: CancellationToken,
 }
@@ -262,6 +269,7 @@ pub async fn send_file(
         remote,
         next: AtomicU64::new(0),
         level: opts.compression_level,
+        adaptive: opts.adaptive_compression,
         stats,
         cancel: cancel.clone(),
     });
@@ -590,8 +598,12 @@ async fn run_stream(
 ) -> Result<(usize, Conn), ViaductError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Prepared>(2);
     let (recycle_tx, recycle_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let meter = Arc::new(WireMeter::default());
     let producer_job = job.clone();
-    let producer = tokio::task::spawn_blocking(move || produce(&producer_job, tx, recycle_rx));
+    let producer_meter = meter.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        produce(&producer_job, &producer_meter, tx, recycle_rx)
+    });
     let peer = job.peer.as_str();
     let result = {
         let Conn { reader, writer } = &mut conn;
@@ -600,10 +612,14 @@ async fn run_stream(
             while let Some(prepared) = rx.recv().await {
                 match prepared {
                     Prepared::Frame { msg, body } => {
+                        let started = Instant::now();
                         writer
                             .write(&msg, &body)
                             .await
                             .map_err(|e| wire_error(peer, e))?;
+                        if !body.is_empty() {
+                            meter.record(body.len(), started.elapsed());
+                        }
                         job.stats.chunks_done.fetch_add(1, Ordering::Relaxed);
                         let _ = recycle_tx.send(body);
                         frames += 1;
@@ -668,17 +684,19 @@ async fn run_stream(
 /// the receiver's digest, and prepares a frame for each chunk that must travel.
 fn produce(
     job: &Job,
+    meter: &WireMeter,
     tx: tokio::sync::mpsc::Sender<Prepared>,
     recycled: std::sync::mpsc::Receiver<Vec<u8>>,
 ) {
     let layout = &job.layout;
     let stats = &job.stats;
-    let mut compressor = if job.level > 0 {
-        zstd::bulk::Compressor::new(job.level).ok()
+    let mut packer = if job.level > 0 {
+        zstd::bulk::Compressor::new(job.level)
+            .ok()
+            .map(|c| Packer::new(c, job.adaptive))
     } else {
         None
     };
-    let mut sample = Vec::new();
     let mut spare: Option<Vec<u8>> = None;
     loop {
         if job.cancel.is_cancelled() {
@@ -737,8 +755,8 @@ fn produce(
             }
         } else {
             let mut packed = recycled.try_recv().unwrap_or_default();
-            let packs = match compressor.as_mut() {
-                Some(c) => compress(c, &buf, &mut packed, &mut sample),
+            let packs = match packer.as_mut() {
+                Some(p) => p.pack(&buf, &mut packed, meter.secs_per_byte()),
                 None => false,
             };
             let encoding = if packs { Encoding::Zstd } else { Encoding::Raw };
@@ -766,40 +784,95 @@ fn produce(
     }
 }
 
+/// How long the wire takes per byte on one stream, writes and rate-limit waits included.
+/// Bytes and seconds are averaged separately and divided, so that a small frame that
+/// waits out the previous large frame's share of the rate cap does not skew the figure.
+#[derive(Default)]
+struct WireMeter {
+    /// Decaying sums of bytes written and seconds spent writing them.
+    sums: Mutex<(f64, f64)>,
+}
+
+impl WireMeter {
+    fn record(&self, bytes: usize, took: Duration) {
+        let mut s = self.sums.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = s.0 * 0.8 + bytes as f64;
+        s.1 = s.1 * 0.8 + took.as_secs_f64();
+    }
+
+    fn secs_per_byte(&self) -> Option<f64> {
+        let s = self.sums.lock().unwrap_or_else(|p| p.into_inner());
+        (s.0 > 0.0 && s.1 > 0.0).then(|| s.1 / s.0)
+    }
+}
+
 const SAMPLE_BYTES: usize = 8 << 10;
 const SAMPLES: usize = 4;
 
-/// Compresses `chunk` into `out` when it pays: four 8 KiB samples spread over the chunk
-/// must shrink by a tenth (which random or already compressed data never does, at a
-/// fraction of the cost of trying the whole chunk), and the whole chunk by a sixteenth.
-fn compress(
-    c: &mut zstd::bulk::Compressor<'static>,
-    chunk: &[u8],
-    out: &mut Vec<u8>,
-    sample: &mut Vec<u8>,
-) -> bool {
-    if chunk.len() >= SAMPLES * SAMPLE_BYTES * 2 {
-        let stride = chunk.len() / SAMPLES;
-        let mut packed = 0;
-        for k in 0..SAMPLES {
-            let part = &chunk[k * stride..k * stride + SAMPLE_BYTES];
-            sample.clear();
-            sample.reserve(zstd::zstd_safe::compress_bound(SAMPLE_BYTES));
-            match c.compress_to_buffer(part, sample) {
-                Ok(n) => packed += n,
-                Err(_) => return false,
-            }
-        }
-        if packed * 10 > SAMPLES * SAMPLE_BYTES * 9 {
-            return false;
+/// Decides per chunk whether compression pays, and compresses.
+struct Packer {
+    zstd: zstd::bulk::Compressor<'static>,
+    adaptive: bool,
+    /// Moving average of the compressor's time per input byte.
+    secs_per_byte: Option<f64>,
+    sample: Vec<u8>,
+}
+
+impl Packer {
+    fn new(zstd: zstd::bulk::Compressor<'static>, adaptive: bool) -> Self {
+        Packer {
+            zstd,
+            adaptive,
+            secs_per_byte: None,
+            sample: Vec::new(),
         }
     }
-    let budget = chunk.len() - chunk.len() / 16;
-    out.clear();
-    out.reserve(budget);
-    match c.compress_to_buffer(chunk, out) {
-        Ok(n) => n <= budget,
-        Err(_) => false,
+
+    /// Whether compressing to `ratio` (packed / plain) saves more wire time than it costs:
+    /// `(1 - ratio) * wire > cpu`, both per byte. Unknown speeds count as paying, so that
+    /// the first chunks measure them.
+    fn pays(&self, ratio: f64, wire: Option<f64>) -> bool {
+        match (wire, self.secs_per_byte) {
+            (Some(w), Some(c)) if self.adaptive => (1.0 - ratio) * w > c,
+            _ => true,
+        }
+    }
+
+    /// Compresses `chunk` into `out` when it pays. Four 8 KiB samples spread over the chunk
+    /// estimate the ratio at a small fraction of the cost of trying the whole chunk (random
+    /// or already compressed data never shrinks by the tenth asked for); the whole chunk
+    /// must then shrink by a sixteenth.
+    fn pack(&mut self, chunk: &[u8], out: &mut Vec<u8>, wire: Option<f64>) -> bool {
+        // Not even a perfect ratio would pay: skip the samples too.
+        if !self.pays(0.0, wire) {
+            return false;
+        }
+        if chunk.len() >= SAMPLES * SAMPLE_BYTES * 2 {
+            let stride = chunk.len() / SAMPLES;
+            let mut packed = 0;
+            for k in 0..SAMPLES {
+                let part = &chunk[k * stride..k * stride + SAMPLE_BYTES];
+                self.sample.clear();
+                self.sample
+                    .reserve(zstd::zstd_safe::compress_bound(SAMPLE_BYTES));
+                match self.zstd.compress_to_buffer(part, &mut self.sample) {
+                    Ok(n) => packed += n,
+                    Err(_) => return false,
+                }
+            }
+            let ratio = packed as f64 / (SAMPLES * SAMPLE_BYTES) as f64;
+            if ratio > 0.9 || !self.pays(ratio, wire) {
+                return false;
+            }
+        }
+        let budget = chunk.len() - chunk.len() / 16;
+        out.clear();
+        out.reserve(budget);
+        let started = Instant::now();
+        let result = self.zstd.compress_to_buffer(chunk, out);
+        let now = started.elapsed().as_secs_f64() / chunk.len().max(1) as f64;
+        self.secs_per_byte = Some(self.secs_per_byte.map_or(now, |old| old * 0.7 + now * 0.3));
+        matches!(result, Ok(n) if n <= budget)
     }
 }
 
@@ -809,21 +882,37 @@ mod tests {
 
     #[test]
     fn compression_is_skipped_for_random_data_and_used_for_text() {
-        let mut c = zstd::bulk::Compressor::new(1).unwrap();
-        let (mut out, mut sample) = (Vec::new(), Vec::new());
+        let mut p = Packer::new(zstd::bulk::Compressor::new(1).unwrap(), false);
+        let mut out = Vec::new();
         let mut random = vec![0u8; 1 << 20];
         blake3::Hasher::new()
             .update(b"seed")
             .finalize_xof()
             .fill(&mut random);
-        assert!(!compress(&mut c, &random, &mut out, &mut sample));
+        assert!(!p.pack(&random, &mut out, None));
+        assert!(p.secs_per_byte.is_none(), "the samples alone ruled it out");
         let text = b"the quick brown fox jumps over the lazy dog; ".repeat(30_000);
-        assert!(compress(&mut c, &text[..1 << 20], &mut out, &mut sample));
+        assert!(p.pack(&text[..1 << 20], &mut out, None));
         assert!(out.len() < (1 << 20) / 10);
         assert_eq!(
             zstd::bulk::decompress(&out, 1 << 20).unwrap(),
             &text[..1 << 20]
         );
+    }
+
+    #[test]
+    fn adaptive_compression_follows_the_wire() {
+        let mut p = Packer::new(zstd::bulk::Compressor::new(1).unwrap(), true);
+        let mut out = Vec::new();
+        let text = b"the quick brown fox jumps over the lazy dog; ".repeat(30_000);
+        let chunk = &text[..1 << 20];
+        // Nothing measured yet: try, and learn the compressor's speed.
+        assert!(p.pack(chunk, &mut out, None));
+        let cpu = p.secs_per_byte.unwrap();
+        // A wire much faster than the compressor: raw is quicker.
+        assert!(!p.pack(chunk, &mut out, Some(cpu / 10.0)));
+        // A wire much slower (a rate cap, a long link): compress.
+        assert!(p.pack(chunk, &mut out, Some(cpu * 100.0)));
     }
 
     #[test]

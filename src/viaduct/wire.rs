@@ -519,14 +519,41 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let mut header = std::mem::take(&mut self.header);
         header.resize(header_len as usize, 0);
         self.read_exact(&mut header).await?;
-        body.clear();
-        body.resize(body_len as usize, 0);
-        self.read_exact(body).await?;
-        let result = self.check_mac(kind, &pre, &header, body).await;
-        let msg =
-            result.and_then(|()| Msg::decode(kind, &header, body).map_err(WireError::Malformed));
+        self.read_body(body, body_len as usize).await?;
+        let msg = match self.check_mac(kind, &pre, &header, body).await {
+            Ok(()) => Msg::decode(kind, &header, body).map_err(WireError::Malformed),
+            Err(WireError::BadMac(kind, _)) => {
+                // Name the chunk the frame claims to carry, so the error can say where.
+                let index = match Msg::decode(kind, &header, body) {
+                    Ok(Msg::Chunk { index, .. }) => Some(index),
+                    _ => None,
+                };
+                Err(WireError::BadMac(kind, index))
+            }
+            Err(e) => Err(e),
+        };
         self.header = header;
         msg
+    }
+
+    /// Reads `len` bytes into `body` without zeroing them first: chunk bodies are large.
+    async fn read_body(&mut self, body: &mut Vec<u8>, len: usize) -> Result<(), WireError> {
+        body.clear();
+        body.reserve(len);
+        let idle = self.idle;
+        while body.len() < len {
+            let want = (len - body.len()) as u64;
+            let n = match tokio::time::timeout(idle, (&mut self.inner).take(want).read_buf(body))
+                .await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(WireError::Idle(idle)),
+            };
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+        Ok(())
     }
 
     async fn check_mac(
@@ -750,6 +777,26 @@ mod tests {
         assert!(matches!(
             r.read(&mut body).await,
             Err(WireError::BadMac(Kind::Keepalive, None))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_altered_chunk_header_names_the_chunk() {
+        let (mut w, mut r) = pair();
+        let key = PresharedKey::random();
+        w.set_session(key.session(&[1; 32], &[2; 32]));
+        r.set_session(key.session(&[1; 32], &[9; 32]));
+        let chunk = Msg::Chunk {
+            index: 42,
+            encoding: Encoding::Raw,
+            plain_len: 3,
+            digest: blake3::hash(b"abc"),
+        };
+        w.write(&chunk, b"abc").await.unwrap();
+        let mut body = Vec::new();
+        assert!(matches!(
+            r.read(&mut body).await,
+            Err(WireError::BadMac(Kind::Chunk, Some(42)))
         ));
     }
 
