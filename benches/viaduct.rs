@@ -6,9 +6,11 @@
 //! [--streams N] [--repeat N] [--only METHOD]`. The image and every copy live in a temporary directory under DIR
 //! (default: the system temporary directory) that is removed at the end.
 //!
-//! Every method copies the same image with a warm page cache, `--repeat` times (default 2,
-//! interleaved), and the best time counts: on a virtual machine the first writes into
-//! memory the guest has not used recently cost several times more, whoever makes them. "seconds" runs until the
+//! Every method copies the same image with a warm page cache, `--repeat` times (default 3,
+//! interleaved, each round starting with another method), and the best time counts: on a
+//! small shared machine one method's run can be slowed severalfold by other work. Before
+//! every run a scratch file as large as the image's data is written and deleted (see
+//! `prime`). "seconds" runs until the
 //! method reports completion (for the viaduct: the receiver checked the image digest and
 //! renamed the file); "+flush" adds an fsync of the copy, so the disk's write speed shows.
 
@@ -41,7 +43,7 @@ fn parse_args() -> Result<Args, String> {
         size_gib: 4,
         allocated_gib: 1.5,
         streams: 4,
-        repeat: 2,
+        repeat: 3,
         only: None,
         level: 1,
     };
@@ -237,6 +239,21 @@ fn settle() {
     let _ = Command::new("sync").status();
 }
 
+/// Writes and deletes a scratch file of `bytes`. On this kind of virtual machine, writing
+/// into memory the guest has not touched lately costs several times more than into memory
+/// it just freed; priming before every run gives every method the same start.
+fn prime(dir: &Path, bytes: u64) {
+    let path = dir.join("prime.tmp");
+    if let Ok(f) = File::create(&path) {
+        let buf = vec![1u8; MIB as usize];
+        let mut off = 0;
+        while off < bytes && f.write_all_at(&buf, off).is_ok() {
+            off += MIB;
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// CPU seconds used so far by this process (all threads) and its waited-for children.
 fn cpu_seconds() -> f64 {
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
@@ -417,17 +434,23 @@ fn run(args: &Args) -> Result<(), String> {
     ];
     let mut best: Vec<Option<Row>> = methods.iter().map(|_| None).collect();
     for round in 1..=args.repeat {
-        for (i, method) in methods.iter().enumerate() {
+        // Each round starts with a different method, so none always runs first.
+        let order = (0..methods.len()).map(|k| (k + round - 1) % methods.len());
+        for i in order {
+            let method = &methods[i];
             if args.only.as_deref().is_some_and(|o| !method.starts_with(o)) {
                 continue;
             }
+            if *method == "viaduct" {
+                // Its previous copy is the one to replace; free that memory first too.
+                let _ = std::fs::remove_file(&received);
+            }
+            prime(work.path(), img_alloc);
             settle();
             eprintln!("round {round}: {method} ...");
             let cpu0 = cpu_seconds();
             let row = match *method {
                 "viaduct" => {
-                    let _ = std::fs::remove_file(&received);
-                    settle();
                     let report = runtime
                         .block_on(send_file(&img, endpoint, "image.raw", &send_opts, &|_| {}))
                         .map_err(|e| format!("viaduct: {e}"))?;

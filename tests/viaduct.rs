@@ -34,7 +34,7 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let mut opts = ReceiverOptions::new(root.path(), key.clone());
-        opts.io_timeout = Duration::from_secs(10);
+        opts.io_timeout = Duration::from_secs(15);
         opts.busy_wait = Duration::from_secs(5);
         let stop = opts.shutdown.clone();
         let task = tokio::spawn(serve(listener, opts));
@@ -69,7 +69,7 @@ fn opts(chunk_size: u64, streams: usize) -> SendOptions {
     SendOptions {
         chunk_size: chunk_size as u32,
         streams,
-        io_timeout: Duration::from_secs(10),
+        io_timeout: Duration::from_secs(15),
         ..SendOptions::default()
     }
 }

@@ -30,6 +30,19 @@
 //! connection is not encrypted: TLS is left to a later version, so run the viaduct over a
 //! private network or a tunnel when the content is confidential.
 //!
+//! # Protocol
+//!
+//! On every connection: `Hello` (sender nonce), `Challenge` (receiver nonce and proof),
+//! `Response` (sender proof), `AuthOk`. The first connection then sends `Open` (name,
+//! length, chunk size, stream count) and receives `Opened` (a transfer id and the digest of
+//! every chunk the receiver holds); the other connections `Join` with that id. Each stream
+//! carries `Chunk` and `Zero` frames for the chunks it takes and ends with `Done`, answered
+//! by `DoneAck`; the first stream then sends `Commit` with the image digest, answered by
+//! `Committed` once the file is in place. A failure at the receiver travels back as an
+//! `Error` frame (wrong key, refused or busy name, full disk, altered chunk with its offset,
+//! digest mismatch) and comes out of [`send_file`] as the matching [`ViaductError`]. Either
+//! end sends keepalives while it is busy, so idle timeouts measure silence only.
+//!
 //! # The image digest
 //!
 //! With `n = ceil(length / chunk_size)` chunks, chunk `i` covering bytes

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::io::BufWriter;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -20,8 +19,8 @@ use super::auth::{random_bytes, PresharedKey};
 use super::chunks::{self, CopyError, Layout};
 use super::names::{self, Placement};
 use super::wire::{
-    Encoding, ErrorCode, FrameReader, FrameWriter, Kind, Msg, WireError, NO_OFFSET, TO_RECEIVER,
-    TO_SENDER, VERSION,
+    Encoding, ErrorCode, FrameReader, FrameWriter, Kind, Msg, WireError, KEEPALIVE_EVERY, MIN_IDLE,
+    NO_OFFSET, TO_RECEIVER, TO_SENDER, VERSION,
 };
 use super::{check_chunk_size, ResumedFrom, ViaductError};
 
@@ -43,7 +42,8 @@ pub struct ReceiverOptions {
     /// Flush the image to disk before renaming it into place. Default true: a rename that
     /// survives a power cut over data that did not would leave a corrupt image behind.
     pub fsync: bool,
-    /// A connection on which nothing moves for this long is dropped. Default 60 s.
+    /// A connection on which nothing moves for this long is dropped. At least 15 s;
+    /// default 60 s.
     pub io_timeout: Duration,
     /// How long a transfer waits for an earlier one of the same name to end (a sender
     /// that reconnects after a drop may arrive before the receiver noticed). Default 10 s.
@@ -144,7 +144,7 @@ impl Fail {
 }
 
 type Reader = FrameReader<OwnedReadHalf>;
-type Writer = FrameWriter<BufWriter<OwnedWriteHalf>>;
+type Writer = FrameWriter<OwnedWriteHalf>;
 
 struct Conn {
     reader: Reader,
@@ -154,6 +154,14 @@ struct Conn {
 
 /// Runs a receiver on `listener` until `opts.shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, opts: ReceiverOptions) -> Result<(), ViaductError> {
+    if opts.io_timeout < MIN_IDLE {
+        return Err(ViaductError::InvalidOptions(format!(
+            "io_timeout must be at least {} s (keepalives come every {} s), got {:?}",
+            MIN_IDLE.as_secs(),
+            KEEPALIVE_EVERY.as_secs(),
+            opts.io_timeout
+        )));
+    }
     let root = std::fs::canonicalize(&opts.root).map_err(|e| ViaductError::Root {
         path: opts.root.clone(),
         detail: format!("cannot resolve it: {e}"),
@@ -210,11 +218,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let (rd, wr) = stream.into_split();
     let mut conn = Conn {
         reader: FrameReader::new(rd, TO_RECEIVER, shared.idle),
-        writer: FrameWriter::new(
-            BufWriter::with_capacity(64 << 10, wr),
-            TO_SENDER,
-            shared.idle,
-        ),
+        writer: FrameWriter::new(wr, TO_SENDER, shared.idle),
         peer,
     };
     let mut name = None;
@@ -412,7 +416,7 @@ async fn with_keepalive<T>(
     idle: Duration,
     work: impl Future<Output = T>,
 ) -> Result<T, Fail> {
-    let every = (idle / 4).max(Duration::from_millis(100));
+    let every = KEEPALIVE_EVERY.min(idle / 3);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tokio::pin!(work);
     loop {

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::BufWriter;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +18,8 @@ use super::names;
 use super::rate::RateLimiter;
 use super::receiver::{MAX_CHUNKS, MAX_STREAMS};
 use super::wire::{
-    Encoding, ErrorCode, FrameReader, FrameWriter, Msg, WireError, TO_RECEIVER, TO_SENDER, VERSION,
+    Encoding, ErrorCode, FrameReader, FrameWriter, Msg, WireError, KEEPALIVE_EVERY, MIN_IDLE,
+    TO_RECEIVER, TO_SENDER, VERSION,
 };
 use super::{
     check_chunk_size, Phase, Progress, ResumedFrom, TransferReport, ViaductError,
@@ -62,7 +62,8 @@ pub struct SendOptions {
     pub adaptive_compression: bool,
     /// Default 10 s.
     pub connect_timeout: Duration,
-    /// A connection on which nothing moves for this long is given up. Default 60 s.
+    /// A connection on which nothing moves for this long is given up. At least 15 s;
+    /// default 60 s.
     pub io_timeout: Duration,
     /// Cancelling it stops the transfer; the receiver keeps what arrived for a resume.
     pub cancel: CancellationToken,
@@ -102,15 +103,20 @@ impl SendOptions {
                 self.compression_level
             )));
         }
-        if self.io_timeout < Duration::from_millis(100) {
-            return Err(bad("io_timeout must be at least 100 ms".into()));
+        if self.io_timeout < MIN_IDLE {
+            return Err(bad(format!(
+                "io_timeout must be at least {} s (keepalives come every {} s), got {:?}",
+                MIN_IDLE.as_secs(),
+                KEEPALIVE_EVERY.as_secs(),
+                self.io_timeout
+            )));
         }
         Ok(())
     }
 }
 
 type Reader = FrameReader<OwnedReadHalf>;
-type Writer = FrameWriter<BufWriter<OwnedWriteHalf>>;
+type Writer = FrameWriter<OwnedWriteHalf>;
 
 struct Conn {
     reader: Reader,
@@ -278,7 +284,7 @@ pub async fn send_file(
         workers.spawn(run_stream(i, conn, job.clone()));
     }
     let snapshot = |phase| snapshot(phase, &job.stats);
-    let keepalive_every = (opts.io_timeout / 4).max(Duration::from_millis(50));
+    let keepalive_every = KEEPALIVE_EVERY;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut control: Option<Conn> = None;
     let mut last_keepalive = Instant::now();
@@ -406,7 +412,7 @@ impl Link<'_> {
         let idle = self.opts.io_timeout;
         let mut conn = Conn {
             reader: FrameReader::new(rd, TO_SENDER, idle),
-            writer: FrameWriter::new(BufWriter::with_capacity(64 << 10, wr), TO_RECEIVER, idle),
+            writer: FrameWriter::new(wr, TO_RECEIVER, idle),
         };
         conn.writer.set_counter(self.counter.clone());
         conn.writer.set_limiter(self.limiter.clone());
@@ -930,6 +936,9 @@ mod tests {
             .to_string()
             .contains("multiple of 4096"));
         o.chunk_size = DEFAULT_CHUNK_SIZE;
+        o.io_timeout = Duration::from_secs(1);
+        assert!(o.check().unwrap_err().to_string().contains("io_timeout"));
+        o.io_timeout = Duration::from_secs(60);
         o.max_bytes_per_sec = Some(0);
         assert!(o
             .check()

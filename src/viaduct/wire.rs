@@ -35,8 +35,8 @@ const MAX_HEADER: u32 = 64 << 10;
 const MAX_BODY: u32 = 136 << 20;
 /// Before authentication a peer gets no more than this per frame.
 const MAX_UNAUTHENTICATED: u32 = 4096;
-/// Bodies are written in pieces of this size so the rate limiter and the idle timeout
-/// see steady progress rather than one long write.
+/// Under a rate limit, bodies are written in pieces of this size so that bytes flow
+/// steadily and the receiver's idle timeout never sees a long silence.
 const WRITE_PIECE: usize = 256 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +125,12 @@ impl ErrorCode {
         }
     }
 }
+
+/// How often an end that is busy, or waiting on its own other streams, tells the peer it
+/// is alive. Both ends' idle timeouts must be well above it.
+pub(crate) const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+/// The shortest idle timeout accepted: two keepalives may be missed.
+pub(crate) const MIN_IDLE: Duration = Duration::from_secs(15);
 
 /// Offset value meaning "no particular chunk".
 pub(crate) const NO_OFFSET: u64 = u64::MAX;
@@ -675,31 +681,64 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         if mac.is_some() {
             self.seq += 1;
         }
-        self.put(head).await?;
+        let mac = mac.map(|m| *m.as_bytes());
+        let tail: &[u8] = mac.as_ref().map_or(&[], |m| &m[..]);
+        if self.limiter.is_none() {
+            // One gathered write per frame: no small segment for the header on its own.
+            return self.put_all(&[head, body, tail]).await;
+        }
+        self.put_all(&[head]).await?;
         for piece in body.chunks(WRITE_PIECE) {
-            self.put(piece).await?;
+            self.put_all(&[piece]).await?;
         }
-        if let Some(mac) = mac {
-            self.put(mac.as_bytes()).await?;
-        }
-        let idle = self.idle;
-        match tokio::time::timeout(idle, self.inner.flush()).await {
-            Ok(r) => r.map_err(WireError::from),
-            Err(_) => Err(WireError::Idle(idle)),
-        }
+        self.put_all(&[tail]).await
     }
 
-    async fn put(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+    /// Writes all of `parts`, in order, with as few system calls as the socket allows,
+    /// after taking their size from the rate limiter.
+    async fn put_all(&mut self, parts: &[&[u8]]) -> Result<(), WireError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total == 0 {
+            return Ok(());
+        }
         if let Some(limiter) = &self.limiter {
-            limiter.acquire(bytes.len() as u64).await;
+            limiter.acquire(total as u64).await;
         }
         let idle = self.idle;
-        match tokio::time::timeout(idle, self.inner.write_all(bytes)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(WireError::Idle(idle)),
-        }
-        if let Some(c) = &self.counter {
-            c.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let (mut part, mut offset) = (0usize, 0usize);
+        while part < parts.len() {
+            if offset == parts[part].len() {
+                part += 1;
+                offset = 0;
+                continue;
+            }
+            let slices: Vec<io::IoSlice<'_>> = std::iter::once(&parts[part][offset..])
+                .chain(parts[part + 1..].iter().copied())
+                .map(io::IoSlice::new)
+                .collect();
+            let n = match tokio::time::timeout(idle, self.inner.write_vectored(&slices)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(WireError::Idle(idle)),
+            };
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
+            if let Some(c) = &self.counter {
+                c.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            // Advance over what went out, across part boundaries.
+            let mut left = n;
+            while left > 0 {
+                let room = parts[part].len() - offset;
+                if left < room {
+                    offset += left;
+                    left = 0;
+                } else {
+                    left -= room;
+                    part += 1;
+                    offset = 0;
+                }
+            }
         }
         Ok(())
     }
