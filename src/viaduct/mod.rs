@@ -264,4 +264,6 @@ pub enum ViaductError {
     Root { path: PathBuf, detail: String },
     #[error("the transfer was cancelled")]
     Cancelled,
+    #[error("internal failure of the viaduct: {0}")]
+    Internal(String),
 }

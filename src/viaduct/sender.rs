@@ -181,7 +181,7 @@ pub async fn send_file(
         Ok::<_, ViaductError>((file, length, extents))
     })
     .await
-    .map_err(|e| ViaductError::InvalidOptions(format!("reading the source failed: {e}")))??;
+    .map_err(|e| ViaductError::Internal(format!("the source reader failed: {e}")))??;
     let layout = Layout::new(length, opts.chunk_size);
     if layout.chunks > MAX_CHUNKS {
         return Err(ViaductError::InvalidOptions(format!(
@@ -298,10 +298,7 @@ pub async fn send_file(
                 }
                 Some(Ok(Ok(_))) => {}
                 Some(Ok(Err(e))) => break Some(e),
-                Some(Err(e)) => break Some(ViaductError::Protocol {
-                    peer: peer.clone(),
-                    detail: format!("a stream task failed: {e}"),
-                }),
+                Some(Err(e)) => break Some(ViaductError::Internal(format!("a stream task failed: {e}"))),
             },
             _ = tick.tick() => {
                 progress(snapshot(Phase::Transferring));
@@ -325,10 +322,9 @@ pub async fn send_file(
         return Err(e);
     }
     let Some(mut control) = control else {
-        return Err(ViaductError::Protocol {
-            peer,
-            detail: "the first stream ended without reporting".into(),
-        });
+        return Err(ViaductError::Internal(
+            "the first stream ended without handing back its connection".into(),
+        ));
     };
 
     progress(snapshot(Phase::Verifying));
@@ -919,6 +915,39 @@ mod tests {
         assert!(!p.pack(chunk, &mut out, Some(cpu / 10.0)));
         // A wire much slower (a rate cap, a long link): compress.
         assert!(p.pack(chunk, &mut out, Some(cpu * 100.0)));
+    }
+
+    #[test]
+    fn receiver_errors_become_the_matching_variants() {
+        let e = |code| remote_error("10.0.0.2:7000", "vm/disk.raw", code, 4096, "why".into());
+        match e(ErrorCode::DiskFull) {
+            ViaductError::TargetDiskFull { what, detail } => {
+                assert!(what.contains("vm/disk.raw") && what.contains("10.0.0.2:7000"));
+                assert_eq!(detail, "why");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(matches!(
+            e(ErrorCode::Tampered),
+            ViaductError::Tampered { offset: 4096, .. }
+        ));
+        assert!(matches!(
+            e(ErrorCode::WrongKey),
+            ViaductError::WrongKey { .. }
+        ));
+        assert!(matches!(
+            e(ErrorCode::BadName),
+            ViaductError::NameRefused { .. }
+        ));
+        assert!(matches!(e(ErrorCode::Busy), ViaductError::Busy { .. }));
+        assert!(matches!(
+            e(ErrorCode::DigestMismatch),
+            ViaductError::DigestMismatch { .. }
+        ));
+        assert!(matches!(
+            e(ErrorCode::Shutdown),
+            ViaductError::ConnectionDropped { .. }
+        ));
     }
 
     #[test]
