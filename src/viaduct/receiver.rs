@@ -236,8 +236,16 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     } else if fail.code == ErrorCode::WrongKey {
         tracing::warn!("Refused the sender at {peer}: {}.", fail.message);
     } else {
+        let partial = match fail.code {
+            ErrorCode::DiskFull => "; its partial file is removed to free the space",
+            ErrorCode::Tampered
+            | ErrorCode::DigestMismatch
+            | ErrorCode::Io
+            | ErrorCode::Shutdown => "; its partial file, if any, is kept for a resume",
+            _ => "",
+        };
         tracing::warn!(
-            "The transfer{about} from {peer} failed: {} (the partial file, if any, is kept for a resume).",
+            "The transfer{about} from {peer} failed: {}{partial}.",
             fail.message
         );
     }
@@ -550,14 +558,6 @@ fn prepare(
     layout: &Layout,
 ) -> Result<(File, Vec<blake3::Hash>, ResumedFrom), Fail> {
     use std::os::unix::fs::OpenOptionsExt;
-    let io_fail = |what: &str, path: &Path, e: io::Error| {
-        let code = if is_disk_full(&e) {
-            ErrorCode::DiskFull
-        } else {
-            ErrorCode::Io
-        };
-        Fail::new(code, format!("cannot {what} {}: {e}", path.display()))
-    };
     let partial = &placement.partial;
     if partial.exists() {
         let file = File::options()
@@ -579,35 +579,53 @@ fn prepare(
         .custom_flags(libc::O_NOFOLLOW)
         .open(partial)
         .map_err(|e| io_fail("create", partial, e))?;
-    let target = &placement.target;
+    // A copy that failed half-way is worth nothing and may fill the disk: remove it.
+    fill_new_partial(file, placement, layout).inspect_err(|_| {
+        let _ = std::fs::remove_file(partial);
+    })
+}
+
+fn fill_new_partial(
+    file: File,
+    placement: &Placement,
+    layout: &Layout,
+) -> Result<(File, Vec<blake3::Hash>, ResumedFrom), Fail> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (partial, target) = (&placement.partial, &placement.target);
+    file.set_len(layout.length)
+        .map_err(|e| io_fail("resize", partial, e))?;
     let previous = match File::options()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(target)
     {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let digests = (0..layout.chunks).map(|i| layout.zero_digest(i)).collect();
+            return Ok((file, digests, ResumedFrom::None));
+        }
         Err(e) => return Err(io_fail("open", target, e)),
-    };
-    let Some(previous) = previous else {
-        file.set_len(layout.length)
-            .map_err(|e| io_fail("resize", partial, e))?;
-        let digests = (0..layout.chunks).map(|i| layout.zero_digest(i)).collect();
-        return Ok((file, digests, ResumedFrom::None));
     };
     let digests = if chunks::try_clone(&previous, &file) {
         file.set_len(layout.length)
             .map_err(|e| io_fail("resize", partial, e))?;
         chunks::hash_file(&file, layout).map_err(|e| io_fail("read", partial, e))?
     } else {
-        file.set_len(layout.length)
-            .map_err(|e| io_fail("resize", partial, e))?;
         chunks::copy_and_hash(&previous, &file, layout).map_err(|e| match e {
             CopyError::Read(e) => io_fail("read", target, e),
             CopyError::Write(e) => io_fail("write", partial, e),
         })?
     };
     Ok((file, digests, ResumedFrom::Target))
+}
+
+fn io_fail(what: &str, path: &Path, e: io::Error) -> Fail {
+    let code = if is_disk_full(&e) {
+        ErrorCode::DiskFull
+    } else {
+        ErrorCode::Io
+    };
+    Fail::new(code, format!("cannot {what} {}: {e}", path.display()))
 }
 
 fn is_disk_full(e: &io::Error) -> bool {
