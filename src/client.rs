@@ -69,10 +69,7 @@ impl Api {
                 if problems.is_empty() {
                     anyhow::bail!("the daemon answered {status}: {msg}");
                 }
-                anyhow::bail!(
-                    "the daemon answered {status}: {msg}:\n{}",
-                    problems.join("\n")
-                );
+                anyhow::bail!("the daemon answered {status}: {msg}:\n{}", problems.join("\n"));
             }
             Ok(body)
         })
@@ -147,13 +144,7 @@ pub fn status(a: &ApiArgs) -> anyhow::Result<ExitCode> {
         .collect();
     table(
         &[
-            "SERVICE",
-            "PROVIDER",
-            "POLICY",
-            "MODE",
-            "MONTHLY",
-            "CHEAPEST ELSEWHERE",
-            "LAST",
+            "SERVICE", "PROVIDER", "POLICY", "MODE", "MONTHLY", "CHEAPEST ELSEWHERE", "LAST",
             "PENDING",
         ],
         rows,
@@ -186,10 +177,7 @@ pub fn market(a: &ApiArgs, provider: Option<&str>) -> anyhow::Result<ExitCode> {
                 ]
             })
             .collect();
-        table(
-            &["FLAVOR", "VCPUS", "MEMORY GIB", "PER HOUR", "CURRENCY"],
-            rows,
-        );
+        table(&["FLAVOR", "VCPUS", "MEMORY GIB", "PER HOUR", "CURRENCY"], rows);
         return Ok(ExitCode::SUCCESS);
     }
     let sources = v["sources"].as_object().cloned().unwrap_or_default();
@@ -209,10 +197,7 @@ pub fn market(a: &ApiArgs, provider: Option<&str>) -> anyhow::Result<ExitCode> {
             ]
         })
         .collect();
-    table(
-        &["SOURCE", "RECORDS", "LAST SUCCESS", "STATE", "LAST ERROR"],
-        rows,
-    );
+    table(&["SOURCE", "RECORDS", "LAST SUCCESS", "STATE", "LAST ERROR"], rows);
     println!();
     let regions = v["regions"].as_object().cloned().unwrap_or_default();
     let rows = regions
@@ -222,31 +207,15 @@ pub fn market(a: &ApiArgs, provider: Option<&str>) -> anyhow::Result<ExitCode> {
             vec![
                 p.clone(),
                 s(&r["country"]),
-                if r["eu"].as_bool() == Some(true) {
-                    "yes"
-                } else {
-                    "no"
-                }
-                .into(),
+                if r["eu"].as_bool() == Some(true) { "yes" } else { "no" }.into(),
                 s(&io["seq_read_mb_s"]),
                 s(&io["rand_read_iops"]),
-                v["offers"][p]
-                    .as_array()
-                    .map(|a| a.len())
-                    .unwrap_or(0)
-                    .to_string(),
+                v["offers"][p].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
             ]
         })
         .collect();
     table(
-        &[
-            "PROVIDER",
-            "COUNTRY",
-            "EU",
-            "SEQ READ MB/S",
-            "RAND IOPS",
-            "OFFERS",
-        ],
+        &["PROVIDER", "COUNTRY", "EU", "SEQ READ MB/S", "RAND IOPS", "OFFERS"],
         rows,
     );
     Ok(ExitCode::SUCCESS)
@@ -295,10 +264,7 @@ pub fn decisions(
             ]
         })
         .collect();
-    table(
-        &["ID", "SERVICE", "VERDICT", "OUTCOME", "RAIL", "REASON"],
-        rows,
-    );
+    table(&["ID", "SERVICE", "VERDICT", "OUTCOME", "RAIL", "REASON"], rows);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,10 +17,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         config.path.display()
     );
-    tracing::info!(
-        "Initializing the state directory {}.",
-        config.daemon.state_dir.display()
-    );
+    tracing::info!("Initializing the state directory {}.", config.daemon.state_dir.display());
     let (token, token_path) = crate::api::load_token(&config)?;
     tracing::info!("The API token is read from {}.", token_path.display());
     let listen = config.daemon.listen;

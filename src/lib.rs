@@ -8,8 +8,8 @@
 pub mod api;
 pub mod broker;
 pub mod conduit;
-pub mod config;
 pub mod daemon;
+pub mod config;
 pub mod model;
 pub mod policy;
 pub mod telemetry;

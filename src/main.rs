@@ -23,12 +23,7 @@ struct Cli {
 #[derive(Args, Clone)]
 pub struct ConfigArg {
     /// Configuration file.
-    #[arg(
-        long,
-        short,
-        env = "FLUIDCLOUD_CONFIG",
-        default_value = "/etc/fluidcloud/fluidcloud.toml"
-    )]
+    #[arg(long, short, env = "FLUIDCLOUD_CONFIG", default_value = "/etc/fluidcloud/fluidcloud.toml")]
     pub config: PathBuf,
 }
 

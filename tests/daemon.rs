@@ -84,10 +84,7 @@ fn feeds() -> FeedServer {
         ),
         ("/azure/prices", Body::Json(p1)),
         ("/azure/prices?page=2", Body::Json(p2)),
-        (
-            "/bad/malformed.json",
-            Body::Json("{\"products\": {\"x\": ".into()),
-        ),
+        ("/bad/malformed.json", Body::Json("{\"products\": {\"x\": ".into())),
         (
             "/bad/negative.json",
             Body::Json(aws_offer("us-east-1", &[("m5.large", 2, 8.0, -1.0)])),
@@ -215,10 +212,7 @@ fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
         .iter()
         .map(|o| o["price_per_hour"].as_f64().unwrap())
         .collect();
-    assert!(
-        prices.contains(&0.096) && prices.contains(&0.0416),
-        "{prices:?}"
-    );
+    assert!(prices.contains(&0.096) && prices.contains(&0.0416), "{prices:?}");
     let azure = market["offers"]["azure-we"].as_array().unwrap();
     assert_eq!(azure.len(), 2, "both pages, westeurope only: {azure:?}");
     assert_eq!(feeds.hits("/azure/prices?page=2"), 1);
@@ -226,19 +220,14 @@ fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
     assert_eq!(market["regions"]["azure-we"]["eu"], true);
 
     // The cheapest policy must first collect its two confirmations, then it is submitted.
-    let suppressed = d.eventually(
-        "a confirmations suppression",
-        Duration::from_secs(30),
-        |d| find(d, "shop", "suppressed").filter(|x| x["suppressed_by"] == "confirmations"),
-    );
+    let suppressed = d.eventually("a confirmations suppression", Duration::from_secs(30), |d| {
+        find(d, "shop", "suppressed").filter(|x| x["suppressed_by"] == "confirmations")
+    });
     assert_eq!(suppressed["verdict"]["provider"], "azure-we");
     let submitted = d.eventually("a submitted relocation", Duration::from_secs(30), |d| {
         find(d, "shop", "submitted")
     });
-    assert!(
-        submitted["current_monthly_cost"].as_f64().unwrap()
-            > submitted["target_monthly_cost"].as_f64().unwrap()
-    );
+    assert!(submitted["current_monthly_cost"].as_f64().unwrap() > submitted["target_monthly_cost"].as_f64().unwrap());
     assert_eq!(submitted["policy_hash"].as_str().unwrap().len(), 64);
     assert!(!submitted["input_digest"].as_str().unwrap().is_empty());
     let relocations = d.get("/v1/relocations");
@@ -258,71 +247,32 @@ fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
     });
     let id = pending["id"].as_str().unwrap();
     // One relocation is already queued (shop), and the budget allows one at a time.
-    let (status, body) = d
-        .raw("POST", &format!("/v1/decisions/{id}/approve"), true, None)
-        .unwrap();
+    let (status, body) = d.raw("POST", &format!("/v1/decisions/{id}/approve"), true, None).unwrap();
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("in progress"), "{body}");
-    let (status, body) = d
-        .raw("POST", &format!("/v1/decisions/{id}/reject"), true, None)
-        .unwrap();
+    let (status, body) = d.raw("POST", &format!("/v1/decisions/{id}/reject"), true, None).unwrap();
     assert_eq!(status, 200, "{body}");
-    let (status, _) = d
-        .raw("POST", &format!("/v1/decisions/{id}/approve"), true, None)
-        .unwrap();
+    let (status, _) = d.raw("POST", &format!("/v1/decisions/{id}/approve"), true, None).unwrap();
     assert_eq!(status, 409, "a rejected decision cannot be approved");
 
     // The decision log on disk holds the same decisions, one JSON object per line.
     let log = std::fs::read_to_string(dir.path().join("state/decisions.jsonl")).unwrap();
-    let on_disk: Vec<Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let on_disk: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(on_disk.iter().any(|x| x["id"] == submitted["id"]));
-    assert!(on_disk
-        .iter()
-        .any(|x| x["outcome"] == "rejected" && x["refers_to"] == id));
+    assert!(on_disk.iter().any(|x| x["outcome"] == "rejected" && x["refers_to"] == id));
 
     // Metrics: polls, decisions by outcome, suppressions by reason, costs, build info.
     let m = d.metrics();
     assert!(m.contains("fluidcloud_build_info{version=\""), "{m}");
-    assert!(
-        d.metric("fluidcloud_poll_runs_total{source=\"pricing:aws-va\"}")
-            .unwrap()
-            >= 1.0
-    );
-    assert_eq!(
-        d.metric("fluidcloud_poll_errors_total{source=\"pricing:aws-va\"}"),
-        Some(0.0)
-    );
-    assert!(
-        d.metric("fluidcloud_decisions_total{outcome=\"submitted\"}")
-            .unwrap()
-            >= 1.0
-    );
-    assert!(
-        d.metric("fluidcloud_suppressions_total{reason=\"pinned\"}")
-            .unwrap()
-            >= 1.0
-    );
-    assert!(
-        d.metric("fluidcloud_suppressions_total{reason=\"confirmations\"}")
-            .unwrap()
-            >= 1.0
-    );
-    assert_eq!(
-        d.metric("fluidcloud_suppressions_total{reason=\"blackout\"}"),
-        Some(0.0)
-    );
-    assert!(
-        d.metric("fluidcloud_relocations_requested_total{origin=\"policy\"}")
-            .unwrap()
-            >= 1.0
-    );
+    assert!(d.metric("fluidcloud_poll_runs_total{source=\"pricing:aws-va\"}").unwrap() >= 1.0);
+    assert_eq!(d.metric("fluidcloud_poll_errors_total{source=\"pricing:aws-va\"}"), Some(0.0));
+    assert!(d.metric("fluidcloud_decisions_total{outcome=\"submitted\"}").unwrap() >= 1.0);
+    assert!(d.metric("fluidcloud_suppressions_total{reason=\"pinned\"}").unwrap() >= 1.0);
+    assert!(d.metric("fluidcloud_suppressions_total{reason=\"confirmations\"}").unwrap() >= 1.0);
+    assert_eq!(d.metric("fluidcloud_suppressions_total{reason=\"blackout\"}"), Some(0.0));
+    assert!(d.metric("fluidcloud_relocations_requested_total{origin=\"policy\"}").unwrap() >= 1.0);
     assert!(m.contains("fluidcloud_service_monthly_cost{currency=\"USD\",provider=\"aws-va\",service=\"shop\"}"), "{m}");
-    let age = d
-        .metric("fluidcloud_market_data_age_seconds{source=\"pricing:aws-va\"}")
-        .unwrap();
+    let age = d.metric("fluidcloud_market_data_age_seconds{source=\"pricing:aws-va\"}").unwrap();
     assert!((0.0..120.0).contains(&age), "{age}");
 
     // SIGTERM stops it cleanly.
@@ -333,17 +283,10 @@ fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
             assert!(st.success(), "exit status {st}");
             break;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no exit after SIGTERM"
-        );
+        assert!(start.elapsed() < Duration::from_secs(20), "no exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        d.logs().contains("The broker exited cleanly."),
-        "{}",
-        d.logs()
-    );
+    assert!(d.logs().contains("The broker exited cleanly."), "{}", d.logs());
 }
 
 #[test]
@@ -354,13 +297,9 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
     let (s, body) = d.call("GET", "/v1/services", None, None).unwrap();
     assert_eq!(s, 401, "{body}");
     assert!(body.contains("Bearer"), "{body}");
-    let (s, _) = d
-        .call("GET", "/v1/services", Some("not-the-token"), None)
-        .unwrap();
+    let (s, _) = d.call("GET", "/v1/services", Some("not-the-token"), None).unwrap();
     assert_eq!(s, 401);
-    let (s, _) = d
-        .call("POST", "/v1/reload", Some("not-the-token"), None)
-        .unwrap();
+    let (s, _) = d.call("POST", "/v1/reload", Some("not-the-token"), None).unwrap();
     assert_eq!(s, 401);
     // Health and metrics need no token.
     assert_eq!(d.call("GET", "/healthz", None, None).unwrap().0, 200);
@@ -369,40 +308,20 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
     let (s, body) = d.raw("GET", "/v1/services/nope", true, None).unwrap();
     assert_eq!(s, 404, "{body}");
     let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/shop/relocate",
-            true,
-            Some(json!({"to": "mars-1"})),
-        )
+        .raw("POST", "/v1/services/shop/relocate", true, Some(json!({"to": "mars-1"})))
         .unwrap();
     assert_eq!(s, 404, "{body}");
     assert!(body.contains("mars-1") && body.contains("aws-va"), "{body}");
     let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/nope/relocate",
-            true,
-            Some(json!({"to": "azure-we"})),
-        )
+        .raw("POST", "/v1/services/nope/relocate", true, Some(json!({"to": "azure-we"})))
         .unwrap();
     assert_eq!(s, 404, "{body}");
     let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/vault/relocate",
-            true,
-            Some(json!({"to": "azure-we"})),
-        )
+        .raw("POST", "/v1/services/vault/relocate", true, Some(json!({"to": "azure-we"})))
         .unwrap();
     assert_eq!(s, 409, "pinned: {body}");
     let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/shop/relocate",
-            true,
-            Some(json!({"destination": "x"})),
-        )
+        .raw("POST", "/v1/services/shop/relocate", true, Some(json!({"destination": "x"})))
         .unwrap();
     assert_eq!(s, 422, "{body}");
     let (s, body) = d
@@ -411,21 +330,13 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
     assert_eq!(s, 404, "{body}");
     // A relocation by hand is logged as an operator decision and queued.
     let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/shop/relocate",
-            true,
-            Some(json!({"to": "azure-we", "reason": "maintenance"})),
-        )
+        .raw("POST", "/v1/services/shop/relocate", true, Some(json!({"to": "azure-we", "reason": "maintenance"})))
         .unwrap();
     assert_eq!(s, 202, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["mode"], "operator");
     assert_eq!(d.get("/v1/relocations")[0]["request"]["origin"], "operator");
-    assert_eq!(
-        d.metric("fluidcloud_api_requests_total{route=\"/v1/services\",status=\"401\"}"),
-        Some(1.0)
-    );
+    assert_eq!(d.metric("fluidcloud_api_requests_total{route=\"/v1/services\",status=\"401\"}"), Some(1.0));
 }
 
 #[test]
@@ -441,11 +352,7 @@ fn bad_feeds_are_counted_and_never_crash_the_daemon() {
         ("hang", "/bad/hang", "aws"),
         ("huge", "/aws/us-east-1/index.json", "aws"),
     ] {
-        let limit = if name == "huge" {
-            "max_bytes = 1000\n"
-        } else {
-            ""
-        };
+        let limit = if name == "huge" { "max_bytes = 1000\n" } else { "" };
         extra.push_str(&format!(
             "[providers.{name}]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.{name}.pricing]\nformat = \"{format}\"\nurl = \"{}{path}\"\nschedule = \"0 0 * * * *\"\ntimeout_secs = 2\n{limit}\n",
             feeds.base
@@ -457,34 +364,18 @@ fn bad_feeds_are_counted_and_never_crash_the_daemon() {
     for name in ["malformed", "negative", "empty", "http500", "hang", "huge"] {
         let source = format!("pricing:{name}");
         let st = &market["sources"][&source];
-        let err = st["last_error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{source}: {st}"));
+        let err = st["last_error"].as_str().unwrap_or_else(|| panic!("{source}: {st}"));
         assert!(!err.is_empty(), "{source}");
         assert_eq!(
-            d.metric(&format!(
-                "fluidcloud_poll_errors_total{{source=\"{source}\"}}"
-            )),
+            d.metric(&format!("fluidcloud_poll_errors_total{{source=\"{source}\"}}")),
             Some(1.0),
             "{source}"
         );
-        assert!(
-            market["offers"].get(name).is_none(),
-            "{source} must publish no offers"
-        );
+        assert!(market["offers"].get(name).is_none(), "{source} must publish no offers");
     }
-    let err = |n: &str| {
-        market["sources"][format!("pricing:{n}")]["last_error"]
-            .as_str()
-            .unwrap()
-            .to_lowercase()
-    };
+    let err = |n: &str| market["sources"][format!("pricing:{n}")]["last_error"].as_str().unwrap().to_lowercase();
     assert!(err("malformed").contains("line"), "{}", err("malformed"));
-    assert!(
-        err("negative").contains("negative") || err("negative").contains("reject"),
-        "{}",
-        err("negative")
-    );
+    assert!(err("negative").contains("negative") || err("negative").contains("reject"), "{}", err("negative"));
     assert!(err("hang").contains("time"), "{}", err("hang"));
     assert!(err("huge").contains("1000"), "{}", err("huge"));
     assert!(err("http500").contains("500"), "{}", err("http500"));
@@ -510,31 +401,19 @@ vcpus = 1
 memory_gib = 1
 "#;
     let mut d = Daemon::start(dir.path(), &config(&feeds, extra));
-    let err = d.eventually(
-        "the runaway policy's error decision",
-        Duration::from_secs(30),
-        |d| find(d, "spinner", "error"),
-    );
+    let err = d.eventually("the runaway policy's error decision", Duration::from_secs(30), |d| {
+        find(d, "spinner", "error")
+    });
     let msg = err["error"].as_str().unwrap().to_lowercase();
     assert!(msg.contains("runaway"), "{msg}");
     assert!(msg.contains("time") || msg.contains("operations"), "{msg}");
-    assert!(
-        d.metric("fluidcloud_policy_evaluations_total{policy=\"runaway\",result=\"error\"}")
-            .unwrap()
-            >= 1.0
-    );
+    assert!(d.metric("fluidcloud_policy_evaluations_total{policy=\"runaway\",result=\"error\"}").unwrap() >= 1.0);
     // Other services are still decided.
-    d.eventually("shop decided", Duration::from_secs(30), |d| {
-        decisions(d, "shop").into_iter().next()
-    });
+    d.eventually("shop decided", Duration::from_secs(30), |d| decisions(d, "shop").into_iter().next());
 
     // A reload with a broken file is refused, over the API and on SIGHUP; the daemon goes on.
     let good = std::fs::read_to_string(&d.config).unwrap();
-    std::fs::write(
-        &d.config,
-        good.replace("[services.shop]", "[services.shop]\nsize = 3"),
-    )
-    .unwrap();
+    std::fs::write(&d.config, good.replace("[services.shop]", "[services.shop]\nsize = 3")).unwrap();
     let (s, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
     assert_eq!(s, 422, "{body}");
     assert!(body.contains("size"), "{body}");
@@ -548,10 +427,7 @@ memory_gib = 1
     std::fs::write(dir.path().join("loop.rhai"), "fn decide(ctx) { let x = ; }").unwrap();
     let (s, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
     assert_eq!(s, 422, "{body}");
-    assert!(
-        body.contains("loop.rhai") || body.contains("runaway"),
-        "{body}"
-    );
+    assert!(body.contains("loop.rhai") || body.contains("runaway"), "{body}");
     // A good reload applies: the spinner service goes away.
     std::fs::write(dir.path().join("loop.rhai"), POLICY_LOOP).unwrap();
     let without = good.split("[services.spinner]").next().unwrap().to_string();
@@ -602,17 +478,10 @@ policy = "p"
             .lines()
             .find(|l| l.contains(needle))
             .unwrap_or_else(|| panic!("no error for {needle}:\n{err}"));
-        assert!(
-            l.contains(&format!("bad.toml:{line}:")),
-            "{needle} at line {line}: {l}"
-        );
+        assert!(l.contains(&format!("bad.toml:{line}:")), "{needle} at line {line}: {l}");
     }
     // An unknown key is a syntax-level error with its position.
-    std::fs::write(
-        &path,
-        "[daemon]\nlisten = \"127.0.0.1:1\"\nstate_dri = \"x\"\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "[daemon]\nlisten = \"127.0.0.1:1\"\nstate_dri = \"x\"\n").unwrap();
     let out = std::process::Command::new(common::bin())
         .args(["check", "--config"])
         .arg(&path)
@@ -620,10 +489,7 @@ policy = "p"
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("bad.toml:3:1") && err.contains("state_dri"),
-        "{err}"
-    );
+    assert!(err.contains("bad.toml:3:1") && err.contains("state_dri"), "{err}");
 
     // The quickstart is valid.
     let out = std::process::Command::new(common::bin())
@@ -631,9 +497,5 @@ policy = "p"
         .arg(common::repo().join("examples/quickstart/fluidcloud.toml"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -48,10 +48,7 @@ pub fn router(broker: BrokerHandle, token: String) -> Router {
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            count_requests,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
 
@@ -67,10 +64,7 @@ async fn not_found(req: Request) -> Response {
 }
 
 fn stopped() -> Response {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the broker is shutting down",
-    )
+    error(StatusCode::SERVICE_UNAVAILABLE, "the broker is shutting down")
 }
 
 impl IntoResponse for ApiError {
@@ -92,12 +86,7 @@ async fn count_requests(State(s): State<AppState>, req: Request, next: Next) -> 
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| {
             let p = req.uri().path();
-            if p.starts_with("/v1/") {
-                "/v1/*"
-            } else {
-                "other"
-            }
-            .to_string()
+            if p.starts_with("/v1/") { "/v1/*" } else { "other" }.to_string()
         });
     let resp = next.run(req).await;
     s.broker
@@ -119,7 +108,9 @@ async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if constant_time_eq(t.trim().as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        Some(t) if constant_time_eq(t.trim().as_bytes(), s.token.as_bytes()) => {
+            next.run(req).await
+        }
         Some(_) => {
             tracing::warn!("Refused an API call with a wrong bearer token.");
             unauthorized("the bearer token is wrong")
@@ -161,10 +152,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
             .set(st.age_secs(now).unwrap_or(-1.0));
     }
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         s.broker.metrics.encode(),
     )
         .into_response()
@@ -201,8 +189,7 @@ async fn market(State(s): State<AppState>, Query(q): Query<MarketQuery>) -> Resp
                 && !m.offers.contains_key(&p)
                 && !m.regions.contains_key(&p)
             {
-                return ApiError::NotFound(format!("no provider `{p}` in the market"))
-                    .into_response();
+                return ApiError::NotFound(format!("no provider `{p}` in the market")).into_response();
             }
             Json(json!({
                 "taken_at": m.taken_at,
@@ -285,10 +272,7 @@ async fn relocate(
         Err(e) => {
             return error(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "the body must be JSON like {{\"to\": \"PROVIDER\"}}: {}",
-                    e.body_text()
-                ),
+                format!("the body must be JSON like {{\"to\": \"PROVIDER\"}}: {}", e.body_text()),
             )
         }
     };

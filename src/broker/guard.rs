@@ -189,7 +189,10 @@ pub fn judge(
             None => "never relocated".into(),
         },
     );
-    let blackout = policy.blackouts.iter().find(|b| in_blackout(b, now));
+    let blackout = policy
+        .blackouts
+        .iter()
+        .find(|b| in_blackout(b, now));
     rail(
         "blackout",
         blackout.is_none(),
@@ -338,25 +341,13 @@ mod tests {
         let pol = policy();
         let cases: Vec<(&str, Box<dyn Fn(&mut Proposal<'_>)>)> = vec![
             ("pinned", Box::new(|p| p.pinned = true)),
-            (
-                "unknown_target",
-                Box::new(|p| p.target_known = Err("no".into())),
-            ),
-            (
-                "stale_data",
-                Box::new(|p| p.stale_sources = vec!["pricing:b".into()]),
-            ),
-            (
-                "min_improvement",
-                Box::new(|p| p.target_monthly_cost = 95.0),
-            ),
+            ("unknown_target", Box::new(|p| p.target_known = Err("no".into()))),
+            ("stale_data", Box::new(|p| p.stale_sources = vec!["pricing:b".into()])),
+            ("min_improvement", Box::new(|p| p.target_monthly_cost = 95.0)),
             // 50/month saved over 30 days ≈ 49.3, less than a 60 migration cost.
             ("break_even", Box::new(|p| p.migration_cost = 60.0)),
             ("confirmations", Box::new(|p| p.streak = 1)),
-            (
-                "already_relocating",
-                Box::new(|p| p.already_relocating = true),
-            ),
+            ("already_relocating", Box::new(|p| p.already_relocating = true)),
             ("concurrency_budget", Box::new(|p| p.active_relocations = 1)),
             ("window_budget", Box::new(|p| p.relocations_in_window = 2)),
         ];
@@ -371,16 +362,10 @@ mod tests {
     fn residency_and_cooldown_count_from_memory() {
         let mut m = memory();
         m.placed_since = Some(now() - ChronoDuration::minutes(30));
-        assert_eq!(
-            refusal(&proposal(&m), &policy()).as_deref(),
-            Some("min_residency")
-        );
+        assert_eq!(refusal(&proposal(&m), &policy()).as_deref(), Some("min_residency"));
         let mut m = memory();
         m.last_relocation = Some(now() - ChronoDuration::minutes(5));
-        assert_eq!(
-            refusal(&proposal(&m), &policy()).as_deref(),
-            Some("cooldown")
-        );
+        assert_eq!(refusal(&proposal(&m), &policy()).as_deref(), Some("cooldown"));
         m.last_relocation = Some(now() - ChronoDuration::minutes(11));
         assert_eq!(refusal(&proposal(&m), &policy()), None);
     }

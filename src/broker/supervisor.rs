@@ -261,10 +261,7 @@ impl Supervisor {
         let loaded = Loaded::load(config)?;
         let state_dir = &loaded.config.daemon.state_dir;
         std::fs::create_dir_all(state_dir).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot create the state directory {}: {e}",
-                state_dir.display()
-            )
+            anyhow::anyhow!("cannot create the state directory {}: {e}", state_dir.display())
         })?;
         std::fs::create_dir_all(loaded.config.cache_dir()).map_err(|e| {
             anyhow::anyhow!(
@@ -387,10 +384,7 @@ impl Supervisor {
             let _ = old.shutdown().await;
         }
         let sched = JobScheduler::new().await?;
-        let mut jobs = vec![(
-            Job::Evaluate,
-            self.config().broker.evaluate_schedule.clone(),
-        )];
+        let mut jobs = vec![(Job::Evaluate, self.config().broker.evaluate_schedule.clone())];
         for (name, p) in &self.config().providers {
             if let Some(s) = &p.pricing {
                 jobs.push((Job::Poll(format!("pricing:{name}")), s.schedule.clone()));
@@ -570,10 +564,7 @@ impl Supervisor {
 
     fn start_poll(&mut self, source: String) {
         if self.busy.contains(&source) {
-            self.metrics
-                .ticks_skipped
-                .with_label_values(&[&source])
-                .inc();
+            self.metrics.ticks_skipped.with_label_values(&[&source]).inc();
             tracing::warn!("Skipping a tick of {source}: the previous poll is still running.");
             return;
         }
@@ -615,10 +606,7 @@ impl Supervisor {
         m.poll_duration
             .with_label_values(&[&source])
             .observe(started.elapsed().as_secs_f64());
-        let provider = source
-            .split_once(':')
-            .map(|(_, p)| p.to_string())
-            .unwrap_or_default();
+        let provider = source.split_once(':').map(|(_, p)| p.to_string()).unwrap_or_default();
         if !self.config().providers.contains_key(&provider) {
             return; // removed by a reload while it ran
         }
@@ -676,10 +664,7 @@ impl Supervisor {
 
     fn start_evaluation(&mut self) {
         if self.busy.contains("evaluate") {
-            self.metrics
-                .ticks_skipped
-                .with_label_values(&["evaluate"])
-                .inc();
+            self.metrics.ticks_skipped.with_label_values(&["evaluate"]).inc();
             tracing::warn!("Skipping an evaluation tick: the previous one is still running.");
             return;
         }
@@ -796,9 +781,7 @@ impl Supervisor {
                     let target_known = if target == &service.provider {
                         Err(format!("the policy asked to move to `{target}`, where the service already runs"))
                     } else if !config.providers.contains_key(target) {
-                        Err(format!(
-                            "the policy named `{target}`, which is not a configured provider"
-                        ))
+                        Err(format!("the policy named `{target}`, which is not a configured provider"))
                     } else if figures.is_none() {
                         Err(format!("`{target}` has no offer that fits the service"))
                     } else {
@@ -1002,13 +985,7 @@ impl Supervisor {
         let Some(original) = self.log.get(id).cloned() else {
             return Err(ApiError::NotFound(format!("no decision `{id}`")));
         };
-        if self
-            .state
-            .pending
-            .get(&original.service)
-            .map(String::as_str)
-            != Some(id)
-        {
+        if self.state.pending.get(&original.service).map(String::as_str) != Some(id) {
             return Err(ApiError::Conflict(format!(
                 "decision `{id}` is not waiting for approval (its outcome was {})",
                 original.outcome.as_str()
@@ -1025,26 +1002,20 @@ impl Supervisor {
             let active = self.conduit.active();
             let cfg = self.config().broker.clone();
             if active >= cfg.max_concurrent_relocations as usize {
-                self.state
-                    .pending
-                    .insert(original.service.clone(), original.id.clone());
+                self.state.pending.insert(original.service.clone(), original.id.clone());
                 return Err(ApiError::Conflict(format!(
                     "{active} relocations are in progress, at most {} allowed; approve later",
                     cfg.max_concurrent_relocations
                 )));
             }
             if self.state.relocation_starts.len() >= cfg.max_relocations_per_window as usize {
-                self.state
-                    .pending
-                    .insert(original.service.clone(), original.id.clone());
+                self.state.pending.insert(original.service.clone(), original.id.clone());
                 return Err(ApiError::Conflict(
                     "the relocation budget of the window is spent; approve later".into(),
                 ));
             }
             if let Err(e) = self.submit(&d, "operator") {
-                self.state
-                    .pending
-                    .insert(original.service.clone(), original.id.clone());
+                self.state.pending.insert(original.service.clone(), original.id.clone());
                 return Err(ApiError::Conflict(e));
             }
         } else {
@@ -1080,29 +1051,17 @@ impl Supervisor {
         let Some(spec) = config.services.get(service) else {
             return Err(ApiError::NotFound(format!(
                 "no service `{service}`; configured services: {}",
-                config
-                    .services
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                config.services.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
         };
         if !config.providers.contains_key(to) {
             return Err(ApiError::NotFound(format!(
                 "no provider `{to}`; configured providers: {}",
-                config
-                    .providers
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                config.providers.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
         }
         if spec.provider == to {
-            return Err(ApiError::Invalid(format!(
-                "`{service}` already runs on `{to}`"
-            )));
+            return Err(ApiError::Invalid(format!("`{service}` already runs on `{to}`")));
         }
         if spec.pinned && !force {
             return Err(ApiError::Conflict(format!(
@@ -1197,10 +1156,7 @@ impl Supervisor {
     }
 
     fn decisions(&self, q: &DecisionQuery) -> Vec<Decision> {
-        let limit = q
-            .limit
-            .unwrap_or(100)
-            .min(super::decisions::RECENT_DECISIONS);
+        let limit = q.limit.unwrap_or(100).min(super::decisions::RECENT_DECISIONS);
         let mut out: Vec<Decision> = self
             .log
             .recent()

@@ -105,9 +105,6 @@ impl Conduit for QueueOnly {
     }
 
     fn relocations(&self) -> Vec<Relocation> {
-        self.records
-            .lock()
-            .expect("relocation records lock")
-            .clone()
+        self.records.lock().expect("relocation records lock").clone()
     }
 }

@@ -443,10 +443,7 @@ impl Locator {
                 (Node::Item(toml_edit::Item::ArrayOfTables(a)), KeyPart::Index(i)) => {
                     a.get(i).map(Node::Table)
                 }
-                (
-                    Node::Item(toml_edit::Item::Value(toml_edit::Value::Array(a))),
-                    KeyPart::Index(i),
-                )
+                (Node::Item(toml_edit::Item::Value(toml_edit::Value::Array(a))), KeyPart::Index(i))
                 | (Node::Value(toml_edit::Value::Array(a)), KeyPart::Index(i)) => {
                     a.get(i).map(Node::Value)
                 }
@@ -656,11 +653,8 @@ impl Validator<'_> {
     }
 
     fn broker(&mut self, raw: RawBroker) -> BrokerSettings {
-        let evaluate_schedule = self.schedule(
-            "broker.evaluate_schedule",
-            raw.evaluate_schedule,
-            EVERY_MINUTE,
-        );
+        let evaluate_schedule =
+            self.schedule("broker.evaluate_schedule", raw.evaluate_schedule, EVERY_MINUTE);
         let pct = raw.max_relocations_percent.unwrap_or(20.0);
         if !(pct.is_finite() && pct > 0.0 && pct <= 100.0) {
             self.err(
@@ -668,7 +662,12 @@ impl Validator<'_> {
                 format!("must be more than 0 and at most 100, got {pct}"),
             );
         }
-        let timeout_ms = self.at_least("broker.policy_timeout_ms", raw.policy_timeout_ms, 250, 1);
+        let timeout_ms = self.at_least(
+            "broker.policy_timeout_ms",
+            raw.policy_timeout_ms,
+            250,
+            1,
+        );
         let ops = self.at_least(
             "broker.max_policy_operations",
             raw.max_policy_operations,
@@ -743,13 +742,7 @@ impl Validator<'_> {
         }
     }
 
-    fn pricing(
-        &mut self,
-        key: &str,
-        provider: &str,
-        region: &str,
-        raw: RawPricing,
-    ) -> PricingSource {
+    fn pricing(&mut self, key: &str, provider: &str, region: &str, raw: RawPricing) -> PricingSource {
         let format = match raw.format.as_str() {
             "aws" => PricingFormat::Aws,
             "azure" => PricingFormat::Azure,
@@ -791,11 +784,8 @@ impl Validator<'_> {
         if let Some(v) = raw.egress_price_per_gib {
             self.non_negative(&format!("{key}.egress_price_per_gib"), Some(v), 0.0);
         }
-        let max_price_per_hour = self.positive(
-            &format!("{key}.max_price_per_hour"),
-            raw.max_price_per_hour,
-            1_000.0,
-        );
+        let max_price_per_hour =
+            self.positive(&format!("{key}.max_price_per_hour"), raw.max_price_per_hour, 1_000.0);
         PricingSource {
             format,
             url,
@@ -804,9 +794,7 @@ impl Validator<'_> {
             max_age: Duration::from_secs(max_age),
             timeout: Duration::from_secs(timeout),
             max_bytes,
-            catalogue_provider: raw
-                .catalogue_provider
-                .unwrap_or_else(|| provider.to_string()),
+            catalogue_provider: raw.catalogue_provider.unwrap_or_else(|| provider.to_string()),
             feed_region: raw.feed_region.unwrap_or_else(|| region.to_string()),
             currency: raw.currency.unwrap_or_else(|| "USD".to_string()),
             storage_price_per_gib_month: raw.storage_price_per_gib_month,
@@ -824,42 +812,23 @@ impl Validator<'_> {
                 let path = match raw.path {
                     Some(p) => self.path(&p),
                     None => {
-                        self.err(
-                            format!("{key}.path"),
-                            "a builtin benchmark needs `path`, the directory to test in",
-                        );
+                        self.err(format!("{key}.path"), "a builtin benchmark needs `path`, the directory to test in");
                         PathBuf::new()
                     }
                 };
                 if raw.command.is_some() || raw.map.is_some() {
-                    self.err(
-                        format!("{key}.kind"),
-                        "`command` and `map` belong to kind = \"command\", not \"builtin\"",
-                    );
+                    self.err(format!("{key}.kind"), "`command` and `map` belong to kind = \"command\", not \"builtin\"");
                 }
                 BenchmarkKind::Builtin {
                     path,
-                    file_size_mib: self.at_least(
-                        &format!("{key}.file_size_mib"),
-                        raw.file_size_mib,
-                        64,
-                        1,
-                    ),
-                    random_reads: self.at_least(
-                        &format!("{key}.random_reads"),
-                        raw.random_reads,
-                        2_000,
-                        1,
-                    ),
+                    file_size_mib: self.at_least(&format!("{key}.file_size_mib"), raw.file_size_mib, 64, 1),
+                    random_reads: self.at_least(&format!("{key}.random_reads"), raw.random_reads, 2_000, 1),
                 }
             }
             "command" => {
                 let command = raw.command.unwrap_or_default();
                 if command.is_empty() {
-                    self.err(
-                        format!("{key}.command"),
-                        "a command benchmark needs `command`, a program and its arguments",
-                    );
+                    self.err(format!("{key}.command"), "a command benchmark needs `command`, a program and its arguments");
                 }
                 let m = raw.map.unwrap_or_default();
                 if m.seq_write_mb_s.is_none()
@@ -877,20 +846,12 @@ impl Validator<'_> {
                 ] {
                     if let Some(p) = p {
                         if !p.is_empty() && !p.starts_with('/') {
-                            self.err(
-                                format!("{key}.map.{k}"),
-                                format!("`{p}` is not a JSON pointer; it must start with /"),
-                            );
+                            self.err(format!("{key}.map.{k}"), format!("`{p}` is not a JSON pointer; it must start with /"));
                         }
                     }
                 }
-                let bandwidth_scale = self.positive(
-                    &format!("{key}.map.bandwidth_scale"),
-                    m.bandwidth_scale,
-                    1.0,
-                );
-                let latency_scale =
-                    self.positive(&format!("{key}.map.latency_scale"), m.latency_scale, 1.0);
+                let bandwidth_scale = self.positive(&format!("{key}.map.bandwidth_scale"), m.bandwidth_scale, 1.0);
+                let latency_scale = self.positive(&format!("{key}.map.latency_scale"), m.latency_scale, 1.0);
                 BenchmarkKind::Command {
                     command,
                     map: BenchmarkMap {
@@ -904,10 +865,7 @@ impl Validator<'_> {
                 }
             }
             other => {
-                self.err(
-                    format!("{key}.kind"),
-                    format!("`{other}` is not one of builtin, command"),
-                );
+                self.err(format!("{key}.kind"), format!("`{other}` is not one of builtin, command"));
                 BenchmarkKind::Command {
                     command: Vec::new(),
                     map: BenchmarkMap {
@@ -1067,10 +1025,7 @@ impl Validator<'_> {
             {
                 self.err(
                     format!("{ck}.size_gib"),
-                    format!(
-                        "a {} needs `size_gib` to price storage and the move",
-                        kind.as_str()
-                    ),
+                    format!("a {} needs `size_gib` to price storage and the move", kind.as_str()),
                 );
             }
             if c.keep_at_source && kind != ComponentKind::Bucket {
@@ -1093,13 +1048,14 @@ impl Validator<'_> {
         }
         let requirements = Requirements {
             vcpus: raw.vcpus.unwrap_or(vcpus.max(1)),
-            memory_gib: raw
-                .memory_gib
-                .unwrap_or(if memory > 0.0 { memory } else { 1.0 }),
+            memory_gib: raw.memory_gib.unwrap_or(if memory > 0.0 { memory } else { 1.0 }),
         };
         let health_check = raw.health_check.map(|h| {
             if h.url.is_none() && h.command.is_none() {
-                self.err(format!("{key}.health_check"), "needs `url` or `command`");
+                self.err(
+                    format!("{key}.health_check"),
+                    "needs `url` or `command`",
+                );
             }
             HealthCheck {
                 url: h.url,

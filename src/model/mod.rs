@@ -154,9 +154,7 @@ impl Requirements {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "lowercase")]
 pub enum Verdict {
-    Stay {
-        reason: String,
-    },
+    Stay { reason: String },
     Relocate {
         provider: String,
         reason: String,

@@ -6,8 +6,8 @@
 //! zeros rather than gaps.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::config::LogFormat;
@@ -87,10 +87,7 @@ impl Metrics {
                 &["source"]
             )),
             poll_errors: reg!(IntCounterVec::new(
-                Opts::new(
-                    "fluidcloud_poll_errors_total",
-                    "Market source polls that failed."
-                ),
+                Opts::new("fluidcloud_poll_errors_total", "Market source polls that failed."),
                 &["source"]
             )),
             poll_duration: reg!(HistogramVec::new(
@@ -168,10 +165,7 @@ impl Metrics {
                 .buckets(secs)
             )),
             decisions: reg!(IntCounterVec::new(
-                Opts::new(
-                    "fluidcloud_decisions_total",
-                    "Decisions logged, by outcome."
-                ),
+                Opts::new("fluidcloud_decisions_total", "Decisions logged, by outcome."),
                 &["outcome"]
             )),
             suppressions: reg!(IntCounterVec::new(
@@ -221,10 +215,7 @@ impl Metrics {
                 &["route", "status"]
             )),
             build_info: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "fluidcloud_build_info",
-                    "Build of the running daemon (always 1)."
-                ),
+                Opts::new("fluidcloud_build_info", "Build of the running daemon (always 1)."),
                 &["version"]
             )),
             registry,
@@ -297,26 +288,18 @@ pub fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Journald => match tracing_journald::layer() {
             Ok(layer) => {
-                registry
-                    .with(layer.with_syslog_identifier("fluidcloud".into()))
-                    .init();
+                registry.with(layer.with_syslog_identifier("fluidcloud".into())).init();
                 return;
             }
             Err(e) => {
                 let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
                 registry.with(fmt).init();
-                tracing::warn!(
-                    "The journal is not reachable ({e}); logging to standard error instead."
-                );
+                tracing::warn!("The journal is not reachable ({e}); logging to standard error instead.");
                 return;
             }
         },
         LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            )
+            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
             .init(),
         _ => registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))

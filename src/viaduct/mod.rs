@@ -16,7 +16,9 @@
 //! interrupted `<name>.partial` first, else a finished `<name>`), and the sender skips every
 //! chunk that is already equal: this is both the resume after a broken connection and the
 //! cheap re-sync of an image in which few blocks changed. Chunks that do travel are
-//! compressed with zstd when a cheap sample says it pays.
+//! compressed with zstd when it pays: samples must show the chunk shrinks (random data never
+//! does), and, unless [`SendOptions::adaptive_compression`] is off, the wire (or the rate
+//! cap) must be slower than the compressor, so a fast link is not slowed down by the CPU.
 //!
 //! # Integrity and authentication
 //!

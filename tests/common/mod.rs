@@ -60,9 +60,9 @@ impl FeedServer {
                             s.replace("{BASE}", &base),
                         )
                             .into_response(),
-                        Some(Body::Status(c)) => axum::http::StatusCode::from_u16(*c)
-                            .unwrap()
-                            .into_response(),
+                        Some(Body::Status(c)) => {
+                            axum::http::StatusCode::from_u16(*c).unwrap().into_response()
+                        }
                         Some(Body::Hang) => {
                             tokio::time::sleep(Duration::from_secs(3600)).await;
                             "late".into_response()
@@ -241,22 +241,14 @@ impl Daemon {
     }
 
     /// Polls `f` until it returns Some, or fails with the daemon's log.
-    pub fn eventually<T>(
-        &mut self,
-        what: &str,
-        limit: Duration,
-        mut f: impl FnMut(&Daemon) -> Option<T>,
-    ) -> T {
+    pub fn eventually<T>(&mut self, what: &str, limit: Duration, mut f: impl FnMut(&Daemon) -> Option<T>) -> T {
         let start = Instant::now();
         loop {
             if let Some(v) = f(self) {
                 return v;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "the daemon exited with {status} while waiting for {what}:\n{}",
-                    self.logs()
-                );
+                panic!("the daemon exited with {status} while waiting for {what}:\n{}", self.logs());
             }
             assert!(
                 start.elapsed() < limit,
@@ -280,3 +272,4 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
