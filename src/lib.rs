@@ -14,3 +14,4 @@ pub mod model;
 pub mod policy;
 pub mod providers;
 pub mod telemetry;
+pub mod viaduct;

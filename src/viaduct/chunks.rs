@@ -1,0 +1,483 @@
+//! Chunk layout, sparse file access and digests: the parts both ends share.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::{check_chunk_size, ImageDigest, ViaductError};
+
+/// The block size at which the writers look for zeros: holes smaller than this would not
+/// save space on any common file system.
+pub(crate) const SPARSE_BLOCK: usize = 4096;
+
+const DIGEST_TAG: &[u8] = b"fluidcloud-viaduct-image-v1";
+
+/// How an image of `length` bytes is cut into chunks.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub length: u64,
+    pub chunk_size: u32,
+    pub chunks: u64,
+    zero_full: blake3::Hash,
+    zero_last: blake3::Hash,
+}
+
+impl Layout {
+    pub fn new(length: u64, chunk_size: u32) -> Self {
+        let cs = u64::from(chunk_size);
+        let chunks = length.div_ceil(cs);
+        let last_len = if chunks == 0 {
+            0
+        } else {
+            length - (chunks - 1) * cs
+        };
+        let zeros = vec![0u8; chunk_size as usize];
+        Layout {
+            length,
+            chunk_size,
+            chunks,
+            zero_full: blake3::hash(&zeros),
+            zero_last: blake3::hash(&zeros[..last_len as usize]),
+        }
+    }
+
+    /// Offset and length of chunk `index` (which must be below `chunks`).
+    pub fn range(&self, index: u64) -> (u64, usize) {
+        let cs = u64::from(self.chunk_size);
+        let offset = index * cs;
+        (offset, (self.length - offset).min(cs) as usize)
+    }
+
+    /// The digest of chunk `index` when it holds only zeros.
+    pub fn zero_digest(&self, index: u64) -> blake3::Hash {
+        if index + 1 == self.chunks {
+            self.zero_last
+        } else {
+            self.zero_full
+        }
+    }
+
+    /// The whole-image digest over the ordered chunk digests.
+    pub fn image_digest(&self, digests: &[blake3::Hash]) -> ImageDigest {
+        let mut h = blake3::Hasher::new();
+        h.update(DIGEST_TAG);
+        h.update(&self.length.to_le_bytes());
+        h.update(&u64::from(self.chunk_size).to_le_bytes());
+        for d in digests {
+            h.update(d.as_bytes());
+        }
+        ImageDigest(*h.finalize().as_bytes())
+    }
+}
+
+/// The allocated extents of `file` within `[0, length)`, in order. A file system that cannot
+/// report holes makes the whole file one extent, which is correct, only slower.
+pub(crate) fn data_extents(file: &File, length: u64) -> io::Result<Vec<Range<u64>>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < length {
+        // SAFETY: lseek on a file descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok(extents),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if extents.is_empty() => {
+                    Ok(std::iter::once(0..length).collect())
+                }
+                _ => Err(err),
+            };
+        }
+        let data = data as u64;
+        if data >= length {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let end = (hole as u64).min(length);
+        extents.push(data..end);
+        pos = end;
+    }
+    Ok(extents)
+}
+
+/// Reads `buf.len()` bytes at `offset` into `buf`, reading only what `extents` says is
+/// allocated and zero-filling the rest. Returns the bytes actually read.
+pub(crate) fn read_sparse(
+    file: &File,
+    extents: &[Range<u64>],
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<u64> {
+    let end = offset + buf.len() as u64;
+    let first = extents.partition_point(|e| e.end <= offset);
+    let mut cursor = offset;
+    let mut read = 0;
+    for e in extents[first..].iter().take_while(|e| e.start < end) {
+        let from = e.start.max(offset);
+        let to = e.end.min(end);
+        buf[(cursor - offset) as usize..(from - offset) as usize].fill(0);
+        let slice = &mut buf[(from - offset) as usize..(to - offset) as usize];
+        read_exact_at_or_zero(file, slice, from)?;
+        read += to - from;
+        cursor = to;
+    }
+    buf[(cursor - offset) as usize..].fill(0);
+    Ok(read)
+}
+
+/// `read_exact_at`, except that a file which shrank under us reads as zeros past its end
+/// instead of failing: the digest then describes what was read, and the receiver holds
+/// exactly that.
+fn read_exact_at_or_zero(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, offset) {
+            Ok(0) => {
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether `buf` holds only zeros. The inner fold has no early exit so that it vectorises;
+/// the outer loop stops at the first block with data, which is where random data stops.
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(SPARSE_BLOCK)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// Whether a block holds any non-zero byte. Data blocks almost always show it in their
+/// first bytes, so those are looked at before the whole block is folded.
+fn block_has_data(block: &[u8]) -> bool {
+    let head = block.len().min(64);
+    block[..head].iter().any(|&b| b != 0) || block.iter().fold(0u8, |acc, &b| acc | b) != 0
+}
+
+/// Writes `data` at `offset`, leaving holes for its all-zero 4 KiB blocks. When the region
+/// may hold old data (`region_was_zero` false), zero blocks are punched out instead of
+/// skipped. Returns the bytes written.
+pub(crate) fn write_sparse(
+    file: &File,
+    offset: u64,
+    data: &[u8],
+    region_was_zero: bool,
+) -> io::Result<u64> {
+    let mut written = 0u64;
+    let mut run_start = 0usize;
+    let mut run_is_data = None::<bool>;
+    let mut flush = |start: usize, end: usize, is_data: bool| -> io::Result<()> {
+        if is_data {
+            file.write_all_at(&data[start..end], offset + start as u64)?;
+            written += (end - start) as u64;
+        } else if !region_was_zero {
+            punch_hole(file, offset + start as u64, (end - start) as u64)?;
+        }
+        Ok(())
+    };
+    for (i, block) in data.chunks(SPARSE_BLOCK).enumerate() {
+        let is_data = block_has_data(block);
+        let pos = i * SPARSE_BLOCK;
+        match run_is_data {
+            Some(kind) if kind == is_data => {}
+            Some(kind) => {
+                flush(run_start, pos, kind)?;
+                run_start = pos;
+                run_is_data = Some(is_data);
+            }
+            None => run_is_data = Some(is_data),
+        }
+    }
+    if let Some(kind) = run_is_data {
+        flush(run_start, data.len(), kind)?;
+    }
+    Ok(written)
+}
+
+/// Makes `[offset, offset + len)` read as zeros, freeing its blocks where the file system
+/// can; where it cannot, zeros are written.
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a file descriptor we own; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    let zeros = vec![0u8; (len as usize).min(1 << 20)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Digests of every chunk of `file` as it is now, for `layout` (the file may be shorter or
+/// longer; bytes past its end count as zeros). Holes are not read.
+pub(crate) fn hash_file(file: &File, layout: &Layout) -> io::Result<Vec<blake3::Hash>> {
+    let file_len = file.metadata()?.len().min(layout.length);
+    let extents = data_extents(file, file_len)?;
+    let mut buf = vec![0u8; layout.chunk_size as usize];
+    let mut digests = Vec::with_capacity(layout.chunks as usize);
+    for index in 0..layout.chunks {
+        let (offset, len) = layout.range(index);
+        if !overlaps(&extents, offset, len as u64) {
+            digests.push(layout.zero_digest(index));
+            continue;
+        }
+        let buf = &mut buf[..len];
+        read_sparse(file, &extents, offset, buf)?;
+        digests.push(blake3::hash(buf));
+    }
+    Ok(digests)
+}
+
+/// Copies the content of `src` into the empty file `dst` for `layout` (bytes of `src` past
+/// the layout are left out), keeping holes, and returns the digest of every chunk.
+pub(crate) fn copy_and_hash(
+    src: &File,
+    dst: &File,
+    layout: &Layout,
+) -> Result<Vec<blake3::Hash>, CopyError> {
+    let src_len = src
+        .metadata()
+        .map_err(CopyError::Read)?
+        .len()
+        .min(layout.length);
+    let extents = data_extents(src, src_len).map_err(CopyError::Read)?;
+    let mut buf = vec![0u8; layout.chunk_size as usize];
+    let mut digests = Vec::with_capacity(layout.chunks as usize);
+    for index in 0..layout.chunks {
+        let (offset, len) = layout.range(index);
+        if !overlaps(&extents, offset, len as u64) {
+            digests.push(layout.zero_digest(index));
+            continue;
+        }
+        let buf = &mut buf[..len];
+        read_sparse(src, &extents, offset, buf).map_err(CopyError::Read)?;
+        digests.push(blake3::hash(buf));
+        write_sparse(dst, offset, buf, true).map_err(CopyError::Write)?;
+    }
+    Ok(digests)
+}
+
+#[derive(Debug)]
+pub(crate) enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Whether any extent intersects `[offset, offset + len)`.
+pub(crate) fn overlaps(extents: &[Range<u64>], offset: u64, len: u64) -> bool {
+    let first = extents.partition_point(|e| e.end <= offset);
+    extents.get(first).is_some_and(|e| e.start < offset + len)
+}
+
+/// Shares the blocks of `src` with `dst` (a reflink), where the file system can.
+pub(crate) fn try_clone(src: &File, dst: &File) -> bool {
+    // FICLONE = _IOW(0x94, 9, int)
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: the ioctl takes the source descriptor by value; both descriptors are ours.
+    unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) == 0 }
+}
+
+/// Free bytes for unprivileged writers on the file system holding `path`.
+pub(crate) fn available_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: statvfs writes into the zeroed struct we pass; `c` outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Length of a regular file or block device opened as `file`.
+pub(crate) fn image_length(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        return Ok(meta.len());
+    }
+    if kind.is_block_device() {
+        // SAFETY: lseek on a descriptor we own; SEEK_END on a block device gives its size.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(end as u64);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "not a regular file or a block device",
+    ))
+}
+
+/// The whole-image digest of the file at `path` for `chunk_size`, as defined in the module
+/// documentation: equal to [`super::TransferReport::digest`] of a transfer of that file.
+pub fn image_digest(path: &Path, chunk_size: u32) -> Result<ImageDigest, ViaductError> {
+    check_chunk_size(chunk_size).map_err(ViaductError::InvalidOptions)?;
+    let file = open_source(path)?;
+    let source = |source| ViaductError::Source {
+        path: path.to_path_buf(),
+        source,
+    };
+    let layout = Layout::new(image_length(&file).map_err(source)?, chunk_size);
+    let digests = hash_file(&file, &layout).map_err(source)?;
+    Ok(layout.image_digest(&digests))
+}
+
+/// Opens a source image for reading, telling a missing file apart from other failures.
+pub(crate) fn open_source(path: &Path) -> Result<File, ViaductError> {
+    File::open(path).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            ViaductError::SourceMissing {
+                path: path.to_path_buf(),
+            }
+        } else {
+            ViaductError::Source {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sparse_file(dir: &Path, len: u64, data: &[(u64, &[u8])]) -> File {
+        let path = dir.join("img");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(len).unwrap();
+        for (off, bytes) in data {
+            f.write_all_at(bytes, *off).unwrap();
+        }
+        f
+    }
+
+    #[test]
+    fn extents_follow_written_regions() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = sparse_file(
+            dir.path(),
+            4 << 20,
+            &[(1 << 20, &[7u8; 8192]), (3 << 20, &[9u8; 4096])],
+        );
+        let ext = data_extents(&f, 4 << 20).unwrap();
+        let covered: u64 = ext.iter().map(|e| e.end - e.start).sum();
+        // File systems may round extents up, never below what was written.
+        assert!((12288..1 << 20).contains(&covered), "extents {ext:?}");
+        assert!(overlaps(&ext, 1 << 20, 1));
+        assert!(!overlaps(&ext, 2 << 20, 4096));
+    }
+
+    #[test]
+    fn read_sparse_equals_plain_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = sparse_file(
+            dir.path(),
+            1 << 20,
+            &[(5000, b"hello"), (700_000, &[3u8; 70_000])],
+        );
+        let ext = data_extents(&f, 1 << 20).unwrap();
+        for (off, len) in [(0u64, 1usize << 20), (4096, 8192), (699_999, 100_000)] {
+            let mut a = vec![0xffu8; len];
+            read_sparse(&f, &ext, off, &mut a).unwrap();
+            let mut b = vec![0u8; len];
+            f.read_exact_at(&mut b, off).unwrap();
+            assert!(a == b, "mismatch at {off}+{len}");
+        }
+    }
+
+    #[test]
+    fn write_sparse_leaves_holes_and_punches_old_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = sparse_file(dir.path(), 0, &[]);
+        let mut data = vec![0u8; 64 << 10];
+        data[10_000] = 1;
+        data[60_000..61_000].fill(2);
+        let written = write_sparse(&f, 0, &data, true).unwrap();
+        assert_eq!(written, 8192, "two 4 KiB blocks hold data");
+        // Old data under a zero block must go when the region was not known to be zero.
+        f.write_all_at(&[5u8; 64 << 10], 64 << 10).unwrap();
+        write_sparse(&f, 64 << 10, &data, false).unwrap();
+        let mut back = vec![0u8; 64 << 10];
+        f.read_exact_at(&mut back, 64 << 10).unwrap();
+        assert!(back == data);
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut buf = vec![0u8; 1 << 20];
+        assert!(is_zero(&buf));
+        buf[(1 << 20) - 1] = 1;
+        assert!(!is_zero(&buf));
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn layout_ranges_and_digest_depend_on_every_chunk() {
+        let l = Layout::new(3 * 65536 + 10, 65536);
+        assert_eq!(l.chunks, 4);
+        assert_eq!(l.range(3), (3 * 65536, 10));
+        assert_eq!(l.zero_digest(3), blake3::hash(&[0u8; 10]));
+        let d: Vec<_> = (0..4).map(|i| l.zero_digest(i)).collect();
+        let mut d2 = d.clone();
+        d2[1] = blake3::hash(b"x");
+        assert_ne!(l.image_digest(&d), l.image_digest(&d2));
+        let other = Layout::new(3 * 65536 + 11, 65536);
+        assert_ne!(l.image_digest(&d), other.image_digest(&d));
+    }
+
+    #[test]
+    fn hash_file_matches_plain_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = sparse_file(dir.path(), 300_000, &[(70_000, &[1u8; 100_000])]);
+        let layout = Layout::new(300_000, 65536);
+        let digests = hash_file(&f, &layout).unwrap();
+        let all = std::fs::read(dir.path().join("img")).unwrap();
+        for (i, d) in digests.iter().enumerate() {
+            let (off, len) = layout.range(i as u64);
+            assert_eq!(*d, blake3::hash(&all[off as usize..off as usize + len]));
+        }
+    }
+}
