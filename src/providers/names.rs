@@ -57,13 +57,17 @@ pub fn validate_key(key: &str) -> Result<Vec<&str>, String> {
     for s in &segments {
         match *s {
             "" => return Err("the key has an empty segment (`//` or a trailing `/`)".to_string()),
-            "." | ".." => return Err(format!(
+            "." | ".." => {
+                return Err(format!(
                 "the key has a `{s}` segment; keys may not step out of their place in the bucket"
-            )),
-            _ if s.len() > MAX_KEY_SEGMENT_LEN => return Err(format!(
+            ))
+            }
+            _ if s.len() > MAX_KEY_SEGMENT_LEN => {
+                return Err(format!(
                 "the key segment `{s}` is {} bytes long; at most {MAX_KEY_SEGMENT_LEN} are allowed",
                 s.len()
-            )),
+            ))
+            }
             _ => {}
         }
     }
