@@ -90,6 +90,28 @@ enum Cmd {
         #[command(subcommand)]
         command: PolicyCmd,
     },
+    /// Viaduct tools.
+    Viaduct {
+        #[command(subcommand)]
+        command: ViaductCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ViaductCmd {
+    /// Run the receiving end of a viaduct on a target host: images sent to it land under
+    /// `--root`, verified, and are renamed into place only when whole.
+    Serve {
+        /// Address and port to listen on.
+        #[arg(long, default_value = "127.0.0.1:7481")]
+        listen: std::net::SocketAddr,
+        /// Directory under which images land (must exist).
+        #[arg(long)]
+        root: PathBuf,
+        /// File holding the pre-shared key (mode 0600; at least 32 bytes of secret).
+        #[arg(long, env = "FLUIDCLOUD_VIADUCT_KEY_FILE")]
+        key_file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -176,7 +198,64 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Policy {
             command: PolicyCmd::Test { dir },
         } => policy_test(&dir),
+        Cmd::Viaduct {
+            command:
+                ViaductCmd::Serve {
+                    listen,
+                    root,
+                    key_file,
+                },
+        } => viaduct_serve(listen, root, &key_file),
     }
+}
+
+fn viaduct_serve(
+    listen: std::net::SocketAddr,
+    root: PathBuf,
+    key_file: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    use fluidcloud::viaduct::{serve, PresharedKey, ReceiverOptions};
+    fluidcloud::telemetry::init_tracing(fluidcloud::config::LogFormat::Auto);
+    let key = match PresharedKey::from_file(key_file) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if !root.is_dir() {
+        eprintln!(
+            "error: the viaduct root {} is not a directory",
+            root.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        let opts = ReceiverOptions::new(root.clone(), key);
+        let shutdown = opts.shutdown.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("Stopping the viaduct receiver.");
+            shutdown.cancel();
+        });
+        tracing::info!(
+            "The viaduct receiver listens on {listen}; images land under {}.",
+            root.display()
+        );
+        serve(listener, opts).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn policy_test(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
