@@ -113,17 +113,21 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn print_json(v: &Value) -> anyhow::Result<ExitCode> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(ExitCode::SUCCESS)
+/// Calls the API. With `--json` the answer is printed as received and `None` returned;
+/// otherwise the caller prints it as a table.
+fn fetch(a: &ApiArgs, method: reqwest::Method, path: &str) -> anyhow::Result<Option<Value>> {
+    let v = Api::new(a)?.call(method, path)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(None);
+    }
+    Ok(Some(v))
 }
 
 pub fn status(a: &ApiArgs) -> anyhow::Result<ExitCode> {
-    let api = Api::new(a)?;
-    let v = api.call(reqwest::Method::GET, "/v1/services")?;
-    if a.json {
-        return print_json(&v);
-    }
+    let Some(v) = fetch(a, reqwest::Method::GET, "/v1/services")? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let rows = v
         .as_array()
         .into_iter()
@@ -162,15 +166,13 @@ pub fn status(a: &ApiArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn market(a: &ApiArgs, provider: Option<&str>) -> anyhow::Result<ExitCode> {
-    let api = Api::new(a)?;
     let path = match provider {
         Some(p) => format!("/v1/market?provider={p}"),
         None => "/v1/market".into(),
     };
-    let v = api.call(reqwest::Method::GET, &path)?;
-    if a.json {
-        return print_json(&v);
-    }
+    let Some(v) = fetch(a, reqwest::Method::GET, &path)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     if provider.is_some() {
         let rows = v["offers"]
             .as_array()
@@ -260,7 +262,6 @@ pub fn decisions(
     outcome: Option<&str>,
     limit: usize,
 ) -> anyhow::Result<ExitCode> {
-    let api = Api::new(a)?;
     let mut path = format!("/v1/decisions?limit={limit}");
     if let Some(s) = service {
         path.push_str(&format!("&service={s}"));
@@ -268,10 +269,9 @@ pub fn decisions(
     if let Some(o) = outcome {
         path.push_str(&format!("&outcome={o}"));
     }
-    let v = api.call(reqwest::Method::GET, &path)?;
-    if a.json {
-        return print_json(&v);
-    }
+    let Some(v) = fetch(a, reqwest::Method::GET, &path)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let rows = v
         .as_array()
         .into_iter()
@@ -305,22 +305,23 @@ pub fn decisions(
 }
 
 pub fn answer(a: &ApiArgs, id: &str, approve: bool) -> anyhow::Result<ExitCode> {
-    let api = Api::new(a)?;
     let verb = if approve { "approve" } else { "reject" };
-    let v = api.call(reqwest::Method::POST, &format!("/v1/decisions/{id}/{verb}"))?;
-    if a.json {
-        return print_json(&v);
-    }
+    let Some(v) = fetch(
+        a,
+        reqwest::Method::POST,
+        &format!("/v1/decisions/{id}/{verb}"),
+    )?
+    else {
+        return Ok(ExitCode::SUCCESS);
+    };
     println!("{} {id}: recorded as {}.", verb, s(&v["id"]));
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn reload(a: &ApiArgs) -> anyhow::Result<ExitCode> {
-    let api = Api::new(a)?;
-    let v = api.call(reqwest::Method::POST, "/v1/reload")?;
-    if a.json {
-        return print_json(&v);
-    }
+    let Some(_) = fetch(a, reqwest::Method::POST, "/v1/reload")? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     println!("The daemon reloaded its configuration.");
     Ok(ExitCode::SUCCESS)
 }

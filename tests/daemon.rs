@@ -192,6 +192,17 @@ memory_gib = 4
     )
 }
 
+/// Asks for a relocation by hand; returns status and body.
+fn relocate(d: &Daemon, service: &str, body: Value) -> (u16, String) {
+    d.raw(
+        "POST",
+        &format!("/v1/services/{service}/relocate"),
+        true,
+        Some(body),
+    )
+    .unwrap()
+}
+
 fn decisions(d: &Daemon, service: &str) -> Vec<Value> {
     d.get(&format!("/v1/decisions?service={service}&limit=1000"))
         .as_array()
@@ -382,79 +393,34 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
 
     let (s, body) = d.raw("GET", "/v1/services/nope", true, None).unwrap();
     assert_eq!(s, 404, "{body}");
-    let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/shop/relocate",
-            true,
-            Some(json!({"to": "mars-1"})),
-        )
-        .unwrap();
+    let (s, body) = relocate(&d, "shop", json!({"to": "mars-1"}));
     assert_eq!(s, 404, "{body}");
     assert!(body.contains("mars-1") && body.contains("aws-va"), "{body}");
-    let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/nope/relocate",
-            true,
-            Some(json!({"to": "azure-we"})),
-        )
-        .unwrap();
+    let (s, body) = relocate(&d, "nope", json!({"to": "azure-we"}));
     assert_eq!(s, 404, "{body}");
-    let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/vault/relocate",
-            true,
-            Some(json!({"to": "azure-we"})),
-        )
-        .unwrap();
+    let (s, body) = relocate(&d, "vault", json!({"to": "azure-we"}));
     assert_eq!(s, 409, "pinned: {body}");
-    let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/shop/relocate",
-            true,
-            Some(json!({"destination": "x"})),
-        )
-        .unwrap();
+    let (s, body) = relocate(&d, "shop", json!({"destination": "x"}));
     assert_eq!(s, 422, "{body}");
     let (s, body) = d
         .raw("POST", "/v1/decisions/d-nope/approve", true, None)
         .unwrap();
     assert_eq!(s, 404, "{body}");
     // A relocation by hand is logged as an operator decision and queued.
-    let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/shop/relocate",
-            true,
-            Some(json!({"to": "azure-we", "reason": "maintenance"})),
-        )
-        .unwrap();
+    let (s, body) = relocate(
+        &d,
+        "shop",
+        json!({"to": "azure-we", "reason": "maintenance"}),
+    );
     assert_eq!(s, 202, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["mode"], "operator");
     assert_eq!(d.get("/v1/relocations")[0]["request"]["origin"], "operator");
     // The concurrency budget (one) is now spent: a second one by hand needs force.
-    let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/crm/relocate",
-            true,
-            Some(json!({"to": "azure-we"})),
-        )
-        .unwrap();
+    let (s, body) = relocate(&d, "crm", json!({"to": "azure-we"}));
     assert_eq!(s, 409, "{body}");
     assert!(body.contains("force"), "{body}");
-    let (s, body) = d
-        .raw(
-            "POST",
-            "/v1/services/crm/relocate",
-            true,
-            Some(json!({"to": "azure-we", "force": true})),
-        )
-        .unwrap();
+    let (s, body) = relocate(&d, "crm", json!({"to": "azure-we", "force": true}));
     assert_eq!(s, 202, "{body}");
     // Two refusals on that route: no token, then a wrong one.
     assert_eq!(
