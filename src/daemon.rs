@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::broker::supervisor::{Command, Supervisor};
-use crate::conduit::{Conduit, QueueOnly};
+use crate::conduit::{Conduit, JournalQueue};
 use crate::config::Config;
 
 /// Runs the daemon until it is told to stop.
@@ -24,7 +24,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (token, token_path) = crate::api::load_token(&config)?;
     tracing::info!("The API token is read from {}.", token_path.display());
     let listen = config.daemon.listen;
-    let conduit: Arc<dyn Conduit> = Arc::new(QueueOnly::default());
+    std::fs::create_dir_all(&config.daemon.state_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the state directory {}: {e}",
+            config.daemon.state_dir.display()
+        )
+    })?;
+    let journal = config.daemon.state_dir.join("journal.sqlite");
+    let conduit: Arc<dyn Conduit> = Arc::new(JournalQueue::open(&journal)?);
+    tracing::info!("The relocation journal is {}.", journal.display());
     let (supervisor, handle) = Supervisor::new(config, conduit, notify)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

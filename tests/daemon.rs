@@ -732,3 +732,28 @@ memory_gib = 8
     // The budget allows one relocation at a time: exactly one was handed over.
     assert_eq!(d.get("/v1/relocations").as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn queued_relocations_survive_a_restart_and_still_count() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let mut d = Daemon::start(dir.path(), &cfg);
+    let (s, body) = relocate(&d, "shop", json!({"to": "azure-we"}));
+    assert_eq!(s, 202, "{body}");
+    d.signal(libc::SIGTERM);
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    drop(d);
+
+    let d = Daemon::start(dir.path(), &cfg);
+    let relocations = d.get("/v1/relocations");
+    let list = relocations.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{relocations}");
+    assert_eq!(list[0]["request"]["service"], "shop");
+    assert_eq!(list[0]["state"], "queued");
+    // Still queued, so still in progress: the same service cannot be sent again.
+    let (s, body) = relocate(&d, "shop", json!({"to": "azure-we", "force": true}));
+    assert_eq!(s, 409, "{body}");
+    assert!(body.contains("already"), "{body}");
+}

@@ -7,8 +7,6 @@
 
 pub mod journal;
 
-use std::sync::Mutex;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -76,40 +74,69 @@ pub trait Conduit: Send + Sync + 'static {
     }
 }
 
-/// A conduit that accepts and records relocation requests and leaves them queued: the
-/// relocation engine that executes them is not part of this build yet. Everything the Broker
-/// decides is visible through it (API, metrics, budgets) without anything being moved.
-#[derive(Default)]
-pub struct QueueOnly {
-    records: Mutex<Vec<Relocation>>,
+/// A conduit that accepts relocation requests and records them in the relocation journal,
+/// where they stay queued: the engine that plans and executes them is not part of this build
+/// yet. Requests survive restarts, count against the budgets, and show in the API and
+/// metrics, without anything being moved.
+pub struct JournalQueue {
+    journal: journal::Journal,
 }
 
-impl Conduit for QueueOnly {
+const QUEUED_DETAIL: &str = "queued; this build has no relocation engine to execute it";
+
+impl JournalQueue {
+    pub fn open(path: &std::path::Path) -> Result<JournalQueue, journal::JournalError> {
+        Ok(JournalQueue {
+            journal: journal::Journal::open(path)?,
+        })
+    }
+}
+
+impl Conduit for JournalQueue {
     fn submit(&self, request: RelocationRequest) -> Result<Relocation, ConduitError> {
-        let mut records = self.records.lock().expect("relocation records lock");
-        if records
+        if self
+            .relocations()
             .iter()
             .any(|r| r.request.service == request.service && r.state.is_active())
         {
             return Err(ConduitError::AlreadyRelocating(request.service));
         }
-        let now = Utc::now();
-        let record = Relocation {
-            id: request.decision_id.clone(),
-            request,
+        let record = self
+            .journal
+            .create(&request, &[])
+            .and_then(|r| {
+                self.journal
+                    .set_state(&r.id, RelocationState::Queued, QUEUED_DETAIL)
+                    .map(|_| r)
+            })
+            .map_err(|e| ConduitError::Refused(e.to_string()))?;
+        Ok(Relocation {
+            id: record.id,
+            request: record.request,
             state: RelocationState::Queued,
-            submitted_at: now,
-            updated_at: now,
-            detail: "queued; this build has no relocation engine to execute it".to_string(),
-        };
-        records.push(record.clone());
-        Ok(record)
+            submitted_at: record.created_at,
+            updated_at: record.updated_at,
+            detail: QUEUED_DETAIL.to_string(),
+        })
     }
 
     fn relocations(&self) -> Vec<Relocation> {
-        self.records
-            .lock()
-            .expect("relocation records lock")
-            .clone()
+        match self.journal.list() {
+            Ok(records) => records
+                .into_iter()
+                .map(|r| Relocation {
+                    id: r.id,
+                    request: r.request,
+                    state: r.state,
+                    submitted_at: r.created_at,
+                    updated_at: r.updated_at,
+                    detail: r.detail,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!("Cannot read the relocation journal: {e}.");
+                Vec::new()
+            }
+        }
     }
 }
