@@ -773,6 +773,9 @@ async fn a_pid_file_naming_another_process_is_not_adopted() {
     kill9(ours);
     // SAFETY: reaping our own child (the provider started it from this process).
     unsafe { libc::waitpid(ours as i32, std::ptr::null_mut(), 0) };
+    // Start times count clock ticks (10 ms here): a process started within the same tick
+    // as the app would carry the same identity, so let at least two ticks pass.
+    std::thread::sleep(Duration::from_millis(30));
     let mut foreign = Command::new("sleep").arg("300").spawn().unwrap();
     let foreign_pid = foreign.id();
     std::fs::write(&pid_path, format!("{foreign_pid} {start_time}\n")).unwrap();
