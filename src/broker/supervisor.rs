@@ -1195,12 +1195,19 @@ impl Supervisor {
 
     fn services(&self) -> Vec<ServiceStatus> {
         let config = self.config();
+        // One pass over the log (newest wins) instead of one search per service.
+        let last_by_service: BTreeMap<&str, &Decision> = self
+            .log
+            .recent()
+            .iter()
+            .map(|d| (d.service.as_str(), d))
+            .collect();
         config
             .services
             .values()
             .map(|s| {
                 let memory = self.state.services.get(&s.name);
-                let last = self.log.recent().iter().rev().find(|d| d.service == s.name);
+                let last = last_by_service.get(s.name.as_str()).copied();
                 let ev = self.last_costs.get(&s.name);
                 let best = ev.and_then(|e| {
                     e.targets

@@ -7,9 +7,9 @@ use std::io::Read;
 use std::path::Path;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
 
 use super::{Candidate, Parsed, PricingError};
+use crate::model::Offer;
 
 /// Columns a catalogue must have; the storage and egress prices may be absent.
 const REQUIRED_COLUMNS: &[&str] = &[
@@ -22,21 +22,6 @@ const REQUIRED_COLUMNS: &[&str] = &[
     "currency",
 ];
 
-#[derive(Deserialize)]
-struct Row {
-    provider: String,
-    region: String,
-    flavor: String,
-    vcpus: u32,
-    memory_gib: f64,
-    price_per_hour: f64,
-    #[serde(default)]
-    storage_price_per_gib_month: Option<f64>,
-    #[serde(default)]
-    egress_price_per_gib: Option<f64>,
-    currency: String,
-}
-
 /// Keeps the rows of one provider and region.
 struct Selector<'a> {
     provider: &'a str,
@@ -45,7 +30,8 @@ struct Selector<'a> {
 }
 
 impl Selector<'_> {
-    fn take(&mut self, label: String, row: Row) {
+    /// A catalogue row has exactly the fields of an offer, so rows deserialise into one.
+    fn take(&mut self, label: String, row: Offer) {
         self.parsed.rows_read += 1;
         if row.provider != self.provider || row.region != self.region {
             return;
@@ -92,7 +78,7 @@ pub(super) fn parse_csv<R: Read>(
         region,
         parsed: Parsed::default(),
     };
-    for (i, row) in csv.deserialize::<Row>().enumerate() {
+    for (i, row) in csv.deserialize::<Offer>().enumerate() {
         let row = row.map_err(|e| csv_error(feed, &columns, e))?;
         selector.take(format!("row {}", i + 1), row);
     }
@@ -200,7 +186,7 @@ impl<'de> Visitor<'de> for Rows<'_, '_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
         let mut n = 0;
-        while let Some(row) = seq.next_element::<Row>()? {
+        while let Some(row) = seq.next_element::<Offer>()? {
             n += 1;
             self.0.take(format!("offer {n}"), row);
         }
