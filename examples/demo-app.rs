@@ -7,10 +7,12 @@
 //! listen = "127.0.0.1:8080"
 //! data_file = "volumes/shop/data.raw"   # on a volume; relative to this file
 //! bucket_dir = "buckets/shop/assets"    # or bucket_url = "http://…" when kept at the source
+//! seed_mib = 32                         # fill a fresh (all-zero) data file with data first
 //! ```
 //!
 //! and serves `GET /health` (200), `GET /data` (the data file's bytes), `GET /hash` (BLAKE3
-//! of the data file, hex) and `GET /config` (the configuration it runs with, as JSON).
+//! of the data file, hex), `GET /bucket` (the bucket's objects as `key size` lines) and
+//! `GET /config` (the configuration it runs with, as JSON).
 //!
 //! Run it with `cargo run --example demo-app -- demo.toml`.
 
@@ -30,6 +32,10 @@ struct DemoConfig {
     data_file: PathBuf,
     bucket_dir: Option<PathBuf>,
     bucket_url: Option<String>,
+    /// When the data file starts with a zero block (a fresh volume), write this many MiB of
+    /// the app's own data into it first, as a service would over its life.
+    #[serde(default)]
+    seed_mib: u32,
     /// Not read from the file: where the configuration came from.
     #[serde(default, skip_deserializing)]
     config_file: PathBuf,
@@ -56,6 +62,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.seed_mib > 0 {
+        match seed(&config.data_file, config.seed_mib) {
+            Ok(true) => println!(
+                "demo-app seeded {} MiB into {}",
+                config.seed_mib,
+                config.data_file.display()
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!(
+                    "demo-app: cannot seed the data file {}: {e}",
+                    config.data_file.display()
+                );
+                return ExitCode::from(1);
+            }
+        }
+    }
     let listener = match TcpListener::bind(&config.listen) {
         Ok(l) => l,
         Err(e) => {
@@ -123,6 +146,18 @@ fn serve(mut stream: TcpStream, config: &DemoConfig) -> std::io::Result<()> {
     }
     match target {
         "/health" => respond(&mut stream, "200 OK", "text/plain", b"ok\n"),
+        "/bucket" => match &config.bucket_dir {
+            Some(dir) => match bucket_listing(dir) {
+                Ok(list) => respond(&mut stream, "200 OK", "text/plain", list.as_bytes()),
+                Err(e) => unavailable(&mut stream, dir, e),
+            },
+            None => respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                b"no bucket_dir\n",
+            ),
+        },
         "/config" => {
             let body = serde_json::to_vec_pretty(config).map_err(std::io::Error::other)?;
             respond(&mut stream, "200 OK", "application/json", &body)
@@ -150,6 +185,66 @@ fn serve(mut stream: TcpStream, config: &DemoConfig) -> std::io::Result<()> {
         },
         _ => respond(&mut stream, "404 Not Found", "text/plain", b"not found\n"),
     }
+}
+
+/// Writes `mib` MiB of data (alternating random and text megabytes) at the start of a data
+/// file whose first block is zero. Returns whether it wrote anything.
+fn seed(path: &Path, mib: u32) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut head = vec![0u8; 4096];
+    let n = file.read_at(&mut head, 0)?;
+    if head[..n].iter().any(|b| *b != 0) {
+        return Ok(false);
+    }
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(mib);
+    let mut block = vec![0u8; 1 << 20];
+    for i in 0..u64::from(mib) {
+        if i % 2 == 0 {
+            for chunk in block.chunks_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+            }
+        } else {
+            let line =
+                format!("demo-app record block {i}: the quick brown fox jumps over the lazy dog\n");
+            for (j, b) in block.iter_mut().enumerate() {
+                *b = line.as_bytes()[j % line.len()];
+            }
+        }
+        file.write_all_at(&block, i << 20)?;
+    }
+    file.sync_all()?;
+    Ok(true)
+}
+
+/// The bucket's objects as `key size` lines, sorted.
+fn bucket_listing(dir: &Path) -> std::io::Result<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+            } else {
+                let key = path
+                    .strip_prefix(dir)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
+                out.push(format!("{key} {}", entry.metadata()?.len()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out.join("\n") + "\n")
 }
 
 fn hash(path: &Path) -> std::io::Result<String> {

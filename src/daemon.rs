@@ -6,8 +6,10 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::broker::supervisor::{Command, Supervisor};
-use crate::conduit::{Conduit, JournalQueue};
+use crate::conduit::engine::Engine;
+use crate::conduit::Conduit;
 use crate::config::Config;
+use crate::telemetry::Metrics;
 
 /// Runs the daemon until it is told to stop.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -31,9 +33,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let journal = config.daemon.state_dir.join("journal.sqlite");
-    let conduit: Arc<dyn Conduit> = Arc::new(JournalQueue::open(&journal)?);
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(Engine::open(
+        Arc::new(config.clone()),
+        Some(metrics.clone()),
+        None,
+    )?);
     tracing::info!("The relocation journal is {}.", journal.display());
-    let (supervisor, handle) = Supervisor::new(config, conduit, notify)?;
+    engine.open_providers();
+    let picked_up = engine.resume_unfinished();
+    if picked_up > 0 {
+        tracing::info!("Picked up {picked_up} unfinished relocations.");
+    }
+    {
+        // Deployment creates volumes and starts apps; it must not hold up the API.
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.deploy_all().await });
+    }
+    let conduit: Arc<dyn Conduit> = engine.clone();
+    let (supervisor, handle) = Supervisor::new(config, conduit, metrics, notify)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use fluidcloud::config::Config;
 
 mod client;
+mod relocate;
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +83,37 @@ enum Cmd {
         /// Reject this pending decision.
         #[arg(long)]
         reject: Option<String>,
+    },
+    /// Print the ordered steps of relocating a service, without doing anything.
+    Plan {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The service to move.
+        service: String,
+        /// The provider to move it to.
+        #[arg(long)]
+        to: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Relocate a service now, in the foreground, with progress bars and a summary.
+    /// Stop the daemon first: it holds the providers.
+    Relocate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The service to move.
+        service: String,
+        /// The provider to move it to.
+        #[arg(long)]
+        to: String,
+        /// Seconds to keep the source after the target is healthy (default: the
+        /// configuration's `conduit.grace_period_secs`).
+        #[arg(long)]
+        grace_period: Option<u64>,
+        /// No progress bars; one line per step.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Ask the running daemon to reload its configuration and policies.
     Reload(ApiArgs),
@@ -195,6 +227,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             _ => client::decisions(&api, service.as_deref(), outcome.as_deref(), limit),
         },
         Cmd::Reload(a) => client::reload(&a),
+        Cmd::Plan {
+            config,
+            service,
+            to,
+            json,
+        } => match load(&config.config) {
+            Ok(c) => relocate::plan(c, &service, &to, json),
+            Err(code) => Ok(code),
+        },
+        Cmd::Relocate {
+            config,
+            service,
+            to,
+            grace_period,
+            quiet,
+        } => match load(&config.config) {
+            Ok(c) => {
+                fluidcloud::telemetry::init_tracing(fluidcloud::config::LogFormat::Text);
+                relocate::relocate(c, &service, &to, grace_period, quiet)
+            }
+            Err(code) => Ok(code),
+        },
         Cmd::Policy {
             command: PolicyCmd::Test { dir },
         } => policy_test(&dir),

@@ -133,6 +133,7 @@ policy_timeout_ms = 200
 driver = "local"
 cloud = "aws"
 region = "us-east-1"
+root = "providers/aws-va"
 [providers.aws-va.pricing]
 format = "aws"
 url = "{base}/aws/us-east-1/index.json"
@@ -144,6 +145,7 @@ egress_price_per_gib = 0.09
 driver = "local"
 cloud = "azure"
 region = "westeurope"
+root = "providers/azure-we"
 [providers.azure-we.pricing]
 format = "azure"
 url = "{base}/azure/prices"
@@ -169,6 +171,8 @@ provider = "aws-va"
 policy = "cheapest"
 vcpus = 2
 memory_gib = 8
+# Never healthy: a relocation of shop stays in its cutover for the whole test.
+health_check = {{ command = ["false"], timeout_secs = 600 }}
 [[services.shop.components]]
 kind = "volume"
 name = "data"
@@ -267,7 +271,10 @@ fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
     let relocations = d.get("/v1/relocations");
     assert_eq!(relocations[0]["request"]["service"], "shop");
     assert_eq!(relocations[0]["request"]["to"], "azure-we");
-    assert_eq!(relocations[0]["state"], "queued");
+    assert!(
+        relocations[0]["state"] == "queued" || relocations[0]["state"] == "running",
+        "{relocations}"
+    );
 
     // The pinned service is judged and refused by its pin.
     let pinned = d.eventually("the pinned suppression", Duration::from_secs(30), |d| {
@@ -734,26 +741,56 @@ memory_gib = 8
 }
 
 #[test]
-fn queued_relocations_survive_a_restart_and_still_count() {
+fn a_relocation_interrupted_in_its_cutover_is_rolled_back_after_a_restart() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
     let mut d = Daemon::start(dir.path(), &cfg);
+    let volume = dir.path().join("providers/aws-va/volumes/shop/data.raw");
+    d.eventually("shop deployed", Duration::from_secs(30), |_| {
+        volume.exists().then_some(())
+    });
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&volume)
+            .unwrap();
+        f.write_all_at(b"the source's data", 4096).unwrap();
+    }
     let (s, body) = relocate(&d, "shop", json!({"to": "azure-we"}));
     assert_eq!(s, 202, "{body}");
+    // The health check never passes: the relocation waits in its cutover.
+    d.eventually("the health check running", Duration::from_secs(30), |d| {
+        let r = d.get("/v1/relocations");
+        (r[0]["state"] == "running" && r[0]["detail"].as_str()?.contains("health-check"))
+            .then_some(())
+    });
     d.signal(libc::SIGTERM);
     let status = d.child.wait().unwrap();
     assert!(status.success(), "{status}");
     drop(d);
 
-    let d = Daemon::start(dir.path(), &cfg);
-    let relocations = d.get("/v1/relocations");
-    let list = relocations.as_array().unwrap();
-    assert_eq!(list.len(), 1, "{relocations}");
-    assert_eq!(list[0]["request"]["service"], "shop");
-    assert_eq!(list[0]["state"], "queued");
-    // Still queued, so still in progress: the same service cannot be sent again.
+    let mut d = Daemon::start(dir.path(), &cfg);
+    let done = d.eventually("the rollback", Duration::from_secs(30), |d| {
+        let r = d.get("/v1/relocations");
+        (r[0]["state"] == "rolled_back").then_some(r)
+    });
+    assert_eq!(done.as_array().unwrap().len(), 1, "{done}");
+    assert!(
+        done[0]["detail"].as_str().unwrap().contains("cutover"),
+        "{done}"
+    );
+    // The source is unchanged and the partial target is gone.
+    assert_eq!(
+        std::fs::read(&volume).unwrap()[4096..4096 + 17],
+        b"the source's data"[..]
+    );
+    assert!(!dir
+        .path()
+        .join("providers/azure-we/volumes/shop/data.raw")
+        .exists());
+    // Finished, so the service can be sent again.
     let (s, body) = relocate(&d, "shop", json!({"to": "azure-we", "force": true}));
-    assert_eq!(s, 409, "{body}");
-    assert!(body.contains("already"), "{body}");
+    assert_eq!(s, 202, "{body}");
 }

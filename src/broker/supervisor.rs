@@ -261,6 +261,7 @@ impl Supervisor {
     pub fn new(
         config: Config,
         conduit: Arc<dyn Conduit>,
+        metrics: Arc<Metrics>,
         notify: bool,
     ) -> anyhow::Result<(Supervisor, BrokerHandle)> {
         let loaded = Loaded::load(config)?;
@@ -292,7 +293,6 @@ impl Supervisor {
         let log = DecisionLog::open(&loaded.config.decision_log_path())?;
         let state_file = StateFile::new(state_dir);
         let state = state_file.load();
-        let metrics = Arc::new(Metrics::new());
         let (commands_tx, commands) = mpsc::channel(1024);
         let mut market = MarketSnapshot::default();
         refresh_regions(&mut market, &loaded);
@@ -326,6 +326,7 @@ impl Supervisor {
             last_costs: BTreeMap::new(),
             notify,
         };
+        s.apply_placements();
         s.init_series();
         s.seed_last_logged();
         Ok((s, handle))
@@ -546,6 +547,8 @@ impl Supervisor {
         let outcome = match result {
             Ok(loaded) => {
                 self.loaded = loaded;
+                self.apply_placements();
+                self.conduit.configure(self.loaded.config.clone());
                 self.init_series();
                 if let Err(e) = self.start_scheduler().await {
                     tracing::error!("The scheduler did not restart after the reload: {e}.");
@@ -677,7 +680,34 @@ impl Supervisor {
         self.publish(market);
     }
 
+    /// Where relocations moved services overrides the configuration's `provider`, which
+    /// only says where a service starts.
+    fn apply_placements(&mut self) {
+        let placements = self.conduit.placements();
+        let config = &self.loaded.config;
+        let moved: Vec<(&String, &String)> = placements
+            .iter()
+            .filter(|(s, p)| {
+                config
+                    .services
+                    .get(*s)
+                    .is_some_and(|spec| &spec.provider != *p && config.providers.contains_key(*p))
+            })
+            .collect();
+        if moved.is_empty() {
+            return;
+        }
+        let mut patched = (**config).clone();
+        for (service, provider) in moved {
+            if let Some(spec) = patched.services.get_mut(service) {
+                spec.provider = provider.clone();
+            }
+        }
+        self.loaded.config = Arc::new(patched);
+    }
+
     fn start_evaluation(&mut self) {
+        self.apply_placements();
         if self.busy.contains("evaluate") {
             self.metrics
                 .ticks_skipped
@@ -705,6 +735,7 @@ impl Supervisor {
     /// Applies guard rails and modes to one tick's evaluations, logs and acts.
     fn apply(&mut self, evals: Vec<Evaluation>) {
         self.busy.remove("evaluate");
+        self.apply_placements();
         self.evaluated_once = true;
         let now = Utc::now();
         let window_start = now

@@ -62,6 +62,8 @@ fn relocation_state_str(s: RelocationState) -> &'static str {
         RelocationState::Completed => "completed",
         RelocationState::Failed => "failed",
         RelocationState::RolledBack => "rolled_back",
+        RelocationState::RollingBack => "rolling_back",
+        RelocationState::Grace => "grace",
     }
 }
 
@@ -72,6 +74,8 @@ fn parse_relocation_state(s: &str) -> Result<RelocationState, JournalError> {
         "completed" => RelocationState::Completed,
         "failed" => RelocationState::Failed,
         "rolled_back" => RelocationState::RolledBack,
+        "rolling_back" => RelocationState::RollingBack,
+        "grace" => RelocationState::Grace,
         other => {
             return Err(JournalError::Corrupt(format!(
                 "unknown relocation state `{other}`"
@@ -147,6 +151,17 @@ CREATE TABLE IF NOT EXISTS steps (
     finished_at TEXT,
     PRIMARY KEY (relocation_id, seq)
 );
+CREATE TABLE IF NOT EXISTS plans (
+    relocation_id TEXT PRIMARY KEY REFERENCES relocations(id),
+    plan TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS placements (
+    service TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    since TEXT NOT NULL,
+    relocation_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS relocations_by_state ON relocations(state);
 ";
 
 impl Journal {
@@ -379,14 +394,86 @@ impl Journal {
             .collect()
     }
 
-    /// Relocations a crash interrupted: queued or running. The executor resumes or rolls
-    /// back each of them at start.
+    /// Relocations a crash interrupted: queued, running, rolling back or in their grace
+    /// period. The executor resumes or rolls back each of them at start.
     pub fn unfinished(&self) -> Result<Vec<RelocationRecord>, JournalError> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .filter(|r| r.state.is_active())
-            .collect())
+        let ids: Vec<String> = {
+            let conn = self.lock();
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id FROM relocations WHERE state IN ('queued', 'running', 'rolling_back', 'grace') ORDER BY created_at, id",
+                )
+                .map_err(|e| self.sql(e))?;
+            let ids = stmt
+                .query_map([], |r| r.get(0))
+                .map_err(|e| self.sql(e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.sql(e))?;
+            ids
+        };
+        ids.iter()
+            .filter_map(|id| self.get(id).transpose())
+            .collect()
+    }
+
+    /// Stores the plan a relocation executes, so a restart resumes the same plan even when
+    /// the configuration changed meanwhile. Storing it again is a no-op.
+    pub fn set_plan(&self, id: &str, plan: &serde_json::Value) -> Result<(), JournalError> {
+        self.lock()
+            .execute(
+                "INSERT OR IGNORE INTO plans (relocation_id, plan) VALUES (?1, ?2)",
+                params![id, plan.to_string()],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    pub fn plan(&self, id: &str) -> Result<Option<serde_json::Value>, JournalError> {
+        let text: Option<String> = self
+            .lock()
+            .query_row(
+                "SELECT plan FROM plans WHERE relocation_id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        text.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| JournalError::Corrupt(format!("plan of `{id}`: {e}")))
+        })
+        .transpose()
+    }
+
+    /// Records that `service` now lives on `provider`, moved there by `relocation_id`.
+    pub fn set_placement(
+        &self,
+        service: &str,
+        provider: &str,
+        relocation_id: &str,
+    ) -> Result<(), JournalError> {
+        self.lock()
+            .execute(
+                "INSERT INTO placements (service, provider, since, relocation_id) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(service) DO UPDATE SET provider = ?2, since = ?3, relocation_id = ?4",
+                params![service, provider, Utc::now().to_rfc3339(), relocation_id],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Where relocations placed services: service to provider.
+    pub fn placements(&self) -> Result<std::collections::BTreeMap<String, String>, JournalError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT service, provider FROM placements")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.sql(e))?;
+        Ok(rows)
     }
 }
 

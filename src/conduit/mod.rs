@@ -5,7 +5,13 @@
 //! the API and metrics. Submitting never blocks the Broker; the conduit runs the relocation
 //! in its own task.
 
+pub mod deploy;
+pub mod engine;
+mod executor;
 pub mod journal;
+pub mod plan;
+
+pub use executor::{downtime, Observer};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -29,14 +35,48 @@ pub enum RelocationState {
     /// Accepted, waiting for an execution slot.
     Queued,
     Running,
+    /// A step failed or a crash interrupted the cutover: undoing what was done.
+    RollingBack,
+    /// The target took over; the source is kept, stopped, until the grace period ends.
+    Grace,
     Completed,
+    /// Ended without reaching a consistent state on its own (a rollback step failed):
+    /// the detail says what an operator must look at.
     Failed,
     RolledBack,
 }
 
 impl RelocationState {
+    /// Not finished: the service must not be relocated again meanwhile.
     pub fn is_active(self) -> bool {
-        matches!(self, RelocationState::Queued | RelocationState::Running)
+        matches!(
+            self,
+            RelocationState::Queued
+                | RelocationState::Running
+                | RelocationState::RollingBack
+                | RelocationState::Grace
+        )
+    }
+
+    /// Moving data or switching the service: counts against the concurrency budget. A
+    /// relocation in its grace period does not.
+    pub fn holds_slot(self) -> bool {
+        matches!(
+            self,
+            RelocationState::Queued | RelocationState::Running | RelocationState::RollingBack
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelocationState::Queued => "queued",
+            RelocationState::Running => "running",
+            RelocationState::RollingBack => "rolling_back",
+            RelocationState::Grace => "grace",
+            RelocationState::Completed => "completed",
+            RelocationState::Failed => "failed",
+            RelocationState::RolledBack => "rolled_back",
+        }
     }
 }
 
@@ -65,78 +105,22 @@ pub trait Conduit: Send + Sync + 'static {
     fn submit(&self, request: RelocationRequest) -> Result<Relocation, ConduitError>;
     /// Every relocation this conduit knows, newest last.
     fn relocations(&self) -> Vec<Relocation>;
-    /// Relocations queued or running.
+    /// Relocations that hold an execution slot (queued, running, rolling back).
     fn active(&self) -> usize {
         self.relocations()
             .iter()
-            .filter(|r| r.state.is_active())
+            .filter(|r| r.state.holds_slot())
             .count()
     }
-}
 
-/// A conduit that accepts relocation requests and records them in the relocation journal,
-/// where they stay queued: the engine that plans and executes them is not part of this build
-/// yet. Requests survive restarts, count against the budgets, and show in the API and
-/// metrics, without anything being moved.
-pub struct JournalQueue {
-    journal: journal::Journal,
-}
-
-const QUEUED_DETAIL: &str = "queued; this build has no relocation engine to execute it";
-
-impl JournalQueue {
-    pub fn open(path: &std::path::Path) -> Result<JournalQueue, journal::JournalError> {
-        Ok(JournalQueue {
-            journal: journal::Journal::open(path)?,
-        })
-    }
-}
-
-impl Conduit for JournalQueue {
-    fn submit(&self, request: RelocationRequest) -> Result<Relocation, ConduitError> {
-        if self
-            .relocations()
-            .iter()
-            .any(|r| r.request.service == request.service && r.state.is_active())
-        {
-            return Err(ConduitError::AlreadyRelocating(request.service));
-        }
-        let record = self
-            .journal
-            .create(&request, &[])
-            .and_then(|r| {
-                self.journal
-                    .set_state(&r.id, RelocationState::Queued, QUEUED_DETAIL)
-                    .map(|_| r)
-            })
-            .map_err(|e| ConduitError::Refused(e.to_string()))?;
-        Ok(Relocation {
-            id: record.id,
-            request: record.request,
-            state: RelocationState::Queued,
-            submitted_at: record.created_at,
-            updated_at: record.updated_at,
-            detail: QUEUED_DETAIL.to_string(),
-        })
+    /// Where relocations have placed services (service to provider); a service not listed
+    /// is where its configuration puts it.
+    fn placements(&self) -> std::collections::BTreeMap<String, String> {
+        std::collections::BTreeMap::new()
     }
 
-    fn relocations(&self) -> Vec<Relocation> {
-        match self.journal.list() {
-            Ok(records) => records
-                .into_iter()
-                .map(|r| Relocation {
-                    id: r.id,
-                    request: r.request,
-                    state: r.state,
-                    submitted_at: r.created_at,
-                    updated_at: r.updated_at,
-                    detail: r.detail,
-                })
-                .collect(),
-            Err(e) => {
-                tracing::error!("Cannot read the relocation journal: {e}.");
-                Vec::new()
-            }
-        }
+    /// Takes a reloaded configuration.
+    fn configure(&self, config: std::sync::Arc<crate::config::Config>) {
+        let _ = config;
     }
 }

@@ -25,6 +25,7 @@ pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonSettings,
     pub broker: BrokerSettings,
+    pub conduit: ConduitSettings,
     /// Optional region table that extends or replaces rows of the shipped one.
     pub regions_file: Option<PathBuf>,
     pub providers: BTreeMap<String, Provider>,
@@ -67,6 +68,22 @@ pub struct BrokerSettings {
     pub policy_timeout: Duration,
     /// Rhai operation limit of one policy evaluation.
     pub max_policy_operations: u64,
+}
+
+/// How relocations run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConduitSettings {
+    /// How long the source is kept, stopped but intact, after the target passed its health
+    /// check; it is deleted after that. Default one hour.
+    pub grace_period: Duration,
+    /// How long an app gets to stop after SIGTERM at cutover. Default 30 s.
+    pub stop_timeout: Duration,
+    /// Kill an app that has not stopped by then. Default false: the relocation fails and
+    /// the source keeps running.
+    pub kill_after_stop_timeout: bool,
+    /// Health-check deadline for a target of a service without its own `health_check`
+    /// timeout. Default 60 s.
+    pub health_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -623,6 +640,22 @@ impl Validator<'_> {
     fn config(&mut self, path: &Path, raw: RawConfig) -> Config {
         let daemon = self.daemon(raw.daemon);
         let broker = self.broker(raw.broker);
+        let conduit = ConduitSettings {
+            grace_period: Duration::from_secs(raw.conduit.grace_period_secs.unwrap_or(3600)),
+            stop_timeout: Duration::from_secs(self.at_least(
+                "conduit.stop_timeout_secs",
+                raw.conduit.stop_timeout_secs,
+                30,
+                1,
+            )),
+            kill_after_stop_timeout: raw.conduit.kill_after_stop_timeout.unwrap_or(false),
+            health_timeout: Duration::from_secs(self.at_least(
+                "conduit.health_timeout_secs",
+                raw.conduit.health_timeout_secs,
+                60,
+                1,
+            )),
+        };
         let regions_file = raw.regions.file.as_deref().map(|f| self.path(f));
         if let Some(f) = &regions_file {
             if !f.is_file() {
@@ -663,6 +696,7 @@ impl Validator<'_> {
             path: path.to_path_buf(),
             daemon,
             broker,
+            conduit,
             regions_file,
             providers,
             policies,

@@ -13,6 +13,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub broker: RawBroker,
     #[serde(default)]
+    pub conduit: RawConduit,
+    #[serde(default)]
     pub regions: RawRegions,
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
@@ -41,6 +43,15 @@ pub struct RawBroker {
     pub max_relocations_percent: Option<f64>,
     pub policy_timeout_ms: Option<u64>,
     pub max_policy_operations: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConduit {
+    pub grace_period_secs: Option<u64>,
+    pub stop_timeout_secs: Option<u64>,
+    pub kill_after_stop_timeout: Option<bool>,
+    pub health_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

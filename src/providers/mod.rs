@@ -40,7 +40,7 @@ use tokio::io::AsyncRead;
 use crate::config::{self, Driver, HealthCheck};
 
 pub use crate::config::DiskFormat;
-pub use names::{validate_key, validate_name};
+pub use names::{validate_file_name, validate_key, validate_name};
 pub use spec::{AppSpec, SettingsError};
 
 /// What a driver can do. The planner checks these before it plans a move onto a provider.
@@ -510,6 +510,47 @@ pub trait Provider: Send + Sync + 'static {
         app: &str,
     ) -> Result<Option<Endpoint>, ProviderError> {
         Err(self.unsupported(object::app(service, app), "apps"))
+    }
+
+    /// Stops supervising a stopped app and deletes its directory (spec, files, logs).
+    /// Succeeds when the app is unknown; refuses one that is not stopped.
+    async fn remove_app(&self, service: &str, app: &str) -> Result<(), ProviderError> {
+        Err(self.unsupported(object::app(service, app), "apps"))
+    }
+
+    /// Writes a file the app reads (a configuration file, the context document) into the
+    /// app's own directory, atomically; returns where it landed.
+    async fn write_app_file(
+        &self,
+        service: &str,
+        app: &str,
+        name: &str,
+        content: &[u8],
+    ) -> Result<PathBuf, ProviderError> {
+        let _ = (name, content);
+        Err(self.unsupported(object::app(service, app), "apps"))
+    }
+
+    /// A file of the app's directory, or `None` when it does not exist.
+    async fn read_app_file(
+        &self,
+        service: &str,
+        app: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, ProviderError> {
+        let _ = name;
+        Err(self.unsupported(object::app(service, app), "apps"))
+    }
+
+    /// The directory an app's files live in on this machine, where it has one.
+    fn app_dir(&self, service: &str, app: &str) -> Option<PathBuf> {
+        let _ = (service, app);
+        None
+    }
+
+    /// Free bytes where this provider keeps volumes, when it can tell.
+    async fn free_bytes(&self) -> Result<Option<u64>, ProviderError> {
+        Ok(None)
     }
 
     // --- health ------------------------------------------------------------------------

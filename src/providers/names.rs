@@ -34,6 +34,32 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the name of a file an app reads (`demo.toml`): 1 to 255 ASCII letters, digits,
+/// `-`, `_` and `.`, not starting with `.` or `-`, so it stays inside the app's directory.
+pub fn validate_file_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_KEY_SEGMENT_LEN {
+        return Err(format!(
+            "a file name must be 1 to {MAX_KEY_SEGMENT_LEN} characters long, got {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "the file name `{name}` holds {c:?}; only letters, digits, `-`, `_` and `.` are allowed"
+        ));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!(
+            "the file name `{name}` starts with `{}`",
+            &name[..1]
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an object key and returns its `/`-separated segments. A key is relative to its
 /// bucket: no leading `/`, no empty, `.` or `..` segments, so it can never name anything
 /// outside the bucket. Returns the reason it is refused.

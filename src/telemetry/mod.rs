@@ -61,6 +61,14 @@ pub struct Metrics {
     pub service_savings: GaugeVec,
     pub relocations_requested: IntCounterVec,
     pub relocations_active: IntGauge,
+    pub relocations_started: IntCounterVec,
+    pub relocations_finished: IntCounterVec,
+    pub relocation_phase_duration: HistogramVec,
+    pub relocation_bytes_read: IntCounterVec,
+    pub relocation_bytes_sent: IntCounterVec,
+    pub relocation_throughput: GaugeVec,
+    pub cutover_downtime: Histogram,
+    pub cutover_downtime_last: GaugeVec,
     pub reloads: IntCounterVec,
     pub api_requests: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -206,6 +214,63 @@ impl Metrics {
                 "fluidcloud_relocations_active",
                 "Relocations queued or running in the conduit."
             )),
+            relocations_started: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_relocations_started_total",
+                    "Relocations the conduit started executing, by origin."
+                ),
+                &["origin"]
+            )),
+            relocations_finished: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_relocations_finished_total",
+                    "Relocations that ended, by outcome: completed (the target took over), rolled_back (the source runs again) or failed (needs an operator)."
+                ),
+                &["outcome"]
+            )),
+            relocation_phase_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "fluidcloud_relocation_phase_duration_seconds",
+                    "Time spent in each phase of a relocation (precopy, cutover, rollback, decommission)."
+                )
+                .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0]),
+                &["phase"]
+            )),
+            relocation_bytes_read: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_relocation_bytes_read_total",
+                    "Bytes read from sources by viaducts, by kind of data (volume or bucket)."
+                ),
+                &["kind"]
+            )),
+            relocation_bytes_sent: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_relocation_bytes_sent_total",
+                    "Bytes viaducts wrote to or sent towards targets, by kind of data (volume or bucket)."
+                ),
+                &["kind"]
+            )),
+            relocation_throughput: reg!(GaugeVec::new(
+                Opts::new(
+                    "fluidcloud_relocation_throughput_bytes_per_second",
+                    "Read throughput of the last finished transfer, by kind of data."
+                ),
+                &["kind"]
+            )),
+            cutover_downtime: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "fluidcloud_cutover_downtime_seconds",
+                    "Time from stopping the source to the target passing its health check."
+                )
+                .buckets(vec![0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            )),
+            cutover_downtime_last: reg!(GaugeVec::new(
+                Opts::new(
+                    "fluidcloud_cutover_downtime_last_seconds",
+                    "Downtime of the last cutover, by service."
+                ),
+                &["service"]
+            )),
             reloads: reg!(IntCounterVec::new(
                 Opts::new(
                     "fluidcloud_config_reloads_total",
@@ -244,6 +309,16 @@ impl Metrics {
         }
         for r in ["ok", "error"] {
             metrics.reloads.with_label_values(&[r]);
+        }
+        for o in ["policy", "operator"] {
+            metrics.relocations_started.with_label_values(&[o]);
+        }
+        for o in ["completed", "rolled_back", "failed"] {
+            metrics.relocations_finished.with_label_values(&[o]);
+        }
+        for k in ["volume", "bucket"] {
+            metrics.relocation_bytes_read.with_label_values(&[k]);
+            metrics.relocation_bytes_sent.with_label_values(&[k]);
         }
         metrics
     }

@@ -383,6 +383,16 @@ impl Apps {
                         "it runs with a different spec; stop it first",
                     ))
                 }
+                (Desired::Stopped, Some(r)) if st.spec == *spec => {
+                    // A stop that timed out left it running: wanting it again keeps it.
+                    slot.write_desired(Desired::Running)?;
+                    st.desired = Desired::Running;
+                    self.supervise(&slot, &mut st);
+                    return Ok(format!(
+                        "it was asked to stop but still runs as pid {}; kept running",
+                        r.id.pid
+                    ));
+                }
                 (Desired::Stopped, Some(r)) => {
                     return Err(conflict(
                         &self.provider,
@@ -565,6 +575,42 @@ impl Apps {
                 run.id.pid
             ),
         })
+    }
+
+    /// Forgets a stopped app and deletes its directory.
+    pub(super) fn remove(&self, service: &str, app: &str) -> Result<(), ProviderError> {
+        let obj = || object::app(service, app);
+        check_name(&self.provider, obj, "service name", service)?;
+        check_name(&self.provider, obj, "app name", app)?;
+        let mut slots = self.slots_lock();
+        let key = (service.to_string(), app.to_string());
+        if let Some(slot) = slots.get(&key).cloned() {
+            let mut st = slot.lock();
+            if st.desired != Desired::Stopped || st.run.is_some_and(|r| r.id.is_running()) {
+                return Err(conflict(
+                    &self.provider,
+                    obj(),
+                    "it is not stopped; stop it before removing it",
+                ));
+            }
+            st.closed = true;
+            if let Some(task) = slot.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                task.abort();
+            }
+            drop(st);
+            slots.remove(&key);
+        }
+        let dir = self.dir.join(service).join(app);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(
+                &self.provider,
+                obj(),
+                format!("remove {}", dir.display()),
+                e,
+            )),
+        }
     }
 
     pub(super) fn status(&self, service: &str, app: &str) -> Option<AppStatus> {

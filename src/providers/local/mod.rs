@@ -179,6 +179,21 @@ fn lock_root(root: &Path) -> Result<File, String> {
     Ok(file)
 }
 
+/// Bytes available to an unprivileged writer on the filesystem holding `dir`.
+fn available_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is a plain C struct that statvfs
+    // fills in; nothing else is shared.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 fn clear_dir(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -408,5 +423,69 @@ impl Provider for LocalProvider {
             Some(status) => Ok(status.endpoint),
             None => Err(not_found(&self.name, object::app(service, app))),
         }
+    }
+
+    async fn remove_app(&self, service: &str, app: &str) -> Result<(), ProviderError> {
+        self.apps.remove(service, app)
+    }
+
+    async fn write_app_file(
+        &self,
+        service: &str,
+        app: &str,
+        name: &str,
+        content: &[u8],
+    ) -> Result<PathBuf, ProviderError> {
+        let obj = || format!("file `{name}` of {}", object::app(service, app));
+        check_name(&self.name, obj, "service name", service)?;
+        check_name(&self.name, obj, "app name", app)?;
+        super::validate_file_name(name).map_err(|e| invalid(&self.name, obj(), e))?;
+        let dir = self.app_dir(service, app);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io_err(&self.name, obj(), format!("create {}", dir.display()), e))?;
+        let path = dir.join(name);
+        write_atomic(&path, content)
+            .map_err(|e| io_err(&self.name, obj(), format!("write {}", path.display()), e))?;
+        Ok(path)
+    }
+
+    async fn read_app_file(
+        &self,
+        service: &str,
+        app: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, ProviderError> {
+        let obj = || format!("file `{name}` of {}", object::app(service, app));
+        check_name(&self.name, obj, "service name", service)?;
+        check_name(&self.name, obj, "app name", app)?;
+        super::validate_file_name(name).map_err(|e| invalid(&self.name, obj(), e))?;
+        let path = self.app_dir(service, app).join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(
+                &self.name,
+                obj(),
+                format!("read {}", path.display()),
+                e,
+            )),
+        }
+    }
+
+    fn app_dir(&self, service: &str, app: &str) -> Option<PathBuf> {
+        Some(LocalProvider::app_dir(self, service, app))
+    }
+
+    async fn free_bytes(&self) -> Result<Option<u64>, ProviderError> {
+        let dir = self.root.join("volumes");
+        let stat = available_bytes(&dir).map_err(|e| {
+            io_err(
+                &self.name,
+                format!("directory {}", dir.display()),
+                "measure free space",
+                e,
+            )
+        })?;
+        Ok(Some(stat))
     }
 }

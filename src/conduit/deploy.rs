@@ -1,0 +1,227 @@
+//! Deployment: a service's components made present at the provider it is placed on, and the
+//! placeholders (`{volume.data.path}`, `{app.web.port}`…) its configuration files are
+//! written with.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::{Component, Config, ServiceSpec};
+use crate::model::ComponentKind;
+use crate::providers::{self, AppSpec, AppState, Provider, ProviderError, VolumeSpec};
+
+/// Placeholder values by name.
+pub type Values = BTreeMap<String, String>;
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// What [`ensure`] did.
+#[derive(Debug, Default)]
+pub struct DeployReport {
+    pub created: Vec<String>,
+    pub started: Vec<String>,
+}
+
+impl DeployReport {
+    pub fn changed(&self) -> bool {
+        !(self.created.is_empty() && self.started.is_empty())
+    }
+}
+
+impl fmt::Display for DeployReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if !self.created.is_empty() {
+            parts.push(format!("created {}", self.created.join(", ")));
+        }
+        if !self.started.is_empty() {
+            parts.push(format!("started {}", self.started.join(", ")));
+        }
+        if parts.is_empty() {
+            f.write_str("nothing to do")
+        } else {
+            f.write_str(&parts.join("; "))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error("service `{service}`: {component}: {message}")]
+    Component {
+        service: String,
+        component: String,
+        message: String,
+    },
+}
+
+/// The size a component asks for, in bytes, rounded up to whole 512-byte sectors.
+pub fn volume_bytes(c: &Component) -> u64 {
+    ((c.size_gib * GIB) as u64).div_ceil(512) * 512
+}
+
+/// The app spec of an `app` component, with relative paths resolved against the
+/// configuration file's directory.
+pub fn app_spec(config: &Config, service: &str, c: &Component) -> Result<AppSpec, DeployError> {
+    let base = config.path.parent().unwrap_or(Path::new("/"));
+    AppSpec::from_component(service, c, base).map_err(|e| DeployError::Component {
+        service: service.to_string(),
+        component: format!("app `{}`", c.name),
+        message: e.to_string(),
+    })
+}
+
+/// Placeholder values describing `spec` as deployed at `at`, with buckets kept at the
+/// source described at `bucket_home` (the provider that holds them).
+pub async fn values(
+    config: &Config,
+    spec: &ServiceSpec,
+    at: &dyn Provider,
+    bucket_home: &dyn Provider,
+) -> Result<Values, DeployError> {
+    let mut v = Values::new();
+    v.insert("service".into(), spec.name.clone());
+    v.insert("provider".into(), at.name().to_string());
+    if let Some(p) = config.providers.get(at.name()) {
+        v.insert("region".into(), p.region.clone());
+        v.insert("cloud".into(), p.cloud.clone().unwrap_or_default());
+    }
+    for c in &spec.components {
+        match c.kind {
+            ComponentKind::Volume => {
+                if let Some(info) = at.volume_info(&spec.name, &c.name).await? {
+                    if let Some(path) = info.path {
+                        v.insert(
+                            format!("volume.{}.path", c.name),
+                            path.display().to_string(),
+                        );
+                    }
+                    v.insert(
+                        format!("volume.{}.format", c.name),
+                        info.format.as_str().to_string(),
+                    );
+                }
+            }
+            ComponentKind::Bucket => {
+                let home = if c.keep_at_source { bucket_home } else { at };
+                v.insert(
+                    format!("bucket.{}.provider", c.name),
+                    home.name().to_string(),
+                );
+                if let Some(dir) = bucket_dir(home, &spec.name, &c.name)? {
+                    v.insert(format!("bucket.{}.path", c.name), dir.clone());
+                    v.insert(
+                        format!("bucket.{}.endpoint", c.name),
+                        format!("file://{dir}"),
+                    );
+                }
+            }
+            ComponentKind::App => {
+                let app = app_spec(config, &spec.name, c)?;
+                v.insert(format!("app.{}.host", c.name), "127.0.0.1".into());
+                if let Some(port) = app.port {
+                    v.insert(format!("app.{}.port", c.name), port.to_string());
+                }
+                if let Some(dir) = at.app_dir(&spec.name, &c.name) {
+                    v.insert(format!("app.{}.dir", c.name), dir.display().to_string());
+                }
+            }
+            ComponentKind::Vm | ComponentKind::Config => {}
+        }
+    }
+    Ok(v)
+}
+
+/// The directory holding a bucket's objects, for providers that keep them on this machine.
+fn bucket_dir(
+    p: &dyn Provider,
+    service: &str,
+    bucket: &str,
+) -> Result<Option<String>, DeployError> {
+    // A probe key's parent is the bucket's directory.
+    Ok(p.object_path(service, bucket, "probe")?
+        .and_then(|path| path.parent().map(|d| d.display().to_string())))
+}
+
+/// The app a configuration file belongs to: `settings.app`, or the service's only app.
+pub fn config_app(spec: &ServiceSpec, c: &Component) -> Option<String> {
+    c.settings
+        .get("app")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .or_else(|| {
+            let apps: Vec<&Component> = spec
+                .components
+                .iter()
+                .filter(|c| c.kind == ComponentKind::App)
+                .collect();
+            (apps.len() == 1).then(|| apps[0].name.clone())
+        })
+}
+
+/// Creates what is missing of `spec` at `at` and starts its apps.
+pub async fn ensure(
+    at: &dyn Provider,
+    config: &Config,
+    spec: &ServiceSpec,
+) -> Result<DeployReport, DeployError> {
+    let mut report = DeployReport::default();
+    let caps = at.capabilities();
+    for c in &spec.components {
+        let missing_volume = c.kind == ComponentKind::Volume
+            && caps.block
+            && at.volume_info(&spec.name, &c.name).await?.is_none();
+        if missing_volume {
+            let op = at
+                .create_volume(
+                    &spec.name,
+                    &VolumeSpec {
+                        name: c.name.clone(),
+                        size_bytes: volume_bytes(c),
+                        format: at.preferred_disk_format(),
+                    },
+                )
+                .await?;
+            providers::wait_for(at, &op.id, Duration::from_secs(600)).await?;
+            report.created.push(format!("volume `{}`", c.name));
+        }
+        // A bucket kept at the source lives where the service was first deployed.
+        let bucket_here = c.kind == ComponentKind::Bucket
+            && caps.object
+            && (!c.keep_at_source || at.name() == spec.provider);
+        if bucket_here {
+            at.ensure_bucket(&spec.name, &c.name).await?;
+        }
+    }
+    for c in spec
+        .components
+        .iter()
+        .filter(|c| c.kind == ComponentKind::Config)
+    {
+        if let Some(what) = super::executor::write_initial_config(at, config, spec, c).await? {
+            report.created.push(what);
+        }
+    }
+    if caps.app {
+        for c in spec
+            .components
+            .iter()
+            .filter(|c| c.kind == ComponentKind::App)
+        {
+            let app = app_spec(config, &spec.name, c)?;
+            let running = matches!(
+                at.app_status(&spec.name, &c.name).await?,
+                Some(s) if matches!(s.state, AppState::Running | AppState::Restarting) && s.spec == app
+            );
+            if !running {
+                let op = at.start_app(&spec.name, &app).await?;
+                providers::wait_for(at, &op.id, Duration::from_secs(60)).await?;
+                report.started.push(format!("app `{}`", c.name));
+            }
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,251 @@
+//! `fluidcloud plan` and `fluidcloud relocate`: one relocation from the command line, with
+//! progress bars, run by the same engine the daemon uses.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fluidcloud::conduit::engine::Engine;
+use fluidcloud::conduit::journal::{RelocationRecord, StepState};
+use fluidcloud::conduit::plan::{human_bytes, Step};
+use fluidcloud::conduit::{Observer, RelocationRequest, RelocationState};
+use fluidcloud::config::Config;
+use fluidcloud::viaduct::Progress;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Prints the plan of a relocation without doing anything.
+pub fn plan(config: Config, service: &str, to: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let engine = Engine::open(Arc::new(config), None, None)?;
+        match engine.plan(service, to) {
+            Ok(plan) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&plan)?);
+                } else {
+                    print!("{plan}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(2))
+            }
+        }
+    })
+}
+
+/// Runs one relocation in the foreground until it completes or rolls back.
+pub fn relocate(
+    mut config: Config,
+    service: &str,
+    to: &str,
+    grace_period: Option<u64>,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(g) = grace_period {
+        config.conduit.grace_period = Duration::from_secs(g);
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let bars = Arc::new(Bars::new(quiet));
+        let observer: Arc<dyn Observer> = bars.clone();
+        let config = Arc::new(config);
+        let engine = Engine::open(config.clone(), None, Some(observer))?;
+        let plan = match engine.plan(service, to) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        let spec = config
+            .services
+            .get(service)
+            .ok_or_else(|| anyhow::anyhow!("no service `{service}`"))?;
+        // The service must run where it is placed before it can move.
+        match engine.deploy(service, &plan.from).await {
+            Ok(report) if report.changed() => {
+                bars.line(format!("deployed `{service}` on `{}`: {report}", plan.from))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!(
+                    "error: cannot make `{service}` present on `{}`: {e}",
+                    plan.from
+                );
+                return Ok(ExitCode::from(1));
+            }
+        }
+        let _ = spec;
+        bars.line(format!(
+            "relocating `{service}` from `{}` to `{}` ({} steps; grace period {:?})",
+            plan.from,
+            plan.to,
+            plan.steps.len(),
+            config.conduit.grace_period
+        ));
+        let request = RelocationRequest {
+            decision_id: format!("cli-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")),
+            service: service.to_string(),
+            from: plan.from.clone(),
+            to: plan.to.clone(),
+            reason: "requested on the command line".to_string(),
+            origin: "operator".to_string(),
+        };
+        let record = match engine.run(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        };
+        bars.finish();
+        print_summary(&engine, &record);
+        Ok(match record.state {
+            RelocationState::Completed | RelocationState::Grace => ExitCode::SUCCESS,
+            _ => ExitCode::from(1),
+        })
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn print_summary(engine: &Engine, record: &RelocationRecord) {
+    let (mut read, mut sent) = (0u64, 0u64);
+    let mut verified = Vec::new();
+    for s in &record.steps {
+        read += s
+            .output
+            .get("bytes_read")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        read += s.output.get("bytes").and_then(|v| v.as_u64()).unwrap_or(0);
+        sent += s
+            .output
+            .get("bytes_written")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        sent += s.output.get("bytes").and_then(|v| v.as_u64()).unwrap_or(0);
+        if let Some(v) = s.output.get("verified").and_then(|v| v.as_str()) {
+            verified.push(format!("{}: {v}", s.name));
+        }
+    }
+    println!();
+    println!("relocation {}: {}", record.id, record.state.as_str());
+    println!("  {}", record.detail);
+    println!("  bytes read: {} ({read} B)", human_bytes(read));
+    println!("  bytes sent: {} ({sent} B)", human_bytes(sent));
+    match engine.downtime(record) {
+        Some(d) => println!("  downtime:   {:.3} s", d.as_secs_f64()),
+        None => println!("  downtime:   none (no app was stopped)"),
+    }
+    if verified.is_empty() {
+        println!("  verified:   nothing was copied");
+    } else {
+        for v in verified {
+            println!("  verified:   {v}");
+        }
+    }
+}
+
+/// Progress bars for transfers and a line per step.
+struct Bars {
+    multi: MultiProgress,
+    transfers: Mutex<BTreeMap<String, ProgressBar>>,
+    quiet: bool,
+}
+
+impl Bars {
+    fn new(quiet: bool) -> Bars {
+        let multi = MultiProgress::new();
+        if quiet {
+            multi.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        Bars {
+            multi,
+            transfers: Mutex::new(BTreeMap::new()),
+            quiet,
+        }
+    }
+
+    fn line(&self, s: String) {
+        if self.quiet {
+            println!("{s}");
+        } else {
+            let _ = self.multi.println(s);
+        }
+    }
+
+    fn finish(&self) {
+        for (_, bar) in
+            std::mem::take(&mut *self.transfers.lock().unwrap_or_else(|e| e.into_inner()))
+        {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for Bars {
+    fn step(&self, _relocation: &str, step: &Step, state: StepState, detail: &str) {
+        let mark = match state {
+            StepState::Running => "…",
+            StepState::Done => "✓",
+            StepState::Failed => "✗",
+            StepState::Compensated => "↺",
+            StepState::Pending => " ",
+        };
+        if state != StepState::Running {
+            if let Some(bar) = self
+                .transfers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&step.name)
+            {
+                bar.finish_and_clear();
+            }
+        }
+        let detail = if detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {detail}")
+        };
+        self.line(format!(
+            "{mark} [{}] {}{detail}",
+            step.phase.as_str(),
+            step.name
+        ));
+    }
+
+    fn transfer(&self, _relocation: &str, step: &str, p: &Progress) {
+        let mut bars = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = bars.entry(step.to_string()).or_insert_with(|| {
+            let bar = self.multi.add(ProgressBar::new(p.image_bytes));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "  {prefix:<24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(step.to_string());
+            bar
+        });
+        let done = p
+            .image_bytes
+            .saturating_mul(p.chunks_done)
+            .checked_div(p.chunks_total)
+            .unwrap_or(p.image_bytes);
+        bar.set_position(done);
+        bar.set_message(format!(
+            "read {} sent {}",
+            human_bytes(p.bytes_read),
+            human_bytes(p.bytes_sent)
+        ));
+    }
+}
