@@ -5,7 +5,9 @@
 //! the API and metrics. Submitting never blocks the Broker; the conduit runs the relocation
 //! in its own task.
 
+pub mod hooks;
 pub mod journal;
+pub mod rewrite;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
