@@ -116,6 +116,8 @@ fn services(rng: &mut Lcg, policy: &str) -> Vec<ServiceSpec> {
                     settings: toml::Table::new(),
                 },
             ],
+            cutover: None,
+            recontextualise: None,
         })
         .collect()
 }

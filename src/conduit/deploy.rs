@@ -50,6 +50,8 @@ impl fmt::Display for DeployReport {
 pub enum DeployError {
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Rewrite(#[from] super::rewrite::RewriteError),
     #[error("service `{service}`: {component}: {message}")]
     Component {
         service: String,
@@ -141,9 +143,12 @@ fn bucket_dir(
     service: &str,
     bucket: &str,
 ) -> Result<Option<String>, DeployError> {
-    // A probe key's parent is the bucket's directory.
-    Ok(p.object_path(service, bucket, "probe")?
-        .and_then(|path| path.parent().map(|d| d.display().to_string())))
+    // A probe key's parent is the bucket's directory; a bucket not created yet has none.
+    match p.object_path(service, bucket, "probe") {
+        Ok(path) => Ok(path.and_then(|path| path.parent().map(|d| d.display().to_string()))),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The app a configuration file belongs to: `settings.app`, or the service's only app.
@@ -162,9 +167,11 @@ pub fn config_app(spec: &ServiceSpec, c: &Component) -> Option<String> {
         })
 }
 
-/// Creates what is missing of `spec` at `at` and starts its apps.
+/// Creates what is missing of `spec` at `at` and starts its apps. `bucket_home` is the
+/// provider holding buckets kept at the source (where the service was first deployed).
 pub async fn ensure(
     at: &dyn Provider,
+    bucket_home: &dyn Provider,
     config: &Config,
     spec: &ServiceSpec,
 ) -> Result<DeployReport, DeployError> {
@@ -201,7 +208,9 @@ pub async fn ensure(
         .iter()
         .filter(|c| c.kind == ComponentKind::Config)
     {
-        if let Some(what) = super::executor::write_initial_config(at, config, spec, c).await? {
+        if let Some(what) =
+            super::executor::write_initial_config(at, bucket_home, config, spec, c).await?
+        {
             report.created.push(what);
         }
     }

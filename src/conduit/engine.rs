@@ -160,7 +160,14 @@ impl Engine {
                     continue;
                 }
             };
-            match super::deploy::ensure(provider.as_ref(), &config, spec).await {
+            let home = match self.inner.provider(&spec.provider) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("Cannot deploy `{name}` on `{at}`: {e}.");
+                    continue;
+                }
+            };
+            match super::deploy::ensure(provider.as_ref(), home.as_ref(), &config, spec).await {
                 Ok(report) if report.changed() => {
                     tracing::info!("Deployed `{name}` on `{at}`: {report}.")
                 }
@@ -187,7 +194,8 @@ impl Engine {
                     message: "it is not in the configuration".to_string(),
                 })?;
         let p = self.inner.provider(provider)?;
-        super::deploy::ensure(p.as_ref(), &config, spec).await
+        let home = self.inner.provider(&spec.provider)?;
+        super::deploy::ensure(p.as_ref(), home.as_ref(), &config, spec).await
     }
 
     /// The downtime of a relocation's cutover, once its health check passed.

@@ -23,8 +23,12 @@ use serde_json::{json, Value};
 
 use super::deploy::{self, DeployError};
 use super::engine::Inner;
+use super::hooks::{
+    self, AppEndpoint, BucketContext, ContextDocument, HookEvent, HookPhase, CONTEXT_FILE_NAME,
+};
 use super::journal::{RelocationRecord, StepState};
 use super::plan::{Action, Phase, Plan, Step, VolumePlan};
+use super::rewrite::{self, ConfigFileSpec, Placeholders};
 use super::RelocationState;
 use crate::config::{Component, Config, ServiceSpec};
 use crate::model::ComponentKind;
@@ -52,6 +56,8 @@ enum StepError {
     Deploy(#[from] DeployError),
     #[error(transparent)]
     Viaduct(#[from] viaduct::ViaductError),
+    #[error(transparent)]
+    Rewrite(#[from] rewrite::RewriteError),
     #[error("{0}")]
     Other(String),
 }
@@ -123,6 +129,7 @@ impl Ctx {
         {
             tracing::error!("Relocation {}: cannot checkpoint step {seq}: {e}.", self.id);
         }
+        kill_point(&self.plan.steps[seq].name, state);
         if let Some(o) = &self.inner.observer {
             o.step(
                 &self.id,
@@ -140,6 +147,23 @@ impl Ctx {
         Some(Arc::new(move |p: &viaduct::Progress| {
             observer.transfer(&id, &step, p)
         }))
+    }
+}
+
+/// Fault injection for crash tests: `FLUIDCLOUD_KILL_AT=<step>:<state>` makes the process
+/// kill itself with SIGKILL right after that checkpoint reached the journal, exactly as a
+/// power cut or the OOM killer would.
+fn kill_point(step: &str, state: StepState) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("FLUIDCLOUD_KILL_AT").ok());
+    if let Some(p) = point {
+        if p.split_once(':') == Some((step, state.as_str())) {
+            tracing::warn!("FLUIDCLOUD_KILL_AT={p}: killing this process.");
+            // SAFETY: sends a signal to this very process; no memory is involved.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
     }
 }
 
@@ -947,11 +971,74 @@ async fn stop_source(ctx: &Ctx, app: &str) -> Result<Value, StepError> {
     Ok(json!({ "outcome": outcome }))
 }
 
+fn config_spec(
+    config: &Config,
+    service: &str,
+    c: &Component,
+) -> Result<ConfigFileSpec, DeployError> {
+    let base = config.path.parent().unwrap_or(Path::new("/"));
+    ConfigFileSpec::from_component(service, c, base).map_err(|problems| DeployError::Component {
+        service: service.to_string(),
+        component: format!("config `{}`", c.name),
+        message: problems
+            .into_iter()
+            .map(|(k, m)| format!("{k}: {m}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
+}
+
+/// Placeholder values for the target. Before the target's volumes exist (at preflight),
+/// their paths are stand-ins, so rules can be checked without writing anything.
+async fn target_values(ctx: &Ctx) -> Result<Placeholders, StepError> {
+    let spec = ctx.spec()?;
+    let home = ctx.inner.provider(&spec.provider)?;
+    let mut values = deploy::values(&ctx.config, spec, ctx.target.as_ref(), home.as_ref()).await?;
+    for c in &spec.components {
+        match c.kind {
+            ComponentKind::Volume => {
+                values
+                    .entry(format!("volume.{}.path", c.name))
+                    .or_insert_with(|| format!("(volume {} at {})", c.name, ctx.plan.to));
+            }
+            ComponentKind::Bucket => {
+                for key in ["path", "endpoint"] {
+                    values
+                        .entry(format!("bucket.{}.{key}", c.name))
+                        .or_insert_with(|| format!("(bucket {} at {})", c.name, ctx.plan.to));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(values.into_iter().collect())
+}
+
 /// The configuration file `file` of `app` as the target needs it: the source's current
 /// file with the rules applied, checked.
 async fn render_target_config(ctx: &Ctx, file: &str, app: &str) -> Result<String, StepError> {
-    let _ = (ctx, file, app);
-    Err(other("configuration rewriting is not available"))
+    let svc = ctx.svc();
+    let c = ctx.component(ComponentKind::Config, file)?;
+    let cfs = config_spec(&ctx.config, svc, c)?;
+    let current = ctx
+        .source
+        .read_app_file(svc, app, file)
+        .await?
+        .ok_or_else(|| {
+            other(format!(
+                "configuration file `{file}` of app `{svc}/{app}` does not exist at `{}`",
+                ctx.plan.from
+            ))
+        })?;
+    let text = String::from_utf8(current).map_err(|_| {
+        other(format!(
+            "configuration file `{file}` of app `{svc}/{app}` is not UTF-8 text"
+        ))
+    })?;
+    let values = target_values(ctx).await?;
+    let rewritten = rewrite::rewrite(&text, &cfs, &values).map_err(|e| cfs.in_file(e))?;
+    cfs.check(&rewritten.text)?;
+    Ok(rewritten.text)
 }
 
 async fn write_config(ctx: &Ctx, file: &str, app: &str) -> Result<Value, StepError> {
@@ -960,24 +1047,127 @@ async fn write_config(ctx: &Ctx, file: &str, app: &str) -> Result<Value, StepErr
         .target
         .write_app_file(ctx.svc(), app, file, text.as_bytes())
         .await?;
-    Ok(json!({ "path": path, "bytes": text.len() }))
+    Ok(json!({ "path": path, "bytes": text.len(), "checked": true }))
 }
 
 /// Writes a configuration file from its template where the service is deployed, unless it
 /// exists. Returns what it created.
 pub(super) async fn write_initial_config(
     at: &dyn Provider,
+    bucket_home: &dyn Provider,
     config: &Config,
     spec: &ServiceSpec,
     c: &Component,
 ) -> Result<Option<String>, DeployError> {
-    let _ = (at, config, spec, c);
-    Ok(None)
+    let cfs = config_spec(config, &spec.name, c)?;
+    let Some(app) = deploy::config_app(spec, c) else {
+        return Err(DeployError::Component {
+            service: spec.name.clone(),
+            component: format!("config `{}`", c.name),
+            message: "it names no app, and the service has more than one (set `settings.app`)"
+                .to_string(),
+        });
+    };
+    if at.read_app_file(&spec.name, &app, &c.name).await?.is_some() {
+        return Ok(None);
+    }
+    let values: Placeholders = deploy::values(config, spec, at, bucket_home)
+        .await?
+        .into_iter()
+        .collect();
+    let Some(text) = cfs.render_initial(&values)? else {
+        return Ok(None);
+    };
+    cfs.check(&text)?;
+    at.write_app_file(&spec.name, &app, &c.name, text.as_bytes())
+        .await?;
+    Ok(Some(format!("config `{}` of app `{app}`", c.name)))
 }
 
 async fn recontextualise(ctx: &Ctx) -> Result<Value, StepError> {
-    let _ = ctx;
-    Ok(json!({}))
+    let spec = ctx.spec()?;
+    let svc = ctx.svc();
+    let provider = ctx.config.providers.get(&ctx.plan.to);
+    let mut doc = ContextDocument::new(
+        svc,
+        ctx.plan.to.clone(),
+        provider.map(|p| p.region.clone()).unwrap_or_default(),
+        provider.and_then(|p| p.cloud.clone()),
+        ctx.id.clone(),
+    );
+    let values = target_values(ctx).await?;
+    for c in &spec.components {
+        match c.kind {
+            ComponentKind::App => {
+                let app = deploy::app_spec(&ctx.config, svc, c)?;
+                if let Some(port) = app.port {
+                    doc.endpoints.insert(
+                        c.name.clone(),
+                        AppEndpoint {
+                            host: "127.0.0.1".into(),
+                            port,
+                        },
+                    );
+                }
+            }
+            ComponentKind::Volume => {
+                if let Some(p) = values.get(&format!("volume.{}.path", c.name)) {
+                    doc.volumes.insert(c.name.clone(), p.to_string());
+                }
+            }
+            ComponentKind::Bucket => {
+                doc.buckets.insert(
+                    c.name.clone(),
+                    BucketContext {
+                        path: values
+                            .get(&format!("bucket.{}.path", c.name))
+                            .map(str::to_string),
+                        endpoint: values
+                            .get(&format!("bucket.{}.endpoint", c.name))
+                            .map(str::to_string),
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    let json_doc = serde_json::to_vec_pretty(&doc).expect("context serialises");
+    let mut written = Vec::new();
+    for c in spec
+        .components
+        .iter()
+        .filter(|c| c.kind == ComponentKind::App)
+    {
+        let path = ctx
+            .target
+            .write_app_file(svc, &c.name, CONTEXT_FILE_NAME, &json_doc)
+            .await?;
+        written.push(path);
+    }
+    let hook = match &spec.recontextualise {
+        Some(h) => {
+            let event = HookEvent::new(
+                ctx.id.clone(),
+                svc,
+                HookPhase::Recontextualise,
+                ctx.plan.from.clone(),
+                ctx.plan.to.clone(),
+            )
+            .with_fact(
+                "context_file",
+                written
+                    .first()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            );
+            let outcome = hooks::run_hook(h, &event)
+                .await
+                .map_err(|e| other(format!("the re-contextualisation hook failed: {e}")))?;
+            serde_json::to_value(outcome).unwrap_or(Value::Null)
+        }
+        None => Value::Null,
+    };
+    Ok(json!({ "context_files": written, "hook": hook }))
 }
 
 async fn start_target(ctx: &Ctx, app: &str) -> Result<Value, StepError> {
@@ -1057,9 +1247,43 @@ async fn health_check(ctx: &Ctx) -> Result<Value, StepError> {
     Ok(json!({ "present": present, "apps_up": checked }))
 }
 
+/// The endpoints clients use, `host:port` by app, at a provider.
+fn endpoints(ctx: &Ctx) -> Result<Option<String>, StepError> {
+    let spec = ctx.spec()?;
+    let mut out = Vec::new();
+    for c in spec
+        .components
+        .iter()
+        .filter(|c| c.kind == ComponentKind::App)
+    {
+        if let Some(port) = deploy::app_spec(&ctx.config, ctx.svc(), c)?.port {
+            out.push(format!("127.0.0.1:{port}"));
+        }
+    }
+    Ok((!out.is_empty()).then(|| out.join(",")))
+}
+
 async fn cutover(ctx: &Ctx, phase: &str) -> Result<Value, StepError> {
-    let _ = (ctx, phase);
-    Ok(json!({}))
+    let spec = ctx.spec()?;
+    let Some(hook) = &spec.cutover else {
+        return Ok(Value::Null);
+    };
+    let endpoint = endpoints(ctx)?;
+    let mut event = HookEvent::new(
+        ctx.id.clone(),
+        ctx.svc(),
+        HookPhase::Cutover,
+        ctx.plan.from.clone(),
+        ctx.plan.to.clone(),
+    )
+    .with_endpoints(endpoint.clone(), endpoint);
+    if phase == "rollback" {
+        event = event.rollback();
+    }
+    let outcome = hooks::run_hook(hook, &event)
+        .await
+        .map_err(|e| other(format!("the cutover hook ({phase}) failed: {e}")))?;
+    Ok(serde_json::to_value(outcome).unwrap_or(Value::Null))
 }
 
 async fn decommission(ctx: &Ctx) -> Result<Value, StepError> {

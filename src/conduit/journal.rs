@@ -29,7 +29,7 @@ pub enum StepState {
 }
 
 impl StepState {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             StepState::Pending => "pending",
             StepState::Running => "running",

@@ -8,8 +8,10 @@
 pub mod deploy;
 pub mod engine;
 mod executor;
+pub mod hooks;
 pub mod journal;
 pub mod plan;
+pub mod rewrite;
 
 pub use executor::{downtime, Observer};
 

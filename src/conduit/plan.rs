@@ -466,7 +466,7 @@ fn build(
             format!(
                 "write the context document for `{}`{}",
                 target.name,
-                if has_recontextualise_hook(spec) {
+                if spec.recontextualise.is_some() {
                     " and run the re-contextualisation hook"
                 } else {
                     ""
@@ -509,7 +509,7 @@ fn build(
         },
     );
     let mut last = "health-check".to_string();
-    if has_cutover_hook(spec) {
+    if spec.cutover.is_some() {
         push(
             Phase::Cutover,
             Action::Cutover,
@@ -558,14 +558,6 @@ fn build(
         notes,
         bytes_to_move,
     })
-}
-
-fn has_cutover_hook(_spec: &ServiceSpec) -> bool {
-    false
-}
-
-fn has_recontextualise_hook(_spec: &ServiceSpec) -> bool {
-    false
 }
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;

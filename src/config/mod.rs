@@ -327,6 +327,12 @@ pub struct ServiceSpec {
     pub pinned: bool,
     pub health_check: Option<HealthCheck>,
     pub components: Vec<Component>,
+    /// Repoints clients (DNS record, floating IP, proxy) at the relocated service; called
+    /// again with phase `rollback` to point them back.
+    pub cutover: Option<HookSpec>,
+    /// Hands environment data to the relocated instance, after the conduit wrote its
+    /// context file.
+    pub recontextualise: Option<HookSpec>,
 }
 
 impl ServiceSpec {
@@ -356,6 +362,33 @@ pub struct HealthCheck {
     pub url: Option<String>,
     pub command: Option<Vec<String>>,
     pub timeout: Duration,
+}
+
+/// A program or webhook the conduit calls at one step of a relocation
+/// (`[services.NAME.cutover]`, `[services.NAME.recontextualise]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HookSpec {
+    pub target: HookTarget,
+    /// The hook is stopped (a command's whole process group killed) after this. Default 30 s.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HookTarget {
+    /// Run without a shell; a program path with a `/` is resolved against the configuration's
+    /// directory, a bare name is looked up in `PATH`.
+    Command {
+        argv: Vec<String>,
+        /// The configuration's directory, where the command runs.
+        workdir: PathBuf,
+    },
+    /// An HTTP POST of the event as JSON.
+    Webhook {
+        url: String,
+        /// Holds the bearer token sent in `Authorization`.
+        token_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1203,6 +1236,36 @@ impl Validator<'_> {
                 timeout: Duration::from_secs(h.timeout_secs.unwrap_or(10)),
             }
         });
+        for (i, c) in components.iter().enumerate() {
+            if c.kind != ComponentKind::Config {
+                continue;
+            }
+            let ck = format!("{key}.components[{i}]");
+            match crate::conduit::rewrite::ConfigFileSpec::from_component(name, c, self.base) {
+                Ok(spec) => {
+                    if let Err(message) = spec.resolve_app(&components) {
+                        let at = if spec.app.is_some() {
+                            format!("{ck}.settings.app")
+                        } else {
+                            ck
+                        };
+                        self.err(at, message);
+                    }
+                }
+                Err(problems) => {
+                    for (k, message) in problems {
+                        // `kind` was already checked above.
+                        if k != "kind" {
+                            self.err(format!("{ck}.{k}"), message);
+                        }
+                    }
+                }
+            }
+        }
+        let cutover = raw.cutover.map(|h| self.hook(&format!("{key}.cutover"), h));
+        let recontextualise = raw
+            .recontextualise
+            .map(|h| self.hook(&format!("{key}.recontextualise"), h));
         ServiceSpec {
             name: name.to_string(),
             provider: raw.provider,
@@ -1212,7 +1275,102 @@ impl Validator<'_> {
             pinned: raw.pinned,
             health_check,
             components,
+            cutover,
+            recontextualise,
         }
+    }
+
+    fn hook(&mut self, key: &str, raw: RawHook) -> HookSpec {
+        let timeout = self.at_least(&format!("{key}.timeout_secs"), raw.timeout_secs, 30, 1);
+        let target = match (raw.command, raw.url) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    key,
+                    "set either `command` or `url`, not both: a hook is one program or one webhook",
+                );
+                None
+            }
+            (None, None) => {
+                self.err(
+                    key,
+                    "needs `command` (a program and its arguments) or `url` (a webhook); \
+                     leave the table out if there is nothing to call",
+                );
+                None
+            }
+            (Some(argv), None) => {
+                if raw.token_file.is_some() {
+                    self.err(
+                        format!("{key}.token_file"),
+                        "belongs to a webhook (`url`), not to a command",
+                    );
+                }
+                self.hook_command(key, argv)
+            }
+            (None, Some(url)) => {
+                match reqwest::Url::parse(&url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                    Ok(u) => self.err(
+                        format!("{key}.url"),
+                        format!("`{url}` must be http:// or https://, not {}://", u.scheme()),
+                    ),
+                    Err(e) => self.err(format!("{key}.url"), format!("`{url}` is not a URL: {e}")),
+                }
+                Some(HookTarget::Webhook {
+                    url,
+                    token_file: raw.token_file.map(|f| self.path(&f)),
+                })
+            }
+        };
+        HookSpec {
+            target: target.unwrap_or(HookTarget::Command {
+                argv: Vec::new(),
+                workdir: self.base.to_path_buf(),
+            }),
+            timeout: Duration::from_secs(timeout),
+        }
+    }
+
+    fn hook_command(&mut self, key: &str, mut argv: Vec<String>) -> Option<HookTarget> {
+        let Some(program) = argv.first_mut() else {
+            self.err(
+                format!("{key}.command"),
+                "must name a program, e.g. [\"scripts/repoint.sh\"]",
+            );
+            return None;
+        };
+        if program.trim().is_empty() {
+            self.err(format!("{key}.command[0]"), "the program must not be empty");
+            return None;
+        }
+        if let Some(i) = argv.iter().position(|a| a.contains('\0')) {
+            self.err(format!("{key}.command[{i}]"), "holds a NUL byte");
+            return None;
+        }
+        let program = &mut argv[0];
+        if program.contains('/') {
+            let path = self.path(program);
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => {
+                    use std::os::unix::fs::PermissionsExt;
+                    if m.permissions().mode() & 0o111 == 0 {
+                        self.err(
+                            format!("{key}.command[0]"),
+                            format!("{} is not executable; run `chmod +x` on it", path.display()),
+                        );
+                    }
+                }
+                _ => self.err(
+                    format!("{key}.command[0]"),
+                    format!("program {} does not exist", path.display()),
+                ),
+            }
+            *program = path.to_string_lossy().into_owned();
+        }
+        Some(HookTarget::Command {
+            argv,
+            workdir: self.base.to_path_buf(),
+        })
     }
 }
 

@@ -176,6 +176,23 @@ pub struct RawService {
     pub health_check: Option<RawHealthCheck>,
     #[serde(default)]
     pub components: Vec<RawComponent>,
+    /// Repoints the service's clients (DNS record, floating IP, proxy) at cutover.
+    pub cutover: Option<RawHook>,
+    /// Hands environment data to the relocated instance.
+    pub recontextualise: Option<RawHook>,
+}
+
+/// A program or a webhook the conduit calls at one step of a relocation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHook {
+    /// Program and arguments, run without a shell.
+    pub command: Option<Vec<String>>,
+    /// Webhook receiving an HTTP POST.
+    pub url: Option<String>,
+    /// Webhook: bearer token file.
+    pub token_file: Option<String>,
+    pub timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

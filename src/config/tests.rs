@@ -115,3 +115,220 @@ fn a_compulsory_flag_is_optional_in_verdicts() {
         }
     );
 }
+
+/// A configuration in a temporary directory holding `scripts/repoint.sh` (executable),
+/// `scripts/not-executable.sh` and `demo.toml.in`.
+fn hook_fixture() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("scripts")).unwrap();
+    for (name, mode) in [("repoint.sh", 0o755), ("not-executable.sh", 0o644)] {
+        let p = dir.path().join("scripts").join(name);
+        std::fs::write(&p, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::fs::write(dir.path().join("demo.toml.in"), "listen = \"\"\n").unwrap();
+    std::fs::write(dir.path().join("p.rhai"), "fn decide(ctx) { stay() }\n").unwrap();
+    dir
+}
+
+const HOOK_BASE: &str = r#"
+[providers.a]
+driver = "local"
+region = "eu"
+[policies.p]
+file = "p.rhai"
+[services.shop]
+provider = "a"
+policy = "p"
+"#;
+
+#[test]
+fn cutover_and_recontextualise_hooks_are_read_and_resolved() {
+    let dir = hook_fixture();
+    let path = dir.path().join("fc.toml");
+    let text = format!(
+        r#"{HOOK_BASE}
+[services.shop.cutover]
+command = ["scripts/repoint.sh", "--zone", "example.com"]
+timeout_secs = 5
+[services.shop.recontextualise]
+url = "https://hooks.example/context"
+token_file = "hook-token"
+"#
+    );
+    let c = Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let s = &c.services["shop"];
+    assert_eq!(
+        s.cutover,
+        Some(HookSpec {
+            target: HookTarget::Command {
+                argv: vec![
+                    dir.path().join("scripts/repoint.sh").display().to_string(),
+                    "--zone".into(),
+                    "example.com".into()
+                ],
+                workdir: dir.path().to_path_buf(),
+            },
+            timeout: Duration::from_secs(5),
+        })
+    );
+    assert_eq!(
+        s.recontextualise,
+        Some(HookSpec {
+            target: HookTarget::Webhook {
+                url: "https://hooks.example/context".into(),
+                token_file: Some(dir.path().join("hook-token")),
+            },
+            timeout: Duration::from_secs(30),
+        })
+    );
+}
+
+#[test]
+fn bad_hooks_are_reported_with_their_position() {
+    let dir = hook_fixture();
+    let path = dir.path().join("fc.toml");
+    let cases = [
+        (
+            "[services.shop.cutover]\ncommand = [\"scripts/repoint.sh\"]\nurl = \"https://x\"\n",
+            "services.shop.cutover:",
+            "not both",
+        ),
+        (
+            "[services.shop.cutover]\ntimeout_secs = 3\n",
+            "services.shop.cutover:",
+            "needs `command`",
+        ),
+        (
+            "[services.shop.cutover]\ncommand = []\n",
+            "services.shop.cutover.command:",
+            "must name a program",
+        ),
+        (
+            "[services.shop.cutover]\ncommand = [\"scripts/missing.sh\"]\n",
+            "services.shop.cutover.command[0]:",
+            "does not exist",
+        ),
+        (
+            "[services.shop.cutover]\ncommand = [\"scripts/not-executable.sh\"]\n",
+            "services.shop.cutover.command[0]:",
+            "chmod +x",
+        ),
+        (
+            "[services.shop.cutover]\ncommand = [\"repoint\"]\ntoken_file = \"t\"\n",
+            "services.shop.cutover.token_file:",
+            "belongs to a webhook",
+        ),
+        (
+            "[services.shop.recontextualise]\nurl = \"ftp://x/y\"\n",
+            "services.shop.recontextualise.url:",
+            "http:// or https://",
+        ),
+        (
+            "[services.shop.recontextualise]\nurl = \"hooks.example\"\n",
+            "services.shop.recontextualise.url:",
+            "not a URL",
+        ),
+        (
+            "[services.shop.cutover]\ncommand = [\"sh\"]\ntimeout_secs = 0\n",
+            "services.shop.cutover.timeout_secs:",
+            "at least 1",
+        ),
+    ];
+    let base_lines = HOOK_BASE.lines().count();
+    for (hook, key, words) in cases {
+        let errs = Config::parse(&path, &format!("{HOOK_BASE}{hook}"))
+            .expect_err(hook)
+            .0;
+        assert_eq!(errs.len(), 1, "{hook}: {errs:?}");
+        let e = errs[0].to_string();
+        assert!(e.contains(key) && e.contains(words), "{hook}: {e}");
+        let (line, _) = errs[0].location.expect("located");
+        assert!(line > base_lines, "{hook}: {e}");
+    }
+    // Unknown keys in a hook table are refused by the parser.
+    let errs = Config::parse(
+        &path,
+        &format!("{HOOK_BASE}[services.shop.cutover]\ncomand = [\"x\"]\n"),
+    )
+    .expect_err("typo")
+    .0;
+    assert!(errs[0].message.contains("comand"), "{errs:?}");
+}
+
+#[test]
+fn config_components_are_validated_with_their_position() {
+    let dir = hook_fixture();
+    let path = dir.path().join("fc.toml");
+    let good = format!(
+        r#"{HOOK_BASE}
+[[services.shop.components]]
+kind = "app"
+name = "web"
+[[services.shop.components]]
+kind = "config"
+name = "demo.toml"
+[services.shop.components.settings]
+template = "demo.toml.in"
+rules = [{{ match = 'listen = "[^"]*"', replace = 'listen = "{{app.web.host}}:{{app.web.port}}"' }}]
+"#
+    );
+    Config::parse(&path, &good).unwrap_or_else(|e| panic!("{e}"));
+
+    let bad = format!(
+        r#"{HOOK_BASE}
+[[services.shop.components]]
+kind = "app"
+name = "web"
+[[services.shop.components]]
+kind = "app"
+name = "api"
+[[services.shop.components]]
+kind = "config"
+name = "demo.toml"
+[services.shop.components.settings]
+rules = [{{ match = '(unclosed', replace = 'x' }}]
+[[services.shop.components]]
+kind = "config"
+name = "other.toml"
+[services.shop.components.settings]
+app = "worker"
+[[services.shop.components]]
+kind = "config"
+name = "third.toml"
+"#
+    );
+    let errs: Vec<String> = Config::parse(&path, &bad)
+        .expect_err("refused")
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let base = HOOK_BASE.lines().count();
+    let expect = [
+        (
+            format!(
+                ":{}:20: services.shop.components[2].settings.rules[0].match",
+                base + 12
+            ),
+            "unclosed group",
+        ),
+        (
+            format!(":{}:7: services.shop.components[3].settings.app", base + 17),
+            "`worker` is not an app",
+        ),
+        (
+            format!(":{}:1: services.shop.components[4]:", base + 18),
+            "several apps",
+        ),
+    ];
+    for (at, words) in &expect {
+        assert!(
+            errs.iter().any(|e| e.contains(at) && e.contains(words)),
+            "no {at} … {words} in:\n{}",
+            errs.join("\n")
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+}

@@ -63,6 +63,8 @@ pub(crate) fn service(provider: &str) -> ServiceSpec {
             component(ComponentKind::Volume, "data", 80.0, false),
             component(ComponentKind::Bucket, "assets", 500.0, false),
         ],
+        cutover: None,
+        recontextualise: None,
     }
 }
 

@@ -1,0 +1,363 @@
+//! Relocations with the real binary: a service with an app (the demo app), a configuration
+//! file, a volume and a bucket moves between two local providers, killed with SIGKILL at
+//! every checkpoint of its plan and recovered by the next start of the daemon.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{bin, free_port, repo, Daemon};
+use serde_json::Value;
+
+/// The steps of the plan for `shop`, in order.
+const STEPS: &[&str] = &[
+    "preflight",
+    "precopy:volume:data",
+    "copy:bucket:assets",
+    "stop-source:app:web",
+    "sync:volume:data",
+    "sync:bucket:assets",
+    "write-config:demo.toml",
+    "recontextualise",
+    "start-target:app:web",
+    "health-check",
+    "commit",
+];
+
+fn demo_app() -> PathBuf {
+    let p = Path::new(bin()).parent().unwrap().join("examples/demo-app");
+    assert!(
+        p.exists(),
+        "{} is missing: build the examples (`cargo test` does)",
+        p.display()
+    );
+    p
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: String,
+    app_port: u16,
+}
+
+impl Setup {
+    fn new(target_format: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let app_port = free_port();
+        std::fs::write(
+            dir.path().join("demo.toml.in"),
+            "listen = \"{app.web.host}:{app.web.port}\"\n\
+             data_file = \"{volume.data.path}\"\n\
+             bucket_dir = \"{bucket.assets.path}\"\n\
+             seed_mib = 8\n",
+        )
+        .unwrap();
+        let config = format!(
+            r#"
+[daemon]
+state_dir = "state"
+listen = "127.0.0.1:{{PORT}}"
+
+[broker]
+evaluate_schedule = "0 0 0 1 1 *"
+
+[conduit]
+grace_period_secs = 1
+stop_timeout_secs = 5
+health_timeout_secs = 20
+
+[providers.a]
+driver = "local"
+region = "us-east-1"
+root = "providers/a"
+
+[providers.b]
+driver = "local"
+region = "eu-central-1"
+root = "providers/b"
+disk_format = "{target_format}"
+
+[policies.watch]
+file = "{{REPO}}/policies/cheapest.rhai"
+mode = "audit"
+
+[services.shop]
+provider = "a"
+policy = "watch"
+health_check = {{ url = "http://127.0.0.1:{app_port}/health", timeout_secs = 20 }}
+
+[[services.shop.components]]
+kind = "app"
+name = "web"
+[services.shop.components.settings]
+command = "{app}"
+args = ["demo.toml"]
+port = {app_port}
+
+[[services.shop.components]]
+kind = "config"
+name = "demo.toml"
+[services.shop.components.settings]
+template = "demo.toml.in"
+rules = [
+  {{ match = 'data_file = "[^"]*"', replace = 'data_file = "{{volume.data.path}}"' }},
+  {{ match = 'bucket_dir = "[^"]*"', replace = 'bucket_dir = "{{bucket.assets.path}}"' }},
+]
+
+[[services.shop.components]]
+kind = "volume"
+name = "data"
+size_gib = 0.0625
+
+[[services.shop.components]]
+kind = "bucket"
+name = "assets"
+size_gib = 0.01
+"#,
+            app = demo_app().display()
+        );
+        Setup {
+            dir,
+            config,
+            app_port,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn daemon(&self) -> Daemon {
+        Daemon::start(self.dir.path(), &self.config)
+    }
+
+    fn app(&self, path: &str) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}{path}", self.app_port);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let r = reqwest::Client::new()
+                .get(&url)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            r.text().await.ok()
+        })
+    }
+
+    fn wait_app(&self, path: &str) -> String {
+        for _ in 0..200 {
+            if let Some(body) = self.app(path) {
+                return body;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the demo app never answered {path}");
+    }
+
+    /// Runs `fluidcloud relocate`, optionally killing itself at `kill_at`.
+    fn relocate(&self, to: &str, kill_at: Option<&str>) -> std::process::Output {
+        let mut cmd = Command::new(bin());
+        cmd.args(["relocate", "--quiet", "--config"])
+            .arg(self.dir.path().join("fluidcloud.toml"))
+            .args(["shop", "--to", to])
+            .env_remove("FLUIDCLOUD_KILL_AT")
+            .stdin(Stdio::null());
+        if let Some(k) = kill_at {
+            cmd.env("FLUIDCLOUD_KILL_AT", k);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Kills the demo app processes left running by the local providers.
+    fn kill_apps(&self) {
+        for p in ["a", "b"] {
+            let pid_file = self.path(&format!("providers/{p}/apps/shop/web/pid"));
+            if let Ok(text) = std::fs::read_to_string(pid_file) {
+                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    // SAFETY: signals a process the test's provider started.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.kill_apps();
+    }
+}
+
+/// Deploys the service on `a` through the daemon, fills its bucket, and returns the data
+/// hash and bucket listing the app serves.
+fn deploy(s: &Setup) -> (String, String) {
+    let mut d = s.daemon();
+    let hash = s.wait_app("/hash");
+    let bucket = s.path("providers/a/buckets/shop/assets");
+    std::fs::create_dir_all(bucket.join("img")).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            bucket.join(format!("img/{i}.txt")),
+            format!("asset {i} ").repeat(100 + i),
+        )
+        .unwrap();
+    }
+    let listing = s.wait_app("/bucket");
+    assert!(listing.contains("img/7.txt 856"), "{listing}");
+    d.signal(libc::SIGTERM);
+    assert!(d.child.wait().unwrap().success());
+    (hash, listing)
+}
+
+fn relocations(d: &mut Daemon) -> Value {
+    d.eventually("the relocation to finish", Duration::from_secs(90), |d| {
+        let r = d.get("/v1/relocations");
+        let state = r.as_array()?.last()?["state"].as_str()?.to_string();
+        matches!(state.as_str(), "completed" | "rolled_back" | "failed").then_some(r)
+    })
+}
+
+/// The service is whole: either on `b` with the same data and the source gone, or on `a`
+/// untouched with nothing left on `b`.
+fn assert_consistent(s: &Setup, hash: &str, listing: &str, outcome: &str, context: &str) {
+    let served = s.wait_app("/hash");
+    assert_eq!(served, hash, "{context}: the app serves other data");
+    assert_eq!(s.wait_app("/bucket"), listing, "{context}: bucket differs");
+    let config: Value = serde_json::from_str(&s.wait_app("/config")).unwrap();
+    let data_file = config["data_file"].as_str().unwrap().to_string();
+    match outcome {
+        "completed" => {
+            assert!(
+                data_file.contains("/providers/b/"),
+                "{context}: the app reads {data_file}"
+            );
+            assert!(
+                !s.path("providers/a/volumes/shop/data.raw").exists(),
+                "{context}: the source volume was not decommissioned"
+            );
+            assert!(!s.path("providers/a/apps/shop/web").exists(), "{context}");
+        }
+        "rolled_back" => {
+            assert!(
+                data_file.contains("/providers/a/"),
+                "{context}: the app reads {data_file}"
+            );
+            assert!(
+                !s.path("providers/b/volumes/shop/data.raw").exists(),
+                "{context}: the partial target volume is left"
+            );
+            assert!(
+                !s.path("providers/b/apps/shop/web/pid").exists(),
+                "{context}: a target app is left"
+            );
+        }
+        other => panic!("{context}: the relocation ended `{other}`"),
+    }
+}
+
+#[test]
+fn a_service_moves_with_its_data_config_and_bucket_and_the_source_is_decommissioned() {
+    let s = Setup::new("raw");
+    let (hash, listing) = deploy(&s);
+    let out = s.relocate("b", None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("completed"), "{stdout}");
+    assert!(stdout.contains("downtime:"), "{stdout}");
+    assert!(
+        stdout.contains("verified:   sync:volume:data: image digest"),
+        "{stdout}"
+    );
+    assert_consistent(&s, &hash, &listing, "completed", "uninterrupted");
+    // The placement moved: planning again starts from `b`.
+    let plan = Command::new(bin())
+        .args(["plan", "--config"])
+        .arg(s.path("fluidcloud.toml"))
+        .args(["shop", "--to", "a"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(text.contains("from `b` to `a`"), "{text}");
+}
+
+#[test]
+fn sigkill_at_every_checkpoint_ends_relocated_or_rolled_back() {
+    let mut outcomes = Vec::new();
+    for step in STEPS {
+        for state in ["running", "done"] {
+            let point = format!("{step}:{state}");
+            let s = Setup::new("raw");
+            let (hash, listing) = deploy(&s);
+            let out = s.relocate("b", Some(&point));
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                out.status.signal(),
+                Some(libc::SIGKILL),
+                "{point}: the process was not killed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let mut d = s.daemon();
+            let r = relocations(&mut d);
+            let last = r.as_array().unwrap().last().unwrap();
+            let outcome = last["state"].as_str().unwrap().to_string();
+            assert_consistent(&s, &hash, &listing, &outcome, &point);
+            // Before the cutover it resumes, during it it rolls back, after commit it
+            // finishes.
+            let cut = STEPS.iter().position(|x| x == step).unwrap();
+            let expected = if cut < 3 || *step == "commit" && state == "done" {
+                "completed"
+            } else {
+                "rolled_back"
+            };
+            assert_eq!(outcome, expected, "{point}: {last}");
+            outcomes.push(format!("{point} -> {outcome}"));
+            drop(d);
+        }
+    }
+    assert_eq!(outcomes.len(), STEPS.len() * 2, "{outcomes:?}");
+}
+
+#[test]
+fn a_target_that_never_gets_healthy_rolls_back_to_the_running_source() {
+    let s = Setup::new("raw");
+    let (hash, listing) = deploy(&s);
+    // Point the health check at a port nobody serves.
+    let broken = s.config.replace(
+        &format!(
+            "url = \"http://127.0.0.1:{}/health\", timeout_secs = 20",
+            s.app_port
+        ),
+        &format!(
+            "url = \"http://127.0.0.1:{}/health\", timeout_secs = 2",
+            free_port()
+        ),
+    );
+    std::fs::write(
+        s.path("fluidcloud.toml"),
+        broken
+            .replace("{PORT}", "7")
+            .replace("{REPO}", &repo().display().to_string()),
+    )
+    .unwrap();
+    let out = s.relocate("b", None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("rolled_back"), "{stdout}");
+    assert!(stdout.contains("health-check"), "{stdout}");
+    assert_consistent(&s, &hash, &listing, "rolled_back", "unhealthy target");
+}
