@@ -157,7 +157,7 @@ fn kill_point(step: &str, state: StepState) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("FLUIDCLOUD_KILL_AT").ok());
     if let Some(p) = point {
-        if p.split_once(':') == Some((step, state.as_str())) {
+        if p.rsplit_once(':') == Some((step, state.as_str())) {
             tracing::warn!("FLUIDCLOUD_KILL_AT={p}: killing this process.");
             // SAFETY: sends a signal to this very process; no memory is involved.
             unsafe {
