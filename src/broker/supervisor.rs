@@ -484,6 +484,7 @@ impl Supervisor {
             } => self.finish_poll(source, started, result),
             Command::EvaluationDone(evals) => self.apply(evals),
             Command::Services(reply) => {
+                self.apply_placements();
                 let _ = reply.send(self.services());
             }
             Command::Decisions { query, reply } => {
@@ -1136,6 +1137,7 @@ impl Supervisor {
         reason: Option<String>,
         force: bool,
     ) -> Result<Decision, ApiError> {
+        self.apply_placements();
         let config = self.loaded.config.clone();
         let Some(spec) = config.services.get(service) else {
             return Err(ApiError::NotFound(format!(
