@@ -1,15 +1,18 @@
 //! The viaduct over real TCP on loopback: sparse round trips, re-sync, resume after a cut
 //! connection, wrong keys, tampering on the way, names escaping the root, the rate cap, and
-//! the local fast path.
+//! the local fast path with its incremental in-place passes.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fluidcloud::viaduct::{
-    copy_local, image_digest, send_file, serve, Endpoint, LocalCopyOptions, PresharedKey, Progress,
-    ReceiverOptions, ResumedFrom, SendOptions, ViaductError,
+    copy_local, image_digest, send_file, serve, ChunkManifest, Endpoint, LocalCopyOptions, Phase,
+    PresharedKey, Progress, ReceiverOptions, ResumedFrom, SendOptions, TransferReport,
+    ViaductError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -606,4 +609,232 @@ async fn shutdown_ends_a_running_transfer_and_keeps_the_partial() {
     assert!(!rx.path("disk.raw").exists());
     assert!(rx.path("disk.raw.partial").exists());
     rx.stop().await;
+}
+
+/// A 16 MiB image in 64 KiB chunks (256 of them): random data and text in the first half,
+/// holes and a run of allocated zeros in the second.
+fn staging_source(dir: &Path) -> PathBuf {
+    let src = dir.join("volume.raw");
+    make_image(
+        &src,
+        16 * MIB,
+        &[
+            (0, random_bytes("volume", 5 * MIB)),
+            (5 * MIB, text_bytes(3 * MIB)),
+            (10 * MIB, vec![0u8; MIB as usize]),
+        ],
+    );
+    src
+}
+
+fn in_place(base: Option<ChunkManifest>) -> LocalCopyOptions {
+    LocalCopyOptions {
+        chunk_size: (64 * KIB) as u32,
+        in_place: true,
+        base,
+        ..LocalCopyOptions::default()
+    }
+}
+
+/// Overwrites the 64 KiB chunks at `indices` of `path` with new random data.
+fn change_chunks(path: &Path, indices: &[u64], seed: &str) {
+    let f = File::options().write(true).open(path).unwrap();
+    for i in indices {
+        f.write_all_at(&random_bytes(&format!("{seed}{i}"), 64 * KIB), i * 64 * KIB)
+            .unwrap();
+    }
+}
+
+fn assert_equal_images(src: &Path, dst: &Path, report: &TransferReport) {
+    assert!(same_content(src, dst), "the staging file differs");
+    let digest = image_digest(src, (64 * KIB) as u32).unwrap();
+    assert_eq!(report.digest, digest);
+    assert_eq!(image_digest(dst, (64 * KIB) as u32).unwrap(), digest);
+    assert_eq!(report.manifest.image_digest(), digest);
+}
+
+#[test]
+fn second_pass_after_one_percent_changed_writes_only_those_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = staging_source(dir.path());
+    let dst = dir.path().join("staging.raw");
+    let first = copy_local(&src, &dst, &in_place(None)).unwrap();
+    assert_eq!(first.resumed_from, ResumedFrom::None);
+    assert_eq!(first.chunks_sent, 128, "8 MiB of data in 64 KiB chunks");
+    assert!(!dir.path().join("staging.raw.partial").exists());
+    assert_equal_images(&src, &dst, &first);
+
+    // 1% of 256 chunks, rounded up: three in the data, one in a hole.
+    let changed = [3u64, 77, 120, 200];
+    change_chunks(&src, &changed, "pass two");
+    let manifest_path = ChunkManifest::path_for(&dst);
+    first.manifest.save(&manifest_path).unwrap();
+    let base = ChunkManifest::load(&manifest_path).unwrap();
+    let second = copy_local(&src, &dst, &in_place(Some(base))).unwrap();
+    assert_eq!(second.resumed_from, ResumedFrom::Target);
+    assert_eq!(second.chunks_sent, 4);
+    assert_eq!(second.bytes_sent, 4 * 64 * KIB);
+    assert_eq!(second.chunks_skipped_equal, 128 - 3);
+    assert_eq!(second.chunks_skipped_zero, 256 - 128 - 1);
+    assert_eq!(
+        first.manifest.changed_chunks(&second.manifest),
+        Some(changed.to_vec())
+    );
+    assert_equal_images(&src, &dst, &second);
+}
+
+#[test]
+fn a_chunk_turned_to_zeros_becomes_a_hole() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = staging_source(dir.path());
+    let dst = dir.path().join("staging.raw");
+    let first = copy_local(&src, &dst, &in_place(None)).unwrap();
+    let before = allocated_bytes(&dst);
+    File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&vec![0u8; 64 * KIB as usize], 64 * KIB)
+        .unwrap();
+    let second = copy_local(&src, &dst, &in_place(Some(first.manifest))).unwrap();
+    assert_eq!((second.chunks_sent, second.bytes_sent), (0, 0));
+    assert_equal_images(&src, &dst, &second);
+    assert_eq!(
+        before - allocated_bytes(&dst),
+        64 * KIB,
+        "the chunk's blocks are freed"
+    );
+}
+
+#[test]
+fn a_crash_between_passes_still_ends_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = staging_source(dir.path());
+    let dst = dir.path().join("staging.raw");
+    let first = copy_local(&src, &dst, &in_place(None)).unwrap();
+    // A second pass wrote a chunk the source has since changed back, then died before it
+    // could save its manifest: the staging file no longer matches the first manifest there,
+    // while the source does. Trusting that manifest would keep the stray chunk.
+    File::options()
+        .write(true)
+        .open(&dst)
+        .unwrap()
+        .write_all_at(&random_bytes("stray", 64 * KIB), 2 * 64 * KIB)
+        .unwrap();
+    change_chunks(&src, &[90], "after the crash");
+    let resumed = copy_local(&src, &dst, &in_place(Some(first.manifest.clone()))).unwrap();
+    assert_eq!(
+        resumed.resumed_from,
+        ResumedFrom::Partial,
+        "the file was hashed"
+    );
+    assert_eq!(
+        resumed.chunks_sent, 2,
+        "the stray chunk and the changed one"
+    );
+    assert_equal_images(&src, &dst, &resumed);
+
+    // Without any base, an existing staging file is hashed too.
+    change_chunks(&src, &[91], "no base");
+    let again = copy_local(&src, &dst, &in_place(None)).unwrap();
+    assert_eq!(again.resumed_from, ResumedFrom::Partial);
+    assert_eq!(again.chunks_sent, 1);
+    assert_equal_images(&src, &dst, &again);
+
+    // A manifest older than the last pass is not trusted either.
+    let stale = copy_local(&src, &dst, &in_place(Some(first.manifest))).unwrap();
+    assert_eq!(stale.resumed_from, ResumedFrom::Partial);
+    assert_eq!(stale.chunks_sent, 0);
+    assert_equal_images(&src, &dst, &stale);
+}
+
+#[test]
+fn full_verification_and_resizing_between_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = staging_source(dir.path());
+    let dst = dir.path().join("staging.raw");
+    let first = copy_local(&src, &dst, &in_place(None)).unwrap();
+    // The volume grew by half a chunk and its old last chunk got data.
+    let f = File::options().write(true).open(&src).unwrap();
+    f.set_len(16 * MIB + 32 * KIB).unwrap();
+    f.write_all_at(b"grown", 16 * MIB - 10).unwrap();
+    let opts = LocalCopyOptions {
+        verify_all: true,
+        ..in_place(Some(first.manifest))
+    };
+    let second = copy_local(&src, &dst, &opts).unwrap();
+    assert_eq!(second.resumed_from, ResumedFrom::Target);
+    assert_eq!(second.chunks_total, 257);
+    assert_eq!(second.chunks_sent, 1);
+    assert_equal_images(&src, &dst, &second);
+}
+
+#[test]
+fn progress_is_reported_and_cancellation_stops_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = staging_source(dir.path());
+    let dst = dir.path().join("staging.raw");
+    let seen: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let sink = seen.clone();
+    let opts = LocalCopyOptions {
+        progress: Some(Arc::new(move |p: &Progress| {
+            sink.lock().unwrap().push(p.clone())
+        })),
+        ..in_place(None)
+    };
+    copy_local(&src, &dst, &opts).unwrap();
+    let seen = seen.lock().unwrap();
+    let last = seen.last().unwrap();
+    assert_eq!((last.phase, last.chunks_done), (Phase::Verifying, 256));
+    assert_eq!(last.bytes_sent, 8 * MIB);
+    assert!(seen.iter().any(|p| p.phase == Phase::Transferring));
+
+    let cancel = Arc::new(AtomicBool::new(true));
+    let err = copy_local(
+        &src,
+        &dir.path().join("other.raw"),
+        &LocalCopyOptions {
+            cancel: Some(cancel.clone()),
+            ..LocalCopyOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, ViaductError::Cancelled), "{err}");
+    assert!(!dir.path().join("other.raw").exists());
+    assert!(!dir.path().join("other.raw.partial").exists());
+    let err = copy_local(
+        &src,
+        &dst,
+        &LocalCopyOptions {
+            cancel: Some(cancel),
+            ..in_place(None)
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, ViaductError::Cancelled), "{err}");
+    assert!(same_content(&src, &dst), "a cancelled pass wrote nothing");
+}
+
+#[test]
+fn a_base_must_fit_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = staging_source(dir.path());
+    let dst = dir.path().join("staging.raw");
+    let first = copy_local(&src, &dst, &in_place(None)).unwrap();
+    let not_in_place = LocalCopyOptions {
+        in_place: false,
+        ..in_place(Some(first.manifest.clone()))
+    };
+    let err = copy_local(&src, &dst, &not_in_place).unwrap_err();
+    assert!(err.to_string().contains("in_place"), "{err}");
+    let other_chunks = LocalCopyOptions {
+        chunk_size: (128 * KIB) as u32,
+        ..in_place(Some(first.manifest.clone()))
+    };
+    let err = copy_local(&src, &dst, &other_chunks).unwrap_err();
+    assert!(err.to_string().contains("65536"), "{err}");
+    let mut broken = first.manifest;
+    broken.digests.pop();
+    let err = copy_local(&src, &dst, &in_place(Some(broken))).unwrap_err();
+    assert!(err.to_string().contains("inconsistent"), "{err}");
 }

@@ -6,6 +6,9 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use super::{check_chunk_size, ImageDigest, ViaductError};
 
@@ -62,15 +65,141 @@ impl Layout {
 
     /// The whole-image digest over the ordered chunk digests.
     pub fn image_digest(&self, digests: &[blake3::Hash]) -> ImageDigest {
-        let mut h = blake3::Hasher::new();
-        h.update(DIGEST_TAG);
-        h.update(&self.length.to_le_bytes());
-        h.update(&u64::from(self.chunk_size).to_le_bytes());
-        for d in digests {
-            h.update(d.as_bytes());
-        }
-        ImageDigest(*h.finalize().as_bytes())
+        digest_over(
+            self.length,
+            self.chunk_size,
+            digests.iter().map(|d| &d.as_bytes()[..]),
+        )
     }
+}
+
+/// The whole-image digest of an image of `length` bytes in chunks of `chunk_size`, over
+/// its ordered chunk digests.
+pub(crate) fn digest_over<'a>(
+    length: u64,
+    chunk_size: u32,
+    digests: impl Iterator<Item = &'a [u8]>,
+) -> ImageDigest {
+    let mut h = blake3::Hasher::new();
+    h.update(DIGEST_TAG);
+    h.update(&length.to_le_bytes());
+    h.update(&u64::from(chunk_size).to_le_bytes());
+    for d in digests {
+        h.update(d);
+    }
+    ImageDigest(*h.finalize().as_bytes())
+}
+
+/// How many threads read and hash one image: one per core, so hashing (the bulk of the
+/// CPU work) scales, but at least two so that one thread's wait for the disk overlaps
+/// another's hashing, and at most eight, past which a single file's page cache and the
+/// disk queue stop scaling.
+pub(crate) fn worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8)
+}
+
+/// How often [`map_chunks`] calls its `tick` while the workers run.
+pub(crate) const TICK: Duration = Duration::from_millis(250);
+
+/// Runs `work` for every chunk index below `count` on up to `threads` scoped threads, each
+/// taking the next index when it is free and keeping its own `S` (buffers) across chunks,
+/// and returns the results in index order. The first error stops the other threads after
+/// their current chunk and is returned. `tick` runs on the calling thread every [`TICK`]
+/// while the workers run (for progress reports).
+pub(crate) fn map_chunks<S, T, E, F>(
+    count: u64,
+    threads: usize,
+    work: F,
+    tick: &mut dyn FnMut(),
+) -> Result<Vec<T>, E>
+where
+    S: Default,
+    T: Send,
+    E: Send,
+    F: Fn(u64, &mut S) -> Result<T, E> + Sync,
+{
+    let next = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let threads = threads.clamp(1, count.clamp(1, 64) as usize);
+    let (done_tx, done_rx) = mpsc::channel::<Result<Vec<(u64, T)>, E>>();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (next, stop, work, done) = (&next, &stop, &work, done_tx.clone());
+            scope.spawn(move || {
+                let mut state = S::default();
+                let mut out = Vec::new();
+                let result = loop {
+                    if stop.load(Ordering::Relaxed) {
+                        break Ok(out);
+                    }
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= count {
+                        break Ok(out);
+                    }
+                    match work(index, &mut state) {
+                        Ok(t) => out.push((index, t)),
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            break Err(e);
+                        }
+                    }
+                };
+                let _ = done.send(result);
+            });
+        }
+        drop(done_tx);
+        let mut slots: Vec<Option<T>> = (0..count).map(|_| None).collect();
+        let mut failure = None;
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match done_rx.recv_timeout(wait) {
+                Ok(Ok(part)) => {
+                    for (i, t) in part {
+                        slots[i as usize] = Some(t);
+                    }
+                }
+                Ok(Err(e)) => {
+                    failure.get_or_insert(e);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    tick();
+                    next_tick = Instant::now() + TICK;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            // Without a failure no thread stopped early, so every index was claimed once.
+            None => Ok(slots.into_iter().flatten().collect()),
+        }
+    })
+}
+
+/// The digest of chunk `index` of `file` as it is now (holes and bytes past `extents`
+/// read as zeros), with `buf` as scratch space. Returns the digest and the bytes read.
+pub(crate) fn hash_chunk(
+    file: &File,
+    extents: &[Range<u64>],
+    layout: &Layout,
+    index: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<(blake3::Hash, u64)> {
+    let (offset, len) = layout.range(index);
+    if !overlaps(extents, offset, len as u64) {
+        return Ok((layout.zero_digest(index), 0));
+    }
+    buf.resize(len, 0);
+    let read = read_sparse(file, extents, offset, buf)?;
+    let digest = if is_zero(buf) {
+        layout.zero_digest(index)
+    } else {
+        blake3::hash(buf)
+    };
+    Ok((digest, read))
 }
 
 /// The allocated extents of `file` within `[0, length)`, in order. A file system that cannot
@@ -241,23 +370,19 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// Digests of every chunk of `file` as it is now, for `layout` (the file may be shorter or
-/// longer; bytes past its end count as zeros). Holes are not read.
+/// longer; bytes past its end count as zeros). Holes are not read; chunks are hashed on
+/// [`worker_threads`] threads.
 pub(crate) fn hash_file(file: &File, layout: &Layout) -> io::Result<Vec<blake3::Hash>> {
     let file_len = file.metadata()?.len().min(layout.length);
     let extents = data_extents(file, file_len)?;
-    let mut buf = vec![0u8; layout.chunk_size as usize];
-    let mut digests = Vec::with_capacity(layout.chunks as usize);
-    for index in 0..layout.chunks {
-        let (offset, len) = layout.range(index);
-        if !overlaps(&extents, offset, len as u64) {
-            digests.push(layout.zero_digest(index));
-            continue;
-        }
-        let buf = &mut buf[..len];
-        read_sparse(file, &extents, offset, buf)?;
-        digests.push(blake3::hash(buf));
-    }
-    Ok(digests)
+    map_chunks(
+        layout.chunks,
+        worker_threads(),
+        |index, buf: &mut Vec<u8>| {
+            hash_chunk(file, &extents, layout, index, buf).map(|(digest, _)| digest)
+        },
+        &mut || {},
+    )
 }
 
 /// Copies the content of `src` into the empty file `dst` for `layout` (bytes of `src` past
@@ -273,20 +398,21 @@ pub(crate) fn copy_and_hash(
         .len()
         .min(layout.length);
     let extents = data_extents(src, src_len).map_err(CopyError::Read)?;
-    let mut buf = vec![0u8; layout.chunk_size as usize];
-    let mut digests = Vec::with_capacity(layout.chunks as usize);
-    for index in 0..layout.chunks {
-        let (offset, len) = layout.range(index);
-        if !overlaps(&extents, offset, len as u64) {
-            digests.push(layout.zero_digest(index));
-            continue;
-        }
-        let buf = &mut buf[..len];
-        read_sparse(src, &extents, offset, buf).map_err(CopyError::Read)?;
-        digests.push(blake3::hash(buf));
-        write_sparse(dst, offset, buf, true).map_err(CopyError::Write)?;
-    }
-    Ok(digests)
+    map_chunks(
+        layout.chunks,
+        worker_threads(),
+        |index, buf: &mut Vec<u8>| {
+            let (offset, len) = layout.range(index);
+            if !overlaps(&extents, offset, len as u64) {
+                return Ok(layout.zero_digest(index));
+            }
+            buf.resize(len, 0);
+            read_sparse(src, &extents, offset, buf).map_err(CopyError::Read)?;
+            write_sparse(dst, offset, buf, true).map_err(CopyError::Write)?;
+            Ok(blake3::hash(buf))
+        },
+        &mut || {},
+    )
 }
 
 #[derive(Debug)]

@@ -1,26 +1,85 @@
-//! The local fast path: both ends on one host, no network, same guarantees.
+//! The local fast path: both ends on one host, no network, same guarantees; and the
+//! incremental in-place copy that pre-copy relocations are built on.
+//!
+//! # Incremental copies into a staging file
+//!
+//! A relocation with a short cutover copies a volume twice into the same staging file: a
+//! pre-copy while the source still runs, then, with the source stopped, a final pass that
+//! writes only what changed. [`LocalCopyOptions::in_place`] writes straight into the
+//! staging file; [`LocalCopyOptions::base`] hands the next pass the manifest the previous
+//! one returned ([`TransferReport::manifest`]), so chunks whose source digest equals the
+//! base digest are neither written nor read back. Without a base, an existing staging file
+//! is hashed first (a resume after a crash).
+//!
+//! # Why the fast verification is sound
+//!
+//! After an in-place pass the target's chunk table is made of two kinds of entries: the
+//! digests of the chunks written in this pass, read back from the target after writing, and,
+//! for every other chunk, the digest the target was known to hold before the pass began. The
+//! whole-image digest over that table is compared with the source's. The second kind is
+//! trustworthy because it comes either from hashing the target at the start of this pass, or
+//! from a base manifest, and a base is only used while the staging file carries the *seal*
+//! its pass set on it: the last thing a successful in-place pass does (after the flush) is
+//! set the file's modification time to a value derived from the image digest, a date in the
+//! early 1970s no real write produces. Any later write to the file, by a pass that crashed or
+//! was cancelled half-way or by anyone else, moves the modification time to the present and
+//! breaks the seal, and so does handing in the manifest of an older pass (its digest gives a
+//! different seal). Then the base is ignored and the file is hashed. So every entry in the
+//! table describes bytes that were read back after they were last written; what this does
+//! not catch is storage that silently changes bytes at rest, which is what
+//! [`LocalCopyOptions::verify_all`] (a full re-read) is for.
 
+use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::chunks::{self, Layout};
+use super::manifest::ChunkManifest;
 use super::names::PARTIAL_SUFFIX;
-use super::{check_chunk_size, ResumedFrom, TransferReport, ViaductError, DEFAULT_CHUNK_SIZE};
+use super::{
+    check_chunk_size, ImageDigest, Phase, Progress, ResumedFrom, TransferReport, ViaductError,
+    DEFAULT_CHUNK_SIZE,
+};
+
+/// A progress callback: called from the copying thread a few times a second.
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
 /// How a local copy runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LocalCopyOptions {
     /// Chunk size of the digest (see the module documentation). Default 1 MiB.
     pub chunk_size: u32,
-    /// Read the copy back and compare its digest with the source's before renaming it
-    /// into place. Default true.
+    /// Read every chunk written in this pass back from the target and compare the target's
+    /// image digest with the source's before the copy counts as done. Default true.
     pub verify: bool,
-    /// Flush the copy to disk before renaming it into place. Default true.
+    /// With `verify`, re-read the whole target at the end instead of only the chunks this
+    /// pass wrote (see "Why the fast verification is sound"). Default false.
+    pub verify_all: bool,
+    /// Flush the copy to disk before it counts as done (and, without `in_place`, before
+    /// renaming it into place). Default true.
     pub fsync: bool,
+    /// Write straight into `dst` (created if missing, resized to the source's length,
+    /// holes punched where the source now has zeros) instead of into `<dst>.partial` that
+    /// is renamed over `dst` at the end. Only for staging files nobody else reads while a
+    /// pass runs: a failed pass leaves `dst` half-updated. Default false.
+    pub in_place: bool,
+    /// What `dst` holds: the [`TransferReport::manifest`] of the previous in-place pass into
+    /// it. Requires `in_place` and the same `chunk_size`. Ignored (and `dst` hashed instead)
+    /// when `dst` no longer carries the seal of that pass. Default none: an existing `dst`
+    /// is hashed before the copy.
+    pub base: Option<ChunkManifest>,
+    /// Called from the copying thread a few times a second. Default none.
+    pub progress: Option<ProgressFn>,
+    /// Checked between chunks; once true, the copy stops with
+    /// [`ViaductError::Cancelled`]. Without `in_place` the partial copy is removed; with it,
+    /// `dst` stays as it is and the next pass hashes it. Default none.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for LocalCopyOptions {
@@ -28,25 +87,78 @@ impl Default for LocalCopyOptions {
         LocalCopyOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             verify: true,
+            verify_all: false,
             fsync: true,
+            in_place: false,
+            base: None,
+            progress: None,
+            cancel: None,
         }
     }
 }
 
+impl fmt::Debug for LocalCopyOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalCopyOptions")
+            .field("chunk_size", &self.chunk_size)
+            .field("verify", &self.verify)
+            .field("verify_all", &self.verify_all)
+            .field("fsync", &self.fsync)
+            .field("in_place", &self.in_place)
+            .field("base", &self.base)
+            .field("progress", &self.progress.as_ref().map(|_| "callback"))
+            .field("cancel", &self.cancel)
+            .finish()
+    }
+}
+
+impl LocalCopyOptions {
+    fn check(&self) -> Result<(), ViaductError> {
+        let bad = ViaductError::InvalidOptions;
+        check_chunk_size(self.chunk_size).map_err(bad)?;
+        if let Some(base) = &self.base {
+            if !self.in_place {
+                return Err(bad(
+                    "a base manifest describes a staging file updated in place: set in_place"
+                        .into(),
+                ));
+            }
+            base.check()
+                .map_err(|e| bad(format!("the base manifest is inconsistent: {e}")))?;
+            if base.chunk_size != self.chunk_size {
+                return Err(bad(format!(
+                    "the base manifest was taken with chunks of {} bytes, this copy uses {}",
+                    base.chunk_size, self.chunk_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+}
+
 /// Copies the image at `src` to `dst` on the same host: only allocated extents are read,
-/// zero blocks stay holes, and the copy is written to `<dst>.partial` and renamed over
-/// `dst` only once its digest (read back from the copy) equals the source's.
+/// zero blocks stay holes, and every chunk is hashed. By default the copy is written to
+/// `<dst>.partial` and renamed over `dst` only once its digest (read back from the copy)
+/// equals the source's; with [`LocalCopyOptions::in_place`] it updates `dst` directly and
+/// writes only the chunks that differ from what `dst` holds.
 ///
 /// The data passes through memory rather than `copy_file_range`: it has to be hashed and
-/// scanned for zeros anyway, and reading it once serves all three.
+/// scanned for zeros anyway, and reading it once serves all three. Chunks are handled on
+/// several threads (one per core, at least two). Blocking: call it from
+/// `tokio::task::spawn_blocking` in async code.
 pub fn copy_local(
     src: &Path,
     dst: &Path,
     opts: &LocalCopyOptions,
 ) -> Result<TransferReport, ViaductError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let started = Instant::now();
-    check_chunk_size(opts.chunk_size).map_err(ViaductError::InvalidOptions)?;
+    opts.check()?;
     let source = chunks::open_source(src)?;
     let src_err = |source| ViaductError::Source {
         path: src.to_path_buf(),
@@ -67,32 +179,84 @@ pub fn copy_local(
         }
         _ => {}
     }
+    let meter = Meter {
+        opts,
+        layout: &layout,
+        started,
+        chunks_done: AtomicU64::new(0),
+        bytes_read: AtomicU64::new(0),
+        bytes_written: AtomicU64::new(0),
+    };
+    if opts.in_place {
+        copy_in_place(&source, &extents, src, dst, &layout, &meter)
+    } else {
+        copy_via_partial(&source, &extents, src, dst, &layout, &meter)
+    }
+}
+
+/// Counters shared by the copying threads, and the progress reports made from them.
+struct Meter<'a> {
+    opts: &'a LocalCopyOptions,
+    layout: &'a Layout,
+    started: Instant,
+    chunks_done: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl Meter<'_> {
+    fn report(&self, phase: Phase) {
+        if let Some(progress) = &self.opts.progress {
+            progress(&Progress {
+                phase,
+                image_bytes: self.layout.length,
+                chunks_total: self.layout.chunks,
+                chunks_done: self.chunks_done.load(Ordering::Relaxed),
+                bytes_read: self.bytes_read.load(Ordering::Relaxed),
+                bytes_sent: self.bytes_written.load(Ordering::Relaxed),
+                elapsed: self.started.elapsed(),
+            });
+        }
+    }
+
+    /// Starts a phase whose chunk count starts from zero.
+    fn begin(&self, phase: Phase) {
+        self.chunks_done.store(0, Ordering::Relaxed);
+        self.report(phase);
+    }
+}
+
+/// The file being written and what it held, chunk by chunk, when the pass began (`None`
+/// where that is not known, so the chunk is rewritten whatever the source holds).
+struct Target<'a> {
+    file: File,
+    /// Where the writes go (`dst` or `<dst>.partial`), for error messages.
+    path: &'a Path,
+    held: Vec<Option<blake3::Hash>>,
+    /// Created empty by this pass: chunks not written must be holes, which is cheap to check.
+    fresh: bool,
+    resumed: ResumedFrom,
+}
+
+fn copy_via_partial(
+    source: &File,
+    extents: &[std::ops::Range<u64>],
+    src: &Path,
+    dst: &Path,
+    layout: &Layout,
+    meter: &Meter<'_>,
+) -> Result<TransferReport, ViaductError> {
+    let opts = meter.opts;
     let mut partial_name = dst.as_os_str().to_owned();
     partial_name.push(PARTIAL_SUFFIX);
     let partial = PathBuf::from(partial_name);
-    let dst_err = |path: &Path, source: io::Error| {
-        if matches!(
-            source.raw_os_error(),
-            Some(libc::ENOSPC) | Some(libc::EDQUOT)
-        ) {
-            ViaductError::TargetDiskFull {
-                what: path.display().to_string(),
-                detail: source.to_string(),
-            }
-        } else {
-            ViaductError::Target {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    };
     // A partial copy left by a crash is worth nothing here: start over.
     match std::fs::remove_file(&partial) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(dst_err(&partial, e)),
     }
-    let out = File::options()
+    let file = File::options()
         .read(true)
         .write(true)
         .create_new(true)
@@ -101,204 +265,494 @@ pub fn copy_local(
         .open(&partial)
         .map_err(|e| dst_err(&partial, e))?;
     let result = (|| {
-        out.set_len(length).map_err(|e| dst_err(&partial, e))?;
-        let copied =
-            copy_chunks(&source, &extents, &out, &layout, opts.verify).map_err(|e| match e {
-                CopyFailure::Read(e) => src_err(e),
-                CopyFailure::Write(e) => dst_err(&partial, e),
-                CopyFailure::Differs(offset) => ViaductError::DigestMismatch {
-                    at: partial.display().to_string(),
-                    detail: format!(
-                        "the chunk at offset {offset} reads back different from the source"
-                    ),
-                },
-            })?;
+        file.set_len(layout.length)
+            .map_err(|e| dst_err(&partial, e))?;
+        let target = Target {
+            file,
+            path: &partial,
+            held: (0..layout.chunks)
+                .map(|i| Some(layout.zero_digest(i)))
+                .collect(),
+            fresh: true,
+            resumed: ResumedFrom::None,
+        };
+        let report = run_pass(source, extents, src, &target, layout, meter)?;
         if opts.fsync {
-            out.sync_all().map_err(|e| dst_err(&partial, e))?;
+            target.file.sync_all().map_err(|e| dst_err(&partial, e))?;
         }
         std::fs::rename(&partial, dst).map_err(|e| dst_err(dst, e))?;
         if opts.fsync {
-            if let Some(dir) = dst.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| dst_err(dir, e))?;
-            }
+            sync_parent(dst)?;
         }
-        Ok(copied)
+        Ok(report)
     })();
-    let copied = match result {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-    };
-    Ok(TransferReport {
-        image_bytes: length,
-        chunk_size: opts.chunk_size,
-        bytes_read: copied.bytes_read,
-        bytes_sent: copied.bytes_written,
-        chunks_total: layout.chunks,
-        chunks_sent: copied.chunks_written,
-        chunks_skipped_zero: copied.chunks_zero,
-        chunks_skipped_equal: 0,
-        digest: layout.image_digest(&copied.digests),
-        duration: started.elapsed(),
-        streams: 1,
-        resumed_from: ResumedFrom::None,
+    result.inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
     })
 }
 
-struct Copied {
-    digests: Vec<blake3::Hash>,
-    bytes_read: u64,
-    bytes_written: u64,
-    chunks_written: u64,
-    chunks_zero: u64,
+fn copy_in_place(
+    source: &File,
+    extents: &[std::ops::Range<u64>],
+    src: &Path,
+    dst: &Path,
+    layout: &Layout,
+    meter: &Meter<'_>,
+) -> Result<TransferReport, ViaductError> {
+    let opts = meter.opts;
+    let err = |e| dst_err(dst, e);
+    let create = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dst);
+    let (file, existed) = match create {
+        Ok(f) => (f, false),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(dst)
+                .map_err(err)?;
+            (f, true)
+        }
+        Err(e) => return Err(err(e)),
+    };
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is not a regular file",
+        )));
+    }
+    let (held, resumed) = if !existed {
+        let zeros = (0..layout.chunks)
+            .map(|i| Some(layout.zero_digest(i)))
+            .collect();
+        (zeros, ResumedFrom::None)
+    } else if let Some(base) = opts
+        .base
+        .as_ref()
+        .filter(|b| b.length == meta.len() && has_seal(&meta, &b.image_digest()))
+    {
+        (held_from_base(base, layout), ResumedFrom::Target)
+    } else {
+        if opts.base.is_some() {
+            tracing::warn!(
+                "The staging file {} changed since its manifest was taken (a pass that did not \
+                 finish, or an older manifest); hashing it instead of trusting the manifest.",
+                dst.display()
+            );
+        }
+        (
+            hash_target(&file, dst, layout, meter)?,
+            ResumedFrom::Partial,
+        )
+    };
+    // Resizing moves the modification time even to the same size: only when needed.
+    if meta.len() != layout.length {
+        file.set_len(layout.length).map_err(err)?;
+    }
+    let target = Target {
+        file,
+        path: dst,
+        held,
+        fresh: !existed,
+        resumed,
+    };
+    let report = run_pass(source, extents, src, &target, layout, meter)?;
+    if opts.fsync {
+        target.file.sync_data().map_err(err)?;
+    }
+    set_seal(&target.file, &report.digest).map_err(err)?;
+    if opts.fsync {
+        target.file.sync_all().map_err(err)?;
+        if !existed {
+            sync_parent(dst)?;
+        }
+    }
+    Ok(report)
 }
 
-enum CopyFailure {
+/// Hashes what an existing staging file holds, for a pass that has no trustworthy base.
+fn hash_target(
+    file: &File,
+    path: &Path,
+    layout: &Layout,
+    meter: &Meter<'_>,
+) -> Result<Vec<Option<blake3::Hash>>, ViaductError> {
+    let err = |e| dst_err(path, e);
+    let len = file.metadata().map_err(err)?.len().min(layout.length);
+    let extents = chunks::data_extents(file, len).map_err(err)?;
+    meter.begin(Phase::Comparing);
+    let opts = meter.opts;
+    let digests = chunks::map_chunks(
+        layout.chunks,
+        chunks::worker_threads(),
+        |index, buf: &mut Vec<u8>| {
+            if opts.cancelled() {
+                return Err(ViaductError::Cancelled);
+            }
+            let (digest, _) = chunks::hash_chunk(file, &extents, layout, index, buf)
+                .map_err(|e| dst_err(path, e))?;
+            meter.chunks_done.fetch_add(1, Ordering::Relaxed);
+            Ok(Some(digest))
+        },
+        &mut || meter.report(Phase::Comparing),
+    )?;
+    Ok(digests)
+}
+
+/// What the target held per chunk of `layout`, from a manifest taken at possibly another
+/// length: chunks wholly inside the old image keep their digests, chunks wholly past its end
+/// read as zeros once the file is extended, and the chunk across the old end is unknown.
+fn held_from_base(base: &ChunkManifest, layout: &Layout) -> Vec<Option<blake3::Hash>> {
+    (0..layout.chunks)
+        .map(|index| {
+            let (offset, len) = layout.range(index);
+            let end = offset + len as u64;
+            if offset >= base.length {
+                Some(layout.zero_digest(index))
+            } else if end <= base.length {
+                let old_len = (base.length - offset).min(u64::from(base.chunk_size));
+                (old_len == len as u64)
+                    .then(|| blake3::Hash::from_bytes(base.digests[index as usize]))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// Why a copying thread stopped.
+enum Failure {
     Read(io::Error),
     Write(io::Error),
-    /// The copy does not read back as the source at this offset.
+    /// The target does not read back as the source at this offset.
     Differs(u64),
+    Cancelled,
 }
 
-/// A chunk on its way from the reader to the writer and on to the checker.
-struct InFlight {
-    index: u64,
-    offset: u64,
-    digest: blake3::Hash,
-    buf: Vec<u8>,
+/// One thread's reusable buffers: the source chunk and the chunk read back.
+#[derive(Default)]
+struct Buffers {
+    source: Vec<u8>,
+    back: Vec<u8>,
 }
 
-/// Copies chunk by chunk in a three-stage pipeline, so the stages overlap: one thread
-/// reads, scans for zeros and hashes; this one writes; a third reads each written chunk
-/// back and compares its digest. Chunks of zeros are never written; at the end, any part
-/// of the copy that is not a hole and was not written is checked to read as zeros.
-fn copy_chunks(
-    src: &File,
+/// What happened to one chunk.
+struct ChunkDone {
+    /// The digest of the source chunk as read.
+    source: blake3::Hash,
+    /// The digest the target holds there now: read back if written, else as known before.
+    target: blake3::Hash,
+    kind: ChunkKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChunkKind {
+    Written,
+    /// Zeros in the source; cleared in the target if it held data there.
+    Zero,
+    /// Equal to what the target held: neither written nor read back.
+    Equal,
+}
+
+/// Copies every chunk that differs from what the target holds, verifies, and builds the
+/// report. The caller flushes and puts the target in place.
+fn run_pass(
+    source: &File,
     extents: &[std::ops::Range<u64>],
-    dst: &File,
+    src: &Path,
+    target: &Target<'_>,
     layout: &Layout,
-    verify: bool,
-) -> Result<Copied, CopyFailure> {
-    let (full_tx, full_rx) = mpsc::sync_channel::<InFlight>(3);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    let (check_tx, check_rx) = mpsc::sync_channel::<InFlight>(3);
-    std::thread::scope(|scope| {
-        let reader = scope.spawn(move || -> Result<_, CopyFailure> {
-            let mut digests = Vec::with_capacity(layout.chunks as usize);
-            let (mut bytes_read, mut zero_chunks) = (0u64, 0u64);
-            for index in 0..layout.chunks {
-                let (offset, len) = layout.range(index);
-                if !chunks::overlaps(extents, offset, len as u64) {
-                    digests.push(layout.zero_digest(index));
-                    zero_chunks += 1;
-                    continue;
-                }
-                let mut buf = empty_rx.try_recv().unwrap_or_default();
-                buf.resize(len, 0);
-                bytes_read += chunks::read_sparse(src, extents, offset, &mut buf)
-                    .map_err(CopyFailure::Read)?;
-                if chunks::is_zero(&buf) {
-                    digests.push(layout.zero_digest(index));
-                    zero_chunks += 1;
-                    continue;
-                }
-                let digest = blake3::hash(&buf);
-                digests.push(digest);
-                let chunk = InFlight {
-                    index,
-                    offset,
-                    digest,
-                    buf,
-                };
-                if full_tx.send(chunk).is_err() {
-                    // The writer stopped; it reports why.
-                    break;
-                }
+    meter: &Meter<'_>,
+) -> Result<TransferReport, ViaductError> {
+    let opts = meter.opts;
+    let dst = target.path;
+    let fail = |e: Failure| match e {
+        Failure::Read(source) => ViaductError::Source {
+            path: src.to_path_buf(),
+            source,
+        },
+        Failure::Write(e) => dst_err(dst, e),
+        Failure::Differs(offset) => ViaductError::DigestMismatch {
+            at: dst.display().to_string(),
+            detail: format!("the chunk at offset {offset} reads back different from the source"),
+        },
+        Failure::Cancelled => ViaductError::Cancelled,
+    };
+    meter.begin(Phase::Transferring);
+    let done = chunks::map_chunks(
+        layout.chunks,
+        chunks::worker_threads(),
+        |index, bufs: &mut Buffers| {
+            if opts.cancelled() {
+                return Err(Failure::Cancelled);
             }
-            Ok((digests, bytes_read, zero_chunks))
-        });
-        let checker = scope.spawn(move || -> Result<Vec<u64>, CopyFailure> {
-            let mut written = Vec::new();
-            let mut back = Vec::new();
-            for chunk in check_rx.iter() {
-                back.resize(chunk.buf.len(), 0);
-                dst.read_exact_at(&mut back, chunk.offset)
-                    .map_err(CopyFailure::Write)?;
-                if blake3::hash(&back) != chunk.digest {
-                    return Err(CopyFailure::Differs(chunk.offset));
-                }
-                written.push(chunk.index);
-                let _ = empty_tx.send(chunk.buf);
+            let done = copy_chunk(source, extents, target, layout, index, bufs, meter)?;
+            meter.chunks_done.fetch_add(1, Ordering::Relaxed);
+            Ok(done)
+        },
+        &mut || meter.report(Phase::Transferring),
+    )
+    .map_err(fail)?;
+    let source_digests: Vec<blake3::Hash> = done.iter().map(|d| d.source).collect();
+    let digest = layout.image_digest(&source_digests);
+    if opts.verify {
+        let held = if opts.verify_all {
+            meter.begin(Phase::Verifying);
+            let len = target.file.metadata().map_err(|e| dst_err(dst, e))?.len();
+            let extents = chunks::data_extents(&target.file, len).map_err(|e| dst_err(dst, e))?;
+            chunks::map_chunks(
+                layout.chunks,
+                chunks::worker_threads(),
+                |index, buf: &mut Vec<u8>| {
+                    if opts.cancelled() {
+                        return Err(Failure::Cancelled);
+                    }
+                    let (d, _) = chunks::hash_chunk(&target.file, &extents, layout, index, buf)
+                        .map_err(Failure::Write)?;
+                    meter.chunks_done.fetch_add(1, Ordering::Relaxed);
+                    Ok(d)
+                },
+                &mut || meter.report(Phase::Verifying),
+            )
+            .map_err(fail)?
+        } else {
+            if target.fresh {
+                check_unwritten_are_zero(&target.file, layout, &done).map_err(fail)?;
             }
-            Ok(written)
-        });
-        let mut bytes_written = 0u64;
-        let mut chunks_written = 0u64;
-        let mut write_error = None;
-        for chunk in full_rx.iter() {
-            match chunks::write_sparse(dst, chunk.offset, &chunk.buf, true) {
-                Ok(n) => bytes_written += n,
-                Err(e) => {
-                    write_error = Some(e);
-                    break;
-                }
-            }
-            chunks_written += 1;
-            if verify && check_tx.send(chunk).is_err() {
-                // The checker found a difference; it reports which.
-                break;
-            }
+            done.iter().map(|d| d.target).collect()
+        };
+        if layout.image_digest(&held) != digest {
+            let index = held
+                .iter()
+                .zip(&source_digests)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            return Err(fail(Failure::Differs(layout.range(index as u64).0)));
         }
-        drop(full_rx);
-        drop(check_tx);
-        let panicked = || CopyFailure::Read(io::Error::other("a copy thread panicked"));
-        let read = reader.join().unwrap_or_else(|_| Err(panicked()));
-        let checked = checker.join().unwrap_or_else(|_| Err(panicked()));
-        if let Some(e) = write_error {
-            return Err(CopyFailure::Write(e));
-        }
-        let (digests, bytes_read, chunks_zero) = read?;
-        let mut checked = checked?;
-        if verify {
-            checked.sort_unstable();
-            check_unwritten_are_zero(dst, layout, &checked)?;
-        }
-        Ok(Copied {
-            digests,
-            bytes_read,
-            bytes_written,
-            chunks_written,
-            chunks_zero,
-        })
+    }
+    meter.report(Phase::Verifying);
+    let count = |kind| done.iter().filter(|d| d.kind == kind).count() as u64;
+    Ok(TransferReport {
+        image_bytes: layout.length,
+        chunk_size: layout.chunk_size,
+        bytes_read: meter.bytes_read.load(Ordering::Relaxed),
+        bytes_sent: meter.bytes_written.load(Ordering::Relaxed),
+        chunks_total: layout.chunks,
+        chunks_sent: count(ChunkKind::Written),
+        chunks_skipped_zero: count(ChunkKind::Zero),
+        chunks_skipped_equal: count(ChunkKind::Equal),
+        digest,
+        duration: meter.started.elapsed(),
+        streams: 1,
+        resumed_from: target.resumed,
+        manifest: ChunkManifest::from_hashes(layout, &source_digests),
     })
 }
 
-/// Every chunk that was not written must read as zeros: cheap, since such chunks are holes
-/// and only data extents of the copy are read.
+/// Reads, hashes and (where it differs from what the target holds) writes and reads back one
+/// chunk.
+fn copy_chunk(
+    source: &File,
+    extents: &[std::ops::Range<u64>],
+    target: &Target<'_>,
+    layout: &Layout,
+    index: u64,
+    bufs: &mut Buffers,
+    meter: &Meter<'_>,
+) -> Result<ChunkDone, Failure> {
+    let (offset, len) = layout.range(index);
+    let zero_digest = layout.zero_digest(index);
+    let (digest, zero) = if chunks::overlaps(extents, offset, len as u64) {
+        bufs.source.resize(len, 0);
+        let read = chunks::read_sparse(source, extents, offset, &mut bufs.source)
+            .map_err(Failure::Read)?;
+        meter.bytes_read.fetch_add(read, Ordering::Relaxed);
+        if chunks::is_zero(&bufs.source) {
+            (zero_digest, true)
+        } else {
+            (blake3::hash(&bufs.source), false)
+        }
+    } else {
+        (zero_digest, true)
+    };
+    let held = target.held[index as usize];
+    let kind = if zero {
+        ChunkKind::Zero
+    } else {
+        ChunkKind::Written
+    };
+    if held == Some(digest) {
+        let kind = if zero { kind } else { ChunkKind::Equal };
+        return Ok(ChunkDone {
+            source: digest,
+            target: digest,
+            kind,
+        });
+    }
+    if zero {
+        chunks::punch_hole(&target.file, offset, len as u64).map_err(Failure::Write)?;
+    } else {
+        let written = chunks::write_sparse(
+            &target.file,
+            offset,
+            &bufs.source,
+            held == Some(zero_digest),
+        )
+        .map_err(Failure::Write)?;
+        meter.bytes_written.fetch_add(written, Ordering::Relaxed);
+    }
+    let now = if meter.opts.verify {
+        bufs.back.resize(len, 0);
+        target
+            .file
+            .read_exact_at(&mut bufs.back, offset)
+            .map_err(Failure::Write)?;
+        let back = if chunks::is_zero(&bufs.back) {
+            zero_digest
+        } else {
+            blake3::hash(&bufs.back)
+        };
+        if back != digest {
+            return Err(Failure::Differs(offset));
+        }
+        back
+    } else {
+        digest
+    };
+    Ok(ChunkDone {
+        source: digest,
+        target: now,
+        kind,
+    })
+}
+
+/// Every chunk of a freshly created target that was not written must read as zeros: cheap,
+/// since such chunks are holes and only data extents of the copy are read.
 fn check_unwritten_are_zero(
     dst: &File,
     layout: &Layout,
-    written: &[u64],
-) -> Result<(), CopyFailure> {
-    let len = dst.metadata().map_err(CopyFailure::Write)?.len();
-    let extents = chunks::data_extents(dst, len).map_err(CopyFailure::Write)?;
+    done: &[ChunkDone],
+) -> Result<(), Failure> {
+    let len = dst.metadata().map_err(Failure::Write)?.len();
+    let extents = chunks::data_extents(dst, len).map_err(Failure::Write)?;
     let mut buf = Vec::new();
-    for index in 0..layout.chunks {
-        let (offset, size) = layout.range(index);
-        if written.binary_search(&index).is_ok() || !chunks::overlaps(&extents, offset, size as u64)
-        {
+    for (index, d) in done.iter().enumerate() {
+        let (offset, size) = layout.range(index as u64);
+        if d.kind == ChunkKind::Written || !chunks::overlaps(&extents, offset, size as u64) {
             continue;
         }
         buf.resize(size, 0);
         dst.read_exact_at(&mut buf, offset)
-            .map_err(CopyFailure::Write)?;
+            .map_err(Failure::Write)?;
         if !chunks::is_zero(&buf) {
-            return Err(CopyFailure::Differs(offset));
+            return Err(Failure::Differs(offset));
         }
     }
     Ok(())
+}
+
+/// The modification time that seals a staging file holding the image with `digest`: a
+/// second in 1971–1979 and a nanosecond, both taken from the digest. No write made by a
+/// machine whose clock is anywhere near the present produces it.
+fn seal_of(digest: &ImageDigest) -> (i64, i64) {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&digest.0[..8]);
+    let x = u64::from_le_bytes(x);
+    let secs = 31_536_000 + (x & ((1 << 28) - 1)) as i64;
+    let nanos = ((x >> 32) % 1_000_000_000) as i64;
+    (secs, nanos)
+}
+
+fn set_seal(file: &File, digest: &ImageDigest) -> io::Result<()> {
+    let (secs, nanos) = seal_of(digest);
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: secs as libc::time_t,
+            tv_nsec: nanos as _,
+        },
+    ];
+    // SAFETY: futimens reads the two timespecs we pass; the descriptor is ours.
+    if unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the file still carries the seal set after a pass that produced `digest`. A file
+/// system that keeps coarser times never matches, which costs a re-hash, never a skipped
+/// chunk.
+fn has_seal(meta: &std::fs::Metadata, digest: &ImageDigest) -> bool {
+    let (secs, nanos) = seal_of(digest);
+    meta.mtime() == secs && meta.mtime_nsec() == nanos
+}
+
+fn sync_parent(path: &Path) -> Result<(), ViaductError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| dst_err(dir, e))?;
+    }
+    Ok(())
+}
+
+fn dst_err(path: &Path, source: io::Error) -> ViaductError {
+    if matches!(
+        source.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT)
+    ) {
+        ViaductError::TargetDiskFull {
+            what: path.display().to_string(),
+            detail: source.to_string(),
+        }
+    } else {
+        ViaductError::Target {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seals_differ_per_digest_and_look_like_no_real_time() {
+        let a = seal_of(&ImageDigest(*blake3::hash(b"a").as_bytes()));
+        let b = seal_of(&ImageDigest(*blake3::hash(b"b").as_bytes()));
+        assert_ne!(a, b);
+        for (secs, nanos) in [a, b] {
+            assert!((31_536_000..315_532_800).contains(&secs), "{secs}");
+            assert!((0..1_000_000_000).contains(&nanos));
+        }
+    }
+
+    #[test]
+    fn a_base_of_another_length_keeps_only_chunks_it_describes() {
+        let cs = 65536u32;
+        let mut base = ChunkManifest::zeros(3 * 65536 + 10, cs).unwrap();
+        for (i, d) in base.digests.iter_mut().enumerate() {
+            *d = *blake3::hash(&[i as u8]).as_bytes();
+        }
+        let grown = held_from_base(&base, &Layout::new(6 * 65536, cs));
+        assert_eq!(grown[1], Some(blake3::Hash::from_bytes(base.digests[1])));
+        assert_eq!(grown[3], None, "the old last chunk grew");
+        let zero = Layout::new(6 * 65536, cs).zero_digest(4);
+        assert_eq!(grown[4], Some(zero));
+        let shrunk = held_from_base(&base, &Layout::new(2 * 65536 + 5, cs));
+        assert_eq!(shrunk.len(), 3);
+        assert!(shrunk[0].is_some() && shrunk[1].is_some());
+        assert_eq!(shrunk[2], None, "a chunk cut short is unknown");
+    }
 }

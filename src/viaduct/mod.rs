@@ -3,7 +3,12 @@
 //! - [`serve`] runs a receiver on a TCP listener; images land under [`ReceiverOptions::root`].
 //! - [`send_file`] sends one image (a regular file or a block device) to a receiver
 //!   ([`Endpoint`]) over [`SendOptions::streams`] parallel TCP connections.
-//! - [`copy_local`] is the fast path when both ends are on one host.
+//! - [`copy_local`] is the fast path when both ends are on one host; with
+//!   [`LocalCopyOptions::in_place`] and [`LocalCopyOptions::base`] it is also the incremental
+//!   copy into a staging file that pre-copy relocations use (pre-copy while the source runs,
+//!   then a final pass that writes only the changed chunks).
+//! - [`ChunkManifest`] is what a copy read, chunk by chunk ([`TransferReport::manifest`]);
+//!   it is saved beside a staging image and handed to the next pass.
 //! - [`image_digest`] computes the whole-image digest of a file, as both ends do.
 //! - [`PresharedKey`] is the secret both ends hold; it never travels.
 //!
@@ -67,6 +72,7 @@
 mod auth;
 mod chunks;
 mod local;
+mod manifest;
 mod names;
 mod rate;
 mod receiver;
@@ -81,7 +87,8 @@ use serde::Serialize;
 
 pub use auth::PresharedKey;
 pub use chunks::image_digest;
-pub use local::{copy_local, LocalCopyOptions};
+pub use local::{copy_local, LocalCopyOptions, ProgressFn};
+pub use manifest::ChunkManifest;
 pub use receiver::{serve, ReceiverOptions};
 pub use sender::{send_file, Endpoint, SendOptions};
 
@@ -161,8 +168,14 @@ pub struct TransferReport {
     /// Parallel TCP streams used (1 for a local copy).
     pub streams: usize,
     /// What the target held before: `none`, `partial` (an interrupted transfer) or `target`
-    /// (an earlier version of the image).
+    /// (an earlier version of the image). For an in-place [`copy_local`]: `target` when the
+    /// base manifest was used, `partial` when the existing file was hashed instead.
     pub resumed_from: ResumedFrom,
+    /// The digest of every chunk of the source as read; its
+    /// [`ChunkManifest::image_digest`] is `digest`. Left out of the serialised report (it
+    /// has one entry per chunk): save it with [`ChunkManifest::save`].
+    #[serde(skip)]
+    pub manifest: ChunkManifest,
 }
 
 fn duration_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -185,10 +198,12 @@ pub enum ResumedFrom {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
-    /// Connecting, authenticating, and waiting for the receiver to hash what it holds.
+    /// Connecting, authenticating, and waiting for the receiver to hash what it holds (for a
+    /// local copy: hashing the existing target).
     Comparing,
     Transferring,
-    /// All chunks are through; the receiver checks the image digest and renames.
+    /// All chunks are through; the receiver checks the image digest and renames (for a
+    /// local copy: re-reading the target when asked, and flushing).
     Verifying,
 }
 
@@ -198,7 +213,8 @@ pub struct Progress {
     pub phase: Phase,
     pub image_bytes: u64,
     pub chunks_total: u64,
-    /// Chunks handled so far (sent or skipped).
+    /// Chunks handled so far in this phase (sent or skipped; for a local copy's
+    /// `comparing` and `verifying`, hashed).
     pub chunks_done: u64,
     pub bytes_read: u64,
     pub bytes_sent: u64,
@@ -264,6 +280,8 @@ pub enum ViaductError {
     Key { path: PathBuf, detail: String },
     #[error("the receiver root {}: {detail}", path.display())]
     Root { path: PathBuf, detail: String },
+    #[error("the chunk manifest {}: {detail}", path.display())]
+    Manifest { path: PathBuf, detail: String },
     #[error("the transfer was cancelled")]
     Cancelled,
     #[error("internal failure of the viaduct: {0}")]

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{random_bytes, PresharedKey};
 use super::chunks::{self, Layout};
+use super::manifest::ChunkManifest;
 use super::names;
 use super::rate::RateLimiter;
 use super::receiver::{MAX_CHUNKS, MAX_STREAMS};
@@ -328,9 +329,12 @@ pub async fn send_file(
     };
 
     progress(snapshot(Phase::Verifying));
-    let digest = {
+    let (digest, manifest) = {
         let digests = job.digests.lock().unwrap_or_else(|p| p.into_inner());
-        layout.image_digest(&digests)
+        (
+            layout.image_digest(&digests),
+            ChunkManifest::from_hashes(&layout, &digests),
+        )
     };
     let committing = async {
         control
@@ -369,6 +373,7 @@ pub async fn send_file(
         duration: started.elapsed(),
         streams,
         resumed_from: resumed,
+        manifest,
     };
     progress(snapshot(Phase::Verifying));
     Ok(report)
