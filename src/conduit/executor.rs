@@ -43,8 +43,6 @@ pub trait Observer: Send + Sync {
     fn transfer(&self, relocation: &str, step: &str, progress: &viaduct::Progress);
 }
 
-type ProgressFn = Arc<dyn Fn(&viaduct::Progress) + Send + Sync>;
-
 /// How many times a rollback action is tried before the relocation is marked failed.
 const COMPENSATE_ATTEMPTS: u32 = 3;
 
@@ -140,7 +138,7 @@ impl Ctx {
         }
     }
 
-    fn progress(&self, step: &str) -> Option<ProgressFn> {
+    fn progress(&self, step: &str) -> Option<viaduct::ProgressFn> {
         let observer = self.inner.observer.clone()?;
         let id = self.id.clone();
         let step = step.to_string();
@@ -799,8 +797,17 @@ async fn copy_volume(
     } else {
         staging_path(ctx, v)
     };
-    let opts = viaduct::LocalCopyOptions::default();
-    let _ = ctx.progress(&step.name);
+    // The pre-copy and the final delta write into the same staging image; the manifest of
+    // the previous pass says which chunks it holds, so the delta reads the source and
+    // writes only what changed.
+    let manifest = manifest_path(ctx, v);
+    let base = viaduct::ChunkManifest::load_if_exists(&manifest).unwrap_or(None);
+    let opts = viaduct::LocalCopyOptions {
+        in_place: true,
+        base,
+        progress: ctx.progress(&step.name),
+        ..viaduct::LocalCopyOptions::default()
+    };
     let (src2, staging2) = (src.clone(), staging.clone());
     let report = tokio::task::spawn_blocking(move || viaduct::copy_local(&src2, &staging2, &opts))
         .await
@@ -812,6 +819,7 @@ async fn copy_volume(
         report.bytes_sent,
         Instant::now() - report.duration,
     );
+    report.manifest.save(&manifest)?;
     let mut out = json!({
         "method": "viaduct (local)",
         "bytes_read": report.bytes_read,
