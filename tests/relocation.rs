@@ -361,3 +361,97 @@ fn a_target_that_never_gets_healthy_rolls_back_to_the_running_source() {
     assert!(stdout.contains("health-check"), "{stdout}");
     assert_consistent(&s, &hash, &listing, "rolled_back", "unhealthy target");
 }
+
+fn run_cli(s: &Setup, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .arg("--config")
+        .arg(s.path("fluidcloud.toml"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn write_config(s: &Setup, config: &str) {
+    std::fs::write(
+        s.path("fluidcloud.toml"),
+        config
+            .replace("{PORT}", "7")
+            .replace("{REPO}", &repo().display().to_string()),
+    )
+    .unwrap();
+}
+
+#[test]
+fn plans_to_unknown_or_incapable_providers_are_refused_with_the_reason() {
+    let s = Setup::new("raw");
+    let config =
+        s.config.clone() + "\n[providers.objects]\ndriver = \"s3\"\nregion = \"us-east-1\"\n";
+    write_config(&s, &config);
+    let (ok, out) = run_cli(&s, &["plan", "shop", "--to", "mars"]);
+    assert!(!ok);
+    assert!(
+        out.contains("no provider `mars`") && out.contains("a, b"),
+        "{out}"
+    );
+    let (ok, out) = run_cli(&s, &["plan", "shop", "--to", "objects"]);
+    assert!(!ok);
+    assert!(
+        out.contains("volume `data` needs block volumes") && out.contains("app `web` needs apps"),
+        "{out}"
+    );
+    let (ok, out) = run_cli(&s, &["plan", "shop", "--to", "a"]);
+    assert!(!ok);
+    assert!(out.contains("already runs on `a`"), "{out}");
+    // Nothing was created anywhere.
+    assert!(!s.path("providers/b/volumes/shop").exists());
+}
+
+#[test]
+fn a_config_rule_that_matches_nothing_fails_before_the_source_stops() {
+    let s = Setup::new("raw");
+    let (hash, listing) = deploy(&s);
+    let config = s.config.replace(
+        r#"{ match = 'bucket_dir = "[^"]*"'"#,
+        r#"{ match = 'bucket_directory = "[^"]*"'"#,
+    );
+    assert_ne!(config, s.config);
+    write_config(&s, &config);
+    let out = s.relocate("b", None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("✗ [pre-copy] preflight"), "{stdout}");
+    assert!(stdout.contains("bucket_directory"), "{stdout}");
+    // The source never stopped.
+    assert!(!stdout.contains("stop-source"), "{stdout}");
+    assert_consistent(&s, &hash, &listing, "rolled_back", "rule matching nothing");
+}
+
+#[test]
+fn a_missing_source_image_is_reported_and_nothing_is_written_at_the_target() {
+    let s = Setup::new("raw");
+    let (hash, _) = deploy(&s);
+    let volume = s.path("providers/a/volumes/shop/data.raw");
+    let kept = s.path("data.raw.kept");
+    std::fs::rename(&volume, &kept).unwrap();
+    let out = s.relocate("b", None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    // It existed before: it is not recreated empty, and nothing moves.
+    assert!(
+        stderr.contains("volume `data`: it existed at `a` and is gone"),
+        "{stderr}"
+    );
+    assert!(!volume.exists());
+    assert!(!s.path("providers/b/volumes/shop/data.raw").exists());
+    std::fs::rename(&kept, &volume).unwrap();
+    assert_eq!(s.wait_app("/hash"), hash);
+}

@@ -20,6 +20,8 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 #[derive(Debug, Default)]
 pub struct DeployReport {
     pub created: Vec<String>,
+    /// Volumes created, by name.
+    pub volumes: Vec<String>,
     pub started: Vec<String>,
 }
 
@@ -169,11 +171,15 @@ pub fn config_app(spec: &ServiceSpec, c: &Component) -> Option<String> {
 
 /// Creates what is missing of `spec` at `at` and starts its apps. `bucket_home` is the
 /// provider holding buckets kept at the source (where the service was first deployed).
+///
+/// `known` names the volumes (`volume:NAME`) that existed at `at` before: one of them
+/// missing now is an error, never replaced by an empty volume.
 pub async fn ensure(
     at: &dyn Provider,
     bucket_home: &dyn Provider,
     config: &Config,
     spec: &ServiceSpec,
+    known: &std::collections::BTreeSet<String>,
 ) -> Result<DeployReport, DeployError> {
     let mut report = DeployReport::default();
     let caps = at.capabilities();
@@ -181,6 +187,16 @@ pub async fn ensure(
         let missing_volume = c.kind == ComponentKind::Volume
             && caps.block
             && at.volume_info(&spec.name, &c.name).await?.is_none();
+        if missing_volume && known.contains(&format!("volume:{}", c.name)) {
+            return Err(DeployError::Component {
+                service: spec.name.clone(),
+                component: format!("volume `{}`", c.name),
+                message: format!(
+                    "it existed at `{}` and is gone; it is not recreated empty: restore the image",
+                    at.name()
+                ),
+            });
+        }
         if missing_volume {
             let op = at
                 .create_volume(
@@ -194,6 +210,7 @@ pub async fn ensure(
                 .await?;
             providers::wait_for(at, &op.id, Duration::from_secs(600)).await?;
             report.created.push(format!("volume `{}`", c.name));
+            report.volumes.push(c.name.clone());
         }
         // A bucket kept at the source lives where the service was first deployed.
         let bucket_here = c.kind == ComponentKind::Bucket

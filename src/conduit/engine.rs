@@ -73,6 +73,7 @@ impl Engine {
         metrics: Option<Arc<Metrics>>,
         observer: Option<Arc<dyn Observer>>,
     ) -> Result<Engine, JournalError> {
+        let _ = std::fs::create_dir_all(&config.daemon.state_dir);
         let path = config.daemon.state_dir.join("journal.sqlite");
         let journal = Journal::open(&path)?;
         Ok(Engine {
@@ -167,7 +168,10 @@ impl Engine {
                     continue;
                 }
             };
-            match super::deploy::ensure(provider.as_ref(), home.as_ref(), &config, spec).await {
+            match self
+                .ensure(provider.as_ref(), home.as_ref(), &config, spec)
+                .await
+            {
                 Ok(report) if report.changed() => {
                     tracing::info!("Deployed `{name}` on `{at}`: {report}.")
                 }
@@ -195,7 +199,30 @@ impl Engine {
                 })?;
         let p = self.inner.provider(provider)?;
         let home = self.inner.provider(&spec.provider)?;
-        super::deploy::ensure(p.as_ref(), home.as_ref(), &config, spec).await
+        self.ensure(p.as_ref(), home.as_ref(), &config, spec).await
+    }
+
+    async fn ensure(
+        &self,
+        at: &dyn Provider,
+        home: &dyn Provider,
+        config: &Config,
+        spec: &crate::config::ServiceSpec,
+    ) -> Result<super::deploy::DeployReport, super::deploy::DeployError> {
+        let journal = &self.inner.journal;
+        let known = journal.deployed(&spec.name, at.name()).unwrap_or_default();
+        let report = super::deploy::ensure(at, home, config, spec, &known).await;
+        if let Ok(r) = &report {
+            for v in spec
+                .components
+                .iter()
+                .filter(|c| c.kind == crate::model::ComponentKind::Volume)
+            {
+                let _ = journal.set_deployed(&spec.name, at.name(), &format!("volume:{}", v.name));
+            }
+            let _ = r;
+        }
+        report
     }
 
     /// The downtime of a relocation's cutover, once its health check passed.

@@ -521,8 +521,15 @@ async fn execute(ctx: &Ctx, step: &Step) -> Result<Value, StepError> {
         Action::HealthCheck => health_check(ctx).await,
         Action::Cutover => cutover(ctx, "cutover").await,
         Action::Commit => {
-            ctx.inner
-                .journal
+            let journal = &ctx.inner.journal;
+            for s in &ctx.plan.steps {
+                if let Action::SyncVolume { volume } = &s.action {
+                    journal
+                        .set_deployed(ctx.svc(), &ctx.plan.to, &format!("volume:{}", volume.name))
+                        .map_err(|e| other(e.to_string()))?;
+                }
+            }
+            journal
                 .set_placement(ctx.svc(), &ctx.plan.to, &ctx.id)
                 .map_err(|e| other(e.to_string()))?;
             Ok(json!({ "placement": ctx.plan.to }))
@@ -1336,5 +1343,9 @@ async fn decommission(ctx: &Ctx) -> Result<Value, StepError> {
         }
     }
     let _ = std::fs::remove_dir_all(ctx.work_dir());
+    ctx.inner
+        .journal
+        .clear_deployed(svc, &ctx.plan.from)
+        .map_err(|e| other(e.to_string()))?;
     Ok(json!({ "removed": removed }))
 }

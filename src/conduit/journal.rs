@@ -161,6 +161,12 @@ CREATE TABLE IF NOT EXISTS placements (
     since TEXT NOT NULL,
     relocation_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deployed (
+    service TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    component TEXT NOT NULL,
+    PRIMARY KEY (service, provider, component)
+);
 CREATE INDEX IF NOT EXISTS relocations_by_state ON relocations(state);
 ";
 
@@ -457,6 +463,52 @@ impl Journal {
                 "INSERT INTO placements (service, provider, since, relocation_id) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(service) DO UPDATE SET provider = ?2, since = ?3, relocation_id = ?4",
                 params![service, provider, Utc::now().to_rfc3339(), relocation_id],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Remembers that `component` (`volume:data`) of `service` was created at `provider`, so a
+    /// later disappearance is reported instead of papered over with an empty one.
+    pub fn set_deployed(
+        &self,
+        service: &str,
+        provider: &str,
+        component: &str,
+    ) -> Result<(), JournalError> {
+        self.lock()
+            .execute(
+                "INSERT OR IGNORE INTO deployed (service, provider, component) VALUES (?1, ?2, ?3)",
+                params![service, provider, component],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// The components of `service` known to have existed at `provider`.
+    pub fn deployed(
+        &self,
+        service: &str,
+        provider: &str,
+    ) -> Result<std::collections::BTreeSet<String>, JournalError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT component FROM deployed WHERE service = ?1 AND provider = ?2")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map(params![service, provider], |r| r.get::<_, String>(0))
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.sql(e))?;
+        Ok(rows)
+    }
+
+    /// Forgets what was deployed of `service` at `provider` (after decommissioning).
+    pub fn clear_deployed(&self, service: &str, provider: &str) -> Result<(), JournalError> {
+        self.lock()
+            .execute(
+                "DELETE FROM deployed WHERE service = ?1 AND provider = ?2",
+                params![service, provider],
             )
             .map_err(|e| self.sql(e))?;
         Ok(())
