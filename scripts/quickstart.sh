@@ -9,15 +9,7 @@ if ! command -v cargo >/dev/null; then
     echo "cargo is required (https://rustup.rs)" >&2
     exit 1
 fi
-# qemu-img creates, converts and inspects the local providers' disk images.
-if ! command -v qemu-img >/dev/null; then
-    echo "== installing qemu-utils"
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq qemu-utils
-    else
-        sudo apt-get update -qq && sudo apt-get install -y -qq qemu-utils
-    fi
-fi
+. scripts/lib/qemu-utils.sh
 echo "== building the daemon and the demo app"
 cargo build --release --locked --bin fluidcloud --example demo-app
 exec target/release/fluidcloud daemon --config examples/quickstart/fluidcloud.toml "$@"

@@ -9,15 +9,7 @@ if ! command -v cargo >/dev/null; then
     echo "cargo is required (https://rustup.rs)" >&2
     exit 1
 fi
-# qemu-img converts and inspects disk images for the local provider's volumes.
-if ! command -v qemu-img >/dev/null; then
-    echo "== installing qemu-utils"
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq qemu-utils
-    else
-        sudo apt-get update -qq && sudo apt-get install -y -qq qemu-utils
-    fi
-fi
+. scripts/lib/qemu-utils.sh
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
 echo "== format"

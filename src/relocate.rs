@@ -60,10 +60,6 @@ pub fn relocate(
                 return Ok(ExitCode::from(2));
             }
         };
-        let spec = config
-            .services
-            .get(service)
-            .ok_or_else(|| anyhow::anyhow!("no service `{service}`"))?;
         // The service must run where it is placed before it can move.
         match engine.deploy(service, &plan.from).await {
             Ok(report) if report.changed() => {
@@ -78,7 +74,6 @@ pub fn relocate(
                 return Ok(ExitCode::from(1));
             }
         }
-        let _ = spec;
         bars.line(format!(
             "relocating `{service}` from `{}` to `{}` ({} steps; grace period {:?})",
             plan.from,

@@ -20,8 +20,6 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 #[derive(Debug, Default)]
 pub struct DeployReport {
     pub created: Vec<String>,
-    /// Volumes created, by name.
-    pub volumes: Vec<String>,
     pub started: Vec<String>,
 }
 
@@ -210,7 +208,6 @@ pub async fn ensure(
                 .await?;
             providers::wait_for(at, &op.id, Duration::from_secs(600)).await?;
             report.created.push(format!("volume `{}`", c.name));
-            report.volumes.push(c.name.clone());
         }
         // A bucket kept at the source lives where the service was first deployed.
         let bucket_here = c.kind == ComponentKind::Bucket

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use super::executor::{self, Observer};
 use super::journal::{Journal, JournalError, RelocationRecord};
 use super::plan::{self, Plan};
-use super::{Conduit, ConduitError, Relocation, RelocationRequest, RelocationState};
+use super::{Conduit, ConduitError, Relocation, RelocationRequest};
 use crate::config::Config;
 use crate::providers::{self, Provider, ProviderError};
 use crate::telemetry::Metrics;
@@ -212,7 +212,8 @@ impl Engine {
         let journal = &self.inner.journal;
         let known = journal.deployed(&spec.name, at.name()).unwrap_or_default();
         let report = super::deploy::ensure(at, home, config, spec, &known).await;
-        if let Ok(r) = &report {
+        // Once deployed, every volume of the service exists there.
+        if report.is_ok() && at.capabilities().block {
             for v in spec
                 .components
                 .iter()
@@ -220,7 +221,6 @@ impl Engine {
             {
                 let _ = journal.set_deployed(&spec.name, at.name(), &format!("volume:{}", v.name));
             }
-            let _ = r;
         }
         report
     }
@@ -362,15 +362,5 @@ impl Conduit for Engine {
             tracing::error!("Cannot read placements from the relocation journal: {e}.");
             BTreeMap::new()
         })
-    }
-}
-
-impl RelocationState {
-    /// True once nothing more will happen to the relocation.
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            RelocationState::Completed | RelocationState::Failed | RelocationState::RolledBack
-        )
     }
 }

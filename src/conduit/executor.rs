@@ -609,7 +609,7 @@ fn remove_file(path: &Path) -> Result<(), StepError> {
 // --- steps -----------------------------------------------------------------------------
 
 async fn preflight(ctx: &Ctx) -> Result<Value, StepError> {
-    let spec = ctx.spec()?;
+    ctx.spec()?;
     let svc = ctx.svc();
     let mut needed: u64 = 0;
     let mut checked = Vec::new();
@@ -708,7 +708,6 @@ async fn preflight(ctx: &Ctx) -> Result<Value, StepError> {
             )));
         }
     }
-    let _ = spec;
     std::fs::create_dir_all(ctx.work_dir())
         .map_err(|e| other(format!("cannot create {}: {e}", ctx.work_dir().display())))?;
     Ok(json!({ "checked": checked, "bytes_needed": needed }))

@@ -383,33 +383,22 @@ impl Journal {
 
     /// Every relocation, oldest first.
     pub fn list(&self) -> Result<Vec<RelocationRecord>, JournalError> {
-        let ids: Vec<String> = {
-            let conn = self.lock();
-            let mut stmt = conn
-                .prepare("SELECT id FROM relocations ORDER BY created_at, id")
-                .map_err(|e| self.sql(e))?;
-            let ids = stmt
-                .query_map([], |r| r.get(0))
-                .map_err(|e| self.sql(e))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| self.sql(e))?;
-            ids
-        };
-        ids.iter()
-            .filter_map(|id| self.get(id).transpose())
-            .collect()
+        self.records("SELECT id FROM relocations ORDER BY created_at, id")
     }
 
     /// Relocations a crash interrupted: queued, running, rolling back or in their grace
     /// period. The executor resumes or rolls back each of them at start.
     pub fn unfinished(&self) -> Result<Vec<RelocationRecord>, JournalError> {
+        self.records(
+            "SELECT id FROM relocations WHERE state IN ('queued', 'running', 'rolling_back', 'grace') ORDER BY created_at, id",
+        )
+    }
+
+    /// The relocations whose ids `query` selects, in its order.
+    fn records(&self, query: &str) -> Result<Vec<RelocationRecord>, JournalError> {
         let ids: Vec<String> = {
             let conn = self.lock();
-            let mut stmt = conn
-                .prepare(
-                    "SELECT id FROM relocations WHERE state IN ('queued', 'running', 'rolling_back', 'grace') ORDER BY created_at, id",
-                )
-                .map_err(|e| self.sql(e))?;
+            let mut stmt = conn.prepare(query).map_err(|e| self.sql(e))?;
             let ids = stmt
                 .query_map([], |r| r.get(0))
                 .map_err(|e| self.sql(e))?

@@ -69,6 +69,14 @@ impl RelocationState {
         )
     }
 
+    /// True once nothing more will happen to the relocation.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RelocationState::Completed | RelocationState::Failed | RelocationState::RolledBack
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RelocationState::Queued => "queued",

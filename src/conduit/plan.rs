@@ -432,13 +432,7 @@ fn build(
     };
     let mut configured = Vec::new();
     for c in &configs {
-        let app = c
-            .settings
-            .get("app")
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
-            .or_else(|| (apps.len() == 1).then(|| apps[0].to_string()))
-            .unwrap_or_default();
+        let app = super::deploy::config_app(spec, c).unwrap_or_default();
         let name = format!("write-config:{}", c.name);
         push(
             Phase::Cutover,
@@ -566,19 +560,9 @@ fn round_up_sector(n: u64) -> u64 {
     n.div_ceil(512) * 512
 }
 
+/// Bytes in binary units, e.g. `2.00 GiB`.
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    indicatif::HumanBytes(n).to_string()
 }
 
 impl fmt::Display for Plan {
