@@ -999,15 +999,24 @@ echo "repointed" >&2
             .parse()
             .unwrap();
         // The background `sleep` was in the hook's group: it must be gone (or a zombie
-        // waiting for init), not sleeping on.
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next());
-        assert!(
-            matches!(state, None | Some("Z") | Some("X")),
-            "the hook's child {pid} survived: {stat}"
-        );
+        // waiting for init), not sleeping on. SIGKILL is delivered asynchronously, so
+        // give the kernel a moment to finish it off.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .map(str::to_owned);
+            if matches!(state.as_deref(), None | Some("Z") | Some("X")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hook's child {pid} survived: {stat}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
