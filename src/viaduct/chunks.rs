@@ -19,10 +19,10 @@ pub(crate) const SPARSE_BLOCK: usize = 4096;
 const DIGEST_TAG: &[u8] = b"fluidcloud-viaduct-image-v1";
 
 /// The largest single write into a target. The page cache allocates a folio as large as the
-/// write allows; blocks of 1 MiB and more are the ones a virtual machine's balloon hands
-/// back to the host while free, and touching them again costs a host fault per page. Writes
-/// of 1 MiB measured several times slower per byte than writes of 256 KiB on such a guest
-/// (see BENCHMARKS.md), and smaller pieces gain nothing more.
+/// write allows, and on a guest whose balloon reports free memory to the host, writes of
+/// 1 MiB measured 1.5–3× the CPU per byte of writes of 256 KiB (probably because the large
+/// free blocks are the reported ones, which fault in the host when touched again; see
+/// BENCHMARKS.md). Smaller pieces gained nothing more.
 pub(crate) const WRITE_PIECE: usize = 256 << 10;
 
 /// How an image of `length` bytes is cut into chunks.
