@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::chunks::{self, Layout};
+use super::chunks::{self, ChunkHasher, Layout, PIECE};
 use super::manifest::ChunkManifest;
 use super::names::PARTIAL_SUFFIX;
 use super::{
@@ -436,11 +436,10 @@ enum Failure {
     Cancelled,
 }
 
-/// One thread's reusable buffers: the source chunk and the chunk read back.
+/// One thread's reusable buffer, [`chunks::PIECE`] bytes long.
 #[derive(Default)]
 struct Buffers {
-    source: Vec<u8>,
-    back: Vec<u8>,
+    piece: Vec<u8>,
 }
 
 /// What happened to one chunk.
@@ -556,8 +555,13 @@ fn run_pass(
     })
 }
 
-/// Reads, hashes and (where it differs from what the target holds) writes and reads back one
-/// chunk.
+/// Reads and hashes one chunk and, where it differs from what the target holds, writes
+/// and reads it back, all in [`chunks::PIECE`]s.
+///
+/// Where the target holds data, the chunk is likely unchanged (a later pass into a staging
+/// file): it is hashed first and read again only to be written if it differs. What is
+/// written is always what was hashed in the same read, so a source that changes between
+/// the two reads (a pre-copy of a running volume) yields the digest of the bytes written.
 fn copy_chunk(
     source: &File,
     extents: &[std::ops::Range<u64>],
@@ -569,56 +573,72 @@ fn copy_chunk(
 ) -> Result<ChunkDone, Failure> {
     let (offset, len) = layout.range(index);
     let zero_digest = layout.zero_digest(index);
-    let (digest, zero) = if chunks::overlaps(extents, offset, len as u64) {
-        bufs.source.resize(len, 0);
-        let read = chunks::read_sparse(source, extents, offset, &mut bufs.source)
-            .map_err(Failure::Read)?;
-        meter.bytes_read.fetch_add(read, Ordering::Relaxed);
-        if chunks::is_zero(&bufs.source) {
-            (zero_digest, true)
-        } else {
-            (blake3::hash(&bufs.source), false)
+    let held = target.held[index as usize];
+    bufs.piece.resize(PIECE.min(len), 0);
+    let in_source = chunks::overlaps(extents, offset, len as u64);
+    if !in_source && held == Some(zero_digest) {
+        return Ok(ChunkDone {
+            source: zero_digest,
+            target: zero_digest,
+            kind: ChunkKind::Zero,
+        });
+    }
+    if in_source && held.is_some_and(|h| h != zero_digest) {
+        let (digest, zero) = scan_chunk(
+            source,
+            extents,
+            offset,
+            len,
+            bufs,
+            meter,
+            zero_digest,
+            |_, _, _| Ok(()),
+        )?;
+        if held == Some(digest) {
+            // `held` is not the zero digest, so neither is `digest`, nor was the chunk zeros.
+            debug_assert!(!zero);
+            return Ok(ChunkDone {
+                source: digest,
+                target: digest,
+                kind: ChunkKind::Equal,
+            });
         }
+    }
+    // Written below: what the target held there is about to change.
+    let region_was_zero = held == Some(zero_digest);
+    let (digest, zero) = if in_source {
+        let file = &target.file;
+        scan_chunk(
+            source,
+            extents,
+            offset,
+            len,
+            bufs,
+            meter,
+            zero_digest,
+            |at, piece, zero| {
+                if zero && region_was_zero {
+                    return Ok(());
+                }
+                let written = chunks::write_sparse(file, at, piece, region_was_zero)
+                    .map_err(Failure::Write)?;
+                meter.bytes_written.fetch_add(written, Ordering::Relaxed);
+                Ok(())
+            },
+        )?
     } else {
+        chunks::punch_hole(&target.file, offset, len as u64).map_err(Failure::Write)?;
         (zero_digest, true)
     };
-    let held = target.held[index as usize];
     let kind = if zero {
         ChunkKind::Zero
     } else {
         ChunkKind::Written
     };
-    if held == Some(digest) {
-        let kind = if zero { kind } else { ChunkKind::Equal };
-        return Ok(ChunkDone {
-            source: digest,
-            target: digest,
-            kind,
-        });
-    }
-    if zero {
-        chunks::punch_hole(&target.file, offset, len as u64).map_err(Failure::Write)?;
-    } else {
-        let written = chunks::write_sparse(
-            &target.file,
-            offset,
-            &bufs.source,
-            held == Some(zero_digest),
-        )
-        .map_err(Failure::Write)?;
-        meter.bytes_written.fetch_add(written, Ordering::Relaxed);
-    }
-    let now = if meter.opts.verify {
-        bufs.back.resize(len, 0);
-        target
-            .file
-            .read_exact_at(&mut bufs.back, offset)
-            .map_err(Failure::Write)?;
-        let back = if chunks::is_zero(&bufs.back) {
-            zero_digest
-        } else {
-            blake3::hash(&bufs.back)
-        };
+    let untouched = zero && region_was_zero;
+    let now = if meter.opts.verify && !untouched {
+        let back =
+            read_back(&target.file, offset, len, bufs, zero_digest).map_err(Failure::Write)?;
         if back != digest {
             return Err(Failure::Differs(offset));
         }
@@ -631,6 +651,61 @@ fn copy_chunk(
         target: now,
         kind,
     })
+}
+
+/// Reads the chunk at `offset` of the source piece by piece, hashing each piece and handing
+/// it to `sink` with its absolute offset and whether it is all zeros. Returns the chunk's
+/// digest and whether it held only zeros.
+#[allow(clippy::too_many_arguments)]
+fn scan_chunk(
+    source: &File,
+    extents: &[std::ops::Range<u64>],
+    offset: u64,
+    len: usize,
+    bufs: &mut Buffers,
+    meter: &Meter<'_>,
+    zero_digest: blake3::Hash,
+    mut sink: impl FnMut(u64, &[u8], bool) -> Result<(), Failure>,
+) -> Result<(blake3::Hash, bool), Failure> {
+    let mut hasher = ChunkHasher::new();
+    let mut at = 0usize;
+    while at < len {
+        let n = (len - at).min(PIECE);
+        let piece = &mut bufs.piece[..n];
+        let pos = offset + at as u64;
+        let zero = if chunks::overlaps(extents, pos, n as u64) {
+            let read = chunks::read_sparse(source, extents, pos, piece).map_err(Failure::Read)?;
+            meter.bytes_read.fetch_add(read, Ordering::Relaxed);
+            chunks::is_zero(piece)
+        } else {
+            piece.fill(0);
+            true
+        };
+        hasher.update(piece, zero);
+        sink(pos, piece, zero)?;
+        at += n;
+    }
+    Ok(hasher.finish(zero_digest))
+}
+
+/// The digest of what the target holds at `offset`, read piece by piece.
+fn read_back(
+    file: &File,
+    offset: u64,
+    len: usize,
+    bufs: &mut Buffers,
+    zero_digest: blake3::Hash,
+) -> io::Result<blake3::Hash> {
+    let mut hasher = ChunkHasher::new();
+    let mut at = 0usize;
+    while at < len {
+        let n = (len - at).min(PIECE);
+        let piece = &mut bufs.piece[..n];
+        file.read_exact_at(piece, offset + at as u64)?;
+        hasher.update(piece, chunks::is_zero(piece));
+        at += n;
+    }
+    Ok(hasher.finish(zero_digest).0)
 }
 
 /// Every chunk of a freshly created target that was not written must read as zeros: cheap,
@@ -736,6 +811,55 @@ mod tests {
             assert!((31_536_000..315_532_800).contains(&secs), "{secs}");
             assert!((0..1_000_000_000).contains(&nanos));
         }
+    }
+
+    #[test]
+    fn piecewise_hashing_equals_hashing_the_whole_chunk() {
+        let zero_digest = blake3::hash(&[0u8; 3 * PIECE + 100]);
+        let mut data = vec![0u8; 3 * PIECE + 100];
+        data[2 * PIECE + 7] = 1;
+        let mut h = ChunkHasher::new();
+        for piece in data.chunks(PIECE) {
+            h.update(piece, chunks::is_zero(piece));
+        }
+        assert_eq!(h.finish(zero_digest), (blake3::hash(&data), false));
+        let mut z = ChunkHasher::new();
+        for piece in [0u8; 3 * PIECE + 100].chunks(PIECE) {
+            z.update(piece, true);
+        }
+        assert_eq!(z.finish(zero_digest), (zero_digest, true));
+    }
+
+    #[test]
+    fn chunks_of_several_pieces_are_copied_and_updated_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        let cs = PIECE as u64 + PIECE as u64 / 2;
+        let len = 7 * cs + 4096;
+        let f = File::create(&src).unwrap();
+        f.set_len(len).unwrap();
+        let mut bytes = vec![0u8; 3 * cs as usize];
+        blake3::Hasher::new().finalize_xof().fill(&mut bytes);
+        f.write_all_at(&bytes, cs / 2).unwrap();
+        f.write_all_at(b"tail", len - 4).unwrap();
+        let opts = |base| LocalCopyOptions {
+            chunk_size: cs as u32,
+            in_place: true,
+            base,
+            ..LocalCopyOptions::default()
+        };
+        let first = copy_local(&src, &dst, &opts(None)).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        // Change one byte in the second piece of chunk 1 and clear chunk 2's first piece.
+        f.write_all_at(b"x", cs + PIECE as u64 + 5).unwrap();
+        f.write_all_at(&vec![0u8; PIECE], 2 * cs).unwrap();
+        let second = copy_local(&src, &dst, &opts(Some(first.manifest))).unwrap();
+        assert_eq!(second.chunks_sent, 2);
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        assert_eq!(
+            second.digest,
+            chunks::image_digest(&dst, cs as u32).unwrap()
+        );
     }
 
     #[test]

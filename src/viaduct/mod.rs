@@ -23,7 +23,8 @@
 //! cheap re-sync of an image in which few blocks changed. Chunks that do travel are
 //! compressed with zstd when it pays: samples must show the chunk shrinks (random data never
 //! does), and, unless [`SendOptions::adaptive_compression`] is off, the wire (or the rate
-//! cap) must be slower than the compressor, so a fast link is not slowed down by the CPU.
+//! cap) must be slower than the compressor, so a fast link is not slowed down by the CPU;
+//! to a receiver on a loopback address without a rate cap, chunks always go raw.
 //!
 //! # Integrity and authentication
 //!

@@ -82,6 +82,10 @@ struct Transfer {
     layout: Layout,
     /// The digest of every chunk as the partial file holds it now.
     table: Mutex<Vec<blake3::Hash>>,
+    /// Held while writing to `file`. The file system serialises writers to one file
+    /// anyway; a writer that waits here sleeps, where one waiting on the inode lock spins
+    /// and takes a core from the streams that are hashing.
+    write_lock: Mutex<()>,
     streams: Mutex<StreamCount>,
     announced_streams: usize,
     /// Cancelled when any stream fails or the first connection ends: the others stop.
@@ -522,6 +526,7 @@ async fn open(
         file: Arc::new(file),
         layout,
         table: Mutex::new(digests),
+        write_lock: Mutex::new(()),
         streams: Mutex::new(StreamCount { joined: 1, done: 0 }),
         announced_streams: streams,
         cancel: CancellationToken::new(),
@@ -672,14 +677,15 @@ async fn receive_chunks(conn: &mut Conn, transfer: &Arc<Transfer>) -> Result<(),
                 let was_zero = transfer.table.lock().unwrap_or_else(|p| p.into_inner())
                     [index as usize]
                     == layout.zero_digest(index);
-                let file = transfer.file.clone();
+                let t = transfer.clone();
                 let mut w = work.take().unwrap_or_else(|| ChunkWork {
                     plain: Vec::with_capacity(len),
                     decompressor: None,
                 });
                 let data = std::mem::take(&mut body);
                 let (result, data, w) = tokio::task::spawn_blocking(move || {
-                    let r = w.store(&file, encoding, &data, len, digest, offset, was_zero);
+                    let target = (&*t.file, &t.write_lock);
+                    let r = w.store(target, encoding, &data, len, digest, offset, was_zero);
                     (r, data, w)
                 })
                 .await
@@ -777,7 +783,7 @@ impl ChunkWork {
     #[allow(clippy::too_many_arguments)]
     fn store(
         &mut self,
-        file: &File,
+        (file, write_lock): (&File, &Mutex<()>),
         encoding: Encoding,
         body: &[u8],
         len: usize,
@@ -821,6 +827,7 @@ impl ChunkWork {
                 "does not match the BLAKE3 digest the sender computed".into(),
             ));
         }
+        let _writing = write_lock.lock().unwrap_or_else(|p| p.into_inner());
         chunks::write_sparse(file, offset, data, was_zero).map_err(|e| {
             let code = if is_disk_full(&e) {
                 ErrorCode::DiskFull
@@ -946,7 +953,7 @@ mod tests {
         let data = vec![7u8; 8192];
         let fail = w
             .store(
-                &full,
+                (&full, &Mutex::new(())),
                 Encoding::Raw,
                 &data,
                 8192,
@@ -981,7 +988,7 @@ mod tests {
         bad[mid] ^= 0x40;
         let fail = w
             .store(
-                &file,
+                (&file, &Mutex::new(())),
                 Encoding::Zstd,
                 &bad,
                 data.len(),
@@ -993,7 +1000,7 @@ mod tests {
         assert_eq!((fail.code, fail.offset), (ErrorCode::Tampered, 4096));
         assert_eq!(file.metadata().unwrap().len(), 0, "nothing may be written");
         w.store(
-            &file,
+            (&file, &Mutex::new(())),
             Encoding::Zstd,
             &packed,
             data.len(),

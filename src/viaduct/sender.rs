@@ -58,8 +58,10 @@ pub struct SendOptions {
     pub compression_level: i32,
     /// Compress only while it saves time: when the wire (or the rate cap) is slower than
     /// the compressor. On a fast link the CPU is the bottleneck and chunks go raw; on a
-    /// slow one every chunk that shrinks is compressed. When false, every chunk that
-    /// shrinks is compressed. Default true.
+    /// slow one every chunk that shrinks is compressed. A receiver on a loopback address
+    /// without a rate cap gets raw chunks: both ends share this host's cores, and the
+    /// "wire" is a memory copy. When false, every chunk that shrinks is compressed.
+    /// Default true.
     pub adaptive_compression: bool,
     /// Default 10 s.
     pub connect_timeout: Duration,
@@ -122,6 +124,8 @@ type Writer = FrameWriter<OwnedWriteHalf>;
 struct Conn {
     reader: Reader,
     writer: Writer,
+    /// The receiver is on this host: the bytes never leave its memory.
+    loopback: bool,
 }
 
 #[derive(Default)]
@@ -261,6 +265,7 @@ pub async fn send_file(
         r = opening => r?,
         _ = opts.cancel.cancelled() => return Err(ViaductError::Cancelled),
     };
+    let loopback = conns.iter().all(|c| c.loopback);
 
     let job = Arc::new(Job {
         path: src.to_path_buf(),
@@ -275,7 +280,11 @@ pub async fn send_file(
         layout: layout.clone(),
         remote,
         next: AtomicU64::new(0),
-        level: opts.compression_level,
+        level: if compression_pays(opts, loopback) {
+            opts.compression_level
+        } else {
+            0
+        },
         adaptive: opts.adaptive_compression,
         stats,
         cancel: cancel.clone(),
@@ -379,6 +388,25 @@ pub async fn send_file(
     Ok(report)
 }
 
+/// Whether compressing chunks can save time. Over loopback without a rate cap it cannot:
+/// the bytes never leave the host's memory, so the "wire" is a memory copy, and sender and
+/// receiver share the host's cores, so every CPU second spent compressing and decompressing
+/// is taken from hashing and copying. The adaptive rule would see the receiver's CPU-bound
+/// pace as a slow wire and compress anyway.
+fn compression_pays(opts: &SendOptions, loopback: bool) -> bool {
+    opts.compression_level > 0
+        && !(opts.adaptive_compression && loopback && opts.max_bytes_per_sec.is_none())
+}
+
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
+}
+
 /// What opening a connection needs.
 struct Link<'a> {
     to: &'a Endpoint,
@@ -409,11 +437,13 @@ impl Link<'_> {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
+        let loopback = stream.peer_addr().is_ok_and(|a| is_loopback(a.ip()));
         let (rd, wr) = stream.into_split();
         let idle = self.opts.io_timeout;
         let mut conn = Conn {
             reader: FrameReader::new(rd, TO_SENDER, idle),
             writer: FrameWriter::new(wr, TO_RECEIVER, idle),
+            loopback,
         };
         conn.writer.set_counter(self.counter.clone());
         conn.writer.set_limiter(self.limiter.clone());
@@ -613,7 +643,7 @@ async fn run_stream(
     });
     let peer = job.peer.as_str();
     let result = {
-        let Conn { reader, writer } = &mut conn;
+        let Conn { reader, writer, .. } = &mut conn;
         let send = async {
             let mut frames = 0u64;
             while let Some(prepared) = rx.recv().await {
