@@ -5,6 +5,7 @@
 //! the API and metrics. Submitting never blocks the Broker; the conduit runs the relocation
 //! in its own task.
 
+pub mod buckets;
 pub mod deploy;
 pub mod engine;
 mod executor;

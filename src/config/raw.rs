@@ -75,6 +75,43 @@ pub struct RawProvider {
     pub pricing: Option<RawPricing>,
     pub benchmark: Option<RawBenchmark>,
     pub region_info: Option<RawRegionInfo>,
+    /// Settings of the `s3` driver.
+    pub s3: Option<RawS3>,
+    /// Settings of the `swift` driver.
+    pub swift: Option<RawSwift>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawS3 {
+    pub endpoint: Option<String>,
+    /// Region requests are signed for, when it is not the provider's region.
+    pub region: Option<String>,
+    pub path_style: Option<bool>,
+    pub bucket_name: Option<String>,
+    pub credentials_file: Option<String>,
+    pub credentials_profile: Option<String>,
+    pub part_size_mib: Option<u64>,
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSwift {
+    pub auth_url: String,
+    /// `tempauth` or `keystone`.
+    pub auth: Option<String>,
+    /// Keystone catalog region, when it is not the provider's region.
+    pub region: Option<String>,
+    pub interface: Option<String>,
+    pub project_name: Option<String>,
+    pub project_domain_name: Option<String>,
+    pub user_domain_name: Option<String>,
+    pub container_name: Option<String>,
+    pub credentials_file: Option<String>,
+    pub credentials_profile: Option<String>,
+    pub part_size_mib: Option<u64>,
+    pub timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -332,3 +332,112 @@ name = "third.toml"
     }
     assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
 }
+
+#[test]
+fn object_store_settings_have_defaults_and_every_mistake_is_named() {
+    let c = parse(
+        r#"
+[providers.aws]
+driver = "s3"
+region = "eu-central-1"
+
+[providers.lab]
+driver = "s3"
+region = "lab"
+[providers.lab.s3]
+endpoint = "http://127.0.0.1:9000/"
+region = "us-east-1"
+path_style = true
+bucket_name = "fc-{service}.{bucket}"
+credentials_file = "secrets/lab.toml"
+part_size_mib = 8
+
+[providers.sw]
+driver = "swift"
+region = "RegionOne"
+[providers.sw.swift]
+auth_url = "https://keystone.example/v3"
+project_name = "shop"
+"#,
+    )
+    .unwrap();
+    let Some(ObjectStoreSettings::S3(aws)) = &c.providers["aws"].object_store else {
+        panic!("aws is an s3 provider")
+    };
+    assert_eq!(aws.endpoint, "https://s3.eu-central-1.amazonaws.com");
+    assert_eq!(aws.region, "eu-central-1");
+    assert!(!aws.path_style);
+    assert_eq!(aws.bucket_name, DEFAULT_REMOTE_NAME);
+    assert_eq!(aws.part_size, 16 << 20);
+    assert!(aws.credentials.file.is_none());
+    let Some(ObjectStoreSettings::S3(lab)) = &c.providers["lab"].object_store else {
+        panic!("lab is an s3 provider")
+    };
+    assert_eq!(lab.endpoint, "http://127.0.0.1:9000");
+    assert_eq!(lab.region, "us-east-1");
+    assert_eq!(
+        lab.credentials.file.as_deref(),
+        Some(Path::new("/etc/secrets/lab.toml"))
+    );
+    assert_eq!(lab.part_size, 8 << 20);
+    let Some(ObjectStoreSettings::Swift(sw)) = &c.providers["sw"].object_store else {
+        panic!("sw is a swift provider")
+    };
+    assert_eq!(sw.auth, SwiftAuth::Keystone);
+    assert_eq!(sw.region, "RegionOne");
+    assert_eq!(sw.interface, "public");
+    assert_eq!(sw.project_domain_name, "Default");
+
+    let errs = errors(
+        r#"
+[providers.a]
+driver = "s3"
+region = "r"
+[providers.a.s3]
+endpoint = "s3.example.com"
+bucket_name = "{service}{bucket}"
+part_size_mib = 4
+
+[providers.b]
+driver = "swift"
+region = "r"
+
+[providers.c]
+driver = "local"
+region = "r"
+[providers.c.s3]
+
+[providers.d]
+driver = "swift"
+region = "r"
+[providers.d.swift]
+auth_url = "http://h/v3"
+auth = "oauth"
+container_name = "{service}/{bucket}/{x}"
+
+[providers.e]
+driver = "s3"
+region = "r"
+[providers.e.s3]
+bucket_name = "Shop_{service}-{bucket}"
+"#,
+    );
+    let expect = [
+        ("providers.a.s3.endpoint", "not an http:// or https:// URL"),
+        ("providers.a.s3.bucket_name", "needs a separator"),
+        ("providers.a.s3.part_size_mib", "between 5 and 5120, got 4"),
+        ("providers.b.swift", "needs a [providers.b.swift] table"),
+        ("providers.c.s3", "driver = \"s3\""),
+        ("providers.d.swift.auth", "`oauth` is not one of"),
+        ("providers.d.swift.container_name", "braces other than"),
+        ("providers.e.s3.bucket_name", "holds 'S'"),
+    ];
+    for (prefix, words) in expect {
+        assert!(
+            errs.iter().any(|e| e.contains(prefix) && e.contains(words)),
+            "no `{prefix}` … `{words}` in:\n{}",
+            errs.join("\n")
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+}

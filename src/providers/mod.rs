@@ -18,11 +18,15 @@
 //!
 //! Every [`ProviderError`] names the provider and the object it concerns.
 //!
-//! Drivers: [`local`] (the embedded default: a directory, supervised processes, image files).
+//! Drivers: [`local`] (the embedded default: a directory, supervised processes, image files);
+//! with the `object-stores` cargo feature, `objstore` (S3 and OpenStack Swift buckets through
+//! Apache OpenDAL).
 
 pub mod health;
 pub mod local;
 mod names;
+#[cfg(feature = "object-stores")]
+pub mod objstore;
 mod spec;
 
 use std::collections::BTreeMap;
@@ -154,6 +158,78 @@ pub struct ObjectInfo {
     pub modified: Option<DateTime<Utc>>,
 }
 
+/// What an object carries besides its content, where the provider keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectMeta {
+    /// The MIME type given when the object was stored.
+    pub content_type: Option<String>,
+    /// User metadata (S3 `x-amz-meta-*`, Swift `X-Object-Meta-*`). Keys are lowercase
+    /// letters, digits and `-` (see [`validate_meta`]).
+    pub user: BTreeMap<String, String>,
+}
+
+impl ObjectMeta {
+    pub fn is_empty(&self) -> bool {
+        self.content_type.is_none() && self.user.is_empty()
+    }
+}
+
+/// Longest user metadata key.
+pub const MAX_META_KEY_LEN: usize = 128;
+/// Most bytes of content type and user metadata together (S3 allows 2 KiB of user metadata).
+pub const MAX_META_BYTES: usize = 2048;
+
+/// Checks metadata so that every provider stores it and gives it back unchanged: keys are
+/// lowercase ASCII letters, digits and `-` (HTTP header names fold case, and Swift turns `_`
+/// into `-`), values printable ASCII without leading or trailing spaces. Returns the reason
+/// it is refused.
+pub fn validate_meta(meta: &ObjectMeta) -> Result<(), String> {
+    let printable = |v: &str| v.bytes().all(|b| (0x20..0x7f).contains(&b)) && v.trim() == v;
+    let mut total = 0;
+    if let Some(ct) = &meta.content_type {
+        if ct.is_empty() || !printable(ct) {
+            return Err(format!(
+                "the content type {ct:?} must be non-empty printable ASCII without surrounding spaces"
+            ));
+        }
+        total += ct.len();
+    }
+    for (k, v) in &meta.user {
+        if k.is_empty() || k.len() > MAX_META_KEY_LEN {
+            return Err(format!(
+                "the metadata key {k:?} must be 1 to {MAX_META_KEY_LEN} characters long"
+            ));
+        }
+        if !k
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(format!(
+                "the metadata key {k:?} may hold only lowercase letters, digits and `-`"
+            ));
+        }
+        if !printable(v) {
+            return Err(format!(
+                "the value of metadata key `{k}` must be printable ASCII without surrounding spaces"
+            ));
+        }
+        total += k.len() + v.len();
+    }
+    if total > MAX_META_BYTES {
+        return Err(format!(
+            "content type and metadata take {total} bytes; at most {MAX_META_BYTES} are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// One object as a provider describes it on its own: what a listing gives, plus its metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectStat {
+    pub info: ObjectInfo,
+    pub meta: ObjectMeta,
+}
+
 /// Object content as a byte stream.
 pub type ObjectStream = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -249,7 +325,8 @@ pub struct HealthReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     #[error(
-        "provider `{provider}`: driver `{driver}` is not built yet; drivers in this build: local"
+        "provider `{provider}`: driver `{driver}` is not built yet; drivers in this build: {}",
+        BUILT_DRIVERS.join(", ")
     )]
     DriverNotBuilt {
         provider: String,
@@ -266,6 +343,31 @@ pub enum ProviderError {
     },
     #[error("provider `{provider}`: {object} does not exist")]
     NotFound { provider: String, object: String },
+    /// The provider refused who we are: a wrong key or secret, an expired or revoked token,
+    /// or an account without the right to do this.
+    #[error("provider `{provider}`: {object}: wrong credentials or no permission: {detail}")]
+    Denied {
+        provider: String,
+        object: String,
+        detail: String,
+    },
+    /// Nothing answered at the provider's endpoint (refused, unresolvable, timed out).
+    #[error("provider `{provider}`: {object}: endpoint {endpoint} unreachable: {detail}")]
+    Unreachable {
+        provider: String,
+        object: String,
+        endpoint: String,
+        detail: String,
+    },
+    /// The provider answered with something this driver does not understand or an error it
+    /// has no better name for.
+    #[error("provider `{provider}`: {object}: cannot {action}: {detail}")]
+    Remote {
+        provider: String,
+        object: String,
+        action: String,
+        detail: String,
+    },
     #[error("provider `{provider}`: {object} conflicts with what is there: {detail}")]
     Conflict {
         provider: String,
@@ -329,6 +431,13 @@ impl ProviderError {
         matches!(self, ProviderError::NotFound { .. })
     }
 }
+
+/// The drivers this build can open.
+#[cfg(feature = "object-stores")]
+pub const BUILT_DRIVERS: &[&str] = &["local", "s3", "swift"];
+/// The drivers this build can open (`s3` and `swift` need the `object-stores` feature).
+#[cfg(not(feature = "object-stores"))]
+pub const BUILT_DRIVERS: &[&str] = &["local"];
 
 /// The name a configuration file uses for a driver.
 pub fn driver_name(driver: Driver) -> &'static str {
@@ -451,6 +560,40 @@ pub trait Provider: Send + Sync + 'static {
     ) -> Result<ObjectInfo, ProviderError> {
         drop(body);
         Err(self.unsupported(object::key(service, bucket, key), "object storage"))
+    }
+
+    /// The object's size, tags and metadata, or `None` when it does not exist. Cheaper than
+    /// a listing: it may leave `blake3` out where only reading the content would give it.
+    /// The default finds the object in [`Provider::list_objects`] and reports no metadata.
+    async fn stat_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<ObjectStat>, ProviderError> {
+        let objects = self.list_objects(service, bucket).await?;
+        Ok(objects
+            .into_iter()
+            .find(|o| o.key == key)
+            .map(|info| ObjectStat {
+                info,
+                meta: ObjectMeta::default(),
+            }))
+    }
+
+    /// Like [`Provider::write_object`], also storing `meta` (checked with [`validate_meta`])
+    /// with the content, so that a reader never sees one without the other. The default is
+    /// for drivers that keep no metadata: it stores the content only.
+    async fn write_object_with_meta(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+        body: ObjectStream,
+        meta: &ObjectMeta,
+    ) -> Result<ObjectInfo, ProviderError> {
+        let _ = meta;
+        self.write_object(service, bucket, key, body).await
     }
 
     /// Deletes an object; succeeds when it does not exist.
@@ -580,6 +723,8 @@ pub trait Provider: Send + Sync + 'static {
 pub fn open(provider: &config::Provider) -> Result<Arc<dyn Provider>, ProviderError> {
     match provider.driver {
         Driver::Local => Ok(local::LocalProvider::open(provider)?),
+        #[cfg(feature = "object-stores")]
+        Driver::S3 | Driver::Swift => objstore::open(provider),
         other => Err(ProviderError::DriverNotBuilt {
             provider: provider.name.clone(),
             driver: driver_name(other),

@@ -1,6 +1,9 @@
-//! Shared pieces of the integration tests: a feed server on loopback and a running daemon.
+//! Shared pieces of the integration tests: a feed server on loopback, a running daemon, and
+//! real object stores (`servers`).
 
 #![allow(dead_code)]
+
+pub mod servers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -25,6 +25,7 @@ fn provider(cloud: Option<&str>, region: &str, overrides: Option<RawRegionOverri
         pricing: None,
         benchmark: None,
         region_overrides: overrides,
+        object_store: None,
     }
 }
 

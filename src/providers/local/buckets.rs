@@ -1,6 +1,10 @@
 //! Buckets of the local driver: a directory per bucket, a file per object, `/` in a key a
 //! subdirectory. Keys are checked so that none can name anything outside its bucket, and
 //! symbolic links inside a bucket are never followed.
+//!
+//! An object's content type and user metadata live in extended attributes of its file
+//! (`user.fluidcloud.content-type`, `user.fluidcloud.meta.<key>`), set on the temporary file
+//! before it is renamed into place, so content and metadata change together.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -10,9 +14,15 @@ use chrono::{DateTime, Utc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{check_name, conflict, invalid, io_err, not_found};
-use crate::providers::{object, validate_key, ObjectBody, ObjectInfo, ObjectStream, ProviderError};
+use crate::providers::{
+    object, validate_key, validate_meta, ObjectBody, ObjectInfo, ObjectMeta, ObjectStat,
+    ObjectStream, ProviderError,
+};
 
 const CHUNK: usize = 256 * 1024;
+
+const XATTR_CONTENT_TYPE: &str = "user.fluidcloud.content-type";
+const XATTR_META_PREFIX: &str = "user.fluidcloud.meta.";
 
 pub(super) struct Buckets {
     provider: String,
@@ -205,8 +215,10 @@ impl Buckets {
         bucket: &str,
         key: &str,
         mut body: ObjectStream,
+        meta: &ObjectMeta,
     ) -> Result<ObjectInfo, ProviderError> {
         let obj = || object::key(service, bucket, key);
+        validate_meta(meta).map_err(|e| invalid(&self.provider, obj(), e))?;
         // Check the key before reading any data, and again before the rename.
         self.locate(service, bucket, key, false)?;
         let tmp = self.tmp.join(format!("object-{:016x}", fastrand::u64(..)));
@@ -236,6 +248,17 @@ impl Buckets {
                 })?;
                 size += n as u64;
             }
+            set_meta(&tmp, meta).map_err(|e| {
+                let action = if e.kind() == ErrorKind::Unsupported {
+                    format!(
+                        "keep its content type and metadata: the file system holding {} has no extended attributes",
+                        tmp.display()
+                    )
+                } else {
+                    format!("set extended attributes on {}", tmp.display())
+                };
+                io_err(&self.provider, obj(), action, e)
+            })?;
             file.sync_all()
                 .await
                 .map_err(|e| io_err(&self.provider, obj(), format!("sync {}", tmp.display()), e))?;
@@ -289,6 +312,50 @@ impl Buckets {
             etag: None,
             modified,
         })
+    }
+
+    pub(super) async fn stat(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<ObjectStat>, ProviderError> {
+        let obj = || object::key(service, bucket, key);
+        let path = match self.locate(service, bucket, key, false)? {
+            Found::File(p) => p,
+            Found::Missing(_) => return Ok(None),
+        };
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(io_err(
+                    &self.provider,
+                    obj(),
+                    format!("stat {}", path.display()),
+                    e,
+                ))
+            }
+        };
+        let object_meta = get_meta(&path).map_err(|e| {
+            io_err(
+                &self.provider,
+                obj(),
+                format!("read extended attributes of {}", path.display()),
+                e,
+            )
+        })?;
+        Ok(Some(ObjectStat {
+            info: ObjectInfo {
+                key: key.to_string(),
+                size: meta.len(),
+                // Only a full read gives the hash; callers that need it list or read.
+                blake3: None,
+                etag: None,
+                modified: meta.modified().ok().map(DateTime::<Utc>::from),
+            },
+            meta: object_meta,
+        }))
     }
 
     pub(super) async fn delete_object(
@@ -446,6 +513,41 @@ impl Buckets {
             )),
         }
     }
+}
+
+fn set_meta(path: &Path, meta: &ObjectMeta) -> std::io::Result<()> {
+    if let Some(ct) = &meta.content_type {
+        xattr::set(path, XATTR_CONTENT_TYPE, ct.as_bytes())?;
+    }
+    for (k, v) in &meta.user {
+        xattr::set(path, format!("{XATTR_META_PREFIX}{k}"), v.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Reads what [`set_meta`] stored. Attributes that are not valid UTF-8 were not written here
+/// and are ignored; a file system without extended attributes has no metadata to give.
+fn get_meta(path: &Path) -> std::io::Result<ObjectMeta> {
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) if e.kind() == ErrorKind::Unsupported => return Ok(ObjectMeta::default()),
+        Err(e) => return Err(e),
+    };
+    let mut meta = ObjectMeta::default();
+    for name in names {
+        let Some(name) = name.to_str() else { continue };
+        let value = || -> std::io::Result<Option<String>> {
+            Ok(xattr::get(path, name)?.and_then(|v| String::from_utf8(v).ok()))
+        };
+        if name == XATTR_CONTENT_TYPE {
+            meta.content_type = value()?;
+        } else if let Some(key) = name.strip_prefix(XATTR_META_PREFIX) {
+            if let Some(v) = value()? {
+                meta.user.insert(key.to_string(), v);
+            }
+        }
+    }
+    Ok(meta)
 }
 
 fn mkdir(path: &Path) -> std::io::Result<()> {

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! ROOT/volumes/<service>/<volume>.<raw|qcow2|vmdk|vhdx>   disk images, made by qemu-img
-//! ROOT/buckets/<service>/<bucket>/<key…>                  objects as files; `/` in keys = directories
+//! ROOT/buckets/<service>/<bucket>/<key…>                  objects as files; `/` in keys = directories;
+//!                                                         content type and metadata in `user.*` xattrs
 //! ROOT/apps/<service>/<app>/spec.json                     the AppSpec it was started with
 //!                          /desired                       `running` or `stopped`
 //!                          /pid                           pid and /proc start time of the process
@@ -35,8 +36,8 @@ use async_trait::async_trait;
 
 use super::{
     object, AppSpec, AppStatus, Capabilities, DiskFormat, Endpoint, ObjectBody, ObjectInfo,
-    ObjectStream, Operation, OperationId, OperationKind, Provider, ProviderError, StopOptions,
-    StopOutcome, VolumeInfo, VolumeSpec,
+    ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, OperationKind, Provider,
+    ProviderError, StopOptions, StopOutcome, VolumeInfo, VolumeSpec,
 };
 use crate::config::{self, Driver};
 
@@ -367,7 +368,29 @@ impl Provider for LocalProvider {
         key: &str,
         body: ObjectStream,
     ) -> Result<ObjectInfo, ProviderError> {
-        self.buckets.write(service, bucket, key, body).await
+        self.buckets
+            .write(service, bucket, key, body, &ObjectMeta::default())
+            .await
+    }
+
+    async fn write_object_with_meta(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+        body: ObjectStream,
+        meta: &ObjectMeta,
+    ) -> Result<ObjectInfo, ProviderError> {
+        self.buckets.write(service, bucket, key, body, meta).await
+    }
+
+    async fn stat_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<ObjectStat>, ProviderError> {
+        self.buckets.stat(service, bucket, key).await
     }
 
     async fn delete_object(

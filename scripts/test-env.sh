@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Installs the real servers the integration tests start on loopback, without touching the
+# system beyond `qemu-utils`: everything else goes into one cache directory.
+#
+#   scripts/test-env.sh            install (or check) every component
+#   scripts/test-env.sh swift      only the named components
+#   scripts/test-env.sh --list     show the components and where they go
+#
+# Cache directory: $FLUIDCLOUD_TEST_ENV, default ~/.cache/fluidcloud-test-env. Running it
+# again skips what is there, so it is cheap to call before every test run. When it is done
+# it writes CACHE/env, `NAME=value` lines (also valid shell) that tests/common/servers.rs reads
+# to find the binaries; variables of the same name in the environment take precedence.
+#
+# Adding a component: write `ensure_<name>` (install if missing, then call `env_set` for
+# what the tests need and `did "<what happened>"`), and append <name> to COMPONENTS.
+set -euo pipefail
+
+CACHE="${FLUIDCLOUD_TEST_ENV:-$HOME/.cache/fluidcloud-test-env}"
+ENV_FILE="$CACHE/env"
+LOG_DIR="$CACHE/logs"
+
+# Versions checked on this kind of machine; newer s3s-fs releases need a newer rustc.
+S3S_FS_VERSION=0.14.1
+SWIFT_VERSION=2.38.3
+
+COMPONENTS=(qemu_utils s3s_fs swift memcached)
+
+declare -A ENV_VALUES=()
+ENV_ORDER=()
+SUMMARY=()
+
+env_set() {
+    if [ -z "${ENV_VALUES[$1]+set}" ]; then
+        ENV_ORDER+=("$1")
+    fi
+    ENV_VALUES[$1]="$2"
+}
+
+did() {
+    SUMMARY+=("$1")
+    echo "   $1"
+}
+
+die() {
+    echo "test-env: $*" >&2
+    exit 1
+}
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        die "\`$*\` needs root and sudo is not installed; run it as root once"
+    fi
+}
+
+# Runs a long command with its output in a log file, so a failure shows where to look.
+logged() {
+    local name=$1
+    shift
+    local log="$LOG_DIR/$name.log"
+    if ! "$@" >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        die "$name failed; the full output is in $log"
+    fi
+}
+
+ensure_qemu_utils() {
+    if command -v qemu-img >/dev/null; then
+        did "qemu-utils: present ($(qemu-img --version | head -n 1))"
+    else
+        as_root apt-get update -qq
+        as_root apt-get install -y -qq qemu-utils
+        did "qemu-utils: installed with apt-get"
+    fi
+    env_set FLUIDCLOUD_QEMU_IMG "$(command -v qemu-img)"
+}
+
+ensure_s3s_fs() {
+    local bin="$CACHE/bin/s3s-fs"
+    if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "$S3S_FS_VERSION"; then
+        did "s3s-fs $S3S_FS_VERSION: present"
+    else
+        command -v cargo >/dev/null || die "cargo is needed to build s3s-fs"
+        echo "   building s3s-fs $S3S_FS_VERSION (a few minutes on two cores)"
+        logged s3s-fs-install cargo install --locked "s3s-fs@$S3S_FS_VERSION" \
+            --features binary --root "$CACHE" --force
+        did "s3s-fs $S3S_FS_VERSION: built into $CACHE/bin"
+    fi
+    env_set FLUIDCLOUD_S3S_FS "$bin"
+}
+
+ensure_swift() {
+    local venv="$CACHE/swift-venv"
+    if [ -x "$venv/bin/swift-proxy-server" ] \
+        && "$venv/bin/python" -c "import swift; assert swift.__version__ == '$SWIFT_VERSION'" 2>/dev/null; then
+        did "OpenStack Swift $SWIFT_VERSION: present"
+    else
+        command -v python3 >/dev/null || die "python3 is needed for OpenStack Swift"
+        rm -rf "$venv"
+        logged swift-venv python3 -m venv "$venv"
+        logged swift-install "$venv/bin/pip" install --quiet "swift==$SWIFT_VERSION"
+        did "OpenStack Swift $SWIFT_VERSION: installed into $venv"
+    fi
+    env_set FLUIDCLOUD_SWIFT_BIN "$venv/bin"
+}
+
+ensure_memcached() {
+    # Swift's tempauth keeps its tokens in memcached. The Debian package is unpacked rather
+    # than installed, so no daemon is started and nothing system-wide changes.
+    local root="$CACHE/memcached"
+    local bin="$root/usr/bin/memcached"
+    local libs="$root/usr/lib/x86_64-linux-gnu"
+    if [ -x "$bin" ] && LD_LIBRARY_PATH="$libs" "$bin" -V >/dev/null 2>&1; then
+        did "memcached: present ($(LD_LIBRARY_PATH="$libs" "$bin" -V))"
+    else
+        local debs="$CACHE/debs"
+        mkdir -p "$debs" "$root"
+        (cd "$debs" && logged memcached-download apt-get download memcached)
+        dpkg -x "$debs"/memcached_*.deb "$root"
+        if ! LD_LIBRARY_PATH="$libs" "$bin" -V >/dev/null 2>&1; then
+            # A library it links against is not on this system: unpack its library
+            # dependencies beside it.
+            local dep
+            for dep in $(apt-cache depends memcached | awk '/Depends: lib/ {print $2}' | sort -u); do
+                (cd "$debs" && logged "download-$dep" apt-get download "$dep")
+                dpkg -x "$debs/${dep}"_*.deb "$root"
+            done
+        fi
+        LD_LIBRARY_PATH="$libs" "$bin" -V >/dev/null 2>&1 \
+            || die "the unpacked memcached does not start: LD_LIBRARY_PATH=$libs $bin -V"
+        did "memcached: unpacked from Debian's package into $root"
+    fi
+    env_set FLUIDCLOUD_MEMCACHED "$bin"
+    env_set FLUIDCLOUD_MEMCACHED_LIBS "$libs"
+}
+
+write_env() {
+    local tmp="$ENV_FILE.tmp.$$"
+    {
+        echo "# Written by scripts/test-env.sh; read by tests/common/servers.rs."
+        # Components not asked for this time keep their earlier lines.
+        if [ -f "$ENV_FILE" ]; then
+            local line name
+            while IFS= read -r line; do
+                name=${line%%=*}
+                case "$line" in
+                    '#'* | '') continue ;;
+                esac
+                [ -n "${ENV_VALUES[$name]+set}" ] || echo "$line"
+            done <"$ENV_FILE"
+        fi
+        local key
+        for key in "${ENV_ORDER[@]}"; do
+            echo "$key=${ENV_VALUES[$key]}"
+        done
+    } >"$tmp"
+    mv "$tmp" "$ENV_FILE"
+}
+
+main() {
+    local wanted=()
+    for arg in "$@"; do
+        case "$arg" in
+            --list)
+                echo "cache: $CACHE"
+                printf '  %s\n' "${COMPONENTS[@]}"
+                exit 0
+                ;;
+            -h | --help)
+                sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+                exit 0
+                ;;
+            *)
+                local known=0 c
+                for c in "${COMPONENTS[@]}"; do
+                    [ "$c" = "${arg//-/_}" ] && known=1
+                done
+                [ "$known" = 1 ] || die "unknown component \`$arg\`; known: ${COMPONENTS[*]}"
+                wanted+=("${arg//-/_}")
+                ;;
+        esac
+    done
+    [ "${#wanted[@]}" -gt 0 ] || wanted=("${COMPONENTS[@]}")
+
+    mkdir -p "$CACHE" "$LOG_DIR"
+    echo "== test environment in $CACHE"
+    local c
+    for c in "${wanted[@]}"; do
+        "ensure_$c"
+    done
+    write_env
+    echo "== wrote $ENV_FILE (${#SUMMARY[@]} component(s) checked)"
+}
+
+main "$@"
