@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: installs what the tests need (idempotently,
-# into .cache/ where possible), then builds and runs every test, the policy tests and the
-# format and lint checks.
+# Runs the whole test suite on a fresh machine: installs what the tests need (idempotently:
+# qemu-utils system-wide, the S3, Swift and QEMU test servers into a cache directory, see
+# scripts/test-env.sh), then builds and runs every test with every driver compiled in, the
+# policy tests and the format and lint checks of the default and the full build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,16 +10,17 @@ if ! command -v cargo >/dev/null; then
     echo "cargo is required (https://rustup.rs)" >&2
     exit 1
 fi
-. scripts/lib/qemu-utils.sh
+scripts/test-env.sh
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
 echo "== format"
 cargo fmt --all -- --check
 echo "== lint"
 cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --locked --features object-stores -- -D warnings
 echo "== tests"
-cargo test --locked --no-fail-fast
+cargo test --locked --no-fail-fast --features object-stores
 echo "== dashboard"
 python3 dashboards/check.py
 echo "== policy tests"
-cargo run --quiet --locked -- policy test policies/
+cargo run --quiet --locked --features object-stores -- policy test policies/
