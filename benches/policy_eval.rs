@@ -106,6 +106,7 @@ fn services(rng: &mut Lcg, policy: &str) -> Vec<ServiceSpec> {
                     name: "vm".into(),
                     size_gib: 20.0,
                     keep_at_source: false,
+                    home: None,
                     settings: toml::Table::new(),
                 },
                 Component {
@@ -113,6 +114,7 @@ fn services(rng: &mut Lcg, policy: &str) -> Vec<ServiceSpec> {
                     name: "data".into(),
                     size_gib: (10.0 + 500.0 * rng.next()).round(),
                     keep_at_source: false,
+                    home: None,
                     settings: toml::Table::new(),
                 },
             ],

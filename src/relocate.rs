@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fluidcloud::conduit::buckets::BucketProgress;
 use fluidcloud::conduit::engine::Engine;
 use fluidcloud::conduit::journal::{RelocationRecord, StepState};
 use fluidcloud::conduit::plan::{human_bytes, Step};
@@ -177,6 +178,26 @@ impl Bars {
         }
     }
 
+    /// Draws (creating it the first time) the progress bar of one transfer step.
+    fn bar(&self, step: &str, total: u64, done: u64, message: String) {
+        let mut bars = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = bars.entry(step.to_string()).or_insert_with(|| {
+            let bar = self.multi.add(ProgressBar::new(total));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "  {prefix:<24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(step.to_string());
+            bar
+        });
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(message);
+    }
+
     fn finish(&self) {
         for (_, bar) in
             std::mem::take(&mut *self.transfers.lock().unwrap_or_else(|e| e.into_inner()))
@@ -218,29 +239,33 @@ impl Observer for Bars {
     }
 
     fn transfer(&self, _relocation: &str, step: &str, p: &Progress) {
-        let mut bars = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
-        let bar = bars.entry(step.to_string()).or_insert_with(|| {
-            let bar = self.multi.add(ProgressBar::new(p.image_bytes));
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "  {prefix:<24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_prefix(step.to_string());
-            bar
-        });
         let done = p
             .image_bytes
             .saturating_mul(p.chunks_done)
             .checked_div(p.chunks_total)
             .unwrap_or(p.image_bytes);
-        bar.set_position(done);
-        bar.set_message(format!(
-            "read {} sent {}",
-            human_bytes(p.bytes_read),
-            human_bytes(p.bytes_sent)
-        ));
+        self.bar(
+            step,
+            p.image_bytes,
+            done,
+            format!(
+                "read {} sent {}",
+                human_bytes(p.bytes_read),
+                human_bytes(p.bytes_sent)
+            ),
+        );
+    }
+
+    fn bucket(&self, _relocation: &str, step: &str, p: &BucketProgress) {
+        self.bar(
+            step,
+            p.bytes_total,
+            p.bytes_read.min(p.bytes_total),
+            format!(
+                "{:?} {}/{} objects, {} copied, {} skipped",
+                p.phase, p.objects_done, p.objects_total, p.objects_copied, p.objects_skipped
+            )
+            .to_lowercase(),
+        );
     }
 }

@@ -626,8 +626,11 @@ impl<'a> Run<'a> {
         let dst_by_key: HashMap<&str, &ObjectInfo> =
             dst_list.iter().map(|o| (o.key.as_str(), o)).collect();
         let learned = Mutex::new(Learned::default());
-        let results: Vec<(String, Result<Outcome, ObjectError>)> = stream::iter(&src_list)
-            .map(|o| {
+        let results: Vec<(String, Result<Outcome, ObjectError>)> = stream::iter(0..src_list.len())
+            .map(|i| {
+                // By index: a closure over `&ObjectInfo` would be generic over the borrow's
+                // lifetime, and the compiler cannot then prove the whole copy `Send`.
+                let o = &src_list[i];
                 let target = dst_by_key.get(o.key.as_str()).copied();
                 let learned = &learned;
                 async move {
@@ -1034,8 +1037,10 @@ impl<'a> Run<'a> {
         known: &HashMap<String, Known>,
         trust_written: bool,
     ) -> Result<BucketManifest, Vec<ObjectFailure>> {
-        let results: Vec<Result<(String, ManifestEntry), ObjectFailure>> = stream::iter(objects)
-            .map(|o| async move {
+        let results: Vec<Result<(String, ManifestEntry), ObjectFailure>> = stream::iter(0..objects.len())
+            .map(|i| {
+                let o = objects[i];
+                async move {
                 let from_run = known
                     .get(&o.key)
                     .filter(|k| (trust_written || !k.written) && k.matches(o));
@@ -1092,6 +1097,7 @@ impl<'a> Run<'a> {
                         blake3,
                     },
                 ))
+            }
             })
             .buffer_unordered(self.options.concurrency)
             .collect()

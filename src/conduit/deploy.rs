@@ -76,13 +76,16 @@ pub fn app_spec(config: &Config, service: &str, c: &Component) -> Result<AppSpec
     })
 }
 
-/// Placeholder values describing `spec` as deployed at `at`, with buckets kept at the
-/// source described at `bucket_home` (the provider that holds them).
+/// The providers holding a service's buckets that stay put when it moves, by bucket name.
+pub type BucketHomes = std::collections::BTreeMap<String, std::sync::Arc<dyn Provider>>;
+
+/// Placeholder values describing `spec` as deployed at `at`, with the buckets that stay put
+/// described at their `homes`.
 pub async fn values(
     config: &Config,
     spec: &ServiceSpec,
     at: &dyn Provider,
-    bucket_home: &dyn Provider,
+    homes: &BucketHomes,
 ) -> Result<Values, DeployError> {
     let mut v = Values::new();
     v.insert("service".into(), spec.name.clone());
@@ -108,17 +111,20 @@ pub async fn values(
                 }
             }
             ComponentKind::Bucket => {
-                let home = if c.keep_at_source { bucket_home } else { at };
+                let home = match homes.get(&c.name) {
+                    Some(home) if c.keep_at_source => home.as_ref(),
+                    _ => at,
+                };
                 v.insert(
                     format!("bucket.{}.provider", c.name),
                     home.name().to_string(),
                 );
-                if let Some(dir) = bucket_dir(home, &spec.name, &c.name)? {
-                    v.insert(format!("bucket.{}.path", c.name), dir.clone());
-                    v.insert(
-                        format!("bucket.{}.endpoint", c.name),
-                        format!("file://{dir}"),
-                    );
+                if let Some(loc) = home.bucket_location(&spec.name, &c.name).await? {
+                    v.insert(format!("bucket.{}.endpoint", c.name), loc.url);
+                    v.insert(format!("bucket.{}.name", c.name), loc.name);
+                    if let Some(dir) = loc.path {
+                        v.insert(format!("bucket.{}.path", c.name), dir.display().to_string());
+                    }
                 }
             }
             ComponentKind::App => {
@@ -137,20 +143,6 @@ pub async fn values(
     Ok(v)
 }
 
-/// The directory holding a bucket's objects, for providers that keep them on this machine.
-fn bucket_dir(
-    p: &dyn Provider,
-    service: &str,
-    bucket: &str,
-) -> Result<Option<String>, DeployError> {
-    // A probe key's parent is the bucket's directory; a bucket not created yet has none.
-    match p.object_path(service, bucket, "probe") {
-        Ok(path) => Ok(path.and_then(|path| path.parent().map(|d| d.display().to_string()))),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// The app a configuration file belongs to: `settings.app`, or the service's only app.
 pub fn config_app(spec: &ServiceSpec, c: &Component) -> Option<String> {
     c.settings
@@ -167,14 +159,15 @@ pub fn config_app(spec: &ServiceSpec, c: &Component) -> Option<String> {
         })
 }
 
-/// Creates what is missing of `spec` at `at` and starts its apps. `bucket_home` is the
-/// provider holding buckets kept at the source (where the service was first deployed).
+/// Creates what is missing of `spec` at `at` and starts its apps. Buckets that stay put are
+/// made sure of at their `homes` (where the service was first deployed, or their own
+/// provider).
 ///
 /// `known` names the volumes (`volume:NAME`) that existed at `at` before: one of them
 /// missing now is an error, never replaced by an empty volume.
 pub async fn ensure(
     at: &dyn Provider,
-    bucket_home: &dyn Provider,
+    homes: &BucketHomes,
     config: &Config,
     spec: &ServiceSpec,
     known: &std::collections::BTreeSet<String>,
@@ -209,12 +202,12 @@ pub async fn ensure(
             providers::wait_for(at, &op.id, Duration::from_secs(600)).await?;
             report.created.push(format!("volume `{}`", c.name));
         }
-        // A bucket kept at the source lives where the service was first deployed.
-        let bucket_here = c.kind == ComponentKind::Bucket
-            && caps.object
-            && (!c.keep_at_source || at.name() == spec.provider);
-        if bucket_here {
-            at.ensure_bucket(&spec.name, &c.name).await?;
+        if c.kind == ComponentKind::Bucket {
+            match homes.get(&c.name) {
+                Some(home) if c.keep_at_source => home.ensure_bucket(&spec.name, &c.name).await?,
+                _ if caps.object => at.ensure_bucket(&spec.name, &c.name).await?,
+                _ => {}
+            }
         }
     }
     for c in spec
@@ -223,7 +216,7 @@ pub async fn ensure(
         .filter(|c| c.kind == ComponentKind::Config)
     {
         if let Some(what) =
-            super::executor::write_initial_config(at, bucket_home, config, spec, c).await?
+            super::executor::write_initial_config(at, homes, config, spec, c).await?
         {
             report.created.push(what);
         }

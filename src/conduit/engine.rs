@@ -40,6 +40,21 @@ impl Inner {
 
     /// The provider of that name, opened on first use and kept open (a local provider
     /// supervises its apps for as long as it is open).
+    /// The providers holding the buckets of `spec` that stay where they are when it moves.
+    pub fn bucket_homes(
+        &self,
+        spec: &crate::config::ServiceSpec,
+    ) -> Result<super::deploy::BucketHomes, ProviderError> {
+        spec.components
+            .iter()
+            .filter(|c| c.kind == crate::model::ComponentKind::Bucket && c.keep_at_source)
+            .map(|c| {
+                let home = c.home.as_deref().unwrap_or(&spec.provider);
+                Ok((c.name.clone(), self.provider(home)?))
+            })
+            .collect()
+    }
+
     pub fn provider(&self, name: &str) -> Result<Arc<dyn Provider>, ProviderError> {
         let mut open = self.providers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = open.get(name) {
@@ -161,17 +176,14 @@ impl Engine {
                     continue;
                 }
             };
-            let home = match self.inner.provider(&spec.provider) {
+            let homes = match self.inner.bucket_homes(spec) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!("Cannot deploy `{name}` on `{at}`: {e}.");
                     continue;
                 }
             };
-            match self
-                .ensure(provider.as_ref(), home.as_ref(), &config, spec)
-                .await
-            {
+            match self.ensure(provider.as_ref(), &homes, &config, spec).await {
                 Ok(report) if report.changed() => {
                     tracing::info!("Deployed `{name}` on `{at}`: {report}.")
                 }
@@ -198,20 +210,20 @@ impl Engine {
                     message: "it is not in the configuration".to_string(),
                 })?;
         let p = self.inner.provider(provider)?;
-        let home = self.inner.provider(&spec.provider)?;
-        self.ensure(p.as_ref(), home.as_ref(), &config, spec).await
+        let homes = self.inner.bucket_homes(spec)?;
+        self.ensure(p.as_ref(), &homes, &config, spec).await
     }
 
     async fn ensure(
         &self,
         at: &dyn Provider,
-        home: &dyn Provider,
+        homes: &super::deploy::BucketHomes,
         config: &Config,
         spec: &crate::config::ServiceSpec,
     ) -> Result<super::deploy::DeployReport, super::deploy::DeployError> {
         let journal = &self.inner.journal;
         let known = journal.deployed(&spec.name, at.name()).unwrap_or_default();
-        let report = super::deploy::ensure(at, home, config, spec, &known).await;
+        let report = super::deploy::ensure(at, homes, config, spec, &known).await;
         // Once deployed, every volume of the service exists there.
         if report.is_ok() && at.capabilities().block {
             for v in spec

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde_json::{json, Value};
 
+use super::buckets;
 use super::deploy::{self, DeployError};
 use super::engine::Inner;
 use super::hooks::{
@@ -41,6 +42,10 @@ use crate::viaduct;
 pub trait Observer: Send + Sync {
     fn step(&self, relocation: &str, step: &Step, state: StepState, detail: &str);
     fn transfer(&self, relocation: &str, step: &str, progress: &viaduct::Progress);
+    /// A bucket copy's progress, a few times a second.
+    fn bucket(&self, relocation: &str, step: &str, progress: &buckets::BucketProgress) {
+        let _ = (relocation, step, progress);
+    }
 }
 
 /// How many times a rollback action is tried before the relocation is marked failed.
@@ -927,47 +932,58 @@ async fn qemu_img(args: &[&str], paths: &[&Path]) -> Result<String, StepError> {
     }
 }
 
-async fn copy_bucket(ctx: &Ctx, _step: &Step, bucket: &str) -> Result<Value, StepError> {
+async fn copy_bucket(ctx: &Ctx, step: &Step, bucket: &str) -> Result<Value, StepError> {
     let svc = ctx.svc();
-    let started = Instant::now();
-    ctx.target.ensure_bucket(svc, bucket).await?;
-    let wanted = ctx.source.list_objects(svc, bucket).await?;
-    let present: std::collections::BTreeMap<String, providers::ObjectInfo> = ctx
-        .target
-        .list_objects(svc, bucket)
-        .await?
-        .into_iter()
-        .map(|o| (o.key.clone(), o))
-        .collect();
-    let (mut copied, mut skipped, mut bytes) = (0u64, 0u64, 0u64);
-    for o in &wanted {
-        if let Some(t) = present.get(&o.key) {
-            if t.size == o.size && t.blake3.is_some() && t.blake3 == o.blake3 {
-                skipped += 1;
-                continue;
+    let options = buckets::BucketCopyOptions {
+        concurrency: ctx.config.conduit.bucket_concurrency,
+        max_bytes_per_sec: ctx.config.conduit.bucket_max_bytes_per_sec,
+        ..Default::default()
+    };
+    let (observer, id, name) = (
+        ctx.inner.observer.clone(),
+        ctx.id.clone(),
+        step.name.clone(),
+    );
+    let progress: Box<dyn Fn(buckets::BucketProgress) + Send + Sync> =
+        Box::new(move |p: buckets::BucketProgress| {
+            if let Some(o) = &observer {
+                o.bucket(&id, &name, &p);
             }
-        }
-        let body = ctx.source.read_object(svc, bucket, &o.key).await?;
-        let written = ctx
-            .target
-            .write_object(svc, bucket, &o.key, body.stream)
-            .await?;
-        if o.blake3.is_some() && written.blake3 != o.blake3 {
-            return Err(other(format!(
-                "object `{}` of bucket `{svc}/{bucket}` changed while it was copied",
-                o.key
-            )));
-        }
-        copied += 1;
-        bytes += o.size;
+        });
+    let report = buckets::copy_bucket(
+        ctx.source.as_ref(),
+        svc,
+        bucket,
+        ctx.target.as_ref(),
+        svc,
+        bucket,
+        &options,
+        &*progress,
+    )
+    .await
+    .map_err(|e| other(format!("bucket `{bucket}`: {e}")))?;
+    // The target bucket is this relocation's own: objects deleted at the source since the
+    // pre-copy go at the sync, so the target ends as an exact copy.
+    for key in &report.extra_at_target {
+        ctx.target.delete_object(svc, bucket, key).await?;
     }
-    for key in present.keys() {
-        if !wanted.iter().any(|o| &o.key == key) {
-            ctx.target.delete_object(svc, bucket, key).await?;
-        }
-    }
-    count_bytes(ctx, "bucket", bytes, bytes, started);
-    Ok(json!({ "objects": wanted.len(), "copied": copied, "skipped": skipped, "bytes": bytes }))
+    count_bytes(
+        ctx,
+        "bucket",
+        report.bytes_read,
+        report.bytes_copied,
+        Instant::now() - report.duration,
+    );
+    Ok(json!({
+        "objects": report.objects_total,
+        "copied": report.objects_copied,
+        "skipped": report.objects_skipped,
+        "recopied": report.recopied.len(),
+        "removed_at_target": report.extra_at_target.len(),
+        "bytes": report.bytes_total,
+        "bytes_copied": report.bytes_copied,
+        "manifest_blake3": report.manifest_digest,
+    }))
 }
 
 async fn stop_source(ctx: &Ctx, app: &str) -> Result<Value, StepError> {
@@ -1006,24 +1022,16 @@ fn config_spec(
 /// their paths are stand-ins, so rules can be checked without writing anything.
 async fn target_values(ctx: &Ctx) -> Result<Placeholders, StepError> {
     let spec = ctx.spec()?;
-    let home = ctx.inner.provider(&spec.provider)?;
-    let mut values = deploy::values(&ctx.config, spec, ctx.target.as_ref(), home.as_ref()).await?;
-    for c in &spec.components {
-        match c.kind {
-            ComponentKind::Volume => {
-                values
-                    .entry(format!("volume.{}.path", c.name))
-                    .or_insert_with(|| format!("(volume {} at {})", c.name, ctx.plan.to));
-            }
-            ComponentKind::Bucket => {
-                for key in ["path", "endpoint"] {
-                    values
-                        .entry(format!("bucket.{}.{key}", c.name))
-                        .or_insert_with(|| format!("(bucket {} at {})", c.name, ctx.plan.to));
-                }
-            }
-            _ => {}
-        }
+    let homes = ctx.inner.bucket_homes(spec)?;
+    let mut values = deploy::values(&ctx.config, spec, ctx.target.as_ref(), &homes).await?;
+    for c in spec
+        .components
+        .iter()
+        .filter(|c| c.kind == ComponentKind::Volume)
+    {
+        values
+            .entry(format!("volume.{}.path", c.name))
+            .or_insert_with(|| format!("(volume {} at {})", c.name, ctx.plan.to));
     }
     Ok(values.into_iter().collect())
 }
@@ -1068,7 +1076,7 @@ async fn write_config(ctx: &Ctx, file: &str, app: &str) -> Result<Value, StepErr
 /// exists. Returns what it created.
 pub(super) async fn write_initial_config(
     at: &dyn Provider,
-    bucket_home: &dyn Provider,
+    homes: &deploy::BucketHomes,
     config: &Config,
     spec: &ServiceSpec,
     c: &Component,
@@ -1085,7 +1093,7 @@ pub(super) async fn write_initial_config(
     if at.read_app_file(&spec.name, &app, &c.name).await?.is_some() {
         return Ok(None);
     }
-    let values: Placeholders = deploy::values(config, spec, at, bucket_home)
+    let values: Placeholders = deploy::values(config, spec, at, homes)
         .await?
         .into_iter()
         .collect();

@@ -344,7 +344,8 @@ fn build(
         if b.keep_at_source {
             notes.push(format!(
                 "bucket `{}` stays at `{}`; the app is pointed at it there",
-                b.name, source.name
+                b.name,
+                b.home.as_deref().unwrap_or(&spec.provider)
             ));
             continue;
         }
@@ -532,7 +533,7 @@ fn build(
             "after the grace period, delete the copy at `{}`{}",
             source.name,
             if buckets.iter().any(|b| b.keep_at_source) {
-                " (buckets kept at the source stay)"
+                " (buckets that stay put are kept)"
             } else {
                 ""
             }

@@ -1034,6 +1034,7 @@ mod tests {
             name: name.to_string(),
             size_gib: 0.0,
             keep_at_source: false,
+            home: None,
             settings: toml::from_str(settings).expect("test settings are TOML"),
         }
     }
@@ -1044,6 +1045,7 @@ mod tests {
             name: name.to_string(),
             size_gib: 0.0,
             keep_at_source: false,
+            home: None,
             settings: toml::Table::new(),
         }
     }

@@ -84,6 +84,11 @@ pub struct ConduitSettings {
     /// Health-check deadline for a target of a service without its own `health_check`
     /// timeout. Default 60 s.
     pub health_timeout: Duration,
+    /// Objects a bucket copy moves at the same time (`bucket_concurrency`, 1 to 256).
+    /// Default 8.
+    pub bucket_concurrency: usize,
+    /// Cap on what a bucket copy reads per second (`bucket_max_mib_per_sec`). Default none.
+    pub bucket_max_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -516,7 +521,12 @@ pub struct Component {
     pub kind: ComponentKind,
     pub name: String,
     pub size_gib: f64,
+    /// A bucket that stays where it is when the service moves: kept at the service's
+    /// provider, or at its own `home`.
     pub keep_at_source: bool,
+    /// The provider a bucket lives at when not the service's own (`provider` of the
+    /// component); such a bucket is kept there.
+    pub home: Option<String>,
     pub settings: toml::Table,
 }
 
@@ -808,6 +818,30 @@ impl Validator<'_> {
                 60,
                 1,
             )),
+            bucket_concurrency: {
+                let n = self.at_least(
+                    "conduit.bucket_concurrency",
+                    raw.conduit.bucket_concurrency,
+                    crate::conduit::buckets::DEFAULT_CONCURRENCY as u64,
+                    1,
+                );
+                let max = crate::conduit::buckets::MAX_CONCURRENCY as u64;
+                if n > max {
+                    self.err(
+                        "conduit.bucket_concurrency",
+                        format!("must be at most {max}, got {n}"),
+                    );
+                }
+                n.min(max) as usize
+            },
+            bucket_max_bytes_per_sec: raw.conduit.bucket_max_mib_per_sec.map(|_| {
+                self.at_least(
+                    "conduit.bucket_max_mib_per_sec",
+                    raw.conduit.bucket_max_mib_per_sec,
+                    1,
+                    1,
+                ) << 20
+            }),
         };
         let regions_file = raw.regions.file.as_deref().map(|f| self.path(f));
         if let Some(f) = &regions_file {
@@ -1505,6 +1539,31 @@ impl Validator<'_> {
                     "only a bucket can be kept at the source",
                 );
             }
+            if let Some(home) = &c.provider {
+                match providers.get(home) {
+                    _ if kind != ComponentKind::Bucket => self.err(
+                        format!("{ck}.provider"),
+                        "only a bucket can live at a provider of its own",
+                    ),
+                    None => self.err(
+                        format!("{ck}.provider"),
+                        format!(
+                            "unknown provider `{home}`; configured providers: {}",
+                            list(providers.keys())
+                        ),
+                    ),
+                    Some(p) if !matches!(p.driver, Driver::Local | Driver::S3 | Driver::Swift) => {
+                        self.err(
+                            format!("{ck}.provider"),
+                            format!(
+                                "`{home}` uses the `{}` driver, which has no object storage",
+                                crate::providers::driver_name(p.driver)
+                            ),
+                        )
+                    }
+                    Some(_) => {}
+                }
+            }
             if kind == ComponentKind::Vm {
                 vcpus += c.vcpus.unwrap_or(0);
                 memory += c.memory_gib.unwrap_or(0.0);
@@ -1513,7 +1572,8 @@ impl Validator<'_> {
                 kind,
                 name: c.name,
                 size_gib,
-                keep_at_source: c.keep_at_source,
+                keep_at_source: c.keep_at_source || c.provider.is_some(),
+                home: c.provider,
                 settings: c.settings,
             });
         }

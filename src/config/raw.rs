@@ -52,6 +52,8 @@ pub struct RawConduit {
     pub stop_timeout_secs: Option<u64>,
     pub kill_after_stop_timeout: Option<bool>,
     pub health_timeout_secs: Option<u64>,
+    pub bucket_concurrency: Option<u64>,
+    pub bucket_max_mib_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -251,6 +253,9 @@ pub struct RawComponent {
     /// `bucket`: keep the data at the source provider and reconfigure the app to reach it.
     #[serde(default)]
     pub keep_at_source: bool,
+    /// `bucket`: the provider the bucket lives at, when not the service's own; it stays
+    /// there when the service moves.
+    pub provider: Option<String>,
     /// Driver-specific settings of the component (image path, app command, config rules…).
     #[serde(default)]
     pub settings: toml::Table,

@@ -441,3 +441,63 @@ bucket_name = "Shop_{service}-{bucket}"
     }
     assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
 }
+
+#[test]
+fn a_bucket_may_live_at_a_provider_of_its_own_and_nothing_else_may() {
+    let dir = hook_fixture();
+    let path = dir.path().join("fc.toml");
+    let with = |components: &str| {
+        format!(
+            "{HOOK_BASE}[providers.vms]\ndriver = \"qemu\"\nregion = \"eu\"\nroot = \"vms\"\n\
+             [conduit]\nbucket_concurrency = 16\nbucket_max_mib_per_sec = 40\n{components}"
+        )
+    };
+    let good = with(
+        "[[services.shop.components]]\nkind = \"bucket\"\nname = \"media\"\nsize_gib = 1\nprovider = \"a\"\n",
+    );
+    let c = Config::parse(&path, &good).unwrap_or_else(|e| panic!("{e}"));
+    let media = &c.services["shop"].components[0];
+    assert_eq!(media.home.as_deref(), Some("a"));
+    assert!(
+        media.keep_at_source,
+        "a bucket with a home of its own stays put"
+    );
+    assert_eq!(c.conduit.bucket_concurrency, 16);
+    assert_eq!(c.conduit.bucket_max_bytes_per_sec, Some(40 << 20));
+
+    let bad = with(
+        "[[services.shop.components]]\nkind = \"bucket\"\nname = \"b1\"\nsize_gib = 1\nprovider = \"nowhere\"\n\
+         [[services.shop.components]]\nkind = \"bucket\"\nname = \"b2\"\nsize_gib = 1\nprovider = \"vms\"\n\
+         [[services.shop.components]]\nkind = \"volume\"\nname = \"v\"\nsize_gib = 1\nprovider = \"a\"\n",
+    );
+    let errs: Vec<String> = Config::parse(&path, &bad)
+        .expect_err("refused")
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    for (at, words) in [
+        (
+            "services.shop.components[0].provider",
+            "unknown provider `nowhere`",
+        ),
+        (
+            "services.shop.components[1].provider",
+            "has no object storage",
+        ),
+        ("services.shop.components[2].provider", "only a bucket"),
+    ] {
+        assert!(
+            errs.iter().any(|e| e.contains(at) && e.contains(words)),
+            "no {at} … {words} in:\n{}",
+            errs.join("\n")
+        );
+    }
+    let over = format!("{HOOK_BASE}[conduit]\nbucket_concurrency = 300\n");
+    let errs = Config::parse(&path, &over).expect_err("refused").0;
+    assert!(
+        errs[0].to_string().contains("conduit.bucket_concurrency")
+            && errs[0].to_string().contains("at most 256, got 300"),
+        "{errs:?}"
+    );
+}

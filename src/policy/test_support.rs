@@ -40,6 +40,7 @@ pub(crate) fn component(kind: ComponentKind, name: &str, size_gib: f64, keep: bo
         name: name.into(),
         size_gib,
         keep_at_source: keep,
+        home: None,
         settings: toml::Table::new(),
     }
 }

@@ -247,6 +247,19 @@ impl fmt::Debug for ObjectBody {
     }
 }
 
+/// Where clients reach a bucket, for configuration files (`{bucket.NAME.endpoint}` and
+/// friends) and the context document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BucketLocation {
+    /// `file:///dir` for a directory, the bucket's URL at an object store (path-style or
+    /// virtual-hosted S3 as configured, the container under the Swift storage URL).
+    pub url: String,
+    /// The name the store knows the bucket by.
+    pub name: String,
+    /// The directory holding its objects, where the provider keeps them on this machine.
+    pub path: Option<PathBuf>,
+}
+
 /// Where a running app can be reached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
@@ -604,6 +617,17 @@ pub trait Provider: Send + Sync + 'static {
         key: &str,
     ) -> Result<(), ProviderError> {
         Err(self.unsupported(object::key(service, bucket, key), "object storage"))
+    }
+
+    /// Where clients reach the bucket, or `None` when the driver cannot say. Works whether
+    /// or not the bucket exists yet.
+    async fn bucket_location(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Option<BucketLocation>, ProviderError> {
+        let _ = (service, bucket);
+        Ok(None)
     }
 
     /// Where the object's content lives on this machine, for readers that want a path

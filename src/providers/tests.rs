@@ -10,6 +10,7 @@ fn app_component(settings: &str) -> Component {
         name: "web".to_string(),
         size_gib: 0.0,
         keep_at_source: false,
+        home: None,
         settings: toml::from_str(settings).expect("test settings are TOML"),
     }
 }

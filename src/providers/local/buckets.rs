@@ -49,7 +49,7 @@ impl Buckets {
         }
     }
 
-    fn bucket_dir(&self, service: &str, bucket: &str) -> Result<PathBuf, ProviderError> {
+    pub(super) fn bucket_dir(&self, service: &str, bucket: &str) -> Result<PathBuf, ProviderError> {
         let obj = || object::bucket(service, bucket);
         check_name(&self.provider, obj, "service name", service)?;
         check_name(&self.provider, obj, "bucket name", bucket)?;

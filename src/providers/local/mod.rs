@@ -35,9 +35,9 @@ use std::sync::{Arc, Mutex, Weak};
 use async_trait::async_trait;
 
 use super::{
-    object, AppSpec, AppStatus, Capabilities, DiskFormat, Endpoint, ObjectBody, ObjectInfo,
-    ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, OperationKind, Provider,
-    ProviderError, StopOptions, StopOutcome, VolumeInfo, VolumeSpec,
+    object, AppSpec, AppStatus, BucketLocation, Capabilities, DiskFormat, Endpoint, ObjectBody,
+    ObjectInfo, ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, OperationKind,
+    Provider, ProviderError, StopOptions, StopOutcome, VolumeInfo, VolumeSpec,
 };
 use crate::config::{self, Driver};
 
@@ -400,6 +400,19 @@ impl Provider for LocalProvider {
         key: &str,
     ) -> Result<(), ProviderError> {
         self.buckets.delete_object(service, bucket, key).await
+    }
+
+    async fn bucket_location(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Option<BucketLocation>, ProviderError> {
+        let dir = self.buckets.bucket_dir(service, bucket)?;
+        Ok(Some(BucketLocation {
+            url: format!("file://{}", dir.display()),
+            name: bucket.to_string(),
+            path: Some(dir),
+        }))
     }
 
     fn object_path(

@@ -39,8 +39,8 @@ use opendal::Operator;
 use tokio::io::AsyncReadExt;
 
 use super::{
-    object, validate_key, validate_meta, validate_name, Capabilities, DiskFormat, ObjectBody,
-    ObjectInfo, ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, Provider,
+    object, validate_key, validate_meta, validate_name, BucketLocation, Capabilities, DiskFormat,
+    ObjectBody, ObjectInfo, ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, Provider,
     ProviderError,
 };
 use crate::config::{self, Driver, ObjectStoreSettings};
@@ -77,6 +77,8 @@ pub struct ObjectStore {
 trait Remote: Send + Sync {
     /// The URL errors name when nothing answers.
     fn endpoint(&self) -> String;
+    /// The URL clients reach the remote bucket at.
+    async fn bucket_url(&self, remote: &str, obj: &str) -> Result<String, ProviderError>;
     /// An operator on the remote bucket `remote`.
     async fn operator(&self, remote: &str) -> Result<Operator, ProviderError>;
     async fn bucket_exists(&self, remote: &str, obj: &str) -> Result<bool, ProviderError>;
@@ -630,6 +632,22 @@ impl Provider for ObjectStore {
             Ok(())
         })
         .await
+    }
+
+    async fn bucket_location(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Option<BucketLocation>, ProviderError> {
+        let (remote, obj) = self.remote_bucket(service, bucket)?;
+        let url = self
+            .with_login(|| self.remote.bucket_url(&remote, &obj))
+            .await?;
+        Ok(Some(BucketLocation {
+            url,
+            name: remote,
+            path: None,
+        }))
     }
 
     async fn delete_bucket(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {

@@ -163,6 +163,15 @@ impl Remote for S3 {
         self.settings.endpoint.clone()
     }
 
+    async fn bucket_url(&self, remote: &str, _obj: &str) -> Result<String, ProviderError> {
+        self.bucket_url(remote)
+            .map(String::from)
+            .map_err(|reason| ProviderError::Setup {
+                provider: self.provider.clone(),
+                reason,
+            })
+    }
+
     async fn operator(&self, remote: &str) -> Result<Operator, ProviderError> {
         let mut builder = opendal::services::S3::default()
             .bucket(remote)

@@ -431,6 +431,11 @@ impl Remote for Swift {
             .unwrap_or_else(|| self.settings.auth_url.clone())
     }
 
+    async fn bucket_url(&self, remote: &str, obj: &str) -> Result<String, ProviderError> {
+        let session = self.session(obj).await?;
+        self.url(&session, remote, None).map(String::from)
+    }
+
     async fn operator(&self, remote: &str) -> Result<Operator, ProviderError> {
         let session = self.session(&format!("Swift container `{remote}`")).await?;
         let builder = opendal::services::Swift::default()

@@ -1,0 +1,373 @@
+//! Relocations with the real binary and real object stores on loopback (s3s-fs and a
+//! single-node OpenStack Swift, installed by `scripts/test-env.sh`): a service made of a
+//! bucket moves from S3 to Swift and back and arrives with the same manifest; wrong
+//! credentials at the target fail the move and change nothing; a service whose buckets live
+//! at S3 and Swift moves between two local providers and its app is pointed at them there.
+
+#![cfg(feature = "object-stores")]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+use common::servers::{S3sFs, SwiftServer, TestEnv};
+use common::{bin, repo};
+use fluidcloud::conduit::buckets::{bucket_manifest, BucketManifest};
+use fluidcloud::config::Config;
+use fluidcloud::providers::{self, ObjectStream, Provider};
+
+/// Larger than the 5 MiB part size configured below, so it travels in parts.
+const BIG: usize = 11 * (1 << 20) + 4321;
+
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v
+}
+
+fn body(bytes: Vec<u8>) -> ObjectStream {
+    Box::pin(std::io::Cursor::new(bytes))
+}
+
+fn secret_file(dir: &Path, name: &str, text: &str) {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn demo_app() -> PathBuf {
+    Path::new(bin()).parent().unwrap().join("examples/demo-app")
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    s3: S3sFs,
+    swift: SwiftServer,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let env = TestEnv::load();
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = S3sFs::start(&env, dir.path());
+        let swift = SwiftServer::start(&env, dir.path());
+        let s = Setup { dir, s3, swift };
+        s.credentials(&s.swift.key.clone());
+        s
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes both stores' credential files, Swift's with `swift_key`.
+    fn credentials(&self, swift_key: &str) {
+        secret_file(
+            self.dir.path(),
+            "s3.credentials",
+            &format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                self.s3.access_key, self.s3.secret_key
+            ),
+        );
+        secret_file(
+            self.dir.path(),
+            "swift.credentials",
+            &format!(
+                "username = \"{}\"\npassword = \"{swift_key}\"\n",
+                self.swift.user
+            ),
+        );
+    }
+
+    /// Writes `fluidcloud.toml`: providers `a`, `b` (local), `s3` and `swift`, then
+    /// `services`.
+    fn write_config(&self, services: &str) -> Config {
+        let text = format!(
+            r#"
+[daemon]
+state_dir = "state"
+
+[broker]
+evaluate_schedule = "0 0 0 1 1 *"
+
+[conduit]
+grace_period_secs = 1
+stop_timeout_secs = 5
+health_timeout_secs = 20
+
+[providers.a]
+driver = "local"
+region = "lab"
+root = "providers/a"
+
+[providers.b]
+driver = "local"
+region = "lab"
+root = "providers/b"
+
+[providers.s3]
+driver = "s3"
+region = "lab"
+[providers.s3.s3]
+endpoint = "{s3}"
+region = "eu-test-1"
+path_style = true
+credentials_file = "s3.credentials"
+part_size_mib = 5
+timeout_secs = 20
+
+[providers.swift]
+driver = "swift"
+region = "lab"
+[providers.swift.swift]
+auth_url = "{swift}"
+credentials_file = "swift.credentials"
+part_size_mib = 5
+timeout_secs = 20
+
+[policies.watch]
+file = "{repo}/policies/cheapest.rhai"
+mode = "audit"
+{services}"#,
+            s3 = self.s3.endpoint,
+            swift = self.swift.auth_url,
+            repo = repo().display(),
+        );
+        let path = self.path("fluidcloud.toml");
+        std::fs::write(&path, &text).unwrap();
+        Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn relocate(&self, service: &str, to: &str) -> Output {
+        Command::new(bin())
+            .args(["relocate", "--quiet", "--config"])
+            .arg(self.path("fluidcloud.toml"))
+            .args([service, "--to", to])
+            .env_remove("FLUIDCLOUD_KILL_AT")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn kill_apps(&self) {
+        for p in ["a", "b"] {
+            let pid_file = self.path(&format!("providers/{p}/apps/shop/web/pid"));
+            if let Ok(text) = std::fs::read_to_string(pid_file) {
+                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    // SAFETY: signals a process the test's provider started.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.kill_apps();
+    }
+}
+
+fn open(config: &Config, name: &str) -> Arc<dyn Provider> {
+    providers::open(&config.providers[name]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `n` objects of assorted sizes and nesting plus one larger than the part size.
+async fn fill(p: &dyn Provider, service: &str, bucket: &str, n: usize) {
+    p.ensure_bucket(service, bucket).await.unwrap();
+    for i in 0..n {
+        let key = match i % 3 {
+            0 => format!("img/{i:04}.jpg"),
+            1 => format!("docs/{i}.txt"),
+            _ => format!("top-{i}"),
+        };
+        p.write_object(
+            service,
+            bucket,
+            &key,
+            body(content(i as u64, (i * 509) % 30_000)),
+        )
+        .await
+        .unwrap();
+    }
+    p.write_object(service, bucket, "video/big.mp4", body(content(7, BIG)))
+        .await
+        .unwrap();
+}
+
+async fn manifest(p: &dyn Provider, service: &str, bucket: &str) -> BucketManifest {
+    bucket_manifest(p, service, bucket, 8)
+        .await
+        .unwrap_or_else(|e| panic!("manifest of {service}/{bucket} at {}: {e}", p.name()))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+const ARCHIVE: &str = r#"
+[services.archive]
+provider = "s3"
+policy = "watch"
+
+[[services.archive.components]]
+kind = "bucket"
+name = "media"
+size_gib = 0.05
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_moves_from_s3_to_swift_and_back_and_wrong_credentials_change_nothing() {
+    let s = Setup::new();
+    let config = s.write_config(ARCHIVE);
+    let s3 = open(&config, "s3");
+    fill(s3.as_ref(), "archive", "media", 300).await;
+    let original = manifest(s3.as_ref(), "archive", "media").await;
+    assert_eq!(original.entries.len(), 301);
+
+    // A target that refuses the credentials: the move fails before anything is written
+    // there, and the source keeps every object.
+    s.credentials("not-the-key");
+    let out = s.relocate("archive", "swift");
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("swift"), "{said}");
+    assert!(
+        said.contains("refused") || said.contains("denied") || said.contains("credentials"),
+        "the error does not say the credentials were refused: {said}"
+    );
+    assert_eq!(manifest(s3.as_ref(), "archive", "media").await, original);
+    s.credentials(&s.swift.key.clone());
+    let swift = open(&config, "swift");
+    let left = swift.list_objects("archive", "media").await;
+    assert!(
+        left.as_ref().map(|l| l.is_empty()).unwrap_or(true),
+        "objects were left at the target: {left:?}"
+    );
+
+    // S3 → Swift: every object arrives, the source bucket goes after the grace period.
+    let out = s.relocate("archive", "swift");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("completed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(manifest(swift.as_ref(), "archive", "media").await, original);
+    let gone = s3.list_objects("archive", "media").await;
+    assert!(
+        gone.as_ref().map(|l| l.is_empty()).unwrap_or(true),
+        "the source bucket was not decommissioned: {gone:?}"
+    );
+
+    // And back.
+    let out = s.relocate("archive", "s3");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(manifest(s3.as_ref(), "archive", "media").await, original);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buckets_living_at_s3_and_swift_stay_there_and_the_app_is_pointed_at_them() {
+    let s = Setup::new();
+    std::fs::write(
+        s.path("demo.toml.in"),
+        "listen = \"{app.web.host}:{app.web.port}\"\n\
+         data_file = \"{volume.data.path}\"\n\
+         bucket_url = \"{bucket.photos.endpoint}\"\n\
+         # swift: {bucket.thumbs.endpoint}\n",
+    )
+    .unwrap();
+    let port = common::free_port();
+    let config = s.write_config(&format!(
+        r#"
+[services.shop]
+provider = "a"
+policy = "watch"
+health_check = {{ url = "http://127.0.0.1:{port}/health", timeout_secs = 20 }}
+
+[[services.shop.components]]
+kind = "app"
+name = "web"
+[services.shop.components.settings]
+command = "{app}"
+args = ["demo.toml"]
+port = {port}
+
+[[services.shop.components]]
+kind = "config"
+name = "demo.toml"
+[services.shop.components.settings]
+template = "demo.toml.in"
+rules = [
+  {{ match = 'data_file = "[^"]*"', replace = 'data_file = "{{volume.data.path}}"' }},
+]
+
+[[services.shop.components]]
+kind = "volume"
+name = "data"
+size_gib = 0.03125
+
+[[services.shop.components]]
+kind = "bucket"
+name = "photos"
+size_gib = 0.01
+provider = "s3"
+
+[[services.shop.components]]
+kind = "bucket"
+name = "thumbs"
+size_gib = 0.01
+provider = "swift"
+"#,
+        app = demo_app().display()
+    ));
+    let (s3, swift) = (open(&config, "s3"), open(&config, "swift"));
+    fill(s3.as_ref(), "shop", "photos", 20).await;
+    fill(swift.as_ref(), "shop", "thumbs", 20).await;
+    let photos = manifest(s3.as_ref(), "shop", "photos").await;
+    let thumbs = manifest(swift.as_ref(), "shop", "thumbs").await;
+
+    let plan = Command::new(bin())
+        .args(["plan", "--config"])
+        .arg(s.path("fluidcloud.toml"))
+        .args(["shop", "--to", "b"])
+        .output()
+        .unwrap();
+    let shown = text(&plan);
+    assert!(plan.status.success(), "{shown}");
+    assert!(shown.contains("bucket `photos` stays at `s3`"), "{shown}");
+    assert!(
+        shown.contains("bucket `thumbs` stays at `swift`"),
+        "{shown}"
+    );
+    assert!(!shown.contains("copy:bucket"), "{shown}");
+
+    let out = s.relocate("shop", "b");
+    assert!(out.status.success(), "{}", text(&out));
+    let written = std::fs::read_to_string(s.path("providers/b/apps/shop/web/demo.toml")).unwrap();
+    let s3_url = format!("{}/shop--photos", s.s3.endpoint.trim_end_matches('/'));
+    assert!(
+        written.contains(&format!("bucket_url = \"{s3_url}\"")),
+        "the app is not pointed at the S3 bucket: {written}"
+    );
+    assert!(
+        written.contains("/v1/AUTH_test/shop--thumbs"),
+        "the app is not pointed at the Swift container: {written}"
+    );
+    // Neither bucket moved nor went with the decommissioned source.
+    assert_eq!(manifest(s3.as_ref(), "shop", "photos").await, photos);
+    assert_eq!(manifest(swift.as_ref(), "shop", "thumbs").await, thumbs);
+    assert!(!s.path("providers/b/buckets/shop/photos").exists());
+}
