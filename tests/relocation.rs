@@ -44,6 +44,10 @@ struct Setup {
 
 impl Setup {
     fn new(target_format: &str) -> Setup {
+        Setup::with_formats("raw", target_format)
+    }
+
+    fn with_formats(source_format: &str, target_format: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let app_port = free_port();
         std::fs::write(
@@ -72,6 +76,7 @@ health_timeout_secs = 20
 driver = "local"
 region = "us-east-1"
 root = "providers/a"
+disk_format = "{source_format}"
 
 [providers.b]
 driver = "local"
@@ -454,4 +459,144 @@ fn a_missing_source_image_is_reported_and_nothing_is_written_at_the_target() {
     assert!(!s.path("providers/b/volumes/shop/data.raw").exists());
     std::fs::rename(&kept, &volume).unwrap();
     assert_eq!(s.wait_app("/hash"), hash);
+}
+
+/// A tmpfs of `mib` MiB mounted at `dir` for as long as it lives.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// `None` when this process may not mount (not root).
+    fn mount(dir: &Path, mib: u64) -> Option<SmallDisk> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(SmallDisk(dir.to_path_buf()))
+    }
+
+    /// Fills the disk until only about `leave` bytes are free.
+    fn fill(&self, leave: u64) -> PathBuf {
+        let free = {
+            // SAFETY: statvfs writes only into the struct it is given.
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+            assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+            st.f_bavail as u64 * st.f_frsize as u64
+        };
+        let filler = self.0.join("filler");
+        let f = std::fs::File::create(&filler).unwrap();
+        // tmpfs has no fallocate holes: write real bytes.
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(f);
+        let block = vec![0x5au8; 1 << 20];
+        let mut left = free.saturating_sub(leave);
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            w.write_all(&block[..n]).unwrap();
+            left -= n as u64;
+        }
+        w.flush().unwrap();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_target_disk_is_refused_at_preflight_and_rolled_back_when_it_fills_later() {
+    let s = Setup::new("raw");
+    let Some(disk) = SmallDisk::mount(&s.path("providers/b"), 160) else {
+        eprintln!("skipped: mounting a small tmpfs as the target's disk needs root");
+        return;
+    };
+    let (hash, listing) = deploy(&s);
+
+    // Too little room from the start: preflight says so and nothing stops.
+    let filler = disk.fill(30 << 20);
+    let out = s.relocate("b", None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the target `b` has") && stderr.contains("free, the relocation needs"),
+        "{stderr}"
+    );
+    assert_consistent(&s, &hash, &listing, "rolled_back", "refused at preflight");
+
+    // Room at preflight, then something else fills the disk before the copy: the copy
+    // fails on the full disk and the relocation rolls back.
+    std::fs::remove_file(&filler).unwrap();
+    let out = s.relocate("b", Some("preflight:done"));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+    disk.fill(2 << 20);
+    let mut d = s.daemon();
+    let r = relocations(&mut d);
+    let last = r.as_array().unwrap().last().unwrap();
+    assert_eq!(last["state"], "rolled_back", "{last}");
+    let detail = last.to_string();
+    assert!(
+        detail.contains("No space left") || detail.contains("full"),
+        "the journal does not say the disk was full: {detail}"
+    );
+    assert_consistent(
+        &s,
+        &hash,
+        &listing,
+        "rolled_back",
+        "disk filled after preflight",
+    );
+}
+
+#[test]
+fn a_corrupt_source_image_is_refused_before_the_source_stops() {
+    let s = Setup::with_formats("qcow2", "raw");
+    deploy(&s);
+    let volume = s.path("providers/a/volumes/shop/data.qcow2");
+    // Overwrite the qcow2 L1 table (its offset is at byte 40 of the header).
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&volume)
+            .unwrap();
+        let mut header = [0u8; 48];
+        f.read_exact(&mut header).unwrap();
+        let l1 = u64::from_be_bytes(header[40..48].try_into().unwrap());
+        f.seek(SeekFrom::Start(l1)).unwrap();
+        f.write_all(&[0xff; 16]).unwrap();
+    }
+    let damaged = std::fs::read(&volume).unwrap();
+    let served = s.wait_app("/hash");
+    let out = s.relocate("b", None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("volume `shop/data` at `a` is damaged"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("preflight"), "{stderr}");
+    // The app was never stopped, the image is as it was, and nothing was left at the
+    // target.
+    assert_eq!(s.wait_app("/hash"), served);
+    assert!(
+        std::fs::read(&volume).unwrap() == damaged,
+        "the source image changed"
+    );
+    assert!(!s.path("providers/b/volumes/shop/data.raw").exists());
 }
