@@ -525,10 +525,16 @@ accel = "tcg"
     let expect = [
         ("providers.a.qemu.binary", "must not be empty"),
         ("providers.a.qemu.firmware_dirs[1]", "without `:`"),
-        ("providers.a.qemu.accel", "`hvf` is not one of auto, kvm, tcg"),
+        (
+            "providers.a.qemu.accel",
+            "`hvf` is not one of auto, kvm, tcg",
+        ),
         ("providers.a.qemu.disk_bus", "`nvme` is not one of virtio"),
         ("providers.a.qemu.nic_model", "`tulip` is not one of"),
-        ("providers.a.qemu.powerdown_timeout_secs", "at least 1, got 0"),
+        (
+            "providers.a.qemu.powerdown_timeout_secs",
+            "at least 1, got 0",
+        ),
         ("providers.b.root", "needs `root`"),
         ("providers.c.qemu", "driver = \"qemu\""),
     ];
@@ -542,7 +548,8 @@ accel = "tcg"
     assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
     // Positions point into the file: the bad accel is on line 9.
     assert!(
-        errs.iter().any(|e| e.starts_with("/etc/fc.toml:9:") && e.contains("accel")),
+        errs.iter()
+            .any(|e| e.starts_with("/etc/fc.toml:9:") && e.contains("accel")),
         "{}",
         errs.join("\n")
     );

@@ -163,9 +163,7 @@ async fn drivers_not_built_yet_say_so() {
             region = "r"
         "#;
         let config = Config::parse(Path::new("/x/fc.toml"), text).unwrap();
-        let err = open(&config.providers["s"])
-            .err()
-            .expect("s3 is not built");
+        let err = open(&config.providers["s"]).err().expect("s3 is not built");
         assert_eq!(
             err.to_string(),
             "provider `s`: driver `s3` is not built yet; drivers in this build: local, qemu"

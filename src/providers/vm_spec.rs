@@ -280,7 +280,10 @@ fn port_forward(v: &toml::Value) -> Result<PortForward, String> {
                 .ok()
                 .filter(|p| *p > 0)
                 .ok_or_else(|| format!("{what} must be a TCP port from 1 to 65535, got {p}")),
-            other => Err(format!("{what} must be an integer, got {}", other.type_str())),
+            other => Err(format!(
+                "{what} must be an integer, got {}",
+                other.type_str()
+            )),
         }
     };
     match v {
@@ -290,7 +293,9 @@ fn port_forward(v: &toml::Value) -> Result<PortForward, String> {
         }),
         toml::Value::Table(t) => {
             if let Some(k) = t.keys().find(|k| !matches!(k.as_str(), "guest" | "host")) {
-                return Err(format!("unknown key `{k}`; a forward has `guest` and `host`"));
+                return Err(format!(
+                    "unknown key `{k}`; a forward has `guest` and `host`"
+                ));
             }
             let guest = t
                 .get("guest")
@@ -408,7 +413,10 @@ volumes = [1]
             );
         }
         assert_eq!(err.problems.len(), 9, "{text}");
-        assert!(text.starts_with("service `shop`, component `web`: "), "{text}");
+        assert!(
+            text.starts_with("service `shop`, component `web`: "),
+            "{text}"
+        );
     }
 
     #[test]
@@ -428,7 +436,11 @@ ports = [80, { guest = 80, host = 8080 }]"#,
                 resources(1, 1.0),
                 "host port 9 is used twice",
             ),
-            (r#"volumes = ["web"]"#, resources(1, 1.0), "boot disk already"),
+            (
+                r#"volumes = ["web"]"#,
+                resources(1, 1.0),
+                "boot disk already",
+            ),
             (
                 r#"volumes = ["a", "a"]"#,
                 resources(1, 1.0),

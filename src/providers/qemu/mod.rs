@@ -119,7 +119,10 @@ impl QemuProvider {
             )));
         }
         let root = provider.root.as_ref().ok_or_else(|| {
-            setup("the qemu driver needs `root`, the directory holding its disk pool and VMs".to_string())
+            setup(
+                "the qemu driver needs `root`, the directory holding its disk pool and VMs"
+                    .to_string(),
+            )
         })?;
         let settings = provider.qemu.clone().unwrap_or_default();
         Self::open_at(&provider.name, root, provider.disk_format, settings)
@@ -191,12 +194,12 @@ impl QemuProvider {
             .get_or_try_init(|| async {
                 match self.settings.accel {
                     Accel::Tcg => Ok(Accel::Tcg),
-                    Accel::Kvm => accel::kvm_usable()
-                        .map(|()| Accel::Kvm)
-                        .map_err(|reason| ProviderError::Setup {
+                    Accel::Kvm => accel::kvm_usable().map(|()| Accel::Kvm).map_err(|reason| {
+                        ProviderError::Setup {
                             provider: self.name.clone(),
                             reason: format!("accel = \"kvm\" but {reason}"),
-                        }),
+                        }
+                    }),
                     Accel::Auto => Ok(self.probe_kvm().await),
                 }
             })
@@ -350,7 +353,11 @@ impl QemuProvider {
                         object: format!(
                             "{} ({} of {}; create the volume first)",
                             object::volume(service, name),
-                            if name == spec.name { "the boot disk" } else { "a disk" },
+                            if name == spec.name {
+                                "the boot disk"
+                            } else {
+                                "a disk"
+                            },
                             obj()
                         ),
                     })
@@ -594,10 +601,9 @@ fn holds_socket(pid: u32, socket: &Path) -> bool {
         return false;
     };
     let needle = socket.as_os_str().as_bytes();
-    cmdline.split(|b| *b == 0).any(|arg| {
-        arg.windows(needle.len()).any(|w| w == needle)
-            && arg.starts_with(b"unix:")
-    })
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg.windows(needle.len()).any(|w| w == needle) && arg.starts_with(b"unix:"))
 }
 
 /// Host ports for the spec's forwards: the fixed ones, and free ones picked now for the rest.
@@ -640,7 +646,10 @@ fn qemu_args(
 ) -> Vec<OsString> {
     let mut a: Vec<String> = vec![
         "-name".into(),
-        format!("guest={service}/{},process=qemu-{service}-{}", spec.name, spec.name),
+        format!(
+            "guest={service}/{},process=qemu-{service}-{}",
+            spec.name, spec.name
+        ),
         "-machine".into(),
         "pc".into(),
         "-accel".into(),
@@ -695,7 +704,11 @@ fn qemu_args(
                 "-drive".into(),
                 format!("{drive},if=none"),
                 "-device".into(),
-                format!("ide-hd,drive=disk{i},bus=ide.{},unit={}{boot}", i / 2, i % 2),
+                format!(
+                    "ide-hd,drive=disk{i},bus=ide.{},unit={}{boot}",
+                    i / 2,
+                    i % 2
+                ),
             ]),
             DiskBus::Sata => a.extend([
                 "-drive".into(),
@@ -1035,4 +1048,3 @@ impl Provider for QemuProvider {
 
 #[cfg(test)]
 mod tests;
-

@@ -116,9 +116,14 @@ impl Qmp {
 
     async fn read_message(&mut self) -> Result<Value, QmpError> {
         let mut line = String::new();
-        let n = tokio::time::timeout(TIMEOUT, (&mut self.reader).take(MAX_LINE as u64).read_line(&mut line))
-            .await
-            .map_err(|_| QmpError::Timeout(TIMEOUT))??;
+        let n = tokio::time::timeout(
+            TIMEOUT,
+            (&mut self.reader)
+                .take(MAX_LINE as u64)
+                .read_line(&mut line),
+        )
+        .await
+        .map_err(|_| QmpError::Timeout(TIMEOUT))??;
         if n == 0 {
             return Err(QmpError::Closed);
         }

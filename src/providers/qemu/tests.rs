@@ -30,7 +30,10 @@ fn values<'a>(a: &'a [String], flag: &str) -> Vec<&'a str> {
 
 fn disks() -> Vec<(PathBuf, DiskFormat)> {
     vec![
-        (PathBuf::from("/pool/volumes/shop/web.qcow2"), DiskFormat::Qcow2),
+        (
+            PathBuf::from("/pool/volumes/shop/web.qcow2"),
+            DiskFormat::Qcow2,
+        ),
         (PathBuf::from("/pool/volumes/shop/a,b.raw"), DiskFormat::Raw),
     ]
 }
@@ -42,7 +45,11 @@ fn every_bus_attaches_every_disk_with_its_format() {
     for (bus, controller, device) in [
         (DiskBus::Virtio, None, "virtio-blk-pci,drive=disk1"),
         (DiskBus::Ide, None, "ide-hd,drive=disk1,bus=ide.0,unit=1"),
-        (DiskBus::Sata, Some("ahci,id=ahci0"), "ide-hd,drive=disk1,bus=ahci0.1"),
+        (
+            DiskBus::Sata,
+            Some("ahci,id=ahci0"),
+            "ide-hd,drive=disk1,bus=ahci0.1",
+        ),
         (
             DiskBus::Scsi,
             Some("virtio-scsi-pci,id=scsi0"),
@@ -66,7 +73,9 @@ fn every_bus_attaches_every_disk_with_its_format() {
         let devices = values(&a, "-device");
         assert!(devices.contains(&device), "{bus:?}: {devices:?}");
         assert!(
-            devices.iter().any(|d| d.contains("drive=disk0") && d.ends_with("bootindex=0")),
+            devices
+                .iter()
+                .any(|d| d.contains("drive=disk0") && d.ends_with("bootindex=0")),
             "{bus:?}: the first disk boots: {devices:?}"
         );
         if let Some(c) = controller {
@@ -154,12 +163,17 @@ fn a_missing_emulator_is_named_with_where_it_came_from() {
         ..QemuSettings::default()
     };
     let e = resolve_binary(&settings).expect_err("missing");
-    assert!(e.contains("`no-such-qemu-here`") && e.contains("not in PATH"), "{e}");
+    assert!(
+        e.contains("`no-such-qemu-here`") && e.contains("not in PATH"),
+        "{e}"
+    );
     let settings = QemuSettings {
         binary: Some(PathBuf::from("sh")),
         ..QemuSettings::default()
     };
-    assert!(resolve_binary(&settings).expect("sh is in PATH").is_absolute());
+    assert!(resolve_binary(&settings)
+        .expect("sh is in PATH")
+        .is_absolute());
 }
 
 #[test]
