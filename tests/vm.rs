@@ -403,3 +403,30 @@ async fn bad_settings_are_refused_with_what_is_wrong() {
     assert!(err.to_string().contains("nic_model is `none`"), "{err}");
     assert!(p.vm_status(SERVICE, "web").await.unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_acceleration_settles_on_one_that_runs_a_probe_guest() {
+    let _one = ONE_VM.lock().await;
+    let lab = Lab::new();
+    let mut settings = lab.settings(DiskBus::Virtio, "none");
+    settings.accel = Accel::Auto;
+    let p = lab.open("auto", DiskFormat::Raw, settings);
+    let started = Instant::now();
+    let accel = p.accel().await.expect("auto always finds one");
+    assert!(matches!(accel, Accel::Kvm | Accel::Tcg), "{accel:?}");
+    assert_eq!(p.accel().await.unwrap(), accel, "the choice is kept");
+    eprintln!(
+        "accel = auto chose {} in {:.1} s",
+        accel.as_str(),
+        started.elapsed().as_secs_f64()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(lab.root("auto").join("vms"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "the probe image is removed: {leftovers:?}"
+    );
+}

@@ -1,5 +1,7 @@
 //! Choosing the accelerator: KVM only when `/dev/kvm` opens and a probe guest really runs
-//! under it (on some hosts KVM guests hang), otherwise TCG emulation.
+//! under it, quickly, otherwise TCG emulation. On some hosts (nested virtualisation without
+//! the features guests expect) a KVM guest runs a boot sector, only very slowly, and a Linux
+//! kernel hangs: a probe that takes longer than [`KVM_PROBE_LIMIT`] counts as failed.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -9,6 +11,9 @@ use crate::config::Accel;
 
 /// The probe must finish within this; a KVM guest that hangs is caught by it.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A sound KVM host runs the probe (firmware and one boot sector) in well under a second;
+/// TCG emulation takes about a quarter of a second. Slower than this, KVM is broken.
+pub const KVM_PROBE_LIMIT: Duration = Duration::from_secs(3);
 /// What the probe guest writes to the isa-debug-exit port; qemu then exits with
 /// `(value << 1) | 1`.
 const PROBE_VALUE: u8 = 0x2a;
@@ -39,7 +44,7 @@ pub async fn probe(
     cmd: &tokio::process::Command,
     scratch: &Path,
     accel: Accel,
-) -> Result<(), String> {
+) -> Result<Duration, String> {
     let image = scratch.join(format!(".accel-probe-{:08x}.img", fastrand::u32(..)));
     std::fs::write(&image, probe_sector())
         .map_err(|e| format!("cannot write {}: {e}", image.display()))?;
@@ -66,14 +71,16 @@ pub async fn probe(
     .stdout(Stdio::null())
     .stderr(Stdio::piped())
     .kill_on_drop(true);
+    let started = std::time::Instant::now();
     let result = tokio::time::timeout(PROBE_TIMEOUT, cmd.output()).await;
+    let took = started.elapsed();
     let _ = std::fs::remove_file(&image);
     let output = result
         .map_err(|_| format!("the probe guest did not finish within {PROBE_TIMEOUT:?}"))?
         .map_err(|e| format!("cannot run the emulator: {e}"))?;
     let want = (i32::from(PROBE_VALUE) << 1) | 1;
     if output.status.code() == Some(want) {
-        Ok(())
+        Ok(took)
     } else {
         Err(format!(
             "the probe guest ended with {} instead of exit code {want}: {}",

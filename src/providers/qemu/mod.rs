@@ -214,9 +214,13 @@ impl QemuProvider {
         }
         let dir = self.root.join("vms");
         match accel::probe(&self.command(), &dir, Accel::Kvm).await {
-            Ok(()) => {
+            Ok(took) if took <= accel::KVM_PROBE_LIMIT => {
                 tracing::info!(provider = %self.name, "VMs run under KVM.");
                 Accel::Kvm
+            }
+            Ok(took) => {
+                tracing::warn!(provider = %self.name, "A probe guest took {took:?} under KVM (a sound host needs well under {:?}); VMs run under TCG emulation.", accel::KVM_PROBE_LIMIT);
+                Accel::Tcg
             }
             Err(reason) => {
                 tracing::warn!(provider = %self.name, "/dev/kvm opens but a probe guest failed under KVM ({reason}); VMs run under TCG emulation.");
