@@ -202,6 +202,9 @@ ensure_guest() {
         [ -x "$busybox" ] || die "busybox-static left no $busybox"
         # Debian's vmlinuz is readable by root only; the tests may run as anyone.
         chmod a+r "$kernel"
+        # The package leaves modules.dep to depmod in its postinst, which unpacking skips;
+        # busybox's depmod writes it without needing kmod on the host.
+        logged guest-depmod "$busybox" depmod -b "$root" "${kernel##*/vmlinuz-}"
         did "guest: unpacked $image and busybox-static into $root"
     fi
     modules="$root/lib/modules/${kernel##*/vmlinuz-}"
