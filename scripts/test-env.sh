@@ -23,7 +23,7 @@ LOG_DIR="$CACHE/logs"
 S3S_FS_VERSION=0.14.1
 SWIFT_VERSION=2.38.3
 
-COMPONENTS=(qemu_utils s3s_fs swift memcached)
+COMPONENTS=(qemu_utils s3s_fs swift memcached qemu_system guest)
 
 declare -A ENV_VALUES=()
 ENV_ORDER=()
@@ -135,6 +135,82 @@ ensure_memcached() {
     fi
     env_set FLUIDCLOUD_MEMCACHED "$bin"
     env_set FLUIDCLOUD_MEMCACHED_LIBS "$libs"
+}
+
+# Fetches Debian packages into the cache and unpacks them under $1 (never `apt-get install`:
+# that would replace the newer qemu-utils the system has). Refreshes the package lists once
+# when a download fails, as an old list names versions the mirror no longer has.
+unpack_debs() {
+    local root=$1 name=$2
+    shift 2
+    local debs="$CACHE/debs"
+    mkdir -p "$debs" "$root"
+    if ! (cd "$debs" && apt-get download "$@" >"$LOG_DIR/$name-download.log" 2>&1); then
+        logged "$name-apt-update" as_root apt-get update -qq
+        (cd "$debs" && logged "$name-download" apt-get download "$@")
+    fi
+    local pkg deb
+    for pkg in "$@"; do
+        # The newest downloaded file of the package (older versions may linger in debs/).
+        deb=$(ls -1 "$debs/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n 1)
+        [ -n "$deb" ] || die "apt-get download $pkg left no .deb in $debs"
+        dpkg -x "$deb" "$root"
+    done
+}
+
+# qemu-system-x86_64 and what it needs besides the system's libraries, unpacked.
+QEMU_SYSTEM_DEBS=(ipxe-qemu libbrlapi0.8 libcacard0 libcapstone4 libepoxy0 libexecs0 libfdt1
+    liborc-0.4-0 libgstreamer-plugins-base1.0-0 libopus0 libslirp0 libsndio7.0
+    libspice-server1 libusb-1.0-0 libusbredirparser1 libvdeplug2 qemu-system-common
+    qemu-system-data seabios qemu-system-x86)
+
+ensure_qemu_system() {
+    local root="$CACHE/qemu-system"
+    local bin="$root/usr/bin/qemu-system-x86_64"
+    local libs="$root/usr/lib/x86_64-linux-gnu"
+    if [ -x "$bin" ] && LD_LIBRARY_PATH="$libs" "$bin" --version >/dev/null 2>&1; then
+        did "qemu-system-x86_64: present ($(LD_LIBRARY_PATH="$libs" "$bin" --version | head -n 1))"
+    else
+        rm -rf "$root"
+        unpack_debs "$root" qemu-system "${QEMU_SYSTEM_DEBS[@]}"
+        LD_LIBRARY_PATH="$libs" "$bin" --version >/dev/null 2>&1 \
+            || die "the unpacked qemu does not start: LD_LIBRARY_PATH=$libs $bin --version"
+        did "qemu-system-x86_64: unpacked from Debian's packages into $root"
+    fi
+    env_set FLUIDCLOUD_QEMU_SYSTEM "$bin"
+    env_set FLUIDCLOUD_QEMU_LIBS "$libs"
+    # Firmware: SeaBIOS, the option ROMs qemu ships, iPXE ROMs of the emulated NICs.
+    env_set FLUIDCLOUD_QEMU_FIRMWARE "$root/usr/share/seabios:$root/usr/share/qemu:$root/usr/lib/ipxe/qemu"
+}
+
+# The test guest: Debian's kernel (its virtio, AHCI, SCSI and NIC drivers are modules the
+# tests put into an initramfs) and a static busybox for the guest's /init.
+ensure_guest() {
+    local root="$CACHE/guest"
+    local kernel modules busybox="$root/bin/busybox"
+    kernel=$(ls -1 "$root"/boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -n "$kernel" ] && [ -x "$busybox" ] && [ -f "$root/lib/modules/${kernel##*/vmlinuz-}/modules.dep" ]; then
+        did "guest: present (kernel ${kernel##*/vmlinuz-}, $("$busybox" | head -n 1 | cut -d' ' -f1-2))"
+    else
+        local image
+        image=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' \
+            | awk '{print $1}' | sort -V | tail -n 1)
+        [ -n "$image" ] || die "apt-cache knows no linux-image-6.1.0-*-amd64 package; run apt-get update"
+        rm -rf "$root"
+        unpack_debs "$root" guest busybox-static "$image"
+        kernel=$(ls -1 "$root"/boot/vmlinuz-* | sort -V | tail -n 1)
+        [ -x "$busybox" ] || die "busybox-static left no $busybox"
+        # Debian's vmlinuz is readable by root only; the tests may run as anyone.
+        chmod a+r "$kernel"
+        # The package leaves modules.dep to depmod in its postinst, which unpacking skips;
+        # busybox's depmod writes it without needing kmod on the host.
+        logged guest-depmod "$busybox" depmod -b "$root" "${kernel##*/vmlinuz-}"
+        did "guest: unpacked $image and busybox-static into $root"
+    fi
+    modules="$root/lib/modules/${kernel##*/vmlinuz-}"
+    env_set FLUIDCLOUD_GUEST_KERNEL "$kernel"
+    env_set FLUIDCLOUD_GUEST_MODULES "$modules"
+    env_set FLUIDCLOUD_GUEST_BUSYBOX "$busybox"
 }
 
 write_env() {

@@ -81,6 +81,20 @@ pub struct RawProvider {
     pub s3: Option<RawS3>,
     /// Settings of the `swift` driver.
     pub swift: Option<RawSwift>,
+    /// Settings of the `qemu` driver.
+    pub qemu: Option<RawQemu>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawQemu {
+    pub binary: Option<String>,
+    pub firmware_dirs: Option<Vec<String>>,
+    pub library_path: Option<Vec<String>>,
+    pub accel: Option<String>,
+    pub disk_bus: Option<String>,
+    pub nic_model: Option<String>,
+    pub powerdown_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -501,3 +501,135 @@ fn a_bucket_may_live_at_a_provider_of_its_own_and_nothing_else_may() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn qemu_settings_have_defaults_and_every_mistake_is_named() {
+    let c = parse(
+        r#"
+[providers.vm]
+driver = "qemu"
+region = "lab"
+root = "pool"
+
+[providers.lab]
+driver = "qemu"
+region = "lab"
+root = "/srv/lab"
+disk_format = "qcow2"
+[providers.lab.qemu]
+binary = "qemu/bin/qemu-system-x86_64"
+firmware_dirs = ["qemu/share/seabios", "/usr/share/qemu"]
+library_path = ["qemu/lib"]
+accel = "tcg"
+disk_bus = "sata"
+nic_model = "e1000"
+powerdown_timeout_secs = 5
+"#,
+    )
+    .unwrap();
+    let vm = c.providers["vm"].qemu.as_ref().expect("qemu settings");
+    assert_eq!(vm.binary, None);
+    assert_eq!(vm.accel, Accel::Auto);
+    assert_eq!(vm.disk_bus, DiskBus::Virtio);
+    assert_eq!(vm.nic_model, "virtio-net-pci");
+    assert_eq!(vm.powerdown_timeout, Duration::from_secs(60));
+    assert_eq!(
+        c.providers["vm"].root.as_deref(),
+        Some(Path::new("/etc/pool"))
+    );
+    let lab = c.providers["lab"].qemu.as_ref().expect("qemu settings");
+    assert_eq!(
+        lab.binary.as_deref(),
+        Some(Path::new("/etc/qemu/bin/qemu-system-x86_64"))
+    );
+    assert_eq!(
+        lab.firmware_dirs,
+        [
+            PathBuf::from("/etc/qemu/share/seabios"),
+            PathBuf::from("/usr/share/qemu")
+        ]
+    );
+    assert_eq!(lab.library_path, [PathBuf::from("/etc/qemu/lib")]);
+    assert_eq!(lab.accel, Accel::Tcg);
+    assert_eq!(lab.disk_bus, DiskBus::Sata);
+    assert_eq!(lab.nic_model, "e1000");
+    assert_eq!(lab.powerdown_timeout, Duration::from_secs(5));
+    assert!(c.providers["lab"].object_store.is_none());
+
+    let errs = errors(
+        r#"
+[providers.a]
+driver = "qemu"
+region = "r"
+root = "/srv/a"
+[providers.a.qemu]
+binary = ""
+firmware_dirs = ["ok", "a:b"]
+accel = "hvf"
+disk_bus = "nvme"
+nic_model = "tulip"
+powerdown_timeout_secs = 0
+
+[providers.b]
+driver = "qemu"
+region = "r"
+
+[providers.c]
+driver = "local"
+region = "r"
+root = "/srv/c"
+[providers.c.qemu]
+accel = "tcg"
+"#,
+    );
+    let expect = [
+        ("providers.a.qemu.binary", "must not be empty"),
+        ("providers.a.qemu.firmware_dirs[1]", "without `:`"),
+        (
+            "providers.a.qemu.accel",
+            "`hvf` is not one of auto, kvm, tcg",
+        ),
+        ("providers.a.qemu.disk_bus", "`nvme` is not one of virtio"),
+        ("providers.a.qemu.nic_model", "`tulip` is not one of"),
+        (
+            "providers.a.qemu.powerdown_timeout_secs",
+            "at least 1, got 0",
+        ),
+        ("providers.b.root", "needs `root`"),
+        ("providers.c.qemu", "driver = \"qemu\""),
+    ];
+    for (prefix, words) in expect {
+        assert!(
+            errs.iter().any(|e| e.contains(prefix) && e.contains(words)),
+            "no `{prefix}` … `{words}` in:\n{}",
+            errs.join("\n")
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{}", errs.join("\n"));
+    // Positions point into the file: the bad accel is on line 9.
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("/etc/fc.toml:9:") && e.contains("accel")),
+        "{}",
+        errs.join("\n")
+    );
+}
+
+#[test]
+fn qemu_settings_refuse_unknown_keys() {
+    let errs = errors(
+        r#"
+[providers.a]
+driver = "qemu"
+region = "r"
+root = "/srv/a"
+[providers.a.qemu]
+acel = "tcg"
+"#,
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("unknown field `acel`")),
+        "{}",
+        errs.join("\n")
+    );
+}

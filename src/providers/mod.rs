@@ -14,11 +14,14 @@
 //! - volumes expose the local path where a viaduct or `qemu-img` reads and writes their data,
 //!   buckets list objects with size and BLAKE3/ETag and read/write them as streams, apps are
 //!   started from an [`AppSpec`] and stopped gracefully (killing is the caller's decision),
-//!   and [`Provider::health_check`] runs a service's HTTP or command check with a deadline.
+//!   VMs are started from a [`VmSpec`] (booting the volume named like the VM) and powered
+//!   down through ACPI (again killed only when the caller says so), and
+//!   [`Provider::health_check`] runs a service's HTTP or command check with a deadline.
 //!
 //! Every [`ProviderError`] names the provider and the object it concerns.
 //!
 //! Drivers: [`local`] (the embedded default: a directory, supervised processes, image files);
+//! [`qemu`] (virtual machines under `qemu-system-x86_64` on this machine, with a disk pool);
 //! with the `object-stores` cargo feature, `objstore` (S3 and OpenStack Swift buckets through
 //! Apache OpenDAL).
 
@@ -27,7 +30,9 @@ pub mod local;
 mod names;
 #[cfg(feature = "object-stores")]
 pub mod objstore;
+pub mod qemu;
 mod spec;
+mod vm_spec;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -46,6 +51,7 @@ use crate::config::{self, Driver, HealthCheck};
 pub use crate::config::DiskFormat;
 pub use names::{validate_file_name, validate_key, validate_name};
 pub use spec::{AppSpec, SettingsError};
+pub use vm_spec::{PortForward, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
 
 /// What a driver can do. The planner checks these before it plans a move onto a provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -88,6 +94,7 @@ pub enum OperationKind {
     CreateVolume,
     DeleteVolume,
     StartApp,
+    StartVm,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -326,6 +333,60 @@ pub enum StopOutcome {
     Killed { after: Duration },
 }
 
+/// What a VM is doing, as far as its provider can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    /// Its emulator runs but the guest does not (paused, suspended, being migrated).
+    Paused,
+    /// The guest shut down or crashed (panicked, I/O or internal error) while its emulator
+    /// still runs.
+    Halted,
+    /// No emulator runs for it.
+    Stopped,
+}
+
+/// A guest port and the host port that reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardedPort {
+    pub guest: u16,
+    /// On 127.0.0.1.
+    pub host: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub service: String,
+    pub name: String,
+    pub state: VmState,
+    /// The emulator's own word for the guest's state (QMP `query-status`), e.g. `running`,
+    /// `paused`, `shutdown`, `guest-panicked`; `None` when it could not be asked.
+    pub detail: Option<String>,
+    pub pid: Option<u32>,
+    /// The running emulator was started before this provider instance (by an earlier
+    /// daemon) and taken over from its pid file.
+    pub adopted: bool,
+    /// Where the guest's forwarded ports are reached, as of its last start.
+    pub ports: Vec<ForwardedPort>,
+    /// The guest's serial console log.
+    pub console: Option<PathBuf>,
+    pub spec: VmSpec,
+}
+
+impl VmStatus {
+    /// The endpoint on this machine that reaches `guest_port`, if it is forwarded.
+    pub fn endpoint(&self, guest_port: u16) -> Option<Endpoint> {
+        self.ports
+            .iter()
+            .find(|p| p.guest == guest_port)
+            .map(|p| Endpoint {
+                host: "127.0.0.1".to_string(),
+                port: p.host,
+            })
+    }
+}
+
 /// A health check that passed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthReport {
@@ -416,11 +477,13 @@ pub enum ProviderError {
         attempts: u32,
         last: String,
     },
-    #[error("provider `{provider}`: {object} is still running {waited:?} after SIGTERM; it was not killed because the caller did not ask for that")]
+    #[error("provider `{provider}`: {object} is still running {waited:?} after {asked}; it was not killed because the caller did not ask for that")]
     StopTimedOut {
         provider: String,
         object: String,
         waited: Duration,
+        /// How it was asked to stop, e.g. "SIGTERM".
+        asked: &'static str,
     },
     #[error("provider `{provider}`: {object}: operation `{operation}` failed: {message}")]
     OperationFailed {
@@ -447,10 +510,10 @@ impl ProviderError {
 
 /// The drivers this build can open.
 #[cfg(feature = "object-stores")]
-pub const BUILT_DRIVERS: &[&str] = &["local", "s3", "swift"];
+pub const BUILT_DRIVERS: &[&str] = &["local", "qemu", "s3", "swift"];
 /// The drivers this build can open (`s3` and `swift` need the `object-stores` feature).
 #[cfg(not(feature = "object-stores"))]
-pub const BUILT_DRIVERS: &[&str] = &["local"];
+pub const BUILT_DRIVERS: &[&str] = &["local", "qemu"];
 
 /// The name a configuration file uses for a driver.
 pub fn driver_name(driver: Driver) -> &'static str {
@@ -475,6 +538,9 @@ pub mod object {
     }
     pub fn app(service: &str, app: &str) -> String {
         format!("app `{service}/{app}`")
+    }
+    pub fn vm(service: &str, vm: &str) -> String {
+        format!("vm `{service}/{vm}`")
     }
     pub fn service(service: &str) -> String {
         format!("service `{service}`")
@@ -715,6 +781,46 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    // --- compute -----------------------------------------------------------------------
+
+    /// Starts the VM, booting the service's volume named like it. Succeeds when it already
+    /// runs with the same spec; a VM running with another spec is a conflict.
+    async fn start_vm(&self, service: &str, spec: &VmSpec) -> Result<Operation, ProviderError> {
+        Err(self.unsupported(object::vm(service, &spec.name), "virtual machines"))
+    }
+
+    /// Presses the VM's ACPI power button and waits up to `options.timeout` (or longer where
+    /// the provider grants guests more) for it to power off. A guest still running then is
+    /// switched off only when `options.kill_after_timeout` says so; otherwise it keeps
+    /// running and the call fails with [`ProviderError::StopTimedOut`]. Succeeds when it is
+    /// not running.
+    async fn stop_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        options: StopOptions,
+    ) -> Result<StopOutcome, ProviderError> {
+        let _ = options;
+        Err(self.unsupported(object::vm(service, vm), "virtual machines"))
+    }
+
+    /// The VM's state, or `None` when the provider does not know it.
+    async fn vm_status(&self, service: &str, vm: &str) -> Result<Option<VmStatus>, ProviderError> {
+        Err(self.unsupported(object::vm(service, vm), "virtual machines"))
+    }
+
+    /// Where the VM's serial console is logged on this machine, or `None` when it is
+    /// unknown or out of reach.
+    async fn vm_console(&self, service: &str, vm: &str) -> Result<Option<PathBuf>, ProviderError> {
+        Err(self.unsupported(object::vm(service, vm), "virtual machines"))
+    }
+
+    /// Forgets a stopped VM (its runtime state and console logs; its volumes stay).
+    /// Succeeds when the VM is unknown; refuses one that runs.
+    async fn remove_vm(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        Err(self.unsupported(object::vm(service, vm), "virtual machines"))
+    }
+
     /// Free bytes where this provider keeps volumes, when it can tell.
     async fn free_bytes(&self) -> Result<Option<u64>, ProviderError> {
         Ok(None)
@@ -747,8 +853,10 @@ pub trait Provider: Send + Sync + 'static {
 pub fn open(provider: &config::Provider) -> Result<Arc<dyn Provider>, ProviderError> {
     match provider.driver {
         Driver::Local => Ok(local::LocalProvider::open(provider)?),
+        Driver::Qemu => Ok(qemu::QemuProvider::open(provider)?),
         #[cfg(feature = "object-stores")]
         Driver::S3 | Driver::Swift => objstore::open(provider),
+        #[cfg(not(feature = "object-stores"))]
         other => Err(ProviderError::DriverNotBuilt {
             provider: provider.name.clone(),
             driver: driver_name(other),

@@ -1,8 +1,9 @@
 //! Shared pieces of the integration tests: a feed server on loopback, a running daemon, and
-//! real object stores (`servers`).
+//! real object stores (`servers`), and a test guest for VMs (`guest`).
 
 #![allow(dead_code)]
 
+pub mod guest;
 pub mod servers;
 
 use std::collections::HashMap;

@@ -31,25 +31,8 @@ impl TestEnv {
     /// Reads the env file of `scripts/test-env.sh`; variables set in the environment win.
     /// Panics with what to run when something is missing.
     pub fn load() -> TestEnv {
-        let cache = std::env::var_os("FLUIDCLOUD_TEST_ENV")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").expect("$HOME is set");
-                Path::new(&home).join(".cache/fluidcloud-test-env")
-            });
-        let file = cache.join("env");
-        let mut vars: HashMap<String, String> = std::fs::read_to_string(&file)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        for (k, v) in std::env::vars() {
-            if k.starts_with("FLUIDCLOUD_") {
-                vars.insert(k, v);
-            }
-        }
+        let file = env_file();
+        let vars = env_vars();
         let get = |name: &str| -> PathBuf {
             let path = vars.get(name).map(PathBuf::from).unwrap_or_else(|| {
                 panic!(
@@ -71,6 +54,35 @@ impl TestEnv {
             memcached_libs: vars.get("FLUIDCLOUD_MEMCACHED_LIBS").map(PathBuf::from),
         }
     }
+}
+
+/// `$FLUIDCLOUD_TEST_ENV/env`, default `~/.cache/fluidcloud-test-env/env`.
+pub fn env_file() -> PathBuf {
+    let cache = std::env::var_os("FLUIDCLOUD_TEST_ENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("$HOME is set");
+            Path::new(&home).join(".cache/fluidcloud-test-env")
+        });
+    cache.join("env")
+}
+
+/// The variables of the env file, overridden by `FLUIDCLOUD_*` variables of the
+/// environment.
+pub fn env_vars() -> HashMap<String, String> {
+    let mut vars: HashMap<String, String> = std::fs::read_to_string(env_file())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (k, v) in std::env::vars() {
+        if k.starts_with("FLUIDCLOUD_") {
+            vars.insert(k, v);
+        }
+    }
+    vars
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL) when dropped.

@@ -26,6 +26,7 @@ fn provider(cloud: Option<&str>, region: &str, overrides: Option<RawRegionOverri
         benchmark: None,
         region_overrides: overrides,
         object_store: None,
+        qemu: None,
     }
 }
 

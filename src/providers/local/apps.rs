@@ -550,6 +550,7 @@ impl Apps {
                 provider: self.provider.clone(),
                 object: obj(),
                 waited: started.elapsed(),
+                asked: "SIGTERM",
             });
         }
         tracing::warn!(

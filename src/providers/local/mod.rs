@@ -21,9 +21,9 @@
 
 mod apps;
 mod buckets;
-mod operations;
-mod process;
-mod volumes;
+pub(crate) mod operations;
+pub(crate) mod process;
+pub(crate) mod volumes;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -151,7 +151,7 @@ impl LocalProvider {
 }
 
 /// Takes the root's lock file so that a second daemon cannot supervise the same apps.
-fn lock_root(root: &Path) -> Result<File, String> {
+pub(crate) fn lock_root(root: &Path) -> Result<File, String> {
     let path = root.join(".lock");
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -181,7 +181,7 @@ fn lock_root(root: &Path) -> Result<File, String> {
 }
 
 /// Bytes available to an unprivileged writer on the filesystem holding `dir`.
-fn available_bytes(dir: &Path) -> std::io::Result<u64> {
+pub(crate) fn available_bytes(dir: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -195,7 +195,7 @@ fn available_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-fn clear_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn clear_dir(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_type()?.is_dir() {
@@ -208,7 +208,7 @@ fn clear_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Writes a small file so that a crash leaves either the old or the new content.
-pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()

@@ -13,15 +13,15 @@ use crate::providers::{
 };
 
 /// How long finished operations stay answerable.
-pub(super) const KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
-pub(super) struct OpStore {
+pub(crate) struct OpStore {
     provider: String,
     dir: PathBuf,
 }
 
 impl OpStore {
-    pub(super) fn new(provider: &str, dir: PathBuf) -> Self {
+    pub(crate) fn new(provider: &str, dir: PathBuf) -> Self {
         OpStore {
             provider: provider.to_string(),
             dir,
@@ -29,7 +29,7 @@ impl OpStore {
     }
 
     /// Records an operation that already succeeded and returns it.
-    pub(super) fn succeeded(
+    pub(crate) fn succeeded(
         &self,
         kind: OperationKind,
         object: String,
@@ -66,7 +66,7 @@ impl OpStore {
         Ok(op)
     }
 
-    pub(super) fn get(&self, id: &OperationId) -> Result<Operation, ProviderError> {
+    pub(crate) fn get(&self, id: &OperationId) -> Result<Operation, ProviderError> {
         let well_formed = id.as_str().starts_with("op-")
             && id
                 .as_str()
@@ -110,7 +110,7 @@ impl OpStore {
 
     /// Removes records older than `max_age`; failures only cost disk space, so they are
     /// logged, not returned.
-    pub(super) fn prune(&self, max_age: Duration) {
+    pub(crate) fn prune(&self, max_age: Duration) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };

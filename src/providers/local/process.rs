@@ -26,7 +26,7 @@ const MAX_LOG_BYTES: u64 = 16 * 1024 * 1024;
 const POLL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct ProcessId {
+pub(crate) struct ProcessId {
     pub pid: u32,
     pub start_time: u64,
 }
@@ -58,7 +58,7 @@ fn stat(pid: u32) -> Option<Stat> {
 
 impl ProcessId {
     /// The process now running under `pid`, if any.
-    pub(super) fn of(pid: u32) -> Option<ProcessId> {
+    pub(crate) fn of(pid: u32) -> Option<ProcessId> {
         stat(pid).map(|s| ProcessId {
             pid,
             start_time: s.start_time,
@@ -66,14 +66,14 @@ impl ProcessId {
     }
 
     /// True while this very process runs (not a zombie, not a later process with its pid).
-    pub(super) fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         matches!(stat(self.pid), Some(s) if s.start_time == self.start_time && !matches!(s.state, 'Z' | 'X'))
     }
 
     /// Sends `signal` to the process and, when it leads its own process group (as apps
     /// started here do), to the whole group so that its helpers get it too. Returns false
     /// when the process is not running any more.
-    pub(super) fn signal(&self, signal: i32) -> io::Result<bool> {
+    pub(crate) fn signal(&self, signal: i32) -> io::Result<bool> {
         let Some(s) = stat(self.pid) else {
             return Ok(false);
         };
@@ -98,11 +98,11 @@ impl ProcessId {
     }
 
     /// The pid file's content.
-    pub(super) fn to_pid_file(self) -> String {
+    pub(crate) fn to_pid_file(self) -> String {
         format!("{} {}\n", self.pid, self.start_time)
     }
 
-    pub(super) fn parse_pid_file(text: &str) -> Result<ProcessId, String> {
+    pub(crate) fn parse_pid_file(text: &str) -> Result<ProcessId, String> {
         let mut parts = text.split_whitespace();
         let (Some(pid), Some(start), None) = (parts.next(), parts.next(), parts.next()) else {
             return Err(format!(

@@ -12,7 +12,7 @@ const QEMU_IMG: &str = "qemu-img";
 /// Prefix of images being created; volume names cannot start with `.`.
 const TMP_PREFIX: &str = ".tmp-";
 
-pub(super) struct Volumes {
+pub(crate) struct Volumes {
     provider: String,
     dir: PathBuf,
     /// Creating and deleting look before they act; one at a time keeps that honest within
@@ -21,7 +21,7 @@ pub(super) struct Volumes {
 }
 
 impl Volumes {
-    pub(super) fn new(provider: &str, dir: PathBuf) -> Self {
+    pub(crate) fn new(provider: &str, dir: PathBuf) -> Self {
         Volumes {
             provider: provider.to_string(),
             dir,
@@ -30,7 +30,7 @@ impl Volumes {
     }
 
     /// Removes images a crash left half-created.
-    pub(super) fn remove_leftovers(&self) {
+    pub(crate) fn remove_leftovers(&self) {
         let Ok(services) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -109,7 +109,7 @@ impl Volumes {
         self.dir.join(service).join(format!("{name}.{format}"))
     }
 
-    pub(super) async fn info(
+    pub(crate) async fn info(
         &self,
         service: &str,
         name: &str,
@@ -121,7 +121,7 @@ impl Volumes {
         }
     }
 
-    pub(super) async fn list(&self, service: &str) -> Result<Vec<VolumeInfo>, ProviderError> {
+    pub(crate) async fn list(&self, service: &str) -> Result<Vec<VolumeInfo>, ProviderError> {
         check_name(
             &self.provider,
             || object::service(service),
@@ -165,7 +165,7 @@ impl Volumes {
 
     /// Creates the image unless one with the same format and size exists. Returns what
     /// happened, for the operation record.
-    pub(super) async fn create(
+    pub(crate) async fn create(
         &self,
         service: &str,
         spec: &VolumeSpec,
@@ -252,7 +252,7 @@ impl Volumes {
     }
 
     /// Deletes the image; a volume that does not exist is already deleted.
-    pub(super) async fn delete(&self, service: &str, name: &str) -> Result<String, ProviderError> {
+    pub(crate) async fn delete(&self, service: &str, name: &str) -> Result<String, ProviderError> {
         self.check(service, name)?;
         let _guard = self.lock.lock().await;
         let Some((path, _)) = self.find(service, name)? else {
