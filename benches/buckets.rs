@@ -2,7 +2,7 @@
 //! (`conduit::buckets::copy_bucket`) against `rclone copy`, on the same servers, in one run.
 //!
 //! `cargo bench --features object-stores --bench buckets -- [--dir DIR] [--repeat N]
-//! [--sets small,large] [--rclone PATH]`. Needs the servers of `scripts/test-env.sh` and
+//! [--sets small,large] [--rclone PATH] [--swift-part-mib N]`. Needs the servers of `scripts/test-env.sh` and
 //! `rclone` (scripts/bench-buckets.sh installs both).
 //!
 //! An s3s-fs server and a single-node Swift (tempauth) are started on free loopback ports,
@@ -54,6 +54,8 @@ struct Args {
     repeat: usize,
     sets: Vec<DataSet>,
     rclone: String,
+    /// The Swift provider's part size; objects above it become static large objects.
+    swift_part_mib: Option<u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -100,6 +102,7 @@ fn parse_args() -> Result<Args, String> {
         repeat: 3,
         sets: vec![SMALL, LARGE],
         rclone: "rclone".into(),
+        swift_part_mib: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -112,6 +115,13 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--repeat: {e}"))?
             }
             "--rclone" => args.rclone = value("--rclone")?,
+            "--swift-part-mib" => {
+                args.swift_part_mib = Some(
+                    value("--swift-part-mib")?
+                        .parse()
+                        .map_err(|e| format!("--swift-part-mib: {e}"))?,
+                )
+            }
             "--sets" => {
                 args.sets = value("--sets")?
                     .split(',')
@@ -150,6 +160,7 @@ fn config(
     s3: &S3sFs,
     swift: &SwiftServer,
     upload_part_mib: u64,
+    swift_part_mib: Option<u64>,
 ) -> Result<Config, String> {
     secret_file(
         &dir.join("s3.credentials"),
@@ -173,8 +184,11 @@ fn config(
          endpoint = \"{}\"\nregion = \"us-east-1\"\npath_style = true\n\
          credentials_file = \"s3.credentials\"\npart_size_mib = {upload_part_mib}\n\n\
          [providers.swift]\ndriver = \"swift\"\nregion = \"lab\"\n[providers.swift.swift]\n\
-         auth_url = \"{}\"\ncredentials_file = \"swift.credentials\"\n",
-        s3.endpoint, s3.endpoint, swift.auth_url
+         auth_url = \"{}\"\ncredentials_file = \"swift.credentials\"\n{}",
+        s3.endpoint,
+        s3.endpoint,
+        swift.auth_url,
+        swift_part_mib.map_or(String::new(), |m| format!("part_size_mib = {m}\n"))
     );
     Config::parse(&dir.join("fluidcloud.toml"), &text).map_err(|e| e.to_string())
 }
@@ -243,6 +257,9 @@ fn rclone(args: &Args, s3: &S3sFs, swift: &SwiftServer, conf_dir: &Path) -> Comm
     let mut cmd = Command::new(&args.rclone);
     // An empty config file keeps a user's own rclone.conf out of the comparison.
     cmd.arg("--config").arg(conf_dir.join("rclone.conf"));
+    // The AWS SDK inside rclone fails on a custom CA bundle with rclone's own HTTP
+    // transport; the servers are plain HTTP on loopback, so no bundle is needed.
+    cmd.env_remove("AWS_CA_BUNDLE");
     for (k, v) in [
         ("S3SRC_TYPE", "s3"),
         ("S3SRC_PROVIDER", "Other"),
@@ -367,7 +384,13 @@ fn run(args: &Args) -> Result<(), String> {
     let s3 = S3sFs::start(&env, dir);
     let swift = SwiftServer::start(&env, dir);
     let largest = args.sets.iter().map(|s| s.size).max().unwrap_or(MIB);
-    let config = config(dir, &s3, &swift, (largest / MIB) as u64 + 1)?;
+    let config = config(
+        dir,
+        &s3,
+        &swift,
+        ((largest / MIB) as u64 + 1).max(5),
+        args.swift_part_mib,
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
