@@ -2,8 +2,8 @@
 //! (`conduit::buckets::copy_bucket`) against `rclone copy`, on the same servers, in one run.
 //!
 //! `cargo bench --features object-stores --bench buckets -- [--dir DIR] [--repeat N]
-//! [--sets small,large] [--rclone PATH] [--swift-part-mib N]`. Needs the servers of `scripts/test-env.sh` and
-//! `rclone` (scripts/bench-buckets.sh installs both).
+//! [--sets small,large] [--rclone PATH] [--swift-part-mib N]`. Needs the servers of
+//! `scripts/test-env.sh` and `rclone` (scripts/bench-buckets.sh installs both).
 //!
 //! An s3s-fs server and a single-node Swift (tempauth) are started on free loopback ports,
 //! as the integration tests start them. Two data sets are uploaded once each into their own
