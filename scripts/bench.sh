@@ -8,3 +8,7 @@ echo "== AWS offer file parsing"
 cargo bench --locked --bench aws_offer_parse
 echo "== idle daemon"
 scripts/bench-idle.sh "${IDLE_WINDOW_SECS:-180}"
+echo "== relocation cutover downtime (pre-copy, 4 GiB volume)"
+scripts/bench-relocation.sh
+echo "== bucket relocation s3s-fs -> Swift against rclone"
+scripts/bench-buckets.sh

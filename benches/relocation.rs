@@ -1,0 +1,837 @@
+//! Cutover downtime of a service with a 4 GiB volume, relocated with pre-copy by the same
+//! engine `fluidcloud relocate` and the daemon use, between two `local` providers.
+//!
+//! `cargo bench --bench relocation -- [--dir DIR] [--size-gib N] [--allocated-gib N]
+//! [--repeat N] [--targets raw,qcow2] [--change-percent P]`. Needs the demo app built in
+//! release mode (`cargo build --release --example demo-app`; scripts/bench-relocation.sh
+//! does it).
+//!
+//! Each round builds a fresh pair of providers under DIR: `a` (raw images) and `b` (raw, or
+//! qcow2 for the conversion case), and a service `shop` with the demo app, its configuration
+//! file (rewritten for the target) and a volume of `--size-gib`. The service is deployed on
+//! `a`, then an image with `--allocated-gib` allocated (random data, text, allocated zeros,
+//! holes; built once per run) is written into the source volume with `cp --sparse=always`,
+//! so the source image is in the page cache and nothing of the target is. Then
+//! `Engine::run` relocates the service to `b` with a one-second grace period.
+//!
+//! The data changes between the pre-copy and the cutover: the engine's observer is told when
+//! the pre-copy step is done, and before it returns (so before the source app is stopped)
+//! `--change-percent` of the volume's 1 MiB blocks, picked at random over the whole volume,
+//! are overwritten with new random data, as a service writing while it is copied would have
+//! done. The final delta must carry them.
+//!
+//! Figures come from the relocation's journal: total (first step started to commit done,
+//! without the grace period), pre-copy (the volume's pre-copy step), downtime (first source
+//! app stopped to the target's health check passing, [`Engine::downtime`]) and what the
+//! final delta read and wrote. After every round the target image is compared with the
+//! expected content (the built image plus the same changes, rebuilt beside it) by
+//! `qemu-img compare`, and the running app is asked which data file it serves; a round whose
+//! target differs fails the benchmark.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fluidcloud::conduit::engine::Engine;
+use fluidcloud::conduit::journal::{RelocationRecord, StepState};
+use fluidcloud::conduit::plan::Step;
+use fluidcloud::conduit::{Observer, RelocationRequest, RelocationState};
+use fluidcloud::config::Config;
+use fluidcloud::viaduct::Progress;
+
+const MIB: u64 = 1 << 20;
+
+struct Args {
+    dir: PathBuf,
+    size_gib: u64,
+    allocated_gib: f64,
+    repeat: usize,
+    targets: Vec<String>,
+    change_percent: f64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        dir: std::env::temp_dir(),
+        size_gib: 4,
+        allocated_gib: 1.5,
+        repeat: 3,
+        targets: vec!["raw".into(), "qcow2".into()],
+        change_percent: 1.0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--dir" => args.dir = PathBuf::from(value("--dir")?),
+            "--size-gib" => {
+                args.size_gib = value("--size-gib")?
+                    .parse()
+                    .map_err(|e| format!("--size-gib: {e}"))?
+            }
+            "--allocated-gib" => {
+                args.allocated_gib = value("--allocated-gib")?
+                    .parse()
+                    .map_err(|e| format!("--allocated-gib: {e}"))?
+            }
+            "--repeat" => {
+                args.repeat = value("--repeat")?
+                    .parse()
+                    .map_err(|e| format!("--repeat: {e}"))?
+            }
+            "--change-percent" => {
+                args.change_percent = value("--change-percent")?
+                    .parse()
+                    .map_err(|e| format!("--change-percent: {e}"))?
+            }
+            "--targets" => {
+                args.targets = value("--targets")?
+                    .split(',')
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect()
+            }
+            // `cargo bench` passes `--bench`; filters do not apply to this benchmark.
+            _ => {}
+        }
+    }
+    if args.repeat == 0 {
+        return Err("--repeat must be at least 1".into());
+    }
+    if args.size_gib == 0 {
+        return Err("--size-gib must be at least 1".into());
+    }
+    if args.allocated_gib <= 0.0 || args.allocated_gib > args.size_gib as f64 {
+        return Err("--allocated-gib must be above zero and at most --size-gib".into());
+    }
+    if !(0.0..=100.0).contains(&args.change_percent) {
+        return Err("--change-percent must be between 0 and 100".into());
+    }
+    if args.targets.is_empty() {
+        return Err("--targets names no disk format".into());
+    }
+    for t in &args.targets {
+        if t != "raw" && t != "qcow2" {
+            return Err(format!(
+                "--targets: `{t}` is not a target disk format here; use raw and/or qcow2"
+            ));
+        }
+    }
+    Ok(args)
+}
+
+/// A small deterministic generator for the image layout, the text and the changed blocks.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn fill_random(buf: &mut [u8], seed: u64) {
+    blake3::Hasher::new()
+        .update(b"relocation bench")
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(buf);
+}
+
+/// Log-like text: compresses about 4:1, as a service's logs and documents do.
+fn fill_text(buf: &mut [u8], rng: &mut XorShift) {
+    const WORDS: &[&str] = &[
+        "GET",
+        "POST",
+        "/v1/orders",
+        "/v1/basket",
+        "200",
+        "404",
+        "customer",
+        "order",
+        "shipped",
+        "payment",
+        "accepted",
+        "latency_ms=",
+        "12",
+        "250",
+        "2026-11-25T10:00:00Z",
+        "INFO",
+        "WARN",
+        "request",
+        "id",
+        "the",
+        "and",
+        "of",
+        "session",
+        "cache",
+        "miss",
+    ];
+    let mut pos = 0;
+    while pos < buf.len() {
+        let w = WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes();
+        let sep: &[u8] = if rng.below(10) == 0 { b"\n" } else { b" " };
+        for b in w.iter().chain(sep) {
+            if pos == buf.len() {
+                break;
+            }
+            buf[pos] = *b;
+            pos += 1;
+        }
+    }
+}
+
+/// Writes a sparse raw image of `size` bytes with `allocated` bytes of data, in runs of 1 to
+/// 32 MiB scattered over the image: a sixth allocated zeros, the rest half random, half text.
+fn build_image(path: &Path, size: u64, allocated: u64) -> std::io::Result<()> {
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Hole,
+        Random,
+        Text,
+        Zero,
+    }
+    let blocks = size / MIB;
+    let alloc_blocks = (allocated / MIB).min(blocks);
+    let zero = alloc_blocks / 6;
+    let random = (alloc_blocks - zero) / 2;
+    let text = alloc_blocks - zero - random;
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut runs = Vec::new();
+    for (kind, mut left) in [
+        (Kind::Random, random),
+        (Kind::Text, text),
+        (Kind::Zero, zero),
+        (Kind::Hole, blocks - alloc_blocks),
+    ] {
+        while left > 0 {
+            let n = (1 + rng.below(32)).min(left);
+            runs.push((kind, n));
+            left -= n;
+        }
+    }
+    for i in (1..runs.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        runs.swap(i, j);
+    }
+    let f = File::create(path)?;
+    f.set_len(size)?;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut block = 0u64;
+    for (kind, n) in runs {
+        for _ in 0..n {
+            let data = match kind {
+                Kind::Hole => false,
+                Kind::Random => {
+                    fill_random(&mut buf, block);
+                    true
+                }
+                Kind::Text => {
+                    fill_text(&mut buf, &mut rng);
+                    true
+                }
+                Kind::Zero => {
+                    buf.fill(0);
+                    true
+                }
+            };
+            if data {
+                f.write_all_at(&buf, block * MIB)?;
+            }
+            block += 1;
+        }
+    }
+    f.sync_all()
+}
+
+/// The 1 MiB blocks a round changes: `count` distinct ones over the whole volume.
+fn pick_blocks(size: u64, count: u64, seed: u64) -> Vec<u64> {
+    let blocks = size / MIB;
+    let mut rng = XorShift(seed | 1);
+    let mut picked = std::collections::BTreeSet::new();
+    while (picked.len() as u64) < count.min(blocks) {
+        picked.insert(rng.below(blocks));
+    }
+    picked.into_iter().collect()
+}
+
+/// Overwrites `blocks` of the image at `path` with new random data derived from `seed`.
+fn change_blocks(path: &Path, blocks: &[u64], seed: u64) -> std::io::Result<()> {
+    let f = File::options().write(true).open(path)?;
+    let mut buf = vec![0u8; MIB as usize];
+    for b in blocks {
+        fill_random(&mut buf, seed.wrapping_mul(1_000_003).wrapping_add(*b));
+        f.write_all_at(&buf, b * MIB)?;
+    }
+    Ok(())
+}
+
+fn cp_sparse(from: &Path, to: &Path) -> Result<(), String> {
+    let status = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .map_err(|e| format!("cannot run cp: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "cp --sparse=always {} {} failed: {status}",
+            from.display(),
+            to.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Flushes everything written so far, so the writeback of one round's setup does not land
+/// in the middle of its relocation.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free loopback port: {e}"))
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn demo_app() -> Result<PathBuf, String> {
+    // The benchmark runs from target/release/deps/; the example sits in target/release/examples/.
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let app = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|release| release.join("examples/demo-app"))
+        .ok_or_else(|| format!("{} has no target directory above it", exe.display()))?;
+    if !app.exists() {
+        return Err(format!(
+            "{} is missing: run `cargo build --release --example demo-app` first",
+            app.display()
+        ));
+    }
+    Ok(app)
+}
+
+/// Writes the configuration of one round into `dir` and parses it.
+fn write_config(
+    dir: &Path,
+    app: &Path,
+    port: u16,
+    target: &str,
+    size_gib: u64,
+) -> Result<Config, String> {
+    std::fs::write(
+        dir.join("demo.toml.in"),
+        "listen = \"{app.web.host}:{app.web.port}\"\ndata_file = \"{volume.data.path}\"\n",
+    )
+    .map_err(|e| format!("cannot write the config template: {e}"))?;
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/cheapest.rhai");
+    let text = format!(
+        r#"
+[daemon]
+state_dir = "state"
+listen = "127.0.0.1:9"
+
+[broker]
+evaluate_schedule = "0 0 0 1 1 *"
+
+[conduit]
+grace_period_secs = 1
+stop_timeout_secs = 5
+health_timeout_secs = 30
+
+[providers.a]
+driver = "local"
+region = "us-east-1"
+root = "providers/a"
+
+[providers.b]
+driver = "local"
+region = "eu-central-1"
+root = "providers/b"
+disk_format = "{target}"
+
+[policies.watch]
+file = "{policy}"
+mode = "audit"
+
+[services.shop]
+provider = "a"
+policy = "watch"
+health_check = {{ url = "http://127.0.0.1:{port}/health", timeout_secs = 30 }}
+
+[[services.shop.components]]
+kind = "app"
+name = "web"
+[services.shop.components.settings]
+command = "{app}"
+args = ["demo.toml"]
+port = {port}
+
+[[services.shop.components]]
+kind = "config"
+name = "demo.toml"
+[services.shop.components.settings]
+template = "demo.toml.in"
+rules = [
+  {{ match = 'data_file = "[^"]*"', replace = 'data_file = "{{volume.data.path}}"' }},
+]
+
+[[services.shop.components]]
+kind = "volume"
+name = "data"
+size_gib = {size_gib}
+"#,
+        policy = policy.display(),
+        app = app.display(),
+    );
+    let path = dir.join("fluidcloud.toml");
+    std::fs::write(&path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Config::parse(&path, &text).map_err(|e| format!("the round's configuration: {e}"))
+}
+
+/// Changes the source volume when the engine reports the pre-copy done, before the next
+/// step (stopping the source app) begins: the engine calls its observer synchronously
+/// between steps.
+struct ChangeAfterPrecopy {
+    volume: PathBuf,
+    blocks: Vec<u64>,
+    seed: u64,
+    took: Mutex<Option<Result<Duration, String>>>,
+}
+
+impl Observer for ChangeAfterPrecopy {
+    fn step(&self, _relocation: &str, step: &Step, state: StepState, _detail: &str) {
+        if step.name == "precopy:volume:data" && state == StepState::Done {
+            let started = Instant::now();
+            let outcome = change_blocks(&self.volume, &self.blocks, self.seed)
+                .map(|_| started.elapsed())
+                .map_err(|e| format!("cannot change {}: {e}", self.volume.display()));
+            *self.took.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        }
+    }
+
+    fn transfer(&self, _relocation: &str, _step: &str, _progress: &Progress) {}
+}
+
+/// Kills the demo apps a round's providers left running, by the pids they recorded.
+struct Apps(PathBuf);
+
+impl Drop for Apps {
+    fn drop(&mut self) {
+        for p in ["a", "b"] {
+            let pid_file = self.0.join(format!("providers/{p}/apps/shop/web/pid"));
+            let pid = std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|t| t.split_whitespace().next().and_then(|p| p.parse().ok()));
+            if let Some(pid) = pid {
+                // SAFETY: signals the demo app this round's provider started.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// One round's figures.
+struct Round {
+    total: f64,
+    precopy: f64,
+    change: f64,
+    downtime: f64,
+    /// Seconds of each cutover step, in plan order.
+    cutover_steps: Vec<(String, f64)>,
+    delta_seconds: f64,
+    delta_read: u64,
+    delta_written: u64,
+    delta_chunks: u64,
+    precopy_written: u64,
+    load: String,
+}
+
+fn step_secs(record: &RelocationRecord, name: &str) -> Option<f64> {
+    let s = record.steps.iter().find(|s| s.name == name)?;
+    Some(
+        (s.finished_at? - s.started_at?)
+            .to_std()
+            .ok()?
+            .as_secs_f64(),
+    )
+}
+
+fn output_u64(record: &RelocationRecord, name: &str, key: &str) -> u64 {
+    record
+        .steps
+        .iter()
+        .find(|s| s.name == name)
+        .and_then(|s| s.output.get(key))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn one_round(
+    work: &Path,
+    template: &Path,
+    expected_dir: &Path,
+    app: &Path,
+    target: &str,
+    round: usize,
+    size_gib: u64,
+    change_count: u64,
+) -> Result<Round, String> {
+    let dir = work.join(format!("round-{round}-{target}"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let port = free_port()?;
+    let config = Arc::new(write_config(&dir, app, port, target, size_gib)?);
+    let _apps = Apps(dir.clone());
+    let source = dir.join("providers/a/volumes/shop/data.raw");
+    let target_image = dir.join(format!("providers/b/volumes/shop/data.{target}"));
+    let seed = 0x5eed_0000 + round as u64 * 7 + u64::from(target == "qcow2");
+    let blocks = pick_blocks(size_gib << 30, change_count, seed);
+    let hook = Arc::new(ChangeAfterPrecopy {
+        volume: source.clone(),
+        blocks: blocks.clone(),
+        seed,
+        took: Mutex::new(None),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let outcome = runtime.block_on(async {
+        let observer: Arc<dyn Observer> = hook.clone();
+        let engine = Engine::open(config.clone(), None, Some(observer))
+            .map_err(|e| format!("cannot open the engine: {e}"))?;
+        engine
+            .deploy("shop", "a")
+            .await
+            .map_err(|e| format!("cannot deploy `shop` on `a`: {e}"))?;
+        wait_app(port, "/health").await?;
+        // The image goes into the volume the provider created, as the service's data.
+        cp_sparse(template, &source)?;
+        settle();
+        let load = load_average();
+        let request = RelocationRequest {
+            decision_id: format!("bench-{round}-{target}"),
+            service: "shop".into(),
+            from: "a".into(),
+            to: "b".into(),
+            reason: "benchmark".into(),
+            origin: "operator".into(),
+        };
+        let record = engine
+            .run(request)
+            .await
+            .map_err(|e| format!("the relocation was refused: {e}"))?;
+        if record.state != RelocationState::Completed {
+            let failed: Vec<String> = record
+                .steps
+                .iter()
+                .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.name)))
+                .collect();
+            return Err(format!(
+                "the relocation ended {}: {} {}",
+                record.state.as_str(),
+                record.detail,
+                failed.join("; ")
+            ));
+        }
+        let downtime = engine
+            .downtime(&record)
+            .ok_or("the journal gives no downtime")?;
+        // The app answers from the target's volume.
+        let served = wait_app(port, "/config").await?;
+        if !served.contains("/providers/b/volumes/shop/data") {
+            return Err(format!(
+                "after the relocation the app serves another data file: {served}"
+            ));
+        }
+        Ok::<_, String>((record, downtime, load))
+    });
+    drop(runtime);
+    let (record, downtime, load) = outcome?;
+    let change = match hook.took.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        Some(Ok(d)) => d.as_secs_f64(),
+        Some(Err(e)) => return Err(e),
+        None => return Err("the engine never reported the pre-copy done".into()),
+    };
+    // The target must hold the image as the source was at the cutover: rebuild that
+    // beside it and let qemu-img compare the content.
+    let expected = expected_dir.join("expected.raw");
+    cp_sparse(template, &expected)?;
+    change_blocks(&expected, &blocks, seed).map_err(|e| e.to_string())?;
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", target])
+        .arg(&expected)
+        .arg(&target_image)
+        .status()
+        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+    let _ = std::fs::remove_file(&expected);
+    if !cmp.success() {
+        return Err(format!(
+            "{} differs from the source image with its changes (qemu-img compare: {cmp})",
+            target_image.display()
+        ));
+    }
+    let first_start = record
+        .steps
+        .iter()
+        .filter_map(|s| s.started_at)
+        .min()
+        .ok_or("the journal has no started step")?;
+    let committed = record
+        .steps
+        .iter()
+        .find(|s| s.name == "commit")
+        .and_then(|s| s.finished_at)
+        .ok_or("the journal has no finished commit")?;
+    let total = (committed - first_start)
+        .to_std()
+        .map_err(|e| e.to_string())?
+        .as_secs_f64();
+    let stop = record
+        .steps
+        .iter()
+        .position(|s| s.name.starts_with("stop-source:"))
+        .ok_or("the plan has no stop-source step")?;
+    let cutover_steps = record.steps[stop..]
+        .iter()
+        .take_while(|s| s.name != "commit")
+        .map(|s| (s.name.clone(), step_secs(&record, &s.name).unwrap_or(0.0)))
+        .collect();
+    let sync = "sync:volume:data";
+    let round = Round {
+        total,
+        precopy: step_secs(&record, "precopy:volume:data").unwrap_or(0.0),
+        change,
+        downtime: downtime.as_secs_f64(),
+        cutover_steps,
+        delta_seconds: step_secs(&record, sync).unwrap_or(0.0),
+        delta_read: output_u64(&record, sync, "bytes_read"),
+        delta_written: output_u64(&record, sync, "bytes_written"),
+        delta_chunks: output_u64(&record, sync, "chunks_sent"),
+        precopy_written: output_u64(&record, "precopy:volume:data", "bytes_written"),
+        load,
+    };
+    drop(_apps);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(round)
+}
+
+async fn wait_app(port: u16, path: &str) -> Result<String, String> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(&url).send().await {
+            if r.status().is_success() {
+                return r.text().await.map_err(|e| e.to_string());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the demo app never answered {url}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / MIB as f64)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&args) {
+        eprintln!("benchmark failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let app = demo_app()?;
+    let work = tempfile::Builder::new()
+        .prefix("relocation-bench.")
+        .tempdir_in(&args.dir)
+        .map_err(|e| {
+            format!(
+                "cannot create a directory under {}: {e}",
+                args.dir.display()
+            )
+        })?;
+    let size = args.size_gib << 30;
+    let allocated = (args.allocated_gib * (1u64 << 30) as f64) as u64;
+    let template = work.path().join("template.raw");
+    eprintln!(
+        "Building a {} GiB image with {:.2} GiB allocated in {} ...",
+        args.size_gib,
+        args.allocated_gib,
+        work.path().display()
+    );
+    build_image(&template, size, allocated).map_err(|e| format!("cannot build the image: {e}"))?;
+    let image_alloc = std::fs::metadata(&template)
+        .map_err(|e| e.to_string())?
+        .blocks()
+        * 512;
+    let change_count = ((size / MIB) as f64 * args.change_percent / 100.0).round() as u64;
+    let mut results: Vec<(String, Vec<Round>)> =
+        args.targets.iter().map(|t| (t.clone(), vec![])).collect();
+    for round in 1..=args.repeat {
+        // Interleaved, each round starting with another target format.
+        for k in 0..results.len() {
+            let i = (k + round - 1) % results.len();
+            let target = results[i].0.clone();
+            eprintln!("round {round}, raw -> {target} ...");
+            let r = one_round(
+                work.path(),
+                &template,
+                work.path(),
+                &app,
+                &target,
+                round,
+                args.size_gib,
+                change_count,
+            )
+            .map_err(|e| format!("round {round}, raw -> {target}: {e}"))?;
+            eprintln!(
+                "  total {:.2} s, pre-copy {:.2} s, downtime {:.3} s, final delta wrote {}",
+                r.total,
+                r.precopy,
+                r.downtime,
+                mib(r.delta_written)
+            );
+            results[i].1.push(r);
+        }
+    }
+
+    println!();
+    println!(
+        "Service `shop`: demo app, its config file, a {} GiB raw volume with {} allocated \
+         (random, text, allocated zeros), local provider a (raw) -> b; Engine::run, grace 1 s.",
+        args.size_gib,
+        mib(image_alloc)
+    );
+    println!(
+        "Between pre-copy and cutover, {change_count} of {} 1 MiB blocks ({}%) were rewritten \
+         with new random data. Source image in the page cache (just written), target not.",
+        size / MIB,
+        args.change_percent
+    );
+    println!(
+        "{} interleaved rounds on {} CPUs; load average at the end: {}. Every target compared \
+         with the expected image by qemu-img compare.",
+        args.repeat,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average()
+    );
+    println!();
+    println!(
+        "{:<12} {:>6} {:>8} {:>10} {:>8} {:>10} {:>9} {:>11} {:>11} {:>9} {:>9}",
+        "target",
+        "round",
+        "total s",
+        "pre-copy s",
+        "change s",
+        "downtime s",
+        "delta s",
+        "delta read",
+        "delta sent",
+        "% image",
+        "% alloc"
+    );
+    for (target, rounds) in &results {
+        let label = format!("raw -> {target}");
+        for (i, r) in rounds.iter().enumerate() {
+            println!(
+                "{:<12} {:>6} {:>8.2} {:>10.2} {:>8.2} {:>10.3} {:>9.2} {:>11} {:>11} {:>8.2}% {:>8.2}%",
+                label,
+                i + 1,
+                r.total,
+                r.precopy,
+                r.change,
+                r.downtime,
+                r.delta_seconds,
+                mib(r.delta_read),
+                mib(r.delta_written),
+                r.delta_written as f64 * 100.0 / size as f64,
+                r.delta_written as f64 * 100.0 / image_alloc as f64,
+            );
+        }
+        let m = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+        let downtime = m(|r| r.downtime);
+        println!(
+            "{:<12} {:>6} {:>8.2} {:>10.2} {:>8.2} {:>10.3} {:>9.2} {:>11} {:>11} {:>9} {:>9}  downtime target < 2 s: {}",
+            label,
+            "median",
+            m(|r| r.total),
+            m(|r| r.precopy),
+            m(|r| r.change),
+            downtime,
+            m(|r| r.delta_seconds),
+            "",
+            "",
+            "",
+            "",
+            if downtime < 2.0 { "met" } else { "MISSED" }
+        );
+    }
+    println!();
+    println!("Cutover steps (seconds, each round), pre-copy writes and load average at the start:");
+    for (target, rounds) in &results {
+        for (i, r) in rounds.iter().enumerate() {
+            let steps: Vec<String> = r
+                .cutover_steps
+                .iter()
+                .map(|(n, s)| format!("{n} {s:.3}"))
+                .collect();
+            println!(
+                "  raw -> {target} round {}: {}; final delta {} chunks; pre-copy wrote {}; load {}",
+                i + 1,
+                steps.join(", "),
+                r.delta_chunks,
+                mib(r.precopy_written),
+                r.load
+            );
+        }
+    }
+    Ok(())
+}
