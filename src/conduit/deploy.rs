@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use crate::config::{Component, Config, ServiceSpec};
 use crate::model::ComponentKind;
-use crate::providers::{self, AppSpec, AppState, Provider, ProviderError, VolumeSpec};
+use crate::providers::{
+    self, AppSpec, AppState, Provider, ProviderError, VmSpec, VmState, VolumeSpec,
+};
 
 /// Placeholder values by name.
 pub type Values = BTreeMap<String, String>;
@@ -73,6 +75,20 @@ pub fn app_spec(config: &Config, service: &str, c: &Component) -> Result<AppSpec
         service: service.to_string(),
         component: format!("app `{}`", c.name),
         message: e.to_string(),
+    })
+}
+
+/// The machine definition of a `vm` component, with relative paths resolved against the
+/// configuration file's directory. Disk format, bus, NIC model and accelerator are the
+/// provider's, so the same definition adapts to whichever provider starts it.
+pub fn vm_spec(config: &Config, spec: &ServiceSpec, c: &Component) -> Result<VmSpec, DeployError> {
+    let base = config.path.parent().unwrap_or(Path::new("/"));
+    VmSpec::from_component(&spec.name, c, spec.requirements.clone(), base).map_err(|e| {
+        DeployError::Component {
+            service: spec.name.clone(),
+            component: format!("vm `{}`", c.name),
+            message: e.to_string(),
+        }
     })
 }
 
@@ -175,7 +191,8 @@ pub async fn ensure(
     let mut report = DeployReport::default();
     let caps = at.capabilities();
     for c in &spec.components {
-        let missing_volume = c.kind == ComponentKind::Volume
+        // A VM boots from the volume named like it.
+        let missing_volume = matches!(c.kind, ComponentKind::Volume | ComponentKind::Vm)
             && caps.block
             && at.volume_info(&spec.name, &c.name).await?.is_none();
         if missing_volume && known.contains(&format!("volume:{}", c.name)) {
@@ -219,6 +236,24 @@ pub async fn ensure(
             super::executor::write_initial_config(at, homes, config, spec, c).await?
         {
             report.created.push(what);
+        }
+    }
+    if caps.compute {
+        for c in spec
+            .components
+            .iter()
+            .filter(|c| c.kind == ComponentKind::Vm)
+        {
+            let vm = vm_spec(config, spec, c)?;
+            let running = matches!(
+                at.vm_status(&spec.name, &c.name).await?,
+                Some(s) if s.state == VmState::Running && s.spec == vm
+            );
+            if !running {
+                let op = at.start_vm(&spec.name, &vm).await?;
+                providers::wait_for(at, &op.id, Duration::from_secs(120)).await?;
+                report.started.push(format!("vm `{}`", c.name));
+            }
         }
     }
     if caps.app {

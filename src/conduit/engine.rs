@@ -226,11 +226,12 @@ impl Engine {
         let report = super::deploy::ensure(at, homes, config, spec, &known).await;
         // Once deployed, every volume of the service exists there.
         if report.is_ok() && at.capabilities().block {
-            for v in spec
-                .components
-                .iter()
-                .filter(|c| c.kind == crate::model::ComponentKind::Volume)
-            {
+            for v in spec.components.iter().filter(|c| {
+                matches!(
+                    c.kind,
+                    crate::model::ComponentKind::Volume | crate::model::ComponentKind::Vm
+                )
+            }) {
                 let _ = journal.set_deployed(&spec.name, at.name(), &format!("volume:{}", v.name));
             }
         }

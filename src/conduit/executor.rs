@@ -359,13 +359,18 @@ async fn after_commit(ctx: &Ctx) {
     grace(ctx).await;
 }
 
-/// Downtime of a cutover: from the first source app stopping to the health check passing.
+/// Downtime of a cutover: from the first source app or VM stopping to the health check passing.
 pub fn downtime(plan: &Plan, record: &RelocationRecord) -> Option<Duration> {
     let stopped = plan
         .steps
         .iter()
         .zip(&record.steps)
-        .filter(|(s, _)| matches!(s.action, Action::StopSource { .. }))
+        .filter(|(s, _)| {
+            matches!(
+                s.action,
+                Action::StopSource { .. } | Action::StopSourceVm { .. }
+            )
+        })
         .filter_map(|(_, r)| r.started_at)
         .min()?;
     let healthy = plan
@@ -520,9 +525,11 @@ async fn execute(ctx: &Ctx, step: &Step) -> Result<Value, StepError> {
             copy_bucket(ctx, step, bucket).await
         }
         Action::StopSource { app } => stop_source(ctx, app).await,
+        Action::StopSourceVm { vm } => stop_source_vm(ctx, vm).await,
         Action::WriteConfig { file, app } => write_config(ctx, file, app).await,
         Action::Recontextualise => recontextualise(ctx).await,
         Action::StartTarget { app } => start_target(ctx, app).await,
+        Action::StartTargetVm { vm } => start_target_vm(ctx, vm).await,
         Action::HealthCheck => health_check(ctx).await,
         Action::Cutover => cutover(ctx, "cutover").await,
         Action::Commit => {
@@ -572,6 +579,28 @@ async fn compensate(ctx: &Ctx, step: &Step) -> Result<(), StepError> {
             let spec = deploy::app_spec(&ctx.config, svc, c)?;
             let op = ctx.source.start_app(svc, &spec).await?;
             providers::wait_for(ctx.source.as_ref(), &op.id, Duration::from_secs(60)).await?;
+            Ok(())
+        }
+        Action::StopSourceVm { vm } => {
+            let spec = ctx.spec()?;
+            let vm = deploy::vm_spec(&ctx.config, spec, ctx.component(ComponentKind::Vm, vm)?)?;
+            let op = ctx.source.start_vm(svc, &vm).await?;
+            providers::wait_for(ctx.source.as_ref(), &op.id, Duration::from_secs(120)).await?;
+            Ok(())
+        }
+        Action::StartTargetVm { vm } => {
+            ctx.target
+                .stop_vm(
+                    svc,
+                    vm,
+                    StopOptions {
+                        timeout: ctx.config.conduit.stop_timeout,
+                        // The target never served anyone for real: it may be switched off.
+                        kill_after_timeout: true,
+                    },
+                )
+                .await?;
+            ctx.target.remove_vm(svc, vm).await?;
             Ok(())
         }
         Action::StartTarget { app } => {
@@ -647,7 +676,8 @@ async fn preflight(ctx: &Ctx) -> Result<Value, StepError> {
             }
             if volume.source_format != DiskFormat::Raw {
                 qemu_img(
-                    &["check", "-f", volume.source_format.as_str()],
+                    // `-U`: a running VM holds a write lock on its disk; the check only reads.
+                    &["check", "-U", "-f", volume.source_format.as_str()],
                     &[info.path.as_deref().unwrap_or(Path::new(""))],
                 )
                 .await
@@ -694,6 +724,26 @@ async fn preflight(ctx: &Ctx) -> Result<Value, StepError> {
                 )));
             }
             checked.push(format!("app {app}"));
+        }
+        if let Action::StopSourceVm { vm } = &step.action {
+            let status = ctx.source.vm_status(svc, vm).await?;
+            if !matches!(&status, Some(s) if s.state == providers::VmState::Running) {
+                return Err(other(format!(
+                    "VM `{svc}/{vm}` is not running at `{}` ({}); relocate a running service, or deploy it first",
+                    ctx.plan.from,
+                    status
+                        .map(|s| s.detail.unwrap_or_else(|| format!("{:?}", s.state).to_lowercase()))
+                        .unwrap_or_else(|| "unknown".into())
+                )));
+            }
+            // The machine definition must suit the target before anything stops.
+            let spec = deploy::vm_spec(
+                &ctx.config,
+                ctx.spec()?,
+                ctx.component(ComponentKind::Vm, vm)?,
+            )?;
+            ctx.target.check_vm(svc, &spec).await?;
+            checked.push(format!("vm {vm}"));
         }
         if let Action::WriteConfig { file, app } = &step.action {
             // A rule that matches nothing fails here, before the source is touched.
@@ -1001,6 +1051,29 @@ async fn stop_source(ctx: &Ctx, app: &str) -> Result<Value, StepError> {
     Ok(json!({ "outcome": outcome }))
 }
 
+async fn stop_source_vm(ctx: &Ctx, vm: &str) -> Result<Value, StepError> {
+    let outcome = ctx
+        .source
+        .stop_vm(
+            ctx.svc(),
+            vm,
+            StopOptions {
+                timeout: ctx.config.conduit.stop_timeout,
+                kill_after_timeout: ctx.config.conduit.kill_after_stop_timeout,
+            },
+        )
+        .await?;
+    Ok(json!({ "outcome": outcome }))
+}
+
+async fn start_target_vm(ctx: &Ctx, vm: &str) -> Result<Value, StepError> {
+    let spec = ctx.spec()?;
+    let vm = deploy::vm_spec(&ctx.config, spec, ctx.component(ComponentKind::Vm, vm)?)?;
+    let op = ctx.target.start_vm(ctx.svc(), &vm).await?;
+    let op = providers::wait_for(ctx.target.as_ref(), &op.id, Duration::from_secs(120)).await?;
+    Ok(json!({ "detail": op.detail }))
+}
+
 fn config_spec(
     config: &Config,
     service: &str,
@@ -1206,11 +1279,28 @@ async fn health_check(ctx: &Ctx) -> Result<Value, StepError> {
         let report = ctx.target.health_check(ctx.svc(), check).await?;
         return Ok(json!({ "detail": report.detail, "attempts": report.attempts }));
     }
-    // Without a check of its own, every volume and bucket must be there and every app must
-    // run and accept connections on its port.
+    // Without a check of its own, every volume and bucket must be there, every VM must run
+    // and every app must run and accept connections on its port.
     let mut present = Vec::new();
     for c in &spec.components {
         match c.kind {
+            ComponentKind::Vm => {
+                let status = ctx.target.vm_status(ctx.svc(), &c.name).await?;
+                if !matches!(&status, Some(s) if s.state == providers::VmState::Running) {
+                    return Err(other(format!(
+                        "VM `{}/{}` is not running at `{}` ({})",
+                        ctx.svc(),
+                        c.name,
+                        ctx.plan.to,
+                        status
+                            .map(|s| s
+                                .detail
+                                .unwrap_or_else(|| format!("{:?}", s.state).to_lowercase()))
+                            .unwrap_or_else(|| "unknown".to_string())
+                    )));
+                }
+                present.push(format!("vm {}", c.name));
+            }
             ComponentKind::Volume => {
                 if ctx.target.volume_info(ctx.svc(), &c.name).await?.is_none() {
                     return Err(other(format!(
@@ -1332,6 +1422,23 @@ async fn decommission(ctx: &Ctx) -> Result<Value, StepError> {
                 let op = ctx.source.delete_volume(svc, &c.name).await?;
                 providers::wait_for(ctx.source.as_ref(), &op.id, Duration::from_secs(600)).await?;
                 removed.push(format!("volume {}", c.name));
+            }
+            ComponentKind::Vm => {
+                // Powered down at cutover; never switched off here.
+                ctx.source
+                    .stop_vm(
+                        svc,
+                        &c.name,
+                        StopOptions {
+                            timeout: ctx.config.conduit.stop_timeout,
+                            kill_after_timeout: false,
+                        },
+                    )
+                    .await?;
+                ctx.source.remove_vm(svc, &c.name).await?;
+                let op = ctx.source.delete_volume(svc, &c.name).await?;
+                providers::wait_for(ctx.source.as_ref(), &op.id, Duration::from_secs(600)).await?;
+                removed.push(format!("vm {} and its disk", c.name));
             }
             ComponentKind::Bucket if !c.keep_at_source => {
                 match ctx.source.list_objects(svc, &c.name).await {

@@ -85,6 +85,11 @@ pub enum Action {
     StopSource {
         app: String,
     },
+    /// Powers a source VM down through its ACPI power button, never switching it off
+    /// unless the configuration allows that: the downtime starts with the first stop.
+    StopSourceVm {
+        vm: String,
+    },
     /// Sends what changed since the pre-copy, converts to the target's format and verifies.
     SyncVolume {
         volume: VolumePlan,
@@ -102,6 +107,11 @@ pub enum Action {
     Recontextualise,
     StartTarget {
         app: String,
+    },
+    /// Boots a VM at the target from its relocated disk, with the machine adapted to the
+    /// target provider (disk format and bus, NIC model, accelerator).
+    StartTargetVm {
+        vm: String,
     },
     /// The target must pass its health check; the downtime ends here.
     HealthCheck,
@@ -138,7 +148,11 @@ impl Step {
     pub fn restores_service(&self) -> bool {
         matches!(
             self.action,
-            Action::StopSource { .. } | Action::StartTarget { .. } | Action::Cutover
+            Action::StopSource { .. }
+                | Action::StopSourceVm { .. }
+                | Action::StartTarget { .. }
+                | Action::StartTargetVm { .. }
+                | Action::Cutover
         )
     }
 }
@@ -252,23 +266,23 @@ fn build(
     if !missing.is_empty() {
         return Err(incompatible(missing.join("; ")));
     }
-    if spec.components.iter().any(|c| c.kind == ComponentKind::Vm) {
-        return Err(incompatible(
-            "virtual machines are moved by the `qemu` driver, which this build does not have"
-                .to_string(),
-        ));
-    }
-
     let apps: Vec<&str> = spec
         .components
         .iter()
         .filter(|c| c.kind == ComponentKind::App)
         .map(|c| c.name.as_str())
         .collect();
+    let vms: Vec<&str> = spec
+        .components
+        .iter()
+        .filter(|c| c.kind == ComponentKind::Vm)
+        .map(|c| c.name.as_str())
+        .collect();
+    // A VM's disk is the volume named like it: it travels like any volume.
     let volumes: Vec<VolumePlan> = spec
         .components
         .iter()
-        .filter(|c| c.kind == ComponentKind::Volume)
+        .filter(|c| matches!(c.kind, ComponentKind::Volume | ComponentKind::Vm))
         .map(|c| VolumePlan {
             name: c.name.clone(),
             size_bytes: round_up_sector((c.size_gib * GIB) as u64),
@@ -381,6 +395,20 @@ fn build(
         );
         stops.push(name);
     }
+    for vm in &vms {
+        let name = format!("stop-source:vm:{vm}");
+        push(
+            Phase::Cutover,
+            Action::StopSourceVm { vm: vm.to_string() },
+            name.clone(),
+            precopies.clone(),
+            format!(
+                "power VM `{vm}` down at `{}` (downtime starts; its disk is kept)",
+                source.name
+            ),
+        );
+        stops.push(name);
+    }
     let cut_base = if stops.is_empty() {
         precopies.clone()
     } else {
@@ -484,6 +512,26 @@ fn build(
         );
         started.push(name);
     }
+    for vm in &vms {
+        let name = format!("start-target:vm:{vm}");
+        push(
+            Phase::Cutover,
+            Action::StartTargetVm { vm: vm.to_string() },
+            name.clone(),
+            ready.clone(),
+            format!(
+                "boot VM `{vm}` at `{}` ({} disk on {})",
+                target.name,
+                target.disk_format.as_str(),
+                target
+                    .qemu
+                    .as_ref()
+                    .map(|q| q.disk_bus.as_str())
+                    .unwrap_or("the provider's bus")
+            ),
+        );
+        started.push(name);
+    }
     let before_health = if started.is_empty() {
         ready.clone()
     } else {
@@ -499,7 +547,10 @@ fn build(
                 "run the service's health check at `{}` (up to {:?}; downtime ends)",
                 target.name, h.timeout
             ),
-            None if apps.is_empty() => "verify every component is present at the target".into(),
+            None if apps.is_empty() && vms.is_empty() => {
+                "verify every component is present at the target".into()
+            }
+            None if apps.is_empty() => "wait until every VM runs".into(),
             None => "wait until every app runs and accepts connections on its port".into(),
         },
     );

@@ -785,6 +785,13 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Starts the VM, booting the service's volume named like it. Succeeds when it already
     /// runs with the same spec; a VM running with another spec is a conflict.
+    /// Refuses a machine definition this provider could not start, without starting it
+    /// (its disks need not exist yet).
+    async fn check_vm(&self, service: &str, spec: &VmSpec) -> Result<(), ProviderError> {
+        let _ = service;
+        Err(self.unsupported(object::vm(service, &spec.name), "virtual machines"))
+    }
+
     async fn start_vm(&self, service: &str, spec: &VmSpec) -> Result<Operation, ProviderError> {
         Err(self.unsupported(object::vm(service, &spec.name), "virtual machines"))
     }

@@ -137,13 +137,24 @@ impl QemuEnv {
 
     /// Builds the initramfs into `dir` and returns its path.
     pub fn initramfs(&self, dir: &Path) -> PathBuf {
-        let stage = dir.join("initramfs");
+        self.initramfs_without(dir, &[], "initrd.gz")
+    }
+
+    /// Builds an initramfs lacking the driver modules `missing` (a guest that cannot see
+    /// disks on some bus) into `dir/name`.
+    pub fn initramfs_without(&self, dir: &Path, missing: &[&str], name: &str) -> PathBuf {
+        let stage = dir.join(format!("{name}.stage"));
         let _ = std::fs::remove_dir_all(&stage);
         for sub in ["bin", "modules", "proc", "sys", "dev", "tmp"] {
             std::fs::create_dir_all(stage.join(sub)).unwrap();
         }
         std::fs::copy(&self.busybox, stage.join("bin/busybox")).unwrap();
-        let order = module_order(&self.modules, MODULES);
+        let wanted: Vec<&str> = MODULES
+            .iter()
+            .copied()
+            .filter(|m| !missing.contains(m))
+            .collect();
+        let order = module_order(&self.modules, &wanted);
         let mut names = Vec::new();
         for rel in &order {
             let file = Path::new(rel)
@@ -160,7 +171,7 @@ impl QemuEnv {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(stage.join("init"), std::fs::Permissions::from_mode(0o755))
             .unwrap();
-        let out = dir.join("initrd.gz");
+        let out = dir.join(name);
         let script = format!(
             "cd '{}' && '{bb}' find . | '{bb}' cpio -o -H newc 2>/dev/null | '{bb}' gzip -1 > '{}'",
             stage.display(),

@@ -55,6 +55,8 @@ const MAX_SOCKET_PATH: usize = 107;
 /// How long a VM gets to vanish after QMP `quit`, and again after SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 const STOP_POLL: Duration = Duration::from_millis(100);
+/// How often the power button is pressed again while a guest has not powered down.
+const POWER_BUTTON_REPEAT: Duration = Duration::from_secs(5);
 /// How long `qemu -daemonize` may take to set the VM up before its parent returns.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Tries to start a VM whose automatically chosen host ports another process took.
@@ -339,46 +341,23 @@ impl QemuProvider {
         }
     }
 
-    /// Starts the VM (the caller holds its lock and found it not running).
-    async fn launch(&self, service: &str, spec: &VmSpec) -> Result<String, ProviderError> {
+    /// What this provider refuses in a machine definition, checked without touching
+    /// anything: the disks fit its bus, kernel and initrd exist, forwarded ports have a NIC,
+    /// the QMP socket path fits.
+    fn check_machine(&self, service: &str, spec: &VmSpec) -> Result<(), ProviderError> {
         let obj = || object::vm(service, &spec.name);
         let dir = self.vm_dir(service, &spec.name);
-        let mut disks = Vec::new();
-        for name in spec.disks() {
-            match self.volumes.info(service, name).await? {
-                Some(VolumeInfo {
-                    path: Some(path),
-                    format,
-                    ..
-                }) => disks.push((path, format)),
-                _ => {
-                    return Err(ProviderError::NotFound {
-                        provider: self.name.clone(),
-                        object: format!(
-                            "{} ({} of {}; create the volume first)",
-                            object::volume(service, name),
-                            if name == spec.name {
-                                "the boot disk"
-                            } else {
-                                "a disk"
-                            },
-                            obj()
-                        ),
-                    })
-                }
-            }
-        }
         let max_disks = match self.settings.disk_bus {
             DiskBus::Ide => 4,
             DiskBus::Sata => 6,
             DiskBus::Virtio | DiskBus::Scsi => 64,
         };
-        if disks.len() > max_disks {
+        if spec.disks().count() > max_disks {
             return Err(self.invalid(
                 obj(),
                 format!(
                     "{} disks do not fit the {} bus, which takes {max_disks}",
-                    disks.len(),
+                    spec.disks().count(),
                     self.settings.disk_bus.as_str()
                 ),
             ));
@@ -409,6 +388,39 @@ impl QemuProvider {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Starts the VM (the caller holds its lock and found it not running).
+    async fn launch(&self, service: &str, spec: &VmSpec) -> Result<String, ProviderError> {
+        let obj = || object::vm(service, &spec.name);
+        let dir = self.vm_dir(service, &spec.name);
+        let mut disks = Vec::new();
+        for name in spec.disks() {
+            match self.volumes.info(service, name).await? {
+                Some(VolumeInfo {
+                    path: Some(path),
+                    format,
+                    ..
+                }) => disks.push((path, format)),
+                _ => {
+                    return Err(ProviderError::NotFound {
+                        provider: self.name.clone(),
+                        object: format!(
+                            "{} ({} of {}; create the volume first)",
+                            object::volume(service, name),
+                            if name == spec.name {
+                                "the boot disk"
+                            } else {
+                                "a disk"
+                            },
+                            obj()
+                        ),
+                    })
+                }
+            }
+        }
+        self.check_machine(service, spec)?;
         let accel = self.accel().await?;
         std::fs::create_dir_all(&dir)
             .map_err(|e| self.io(obj(), format!("create {}", dir.display()), e))?;
@@ -874,6 +886,11 @@ impl Provider for QemuProvider {
         self.ops.succeeded(OperationKind::StartVm, obj(), detail)
     }
 
+    async fn check_vm(&self, service: &str, spec: &VmSpec) -> Result<(), ProviderError> {
+        self.check(service, &spec.name)?;
+        self.check_machine(service, spec)
+    }
+
     async fn stop_vm(
         &self,
         service: &str,
@@ -889,27 +906,36 @@ impl Provider for QemuProvider {
         };
         let started = Instant::now();
         let wait = options.timeout.max(self.settings.powerdown_timeout);
-        let pressed = async {
-            let mut qmp = self.qmp(service, vm).await?;
-            qmp.execute("system_powerdown", None)
-                .await
-                .map_err(|e| self.remote(service, vm, "press the power button", e))
-        }
-        .await;
-        if let Err(e) = pressed {
-            if !id.is_running() {
+        let deadline = started + wait;
+        // The button is pressed again every few seconds: a guest still booting (ACPI not
+        // yet up) misses a press, as a real machine would, and one press is not enough.
+        loop {
+            let pressed = async {
+                let mut qmp = self.qmp(service, vm).await?;
+                qmp.execute("system_powerdown", None)
+                    .await
+                    .map_err(|e| self.remote(service, vm, "press the power button", e))
+            }
+            .await;
+            if let Err(e) = pressed {
+                if !id.is_running() {
+                    self.forget_process(service, vm);
+                    return Ok(StopOutcome::Stopped {
+                        after: started.elapsed(),
+                    });
+                }
+                return Err(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if Self::wait_gone(id, left.min(POWER_BUTTON_REPEAT)).await {
                 self.forget_process(service, vm);
                 return Ok(StopOutcome::Stopped {
                     after: started.elapsed(),
                 });
             }
-            return Err(e);
-        }
-        if Self::wait_gone(id, wait).await {
-            self.forget_process(service, vm);
-            return Ok(StopOutcome::Stopped {
-                after: started.elapsed(),
-            });
+            if Instant::now() >= deadline {
+                break;
+            }
         }
         if !options.kill_after_timeout {
             return Err(ProviderError::StopTimedOut {

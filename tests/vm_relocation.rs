@@ -1,0 +1,308 @@
+//! A VM relocated with the real binary between two qemu providers that store disks in
+//! different formats on different buses: the guest (a Debian kernel and a busybox initramfs
+//! from `scripts/test-env.sh qemu_system guest`, under TCG) hashes its disk on the serial
+//! console, and the hash it prints on the target equals the source disk's. A target where the
+//! guest cannot be reached rolls back and the source VM runs again.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::guest::{self, QemuEnv, HASH_MARKER, SERVING_MARKER};
+use common::{bin, free_port, repo};
+use fluidcloud::config::Config;
+use fluidcloud::providers::{self, Provider, StopOptions, VolumeSpec};
+
+const DISK_BYTES: u64 = 32 << 20;
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+
+/// One relocation at a time: TCG guests on two cores slow each other down past any limit.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Lab {
+    env: QemuEnv,
+    dir: tempfile::TempDir,
+    initrd: PathBuf,
+    port: u16,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let env = QemuEnv::load();
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = env.initramfs(dir.path());
+        Lab {
+            env,
+            dir,
+            initrd,
+            port: free_port(),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn qemu_table(&self, bus: &str, nic: &str) -> String {
+        let list = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| format!("\"{}\"", p.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "binary = \"{}\"\nfirmware_dirs = [{}]\nlibrary_path = [{}]\naccel = \"tcg\"\n\
+             disk_bus = \"{bus}\"\nnic_model = \"{nic}\"\npowerdown_timeout_secs = 60\n",
+            self.env.qemu.display(),
+            list(&self.env.firmware),
+            list(std::slice::from_ref(&self.env.libs)),
+        )
+    }
+
+    /// `fluidcloud.toml` with `q1` (qcow2 on virtio) and `q2` (raw on `target_bus` with
+    /// `target_nic`), and service `box`: one VM on `q1`.
+    fn write_config(&self, target_bus: &str, target_nic: &str, health_secs: u64) -> Config {
+        let text = format!(
+            r#"
+[daemon]
+state_dir = "state"
+
+[broker]
+evaluate_schedule = "0 0 0 1 1 *"
+
+[conduit]
+grace_period_secs = 1
+stop_timeout_secs = 60
+
+[providers.q1]
+driver = "qemu"
+region = "lab"
+root = "providers/q1"
+disk_format = "qcow2"
+[providers.q1.qemu]
+{q1}
+[providers.q2]
+driver = "qemu"
+region = "lab"
+root = "providers/q2"
+disk_format = "raw"
+[providers.q2.qemu]
+{q2}
+[policies.watch]
+file = "{repo}/policies/cheapest.rhai"
+mode = "audit"
+
+[services.box]
+provider = "q1"
+policy = "watch"
+memory_gib = 0.1875
+health_check = {{ url = "http://127.0.0.1:{port}/health", timeout_secs = {health_secs} }}
+
+[[services.box.components]]
+kind = "vm"
+name = "guest"
+size_gib = 0.03125
+[services.box.components.settings]
+kernel = "{kernel}"
+initrd = "{initrd}"
+append = "{append}"
+ports = [{{ guest = 80, host = {port} }}]
+"#,
+            q1 = self.qemu_table("virtio", "virtio-net-pci"),
+            q2 = self.qemu_table(target_bus, target_nic),
+            repo = repo().display(),
+            port = self.port,
+            kernel = self.env.kernel.display(),
+            initrd = self.initrd.display(),
+            append = QemuEnv::append("serve", 80),
+        );
+        let path = self.path("fluidcloud.toml");
+        std::fs::write(&path, &text).unwrap();
+        Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Creates the source disk with pseudo-random content; returns its SHA-256 as raw bytes.
+    async fn source_disk(&self, config: &Config) -> String {
+        let q1 = providers::open(&config.providers["q1"]).unwrap_or_else(|e| panic!("{e}"));
+        let op = q1
+            .create_volume(
+                "box",
+                &VolumeSpec {
+                    name: "guest".into(),
+                    size_bytes: DISK_BYTES,
+                    format: q1.preferred_disk_format(),
+                },
+            )
+            .await
+            .unwrap();
+        providers::wait_for(q1.as_ref(), &op.id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let image = q1
+            .volume_info("box", "guest")
+            .await
+            .unwrap()
+            .unwrap()
+            .path
+            .unwrap();
+        let raw = self.path("guest.raw");
+        let mut bytes = vec![0u8; DISK_BYTES as usize];
+        fastrand::Rng::with_seed(42).fill(&mut bytes[..DISK_BYTES as usize / 2]);
+        std::fs::write(&raw, &bytes).unwrap();
+        let out = Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        guest::sha256_file(&raw)
+    }
+
+    fn relocate(&self, to: &str) -> Output {
+        Command::new(bin())
+            .args(["relocate", "--quiet", "--config"])
+            .arg(self.path("fluidcloud.toml"))
+            .args(["box", "--to", to])
+            .env_remove("FLUIDCLOUD_KILL_AT")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Switches off every VM the providers may still run.
+    fn stop_all(&self) {
+        for p in ["q1", "q2"] {
+            let pid = self.path(&format!("providers/{p}/vms/box/guest/pid"));
+            if let Ok(text) = std::fs::read_to_string(pid) {
+                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    // SAFETY: signals a process the test's provider started.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+async fn console(config: &Config, provider: &str) -> (std::sync::Arc<dyn Provider>, PathBuf) {
+    let p = providers::open(&config.providers[provider]).unwrap_or_else(|e| panic!("{e}"));
+    let path = p
+        .vm_console("box", "guest")
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no console of box/guest at {provider}"));
+    (p, path)
+}
+
+fn first_word(s: &str) -> String {
+    s.split_whitespace().next().unwrap_or_default().to_string()
+}
+
+fn exists(p: &Path) -> bool {
+    p.exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_moves_from_qcow2_on_virtio_to_raw_on_sata_and_boots_the_same_disk() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let lab = Lab::new();
+    let config = lab.write_config("sata", "e1000", 150);
+    let want = lab.source_disk(&config).await;
+
+    let out = lab.relocate("q2");
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("completed"), "{said}");
+    assert!(said.contains("downtime:"), "{said}");
+
+    // The target guest hashed the disk it booted from: the source's bytes.
+    let (q2, path) = console(&config, "q2").await;
+    let line = guest::wait_for_console(&path, HASH_MARKER, BOOT_LIMIT);
+    assert_eq!(first_word(&line), want, "console of the target:\n{line}");
+    guest::wait_for_console(&path, SERVING_MARKER, BOOT_LIMIT);
+    let image = q2.volume_info("box", "guest").await.unwrap().unwrap();
+    assert_eq!(image.format.as_str(), "raw");
+    assert_eq!(guest::sha256_file(image.path.as_deref().unwrap()), want);
+
+    // The source VM and its disk are gone after the grace period.
+    assert!(!exists(&lab.path("providers/q1/volumes/box/guest.qcow2")));
+    let q1 = providers::open(&config.providers["q1"]).unwrap();
+    assert!(q1.vm_status("box", "guest").await.unwrap().is_none());
+
+    let outcome = q2
+        .stop_vm(
+            "box",
+            "guest",
+            StopOptions {
+                timeout: Duration::from_secs(60),
+                kill_after_timeout: false,
+            },
+        )
+        .await
+        .unwrap();
+    eprintln!("target powered down: {outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_cannot_run_the_guest_is_refused_or_rolled_back_to_the_running_source() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut lab = Lab::new();
+    // No network card at the target, but the guest forwards a port: refused at preflight,
+    // the source never stops.
+    let config = lab.write_config("sata", "none", 90);
+    let want = lab.source_disk(&config).await;
+    let out = lab.relocate("q2");
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("preflight"), "{said}");
+    assert!(said.contains("nic_model is `none`"), "{said}");
+    assert!(!said.contains("stop-source"), "{said}");
+    let (q1, path) = console(&config, "q1").await;
+    let status = q1.vm_status("box", "guest").await.unwrap().unwrap();
+    assert_eq!(format!("{:?}", status.state), "Running", "{status:?}");
+    assert_eq!(
+        first_word(&guest::wait_for_console(&path, HASH_MARKER, BOOT_LIMIT)),
+        want
+    );
+    drop(q1);
+
+    // A guest without the AHCI driver, moved to a provider whose disks are on SATA: it boots
+    // there, finds no disk and never serves. The health check fails, the target is removed
+    // and the source VM boots again from its untouched disk.
+    lab.initrd = lab
+        .env
+        .initramfs_without(lab.dir.path(), &["ahci"], "no-ahci.gz");
+    lab.stop_all();
+    let config = lab.write_config("sata", "e1000", 90);
+    let out = lab.relocate("q2");
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("rolled_back"), "{said}");
+    assert!(said.contains("health-check"), "{said}");
+    let (q1, path) = console(&config, "q1").await;
+    let status = q1.vm_status("box", "guest").await.unwrap().unwrap();
+    assert_eq!(format!("{:?}", status.state), "Running", "{status:?}");
+    let line = guest::wait_for_console(&path, HASH_MARKER, BOOT_LIMIT);
+    assert_eq!(first_word(&line), want, "the source disk changed");
+    assert!(!exists(&lab.path("providers/q2/volumes/box/guest.raw")));
+    let q2 = providers::open(&config.providers["q2"]).unwrap();
+    assert!(q2.vm_status("box", "guest").await.unwrap().is_none());
+}
