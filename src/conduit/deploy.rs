@@ -83,7 +83,7 @@ pub fn app_spec(config: &Config, service: &str, c: &Component) -> Result<AppSpec
 /// provider's, so the same definition adapts to whichever provider starts it.
 pub fn vm_spec(config: &Config, spec: &ServiceSpec, c: &Component) -> Result<VmSpec, DeployError> {
     let base = config.path.parent().unwrap_or(Path::new("/"));
-    VmSpec::from_component(&spec.name, c, spec.requirements.clone(), base).map_err(|e| {
+    VmSpec::from_component(&spec.name, c, spec.requirements, base).map_err(|e| {
         DeployError::Component {
             service: spec.name.clone(),
             component: format!("vm `{}`", c.name),
