@@ -12,3 +12,7 @@ echo "== relocation cutover downtime (pre-copy, 4 GiB volume)"
 scripts/bench-relocation.sh
 echo "== bucket relocation s3s-fs -> Swift against rclone"
 scripts/bench-buckets.sh
+echo "== viaduct against dd|nc, cp and rsync (4 GiB image)"
+scripts/bench-viaduct.sh
+echo "== VM relocation between qemu providers (1 GiB disk)"
+scripts/bench-vm.sh

@@ -45,22 +45,6 @@ impl Lab {
         self.dir.path().join(rel)
     }
 
-    fn qemu_table(&self, bus: &str, nic: &str) -> String {
-        let list = |v: &[PathBuf]| {
-            v.iter()
-                .map(|p| format!("\"{}\"", p.display()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        format!(
-            "binary = \"{}\"\nfirmware_dirs = [{}]\nlibrary_path = [{}]\naccel = \"tcg\"\n\
-             disk_bus = \"{bus}\"\nnic_model = \"{nic}\"\npowerdown_timeout_secs = 60\n",
-            self.env.qemu.display(),
-            list(&self.env.firmware),
-            list(std::slice::from_ref(&self.env.libs)),
-        )
-    }
-
     /// `fluidcloud.toml` with `q1` (qcow2 on virtio) and `q2` (raw on `target_bus` with
     /// `target_nic`), and service `box`: one VM on `q1`.
     fn write_config(&self, target_bus: &str, target_nic: &str, health_secs: u64) -> Config {
@@ -110,8 +94,8 @@ initrd = "{initrd}"
 append = "{append}"
 ports = [{{ guest = 80, host = {port} }}]
 "#,
-            q1 = self.qemu_table("virtio", "virtio-net-pci"),
-            q2 = self.qemu_table(target_bus, target_nic),
+            q1 = self.env.provider_settings("virtio", "virtio-net-pci", 60),
+            q2 = self.env.provider_settings(target_bus, target_nic, 60),
             repo = repo().display(),
             port = self.port,
             kernel = self.env.kernel.display(),
