@@ -600,3 +600,64 @@ fn a_corrupt_source_image_is_refused_before_the_source_stops() {
     );
     assert!(!s.path("providers/b/volumes/shop/data.raw").exists());
 }
+
+#[test]
+fn a_qcow2_target_gets_the_pre_copy_converted_and_only_the_delta_at_cutover() {
+    let s = Setup::new("qcow2");
+    deploy(&s);
+    let out = s.relocate("b", Some("precopy:volume:data:done"));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The service keeps writing after the pre-copy: new data in one place, zeros in another.
+    let volume = s.path("providers/a/volumes/shop/data.raw");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&volume)
+            .unwrap();
+        f.seek(SeekFrom::Start(5 << 20)).unwrap();
+        let mut fresh = vec![0u8; 3 << 20];
+        fastrand::Rng::with_seed(9).fill(&mut fresh);
+        f.write_all(&fresh).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&vec![0u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let expected = s.path("expected.raw");
+    std::fs::copy(&volume, &expected).unwrap();
+    let mut d = s.daemon();
+    let r = relocations(&mut d);
+    let last = r.as_array().unwrap().last().unwrap();
+    assert_eq!(last["state"], "completed", "{last}");
+    let sync = last["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["name"] == "sync:volume:data")
+        .unwrap();
+    assert!(
+        sync["output"]["delta_chunks_converted"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 4,
+        "the cutover did not convert only the delta: {sync}"
+    );
+    let target = s.path("providers/b/volumes/shop/data.qcow2");
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&expected)
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "the target differs from the source at the cutover: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+}

@@ -330,6 +330,7 @@ fn to_relocation(r: RelocationRecord) -> Relocation {
         submitted_at: r.created_at,
         updated_at: r.updated_at,
         detail: r.detail,
+        steps: r.steps,
     }
 }
 

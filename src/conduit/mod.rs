@@ -100,6 +100,11 @@ pub struct Relocation {
     pub submitted_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub detail: String,
+    /// Its steps in plan order, with state, times, what each produced (bytes, digests,
+    /// verification) and errors: the progress of a running relocation. Empty where the
+    /// conduit keeps no journal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<journal::StepRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
