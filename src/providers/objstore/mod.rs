@@ -90,6 +90,17 @@ trait Remote: Send + Sync {
     async fn credentials_refused(&self) -> bool {
         false
     }
+    /// Entity tags the store's own listing gives better than the generic one, by key: Swift
+    /// lists a static large object with the MD5 of its manifest, and its real entity tag
+    /// (the one a HEAD or the upload gives) only as `slo_etag`.
+    async fn listed_etags(
+        &self,
+        remote: &str,
+        obj: &str,
+    ) -> Result<HashMap<String, String>, ProviderError> {
+        let _ = (remote, obj);
+        Ok(HashMap::new())
+    }
     /// Keys the driver uses for its own bookkeeping, which are not objects.
     fn reserved(&self, key: &str) -> Option<&'static str> {
         let _ = key;
@@ -709,6 +720,14 @@ impl Provider for ObjectStore {
                     etag: meta.etag().or(meta.content_md5()).map(str::to_string),
                     modified: meta.last_modified().map(to_chrono),
                 });
+            }
+            let better = self.remote.listed_etags(&remote, &obj).await?;
+            if !better.is_empty() {
+                for o in &mut out {
+                    if let Some(etag) = better.get(&o.key) {
+                        o.etag = Some(etag.clone());
+                    }
+                }
             }
             out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)

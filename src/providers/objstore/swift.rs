@@ -436,6 +436,49 @@ impl Remote for Swift {
         self.url(&session, remote, None).map(String::from)
     }
 
+    async fn listed_etags(
+        &self,
+        remote: &str,
+        obj: &str,
+    ) -> Result<std::collections::HashMap<String, String>, ProviderError> {
+        const PAGE: usize = 10_000;
+        let action = "list its large objects";
+        let mut found = std::collections::HashMap::new();
+        let mut marker = String::new();
+        loop {
+            let page = PAGE.to_string();
+            let response = self
+                .request(
+                    reqwest::Method::GET,
+                    remote,
+                    None,
+                    &[("format", "json"), ("limit", &page), ("marker", &marker)],
+                    obj,
+                    action,
+                )
+                .await?;
+            if !response.status().is_success() {
+                return Err(self.remote_err(
+                    obj,
+                    action,
+                    format!("Swift answered {}", response.status()),
+                ));
+            }
+            let entries: Vec<serde_json::Value> = response.json().await.map_err(|e| {
+                self.remote_err(obj, action, format!("the listing is not JSON: {e}"))
+            })?;
+            for e in &entries {
+                if let (Some(name), Some(etag)) = (e["name"].as_str(), e["slo_etag"].as_str()) {
+                    found.insert(name.to_string(), etag.trim_matches('"').to_string());
+                }
+            }
+            match entries.last().and_then(|e| e["name"].as_str()) {
+                Some(last) if entries.len() == PAGE => marker = last.to_string(),
+                _ => return Ok(found),
+            }
+        }
+    }
+
     async fn operator(&self, remote: &str) -> Result<Operator, ProviderError> {
         let session = self.session(&format!("Swift container `{remote}`")).await?;
         let builder = opendal::services::Swift::default()
