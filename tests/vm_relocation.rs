@@ -26,6 +26,10 @@ struct Lab {
     dir: tempfile::TempDir,
     initrd: PathBuf,
     port: u16,
+    /// What the guest does after hashing its disk (`serve`, `ignore`).
+    after: &'static str,
+    /// How long the source provider waits for a guest to power down.
+    powerdown_secs: u64,
 }
 
 impl Lab {
@@ -38,6 +42,8 @@ impl Lab {
             dir,
             initrd,
             port: free_port(),
+            after: "serve",
+            powerdown_secs: 60,
         }
     }
 
@@ -58,7 +64,7 @@ evaluate_schedule = "0 0 0 1 1 *"
 
 [conduit]
 grace_period_secs = 1
-stop_timeout_secs = 60
+stop_timeout_secs = {stop}
 
 [providers.q1]
 driver = "qemu"
@@ -94,13 +100,16 @@ initrd = "{initrd}"
 append = "{append}"
 ports = [{{ guest = 80, host = {port} }}]
 "#,
-            q1 = self.env.provider_settings("virtio", "virtio-net-pci", 60),
+            q1 = self
+                .env
+                .provider_settings("virtio", "virtio-net-pci", self.powerdown_secs),
             q2 = self.env.provider_settings(target_bus, target_nic, 60),
             repo = repo().display(),
             port = self.port,
+            stop = self.powerdown_secs,
             kernel = self.env.kernel.display(),
             initrd = self.initrd.display(),
-            append = QemuEnv::append("serve", 80),
+            append = QemuEnv::append(self.after, 80),
         );
         let path = self.path("fluidcloud.toml");
         std::fs::write(&path, &text).unwrap();
@@ -289,4 +298,27 @@ async fn a_target_that_cannot_run_the_guest_is_refused_or_rolled_back_to_the_run
     assert!(!exists(&lab.path("providers/q2/volumes/box/guest.raw")));
     let q2 = providers::open(&config.providers["q2"]).unwrap();
     assert!(q2.vm_status("box", "guest").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_does_not_power_down_fails_the_relocation_and_keeps_running() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut lab = Lab::new();
+    lab.after = "ignore";
+    lab.powerdown_secs = 8;
+    let config = lab.write_config("sata", "e1000", 60);
+    let want = lab.source_disk(&config).await;
+    let out = lab.relocate("q2");
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("stop-source:vm:guest"), "{said}");
+    assert!(said.contains("still running"), "{said}");
+    assert!(said.contains("not killed"), "{said}");
+    // Never switched off: the same emulator still runs the guest, which hashed its disk.
+    let (q1, path) = console(&config, "q1").await;
+    let status = q1.vm_status("box", "guest").await.unwrap().unwrap();
+    assert_eq!(format!("{:?}", status.state), "Running", "{status:?}");
+    let line = guest::wait_for_console(&path, HASH_MARKER, BOOT_LIMIT);
+    assert_eq!(first_word(&line), want);
+    assert!(!exists(&lab.path("providers/q2/volumes/box/guest.raw")));
 }

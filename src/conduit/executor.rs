@@ -954,6 +954,8 @@ fn chunk_ranges(chunks: &[u64], manifest: &viaduct::ChunkManifest) -> Vec<(u64, 
     ranges
 }
 
+/// `qemu-img dd` read-backs run at the same time after a delta was written.
+const READ_BACK_CONCURRENCY: usize = 4;
 /// Most commands one `qemu-io` process is given.
 const QEMU_IO_BATCH: usize = 256;
 
@@ -968,20 +970,9 @@ async fn write_ranges(
     ranges: &[(u64, u64)],
     chunk: u64,
 ) -> Result<(), StepError> {
-    use std::io::{Read, Seek, SeekFrom};
     let scratch = ctx.work_dir().join("delta");
     std::fs::create_dir_all(&scratch)
         .map_err(|e| other(format!("cannot create {}: {e}", scratch.display())))?;
-    let read_range = |path: &Path, offset: u64, len: u64| -> Result<Vec<u8>, StepError> {
-        let mut f = std::fs::File::open(path)
-            .map_err(|e| other(format!("cannot open {}: {e}", path.display())))?;
-        f.seek(SeekFrom::Start(offset))
-            .map_err(|e| other(format!("cannot seek in {}: {e}", path.display())))?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact(&mut buf)
-            .map_err(|e| other(format!("cannot read {}: {e}", path.display())))?;
-        Ok(buf)
-    };
     let mut commands = Vec::new();
     for (i, &(offset, len)) in ranges.iter().enumerate() {
         let data = read_range(raw, offset, len)?;
@@ -1003,36 +994,63 @@ async fn write_ranges(
         args.push(dst.display().to_string());
         run_tool("qemu-io", &args).await?;
     }
-    // Read every range back through qemu, as the guest or app will see it. `count` is
-    // given as the end block: some qemu-img versions apply it before `skip`.
-    let back = scratch.join("back.raw");
-    for &(offset, len) in ranges {
-        let bs = chunk;
-        let args: Vec<String> = vec![
-            "dd".into(),
-            "-f".into(),
-            format.as_str().into(),
-            "-O".into(),
-            "raw".into(),
-            format!("if={}", dst.display()),
-            format!("of={}", back.display()),
-            format!("bs={bs}"),
-            format!("skip={}", offset / bs),
-            format!("count={}", (offset + len).div_ceil(bs)),
-        ];
-        let _ = std::fs::remove_file(&back);
-        run_tool("qemu-img", &args).await?;
-        let got = read_range(&back, 0, len)?;
-        if got != read_range(raw, offset, len)? {
-            return Err(other(format!(
-                "{} differs from the staging image in bytes {offset}..{} after the delta was written",
-                dst.display(),
-                offset + len
-            )));
+    // Read every range back through qemu, as the guest or app will see it, a few at a time
+    // (each `qemu-img dd` is mostly start-up). `count` is given as the end block: some
+    // qemu-img versions apply it before `skip`.
+    // By index: a closure over borrowed items would be generic over their lifetime, and the
+    // compiler could not then prove the relocation's future `Send`.
+    let checks = (0..ranges.len()).map(|i| {
+        let (offset, len) = ranges[i];
+        let back = scratch.join(format!("back-{i}.raw"));
+        async move {
+            let args: Vec<String> = vec![
+                "dd".into(),
+                "-f".into(),
+                format.as_str().into(),
+                "-O".into(),
+                "raw".into(),
+                format!("if={}", dst.display()),
+                format!("of={}", back.display()),
+                format!("bs={chunk}"),
+                format!("skip={}", offset / chunk),
+                format!("count={}", (offset + len).div_ceil(chunk)),
+            ];
+            run_tool("qemu-img", &args).await?;
+            let got = read_range(&back, 0, len)?;
+            let _ = std::fs::remove_file(&back);
+            if got != read_range(raw, offset, len)? {
+                return Err(other(format!(
+                    "{} differs from the staging image in bytes {offset}..{} after the delta was written",
+                    dst.display(),
+                    offset + len
+                )));
+            }
+            Ok(())
         }
-    }
+    });
+    use futures_util::StreamExt;
+    let results: Vec<Result<(), StepError>> = futures_util::stream::iter(checks)
+        .buffer_unordered(READ_BACK_CONCURRENCY)
+        .collect()
+        .await;
+    results
+        .into_iter()
+        .collect::<Result<Vec<()>, StepError>>()?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// `len` bytes of the file at `path` from `offset`.
+fn read_range(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>, StepError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| other(format!("cannot open {}: {e}", path.display())))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| other(format!("cannot seek in {}: {e}", path.display())))?;
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact(&mut buf)
+        .map_err(|e| other(format!("cannot read {}: {e}", path.display())))?;
+    Ok(buf)
 }
 
 async fn run_tool(program: &str, args: &[String]) -> Result<(), StepError> {
