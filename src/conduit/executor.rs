@@ -927,6 +927,15 @@ async fn copy_volume(
             if final_pass {
                 remove_file(&staging)?;
             } else {
+                // Flush the converted image now, while the source runs: otherwise the
+                // cutover's first flush of it (qemu-io's) writes the whole image back.
+                let synced = dst.clone();
+                tokio::task::spawn_blocking(move || {
+                    std::fs::File::open(&synced).and_then(|f| f.sync_all())
+                })
+                .await
+                .map_err(|e| other(format!("the flush task failed: {e}")))?
+                .map_err(|e| other(format!("cannot flush {}: {e}", dst.display())))?;
                 report.manifest.save(&converted)?;
             }
         }
