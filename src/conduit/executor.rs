@@ -524,8 +524,8 @@ async fn execute(ctx: &Ctx, step: &Step) -> Result<Value, StepError> {
         Action::CopyBucket { bucket } | Action::SyncBucket { bucket } => {
             copy_bucket(ctx, step, bucket).await
         }
-        Action::StopSource { app } => stop_source(ctx, app).await,
-        Action::StopSourceVm { vm } => stop_source_vm(ctx, vm).await,
+        Action::StopSource { app } => stop_source(ctx, ComponentKind::App, app).await,
+        Action::StopSourceVm { vm } => stop_source(ctx, ComponentKind::Vm, vm).await,
         Action::WriteConfig { file, app } => write_config(ctx, file, app).await,
         Action::Recontextualise => recontextualise(ctx).await,
         Action::StartTarget { app } => start_target(ctx, app).await,
@@ -1213,33 +1213,17 @@ async fn copy_bucket(ctx: &Ctx, step: &Step, bucket: &str) -> Result<Value, Step
     }))
 }
 
-async fn stop_source(ctx: &Ctx, app: &str) -> Result<Value, StepError> {
-    let outcome = ctx
-        .source
-        .stop_app(
-            ctx.svc(),
-            app,
-            StopOptions {
-                timeout: ctx.config.conduit.stop_timeout,
-                kill_after_timeout: ctx.config.conduit.kill_after_stop_timeout,
-            },
-        )
-        .await?;
-    Ok(json!({ "outcome": outcome }))
-}
-
-async fn stop_source_vm(ctx: &Ctx, vm: &str) -> Result<Value, StepError> {
-    let outcome = ctx
-        .source
-        .stop_vm(
-            ctx.svc(),
-            vm,
-            StopOptions {
-                timeout: ctx.config.conduit.stop_timeout,
-                kill_after_timeout: ctx.config.conduit.kill_after_stop_timeout,
-            },
-        )
-        .await?;
+/// Stops a source app or powers a source VM down, killing it after the stop timeout only
+/// where the configuration allows.
+async fn stop_source(ctx: &Ctx, kind: ComponentKind, name: &str) -> Result<Value, StepError> {
+    let options = StopOptions {
+        timeout: ctx.config.conduit.stop_timeout,
+        kill_after_timeout: ctx.config.conduit.kill_after_stop_timeout,
+    };
+    let outcome = match kind {
+        ComponentKind::Vm => ctx.source.stop_vm(ctx.svc(), name, options).await?,
+        _ => ctx.source.stop_app(ctx.svc(), name, options).await?,
+    };
     Ok(json!({ "outcome": outcome }))
 }
 
