@@ -183,14 +183,7 @@ async fn wait_serving(port: u16, limit: Duration) -> Result<Duration, String> {
 
 fn kill_vms(dir: &Path) {
     for p in ["q1", "q2"] {
-        if let Ok(text) = std::fs::read_to_string(dir.join(format!("{p}/vms/box/guest/pid"))) {
-            if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                // SAFETY: signals an emulator this benchmark started.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
+        servers::kill_from_pid_file(&dir.join(format!("{p}/vms/box/guest/pid")));
     }
 }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
-use common::servers::{S3sFs, SwiftServer, TestEnv};
+use common::servers::{kill_from_pid_file, S3sFs, SwiftServer, TestEnv};
 use common::{bin, repo};
 use fluidcloud::conduit::buckets::{bucket_manifest, BucketManifest};
 use fluidcloud::config::Config;
@@ -157,15 +157,7 @@ mode = "audit"
 
     fn kill_apps(&self) {
         for p in ["a", "b"] {
-            let pid_file = self.path(&format!("providers/{p}/apps/shop/web/pid"));
-            if let Ok(text) = std::fs::read_to_string(pid_file) {
-                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                    // SAFETY: signals a process the test's provider started.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
+            kill_from_pid_file(&self.path(&format!("providers/{p}/apps/shop/web/pid")));
         }
     }
 }

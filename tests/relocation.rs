@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::servers::kill_from_pid_file;
 use common::{bin, free_port, repo, Daemon};
 use serde_json::Value;
 
@@ -185,15 +186,7 @@ size_gib = 0.01
     /// Kills the demo app processes left running by the local providers.
     fn kill_apps(&self) {
         for p in ["a", "b"] {
-            let pid_file = self.path(&format!("providers/{p}/apps/shop/web/pid"));
-            if let Ok(text) = std::fs::read_to_string(pid_file) {
-                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                    // SAFETY: signals a process the test's provider started.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
+            kill_from_pid_file(&self.path(&format!("providers/{p}/apps/shop/web/pid")));
         }
     }
 }

@@ -32,6 +32,32 @@ struct Lab {
     initrd: PathBuf,
 }
 
+/// Emulators are daemons: a test that fails half-way must not leave them running.
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let pid_files = std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|provider| {
+                std::fs::read_dir(provider.path().join("vms"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .flat_map(|service| {
+                std::fs::read_dir(service.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .map(|vm| vm.path().join("pid"));
+        for pid_file in pid_files {
+            common::servers::kill_from_pid_file(&pid_file);
+        }
+    }
+}
+
 impl Lab {
     fn new() -> Lab {
         let env = QemuEnv::load();

@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::guest::{self, QemuEnv, HASH_MARKER, SERVING_MARKER};
+use common::servers::kill_from_pid_file;
 use common::{bin, free_port, repo};
 use fluidcloud::config::Config;
 use fluidcloud::providers::{self, Provider, StopOptions, VolumeSpec};
@@ -168,15 +169,7 @@ ports = [{{ guest = 80, host = {port} }}]
     /// Switches off every VM the providers may still run.
     fn stop_all(&self) {
         for p in ["q1", "q2"] {
-            let pid = self.path(&format!("providers/{p}/vms/box/guest/pid"));
-            if let Ok(text) = std::fs::read_to_string(pid) {
-                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                    // SAFETY: signals a process the test's provider started.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
+            kill_from_pid_file(&self.path(&format!("providers/{p}/vms/box/guest/pid")));
         }
     }
 }

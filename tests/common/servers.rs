@@ -214,6 +214,20 @@ pub fn http(
 }
 
 /// An `s3s-fs` server on a directory.
+/// Sends SIGKILL to the process a provider's pid file names (its first word), if the file
+/// exists: cleans up apps and emulators a test or benchmark left running.
+pub fn kill_from_pid_file(pid_file: &Path) {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return;
+    };
+    if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+        // SAFETY: signals a process a provider of the caller started.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
 pub struct S3sFs {
     env: TestEnv,
     pub port: u16,
