@@ -374,6 +374,23 @@ async fn buckets_store_list_and_refuse_keys_that_escape() {
     let listed = p.list_objects("shop", "assets").await.unwrap();
     assert_eq!(listed[0].size, 3);
 
+    // A new version has another entity tag than the one it replaces, even written at once
+    // with the same size, and a write, a stat and a listing describe one version alike.
+    let mut tags = Vec::new();
+    for data in [&b"one"[..], &b"two"[..], &b"two"[..]] {
+        let written = p
+            .write_object("shop", "assets", "a.txt", Box::pin(data))
+            .await
+            .unwrap();
+        let stat = p.stat_object("shop", "assets", "a.txt").await.unwrap();
+        let listed = p.list_objects("shop", "assets").await.unwrap();
+        let tag = written.etag.expect("a written object has an entity tag");
+        assert_eq!(stat.unwrap().info.etag.as_deref(), Some(tag.as_str()));
+        assert_eq!(listed[0].etag.as_deref(), Some(tag.as_str()));
+        tags.push(tag);
+    }
+    assert!(tags[0] != tags[1] && tags[1] != tags[2], "{tags:?}");
+
     // A file outside the bucket that escaping keys would reach.
     std::fs::write(tmp.path().join("secret"), b"x").unwrap();
     for key in [

@@ -301,16 +301,15 @@ impl Buckets {
                 return Err(e);
             }
         };
-        let modified = std::fs::metadata(&target)
-            .and_then(|m| m.modified())
-            .ok()
-            .map(DateTime::<Utc>::from);
+        let meta = std::fs::metadata(&target).ok();
         Ok(ObjectInfo {
             key: key.to_string(),
             size,
             blake3: Some(hash),
-            etag: None,
-            modified,
+            etag: meta.as_ref().map(file_tag),
+            modified: meta
+                .and_then(|m| m.modified().ok())
+                .map(DateTime::<Utc>::from),
         })
     }
 
@@ -351,7 +350,7 @@ impl Buckets {
                 size: meta.len(),
                 // Only a full read gives the hash; callers that need it list or read.
                 blake3: None,
-                etag: None,
+                etag: Some(file_tag(&meta)),
                 modified: meta.modified().ok().map(DateTime::<Utc>::from),
             },
             meta: object_meta,
@@ -593,6 +592,21 @@ fn walk(
     Ok(())
 }
 
+/// Names one version of a stored file, like a web server's file entity tag: every write
+/// renames a new file into place while the old one still exists, so a new version has another
+/// inode than the one it replaces even when it has the same size and lands within the same
+/// tick of the file system's coarse clock.
+fn file_tag(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{:x}-{:x}-{:x}.{:x}",
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    )
+}
+
 fn hash_file(path: &Path) -> std::io::Result<ObjectInfo> {
     let mut file = std::fs::File::open(path)?;
     let meta = file.metadata()?;
@@ -602,7 +616,7 @@ fn hash_file(path: &Path) -> std::io::Result<ObjectInfo> {
         key: String::new(),
         size,
         blake3: Some(hasher.finalize().to_hex().to_string()),
-        etag: None,
+        etag: Some(file_tag(&meta)),
         modified: meta.modified().ok().map(DateTime::<Utc>::from),
     })
 }
