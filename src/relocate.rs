@@ -121,13 +121,11 @@ fn print_summary(engine: &Engine, record: &RelocationRecord) {
             .get("bytes_read")
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
-        read += s.output.get("bytes").and_then(|v| v.as_u64()).unwrap_or(0);
         sent += s
             .output
             .get("bytes_written")
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
-        sent += s.output.get("bytes").and_then(|v| v.as_u64()).unwrap_or(0);
         if let Some(v) = s.output.get("verified").and_then(|v| v.as_str()) {
             verified.push(format!("{}: {v}", s.name));
         }

@@ -87,6 +87,11 @@ impl Setup {
     /// Writes `fluidcloud.toml`: providers `a`, `b` (local), `s3` and `swift`, then
     /// `services`.
     fn write_config(&self, services: &str) -> Config {
+        self.write_config_with("", services)
+    }
+
+    /// As [`Setup::write_config`], with `conduit` added to the `[conduit]` table.
+    fn write_config_with(&self, conduit: &str, services: &str) -> Config {
         let text = format!(
             r#"
 [daemon]
@@ -99,6 +104,7 @@ evaluate_schedule = "0 0 0 1 1 *"
 grace_period_secs = 1
 stop_timeout_secs = 5
 health_timeout_secs = 20
+{conduit}
 
 [providers.a]
 driver = "local"
@@ -143,16 +149,19 @@ mode = "audit"
         Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn relocate(&self, service: &str, to: &str) -> Output {
-        Command::new(bin())
-            .args(["relocate", "--quiet", "--config"])
+    fn relocate_command(&self, service: &str, to: &str) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.args(["relocate", "--quiet", "--config"])
             .arg(self.path("fluidcloud.toml"))
             .args([service, "--to", to])
             .env_remove("FLUIDCLOUD_KILL_AT")
             .env_remove("CREDENTIALS_DIRECTORY")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn relocate(&self, service: &str, to: &str) -> Output {
+        self.relocate_command(service, to).output().unwrap()
     }
 
     fn kill_apps(&self) {
@@ -362,4 +371,108 @@ provider = "swift"
     assert_eq!(manifest(s3.as_ref(), "shop", "photos").await, photos);
     assert_eq!(manifest(swift.as_ref(), "shop", "thumbs").await, thumbs);
     assert!(!s.path("providers/b/buckets/shop/photos").exists());
+}
+
+/// The number after `label` in the summary `relocate` prints, e.g. `bytes sent: 1.2 MiB (N B)`.
+fn summary_bytes(out: &Output, label: &str) -> u64 {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in the summary:\n{}", text(out)));
+    let inner = line
+        .rsplit_once('(')
+        .and_then(|(_, r)| r.strip_suffix(" B)"))
+        .unwrap_or_else(|| panic!("unexpected summary line: {line}"));
+    inner.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_server_killed_mid_copy_fails_the_move_and_the_next_attempt_resumes() {
+    let mut s = Setup::new();
+    // Slow enough that the copy is still going when the target's server dies.
+    let config = s.write_config_with("bucket_max_mib_per_sec = 1", ARCHIVE);
+    let s3 = open(&config, "s3");
+    fill(s3.as_ref(), "archive", "media", 300).await;
+    let original = manifest(s3.as_ref(), "archive", "media").await;
+    let total: u64 = original.entries.values().map(|e| e.size).sum();
+
+    let log = std::fs::File::create(s.path("first.log")).unwrap();
+    let mut child = s
+        .relocate_command("archive", "swift")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let swift = open(&config, "swift");
+    let started = std::time::Instant::now();
+    let arrived = loop {
+        let n = swift
+            .list_objects("archive", "media")
+            .await
+            .map(|l| l.len())
+            .unwrap_or(0);
+        if n >= 30 {
+            break n;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "objects did not start arriving at Swift:\n{}",
+            std::fs::read_to_string(s.path("first.log")).unwrap_or_default()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the copy ended before the server could be killed:\n{}",
+            std::fs::read_to_string(s.path("first.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    s.swift.kill_proxy();
+    let status = child.wait().unwrap();
+    let said = std::fs::read_to_string(s.path("first.log")).unwrap();
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains("copy:bucket:media") && said.contains("swift"),
+        "the failure does not name the step and the provider:\n{said}"
+    );
+    assert!(
+        said.contains("unreachable") || said.contains("connect"),
+        "the failure does not say the target could not be reached:\n{said}"
+    );
+    // The source is untouched.
+    assert_eq!(manifest(s3.as_ref(), "archive", "media").await, original);
+
+    // With the server back and no rate cap, the next attempt completes, and what arrived
+    // before the crash is not sent again.
+    s.swift.restart_proxy();
+    s.write_config(ARCHIVE);
+    let out = s.relocate("archive", "swift");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(manifest(swift.as_ref(), "archive", "media").await, original);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(
+            "verified:   sync:bucket:media: BLAKE3 manifests of both sides equal (301 objects)"
+        ),
+        "{shown}"
+    );
+    let sent = summary_bytes(&out, "bytes sent:");
+    assert!(
+        sent < total && sent > 0,
+        "{sent} of {total} bytes were sent after {arrived} objects had arrived:\n{}",
+        text(&out)
+    );
+    // The sync reuses the hashes the copy learned: every object is read once to copy it,
+    // what had arrived is read at both ends once to hash it, and nothing more.
+    let read = summary_bytes(&out, "bytes read:");
+    assert!(
+        read < 2 * total,
+        "{read} bytes were read for a bucket of {total}:\n{}",
+        text(&out)
+    );
+    let gone = s3.list_objects("archive", "media").await;
+    assert!(
+        gone.as_ref().map(|l| l.is_empty()).unwrap_or(true),
+        "the source bucket was not decommissioned: {gone:?}"
+    );
 }

@@ -11,8 +11,10 @@
 //!
 //! An object at the target is taken as equal when the sizes match and then, in this order:
 //! both providers give a BLAKE3 and it matches; both give a plain MD5 entity tag (32 hex
-//! digits: a single-part S3 upload, a plain Swift object) and it matches; or, when neither
-//! comparison is possible, reading both and hashing them gives the same BLAKE3. Entity tags
+//! digits: a single-part S3 upload, a plain Swift object) and it matches; an earlier copy
+//! between the same buckets ([`BucketCopyOptions::known`]) hashed both listed versions and
+//! the hashes match; or, when none of these is possible, reading both and hashing them gives
+//! the same BLAKE3. Entity tags
 //! of other shapes (multipart uploads, Swift large objects) are never compared: they depend
 //! on how the object was uploaded, not only on its content.
 //!
@@ -27,9 +29,10 @@
 //! # The manifest
 //!
 //! After copying, both buckets are listed again. For every object of the source, the BLAKE3
-//! comes from the provider's listing where it gives one, else from what this run read (at
-//! the source) or wrote (at the target) when size, entity tag and modification time still
-//! match, else the object is read again and hashed. [`BucketCopyOptions::verify_by_reading`]
+//! comes from the provider's listing where it gives one, else from what this run or an
+//! earlier one ([`BucketCopyOptions::known`]) read (at the source) or wrote (at the target)
+//! when size, entity tag and modification time still match, else the object is read again
+//! and hashed. What was learned is returned in [`BucketCopyReport::known`]. [`BucketCopyOptions::verify_by_reading`]
 //! makes the target side always read back. The manifest digest is
 //!
 //! ```text
@@ -51,7 +54,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +81,10 @@ pub struct BucketCopyOptions {
     /// Cancelling stops the copy: objects being written are abandoned (the target keeps its
     /// previous version), objects already copied stay and are skipped by the next run.
     pub cancel: CancellationToken,
+    /// Hashes an earlier copy between the same two buckets learned
+    /// ([`BucketCopyReport::known`]): an object whose listing still describes the version
+    /// hashed then is compared and put in the manifest without being read again.
+    pub known: KnownHashes,
 }
 
 impl Default for BucketCopyOptions {
@@ -87,6 +94,7 @@ impl Default for BucketCopyOptions {
             max_bytes_per_sec: None,
             verify_by_reading: false,
             cancel: CancellationToken::new(),
+            known: KnownHashes::default(),
         }
     }
 }
@@ -145,6 +153,10 @@ pub struct BucketCopyReport {
     pub manifest_digest: String,
     #[serde(rename = "duration_secs", serialize_with = "duration_secs")]
     pub duration: Duration,
+    /// The BLAKE3 of every object of both sides, for the versions this copy saw; hand it to
+    /// the next copy between the same buckets ([`BucketCopyOptions::known`]).
+    #[serde(skip)]
+    pub known: KnownHashes,
 }
 
 fn duration_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -463,11 +475,12 @@ impl End<'_> {
     }
 }
 
-/// What this run learned about an object's content: its BLAKE3 for the version that had
+/// What a run learned about an object's content: its BLAKE3 for the version that had
 /// `fingerprint`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Known {
     fingerprint: Fingerprint,
+    #[serde(with = "hex_hash")]
     blake3: blake3::Hash,
     /// The fingerprint comes from a write, not from a listing: providers describe an object
     /// differently there (entity tags missing from listings, modification times rounded to
@@ -493,7 +506,7 @@ impl Known {
 
 /// What identifies a version of an object without reading it. Only compare fingerprints
 /// that come from the same kind of call (two listings, or two stats).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Fingerprint {
     size: u64,
     etag: Option<String>,
@@ -591,11 +604,45 @@ struct Run<'a> {
     ticker: Mutex<Ticker>,
 }
 
-/// Hashes learned during the run, by key.
-#[derive(Default)]
-struct Learned {
+/// Hashes learned by a copy, by key and side, each for the version of the object it was
+/// learned about. Saved between the pre-copy and the final sync of a relocation, so the sync
+/// reads only what changed. Serialises to JSON.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KnownHashes {
     src: HashMap<String, Known>,
     dst: HashMap<String, Known>,
+}
+
+impl KnownHashes {
+    /// Objects described, both sides together.
+    pub fn len(&self) -> usize {
+        self.src.len() + self.dst.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The hashes of `src_key` and `dst_key` when both listings still describe the versions
+    /// they were learned about.
+    fn both(&self, src: &ObjectInfo, dst: &ObjectInfo) -> Option<(blake3::Hash, blake3::Hash)> {
+        let s = self.src.get(&src.key).filter(|k| k.matches(src))?;
+        let d = self.dst.get(&dst.key).filter(|k| k.matches(dst))?;
+        Some((s.blake3, d.blake3))
+    }
+}
+
+mod hex_hash {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &blake3::Hash, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&h.to_hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<blake3::Hash, D::Error> {
+        let text = String::deserialize(d)?;
+        blake3::Hash::from_hex(text.as_bytes()).map_err(serde::de::Error::custom)
+    }
 }
 
 impl<'a> Run<'a> {
@@ -625,7 +672,7 @@ impl<'a> Run<'a> {
         );
         let dst_by_key: HashMap<&str, &ObjectInfo> =
             dst_list.iter().map(|o| (o.key.as_str(), o)).collect();
-        let learned = Mutex::new(Learned::default());
+        let learned = Mutex::new(self.options.known.clone());
         let results: Vec<(String, Result<Outcome, ObjectError>)> = stream::iter(0..src_list.len())
             .map(|i| {
                 // By index: a closure over `&ObjectInfo` would be generic over the borrow's
@@ -688,14 +735,16 @@ impl<'a> Run<'a> {
             },
             true,
         );
-        let learned = learned.into_inner().unwrap_or_else(|e| e.into_inner());
-        let (src_manifest, dst_manifest, extra, total) = self.manifests(&learned, &report).await?;
+        let mut learned = learned.into_inner().unwrap_or_else(|e| e.into_inner());
+        let (src_manifest, dst_manifest, extra, total) =
+            self.manifests(&mut learned, &report).await?;
         report.objects_total = total.0;
         report.bytes_total = total.1;
         report.extra_at_target = extra;
         report.bytes_read = self.bytes_read.load(Ordering::Relaxed);
         report.duration = self.started.elapsed();
         report.manifest_digest = src_manifest.digest();
+        report.known = learned;
         if !unstable.is_empty() {
             return Err(BucketCopyError::Unstable {
                 keys: unstable,
@@ -749,7 +798,7 @@ impl<'a> Run<'a> {
         &self,
         src: &ObjectInfo,
         dst: Option<&ObjectInfo>,
-        learned: &Mutex<Learned>,
+        learned: &Mutex<KnownHashes>,
     ) -> Result<Outcome, ObjectError> {
         if self.stop.is_cancelled() {
             return Err(stopped(&self.src, &src.key));
@@ -790,7 +839,7 @@ impl<'a> Run<'a> {
         &self,
         src: &ObjectInfo,
         dst: Option<&ObjectInfo>,
-        learned: &Mutex<Learned>,
+        learned: &Mutex<KnownHashes>,
     ) -> Result<bool, ObjectError> {
         let Some(dst) = dst else { return Ok(false) };
         if dst.size != src.size {
@@ -832,6 +881,13 @@ impl<'a> Run<'a> {
                 }
             }
         }
+        let known = learned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .both(src, dst);
+        if let Some((s, d)) = known {
+            return Ok(s == d);
+        }
         let limiter = self.limiter.as_ref();
         let (s, d) = tokio::join!(
             self.src
@@ -872,7 +928,7 @@ impl<'a> Run<'a> {
     async fn copy(
         &self,
         src: &ObjectInfo,
-        learned: &Mutex<Learned>,
+        learned: &Mutex<KnownHashes>,
     ) -> Result<Outcome, ObjectError> {
         let key = src.key.as_str();
         for attempt in 1..=2 {
@@ -985,7 +1041,7 @@ impl<'a> Run<'a> {
     /// target, and the source's object count and bytes.
     async fn manifests(
         &self,
-        learned: &Learned,
+        learned: &mut KnownHashes,
         report: &BucketCopyReport,
     ) -> Result<(BucketManifest, BucketManifest, Vec<String>, (u64, u64)), BucketCopyError> {
         let (src_list, dst_list) = tokio::join!(self.list(&self.src), self.list(&self.dst));
@@ -1013,7 +1069,15 @@ impl<'a> Run<'a> {
         );
         self.check_cancel()?;
         match (src_manifest, dst_manifest) {
-            (Ok(s), Ok(d)) => Ok((s, d, extra, total)),
+            (Ok((s, src_hashed)), Ok((d, dst_hashed))) => {
+                // What was read now is known for the next run; objects that are gone are
+                // forgotten.
+                learned.src.extend(src_hashed);
+                learned.dst.extend(dst_hashed);
+                learned.src.retain(|k, _| s.entries.contains_key(k));
+                learned.dst.retain(|k, _| d.entries.contains_key(k));
+                Ok((s, d, extra, total))
+            }
             (s, d) => {
                 let mut failures: Vec<ObjectFailure> =
                     s.err().into_iter().chain(d.err()).flatten().collect();
@@ -1036,8 +1100,9 @@ impl<'a> Run<'a> {
         objects: Vec<&ObjectInfo>,
         known: &HashMap<String, Known>,
         trust_written: bool,
-    ) -> Result<BucketManifest, Vec<ObjectFailure>> {
-        let results: Vec<Result<(String, ManifestEntry), ObjectFailure>> = stream::iter(0..objects.len())
+    ) -> Result<(BucketManifest, Vec<(String, Known)>), Vec<ObjectFailure>> {
+        type Hashed = Option<Known>;
+        let results: Vec<Result<(String, ManifestEntry, Hashed), ObjectFailure>> = stream::iter(0..objects.len())
             .map(|i| {
                 let o = objects[i];
                 async move {
@@ -1072,7 +1137,13 @@ impl<'a> Run<'a> {
                                 }));
                             }
                         };
-                        if size != o.size {
+                        // The hash belongs to the listed version only if the size agrees.
+                        let learned = (size == o.size).then(|| Known {
+                            fingerprint: Fingerprint::of(o),
+                            blake3: hash,
+                            written: false,
+                        });
+                        if learned.is_none() {
                             // Changed since the listing; what was read is the truth now.
                             tracing::warn!(
                                 "Object `{}` in bucket `{}/{}` changed while the manifest was built.",
@@ -1086,7 +1157,7 @@ impl<'a> Run<'a> {
                             blake3: hash.to_hex().to_string(),
                         };
                         self.tick(|t| t.objects_done += 1, false);
-                        return Ok((o.key.clone(), entry));
+                        return Ok((o.key.clone(), entry, learned));
                     }
                 };
                 self.tick(|t| t.objects_done += 1, false);
@@ -1096,6 +1167,7 @@ impl<'a> Run<'a> {
                         size: o.size,
                         blake3,
                     },
+                    None,
                 ))
             }
             })
@@ -1103,10 +1175,14 @@ impl<'a> Run<'a> {
             .collect()
             .await;
         let mut manifest = BucketManifest::default();
+        let mut hashed = Vec::new();
         let mut failures = Vec::new();
         for r in results {
             match r {
-                Ok((k, e)) => {
+                Ok((k, e, learned)) => {
+                    if let Some(l) = learned {
+                        hashed.push((k.clone(), l));
+                    }
                     manifest.entries.insert(k, e);
                 }
                 Err(f) => failures.push(f),
@@ -1115,7 +1191,7 @@ impl<'a> Run<'a> {
         if !failures.is_empty() {
             return Err(failures);
         }
-        Ok(manifest)
+        Ok((manifest, hashed))
     }
 
     /// Updates the progress counters and calls the callback when it is due (at most ten

@@ -543,3 +543,64 @@ async fn metadata_no_store_could_keep_is_refused_before_any_data_moves() {
     }
     assert!(a.list_objects("svc", "data").await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn hashes_from_an_earlier_copy_spare_reading_unchanged_objects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = local("a", &tmp.path().join("a"));
+    let b = local("b", &tmp.path().join("b"));
+    fill(&*a, "data", 6).await;
+    // Neither side lists hashes, and the local entity tags are no MD5: without what an
+    // earlier copy learned, comparing and verifying means reading.
+    let hidden = |p: &Arc<LocalProvider>| Wrapped {
+        hide_blake3: true,
+        ..Wrapped::new(p.clone())
+    };
+    let (src, dst) = (hidden(&a), hidden(&b));
+    let first = copy(&src, &dst, &BucketCopyOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(first.objects_copied, 6);
+    assert_eq!(first.known.len(), 12, "{:?}", first.known);
+
+    let (src, dst) = (hidden(&a), hidden(&b));
+    let options = BucketCopyOptions {
+        known: first.known.clone(),
+        ..Default::default()
+    };
+    let again = copy(&src, &dst, &options).await.unwrap();
+    assert_eq!((again.objects_copied, again.objects_skipped), (0, 6));
+    assert_eq!(src.reads.load(Ordering::SeqCst), 0);
+    assert_eq!(dst.reads.load(Ordering::SeqCst), 0);
+    assert_eq!(again.bytes_read, 0);
+    assert_eq!(again.manifest_digest, first.manifest_digest);
+
+    // A changed object is copied (one read), and the hashes of the others still count.
+    put(&*a, "data", "a/2", b"a new version".to_vec()).await;
+    let (src, dst) = (hidden(&a), hidden(&b));
+    let options = BucketCopyOptions {
+        known: again.known.clone(),
+        ..Default::default()
+    };
+    let third = copy(&src, &dst, &options).await.unwrap();
+    assert_eq!((third.objects_copied, third.objects_skipped), (1, 5));
+    assert_eq!(src.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(dst.reads.load(Ordering::SeqCst), 0);
+    assert_eq!(read_all(&*b, "copy", "a/2").await, b"a new version");
+    assert_ne!(third.manifest_digest, first.manifest_digest);
+
+    // Hashes survive a trip through JSON, as between a pre-copy and its sync.
+    let json = serde_json::to_string(&third.known).unwrap();
+    let back: KnownHashes = serde_json::from_str(&json).unwrap();
+    let (src, dst) = (hidden(&a), hidden(&b));
+    let options = BucketCopyOptions {
+        known: back,
+        ..Default::default()
+    };
+    let fourth = copy(&src, &dst, &options).await.unwrap();
+    assert_eq!(fourth.objects_skipped, 6);
+    assert_eq!(
+        src.reads.load(Ordering::SeqCst) + dst.reads.load(Ordering::SeqCst),
+        0
+    );
+}
