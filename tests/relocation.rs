@@ -282,6 +282,24 @@ fn a_service_moves_with_its_data_config_and_bucket_and_the_source_is_decommissio
         "{stdout}"
     );
     assert_consistent(&s, &hash, &listing, "completed", "uninterrupted");
+    // The volume's and the bucket's copies of one phase ran side by side.
+    let journal =
+        fluidcloud::conduit::journal::Journal::open(&s.path("state/journal.sqlite")).unwrap();
+    let record = journal.list().unwrap().pop().unwrap();
+    for (volume, bucket) in [
+        ("precopy:volume:data", "copy:bucket:assets"),
+        ("sync:volume:data", "sync:bucket:assets"),
+    ] {
+        let times = |name: &str| {
+            let step = record.steps.iter().find(|st| st.name == name).unwrap();
+            (step.started_at.unwrap(), step.finished_at.unwrap())
+        };
+        let (v, b) = (times(volume), times(bucket));
+        assert!(
+            v.0 < b.1 && b.0 < v.1,
+            "{volume} ran {v:?} and {bucket} ran {b:?}: one after the other"
+        );
+    }
     // The placement moved: planning again starts from `b`.
     let plan = Command::new(bin())
         .args(["plan", "--config"])

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
 use super::buckets;
@@ -289,32 +290,69 @@ async fn forward(ctx: &Ctx, record: &RelocationRecord) {
     );
     let mut phase_started = Instant::now();
     let mut phase = Phase::Precopy;
-    for (i, step) in ctx.plan.steps.iter().enumerate() {
-        if step.phase == Phase::Grace {
-            break;
-        }
-        if step.phase != phase {
+    let steps = &ctx.plan.steps;
+    let mut i = 0;
+    while i < steps.len() && steps[i].phase != Phase::Grace {
+        if steps[i].phase != phase {
             observe_phase(&ctx.inner, "precopy", phase_started.elapsed().as_secs_f64());
-            phase = step.phase;
+            phase = steps[i].phase;
             phase_started = Instant::now();
         }
-        if record.steps.get(i).map(|s| s.state) == Some(StepState::Done) {
+        // Copies of different volumes and buckets next to each other in one phase are
+        // independent: they run side by side, each checkpointed on its own.
+        let mut end = i + 1;
+        if steps[i].is_transfer() {
+            while end < steps.len() && steps[end].is_transfer() && steps[end].phase == phase {
+                end += 1;
+            }
+        }
+        let todo: Vec<usize> = (i..end)
+            .filter(|&k| record.steps.get(k).map(|s| s.state) != Some(StepState::Done))
+            .collect();
+        i = end;
+        if todo.is_empty() {
             continue;
         }
+        let names: Vec<&str> = todo.iter().map(|&k| steps[k].name.as_str()).collect();
+        let numbers: Vec<String> = todo.iter().map(|k| (k + 1).to_string()).collect();
         ctx.set_state(
             RelocationState::Running,
-            &format!("step {}: {}", i + 1, step.name),
+            &format!(
+                "step{} {}: {}",
+                if todo.len() > 1 { "s" } else { "" },
+                numbers.join(", "),
+                names.join(", ")
+            ),
         );
-        ctx.checkpoint(i, StepState::Running, None, None);
-        match execute(ctx, step).await {
-            Ok(output) => ctx.checkpoint(i, StepState::Done, Some(&output), None),
-            Err(e) => {
-                let msg = e.to_string();
-                tracing::warn!("Relocation {}: step `{}` failed: {msg}.", ctx.id, step.name);
-                ctx.checkpoint(i, StepState::Failed, None, Some(&msg));
-                rollback(ctx, &format!("step `{}` failed: {msg}", step.name)).await;
-                return;
-            }
+        // Every step of the batch runs to its end, also when another fails, so each one's
+        // outcome is journalled before the rollback undoes them.
+        let failures: Vec<(usize, String)> = stream::iter(todo)
+            .map(|k| async move {
+                ctx.checkpoint(k, StepState::Running, None, None);
+                match execute(ctx, &steps[k]).await {
+                    Ok(output) => {
+                        ctx.checkpoint(k, StepState::Done, Some(&output), None);
+                        None
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        tracing::warn!(
+                            "Relocation {}: step `{}` failed: {msg}.",
+                            ctx.id,
+                            steps[k].name
+                        );
+                        ctx.checkpoint(k, StepState::Failed, None, Some(&msg));
+                        Some((k, msg))
+                    }
+                }
+            })
+            .buffer_unordered(ctx.config.conduit.transfer_concurrency.max(1))
+            .filter_map(|f| async move { f })
+            .collect()
+            .await;
+        if let Some((k, msg)) = failures.into_iter().min_by_key(|(k, _)| *k) {
+            rollback(ctx, &format!("step `{}` failed: {msg}", steps[k].name)).await;
+            return;
         }
     }
     observe_phase(&ctx.inner, "cutover", phase_started.elapsed().as_secs_f64());
@@ -1039,8 +1077,7 @@ async fn write_ranges(
             Ok(())
         }
     });
-    use futures_util::StreamExt;
-    let results: Vec<Result<(), StepError>> = futures_util::stream::iter(checks)
+    let results: Vec<Result<(), StepError>> = stream::iter(checks)
         .buffer_unordered(READ_BACK_CONCURRENCY)
         .collect()
         .await;

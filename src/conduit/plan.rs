@@ -144,6 +144,18 @@ pub struct Step {
 }
 
 impl Step {
+    /// Steps that copy one volume or bucket and touch nothing else: neighbours of this kind
+    /// in one phase run side by side.
+    pub fn is_transfer(&self) -> bool {
+        matches!(
+            self.action,
+            Action::PrecopyVolume { .. }
+                | Action::CopyBucket { .. }
+                | Action::SyncVolume { .. }
+                | Action::SyncBucket { .. }
+        )
+    }
+
     /// Steps whose undoing puts the service back (as opposed to deleting target data).
     pub fn restores_service(&self) -> bool {
         matches!(

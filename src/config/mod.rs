@@ -89,6 +89,9 @@ pub struct ConduitSettings {
     pub bucket_concurrency: usize,
     /// Cap on what a bucket copy reads per second (`bucket_max_mib_per_sec`). Default none.
     pub bucket_max_bytes_per_sec: Option<u64>,
+    /// Volume and bucket copies of one relocation phase that run at the same time
+    /// (`transfer_concurrency`, 1 to 64). Default 4.
+    pub transfer_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -933,6 +936,21 @@ impl Validator<'_> {
                     1,
                 ) << 20
             }),
+            transfer_concurrency: {
+                let n = self.at_least(
+                    "conduit.transfer_concurrency",
+                    raw.conduit.transfer_concurrency,
+                    4,
+                    1,
+                );
+                if n > 64 {
+                    self.err(
+                        "conduit.transfer_concurrency",
+                        format!("must be at most 64, got {n}"),
+                    );
+                }
+                n.min(64) as usize
+            },
         };
         let regions_file = raw.regions.file.as_deref().map(|f| self.path(f));
         if let Some(f) = &regions_file {

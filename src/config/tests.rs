@@ -449,7 +449,7 @@ fn a_bucket_may_live_at_a_provider_of_its_own_and_nothing_else_may() {
     let with = |components: &str| {
         format!(
             "{HOOK_BASE}[providers.vms]\ndriver = \"qemu\"\nregion = \"eu\"\nroot = \"vms\"\n\
-             [conduit]\nbucket_concurrency = 16\nbucket_max_mib_per_sec = 40\n{components}"
+             [conduit]\nbucket_concurrency = 16\nbucket_max_mib_per_sec = 40\ntransfer_concurrency = 2\n{components}"
         )
     };
     let good = with(
@@ -464,6 +464,7 @@ fn a_bucket_may_live_at_a_provider_of_its_own_and_nothing_else_may() {
     );
     assert_eq!(c.conduit.bucket_concurrency, 16);
     assert_eq!(c.conduit.bucket_max_bytes_per_sec, Some(40 << 20));
+    assert_eq!(c.conduit.transfer_concurrency, 2);
 
     let bad = with(
         "[[services.shop.components]]\nkind = \"bucket\"\nname = \"b1\"\nsize_gib = 1\nprovider = \"nowhere\"\n\
@@ -500,6 +501,15 @@ fn a_bucket_may_live_at_a_provider_of_its_own_and_nothing_else_may() {
             && errs[0].to_string().contains("at most 256, got 300"),
         "{errs:?}"
     );
+    for (value, words) in [("0", "at least 1"), ("65", "at most 64, got 65")] {
+        let bad = format!("{HOOK_BASE}[conduit]\ntransfer_concurrency = {value}\n");
+        let errs = Config::parse(&path, &bad).expect_err("refused").0;
+        let text = errs[0].to_string();
+        assert!(
+            text.contains("conduit.transfer_concurrency") && text.contains(words),
+            "{errs:?}"
+        );
+    }
 }
 
 #[test]
