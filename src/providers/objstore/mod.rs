@@ -90,16 +90,17 @@ trait Remote: Send + Sync {
     async fn credentials_refused(&self) -> bool {
         false
     }
-    /// Entity tags the store's own listing gives better than the generic one, by key: Swift
-    /// lists a static large object with the MD5 of its manifest, and its real entity tag
-    /// (the one a HEAD or the upload gives) only as `slo_etag`.
-    async fn listed_etags(
+    /// The store's own listing of a bucket, when it describes objects better than the
+    /// generic one (`None`: use that). Swift's generic listing gives a static large object
+    /// the MD5 of its manifest; its real entity tag (the one a HEAD or the upload gives) is
+    /// only in the JSON listing, as `slo_etag`. Keys ending in `/` are directory markers.
+    async fn list_native(
         &self,
         remote: &str,
         obj: &str,
-    ) -> Result<HashMap<String, String>, ProviderError> {
+    ) -> Result<Option<Vec<ObjectInfo>>, ProviderError> {
         let _ = (remote, obj);
-        Ok(HashMap::new())
+        Ok(None)
     }
     /// Keys the driver uses for its own bookkeeping, which are not objects.
     fn reserved(&self, key: &str) -> Option<&'static str> {
@@ -188,6 +189,42 @@ impl ObjectStore {
             remote,
             known_buckets: Default::default(),
         })
+    }
+
+    /// Lists a bucket through OpenDAL, every key below it.
+    async fn list_generic(
+        &self,
+        remote: &str,
+        obj: &str,
+    ) -> Result<Vec<ObjectInfo>, ProviderError> {
+        let op = self.remote.operator(remote).await?;
+        let options = ListOptions {
+            recursive: true,
+            ..ListOptions::default()
+        };
+        let mut lister = op
+            .lister_options("/", options)
+            .await
+            .map_err(|e| self.dal(e, obj, obj, "list it"))?;
+        let mut out = Vec::new();
+        while let Some(entry) = lister
+            .try_next()
+            .await
+            .map_err(|e| self.dal(e, obj, obj, "list it"))?
+        {
+            let meta = entry.metadata();
+            if meta.is_dir() {
+                continue;
+            }
+            out.push(ObjectInfo {
+                key: entry.path().to_string(),
+                size: meta.content_length(),
+                blake3: None,
+                etag: meta.etag().or(meta.content_md5()).map(str::to_string),
+                modified: meta.last_modified().map(to_chrono),
+            });
+        }
+        Ok(out)
     }
 
     /// Whether the remote bucket exists, remembering a yes.
@@ -685,50 +722,25 @@ impl Provider for ObjectStore {
                     object: obj.clone(),
                 });
             }
-            let op = self.remote.operator(&remote).await?;
-            let options = ListOptions {
-                recursive: true,
-                ..ListOptions::default()
+            let listed = match self.remote.list_native(&remote, &obj).await? {
+                Some(listed) => listed,
+                None => self.list_generic(&remote, &obj).await?,
             };
-            let mut lister = op
-                .lister_options("/", options)
-                .await
-                .map_err(|e| self.dal(e, &obj, &obj, "list it"))?;
-            let mut out = Vec::new();
-            while let Some(entry) = lister
-                .try_next()
-                .await
-                .map_err(|e| self.dal(e, &obj, &obj, "list it"))?
-            {
-                let meta = entry.metadata();
-                let key = entry.path();
-                if meta.is_dir() || self.remote.reserved(key).is_some() {
-                    continue;
-                }
-                if let Err(why) = validate_key(key) {
-                    tracing::warn!(
-                        provider = %self.name,
-                        "Skipping object `{key}` in {obj}: {why}."
-                    );
-                    continue;
-                }
-                out.push(ObjectInfo {
-                    key: key.to_string(),
-                    size: meta.content_length(),
-                    blake3: None,
-                    // Swift's listing gives its entity tag as the MD5 (`hash`).
-                    etag: meta.etag().or(meta.content_md5()).map(str::to_string),
-                    modified: meta.last_modified().map(to_chrono),
-                });
-            }
-            let better = self.remote.listed_etags(&remote, &obj).await?;
-            if !better.is_empty() {
-                for o in &mut out {
-                    if let Some(etag) = better.get(&o.key) {
-                        o.etag = Some(etag.clone());
+            let mut out: Vec<ObjectInfo> = listed
+                .into_iter()
+                .filter(|o| !o.key.ends_with('/') && self.remote.reserved(&o.key).is_none())
+                .filter(|o| match validate_key(&o.key) {
+                    Ok(_) => true,
+                    Err(why) => {
+                        tracing::warn!(
+                            provider = %self.name,
+                            "Skipping object `{}` in {obj}: {why}.",
+                            o.key
+                        );
+                        false
                     }
-                }
-            }
+                })
+                .collect();
             out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)
         })

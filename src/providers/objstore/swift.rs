@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use super::credentials::SwiftCredentials;
 use super::{finish, http_client, http_error, Remote};
 use crate::config::{SwiftAuth, SwiftSettings};
-use crate::providers::{ObjectMeta, ProviderError};
+use crate::providers::{ObjectInfo, ObjectMeta, ProviderError};
 
 /// A token is renewed when less than this is left of it.
 const RENEW_BEFORE: Duration = Duration::from_secs(60);
@@ -420,6 +420,39 @@ impl Swift {
     }
 }
 
+/// One entry of a container's JSON listing.
+#[derive(serde::Deserialize)]
+struct ListedObject {
+    name: String,
+    bytes: u64,
+    /// The MD5 of the content; of the manifest for a static large object.
+    hash: Option<String>,
+    /// UTC, without a zone: `2026-11-25T21:31:04.985410`.
+    last_modified: Option<String>,
+    /// A static large object's entity tag, as a HEAD gives it.
+    slo_etag: Option<String>,
+}
+
+impl ListedObject {
+    fn into_info(self) -> ObjectInfo {
+        let modified = self.last_modified.as_deref().and_then(|t| {
+            chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|n| n.and_utc())
+        });
+        ObjectInfo {
+            key: self.name,
+            size: self.bytes,
+            blake3: None,
+            etag: self
+                .slo_etag
+                .map(|e| e.trim_matches('"').to_string())
+                .or(self.hash),
+            modified,
+        }
+    }
+}
+
 #[async_trait]
 impl Remote for Swift {
     fn endpoint(&self) -> String {
@@ -436,14 +469,14 @@ impl Remote for Swift {
         self.url(&session, remote, None).map(String::from)
     }
 
-    async fn listed_etags(
+    async fn list_native(
         &self,
         remote: &str,
         obj: &str,
-    ) -> Result<std::collections::HashMap<String, String>, ProviderError> {
+    ) -> Result<Option<Vec<ObjectInfo>>, ProviderError> {
         const PAGE: usize = 10_000;
-        let action = "list its large objects";
-        let mut found = std::collections::HashMap::new();
+        let action = "list it";
+        let mut out = Vec::new();
         let mut marker = String::new();
         loop {
             let page = PAGE.to_string();
@@ -464,17 +497,19 @@ impl Remote for Swift {
                     format!("Swift answered {}", response.status()),
                 ));
             }
-            let entries: Vec<serde_json::Value> = response.json().await.map_err(|e| {
-                self.remote_err(obj, action, format!("the listing is not JSON: {e}"))
+            let entries: Vec<ListedObject> = response.json().await.map_err(|e| {
+                self.remote_err(
+                    obj,
+                    action,
+                    format!("the listing is not what Swift sends: {e}"),
+                )
             })?;
-            for e in &entries {
-                if let (Some(name), Some(etag)) = (e["name"].as_str(), e["slo_etag"].as_str()) {
-                    found.insert(name.to_string(), etag.trim_matches('"').to_string());
-                }
-            }
-            match entries.last().and_then(|e| e["name"].as_str()) {
-                Some(last) if entries.len() == PAGE => marker = last.to_string(),
-                _ => return Ok(found),
+            let full = entries.len() == PAGE;
+            let last = entries.last().map(|e| e.name.clone());
+            out.extend(entries.into_iter().map(ListedObject::into_info));
+            match last {
+                Some(last) if full => marker = last,
+                _ => return Ok(Some(out)),
             }
         }
     }
@@ -630,6 +665,36 @@ impl Remote for Swift {
 mod tests {
     use super::*;
     use crate::config::CredentialsSource;
+
+    #[test]
+    fn listing_entries_give_the_entity_tag_a_head_would() {
+        // As Swift 2.x lists a plain object and a static large object (`format=json`).
+        let json = r#"[
+          {"bytes": 5, "hash": "5d41402abc4b2a76b9719d911017c592", "name": "docs/a.txt",
+           "content_type": "text/plain", "last_modified": "2026-11-25T21:31:04.985410"},
+          {"bytes": 11538717, "hash": "0b3b0a55d58c2ab4f3ab39e3d9a7d4ec",
+           "name": "video/big.mp4", "content_type": "video/mp4",
+           "last_modified": "2026-11-25T21:31:05.000000",
+           "slo_etag": "\"8f2c2a0b2e1d5b7c9a4e6f1d3b5a7c9e\""}
+        ]"#;
+        let entries: Vec<ListedObject> = serde_json::from_str(json).unwrap();
+        let infos: Vec<ObjectInfo> = entries.into_iter().map(ListedObject::into_info).collect();
+        assert_eq!(infos[0].key, "docs/a.txt");
+        assert_eq!(infos[0].size, 5);
+        assert_eq!(
+            infos[0].etag.as_deref(),
+            Some("5d41402abc4b2a76b9719d911017c592")
+        );
+        assert_eq!(
+            infos[0].modified.unwrap().to_rfc3339(),
+            "2026-11-25T21:31:04.985410+00:00"
+        );
+        assert_eq!(
+            infos[1].etag.as_deref(),
+            Some("8f2c2a0b2e1d5b7c9a4e6f1d3b5a7c9e"),
+            "a large object is listed with its manifest's MD5; its entity tag is slo_etag"
+        );
+    }
 
     fn swift(region: &str, interface: &str) -> Swift {
         let settings = SwiftSettings {
