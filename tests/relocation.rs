@@ -672,3 +672,65 @@ fn a_qcow2_target_gets_the_pre_copy_converted_and_only_the_delta_at_cutover() {
         String::from_utf8_lossy(&cmp.stdout)
     );
 }
+
+#[test]
+fn a_failing_copy_stops_the_copies_beside_it_and_the_relocation_rolls_back() {
+    let mut s = Setup::new("raw");
+    // The bucket copy is held to 1 MiB/s and given 8 MiB more: it runs for seconds.
+    s.config = s.config.replace(
+        "health_timeout_secs = 20\n",
+        "health_timeout_secs = 20\nbucket_max_mib_per_sec = 1\n",
+    );
+    let (hash, _) = deploy(&s);
+    let mut big = vec![0u8; 8 << 20];
+    fastrand::Rng::with_seed(3).fill(&mut big);
+    std::fs::write(s.path("providers/a/buckets/shop/assets/big.bin"), &big).unwrap();
+    let listing = s.wait_app("/bucket");
+    assert!(listing.contains("big.bin 8388608"), "{listing}");
+
+    // Stopped after preflight; then the source volume vanishes, so the volume's pre-copy
+    // fails at once when the daemon resumes, while the bucket's copy has barely begun.
+    let out = s.relocate("b", Some("preflight:done"));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+    let volume = s.path("providers/a/volumes/shop/data.raw");
+    let kept = s.path("data.raw.kept");
+    std::fs::rename(&volume, &kept).unwrap();
+    let mut d = s.daemon();
+    let r = relocations(&mut d);
+    let last = r.as_array().unwrap().last().unwrap();
+    assert_eq!(last["state"], "rolled_back", "{last}");
+    assert!(
+        last["detail"]
+            .as_str()
+            .unwrap()
+            .contains("step `precopy:volume:data` failed"),
+        "the rollback does not name the failure that caused it: {last}"
+    );
+    let bucket = last["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["name"] == "copy:bucket:assets")
+        .unwrap();
+    assert!(
+        bucket["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cancelled")),
+        "the bucket copy beside the failed one was not stopped: {bucket}"
+    );
+    d.signal(libc::SIGTERM);
+    assert!(d.child.wait().unwrap().success());
+    std::fs::rename(&kept, &volume).unwrap();
+    let mut d = s.daemon();
+    assert_consistent(
+        &s,
+        &hash,
+        &listing,
+        "rolled_back",
+        "a copy failed beside another",
+    );
+    assert!(!s.path("providers/b/buckets/shop/assets/big.bin").exists());
+    d.signal(libc::SIGTERM);
+    assert!(d.child.wait().unwrap().success());
+}

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use super::buckets;
 use super::deploy::{self, DeployError};
@@ -77,6 +78,9 @@ struct Ctx {
     config: Arc<Config>,
     source: Arc<dyn Provider>,
     target: Arc<dyn Provider>,
+    /// Cancelled when a transfer fails, so the copies running beside it stop early and the
+    /// rollback begins.
+    transfers: CancellationToken,
 }
 
 impl Ctx {
@@ -226,6 +230,7 @@ pub(super) async fn drive(inner: Arc<Inner>, id: String, resumed: bool) {
         config,
         source,
         target,
+        transfers: CancellationToken::new(),
     };
     let committed = step_state(&ctx, &record, "commit") == Some(StepState::Done);
     match record.state {
@@ -324,8 +329,8 @@ async fn forward(ctx: &Ctx, record: &RelocationRecord) {
                 names.join(", ")
             ),
         );
-        // Every step of the batch runs to its end, also when another fails, so each one's
-        // outcome is journalled before the rollback undoes them.
+        // A failure stops the other transfers of the batch; each one's outcome is journalled
+        // before the rollback undoes them. The first to fail is the cause.
         let failures: Vec<(usize, String)> = stream::iter(todo)
             .map(|k| async move {
                 ctx.checkpoint(k, StepState::Running, None, None);
@@ -341,6 +346,7 @@ async fn forward(ctx: &Ctx, record: &RelocationRecord) {
                             ctx.id,
                             steps[k].name
                         );
+                        ctx.transfers.cancel();
                         ctx.checkpoint(k, StepState::Failed, None, Some(&msg));
                         Some((k, msg))
                     }
@@ -350,7 +356,7 @@ async fn forward(ctx: &Ctx, record: &RelocationRecord) {
             .filter_map(|f| async move { f })
             .collect()
             .await;
-        if let Some((k, msg)) = failures.into_iter().min_by_key(|(k, _)| *k) {
+        if let Some((k, msg)) = failures.into_iter().next() {
             rollback(ctx, &format!("step `{}` failed: {msg}", steps[k].name)).await;
             return;
         }
@@ -903,16 +909,26 @@ async fn copy_volume(
     // writes only what changed.
     let manifest = manifest_path(ctx, v);
     let base = viaduct::ChunkManifest::load_if_exists(&manifest).unwrap_or(None);
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let opts = viaduct::LocalCopyOptions {
         in_place: true,
         base,
         progress: ctx.progress(&step.name),
+        cancel: Some(cancel.clone()),
         ..viaduct::LocalCopyOptions::default()
     };
+    let watch = {
+        let token = ctx.transfers.clone();
+        tokio::spawn(async move {
+            token.cancelled().await;
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
     let (src2, staging2) = (src.clone(), staging.clone());
-    let report = tokio::task::spawn_blocking(move || viaduct::copy_local(&src2, &staging2, &opts))
-        .await
-        .map_err(|e| other(format!("the copy task failed: {e}")))??;
+    let copied =
+        tokio::task::spawn_blocking(move || viaduct::copy_local(&src2, &staging2, &opts)).await;
+    watch.abort();
+    let report = copied.map_err(|e| other(format!("the copy task failed: {e}")))??;
     count_bytes(
         ctx,
         "volume",
@@ -1231,6 +1247,7 @@ async fn copy_bucket(ctx: &Ctx, step: &Step, bucket: &str) -> Result<Value, Step
         concurrency: ctx.config.conduit.bucket_concurrency,
         max_bytes_per_sec: ctx.config.conduit.bucket_max_bytes_per_sec,
         known: load_known_hashes(&hashes),
+        cancel: ctx.transfers.child_token(),
         ..Default::default()
     };
     let (observer, id, name) = (

@@ -289,7 +289,7 @@ impl Journal {
             )
         } else {
             conn.execute(
-                "UPDATE steps SET state = ?3, finished_at = ?4, output = COALESCE(?5, output), error = ?6 WHERE relocation_id = ?1 AND seq = ?2",
+                "UPDATE steps SET state = ?3, finished_at = ?4, output = COALESCE(?5, output), error = COALESCE(?6, error) WHERE relocation_id = ?1 AND seq = ?2",
                 params![id, seq, state.as_str(), now, output, error],
             )
         }
