@@ -2,7 +2,8 @@
 //! engine `fluidcloud relocate` and the daemon use, between two `local` providers.
 //!
 //! `cargo bench --bench relocation -- [--dir DIR] [--size-gib N] [--allocated-gib N]
-//! [--repeat N] [--targets raw,qcow2] [--change-percent P]`. Needs the demo app built in
+//! [--repeat N] [--targets raw,qcow2] [--change-percent P] [--bucket-objects N]
+//! [--transfer-concurrency 1,4]`. Needs the demo app built in
 //! release mode (`cargo build --release --example demo-app`; scripts/bench-relocation.sh
 //! does it).
 //!
@@ -19,6 +20,13 @@
 //! `--change-percent` of the volume's 1 MiB blocks, picked at random over the whole volume,
 //! are overwritten with new random data, as a service writing while it is copied would have
 //! done. The final delta must carry them.
+//!
+//! With `--bucket-objects N` the service also has a local bucket of N objects of 64 KiB,
+//! written after the deployment; when its pre-copy is done, `--change-percent` of its
+//! objects are rewritten, so the sync at cutover copies them. With several values for
+//! `--transfer-concurrency` (the `conduit.transfer_concurrency` setting: 1 runs the volume
+//! and bucket copies one after the other), each target format is run with each, in
+//! interleaved rounds, and the table compares their downtimes.
 //!
 //! Figures come from the relocation's journal: total (first step started to commit done,
 //! without the grace period), pre-copy (the volume's pre-copy step), downtime (first source
@@ -51,7 +59,19 @@ struct Args {
     repeat: usize,
     targets: Vec<String>,
     change_percent: f64,
+    bucket_objects: usize,
+    concurrency: Vec<usize>,
 }
+
+/// What one series of rounds runs: a target disk format and a transfer concurrency.
+struct Case {
+    target: String,
+    concurrency: usize,
+    label: String,
+}
+
+/// Objects of the benchmark bucket.
+const OBJECT_BYTES: usize = 64 << 10;
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -61,6 +81,8 @@ fn parse_args() -> Result<Args, String> {
         repeat: 3,
         targets: vec!["raw".into(), "qcow2".into()],
         change_percent: 1.0,
+        bucket_objects: 0,
+        concurrency: vec![4],
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -94,6 +116,21 @@ fn parse_args() -> Result<Args, String> {
                     .filter(|t| !t.is_empty())
                     .collect()
             }
+            "--bucket-objects" => {
+                args.bucket_objects = value("--bucket-objects")?
+                    .parse()
+                    .map_err(|e| format!("--bucket-objects: {e}"))?
+            }
+            "--transfer-concurrency" => {
+                args.concurrency = value("--transfer-concurrency")?
+                    .split(',')
+                    .map(|c| {
+                        c.trim()
+                            .parse()
+                            .map_err(|e| format!("--transfer-concurrency: `{c}`: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             // `cargo bench` passes `--bench`; filters do not apply to this benchmark.
             _ => {}
         }
@@ -112,6 +149,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if args.targets.is_empty() {
         return Err("--targets names no disk format".into());
+    }
+    if args.concurrency.is_empty() || args.concurrency.iter().any(|&c| !(1..=64).contains(&c)) {
+        return Err("--transfer-concurrency takes values from 1 to 64".into());
     }
     for t in &args.targets {
         if t != "raw" && t != "qcow2" {
@@ -335,9 +375,16 @@ fn write_config(
     dir: &Path,
     app: &Path,
     port: u16,
-    target: &str,
+    case: &Case,
     size_gib: u64,
+    bucket_objects: usize,
 ) -> Result<Config, String> {
+    let target = &case.target;
+    let bucket = if bucket_objects > 0 {
+        "\n[[services.shop.components]]\nkind = \"bucket\"\nname = \"assets\"\nsize_gib = 0.1\n"
+    } else {
+        ""
+    };
     std::fs::write(
         dir.join("demo.toml.in"),
         "listen = \"{app.web.host}:{app.web.port}\"\ndata_file = \"{volume.data.path}\"\n",
@@ -357,6 +404,7 @@ evaluate_schedule = "0 0 0 1 1 *"
 grace_period_secs = 1
 stop_timeout_secs = 5
 health_timeout_secs = 30
+transfer_concurrency = {concurrency}
 
 [providers.a]
 driver = "local"
@@ -399,9 +447,10 @@ rules = [
 kind = "volume"
 name = "data"
 size_gib = {size_gib}
-"#,
+{bucket}"#,
         policy = policy.display(),
         app = app.display(),
+        concurrency = case.concurrency,
     );
     let path = dir.join("fluidcloud.toml");
     std::fs::write(&path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -416,6 +465,20 @@ struct ChangeAfterPrecopy {
     blocks: Vec<u64>,
     seed: u64,
     took: Mutex<Option<Result<Duration, String>>>,
+    /// The bucket's directory and the objects rewritten once its pre-copy is done.
+    bucket: Option<(PathBuf, Vec<usize>)>,
+    bucket_changed: Mutex<Option<Result<(), String>>>,
+}
+
+/// The content of object `i` of the benchmark bucket, in its first or its rewritten version.
+fn object_content(i: usize, rewritten: bool) -> Vec<u8> {
+    let mut v = vec![0u8; OBJECT_BYTES];
+    fill_random(&mut v, 0x0b1e_c700 + i as u64 * 2 + u64::from(rewritten));
+    v
+}
+
+fn object_name(i: usize) -> String {
+    format!("obj-{i:05}")
 }
 
 impl Observer for ChangeAfterPrecopy {
@@ -426,6 +489,18 @@ impl Observer for ChangeAfterPrecopy {
                 .map(|_| started.elapsed())
                 .map_err(|e| format!("cannot change {}: {e}", self.volume.display()));
             *self.took.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        }
+        if let Some((dir, changed)) = &self.bucket {
+            if step.name == "copy:bucket:assets" && state == StepState::Done {
+                let outcome = changed.iter().try_for_each(|&i| {
+                    std::fs::write(dir.join(object_name(i)), object_content(i, true))
+                        .map_err(|e| format!("cannot rewrite {}: {e}", object_name(i)))
+                });
+                *self
+                    .bucket_changed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+            }
         }
     }
 
@@ -464,6 +539,9 @@ struct Round {
     delta_read: u64,
     delta_written: u64,
     delta_chunks: u64,
+    /// Seconds of the bucket's sync at cutover, when there is a bucket.
+    bucket_sync: Option<f64>,
+    bucket_sync_written: u64,
     precopy_written: u64,
     load: String,
 }
@@ -494,25 +572,44 @@ fn one_round(
     template: &Path,
     expected_dir: &Path,
     app: &Path,
-    target: &str,
+    case: &Case,
     round: usize,
     size_gib: u64,
     change_count: u64,
+    bucket_objects: usize,
+    change_percent: f64,
 ) -> Result<Round, String> {
-    let dir = work.join(format!("round-{round}-{target}"));
+    let target = case.target.as_str();
+    let dir = work.join(format!("round-{round}-{target}-{}", case.concurrency));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let port = free_port()?;
-    let config = Arc::new(write_config(&dir, app, port, target, size_gib)?);
+    let config = Arc::new(write_config(
+        &dir,
+        app,
+        port,
+        case,
+        size_gib,
+        bucket_objects,
+    )?);
     let _apps = Apps(dir.clone());
     let source = dir.join("providers/a/volumes/shop/data.raw");
     let target_image = dir.join(format!("providers/b/volumes/shop/data.{target}"));
     let seed = 0x5eed_0000 + round as u64 * 7 + u64::from(target == "qcow2");
     let blocks = pick_blocks(size_gib << 30, change_count, seed);
+    let source_bucket = dir.join("providers/a/buckets/shop/assets");
+    let changed_objects: Vec<usize> = if bucket_objects > 0 && change_percent > 0.0 {
+        let every = (100.0 / change_percent).round().max(1.0) as usize;
+        (0..bucket_objects).step_by(every).collect()
+    } else {
+        Vec::new()
+    };
     let hook = Arc::new(ChangeAfterPrecopy {
         volume: source.clone(),
         blocks: blocks.clone(),
         seed,
         took: Mutex::new(None),
+        bucket: (bucket_objects > 0).then(|| (source_bucket.clone(), changed_objects.clone())),
+        bucket_changed: Mutex::new(None),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -529,10 +626,17 @@ fn one_round(
         wait_app(port, "/health").await?;
         // The image goes into the volume the provider created, as the service's data.
         cp_sparse(template, &source)?;
+        if bucket_objects > 0 {
+            std::fs::create_dir_all(&source_bucket).map_err(|e| e.to_string())?;
+            for i in 0..bucket_objects {
+                std::fs::write(source_bucket.join(object_name(i)), object_content(i, false))
+                    .map_err(|e| format!("cannot write the bucket: {e}"))?;
+            }
+        }
         settle();
         let load = load_average();
         let request = RelocationRequest {
-            decision_id: format!("bench-{round}-{target}"),
+            decision_id: format!("bench-{round}-{target}-{}", case.concurrency),
             service: "shop".into(),
             from: "a".into(),
             to: "b".into(),
@@ -593,6 +697,30 @@ fn one_round(
             target_image.display()
         ));
     }
+    if bucket_objects > 0 {
+        match hook
+            .bucket_changed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Err("the engine never reported the bucket's pre-copy done".into()),
+        }
+        let target_bucket = dir.join("providers/b/buckets/shop/assets");
+        for i in 0..bucket_objects {
+            let want = object_content(i, changed_objects.binary_search(&i).is_ok());
+            let got = std::fs::read(target_bucket.join(object_name(i)))
+                .map_err(|e| format!("object {} at the target: {e}", object_name(i)))?;
+            if got != want {
+                return Err(format!(
+                    "object {} at the target differs from the source",
+                    object_name(i)
+                ));
+            }
+        }
+    }
     let first_start = record
         .steps
         .iter()
@@ -630,6 +758,8 @@ fn one_round(
         delta_read: output_u64(&record, sync, "bytes_read"),
         delta_written: output_u64(&record, sync, "bytes_written"),
         delta_chunks: output_u64(&record, sync, "chunks_sent"),
+        bucket_sync: step_secs(&record, "sync:bucket:assets"),
+        bucket_sync_written: output_u64(&record, "sync:bucket:assets", "bytes_written"),
         precopy_written: output_u64(&record, "precopy:volume:data", "bytes_written"),
         load,
     };
@@ -713,25 +843,41 @@ fn run(args: &Args) -> Result<(), String> {
         .blocks()
         * 512;
     let change_count = ((size / MIB) as f64 * args.change_percent / 100.0).round() as u64;
-    let mut results: Vec<(String, Vec<Round>)> =
-        args.targets.iter().map(|t| (t.clone(), vec![])).collect();
+    let mut results: Vec<(Case, Vec<Round>)> = Vec::new();
+    for target in &args.targets {
+        for &concurrency in &args.concurrency {
+            let label = if args.concurrency.len() > 1 {
+                format!("raw -> {target}, {concurrency} at once")
+            } else {
+                format!("raw -> {target}")
+            };
+            let case = Case {
+                target: target.clone(),
+                concurrency,
+                label,
+            };
+            results.push((case, vec![]));
+        }
+    }
     for round in 1..=args.repeat {
-        // Interleaved, each round starting with another target format.
+        // Interleaved, each round starting with another case.
         for k in 0..results.len() {
             let i = (k + round - 1) % results.len();
-            let target = results[i].0.clone();
-            eprintln!("round {round}, raw -> {target} ...");
+            let label = results[i].0.label.clone();
+            eprintln!("round {round}, {label} ...");
             let r = one_round(
                 work.path(),
                 &template,
                 work.path(),
                 &app,
-                &target,
+                &results[i].0,
                 round,
                 args.size_gib,
                 change_count,
+                args.bucket_objects,
+                args.change_percent,
             )
-            .map_err(|e| format!("round {round}, raw -> {target}: {e}"))?;
+            .map_err(|e| format!("round {round}, {label}: {e}"))?;
             eprintln!(
                 "  total {:.2} s, pre-copy {:.2} s, downtime {:.3} s, final delta wrote {}",
                 r.total,
@@ -756,6 +902,13 @@ fn run(args: &Args) -> Result<(), String> {
         size / MIB,
         args.change_percent
     );
+    if args.bucket_objects > 0 {
+        println!(
+            "Also a local bucket of {} objects of 64 KiB; {}% of them rewritten after its \
+             pre-copy. Every target object compared with the source's content.",
+            args.bucket_objects, args.change_percent
+        );
+    }
     println!(
         "{} interleaved rounds on {} CPUs; load average at the end: {}. Every target compared \
          with the expected image by qemu-img compare.",
@@ -764,9 +917,14 @@ fn run(args: &Args) -> Result<(), String> {
         load_average()
     );
     println!();
+    let width = results
+        .iter()
+        .map(|(c, _)| c.label.len())
+        .max()
+        .unwrap_or(12);
     println!(
-        "{:<12} {:>6} {:>8} {:>10} {:>8} {:>10} {:>9} {:>11} {:>11} {:>9} {:>9}",
-        "target",
+        "{:<width$} {:>6} {:>8} {:>10} {:>8} {:>10} {:>9} {:>11} {:>11} {:>9} {:>9} {:>13}",
+        "case",
         "round",
         "total s",
         "pre-copy s",
@@ -776,13 +934,15 @@ fn run(args: &Args) -> Result<(), String> {
         "delta read",
         "delta sent",
         "% image",
-        "% alloc"
+        "% alloc",
+        "bucket sync s"
     );
-    for (target, rounds) in &results {
-        let label = format!("raw -> {target}");
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
+    for (case, rounds) in &results {
+        let label = &case.label;
         for (i, r) in rounds.iter().enumerate() {
             println!(
-                "{:<12} {:>6} {:>8.2} {:>10.2} {:>8.2} {:>10.3} {:>9.2} {:>11} {:>11} {:>8.2}% {:>8.2}%",
+                "{:<width$} {:>6} {:>8.2} {:>10.2} {:>8.2} {:>10.3} {:>9.2} {:>11} {:>11} {:>8.2}% {:>8.2}% {:>13}",
                 label,
                 i + 1,
                 r.total,
@@ -794,12 +954,18 @@ fn run(args: &Args) -> Result<(), String> {
                 mib(r.delta_written),
                 r.delta_written as f64 * 100.0 / size as f64,
                 r.delta_written as f64 * 100.0 / image_alloc as f64,
+                opt(r.bucket_sync),
             );
         }
         let m = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
         let downtime = m(|r| r.downtime);
+        let bucket_sync = rounds
+            .iter()
+            .map(|r| r.bucket_sync)
+            .collect::<Option<Vec<f64>>>()
+            .map(median);
         println!(
-            "{:<12} {:>6} {:>8.2} {:>10.2} {:>8.2} {:>10.3} {:>9.2} {:>11} {:>11} {:>9} {:>9}  downtime target < 2 s: {}",
+            "{:<width$} {:>6} {:>8.2} {:>10.2} {:>8.2} {:>10.3} {:>9.2} {:>11} {:>11} {:>9} {:>9} {:>13}  downtime target < 2 s: {}",
             label,
             "median",
             m(|r| r.total),
@@ -811,20 +977,51 @@ fn run(args: &Args) -> Result<(), String> {
             "",
             "",
             "",
+            opt(bucket_sync),
             if downtime < 2.0 { "met" } else { "MISSED" }
         );
     }
+    if args.concurrency.len() > 1 {
+        println!();
+        println!("Median downtime against the first concurrency, same target:");
+        for target in &args.targets {
+            let of = |c: usize| {
+                results
+                    .iter()
+                    .find(|(k, _)| &k.target == target && k.concurrency == c)
+                    .map(|(_, rounds)| median(rounds.iter().map(|r| r.downtime).collect()))
+            };
+            let Some(base) = of(args.concurrency[0]) else {
+                continue;
+            };
+            for &c in &args.concurrency[1..] {
+                if let Some(d) = of(c) {
+                    println!(
+                        "  raw -> {target}: {c} at once {d:.3} s, {} at once {base:.3} s: {:.2}x",
+                        args.concurrency[0],
+                        d / base
+                    );
+                }
+            }
+        }
+    }
     println!();
     println!("Cutover steps (seconds, each round), pre-copy writes and load average at the start:");
-    for (target, rounds) in &results {
+    for (case, rounds) in &results {
         for (i, r) in rounds.iter().enumerate() {
             let steps: Vec<String> = r
                 .cutover_steps
                 .iter()
                 .map(|(n, s)| format!("{n} {s:.3}"))
                 .collect();
+            let bucket = if r.bucket_sync.is_some() {
+                format!("; bucket sync wrote {}", mib(r.bucket_sync_written))
+            } else {
+                String::new()
+            };
             println!(
-                "  raw -> {target} round {}: {}; final delta {} chunks; pre-copy wrote {}; load {}",
+                "  {} round {}: {}; final delta {} chunks; pre-copy wrote {}{bucket}; load {}",
+                case.label,
                 i + 1,
                 steps.join(", "),
                 r.delta_chunks,
