@@ -542,6 +542,8 @@ struct Round {
     /// Seconds of the bucket's sync at cutover, when there is a bucket.
     bucket_sync: Option<f64>,
     bucket_sync_written: u64,
+    /// What the bucket's sync read to copy and compare, listings excluded.
+    bucket_sync_read: u64,
     precopy_written: u64,
     load: String,
 }
@@ -760,6 +762,7 @@ fn one_round(
         delta_chunks: output_u64(&record, sync, "chunks_sent"),
         bucket_sync: step_secs(&record, "sync:bucket:assets"),
         bucket_sync_written: output_u64(&record, "sync:bucket:assets", "bytes_written"),
+        bucket_sync_read: output_u64(&record, "sync:bucket:assets", "bytes_read"),
         precopy_written: output_u64(&record, "precopy:volume:data", "bytes_written"),
         load,
     };
@@ -1015,7 +1018,11 @@ fn run(args: &Args) -> Result<(), String> {
                 .map(|(n, s)| format!("{n} {s:.3}"))
                 .collect();
             let bucket = if r.bucket_sync.is_some() {
-                format!("; bucket sync wrote {}", mib(r.bucket_sync_written))
+                format!(
+                    "; bucket sync wrote {} and read {} besides the listings",
+                    mib(r.bucket_sync_written),
+                    mib(r.bucket_sync_read)
+                )
             } else {
                 String::new()
             };

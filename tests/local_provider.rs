@@ -391,6 +391,45 @@ async fn buckets_store_list_and_refuse_keys_that_escape() {
     }
     assert!(tags[0] != tags[1] && tags[1] != tags[2], "{tags:?}");
 
+    // Listings keep the hash of a file that has settled, and hash it again once it changes;
+    // a file modified moments ago is hashed every time.
+    let file = p.root().join("buckets/shop/assets/img/2024/logo.bin");
+    let kept = |path: &Path| xattr::get(path, "user.fluidcloud.blake3").unwrap();
+    assert_eq!(kept(&file), None, "a fresh file's hash was kept");
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let listed = p.list_objects("shop", "assets").await.unwrap();
+    let logo = listed
+        .iter()
+        .find(|o| o.key == "img/2024/logo.bin")
+        .unwrap();
+    let hash = blake3::hash(&big).to_hex().to_string();
+    assert_eq!(logo.blake3.as_deref(), Some(hash.as_str()));
+    let value = String::from_utf8(kept(&file).expect("the settled file's hash is kept")).unwrap();
+    assert_eq!(
+        value,
+        format!("{} {hash}", logo.etag.as_deref().unwrap()),
+        "the hash is kept with the tag of the version it belongs to"
+    );
+    let mut changed = big.clone();
+    changed[0] ^= 1;
+    std::fs::write(&file, &changed).unwrap();
+    let listed = p.list_objects("shop", "assets").await.unwrap();
+    let logo = listed
+        .iter()
+        .find(|o| o.key == "img/2024/logo.bin")
+        .unwrap();
+    assert_eq!(
+        logo.blake3.as_deref(),
+        Some(blake3::hash(&changed).to_hex().as_str())
+    );
+    std::fs::write(&file, &big).unwrap();
+
     // A file outside the bucket that escaping keys would reach.
     std::fs::write(tmp.path().join("secret"), b"x").unwrap();
     for key in [

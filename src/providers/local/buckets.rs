@@ -23,6 +23,12 @@ const CHUNK: usize = 256 * 1024;
 
 const XATTR_CONTENT_TYPE: &str = "user.fluidcloud.content-type";
 const XATTR_META_PREFIX: &str = "user.fluidcloud.meta.";
+/// `<file tag> <BLAKE3 hex>`: the hash of the version the tag names, so a listing reads only
+/// files that changed since they were last hashed.
+const XATTR_BLAKE3: &str = "user.fluidcloud.blake3";
+/// A file modified this shortly before it is hashed could be modified again within the same
+/// tick of the file system's clock, leaving its tag unchanged: its hash is not kept.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(super) struct Buckets {
     provider: String,
@@ -608,15 +614,35 @@ fn file_tag(meta: &std::fs::Metadata) -> String {
 }
 
 fn hash_file(path: &Path) -> std::io::Result<ObjectInfo> {
+    use xattr::FileExt;
     let mut file = std::fs::File::open(path)?;
     let meta = file.metadata()?;
+    let tag = file_tag(&meta);
+    let info = |blake3: String| ObjectInfo {
+        key: String::new(),
+        size: meta.len(),
+        blake3: Some(blake3),
+        etag: Some(tag.clone()),
+        modified: meta.modified().ok().map(DateTime::<Utc>::from),
+    };
+    // A file system without extended attributes simply hashes every time.
+    if let Ok(Some(kept)) = file.get_xattr(XATTR_BLAKE3) {
+        let kept = String::from_utf8_lossy(&kept);
+        if let Some((kept_tag, hash)) = kept.split_once(' ') {
+            if kept_tag == tag && blake3::Hash::from_hex(hash).is_ok() {
+                return Ok(info(hash.to_string()));
+            }
+        }
+    }
+    let started = std::time::SystemTime::now();
     let mut hasher = blake3::Hasher::new();
     let size = std::io::copy(&mut file, &mut hasher)?;
-    Ok(ObjectInfo {
-        key: String::new(),
-        size,
-        blake3: Some(hasher.finalize().to_hex().to_string()),
-        etag: Some(file_tag(&meta)),
-        modified: meta.modified().ok().map(DateTime::<Utc>::from),
-    })
+    let hash = hasher.finalize().to_hex().to_string();
+    let unchanged = file.metadata().is_ok_and(|m| file_tag(&m) == tag) && size == meta.len();
+    let settled = meta.modified().is_ok_and(|m| m + RACY <= started);
+    if unchanged && settled {
+        // Only a cache: a file that cannot keep it is hashed again next time.
+        let _ = file.set_xattr(XATTR_BLAKE3, format!("{tag} {hash}").as_bytes());
+    }
+    Ok(ObjectInfo { size, ..info(hash) })
 }
