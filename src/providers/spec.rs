@@ -65,34 +65,10 @@ impl AppSpec {
         component: &Component,
         base_dir: &Path,
     ) -> Result<AppSpec, SettingsError> {
-        let mut problems = Vec::new();
-        let mut problem = |key: &str, message: String| problems.push((key.to_string(), message));
-        if component.kind != ComponentKind::App {
-            problem(
-                "kind",
-                format!(
-                    "must be `app` to describe an app, got `{}`",
-                    component.kind.as_str()
-                ),
-            );
-        }
+        let mut problems = Problems::start(service, component, ComponentKind::App, KEYS);
+        let mut problem = |key: &str, message: String| problems.add(key, message);
         let settings = &component.settings;
-        for key in settings.keys() {
-            if !KEYS.contains(&key.as_str()) {
-                problem(
-                    &format!("settings.{key}"),
-                    format!("unknown app setting; known settings: {}", KEYS.join(", ")),
-                );
-            }
-        }
-        let resolve = |p: &str| {
-            let p = Path::new(p);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base_dir.join(p)
-            }
-        };
+        let resolve = |p: &str| resolve(base_dir, p);
         let command = match settings.get("command") {
             None => {
                 problem(
@@ -206,20 +182,7 @@ impl AppSpec {
             workdir,
             port,
         };
-        if problems.is_empty() {
-            if let Err(reason) = spec.validate() {
-                problems.push(("settings".to_string(), reason));
-            }
-        }
-        if problems.is_empty() {
-            Ok(spec)
-        } else {
-            Err(SettingsError {
-                service: service.to_string(),
-                component: component.name.clone(),
-                problems,
-            })
-        }
+        problems.finish(spec, AppSpec::validate)
     }
 
     /// Checks what a process launch would trip on. Returns the reason it is refused.
@@ -253,6 +216,90 @@ impl AppSpec {
             return Err("port 0 is not a port an app can be reached at".to_string());
         }
         Ok(())
+    }
+}
+
+/// `p` as given when absolute, else below `base_dir`.
+pub(crate) fn resolve(base_dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    }
+}
+
+/// The problems found in one component's settings, collected so that all are reported at
+/// once.
+pub(crate) struct Problems {
+    service: String,
+    component: String,
+    found: Vec<(String, String)>,
+}
+
+impl Problems {
+    /// Starts with what is wrong with the component's kind (it must be `kind`) and with
+    /// every settings key not in `known`.
+    pub(crate) fn start(
+        service: &str,
+        component: &Component,
+        kind: ComponentKind,
+        known: &[&str],
+    ) -> Problems {
+        let mut p = Problems {
+            service: service.to_string(),
+            component: component.name.clone(),
+            found: Vec::new(),
+        };
+        if component.kind != kind {
+            p.add(
+                "kind",
+                format!(
+                    "must be `{}` for these settings, got `{}`",
+                    kind.as_str(),
+                    component.kind.as_str()
+                ),
+            );
+        }
+        for key in component.settings.keys() {
+            if !known.contains(&key.as_str()) {
+                p.add(
+                    &format!("settings.{key}"),
+                    format!(
+                        "unknown {} setting; known settings: {}",
+                        kind.as_str(),
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        p
+    }
+
+    pub(crate) fn add(&mut self, key: &str, message: String) {
+        self.found.push((key.to_string(), message));
+    }
+
+    /// `spec` when nothing was found and `validate` accepts it, else every problem.
+    pub(crate) fn finish<T>(
+        mut self,
+        spec: T,
+        validate: impl FnOnce(&T) -> Result<(), String>,
+    ) -> Result<T, SettingsError> {
+        if self.found.is_empty() {
+            if let Err(reason) = validate(&spec) {
+                self.add("settings", reason);
+            }
+        }
+        if self.found.is_empty() {
+            Ok(spec)
+        } else {
+            Err(SettingsError {
+                service: self.service,
+                component: self.component,
+                problems: self.found,
+            })
+        }
     }
 }
 

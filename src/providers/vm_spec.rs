@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::names::validate_name;
+use super::spec::{resolve, Problems};
 use super::SettingsError;
 use crate::config::Component;
 use crate::model::{ComponentKind, Requirements};
@@ -84,40 +85,16 @@ impl VmSpec {
         resources: Requirements,
         base_dir: &Path,
     ) -> Result<VmSpec, SettingsError> {
-        let mut problems: Vec<(String, String)> = Vec::new();
-        let mut problem = |key: &str, message: String| problems.push((key.to_string(), message));
-        if component.kind != ComponentKind::Vm {
-            problem(
-                "kind",
-                format!(
-                    "must be `vm` to describe a virtual machine, got `{}`",
-                    component.kind.as_str()
-                ),
-            );
-        }
+        let mut problems = Problems::start(service, component, ComponentKind::Vm, KEYS);
+        let mut problem = |key: &str, message: String| problems.add(key, message);
         let settings = &component.settings;
-        for key in settings.keys() {
-            if !KEYS.contains(&key.as_str()) {
-                problem(
-                    &format!("settings.{key}"),
-                    format!("unknown vm setting; known settings: {}", KEYS.join(", ")),
-                );
-            }
-        }
         let mut path = |key: &str| -> Option<PathBuf> {
             match settings.get(key)? {
                 toml::Value::String(s) if s.trim().is_empty() => {
                     problem(&format!("settings.{key}"), "must not be empty".to_string());
                     None
                 }
-                toml::Value::String(s) => {
-                    let p = Path::new(s);
-                    Some(if p.is_absolute() {
-                        p.to_path_buf()
-                    } else {
-                        base_dir.join(p)
-                    })
-                }
+                toml::Value::String(s) => Some(resolve(base_dir, s)),
                 v => {
                     problem(
                         &format!("settings.{key}"),
@@ -196,20 +173,7 @@ impl VmSpec {
             ports,
             volumes,
         };
-        if problems.is_empty() {
-            if let Err(reason) = spec.validate() {
-                problems.push(("settings".to_string(), reason));
-            }
-        }
-        if problems.is_empty() {
-            Ok(spec)
-        } else {
-            Err(SettingsError {
-                service: service.to_string(),
-                component: component.name.clone(),
-                problems,
-            })
-        }
+        problems.finish(spec, VmSpec::validate)
     }
 
     /// Checks what a qemu launch would trip on (files are looked at when the VM starts).
