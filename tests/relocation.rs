@@ -309,6 +309,9 @@ fn a_service_moves_with_its_data_config_and_bucket_and_the_source_is_decommissio
         .unwrap();
     let text = String::from_utf8_lossy(&plan.stdout);
     assert!(text.contains("from `b` to `a`"), "{text}");
+    for together in ["steps 2, 3 run side by side", "steps 5, 6 run side by side"] {
+        assert!(text.contains(together), "{text}");
+    }
 }
 
 #[test]

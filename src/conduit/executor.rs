@@ -303,18 +303,13 @@ async fn forward(ctx: &Ctx, record: &RelocationRecord) {
             phase = steps[i].phase;
             phase_started = Instant::now();
         }
-        // Copies of different volumes and buckets next to each other in one phase are
-        // independent: they run side by side, each checkpointed on its own.
-        let mut end = i + 1;
-        if steps[i].is_transfer() {
-            while end < steps.len() && steps[end].is_transfer() && steps[end].phase == phase {
-                end += 1;
-            }
-        }
-        let todo: Vec<usize> = (i..end)
+        // Copies of different volumes and buckets run side by side, each checkpointed on
+        // its own.
+        let batch = ctx.plan.batch_at(i);
+        i = batch.end;
+        let todo: Vec<usize> = batch
             .filter(|&k| record.steps.get(k).map(|s| s.state) != Some(StepState::Done))
             .collect();
-        i = end;
         if todo.is_empty() {
             continue;
         }

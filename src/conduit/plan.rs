@@ -190,6 +190,26 @@ impl Plan {
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
     }
+
+    /// The steps run together from step `start` on: the run of transfers next to each other
+    /// in one phase (copies of different volumes and buckets depend on nothing but the
+    /// steps before them, so they run side by side), or the single step at `start`.
+    pub fn batch_at(&self, start: usize) -> std::ops::Range<usize> {
+        let Some(first) = self.steps.get(start) else {
+            return start..start;
+        };
+        let mut end = start + 1;
+        if first.is_transfer() {
+            while self
+                .steps
+                .get(end)
+                .is_some_and(|s| s.is_transfer() && s.phase == first.phase)
+            {
+                end += 1;
+            }
+        }
+        start..end
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -649,6 +669,16 @@ impl fmt::Display for Plan {
             writeln!(f, "  {:>3}. {:<28} {}", i + 1, s.name, s.description)?;
             if !s.after.is_empty() {
                 writeln!(f, "       {:<28} after: {}", "", s.after.join(", "))?;
+            }
+            let batch = self.batch_at(i);
+            if batch.start == i && batch.len() > 1 {
+                let numbers: Vec<String> = batch.map(|k| (k + 1).to_string()).collect();
+                writeln!(
+                    f,
+                    "       {:<28} steps {} run side by side (conduit.transfer_concurrency)",
+                    "",
+                    numbers.join(", ")
+                )?;
             }
         }
         if !self.notes.is_empty() {
