@@ -22,6 +22,8 @@
 //! data set with `-vv` counts the objects rclone's log shows a matching MD5 for, which the
 //! table reports.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
@@ -33,6 +35,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{free_port, load_average, median};
 use fluidcloud::conduit::buckets::{copy_bucket, BucketCopyOptions, BucketProgress};
 use fluidcloud::config::Config;
 use fluidcloud::providers::{self, Provider};
@@ -42,13 +45,6 @@ const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 
 /// A free TCP port on loopback (the servers' module asks its parent for it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 struct Args {
     dir: PathBuf,
     repeat: usize,
@@ -323,25 +319,6 @@ struct Figures {
     ours_read: u64,
     ours_copied: u64,
     md5_checked: String,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn main() {

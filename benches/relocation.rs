@@ -50,7 +50,13 @@ use fluidcloud::conduit::{Observer, RelocationRequest, RelocationState};
 use fluidcloud::config::Config;
 use fluidcloud::viaduct::Progress;
 
-const MIB: u64 = 1 << 20;
+#[path = "common/mod.rs"]
+mod common;
+#[path = "../tests/common/servers.rs"]
+#[allow(dead_code)]
+mod servers;
+use common::{build_image, fill_random, free_port, load_average, median, XorShift, MIB};
+use servers::kill_from_pid_file;
 
 struct Args {
     dir: PathBuf,
@@ -163,135 +169,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// A small deterministic generator for the image layout, the text and the changed blocks.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn fill_random(buf: &mut [u8], seed: u64) {
-    blake3::Hasher::new()
-        .update(b"relocation bench")
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(buf);
-}
-
-/// Log-like text: compresses about 4:1, as a service's logs and documents do.
-fn fill_text(buf: &mut [u8], rng: &mut XorShift) {
-    const WORDS: &[&str] = &[
-        "GET",
-        "POST",
-        "/v1/orders",
-        "/v1/basket",
-        "200",
-        "404",
-        "customer",
-        "order",
-        "shipped",
-        "payment",
-        "accepted",
-        "latency_ms=",
-        "12",
-        "250",
-        "2026-11-25T10:00:00Z",
-        "INFO",
-        "WARN",
-        "request",
-        "id",
-        "the",
-        "and",
-        "of",
-        "session",
-        "cache",
-        "miss",
-    ];
-    let mut pos = 0;
-    while pos < buf.len() {
-        let w = WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes();
-        let sep: &[u8] = if rng.below(10) == 0 { b"\n" } else { b" " };
-        for b in w.iter().chain(sep) {
-            if pos == buf.len() {
-                break;
-            }
-            buf[pos] = *b;
-            pos += 1;
-        }
-    }
-}
-
-/// Writes a sparse raw image of `size` bytes with `allocated` bytes of data, in runs of 1 to
-/// 32 MiB scattered over the image: a sixth allocated zeros, the rest half random, half text.
-fn build_image(path: &Path, size: u64, allocated: u64) -> std::io::Result<()> {
-    #[derive(Clone, Copy)]
-    enum Kind {
-        Hole,
-        Random,
-        Text,
-        Zero,
-    }
-    let blocks = size / MIB;
-    let alloc_blocks = (allocated / MIB).min(blocks);
-    let zero = alloc_blocks / 6;
-    let random = (alloc_blocks - zero) / 2;
-    let text = alloc_blocks - zero - random;
-    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
-    let mut runs = Vec::new();
-    for (kind, mut left) in [
-        (Kind::Random, random),
-        (Kind::Text, text),
-        (Kind::Zero, zero),
-        (Kind::Hole, blocks - alloc_blocks),
-    ] {
-        while left > 0 {
-            let n = (1 + rng.below(32)).min(left);
-            runs.push((kind, n));
-            left -= n;
-        }
-    }
-    for i in (1..runs.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        runs.swap(i, j);
-    }
-    let f = File::create(path)?;
-    f.set_len(size)?;
-    let mut buf = vec![0u8; MIB as usize];
-    let mut block = 0u64;
-    for (kind, n) in runs {
-        for _ in 0..n {
-            let data = match kind {
-                Kind::Hole => false,
-                Kind::Random => {
-                    fill_random(&mut buf, block);
-                    true
-                }
-                Kind::Text => {
-                    fill_text(&mut buf, &mut rng);
-                    true
-                }
-                Kind::Zero => {
-                    buf.fill(0);
-                    true
-                }
-            };
-            if data {
-                f.write_all_at(&buf, block * MIB)?;
-            }
-            block += 1;
-        }
-    }
-    f.sync_all()
-}
-
 /// The 1 MiB blocks a round changes: `count` distinct ones over the whole volume.
 fn pick_blocks(size: u64, count: u64, seed: u64) -> Vec<u64> {
     let blocks = size / MIB;
@@ -335,22 +212,6 @@ fn cp_sparse(from: &Path, to: &Path) -> Result<(), String> {
 /// in the middle of its relocation.
 fn settle() {
     let _ = Command::new("sync").status();
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free loopback port: {e}"))
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn demo_app() -> Result<PathBuf, String> {
@@ -513,16 +374,7 @@ struct Apps(PathBuf);
 impl Drop for Apps {
     fn drop(&mut self) {
         for p in ["a", "b"] {
-            let pid_file = self.0.join(format!("providers/{p}/apps/shop/web/pid"));
-            let pid = std::fs::read_to_string(pid_file)
-                .ok()
-                .and_then(|t| t.split_whitespace().next().and_then(|p| p.parse().ok()));
-            if let Some(pid) = pid {
-                // SAFETY: signals the demo app this round's provider started.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
+            kill_from_pid_file(&self.0.join(format!("providers/{p}/apps/shop/web/pid")));
         }
     }
 }
@@ -584,7 +436,7 @@ fn one_round(
     let target = case.target.as_str();
     let dir = work.join(format!("round-{round}-{target}-{}", case.concurrency));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let port = free_port()?;
+    let port = free_port();
     let config = Arc::new(write_config(
         &dir,
         app,
@@ -792,16 +644,6 @@ async fn wait_app(port: u16, path: &str) -> Result<String, String> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / MIB as f64)
 }
@@ -840,7 +682,8 @@ fn run(args: &Args) -> Result<(), String> {
         args.allocated_gib,
         work.path().display()
     );
-    build_image(&template, size, allocated).map_err(|e| format!("cannot build the image: {e}"))?;
+    build_image(&template, size, allocated, 0x2545_f491_4f6c_dd1d)
+        .map_err(|e| format!("cannot build the image: {e}"))?;
     let image_alloc = std::fs::metadata(&template)
         .map_err(|e| e.to_string())?
         .blocks()

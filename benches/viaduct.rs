@@ -35,7 +35,9 @@ use fluidcloud::viaduct::{
     PresharedKey, ReceiverOptions, SendOptions,
 };
 
-const MIB: u64 = 1 << 20;
+#[path = "common/mod.rs"]
+mod common;
+use common::{build_image, fill_random, free_port, XorShift, MIB};
 
 struct Args {
     dir: PathBuf,
@@ -99,141 +101,6 @@ fn parse_args() -> Result<Args, String> {
         return Err("--allocated-gib must be above zero and at most --size-gib".into());
     }
     Ok(args)
-}
-
-/// A small deterministic generator for the image layout and the text.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Hole,
-    Random,
-    Text,
-    Zero,
-}
-
-fn fill_random(buf: &mut [u8], seed: u64) {
-    blake3::Hasher::new()
-        .update(b"viaduct bench")
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(buf);
-}
-
-fn fill_text(buf: &mut [u8], rng: &mut XorShift) {
-    const WORDS: &[&str] = &[
-        "the",
-        "cloud",
-        "service",
-        "provider",
-        "volume",
-        "image",
-        "relocation",
-        "broker",
-        "policy",
-        "price",
-        "region",
-        "instance",
-        "network",
-        "storage",
-        "of",
-        "and",
-        "to",
-        "a",
-        "is",
-        "for",
-        "with",
-        "running",
-        "kernel",
-        "log",
-        "error",
-        "info",
-        "request",
-        "latency",
-        "bytes",
-        "2026-11-25T10:00:00Z",
-        "GET",
-        "/v1/services",
-        "200",
-        "ok",
-    ];
-    let mut pos = 0;
-    while pos < buf.len() {
-        let w = WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes();
-        let sep: &[u8] = if rng.below(12) == 0 { b"\n" } else { b" " };
-        for b in w.iter().chain(sep) {
-            if pos == buf.len() {
-                break;
-            }
-            buf[pos] = *b;
-            pos += 1;
-        }
-    }
-}
-
-/// Lays out the image in runs of 1 to 32 MiB: the allocated share split evenly between
-/// random data and text, with a sixth of it allocated zeros; the rest holes.
-fn build_image(path: &Path, size: u64, allocated: u64) -> std::io::Result<()> {
-    let blocks = size / MIB;
-    let alloc_blocks = (allocated / MIB).min(blocks);
-    let zero = alloc_blocks / 6;
-    let random = (alloc_blocks - zero) / 2;
-    let text = alloc_blocks - zero - random;
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
-    let mut runs = Vec::new();
-    for (kind, mut total) in [
-        (Kind::Random, random),
-        (Kind::Text, text),
-        (Kind::Zero, zero),
-        (Kind::Hole, blocks - alloc_blocks),
-    ] {
-        while total > 0 {
-            let n = (1 + rng.below(32)).min(total);
-            runs.push((kind, n));
-            total -= n;
-        }
-    }
-    for i in (1..runs.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        runs.swap(i, j);
-    }
-    let f = File::create(path)?;
-    f.set_len(size)?;
-    let mut buf = vec![0u8; MIB as usize];
-    let mut block = 0u64;
-    for (kind, n) in runs {
-        for _ in 0..n {
-            match kind {
-                Kind::Hole => {}
-                Kind::Random => {
-                    fill_random(&mut buf, block);
-                    f.write_all_at(&buf, block * MIB)?;
-                }
-                Kind::Text => {
-                    fill_text(&mut buf, &mut rng);
-                    f.write_all_at(&buf, block * MIB)?;
-                }
-                Kind::Zero => {
-                    buf.fill(0);
-                    f.write_all_at(&buf, block * MIB)?;
-                }
-            }
-            block += 1;
-        }
-    }
-    f.sync_all()
 }
 
 fn sync_file(path: &Path) -> Duration {
@@ -319,13 +186,6 @@ fn run_shell(cmd: &str) -> Result<Duration, String> {
         return Err(format!("`{cmd}` failed: {status}"));
     }
     Ok(t.elapsed())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(47_000)
 }
 
 /// The paper's method: a listening `nc` writes what a piped `dd` sends.
@@ -420,7 +280,8 @@ fn run(args: &Args) -> Result<(), String> {
         gib(allocated),
         work.path().display()
     );
-    build_image(&img, size, allocated).map_err(|e| format!("cannot build the image: {e}"))?;
+    build_image(&img, size, allocated, 0x9e37_79b9_7f4a_7c15)
+        .map_err(|e| format!("cannot build the image: {e}"))?;
     let img_alloc = std::fs::metadata(&img).map_err(|e| e.to_string())?.blocks() * 512;
     let chunk = fluidcloud::viaduct::DEFAULT_CHUNK_SIZE;
     let source_digest = image_digest(&img, chunk).map_err(|e| e.to_string())?;

@@ -11,6 +11,10 @@
 //! cutover downtime (VM powered down → target health check passed) and its steps; the target
 //! image is hashed on the host and must equal the source's content.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::free_port;
+
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
@@ -30,13 +34,6 @@ use fluidcloud::conduit::{RelocationRequest, RelocationState};
 use fluidcloud::config::Config;
 use fluidcloud::providers::{self, VolumeSpec};
 use guest::QemuEnv;
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
 
 struct Args {
     disk_mib: u64,

@@ -623,8 +623,8 @@ impl KnownHashes {
         self.len() == 0
     }
 
-    /// The hashes of `src_key` and `dst_key` when both listings still describe the versions
-    /// they were learned about.
+    /// The hashes of the source object `src` and the target object `dst` when both listings
+    /// still describe the versions they were learned about.
     fn both(&self, src: &ObjectInfo, dst: &ObjectInfo) -> Option<(blake3::Hash, blake3::Hash)> {
         let s = self.src.get(&src.key).filter(|k| k.matches(src))?;
         let d = self.dst.get(&dst.key).filter(|k| k.matches(dst))?;

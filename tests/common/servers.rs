@@ -213,7 +213,6 @@ pub fn http(
     Some((status, headers))
 }
 
-/// An `s3s-fs` server on a directory.
 /// Sends SIGKILL to the process a provider's pid file names (its first word), if the file
 /// exists: cleans up apps and emulators a test or benchmark left running.
 pub fn kill_from_pid_file(pid_file: &Path) {
@@ -228,6 +227,7 @@ pub fn kill_from_pid_file(pid_file: &Path) {
     }
 }
 
+/// An `s3s-fs` server on a directory.
 pub struct S3sFs {
     env: TestEnv,
     pub port: u16,
