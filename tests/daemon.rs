@@ -794,3 +794,214 @@ fn a_relocation_interrupted_in_its_cutover_is_rolled_back_after_a_restart() {
     let (s, body) = relocate(&d, "shop", json!({"to": "azure-we", "force": true}));
     assert_eq!(s, 202, "{body}");
 }
+
+fn catalogue(a: f64, b: f64) -> Body {
+    Body::Json(format!(
+        "provider,region,flavor,vcpus,memory_gib,price_per_hour,storage_price_per_gib_month,egress_price_per_gib,currency\n\
+         prov-a,eu-central-1,m2,2,4,{a},0.05,0.01,USD\n\
+         prov-b,eu-west-1,m2,2,4,{b},0.05,0.01,USD\n"
+    ))
+}
+
+/// Two providers priced from one catalogue the test rewrites, three small services under an
+/// `enforce` cheapest policy that asks once, one relocation at a time.
+fn moving_config(feeds: &FeedServer) -> String {
+    let mut cfg = String::from(
+        r#"
+[daemon]
+state_dir = "{DIR}/state"
+listen = "127.0.0.1:{PORT}"
+
+[broker]
+evaluate_schedule = "* * * * * *"
+max_concurrent_relocations = 1
+max_relocations_per_window = 20
+max_relocations_percent = 100
+
+[conduit]
+grace_period_secs = 0
+"#,
+    );
+    for (name, region) in [("prov-a", "eu-central-1"), ("prov-b", "eu-west-1")] {
+        cfg += &format!(
+            r#"
+[providers.{name}]
+driver = "local"
+cloud = "aws"
+region = "{region}"
+root = "providers/{name}"
+[providers.{name}.pricing]
+format = "csv"
+url = "{base}/catalogue.csv"
+catalogue_provider = "{name}"
+schedule = "* * * * * *"
+ttl_secs = 0
+"#,
+            base = feeds.base
+        );
+    }
+    cfg += r#"
+[policies.cheapest]
+file = "{REPO}/policies/cheapest.rhai"
+mode = "enforce"
+confirmations = 1
+min_residency_secs = 0
+cooldown_secs = 6
+move_duration_secs = 60
+"#;
+    for s in ["s1", "s2", "s3"] {
+        cfg += &format!(
+            r#"
+[services.{s}]
+provider = "prov-a"
+policy = "cheapest"
+vcpus = 2
+memory_gib = 4
+[[services.{s}.components]]
+kind = "volume"
+name = "data"
+size_gib = 1
+"#
+        );
+    }
+    cfg
+}
+
+/// Every relocation in the journal must stand for exactly one `submitted` or `approved`
+/// decision, under that decision's id, and every such decision must have its relocation.
+fn assert_decisions_match_relocations(d: &Daemon) -> Vec<Value> {
+    let relocations = d.get("/v1/relocations").as_array().unwrap().clone();
+    let decisions = d
+        .get("/v1/decisions?limit=10000")
+        .as_array()
+        .unwrap()
+        .clone();
+    let asked: Vec<String> = decisions
+        .iter()
+        .filter(|x| x["outcome"] == "submitted" || x["outcome"] == "approved")
+        .map(|x| {
+            x["refers_to"]
+                .as_str()
+                .or(x["id"].as_str())
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut ids: Vec<String> = relocations
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.iter().all(|id| !id.is_empty()), "{relocations:?}");
+    let mut sorted = asked.clone();
+    sorted.sort();
+    ids.sort();
+    assert_eq!(
+        sorted, ids,
+        "decisions {decisions:?} relocations {relocations:?}"
+    );
+    for r in &relocations {
+        assert_eq!(r["id"], r["request"]["decision_id"], "{r}");
+    }
+    relocations
+}
+
+fn counter_sum(d: &Daemon, name: &str) -> f64 {
+    d.metrics()
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Regression: the broker handed policy decisions to the conduit before the decision log
+/// gave them their id, so every policy relocation asked the journal for relocation `""` and
+/// got the first one back: only the first policy-driven relocation of a daemon's life ran.
+#[test]
+fn every_policy_relocation_runs_under_its_decision_id_not_only_the_first() {
+    let feeds = FeedServer::start(vec![("/catalogue.csv", catalogue(0.10, 0.05))]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &moving_config(&feeds));
+    let placed = |d: &Daemon, at: &str| {
+        let services = d.get("/v1/services");
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["provider"] == at)
+    };
+    let idle = |d: &Daemon| {
+        d.get("/v1/relocations")
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "completed")
+    };
+    // All three services move to the cheaper prov-b, one after another (budget of one).
+    d.eventually(
+        "all three services on prov-b",
+        Duration::from_secs(90),
+        |d| (placed(d, "prov-b") && idle(d)).then_some(()),
+    );
+    let first = assert_decisions_match_relocations(&d);
+    assert_eq!(first.len(), 3, "{first:?}");
+    for s in ["s1", "s2", "s3"] {
+        assert!(dir
+            .path()
+            .join(format!("providers/prov-b/volumes/{s}/data.raw"))
+            .exists());
+    }
+
+    // The prices turn: after their cooldown every service moves back, a second relocation
+    // of each in the same daemon's life.
+    feeds.set("/catalogue.csv", catalogue(0.05, 0.10));
+    d.eventually(
+        "all three services back on prov-a",
+        Duration::from_secs(90),
+        |d| {
+            (placed(d, "prov-a") && idle(d) && d.get("/v1/relocations").as_array()?.len() == 6)
+                .then_some(())
+        },
+    );
+    let all = assert_decisions_match_relocations(&d);
+    for s in ["s1", "s2", "s3"] {
+        let moves: Vec<(&str, &str)> = all
+            .iter()
+            .filter(|r| r["request"]["service"] == s)
+            .map(|r| {
+                (
+                    r["request"]["from"].as_str().unwrap(),
+                    r["request"]["to"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(moves, [("prov-a", "prov-b"), ("prov-b", "prov-a")], "{s}");
+    }
+    // The counters agree once the conduit is idle, and the budget never let two run at once.
+    let requested = counter_sum(&d, "fluidcloud_relocations_requested_total");
+    let started = counter_sum(&d, "fluidcloud_relocations_started_total");
+    let finished = counter_sum(&d, "fluidcloud_relocations_finished_total");
+    assert_eq!((requested, started, finished), (6.0, 6.0, 6.0));
+    assert_eq!(
+        d.metric("fluidcloud_relocations_finished_total{outcome=\"completed\"}"),
+        Some(6.0)
+    );
+    assert_eq!(counter_sum(&d, "fluidcloud_relocations_refused_total"), 0.0);
+    // A relocation holds its slot until its commit; the next one is handed over after it.
+    let mut spans: Vec<_> = all
+        .iter()
+        .map(|r| {
+            let commit = r["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == "commit")
+                .unwrap();
+            let at = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+            (at(&r["submitted_at"]), at(&commit["finished_at"]))
+        })
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "two relocations overlapped: {spans:?}");
+    }
+}

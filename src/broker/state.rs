@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::guard::ServiceMemory;
@@ -16,9 +15,6 @@ pub struct PersistedState {
     /// Pending decision id by service.
     #[serde(default)]
     pub pending: BTreeMap<String, String>,
-    /// Start times of relocations handed to the conduit, for the window budget.
-    #[serde(default)]
-    pub relocation_starts: Vec<DateTime<Utc>>,
 }
 
 pub struct StateFile {

@@ -15,7 +15,7 @@ use super::decisions::{Decision, DecisionLog, Outcome};
 use super::guard::{self, Proposal, RailVerdict};
 use super::state::{PersistedState, StateFile};
 use super::{benchmarks, pricing, regions};
-use crate::conduit::{Conduit, RelocationRequest};
+use crate::conduit::{Conduit, ConduitError, RelocationRequest};
 use crate::config::{Config, ConfigErrors, Mode};
 use crate::model::{MarketSnapshot, SourceStatus, Verdict};
 use crate::policy::context::{DecisionContext, Market};
@@ -252,6 +252,9 @@ pub struct Supervisor {
     /// Last logged (outcome, target, rail, policy hash) by service, to log changes only.
     last_logged: BTreeMap<String, (Outcome, Option<String>, Option<String>, String)>,
     last_costs: BTreeMap<String, Evaluation>,
+    /// When the relocations of the current window were submitted, read from the journal at
+    /// each tick (plus this tick's own submissions): budgets count only relocations that exist.
+    relocation_starts: Vec<DateTime<Utc>>,
     notify: bool,
 }
 
@@ -324,6 +327,7 @@ impl Supervisor {
             state,
             last_logged: BTreeMap::new(),
             last_costs: BTreeMap::new(),
+            relocation_starts: Vec::new(),
             notify,
         };
         s.apply_placements();
@@ -742,13 +746,12 @@ impl Supervisor {
         let window_start = now
             - chrono::Duration::from_std(self.config().broker.relocation_window)
                 .unwrap_or(chrono::Duration::MAX);
-        self.state.relocation_starts.retain(|t| *t >= window_start);
         let total = evals.len();
         let config = self.loaded.config.clone();
         let mut passed: Vec<Decision> = Vec::new();
-        let relocating: BTreeSet<String> = self
-            .conduit
-            .relocations()
+        let relocations = self.conduit.relocations();
+        self.remember_relocations(&relocations, window_start);
+        let relocating: BTreeSet<String> = relocations
             .into_iter()
             .filter(|r| r.state.is_active())
             .map(|r| r.request.service)
@@ -863,7 +866,7 @@ impl Supervisor {
                         streak,
                         memory: &memory,
                         active_relocations: active,
-                        relocations_in_window: self.state.relocation_starts.len(),
+                        relocations_in_window: self.relocation_starts.len(),
                         already_relocating: already,
                     };
                     d.rails = guard::judge(&proposal, policy, &config.broker, now);
@@ -920,18 +923,22 @@ impl Supervisor {
                         "concurrency_budget",
                         format!("{active} relocations in progress after this tick's earlier submissions, at most {max_active}"),
                     ))
-                } else if self.state.relocation_starts.len() >= max_window {
+                } else if self.relocation_starts.len() >= max_window {
                     Some((
                         "window_budget",
                         format!(
                             "{} relocations in the window after this tick's earlier submissions, at most {max_window}",
-                            self.state.relocation_starts.len()
+                            self.relocation_starts.len()
                         ),
                     ))
                 } else {
-                    self.submit(&d, "policy")
-                        .err()
-                        .map(|e| ("already_relocating", e))
+                    // The relocation takes the decision's id: the id is given before the
+                    // conduit sees the request, and the decision is logged under it.
+                    d.id = self.log.next_id(now);
+                    self.submit(&d, "policy").err().map(|e| match e {
+                        ConduitError::AlreadyRelocating(_) => ("already_relocating", e.to_string()),
+                        ConduitError::Refused(_) => ("conduit_refused", e.to_string()),
+                    })
                 };
                 if let Some((rail, detail)) = refusal {
                     d.outcome = Outcome::Suppressed;
@@ -956,6 +963,35 @@ impl Supervisor {
             .set(self.conduit.active() as i64);
     }
 
+    /// Takes the window budget and each service's last relocation from the relocations the
+    /// conduit really holds, never from what was asked of it.
+    fn remember_relocations(
+        &mut self,
+        relocations: &[crate::conduit::Relocation],
+        window_start: DateTime<Utc>,
+    ) {
+        self.relocation_starts = relocations
+            .iter()
+            .map(|r| r.submitted_at)
+            .filter(|t| *t >= window_start)
+            .collect();
+        let mut last: BTreeMap<&str, DateTime<Utc>> = BTreeMap::new();
+        for r in relocations {
+            let t = last.entry(&r.request.service).or_insert(r.submitted_at);
+            *t = (*t).max(r.submitted_at);
+        }
+        for service in last.keys() {
+            self.state
+                .services
+                .entry((*service).to_string())
+                .or_default();
+        }
+        // A last relocation the journal does not hold never happened.
+        for (service, m) in &mut self.state.services {
+            m.last_relocation = last.get(service.as_str()).copied();
+        }
+    }
+
     /// Counts, logs (when it says something new) and remembers one decision.
     fn record(&mut self, mut d: Decision, now: DateTime<Utc>) {
         self.metrics
@@ -967,10 +1003,14 @@ impl Supervisor {
         }
         let key = log_key(&d);
         let streak_progress = d.suppressed_by.as_deref() == Some("confirmations");
-        if self.last_logged.get(&d.service) == Some(&key) && !streak_progress {
-            return;
+        // A decision that already has its id was handed to the conduit under it: it is
+        // always logged, so every relocation has its decision.
+        if d.id.is_empty() {
+            if self.last_logged.get(&d.service) == Some(&key) && !streak_progress {
+                return;
+            }
+            d.id = self.log.next_id(now);
         }
-        d.id = self.log.next_id(now);
         match d.outcome {
             Outcome::PendingApproval => {
                 self.state.pending.insert(d.service.clone(), d.id.clone());
@@ -1027,15 +1067,17 @@ impl Supervisor {
         out
     }
 
-    fn submit(&mut self, d: &Decision, origin: &str) -> Result<(), String> {
+    fn submit(&mut self, d: &Decision, origin: &str) -> Result<(), ConduitError> {
         let Some(Verdict::Relocate {
             provider, reason, ..
         }) = &d.verdict
         else {
-            return Err("the decision is not a relocation".into());
+            return Err(ConduitError::Refused(
+                "the decision is not a relocation".into(),
+            ));
         };
         let req = RelocationRequest {
-            decision_id: d.refers_to.clone().unwrap_or_else(|| d.id.clone()),
+            decision_id: request_id(d),
             service: d.service.clone(),
             from: d.provider.clone(),
             to: provider.clone(),
@@ -1048,14 +1090,25 @@ impl Supervisor {
                     .relocations_requested
                     .with_label_values(&[origin])
                     .inc();
-                self.state.relocation_starts.push(Utc::now());
+                self.relocation_starts.push(Utc::now());
                 let m = self.state.services.entry(d.service.clone()).or_default();
                 m.last_relocation = Some(Utc::now());
                 m.streak_target = None;
                 m.streak = 0;
                 Ok(())
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                tracing::warn!(
+                    "Decision {} for {}: the conduit did not take the relocation: {e}.",
+                    request_id(d),
+                    d.service
+                );
+                self.metrics
+                    .relocations_refused
+                    .with_label_values(&[origin])
+                    .inc();
+                Err(e)
+            }
         }
     }
 
@@ -1094,7 +1147,7 @@ impl Supervisor {
                     cfg.max_concurrent_relocations
                 )));
             }
-            if self.state.relocation_starts.len() >= cfg.max_relocations_per_window as usize {
+            if self.relocation_starts.len() >= cfg.max_relocations_per_window as usize {
                 self.state
                     .pending
                     .insert(original.service.clone(), original.id.clone());
@@ -1106,7 +1159,7 @@ impl Supervisor {
                 self.state
                     .pending
                     .insert(original.service.clone(), original.id.clone());
-                return Err(ApiError::Conflict(e));
+                return Err(ApiError::Conflict(e.to_string()));
             }
         } else {
             d.outcome = Outcome::Rejected;
@@ -1212,7 +1265,8 @@ impl Supervisor {
                 d.migration_cost = Some(*mig);
             }
         }
-        self.submit(&d, "operator").map_err(ApiError::Conflict)?;
+        self.submit(&d, "operator")
+            .map_err(|e| ApiError::Conflict(e.to_string()))?;
         self.metrics
             .decisions
             .with_label_values(&[d.outcome.as_str()])
@@ -1291,6 +1345,12 @@ impl Supervisor {
         out.reverse();
         out
     }
+}
+
+/// The id of the relocation a decision asks for: its own, or for an approval, the id of the
+/// pending decision it approves (the plan the operator saw).
+fn request_id(d: &Decision) -> String {
+    d.refers_to.clone().unwrap_or_else(|| d.id.clone())
 }
 
 fn log_key(d: &Decision) -> (Outcome, Option<String>, Option<String>, String) {

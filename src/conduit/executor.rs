@@ -186,6 +186,15 @@ pub(super) async fn drive(inner: Arc<Inner>, id: String, resumed: bool) {
             return;
         }
     };
+    // Every relocation that leaves the queue counts as started, whatever happens next, so
+    // that requested = started = finished once the conduit is idle.
+    if record.state == RelocationState::Queued {
+        if let Some(m) = &inner.metrics {
+            m.relocations_started
+                .with_label_values(&[&record.request.origin])
+                .inc();
+        }
+    }
     let plan: Plan = match inner
         .journal
         .plan(&id)
@@ -200,6 +209,7 @@ pub(super) async fn drive(inner: Arc<Inner>, id: String, resumed: bool) {
             let _ = inner
                 .journal
                 .set_state(&id, RelocationState::Failed, &detail);
+            count_finished(&inner, "failed");
             return;
         }
     };
@@ -279,13 +289,6 @@ fn observe_phase(inner: &Inner, phase: &str, secs: f64) {
 }
 
 async fn forward(ctx: &Ctx, record: &RelocationRecord) {
-    if record.state == RelocationState::Queued {
-        if let Some(m) = &ctx.inner.metrics {
-            m.relocations_started
-                .with_label_values(&[&record.request.origin])
-                .inc();
-        }
-    }
     tracing::info!(
         "Relocation {}: moving `{}` from `{}` to `{}`.",
         ctx.id,

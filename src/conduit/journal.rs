@@ -120,8 +120,10 @@ pub enum JournalError {
     Unknown(String),
     #[error("relocation `{id}` has no step {seq}")]
     UnknownStep { id: String, seq: u32 },
-    #[error("relocation `{0}` is already in the journal with a different plan")]
-    PlanMismatch(String),
+    #[error("relocation `{0}` is already in the journal; a relocation id is used once")]
+    Exists(String),
+    #[error("a relocation needs an id (the decision that asked for it); it was empty")]
+    NoId,
     #[error("the relocation journal holds unreadable data: {0}")]
     Corrupt(String),
 }
@@ -207,26 +209,33 @@ impl Journal {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a new relocation and its planned steps in one transaction. Creating the same
-    /// relocation again with the same step names is a no-op (idempotent after a crash).
+    /// Records a new relocation and its planned steps in one transaction. Its id is the
+    /// decision's: an empty id, or one the journal holds already, is refused, so one decision
+    /// can never stand for two relocations nor two decisions share one.
     pub fn create(
         &self,
         request: &RelocationRequest,
         steps: &[&str],
     ) -> Result<RelocationRecord, JournalError> {
         let id = request.decision_id.clone();
-        if let Some(existing) = self.get(&id)? {
-            let names: Vec<&str> = existing.steps.iter().map(|s| s.name.as_str()).collect();
-            if names != steps {
-                return Err(JournalError::PlanMismatch(id));
-            }
-            return Ok(existing);
+        if id.is_empty() {
+            return Err(JournalError::NoId);
         }
         let now = Utc::now().to_rfc3339();
         let req = serde_json::to_string(request).expect("request serialises");
         {
             let mut conn = self.lock();
             let tx = conn.transaction().map_err(|e| self.sql(e))?;
+            let exists: bool = tx
+                .query_row(
+                    "SELECT EXISTS(SELECT 1 FROM relocations WHERE id = ?1)",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .map_err(|e| self.sql(e))?;
+            if exists {
+                return Err(JournalError::Exists(id));
+            }
             tx.execute(
                 "INSERT INTO relocations (id, request, state, created_at, updated_at) VALUES (?1, ?2, 'queued', ?3, ?3)",
                 params![id, req, now],
@@ -587,22 +596,30 @@ mod tests {
     }
 
     #[test]
-    fn creating_again_is_idempotent_but_a_different_plan_is_refused() {
+    fn an_empty_or_reused_relocation_id_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
         let a = j.create(&request("r1"), &["x", "y"]).unwrap();
         j.set_step("r1", 0, StepState::Done, None, None).unwrap();
-        let b = j.create(&request("r1"), &["x", "y"]).unwrap();
-        assert_eq!(a.created_at, b.created_at);
-        assert_eq!(
-            b.steps[0].state,
-            StepState::Done,
-            "re-creating must not reset steps"
-        );
+        // A second decision under the same id must not be answered with the first one's
+        // relocation, whatever its service.
+        let mut other = request("r1");
+        other.service = "crm".into();
         assert!(matches!(
-            j.create(&request("r1"), &["x"]),
-            Err(JournalError::PlanMismatch(_))
+            j.create(&other, &["x", "y"]),
+            Err(JournalError::Exists(_))
         ));
+        assert!(matches!(
+            j.create(&request("r1"), &["x", "y"]),
+            Err(JournalError::Exists(_))
+        ));
+        assert!(matches!(
+            j.create(&request(""), &["x"]),
+            Err(JournalError::NoId)
+        ));
+        let b = j.get("r1").unwrap().unwrap();
+        assert_eq!(a.created_at, b.created_at);
+        assert_eq!(b.steps[0].state, StepState::Done, "nothing was reset");
         assert!(matches!(
             j.set_step("r1", 7, StepState::Done, None, None),
             Err(JournalError::UnknownStep { seq: 7, .. })

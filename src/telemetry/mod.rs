@@ -27,6 +27,7 @@ pub const SUPPRESSION_REASONS: &[&str] = &[
     "window_budget",
     "max_relocations_percent",
     "already_relocating",
+    "conduit_refused",
 ];
 
 /// Outcomes of a decision; also the `outcome` label values.
@@ -62,6 +63,7 @@ pub struct Metrics {
     pub relocations_requested: IntCounterVec,
     pub relocations_active: IntGauge,
     pub relocations_started: IntCounterVec,
+    pub relocations_refused: IntCounterVec,
     pub relocations_finished: IntCounterVec,
     pub relocation_phase_duration: HistogramVec,
     pub relocation_bytes_read: IntCounterVec,
@@ -221,6 +223,13 @@ impl Metrics {
                 ),
                 &["origin"]
             )),
+            relocations_refused: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_relocations_refused_total",
+                    "Relocations the conduit refused when they were handed to it (the service is already relocating, or no plan could be made), by origin."
+                ),
+                &["origin"]
+            )),
             relocations_finished: reg!(IntCounterVec::new(
                 Opts::new(
                     "fluidcloud_relocations_finished_total",
@@ -312,6 +321,7 @@ impl Metrics {
         }
         for o in ["policy", "operator"] {
             metrics.relocations_started.with_label_values(&[o]);
+            metrics.relocations_refused.with_label_values(&[o]);
         }
         for o in ["completed", "rolled_back", "failed"] {
             metrics.relocations_finished.with_label_values(&[o]);

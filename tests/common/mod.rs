@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 pub struct FeedServer {
     pub base: String,
     pub hits: Arc<Mutex<HashMap<String, usize>>>,
+    routes: Arc<Mutex<HashMap<String, Arc<Body>>>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -38,17 +39,18 @@ impl FeedServer {
             .unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-        let routes: Arc<HashMap<String, Body>> = Arc::new(
+        let routes: Arc<Mutex<HashMap<String, Arc<Body>>>> = Arc::new(Mutex::new(
             routes
                 .into_iter()
-                .map(|(p, b)| (p.to_string(), b))
+                .map(|(p, b)| (p.to_string(), Arc::new(b)))
                 .collect(),
-        );
+        ));
+        let served = routes.clone();
         let h = hits.clone();
         let base2 = base.clone();
         rt.spawn(async move {
             let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-                let routes = routes.clone();
+                let routes = served.clone();
                 let h = h.clone();
                 let base = base2.clone();
                 async move {
@@ -58,7 +60,14 @@ impl FeedServer {
                         None => req.uri().path().to_string(),
                     };
                     *h.lock().unwrap().entry(key.clone()).or_default() += 1;
-                    match routes.get(&key).or_else(|| routes.get(req.uri().path())) {
+                    let body = {
+                        let routes = routes.lock().unwrap();
+                        routes
+                            .get(&key)
+                            .or_else(|| routes.get(req.uri().path()))
+                            .cloned()
+                    };
+                    match body.as_deref() {
                         Some(Body::Json(s)) => (
                             [(axum::http::header::CONTENT_TYPE, "application/json")],
                             s.replace("{BASE}", &base),
@@ -80,8 +89,17 @@ impl FeedServer {
         FeedServer {
             base,
             hits,
+            routes,
             _rt: rt,
         }
+    }
+
+    /// Serves `body` at `path` from now on (a feed whose prices change).
+    pub fn set(&self, path: &str, body: Body) {
+        self.routes
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), Arc::new(body));
     }
 
     pub fn hits(&self, path: &str) -> usize {
