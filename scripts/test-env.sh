@@ -113,42 +113,37 @@ ensure_memcached() {
     local root="$CACHE/memcached"
     local bin="$root/usr/bin/memcached"
     local libs="$root/usr/lib/x86_64-linux-gnu"
-    if [ -x "$bin" ] && LD_LIBRARY_PATH="$libs" "$bin" -V >/dev/null 2>&1; then
+    if runs_unpacked "$libs" "$bin" -V; then
         did "memcached: present ($(LD_LIBRARY_PATH="$libs" "$bin" -V))"
     else
-        local debs="$CACHE/debs"
-        mkdir -p "$debs" "$root"
-        (cd "$debs" && logged memcached-download apt-get download memcached)
-        dpkg -x "$debs"/memcached_*.deb "$root"
-        if ! LD_LIBRARY_PATH="$libs" "$bin" -V >/dev/null 2>&1; then
-            # A library it links against is not on this system: unpack its library
-            # dependencies beside it.
-            local dep
-            for dep in $(apt-cache depends memcached | awk '/Depends: lib/ {print $2}' | sort -u); do
-                (cd "$debs" && logged "download-$dep" apt-get download "$dep")
-                dpkg -x "$debs/${dep}"_*.deb "$root"
-            done
-        fi
-        LD_LIBRARY_PATH="$libs" "$bin" -V >/dev/null 2>&1 \
-            || die "the unpacked memcached does not start: LD_LIBRARY_PATH=$libs $bin -V"
-        did "memcached: unpacked from Debian's package into $root"
+        rm -rf "$root"
+        unpack_with_deps "$root" memcached memcached
+        must_run_unpacked "$libs" "$bin" -V
+        did "memcached: unpacked from Debian's packages into $root"
     fi
     env_set FLUIDCLOUD_MEMCACHED "$bin"
     env_set FLUIDCLOUD_MEMCACHED_LIBS "$libs"
 }
 
+# Runs an apt command like `logged`, but when it fails refreshes the package lists once and
+# tries again: an old list names versions the mirror no longer has, a fresh machine's none.
+logged_apt() {
+    local name=$1
+    shift
+    if ! "$@" >"$LOG_DIR/$name.log" 2>&1; then
+        logged "$name-apt-update" as_root apt-get update -qq
+        logged "$name" "$@"
+    fi
+}
+
 # Fetches Debian packages into the cache and unpacks them under $1 (never `apt-get install`:
-# that would replace the newer qemu-utils the system has). Refreshes the package lists once
-# when a download fails, as an old list names versions the mirror no longer has.
+# that would replace the newer qemu-utils the system has).
 unpack_debs() {
     local root=$1 name=$2
     shift 2
     local debs="$CACHE/debs"
     mkdir -p "$debs" "$root"
-    if ! (cd "$debs" && apt-get download "$@" >"$LOG_DIR/$name-download.log" 2>&1); then
-        logged "$name-apt-update" as_root apt-get update -qq
-        (cd "$debs" && logged "$name-download" apt-get download "$@")
-    fi
+    (cd "$debs" && logged_apt "$name-download" apt-get download "$@")
     local pkg deb
     for pkg in "$@"; do
         # The newest downloaded file of the package (older versions may linger in debs/).
@@ -158,23 +153,94 @@ unpack_debs() {
     done
 }
 
-# qemu-system-x86_64 and what it needs besides the system's libraries, unpacked.
-QEMU_SYSTEM_DEBS=(ipxe-qemu libbrlapi0.8 libcacard0 libcapstone4 libepoxy0 libexecs0 libfdt1
-    liborc-0.4-0 libgstreamer-plugins-base1.0-0 libopus0 libslirp0 libsndio7.0
-    libspice-server1 libusb-1.0-0 libusbredirparser1 libvdeplug2 qemu-system-common
-    qemu-system-data seabios qemu-system-x86)
+# The packages `apt-get install --no-install-recommends $2...` would add on this machine, one
+# a line: the packages themselves and whatever of their dependencies, down to the last
+# library, the system lacks. Only simulated, which needs no root and changes nothing.
+missing_debs() {
+    local name=$1
+    shift
+    logged_apt "$name-simulate" apt-get install --simulate --no-install-recommends "$@"
+    awk '$1 == "Inst" {print $2}' "$LOG_DIR/$name-simulate.log"
+}
+
+# Unpacks under $1 the packages $3... and everything `missing_debs` says this machine lacks
+# for them (the packages themselves always, as the unpacked copy looks for its files beside
+# itself even when the system has them). Some packages put their libraries in /lib, which
+# is /usr/lib on the merged-/usr systems they are built for: the same is done under $1, so
+# that ROOT/usr/lib/x86_64-linux-gnu holds every unpacked library.
+unpack_with_deps() {
+    local root=$1 name=$2
+    shift 2
+    local extra pkgs dir
+    extra=$(missing_debs "$name" "$@")
+    mapfile -t pkgs < <(printf '%s\n' "$@" "$extra" | awk 'NF && !seen[$0]++')
+    echo "   unpacking ${#pkgs[@]} Debian package(s): ${pkgs[*]}"
+    unpack_debs "$root" "$name" "${pkgs[@]}"
+    for dir in bin sbin lib lib64; do
+        if [ -d "$root/$dir" ] && [ ! -L "$root/$dir" ]; then
+            mkdir -p "$root/usr/$dir"
+            cp -a "$root/$dir/." "$root/usr/$dir/"
+            rm -rf "${root:?}/$dir"
+            ln -s "usr/$dir" "$root/$dir"
+        fi
+    done
+}
+
+# The libraries the files $2... need that are not found with LD_LIBRARY_PATH=$1, one a line
+# (and any file `ldd` cannot read); nothing when everything they link against is there.
+missing_libs() {
+    local libs=$1 file out
+    shift
+    for file in "$@"; do
+        if out=$(LD_LIBRARY_PATH="$libs" ldd "$file" 2>&1); then
+            awk '/=> not found/ {print $1}' <<<"$out"
+        else
+            echo "$file"
+        fi
+    done | sort -u
+}
+
+# Whether the unpacked program $2 counts as present: with LD_LIBRARY_PATH=$1 it and the
+# files $4... (its plugins) find every library they link against, and `$2 $3` runs.
+runs_unpacked() {
+    local libs=$1 bin=$2 arg=$3
+    shift 3
+    [ -x "$bin" ] && [ -z "$(missing_libs "$libs" "$bin" "$@")" ] \
+        && LD_LIBRARY_PATH="$libs" "$bin" "$arg" >/dev/null 2>&1
+}
+
+# Dies unless `runs_unpacked` holds right after unpacking, naming what is still missing.
+must_run_unpacked() {
+    local libs=$1 bin=$2 arg=$3
+    shift 3
+    [ -x "$bin" ] || die "unpacking left no $bin"
+    local missing
+    missing=$(missing_libs "$libs" "$bin" "$@")
+    [ -z "$missing" ] || die "with LD_LIBRARY_PATH=$libs, ${bin##*/} or its plugins still" \
+        "lack: ${missing//$'\n'/ } (no unpacked package provides them; see ldd)"
+    LD_LIBRARY_PATH="$libs" "$bin" "$arg" >/dev/null 2>&1 \
+        || die "the unpacked ${bin##*/} does not start: LD_LIBRARY_PATH=$libs $bin $arg"
+}
+
+# The emulator, its modules (TCG is one), its data files and the firmware below: unpacked
+# even when the system has them, as the unpacked emulator looks for modules and data beside
+# itself and FLUIDCLOUD_QEMU_FIRMWARE points into the cache. The libraries they need are
+# whatever `missing_debs` finds this machine lacks.
+QEMU_SYSTEM_DEBS=(qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu)
 
 ensure_qemu_system() {
     local root="$CACHE/qemu-system"
     local bin="$root/usr/bin/qemu-system-x86_64"
     local libs="$root/usr/lib/x86_64-linux-gnu"
-    if [ -x "$bin" ] && LD_LIBRARY_PATH="$libs" "$bin" --version >/dev/null 2>&1; then
+    # Loaded at run time from beside the binary; `ldd` on the binary alone misses them.
+    local modules=("$libs"/qemu/*.so)
+    if runs_unpacked "$libs" "$bin" --version "${modules[@]}"; then
         did "qemu-system-x86_64: present ($(LD_LIBRARY_PATH="$libs" "$bin" --version | head -n 1))"
     else
         rm -rf "$root"
-        unpack_debs "$root" qemu-system "${QEMU_SYSTEM_DEBS[@]}"
-        LD_LIBRARY_PATH="$libs" "$bin" --version >/dev/null 2>&1 \
-            || die "the unpacked qemu does not start: LD_LIBRARY_PATH=$libs $bin --version"
+        unpack_with_deps "$root" qemu-system "${QEMU_SYSTEM_DEBS[@]}"
+        modules=("$libs"/qemu/*.so)
+        must_run_unpacked "$libs" "$bin" --version "${modules[@]}"
         did "qemu-system-x86_64: unpacked from Debian's packages into $root"
     fi
     env_set FLUIDCLOUD_QEMU_SYSTEM "$bin"
