@@ -1005,3 +1005,38 @@ fn every_policy_relocation_runs_under_its_decision_id_not_only_the_first() {
         assert!(w[0].1 <= w[1].0, "two relocations overlapped: {spans:?}");
     }
 }
+
+/// Regression: a reload dropped the conduit's open providers, and with them the local
+/// providers' root locks, so `fluidcloud relocate` could run beside the daemon.
+#[test]
+fn a_reload_keeps_the_local_providers_root_locks() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let d = Daemon::start(dir.path(), &cfg);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin())
+            .args(args)
+            .arg("--config")
+            .arg(&d.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // Were it not refused, it would run to its end at once.
+    let relocate = || cli(&["relocate", "crm", "--to", "azure-we", "--grace-period", "0"]);
+    let (code, err) = relocate();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("in use by another process"), "{err}");
+    for round in 0..3 {
+        let (code, err) = cli(&["reload"]);
+        assert_eq!(code, Some(0), "reload {round}: {err}");
+        let (code, err) = relocate();
+        assert_eq!(code, Some(1), "after reload {round}: {err}");
+        assert!(err.contains("in use by another process"), "{err}");
+    }
+    assert!(d.get("/v1/relocations").as_array().unwrap().is_empty());
+}

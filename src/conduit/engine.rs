@@ -107,13 +107,22 @@ impl Engine {
     /// Takes a new configuration: later plans and deployments use it. Relocations under way
     /// keep the plan they started with.
     pub fn set_config(&self, config: Arc<Config>) {
-        *self.inner.config.write().unwrap_or_else(|e| e.into_inner()) = config;
-        // Providers whose definition changed are opened again on next use.
+        let old = std::mem::replace(
+            &mut *self.inner.config.write().unwrap_or_else(|e| e.into_inner()),
+            config.clone(),
+        );
+        // A provider whose definition is unchanged stays open (its apps stay supervised);
+        // the others are opened again from the new definition.
+        let same = |name: &str| {
+            let json = |c: &Config| c.providers.get(name).map(serde_json::to_value);
+            matches!((json(&old), json(&config)), (Some(Ok(a)), Some(Ok(b))) if a == b)
+        };
         self.inner
             .providers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .retain(|name, _| same(name));
+        self.open_providers();
     }
 
     /// Opens every configured provider, so local apps are supervised again, and logs the

@@ -53,8 +53,6 @@ pub struct LocalProvider {
     volumes: volumes::Volumes,
     buckets: buckets::Buckets,
     apps: apps::Apps,
-    /// Declared last so it is released only after the supervisors have been stopped.
-    _lock: File,
 }
 
 impl LocalProvider {
@@ -109,7 +107,7 @@ impl LocalProvider {
         }
         open.retain(|_, w| w.strong_count() > 0);
 
-        let lock = lock_root(&root).map_err(setup)?;
+        lock_root(&root, name).map_err(setup)?;
         for sub in ["volumes", "buckets", "apps", "operations", "tmp"] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir)
@@ -133,7 +131,6 @@ impl LocalProvider {
             volumes,
             buckets,
             apps,
-            _lock: lock,
         });
         open.insert(root, Arc::downgrade(&provider));
         Ok(provider)
@@ -150,8 +147,26 @@ impl LocalProvider {
     }
 }
 
-/// Takes the root's lock file so that a second daemon cannot supervise the same apps.
-pub(crate) fn lock_root(root: &Path) -> Result<File, String> {
+/// Root locks this process holds, by canonical root. A lock is taken at a root's first use
+/// and kept until the process exits: providers are dropped and opened again (at a reload,
+/// say), and a root must never be free for another process in between.
+/// The provider name is kept with it: one root serves one provider.
+static HELD_ROOTS: Mutex<BTreeMap<PathBuf, (String, File)>> = Mutex::new(BTreeMap::new());
+
+/// Takes the root's lock file so that a second process cannot supervise the same apps or
+/// write the same images. `root` is canonical; a root this process holds already for the
+/// same `provider` is fine, for another provider it is refused.
+pub(crate) fn lock_root(root: &Path, provider: &str) -> Result<(), String> {
+    let mut held = HELD_ROOTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((owner, _)) = held.get(root) {
+        if owner == provider {
+            return Ok(());
+        }
+        return Err(format!(
+            "its root {} is already used by provider `{owner}` in this process; each provider needs a root of its own",
+            root.display()
+        ));
+    }
     let path = root.join(".lock");
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -177,7 +192,8 @@ pub(crate) fn lock_root(root: &Path) -> Result<File, String> {
     }
     let _ = file.set_len(0);
     let _ = writeln!(file, "{}", std::process::id());
-    Ok(file)
+    held.insert(root.to_path_buf(), (provider.to_string(), file));
+    Ok(())
 }
 
 /// Bytes available to an unprivileged writer on the filesystem holding `dir`.

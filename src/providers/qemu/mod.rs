@@ -25,7 +25,6 @@ mod qmp;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -103,7 +102,6 @@ pub struct QemuProvider {
     locks: Mutex<BTreeMap<VmKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Emulators this instance started, by VM; any other running one was adopted.
     started: Mutex<BTreeMap<VmKey, u32>>,
-    _lock: File,
 }
 
 impl QemuProvider {
@@ -155,7 +153,7 @@ impl QemuProvider {
         let root = root
             .canonicalize()
             .map_err(|e| setup(format!("cannot resolve its root {}: {e}", root.display())))?;
-        let lock = lock_root(&root).map_err(setup)?;
+        lock_root(&root, name).map_err(setup)?;
         for sub in ["volumes", "vms", "operations"] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir)
@@ -176,7 +174,6 @@ impl QemuProvider {
             accel: tokio::sync::OnceCell::new(),
             locks: Mutex::new(BTreeMap::new()),
             started: Mutex::new(BTreeMap::new()),
-            _lock: lock,
         }))
     }
 
