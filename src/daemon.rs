@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::broker::supervisor::{Command, Supervisor};
+use crate::broker::supervisor::{Command, Loaded, Supervisor};
 use crate::conduit::engine::Engine;
 use crate::conduit::Conduit;
-use crate::config::Config;
 use crate::telemetry::Metrics;
 
 /// Runs the daemon until it is told to stop.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
+    let config = loaded.config().clone();
     let notify = std::env::var_os("NOTIFY_SOCKET").is_some();
     tracing::info!(
         "Initializing FluidCloud {} from {}.",
@@ -51,7 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(async move { engine.deploy_all().await });
     }
     let conduit: Arc<dyn Conduit> = engine.clone();
-    let (supervisor, handle) = Supervisor::new(config, conduit, metrics, notify)?;
+    let (supervisor, handle) = Supervisor::new(loaded, conduit, metrics, notify)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

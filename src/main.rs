@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use fluidcloud::config::Config;
+use fluidcloud::broker::supervisor::Loaded;
+use fluidcloud::config::{Config, ConfigErrors};
 
 mod client;
 mod relocate;
@@ -167,46 +168,51 @@ fn main() -> ExitCode {
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|errors| {
-        eprintln!("{errors}");
-        eprintln!(
-            "{} problem{} in the configuration.",
-            errors.0.len(),
-            if errors.0.len() == 1 { "" } else { "s" }
-        );
-        ExitCode::from(2)
-    })
+    Config::load(path).map_err(report)
+}
+
+/// The configuration and everything it names (policies, region table, API token), loaded
+/// the way the daemon loads it.
+fn load_all(path: &std::path::Path) -> Result<Loaded, ExitCode> {
+    Loaded::from_file(path).map_err(report)
+}
+
+fn report(errors: ConfigErrors) -> ExitCode {
+    eprintln!("{errors}");
+    eprintln!(
+        "{} problem{} in the configuration.",
+        errors.0.len(),
+        if errors.0.len() == 1 { "" } else { "s" }
+    );
+    ExitCode::from(2)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Daemon(c) => {
-            let config = match load(&c.config) {
-                Ok(c) => c,
+            let loaded = match load_all(&c.config) {
+                Ok(l) => l,
                 Err(code) => return Ok(code),
             };
-            fluidcloud::telemetry::init_tracing(config.daemon.log_format);
+            fluidcloud::telemetry::init_tracing(loaded.config().daemon.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(fluidcloud::daemon::run(config))?;
+            rt.block_on(fluidcloud::daemon::run(loaded))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Check(c) => {
-            let config = match load(&c.config) {
-                Ok(c) => c,
+            let loaded = match load_all(&c.config) {
+                Ok(l) => l,
                 Err(code) => return Ok(code),
             };
-            if let Err(errors) = fluidcloud::broker::supervisor::compile_policies(&config) {
-                eprintln!("{errors}");
-                return Ok(ExitCode::from(2));
-            }
+            let config = loaded.config();
             println!(
                 "{}: ok — {} providers, {} services, {} policies; API on {}; state in {}.",
                 config.path.display(),
                 config.providers.len(),
                 config.services.len(),
-                config.policies.len(),
+                loaded.policies(),
                 config.daemon.listen,
                 config.daemon.state_dir.display()
             );

@@ -366,7 +366,7 @@ pub fn token_path(config: &Config) -> (PathBuf, bool) {
 
 /// Reads the API token, generating one when the state directory is its home and it is missing.
 pub fn load_token(config: &Config) -> Result<(String, PathBuf), TokenError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let (path, generated_ok) = token_path(config);
     if generated_ok && !path.exists() {
         let mut bytes = [0u8; 32];
@@ -394,24 +394,38 @@ pub fn load_token(config: &Config) -> Result<(String, PathBuf), TokenError> {
         })?;
         tracing::info!("Generated an API token in {}.", path.display());
     }
-    let meta = std::fs::metadata(&path).map_err(|source| TokenError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    if meta.permissions().mode() & 0o004 != 0 {
-        return Err(TokenError::WorldReadable(path));
+    let token = read_token(&path)?;
+    Ok((token, path))
+}
+
+/// Checks, without generating anything, that the daemon will be able to read its API token:
+/// the file exists, is not world-readable and is not empty, or it is to be generated.
+pub fn check_token(config: &Config) -> Result<(), TokenError> {
+    let (path, generated_ok) = token_path(config);
+    if generated_ok && !path.exists() {
+        return Ok(());
     }
-    let token = std::fs::read_to_string(&path)
-        .map_err(|source| TokenError::Read {
-            path: path.clone(),
-            source,
-        })?
+    read_token(&path).map(|_| ())
+}
+
+fn read_token(path: &Path) -> Result<String, TokenError> {
+    use std::os::unix::fs::PermissionsExt;
+    let read = |source| TokenError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read)?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(TokenError::WorldReadable(path.to_path_buf()));
+    }
+    let token = std::fs::read_to_string(path)
+        .map_err(read)?
         .trim()
         .to_string();
     if token.is_empty() {
-        return Err(TokenError::Empty(path));
+        return Err(TokenError::Empty(path.to_path_buf()));
     }
-    Ok((token, path))
+    Ok(token)
 }
 
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {

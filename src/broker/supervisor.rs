@@ -203,33 +203,49 @@ fn region_table(config: &Config) -> Result<regions::RegionTable, ConfigErrors> {
 }
 
 /// Everything that comes from one configuration file.
-struct Loaded {
+/// A configuration with everything it names read and checked: the one way `check`, the
+/// daemon's start and a reload load a file, so "valid" means the same to all three.
+pub struct Loaded {
     config: Arc<Config>,
     policies: Arc<Policies>,
     regions: regions::RegionTable,
 }
 
 impl Loaded {
+    /// Reads and validates the file, compiles its policies, reads its region table and
+    /// checks the API token the daemon would read; every problem at once.
+    pub fn from_file(path: &std::path::Path) -> Result<Loaded, ConfigErrors> {
+        Config::load(path).and_then(Loaded::load)
+    }
+
     fn load(config: Config) -> Result<Loaded, ConfigErrors> {
-        let policies = compile_policies(&config);
-        let regions = region_table(&config);
+        let mut all = Vec::new();
+        let policies = compile_policies(&config).map_err(|e| all.extend(e.0));
+        let regions = region_table(&config).map_err(|e| all.extend(e.0));
+        if let Err(e) = crate::api::check_token(&config) {
+            all.push(crate::config::ConfigError {
+                file: config.path.clone(),
+                location: None,
+                key: "daemon.api_token_file".into(),
+                message: e.to_string(),
+            });
+        }
         match (policies, regions) {
-            (Ok(p), Ok(r)) => Ok(Loaded {
+            (Ok(p), Ok(r)) if all.is_empty() => Ok(Loaded {
                 config: Arc::new(config),
                 policies: Arc::new(p),
                 regions: r,
             }),
-            (p, r) => {
-                let mut all = Vec::new();
-                if let Err(e) = p {
-                    all.extend(e.0);
-                }
-                if let Err(e) = r {
-                    all.extend(e.0);
-                }
-                Err(ConfigErrors(all))
-            }
+            _ => Err(ConfigErrors(all)),
         }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn policies(&self) -> usize {
+        self.policies.len()
     }
 }
 
@@ -262,12 +278,11 @@ impl Supervisor {
     /// Builds the supervisor for a validated configuration. Fails when a policy does not
     /// compile or the state directory is unusable.
     pub fn new(
-        config: Config,
+        loaded: Loaded,
         conduit: Arc<dyn Conduit>,
         metrics: Arc<Metrics>,
         notify: bool,
     ) -> anyhow::Result<(Supervisor, BrokerHandle)> {
-        let loaded = Loaded::load(config)?;
         let state_dir = &loaded.config.daemon.state_dir;
         std::fs::create_dir_all(state_dir).map_err(|e| {
             anyhow::anyhow!(
@@ -548,7 +563,7 @@ impl Supervisor {
             );
         }
         let path = self.config().path.clone();
-        let result = Config::load(&path).and_then(Loaded::load);
+        let result = Loaded::from_file(&path).and_then(|l| self.needs_restart(l));
         let outcome = match result {
             Ok(loaded) => {
                 self.loaded = loaded;
@@ -579,6 +594,49 @@ impl Supervisor {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         }
         outcome
+    }
+
+    /// Refuses a configuration whose changes only a restart can apply.
+    fn needs_restart(&self, loaded: Loaded) -> Result<Loaded, ConfigErrors> {
+        let (old, new) = (&self.config().daemon, &loaded.config.daemon);
+        let mut errors = Vec::new();
+        let mut changed = |key: &str, from: String, to: String| {
+            if from != to {
+                errors.push(crate::config::ConfigError {
+                    file: loaded.config.path.clone(),
+                    location: None,
+                    key: key.into(),
+                    message: format!(
+                        "changed from {from} to {to}, which needs a restart of the daemon; the running configuration stays in force"
+                    ),
+                });
+            }
+        };
+        changed(
+            "daemon.listen",
+            old.listen.to_string(),
+            new.listen.to_string(),
+        );
+        changed(
+            "daemon.state_dir",
+            old.state_dir.display().to_string(),
+            new.state_dir.display().to_string(),
+        );
+        let token_file = |d: &crate::config::DaemonSettings| match &d.api_token_file {
+            Some(p) => p.display().to_string(),
+            None => "(none)".into(),
+        };
+        changed("daemon.api_token_file", token_file(old), token_file(new));
+        changed(
+            "daemon.log_format",
+            format!("{:?}", old.log_format).to_lowercase(),
+            format!("{:?}", new.log_format).to_lowercase(),
+        );
+        if errors.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     fn start_poll(&mut self, source: String) {

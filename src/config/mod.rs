@@ -7,7 +7,7 @@
 
 pub mod raw;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -684,10 +684,12 @@ impl Config {
         Config::parse(path, &text)
     }
 
-    /// Parses and validates `text` as if read from `path`.
+    /// Parses and validates `text` as if read from `path`. Every problem is reported: a
+    /// syntax error stops the reading, but unknown keys and values of the wrong type are
+    /// collected and the rest of the file is still validated.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let locator = Locator::new(path, text);
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             let location = e.span().map(|s| locator.line_col(s.start));
             ConfigErrors(vec![ConfigError {
                 file: path.to_path_buf(),
@@ -696,6 +698,20 @@ impl Config {
                 message: e.message().trim().to_string(),
             }])
         })?;
+        let (raw, refused) = raw::read_all(table);
+        let mut errors: Vec<ConfigError> = refused
+            .into_iter()
+            .map(|r| ConfigError {
+                file: PathBuf::new(),
+                location: if r.unknown_key {
+                    locator.find_key(&r.key)
+                } else {
+                    locator.find(&r.key)
+                },
+                key: r.key,
+                message: r.message,
+            })
+            .collect();
         let base = path
             .parent()
             .map(Path::to_path_buf)
@@ -705,11 +721,30 @@ impl Config {
             base: &base,
             errors: Vec::new(),
         };
-        let config = v.config(path, raw);
-        if v.errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(v.errors))
+        let config = raw.map(|raw| v.config(path, raw));
+        // A key refused while reading is not reported a second time (as missing, or as what
+        // its table then lacks).
+        let refused: BTreeSet<String> = errors.iter().map(|e| e.key.clone()).collect();
+        let follows_from_refused = |key: &str| {
+            refused.iter().any(|r| {
+                r == key
+                    || r.strip_prefix(key)
+                        .is_some_and(|rest| rest.starts_with(['.', '[']))
+            })
+        };
+        errors.extend(
+            v.errors
+                .into_iter()
+                .filter(|e| !follows_from_refused(&e.key)),
+        );
+        for e in &mut errors {
+            e.file = path.to_path_buf();
+        }
+        // In the order of the file; problems without a place last.
+        errors.sort_by_key(|e| e.location.unwrap_or((usize::MAX, 0)));
+        match config {
+            Some(config) if errors.is_empty() => Ok(config),
+            _ => Err(ConfigErrors(errors)),
         }
     }
 
@@ -746,6 +781,41 @@ impl Locator {
         (line, offset - start + 1)
     }
 
+    /// Location of the key itself (not its value) at the end of `key`, or of the nearest
+    /// parent that exists in the file.
+    fn find_key(&self, key: &str) -> Option<(usize, usize)> {
+        let (parent, name) = match key.rsplit_once('.') {
+            Some((p, n)) if !n.contains('[') => (p, n),
+            None if !key.contains('[') => ("", key),
+            _ => return self.find(key),
+        };
+        let doc = self.doc.as_ref()?;
+        let table: Option<&dyn toml_edit::TableLike> = if parent.is_empty() {
+            Some(doc.as_table())
+        } else {
+            self.node(parent).and_then(|n| match n {
+                Node::Table(t) => Some(t as &dyn toml_edit::TableLike),
+                Node::Item(i) => i.as_table_like(),
+                Node::Value(v) => v.as_inline_table().map(|t| t as &dyn toml_edit::TableLike),
+            })
+        };
+        table
+            .and_then(|t| t.key(name))
+            .and_then(|k| k.span())
+            .map(|s| self.line_col(s.start))
+            .or_else(|| self.find(key))
+    }
+
+    /// The node at `key`, if the file has it.
+    fn node(&self, key: &str) -> Option<Node<'_>> {
+        let doc = self.doc.as_ref()?;
+        let mut node = Node::Table(doc.as_table());
+        for part in split_key(key) {
+            node = node.child(part)?;
+        }
+        Some(node)
+    }
+
     /// Location of the value at `key` (dot-separated, `[n]` for array elements), or of the
     /// nearest parent that exists in the file.
     fn find(&self, key: &str) -> Option<(usize, usize)> {
@@ -753,31 +823,7 @@ impl Locator {
         let mut node = Node::Table(doc.as_table());
         let mut best = None;
         for part in split_key(key) {
-            let next = match (node, part) {
-                (Node::Table(t), KeyPart::Name(n)) => t.get(n).map(Node::Item),
-                (Node::Item(i), KeyPart::Name(n)) => match i {
-                    toml_edit::Item::Table(t) => t.get(n).map(Node::Item),
-                    toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => {
-                        t.get(n).map(Node::Value)
-                    }
-                    _ => None,
-                },
-                (Node::Value(toml_edit::Value::InlineTable(t)), KeyPart::Name(n)) => {
-                    t.get(n).map(Node::Value)
-                }
-                (Node::Item(toml_edit::Item::ArrayOfTables(a)), KeyPart::Index(i)) => {
-                    a.get(i).map(Node::Table)
-                }
-                (
-                    Node::Item(toml_edit::Item::Value(toml_edit::Value::Array(a))),
-                    KeyPart::Index(i),
-                )
-                | (Node::Value(toml_edit::Value::Array(a)), KeyPart::Index(i)) => {
-                    a.get(i).map(Node::Value)
-                }
-                _ => None,
-            };
-            let Some(next) = next else { break };
+            let Some(next) = node.child(part) else { break };
             if let Some(span) = next.span() {
                 best = Some(span.start);
             }
@@ -794,7 +840,31 @@ enum Node<'a> {
     Value(&'a toml_edit::Value),
 }
 
-impl Node<'_> {
+impl<'a> Node<'a> {
+    fn child(self, part: KeyPart<'_>) -> Option<Node<'a>> {
+        match (self, part) {
+            (Node::Table(t), KeyPart::Name(n)) => t.get(n).map(Node::Item),
+            (Node::Item(i), KeyPart::Name(n)) => match i {
+                toml_edit::Item::Table(t) => t.get(n).map(Node::Item),
+                toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => {
+                    t.get(n).map(Node::Value)
+                }
+                _ => None,
+            },
+            (Node::Value(toml_edit::Value::InlineTable(t)), KeyPart::Name(n)) => {
+                t.get(n).map(Node::Value)
+            }
+            (Node::Item(toml_edit::Item::ArrayOfTables(a)), KeyPart::Index(i)) => {
+                a.get(i).map(Node::Table)
+            }
+            (Node::Item(toml_edit::Item::Value(toml_edit::Value::Array(a))), KeyPart::Index(i))
+            | (Node::Value(toml_edit::Value::Array(a)), KeyPart::Index(i)) => {
+                a.get(i).map(Node::Value)
+            }
+            _ => None,
+        }
+    }
+
     fn span(&self) -> Option<std::ops::Range<usize>> {
         match self {
             Node::Table(t) => t.span(),
@@ -969,6 +1039,7 @@ impl Validator<'_> {
                 (name, v)
             })
             .collect();
+        self.distinct_roots(&providers);
         let policies: BTreeMap<_, _> = raw
             .policies
             .into_iter()
@@ -1058,8 +1129,18 @@ impl Validator<'_> {
         );
         BrokerSettings {
             evaluate_schedule,
-            max_concurrent_relocations: raw.max_concurrent_relocations.unwrap_or(1),
-            max_relocations_per_window: raw.max_relocations_per_window.unwrap_or(5),
+            max_concurrent_relocations: self.at_least(
+                "broker.max_concurrent_relocations",
+                raw.max_concurrent_relocations.map(u64::from),
+                1,
+                1,
+            ) as u32,
+            max_relocations_per_window: self.at_least(
+                "broker.max_relocations_per_window",
+                raw.max_relocations_per_window.map(u64::from),
+                5,
+                1,
+            ) as u32,
             relocation_window: Duration::from_secs(self.at_least(
                 "broker.relocation_window_secs",
                 raw.relocation_window_secs,
@@ -1069,6 +1150,26 @@ impl Validator<'_> {
             max_relocations_percent: pct,
             policy_timeout: Duration::from_millis(timeout_ms),
             max_policy_operations: ops,
+        }
+    }
+
+    /// One directory serves one provider: two sharing a root would adopt each other's apps
+    /// and overwrite each other's images.
+    fn distinct_roots(&mut self, providers: &BTreeMap<String, Provider>) {
+        let mut owners: BTreeMap<PathBuf, &str> = BTreeMap::new();
+        for (name, p) in providers {
+            let Some(root) = &p.root else { continue };
+            let root = std::fs::canonicalize(root).unwrap_or_else(|_| normalize(root));
+            if let Some(first) = owners.insert(root.clone(), name) {
+                owners.insert(root.clone(), first);
+                self.err(
+                    format!("providers.{name}.root"),
+                    format!(
+                        "{} is already the root of provider `{first}`; each provider needs a directory of its own",
+                        root.display()
+                    ),
+                );
+            }
         }
     }
 
@@ -1706,6 +1807,7 @@ impl Validator<'_> {
         let mut components = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         let (mut vcpus, mut memory) = (0u32, 0.0f64);
+        let mut unknown_kinds = BTreeSet::new();
         for (i, c) in raw.components.into_iter().enumerate() {
             let ck = format!("{key}.components[{i}]");
             let kind = match c.kind.as_str() {
@@ -1719,14 +1821,31 @@ impl Validator<'_> {
                         format!("{ck}.kind"),
                         format!("`{other}` is not one of vm, volume, bucket, app, config"),
                     );
+                    unknown_kinds.insert(i);
                     ComponentKind::App
                 }
             };
+            let name_ok = if kind == ComponentKind::Config {
+                crate::providers::validate_file_name(&c.name)
+            } else {
+                crate::providers::validate_name(&c.name)
+            };
+            if let Err(reason) = name_ok {
+                self.err(format!("{ck}.name"), reason);
+            }
             if !seen.insert(c.name.clone()) {
                 self.err(
                     format!("{ck}.name"),
                     format!("component name `{}` is used twice in this service", c.name),
                 );
+            }
+            if let Some(n) = c.vcpus {
+                if n == 0 {
+                    self.err(format!("{ck}.vcpus"), "must be at least 1, got 0");
+                }
+            }
+            if c.memory_gib.is_some() {
+                self.positive(&format!("{ck}.memory_gib"), c.memory_gib, 1.0);
             }
             let size_gib = self.non_negative(&format!("{ck}.size_gib"), c.size_gib, 0.0);
             if matches!(kind, ComponentKind::Volume | ComponentKind::Bucket) && c.size_gib.is_none()
@@ -1783,12 +1902,40 @@ impl Validator<'_> {
                 settings: c.settings,
             });
         }
+        if raw.vcpus == Some(0) {
+            self.err(format!("{key}.vcpus"), "must be at least 1, got 0");
+        }
+        if raw.memory_gib.is_some() {
+            self.positive(&format!("{key}.memory_gib"), raw.memory_gib, 1.0);
+        }
         let requirements = Requirements {
             vcpus: raw.vcpus.unwrap_or(vcpus.max(1)),
             memory_gib: raw
                 .memory_gib
                 .unwrap_or(if memory > 0.0 { memory } else { 1.0 }),
         };
+        // Apps and VMs are read as the drivers will read them, so unknown or wrong settings
+        // are refused here rather than at deployment.
+        for (i, c) in components.iter().enumerate() {
+            if unknown_kinds.contains(&i) || crate::providers::validate_name(&c.name).is_err() {
+                continue; // refused above already
+            }
+            let ck = format!("{key}.components[{i}]");
+            let problems = match c.kind {
+                ComponentKind::App => crate::providers::AppSpec::from_component(name, c, self.base)
+                    .err()
+                    .map(|e| e.problems),
+                ComponentKind::Vm => {
+                    crate::providers::VmSpec::from_component(name, c, requirements, self.base)
+                        .err()
+                        .map(|e| e.problems)
+                }
+                _ => None,
+            };
+            for (k, message) in problems.unwrap_or_default() {
+                self.err(format!("{ck}.{k}"), message);
+            }
+        }
         let health_check = raw.health_check.map(|h| {
             if h.url.is_none() && h.command.is_none() {
                 self.err(format!("{key}.health_check"), "needs `url` or `command`");
@@ -1948,6 +2095,21 @@ fn check_name(v: &mut Validator<'_>, key: &str, name: &str) {
             format!("name `{name}` may hold only letters, digits, `-` and `_`"),
         );
     }
+}
+
+/// `path` without `.` and `..` components (for paths that do not exist yet).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {

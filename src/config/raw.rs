@@ -5,6 +5,151 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+/// A key the file's reading refused: unknown, or of the wrong type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Dotted key path, `[n]` for array elements.
+    pub key: String,
+    pub message: String,
+    /// The key is not known (its name is wrong), rather than its value.
+    pub unknown_key: bool,
+}
+
+/// At most this many keys are refused before the reading gives up.
+const MAX_REFUSED: usize = 200;
+
+/// Reads `table` into a [`RawConfig`], collecting every unknown key and every value of the
+/// wrong type instead of stopping at the first: each one refused is taken out of the table
+/// and the reading starts again. `None` when a required key is missing or wrong (its
+/// section cannot be read), with what was refused.
+pub fn read_all(mut table: toml::Table) -> (Option<RawConfig>, Vec<Refused>) {
+    let mut refused = Vec::new();
+    while refused.len() < MAX_REFUSED {
+        let value = toml::Value::Table(table.clone());
+        let error = match serde_path_to_error::deserialize::<_, RawConfig>(value) {
+            Ok(raw) => return (Some(raw), refused),
+            Err(e) => e,
+        };
+        let path: Vec<PathPart> = error
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Map { key } => Some(PathPart::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(PathPart::Index(*index)),
+                _ => None,
+            })
+            .collect();
+        let message = error.inner().message().trim().to_string();
+        // The path may or may not end with the key the message names already.
+        let named = |name: &str| {
+            let mut p = path.clone();
+            if !matches!(p.last(), Some(PathPart::Key(k)) if k == name) {
+                p.push(PathPart::Key(name.to_string()));
+            }
+            p
+        };
+        let (key, unknown_key) = match (
+            quoted_after(&message, "unknown field `"),
+            quoted_after(&message, "missing field `"),
+        ) {
+            (Some(name), _) => (named(name), true),
+            (_, Some(name)) => (named(name), false),
+            _ => (path.clone(), false),
+        };
+        let missing = !unknown_key && message.starts_with("missing field");
+        refused.push(Refused {
+            key: join(&key),
+            message,
+            unknown_key,
+        });
+        let taken = if missing {
+            // Nothing can stand in for a required value: its whole section goes (for an
+            // element of an array, the whole array, so later elements keep their index).
+            let mut section = &key[..key.len() - 1];
+            while let Some((PathPart::Index(_), parent)) = section.split_last() {
+                section = parent;
+            }
+            remove(&mut table, section)
+        } else {
+            remove(&mut table, &key)
+        };
+        if !taken {
+            break;
+        }
+    }
+    (None, refused)
+}
+
+#[derive(Debug, Clone)]
+enum PathPart {
+    Key(String),
+    Index(usize),
+}
+
+fn join(path: &[PathPart]) -> String {
+    let mut out = String::new();
+    for p in path {
+        match p {
+            PathPart::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            PathPart::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// The text between `prefix` and the next backtick of `message`.
+fn quoted_after<'a>(message: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = message.strip_prefix(prefix)?;
+    rest.split('`').next()
+}
+
+/// Takes the value at `path` out of `table`; false when there is none (or the path is the
+/// whole table), so the reading cannot go on.
+fn remove(table: &mut toml::Table, path: &[PathPart]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node: &mut toml::Value = match parents.first() {
+        None => {
+            return match last {
+                PathPart::Key(k) => table.remove(k).is_some(),
+                PathPart::Index(_) => false,
+            }
+        }
+        Some(PathPart::Key(k)) => match table.get_mut(k) {
+            Some(v) => v,
+            None => return false,
+        },
+        Some(PathPart::Index(_)) => return false,
+    };
+    for part in &parents[1..] {
+        let next = match (node, part) {
+            (toml::Value::Table(t), PathPart::Key(k)) => t.get_mut(k),
+            (toml::Value::Array(a), PathPart::Index(i)) => a.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => return false,
+        }
+    }
+    match (node, last) {
+        (toml::Value::Table(t), PathPart::Key(k)) => t.remove(k).is_some(),
+        (toml::Value::Array(a), PathPart::Index(i)) if *i < a.len() => {
+            // A wrong element (a number among strings, say) is taken out; elements after it
+            // move up, which only shifts the index named by a later error in this array.
+            a.remove(*i);
+            true
+        }
+        _ => false,
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {

@@ -266,6 +266,7 @@ fn config_components_are_validated_with_their_position() {
 [[services.shop.components]]
 kind = "app"
 name = "web"
+settings = {{ command = "web" }}
 [[services.shop.components]]
 kind = "config"
 name = "demo.toml"
@@ -281,9 +282,11 @@ rules = [{{ match = 'listen = "[^"]*"', replace = 'listen = "{{app.web.host}}:{{
 [[services.shop.components]]
 kind = "app"
 name = "web"
+settings = {{ command = "web" }}
 [[services.shop.components]]
 kind = "app"
 name = "api"
+settings = {{ command = "api" }}
 [[services.shop.components]]
 kind = "config"
 name = "demo.toml"
@@ -310,16 +313,16 @@ name = "third.toml"
         (
             format!(
                 ":{}:20: services.shop.components[2].settings.rules[0].match",
-                base + 12
+                base + 14
             ),
             "unclosed group",
         ),
         (
-            format!(":{}:7: services.shop.components[3].settings.app", base + 17),
+            format!(":{}:7: services.shop.components[3].settings.app", base + 19),
             "`worker` is not an app",
         ),
         (
-            format!(":{}:1: services.shop.components[4]:", base + 18),
+            format!(":{}:1: services.shop.components[4]:", base + 20),
             "several apps",
         ),
     ];
@@ -642,4 +645,133 @@ acel = "tcg"
         "{}",
         errs.join("\n")
     );
+}
+
+/// Regression: a file with many unknown keys and wrong types printed only the first
+/// (`unknown field lisen`), one problem a run.
+#[test]
+fn unknown_keys_and_wrong_types_are_all_reported_at_once() {
+    let text = r#"[daemon]
+lisen = "127.0.0.1:1"
+state_dir = 5
+
+[broker]
+max_concurrent_relocations = "two"
+evaluate_schedul = "x"
+
+[providers.a]
+driver = "local"
+region = "x"
+rooot = "q"
+
+[providers.b]
+region = "y"
+
+[services.s]
+provider = "a"
+policy = "p"
+vcpus = "many"
+[[services.s.components]]
+kind = "volume"
+name = "v"
+size_gib = "big"
+colour = "red"
+"#;
+    let errs = errors(text);
+    let expect = [
+        ("2:1", "daemon.lisen", "unknown field `lisen`"),
+        ("3:13", "daemon.state_dir", "invalid type"),
+        ("6:30", "broker.max_concurrent_relocations", "invalid type"),
+        ("7:1", "broker.evaluate_schedul", "unknown field"),
+        ("12:1", "providers.a.rooot", "unknown field"),
+        ("14:1", "providers.b.driver", "missing field `driver`"),
+        ("19:10", "services.s.policy", "unknown policy `p`"),
+        ("20:9", "services.s.vcpus", "invalid type"),
+        ("24:12", "services.s.components[0].size_gib", "invalid type"),
+        ("25:1", "services.s.components[0].colour", "unknown field"),
+    ];
+    for (at, key, what) in expect {
+        assert!(
+            errs.iter()
+                .any(|e| e.contains(&format!("fc.toml:{at}: {key}: {what}"))),
+            "no `{at}: {key}: {what}` in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+}
+
+/// Regression: `check` passed what the daemon refused later (or never): unsafe component
+/// names, no CPUs, negative memory, a zero relocation budget, two providers on one root,
+/// unknown app and VM settings.
+#[test]
+fn check_refuses_what_deployment_and_the_daemon_would_refuse() {
+    let text = r#"[broker]
+max_concurrent_relocations = 0
+
+[providers.a]
+driver = "local"
+region = "x"
+root = "/srv/fc/a"
+
+[providers.b]
+driver = "qemu"
+region = "y"
+root = "/srv/fc/x/../a/"
+
+[services.s]
+provider = "a"
+policy = "p"
+vcpus = 0
+memory_gib = -4
+[[services.s.components]]
+kind = "volume"
+name = "../../../../x"
+size_gib = 1
+[[services.s.components]]
+kind = "bucket"
+name = "a/b"
+size_gib = 1
+[[services.s.components]]
+kind = "app"
+name = "web"
+[services.s.components.settings]
+command = "x"
+colour = "blue"
+[[services.s.components]]
+kind = "vm"
+name = "vm1"
+vcpus = 0
+[services.s.components.settings]
+kernal = "k"
+"#;
+    let errs = errors(text);
+    for (key, what) in [
+        (
+            "broker.max_concurrent_relocations",
+            "must be at least 1, got 0",
+        ),
+        ("providers.b.root", "already the root of provider `a`"),
+        ("services.s.vcpus", "must be at least 1, got 0"),
+        ("services.s.memory_gib", "must be a positive number, got -4"),
+        ("services.s.components[0].name", "holds '.'"),
+        ("services.s.components[1].name", "holds '/'"),
+        (
+            "services.s.components[2].settings.colour",
+            "unknown app setting",
+        ),
+        (
+            "services.s.components[3].vcpus",
+            "must be at least 1, got 0",
+        ),
+        (
+            "services.s.components[3].settings.kernal",
+            "unknown vm setting",
+        ),
+    ] {
+        assert!(
+            errs.iter()
+                .any(|e| e.contains(&format!(": {key}: ")) && e.contains(what)),
+            "no `{key}: {what}` in {errs:#?}"
+        );
+    }
 }
