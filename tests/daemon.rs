@@ -1005,3 +1005,87 @@ fn every_policy_relocation_runs_under_its_decision_id_not_only_the_first() {
         assert!(w[0].1 <= w[1].0, "two relocations overlapped: {spans:?}");
     }
 }
+
+const POLICY_HUGE_REASON: &str = r#"
+fn decide(ctx) {
+    let s = "r";
+    for i in 0..18 { s += s; }
+    if ctx.service.name == "talker" { stay(s) } else { throw s; }
+}
+"#;
+
+#[test]
+fn decisions_with_huge_reasons_are_bounded_and_the_cli_lists_them() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("talker.rhai"), POLICY_HUGE_REASON).unwrap();
+    let extra = r#"
+[policies.talker]
+file = "{DIR}/talker.rhai"
+
+[services.talker]
+provider = "aws-va"
+policy = "talker"
+vcpus = 1
+memory_gib = 1
+
+[services.thrower]
+provider = "aws-va"
+policy = "talker"
+vcpus = 1
+memory_gib = 1
+"#;
+    // Audit mode: no policy relocation may take the slot the operator's relocation needs.
+    let cfg = config(&feeds, extra).replace("mode = \"enforce\"", "mode = \"audit\"");
+    let mut d = Daemon::start(dir.path(), &cfg);
+    // A policy's reason of 262,144 characters, and an error quoting as much, are cut.
+    let stay = d.eventually("talker's decision", Duration::from_secs(30), |d| {
+        find(d, "talker", "stay")
+    });
+    let reason = stay["verdict"]["reason"].as_str().unwrap();
+    assert!(reason.len() <= 4096, "{} bytes", reason.len());
+    assert!(reason.ends_with("more bytes cut]"), "{}", &reason[4000..]);
+    let err = d.eventually("thrower's error", Duration::from_secs(30), |d| {
+        find(d, "thrower", "error")
+    });
+    assert!(err["error"].as_str().unwrap().len() <= 4096);
+    // An operator's reason over the limit is refused with the API's error; one at it is taken.
+    let (s, body) = relocate(
+        &d,
+        "shop",
+        json!({"to": "azure-we", "reason": "x".repeat(1_100_000)}),
+    );
+    assert_eq!(s, 422, "{}", &body[..body.len().min(300)]);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("1100000 bytes") && msg.contains("4096"),
+        "{msg}"
+    );
+    let (s, body) = relocate(
+        &d,
+        "shop",
+        json!({"to": "azure-we", "reason": "y".repeat(4096)}),
+    );
+    assert_eq!(s, 202, "{body}");
+    // `fluidcloud decisions` prints them as a table.
+    let out = std::process::Command::new(common::bin())
+        .args(["decisions", "--config"])
+        .arg(&d.config)
+        .args(["--url", &d.base, "--token-file"])
+        .arg(dir.path().join("state/api-token"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("talker") && stdout.contains("yyyy…"),
+        "{stdout}"
+    );
+    assert!(stdout.lines().all(|l| l.chars().count() < 1000), "{stdout}");
+}

@@ -17,7 +17,7 @@ use super::state::{PersistedState, StateFile};
 use super::{benchmarks, pricing, regions};
 use crate::conduit::{Conduit, ConduitError, RelocationRequest};
 use crate::config::{Config, ConfigErrors, Mode};
-use crate::model::{MarketSnapshot, SourceStatus, Verdict};
+use crate::model::{bounded_reason, MarketSnapshot, SourceStatus, Verdict, MAX_REASON_BYTES};
 use crate::policy::context::{DecisionContext, Market};
 use crate::policy::{Limits, Policy};
 use crate::telemetry::Metrics;
@@ -1190,6 +1190,13 @@ impl Supervisor {
         reason: Option<String>,
         force: bool,
     ) -> Result<Decision, ApiError> {
+        // Refused rather than cut: the operator is there to shorten it.
+        if let Some(r) = reason.as_ref().filter(|r| r.len() > MAX_REASON_BYTES) {
+            return Err(ApiError::Invalid(format!(
+                "the reason is {} bytes long; at most {MAX_REASON_BYTES} are allowed",
+                r.len()
+            )));
+        }
         self.apply_placements();
         let config = self.loaded.config.clone();
         let Some(spec) = config.services.get(service) else {
@@ -1417,7 +1424,10 @@ pub fn evaluate_all(
                         .or_insert((c.monthly_cost, c.migration_cost));
                 }
                 let started = Instant::now();
-                ev.verdict = policy.decide(&ctx).map_err(|e| e.to_string());
+                // An error can quote what the policy made (a thrown string, a bad return).
+                ev.verdict = policy
+                    .decide(&ctx)
+                    .map_err(|e| bounded_reason(&e.to_string()));
                 metrics
                     .policy_duration
                     .with_label_values(&[&service.policy])
