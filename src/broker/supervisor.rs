@@ -252,6 +252,9 @@ pub struct Supervisor {
     /// Last logged (outcome, target, rail, policy hash) by service, to log changes only.
     last_logged: BTreeMap<String, (Outcome, Option<String>, Option<String>, String)>,
     last_costs: BTreeMap<String, Evaluation>,
+    /// The label values of each service's cost series as last exported, so that a series
+    /// whose provider or currency changed is removed rather than left at its old value.
+    cost_series: BTreeMap<String, CostSeries>,
     /// When the relocations of the current window were submitted, read from the journal at
     /// each tick (plus this tick's own submissions): budgets count only relocations that exist.
     relocation_starts: Vec<DateTime<Utc>>,
@@ -327,6 +330,7 @@ impl Supervisor {
             state,
             last_logged: BTreeMap::new(),
             last_costs: BTreeMap::new(),
+            cost_series: BTreeMap::new(),
             relocation_starts: Vec::new(),
             notify,
         };
@@ -800,23 +804,7 @@ impl Supervisor {
                     if ev.verdict.is_ok() { "ok" } else { "error" },
                 ])
                 .inc();
-            if let Some(cost) = ev.current_monthly_cost {
-                self.metrics
-                    .service_monthly_cost
-                    .with_label_values(&[&ev.service, &ev.provider, &ev.currency])
-                    .set(cost);
-                let best = ev
-                    .targets
-                    .values()
-                    .map(|(m, _)| *m)
-                    .fold(f64::INFINITY, f64::min);
-                if best.is_finite() {
-                    self.metrics
-                        .service_savings
-                        .with_label_values(&[&ev.service, &ev.currency])
-                        .set(cost - best);
-                }
-            }
+            export_costs(&self.metrics, &mut self.cost_series, &ev);
             match &ev.verdict {
                 Err(e) => {
                     memory.observe(None);
@@ -886,6 +874,15 @@ impl Supervisor {
             }
             decisions.push(d);
         }
+        // A service that is no longer configured has no cost to export.
+        let metrics = &self.metrics;
+        self.cost_series.retain(|service, series| {
+            let keep = config.services.contains_key(service);
+            if !keep {
+                series.remove_unless_in(metrics, service, &CostSeries::default());
+            }
+            keep
+        });
 
         // The safety belt: a tick that would move too much at once moves nothing.
         let limit = (config.broker.max_relocations_percent / 100.0 * total as f64).ceil() as usize;
@@ -1439,6 +1436,65 @@ pub fn evaluate_all(
     out
 }
 
+/// The label values a service's cost series were last exported with.
+#[derive(Default)]
+struct CostSeries {
+    /// `provider` and `currency` of `service_monthly_cost`.
+    cost: Option<(String, String)>,
+    /// `currency` of `service_projected_monthly_savings`.
+    savings: Option<String>,
+}
+
+impl CostSeries {
+    /// Removes the series of `service` exported with these labels that `next` does not set.
+    fn remove_unless_in(&self, metrics: &Metrics, service: &str, next: &CostSeries) {
+        if let Some((provider, currency)) = &self.cost {
+            if next.cost.as_ref() != Some(&(provider.clone(), currency.clone())) {
+                let _ = metrics
+                    .service_monthly_cost
+                    .remove_label_values(&[service, provider, currency]);
+            }
+        }
+        if let Some(currency) = &self.savings {
+            if next.savings.as_ref() != Some(currency) {
+                let _ = metrics
+                    .service_savings
+                    .remove_label_values(&[service, currency]);
+            }
+        }
+    }
+}
+
+/// Exports a service's monthly cost and projected savings, and removes the series it had
+/// under another provider or currency: left behind, they would go on reporting a cost where
+/// the service no longer runs.
+fn export_costs(metrics: &Metrics, exported: &mut BTreeMap<String, CostSeries>, ev: &Evaluation) {
+    let mut next = CostSeries::default();
+    if let Some(cost) = ev.current_monthly_cost {
+        metrics
+            .service_monthly_cost
+            .with_label_values(&[&ev.service, &ev.provider, &ev.currency])
+            .set(cost);
+        next.cost = Some((ev.provider.clone(), ev.currency.clone()));
+        let best = ev
+            .targets
+            .values()
+            .map(|(m, _)| *m)
+            .fold(f64::INFINITY, f64::min);
+        if best.is_finite() {
+            metrics
+                .service_savings
+                .with_label_values(&[&ev.service, &ev.currency])
+                .set(cost - best);
+            next.savings = Some(ev.currency.clone());
+        }
+    }
+    if let Some(old) = exported.get(&ev.service) {
+        old.remove_unless_in(metrics, &ev.service, &next);
+    }
+    exported.insert(ev.service.clone(), next);
+}
+
 fn digest(ctx: &DecisionContext) -> String {
     let mut hasher = blake3::Hasher::new();
     // `now` changes every tick; the digest is about the market and the service.
@@ -1457,5 +1513,67 @@ impl std::io::Write for HashWriter<'_> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn evaluation(provider: &str, currency: &str, cost: Option<f64>) -> Evaluation {
+        Evaluation {
+            service: "shop".into(),
+            policy: "cheapest".into(),
+            policy_hash: String::new(),
+            input_digest: String::new(),
+            provider: provider.into(),
+            verdict: Err(String::new()),
+            current_monthly_cost: cost,
+            currency: currency.into(),
+            targets: BTreeMap::from([("elsewhere".to_string(), (10.0, 1.0))]),
+        }
+    }
+
+    fn series(metrics: &Metrics, name: &str) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_moved_service_exports_only_its_new_provider_cost_series() {
+        let metrics = Metrics::new();
+        let mut exported = BTreeMap::new();
+        export_costs(
+            &metrics,
+            &mut exported,
+            &evaluation("aws-va", "USD", Some(70.0)),
+        );
+        export_costs(
+            &metrics,
+            &mut exported,
+            &evaluation("azure-we", "EUR", Some(30.0)),
+        );
+        assert_eq!(
+            series(&metrics, "fluidcloud_service_monthly_cost"),
+            [
+                r#"fluidcloud_service_monthly_cost{currency="EUR",provider="azure-we",service="shop"} 30"#
+            ]
+        );
+        assert_eq!(
+            series(&metrics, "fluidcloud_service_projected_monthly_savings"),
+            [r#"fluidcloud_service_projected_monthly_savings{currency="EUR",service="shop"} 20"#]
+        );
+        // A cost that is no longer known is not exported at its old value.
+        export_costs(
+            &metrics,
+            &mut exported,
+            &evaluation("azure-we", "EUR", None),
+        );
+        assert!(series(&metrics, "fluidcloud_service_monthly_cost").is_empty());
+        assert!(series(&metrics, "fluidcloud_service_projected_monthly_savings").is_empty());
     }
 }
