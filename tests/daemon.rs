@@ -1089,3 +1089,45 @@ memory_gib = 1
     );
     assert!(stdout.lines().all(|l| l.chars().count() < 1000), "{stdout}");
 }
+
+#[test]
+fn the_state_directory_and_what_the_daemon_writes_are_private_under_umask_022() {
+    use std::os::unix::fs::PermissionsExt;
+    // A shell's usual umask, not systemd's 0077; the daemon inherits it.
+    unsafe { libc::umask(0o022) };
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let mut d = Daemon::start(dir.path(), &cfg);
+    let state = dir.path().join("state");
+    let volume = dir.path().join("providers/aws-va/volumes/shop/data.raw");
+    d.eventually("shop deployed and decided", Duration::from_secs(30), |d| {
+        (volume.exists()
+            && state.join("broker-state.json").exists()
+            && !decisions(d, "shop").is_empty())
+        .then_some(())
+    });
+    let mode = |p: &std::path::Path| {
+        std::fs::symlink_metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for dir in [state.clone(), dir.path().join("providers/aws-va")] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    let mut files = vec![volume];
+    for f in [
+        "journal.sqlite",
+        "journal.sqlite-wal",
+        "decisions.jsonl",
+        "broker-state.json",
+        "api-token",
+    ] {
+        files.push(state.join(f));
+    }
+    for f in files {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}
