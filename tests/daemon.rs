@@ -1091,6 +1091,35 @@ memory_gib = 1
 }
 
 #[test]
+fn an_oversized_body_is_413_and_a_bad_query_string_a_json_error() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config(&feeds, ""));
+    let json_error = |status: u16, body: &str| -> String {
+        let v: Value = serde_json::from_str(body)
+            .unwrap_or_else(|_| panic!("{status} without a JSON body: {body}"));
+        v["error"].as_str().unwrap().to_string()
+    };
+    // Over the 2 MiB the API reads.
+    let (s, body) = relocate(
+        &d,
+        "shop",
+        json!({"to": "azure-we", "reason": "x".repeat(3 << 20)}),
+    );
+    assert_eq!(s, 413, "{}", &body[..body.len().min(300)]);
+    assert!(json_error(s, &body).contains("too large"), "{body}");
+    for path in ["/v1/decisions?limit=many", "/v1/decisions?limit=-1"] {
+        let (s, body) = d.raw("GET", path, true, None).unwrap();
+        assert_eq!(s, 400, "{path}: {body}");
+        assert!(json_error(s, &body).contains("limit"), "{path}: {body}");
+    }
+    // A body that is JSON of the wrong shape is still 422.
+    let (s, body) = relocate(&d, "shop", json!({"to": 3}));
+    assert_eq!(s, 422, "{body}");
+    json_error(s, &body);
+}
+
+#[test]
 fn the_state_directory_and_what_the_daemon_writes_are_private_under_umask_022() {
     use std::os::unix::fs::PermissionsExt;
     // A shell's usual umask, not systemd's 0077; the daemon inherits it.
