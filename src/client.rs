@@ -18,7 +18,8 @@ struct Api {
 
 impl Api {
     fn new(a: &ApiArgs) -> anyhow::Result<Api> {
-        let config = Config::load(&a.config.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Kept as `ConfigErrors`, so that `main` exits 2 for a configuration it cannot use.
+        let config = Config::load(&a.config.config)?;
         let base = a
             .url
             .clone()

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use fluidcloud::config::Config;
+use fluidcloud::config::{Config, ConfigErrors};
 
 mod client;
 mod relocate;
@@ -166,7 +166,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A configuration file that is missing or invalid is a configuration error.
+            ExitCode::from(if e.is::<ConfigErrors>() { 2 } else { 1 })
         }
     }
 }

@@ -1160,3 +1160,45 @@ fn the_state_directory_and_what_the_daemon_writes_are_private_under_umask_022() 
         assert_eq!(mode(&f), 0o600, "{}", f.display());
     }
 }
+
+#[test]
+fn a_missing_config_file_is_a_configuration_error_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.toml");
+    let run = |args: &[&str], config: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args(args).env_remove("FLUIDCLOUD_CONFIG");
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for args in [
+        &["status"][..],
+        &["decisions"],
+        &["market"],
+        &["reload"],
+        &["check"],
+        &["plan", "shop", "--to", "b"],
+        &["relocate", "shop", "--to", "b"],
+    ] {
+        let (code, err) = run(args, Some(&missing));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&missing.display().to_string())
+                && err.contains("cannot read the configuration file"),
+            "{args:?}: {err}"
+        );
+    }
+    // The default file, where a test machine has none.
+    let default = std::path::Path::new("/etc/fluidcloud/fluidcloud.toml");
+    if !default.exists() {
+        let (code, err) = run(&["status"], None);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("/etc/fluidcloud/fluidcloud.toml"), "{err}");
+    }
+}
