@@ -18,7 +18,8 @@ struct Api {
 
 impl Api {
     fn new(a: &ApiArgs) -> anyhow::Result<Api> {
-        let config = Config::load(&a.config.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Kept as `ConfigErrors`, so that `main` exits 2 for a configuration it cannot use.
+        let config = Config::load(&a.config.config)?;
         let base = a
             .url
             .clone()
@@ -79,26 +80,47 @@ impl Api {
     }
 }
 
+/// The widest a table cell is shown, in characters; a longer one is cut and ends in `…`
+/// (`--json` shows it whole). This also keeps padding far from the formatter's width limit
+/// (`u16::MAX`), beyond which `{:w$}` panics.
+const MAX_CELL_CHARS: usize = 200;
+
 /// Prints rows as columns padded to their widest cell.
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    print!("{}", render_table(header, rows));
+}
+
+fn render_table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let cut = |c: &str| -> String {
+        if c.chars().count() <= MAX_CELL_CHARS {
+            return c.to_string();
+        }
+        let mut s: String = c.chars().take(MAX_CELL_CHARS - 1).collect();
+        s.push('…');
+        s
+    };
+    let header: Vec<String> = header.iter().map(|h| cut(h)).collect();
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.iter().map(|c| cut(c)).collect())
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut out = String::new();
+    for cells in std::iter::once(&header).chain(&rows) {
         let s: Vec<String> = cells
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r);
+        out.push_str(s.join("  ").trim_end());
+        out.push('\n');
     }
+    out
 }
 
 fn s(v: &Value) -> String {
@@ -324,4 +346,31 @@ pub fn reload(a: &ApiArgs) -> anyhow::Result<ExitCode> {
     };
     println!("The daemon reloaded its configuration.");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions_with_a_huge_reason_print_a_table_instead_of_panicking() {
+        // 70,000 characters: past `u16::MAX`, where a padded `{:w$}` panicked.
+        let huge = "x".repeat(70_000);
+        let out = render_table(
+            &["ID", "REASON", "LAST"],
+            vec![
+                vec!["d-1".into(), huge.clone(), "stay".into()],
+                vec!["d-2".into(), "short".into(), "stay".into()],
+            ],
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        for line in &lines {
+            assert!(line.chars().count() < 2 * MAX_CELL_CHARS, "{line}");
+        }
+        assert!(lines[1].contains("xxx…  stay"), "{}", lines[1]);
+        // Columns still line up after a cut cell.
+        let column = |l: &str| l[..l.find("stay").unwrap()].chars().count();
+        assert_eq!(column(lines[1]), column(lines[2]), "{out}");
+    }
 }

@@ -23,15 +23,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         "Initializing the state directory {}.",
         config.daemon.state_dir.display()
     );
+    create_state_dir(&config.daemon.state_dir)?;
     let (token, token_path) = crate::api::load_token(&config)?;
     tracing::info!("The API token is read from {}.", token_path.display());
     let listen = config.daemon.listen;
-    std::fs::create_dir_all(&config.daemon.state_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create the state directory {}: {e}",
-            config.daemon.state_dir.display()
-        )
-    })?;
     let journal = config.daemon.state_dir.join("journal.sqlite");
     let metrics = Arc::new(Metrics::new());
     let engine = Arc::new(Engine::open(
@@ -97,6 +92,30 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         Ok(Ok(())) => tracing::info!("The API server exited cleanly."),
         Ok(Err(e)) => tracing::error!("The API server exited with an error: {e}."),
         Err(e) => tracing::error!("The API server task failed: {e}."),
+    }
+    Ok(())
+}
+
+/// Creates the state directory readable by the daemon's user only (0700), as systemd's
+/// `StateDirectoryMode=0700` does: it holds the API token, the journal and the decision log.
+/// An existing directory others can enter is used as it is, with a warning.
+fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create the state directory {}: {e}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read the state directory {}: {e}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "The state directory {} is open to other users (mode {:o}); run `chmod 700` on it.",
+            dir.display(),
+            mode & 0o777
+        );
     }
     Ok(())
 }

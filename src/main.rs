@@ -158,11 +158,17 @@ enum PolicyCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What FluidCloud writes (state, journal, decision log, provider roots, disk images,
+    // bucket objects) is the owner's data: private to this user, as under the systemd unit's
+    // `UMask=0077`, also when started from a shell with the usual 022.
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A configuration file that is missing or invalid is a configuration error.
+            ExitCode::from(if e.is::<ConfigErrors>() { 2 } else { 1 })
         }
     }
 }

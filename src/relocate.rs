@@ -115,6 +115,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn print_summary(engine: &Engine, record: &RelocationRecord) {
     let (mut read, mut sent) = (0u64, 0u64);
     let mut verified = Vec::new();
+    let mut left = Vec::new();
     for s in &record.steps {
         read += s
             .output
@@ -129,6 +130,8 @@ fn print_summary(engine: &Engine, record: &RelocationRecord) {
         if let Some(v) = s.output.get("verified").and_then(|v| v.as_str()) {
             verified.push(format!("{}: {v}", s.name));
         }
+        let kept = s.output.get("left_in_place").and_then(|v| v.as_array());
+        left.extend(kept.into_iter().flatten().filter_map(|v| v.as_str()));
     }
     println!();
     println!("relocation {}: {}", record.id, record.state.as_str());
@@ -145,6 +148,9 @@ fn print_summary(engine: &Engine, record: &RelocationRecord) {
         for v in verified {
             println!("  verified:   {v}");
         }
+    }
+    for l in left {
+        println!("  left:       {l}");
     }
 }
 

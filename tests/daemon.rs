@@ -1006,6 +1006,203 @@ fn every_policy_relocation_runs_under_its_decision_id_not_only_the_first() {
     }
 }
 
+const POLICY_HUGE_REASON: &str = r#"
+fn decide(ctx) {
+    let s = "r";
+    for i in 0..18 { s += s; }
+    if ctx.service.name == "talker" { stay(s) } else { throw s; }
+}
+"#;
+
+#[test]
+fn decisions_with_huge_reasons_are_bounded_and_the_cli_lists_them() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("talker.rhai"), POLICY_HUGE_REASON).unwrap();
+    let extra = r#"
+[policies.talker]
+file = "{DIR}/talker.rhai"
+
+[services.talker]
+provider = "aws-va"
+policy = "talker"
+vcpus = 1
+memory_gib = 1
+
+[services.thrower]
+provider = "aws-va"
+policy = "talker"
+vcpus = 1
+memory_gib = 1
+"#;
+    // Audit mode: no policy relocation may take the slot the operator's relocation needs.
+    let cfg = config(&feeds, extra).replace("mode = \"enforce\"", "mode = \"audit\"");
+    let mut d = Daemon::start(dir.path(), &cfg);
+    // A policy's reason of 262,144 characters, and an error quoting as much, are cut.
+    let stay = d.eventually("talker's decision", Duration::from_secs(30), |d| {
+        find(d, "talker", "stay")
+    });
+    let reason = stay["verdict"]["reason"].as_str().unwrap();
+    assert!(reason.len() <= 4096, "{} bytes", reason.len());
+    assert!(reason.ends_with("more bytes cut]"), "{}", &reason[4000..]);
+    let err = d.eventually("thrower's error", Duration::from_secs(30), |d| {
+        find(d, "thrower", "error")
+    });
+    assert!(err["error"].as_str().unwrap().len() <= 4096);
+    // An operator's reason over the limit is refused with the API's error; one at it is taken.
+    let (s, body) = relocate(
+        &d,
+        "shop",
+        json!({"to": "azure-we", "reason": "x".repeat(1_100_000)}),
+    );
+    assert_eq!(s, 422, "{}", &body[..body.len().min(300)]);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("1100000 bytes") && msg.contains("4096"),
+        "{msg}"
+    );
+    let (s, body) = relocate(
+        &d,
+        "shop",
+        json!({"to": "azure-we", "reason": "y".repeat(4096)}),
+    );
+    assert_eq!(s, 202, "{body}");
+    // `fluidcloud decisions` prints them as a table.
+    let out = std::process::Command::new(common::bin())
+        .args(["decisions", "--config"])
+        .arg(&d.config)
+        .args(["--url", &d.base, "--token-file"])
+        .arg(dir.path().join("state/api-token"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("talker") && stdout.contains("yyyy…"),
+        "{stdout}"
+    );
+    assert!(stdout.lines().all(|l| l.chars().count() < 1000), "{stdout}");
+}
+
+#[test]
+fn an_oversized_body_is_413_and_a_bad_query_string_a_json_error() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config(&feeds, ""));
+    let json_error = |status: u16, body: &str| -> String {
+        let v: Value = serde_json::from_str(body)
+            .unwrap_or_else(|_| panic!("{status} without a JSON body: {body}"));
+        v["error"].as_str().unwrap().to_string()
+    };
+    // Over the 2 MiB the API reads.
+    let (s, body) = relocate(
+        &d,
+        "shop",
+        json!({"to": "azure-we", "reason": "x".repeat(3 << 20)}),
+    );
+    assert_eq!(s, 413, "{}", &body[..body.len().min(300)]);
+    assert!(json_error(s, &body).contains("too large"), "{body}");
+    for path in ["/v1/decisions?limit=many", "/v1/decisions?limit=-1"] {
+        let (s, body) = d.raw("GET", path, true, None).unwrap();
+        assert_eq!(s, 400, "{path}: {body}");
+        assert!(json_error(s, &body).contains("limit"), "{path}: {body}");
+    }
+    // A body that is JSON of the wrong shape is still 422.
+    let (s, body) = relocate(&d, "shop", json!({"to": 3}));
+    assert_eq!(s, 422, "{body}");
+    json_error(s, &body);
+}
+
+#[test]
+fn the_state_directory_and_what_the_daemon_writes_are_private_under_umask_022() {
+    use std::os::unix::fs::PermissionsExt;
+    // A shell's usual umask, not systemd's 0077; the daemon inherits it.
+    unsafe { libc::umask(0o022) };
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let mut d = Daemon::start(dir.path(), &cfg);
+    let state = dir.path().join("state");
+    let volume = dir.path().join("providers/aws-va/volumes/shop/data.raw");
+    d.eventually("shop deployed and decided", Duration::from_secs(30), |d| {
+        (volume.exists()
+            && state.join("broker-state.json").exists()
+            && !decisions(d, "shop").is_empty())
+        .then_some(())
+    });
+    let mode = |p: &std::path::Path| {
+        std::fs::symlink_metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for dir in [state.clone(), dir.path().join("providers/aws-va")] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    let mut files = vec![volume];
+    for f in [
+        "journal.sqlite",
+        "journal.sqlite-wal",
+        "decisions.jsonl",
+        "broker-state.json",
+        "api-token",
+    ] {
+        files.push(state.join(f));
+    }
+    for f in files {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}
+
+#[test]
+fn a_missing_config_file_is_a_configuration_error_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.toml");
+    let run = |args: &[&str], config: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args(args).env_remove("FLUIDCLOUD_CONFIG");
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for args in [
+        &["status"][..],
+        &["decisions"],
+        &["market"],
+        &["reload"],
+        &["check"],
+        &["plan", "shop", "--to", "b"],
+        &["relocate", "shop", "--to", "b"],
+    ] {
+        let (code, err) = run(args, Some(&missing));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&missing.display().to_string())
+                && err.contains("cannot read the configuration file"),
+            "{args:?}: {err}"
+        );
+    }
+    // The default file, where a test machine has none.
+    let default = std::path::Path::new("/etc/fluidcloud/fluidcloud.toml");
+    if !default.exists() {
+        let (code, err) = run(&["status"], None);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("/etc/fluidcloud/fluidcloud.toml"), "{err}");
+    }
+}
+
 /// Regression: a reload dropped the conduit's open providers, and with them the local
 /// providers' root locks, so `fluidcloud relocate` could run beside the daemon.
 #[test]

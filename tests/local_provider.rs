@@ -507,6 +507,57 @@ async fn buckets_store_list_and_refuse_keys_that_escape() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_is_never_deleted_with_the_links_and_special_files_it_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = LocalProvider::open_at("home", &tmp.path().join("root"), DiskFormat::Raw).unwrap();
+    p.ensure_bucket("shop", "assets").await.unwrap();
+    p.write_object("shop", "assets", "img/a.txt", Box::pin(&b"object"[..]))
+        .await
+        .unwrap();
+    let bucket = p.root().join("buckets/shop/assets");
+    std::fs::write(tmp.path().join("elsewhere"), b"data living elsewhere").unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("elsewhere"), bucket.join("img/link")).unwrap();
+    let fifo = std::ffi::CString::new(bucket.join("pipe").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    std::fs::create_dir(bucket.join("empty")).unwrap();
+
+    // Neither is an object; both are reported as what the bucket holds besides objects.
+    let keys: Vec<String> = p
+        .list_objects("shop", "assets")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys, ["img/a.txt"]);
+    assert_eq!(
+        p.list_non_objects("shop", "assets").await.unwrap(),
+        ["img/link", "pipe"]
+    );
+    // With every object deleted, the bucket still refuses to go and keeps them.
+    p.delete_object("shop", "assets", "img/a.txt")
+        .await
+        .unwrap();
+    let err = p.delete_bucket("shop", "assets").await.unwrap_err();
+    assert!(matches!(err, ProviderError::Conflict { .. }), "{err}");
+    assert!(
+        err.to_string().contains("2 entries that are not objects"),
+        "{err}"
+    );
+    assert!(std::fs::symlink_metadata(bucket.join("img/link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::symlink_metadata(bucket.join("pipe")).is_ok());
+    // Once they are gone, so is the bucket with its empty directories.
+    std::fs::remove_file(bucket.join("img/link")).unwrap();
+    std::fs::remove_file(bucket.join("pipe")).unwrap();
+    p.delete_bucket("shop", "assets").await.unwrap();
+    assert!(!bucket.exists());
+    assert!(tmp.path().join("elsewhere").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_app_is_supervised_restarted_stopped_and_readopted() {
     let bin = demo_app();
     let tmp = tempfile::tempdir().unwrap();

@@ -737,3 +737,73 @@ fn a_failing_copy_stops_the_copies_beside_it_and_the_relocation_rolls_back() {
     d.signal(libc::SIGTERM);
     assert!(d.child.wait().unwrap().success());
 }
+
+#[test]
+fn a_bucket_holding_links_is_refused_at_preflight_and_what_was_not_copied_is_never_deleted() {
+    let s = Setup::new("raw");
+    let (hash, listing) = deploy(&s);
+    let bucket = s.path("providers/a/buckets/shop/assets");
+    std::fs::write(s.path("elsewhere.txt"), "data that lives elsewhere").unwrap();
+    std::os::unix::fs::symlink(s.path("elsewhere.txt"), bucket.join("img/link.txt")).unwrap();
+    let fifo = std::ffi::CString::new(bucket.join("pipe").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let with_others = s.wait_app("/bucket");
+    assert!(with_others.contains("img/link.txt"), "{with_others}");
+
+    // Not allowed: refused before the source stops, naming what cannot be copied.
+    let out = s.relocate("b", None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("✗ [pre-copy] preflight"), "{stdout}");
+    assert!(
+        stdout.contains("`img/link.txt`, `pipe`") && stdout.contains("skip_special_files = true"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("stop-source"), "{stdout}");
+    assert_consistent(&s, &hash, &with_others, "rolled_back", "links refused");
+
+    // A setting that is not a boolean is a configuration error.
+    let bucket_component = "kind = \"bucket\"\nname = \"assets\"\nsize_gib = 0.01\n";
+    assert!(s.config.contains(bucket_component));
+    let with_setting = |value: &str| {
+        s.config.replace(
+            bucket_component,
+            &format!(
+                "{bucket_component}[services.shop.components.settings]\nskip_special_files = {value}\n"
+            ),
+        )
+    };
+    write_config(&s, &with_setting("\"yes\""));
+    let (ok, out) = run_cli(&s, &["check"]);
+    assert!(!ok);
+    assert!(
+        out.contains("settings.skip_special_files: must be true or false"),
+        "{out}"
+    );
+
+    // Allowed: the service moves without them; they stay at the source, and the summary says
+    // so, while the objects were copied and then deleted there.
+    write_config(&s, &with_setting("true"));
+    let out = s.relocate("b", None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("left:       bucket assets: 2 entries that are not objects were not copied and stay at `a`: `img/link.txt`, `pipe`"),
+        "{stdout}"
+    );
+    assert_consistent(&s, &hash, &listing, "completed", "links skipped");
+    assert!(std::fs::symlink_metadata(bucket.join("img/link.txt"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::symlink_metadata(bucket.join("pipe")).is_ok());
+    assert!(
+        !bucket.join("img/7.txt").exists(),
+        "the objects were decommissioned"
+    );
+    assert!(s.path("elsewhere.txt").exists());
+}

@@ -106,3 +106,42 @@ fn a_key_file_others_can_read_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+#[test]
+fn a_key_file_of_16_bytes_is_refused_as_the_help_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("short.key");
+    std::fs::write(&key, "0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut child = Command::new(common::bin())
+        .args(["viaduct", "serve", "--listen", "127.0.0.1:0", "--root"])
+        .arg(dir.path())
+        .arg("--key-file")
+        .arg(&key)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A receiver that accepts the key listens until it is stopped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the receiver started with a key of 16 bytes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("16 bytes long; at least 32"), "{err}");
+    let help = Command::new(common::bin())
+        .args(["viaduct", "serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("at least 32 bytes"), "{help}");
+}

@@ -59,6 +59,29 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// A query string, refused like every other API error (`{"error": ...}`, 400) rather than
+/// with axum's plain text.
+struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(ApiQuery(q)),
+            Err(e) => Err(error(
+                e.status(),
+                format!("the query string is not valid: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
 async fn not_found(req: Request) -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -192,7 +215,7 @@ struct MarketQuery {
     provider: Option<String>,
 }
 
-async fn market(State(s): State<AppState>, Query(q): Query<MarketQuery>) -> Response {
+async fn market(State(s): State<AppState>, ApiQuery(q): ApiQuery<MarketQuery>) -> Response {
     let m = s.broker.market.borrow().clone();
     match q.provider {
         None => Json(&*m).into_response(),
@@ -216,7 +239,7 @@ async fn market(State(s): State<AppState>, Query(q): Query<MarketQuery>) -> Resp
     }
 }
 
-async fn decisions(State(s): State<AppState>, Query(q): Query<DecisionQuery>) -> Response {
+async fn decisions(State(s): State<AppState>, ApiQuery(q): ApiQuery<DecisionQuery>) -> Response {
     match s
         .broker
         .ask(|reply| Command::Decisions { query: q, reply })
@@ -282,6 +305,12 @@ async fn relocate(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is too large: {}", e.body_text()),
+            )
+        }
         Err(e) => {
             return error(
                 StatusCode::UNPROCESSABLE_ENTITY,

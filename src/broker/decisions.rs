@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -133,7 +134,11 @@ impl DecisionLog {
             source,
         };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(open_err)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(open_err)?;
         }
         let mut recent = VecDeque::new();
         let mut lines = 0u64;
@@ -156,9 +161,11 @@ impl DecisionLog {
                 }
             }
         }
+        // What the policies decided about the owner's services is the owner's business.
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .map_err(open_err)?;
         // After a torn write the file ends mid-line; start the next entry on a line of its own.

@@ -17,7 +17,7 @@ use super::state::{PersistedState, StateFile};
 use super::{benchmarks, pricing, regions};
 use crate::conduit::{Conduit, ConduitError, RelocationRequest};
 use crate::config::{Config, ConfigErrors, Mode};
-use crate::model::{MarketSnapshot, SourceStatus, Verdict};
+use crate::model::{bounded_reason, MarketSnapshot, SourceStatus, Verdict, MAX_REASON_BYTES};
 use crate::policy::context::{DecisionContext, Market};
 use crate::policy::{Limits, Policy};
 use crate::telemetry::Metrics;
@@ -268,6 +268,9 @@ pub struct Supervisor {
     /// Last logged (outcome, target, rail, policy hash) by service, to log changes only.
     last_logged: BTreeMap<String, (Outcome, Option<String>, Option<String>, String)>,
     last_costs: BTreeMap<String, Evaluation>,
+    /// The label values of each service's cost series as last exported, so that a series
+    /// whose provider or currency changed is removed rather than left at its old value.
+    cost_series: BTreeMap<String, CostSeries>,
     /// When the relocations of the current window were submitted, read from the journal at
     /// each tick (plus this tick's own submissions): budgets count only relocations that exist.
     relocation_starts: Vec<DateTime<Utc>>,
@@ -342,6 +345,7 @@ impl Supervisor {
             state,
             last_logged: BTreeMap::new(),
             last_costs: BTreeMap::new(),
+            cost_series: BTreeMap::new(),
             relocation_starts: Vec::new(),
             notify,
         };
@@ -858,23 +862,7 @@ impl Supervisor {
                     if ev.verdict.is_ok() { "ok" } else { "error" },
                 ])
                 .inc();
-            if let Some(cost) = ev.current_monthly_cost {
-                self.metrics
-                    .service_monthly_cost
-                    .with_label_values(&[&ev.service, &ev.provider, &ev.currency])
-                    .set(cost);
-                let best = ev
-                    .targets
-                    .values()
-                    .map(|(m, _)| *m)
-                    .fold(f64::INFINITY, f64::min);
-                if best.is_finite() {
-                    self.metrics
-                        .service_savings
-                        .with_label_values(&[&ev.service, &ev.currency])
-                        .set(cost - best);
-                }
-            }
+            export_costs(&self.metrics, &mut self.cost_series, &ev);
             match &ev.verdict {
                 Err(e) => {
                     memory.observe(None);
@@ -944,6 +932,15 @@ impl Supervisor {
             }
             decisions.push(d);
         }
+        // A service that is no longer configured has no cost to export.
+        let metrics = &self.metrics;
+        self.cost_series.retain(|service, series| {
+            let keep = config.services.contains_key(service);
+            if !keep {
+                series.remove_unless_in(metrics, service, &CostSeries::default());
+            }
+            keep
+        });
 
         // The safety belt: a tick that would move too much at once moves nothing.
         let limit = (config.broker.max_relocations_percent / 100.0 * total as f64).ceil() as usize;
@@ -1248,6 +1245,13 @@ impl Supervisor {
         reason: Option<String>,
         force: bool,
     ) -> Result<Decision, ApiError> {
+        // Refused rather than cut: the operator is there to shorten it.
+        if let Some(r) = reason.as_ref().filter(|r| r.len() > MAX_REASON_BYTES) {
+            return Err(ApiError::Invalid(format!(
+                "the reason is {} bytes long; at most {MAX_REASON_BYTES} are allowed",
+                r.len()
+            )));
+        }
         self.apply_placements();
         let config = self.loaded.config.clone();
         let Some(spec) = config.services.get(service) else {
@@ -1475,7 +1479,10 @@ pub fn evaluate_all(
                         .or_insert((c.monthly_cost, c.migration_cost));
                 }
                 let started = Instant::now();
-                ev.verdict = policy.decide(&ctx).map_err(|e| e.to_string());
+                // An error can quote what the policy made (a thrown string, a bad return).
+                ev.verdict = policy
+                    .decide(&ctx)
+                    .map_err(|e| bounded_reason(&e.to_string()));
                 metrics
                     .policy_duration
                     .with_label_values(&[&service.policy])
@@ -1485,6 +1492,65 @@ pub fn evaluate_all(
         out.push(ev);
     }
     out
+}
+
+/// The label values a service's cost series were last exported with.
+#[derive(Default)]
+struct CostSeries {
+    /// `provider` and `currency` of `service_monthly_cost`.
+    cost: Option<(String, String)>,
+    /// `currency` of `service_projected_monthly_savings`.
+    savings: Option<String>,
+}
+
+impl CostSeries {
+    /// Removes the series of `service` exported with these labels that `next` does not set.
+    fn remove_unless_in(&self, metrics: &Metrics, service: &str, next: &CostSeries) {
+        if let Some((provider, currency)) = &self.cost {
+            if next.cost.as_ref() != Some(&(provider.clone(), currency.clone())) {
+                let _ = metrics
+                    .service_monthly_cost
+                    .remove_label_values(&[service, provider, currency]);
+            }
+        }
+        if let Some(currency) = &self.savings {
+            if next.savings.as_ref() != Some(currency) {
+                let _ = metrics
+                    .service_savings
+                    .remove_label_values(&[service, currency]);
+            }
+        }
+    }
+}
+
+/// Exports a service's monthly cost and projected savings, and removes the series it had
+/// under another provider or currency: left behind, they would go on reporting a cost where
+/// the service no longer runs.
+fn export_costs(metrics: &Metrics, exported: &mut BTreeMap<String, CostSeries>, ev: &Evaluation) {
+    let mut next = CostSeries::default();
+    if let Some(cost) = ev.current_monthly_cost {
+        metrics
+            .service_monthly_cost
+            .with_label_values(&[&ev.service, &ev.provider, &ev.currency])
+            .set(cost);
+        next.cost = Some((ev.provider.clone(), ev.currency.clone()));
+        let best = ev
+            .targets
+            .values()
+            .map(|(m, _)| *m)
+            .fold(f64::INFINITY, f64::min);
+        if best.is_finite() {
+            metrics
+                .service_savings
+                .with_label_values(&[&ev.service, &ev.currency])
+                .set(cost - best);
+            next.savings = Some(ev.currency.clone());
+        }
+    }
+    if let Some(old) = exported.get(&ev.service) {
+        old.remove_unless_in(metrics, &ev.service, &next);
+    }
+    exported.insert(ev.service.clone(), next);
 }
 
 fn digest(ctx: &DecisionContext) -> String {
@@ -1505,5 +1571,67 @@ impl std::io::Write for HashWriter<'_> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn evaluation(provider: &str, currency: &str, cost: Option<f64>) -> Evaluation {
+        Evaluation {
+            service: "shop".into(),
+            policy: "cheapest".into(),
+            policy_hash: String::new(),
+            input_digest: String::new(),
+            provider: provider.into(),
+            verdict: Err(String::new()),
+            current_monthly_cost: cost,
+            currency: currency.into(),
+            targets: BTreeMap::from([("elsewhere".to_string(), (10.0, 1.0))]),
+        }
+    }
+
+    fn series(metrics: &Metrics, name: &str) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_moved_service_exports_only_its_new_provider_cost_series() {
+        let metrics = Metrics::new();
+        let mut exported = BTreeMap::new();
+        export_costs(
+            &metrics,
+            &mut exported,
+            &evaluation("aws-va", "USD", Some(70.0)),
+        );
+        export_costs(
+            &metrics,
+            &mut exported,
+            &evaluation("azure-we", "EUR", Some(30.0)),
+        );
+        assert_eq!(
+            series(&metrics, "fluidcloud_service_monthly_cost"),
+            [
+                r#"fluidcloud_service_monthly_cost{currency="EUR",provider="azure-we",service="shop"} 30"#
+            ]
+        );
+        assert_eq!(
+            series(&metrics, "fluidcloud_service_projected_monthly_savings"),
+            [r#"fluidcloud_service_projected_monthly_savings{currency="EUR",service="shop"} 20"#]
+        );
+        // A cost that is no longer known is not exported at its old value.
+        export_costs(
+            &metrics,
+            &mut exported,
+            &evaluation("azure-we", "EUR", None),
+        );
+        assert!(series(&metrics, "fluidcloud_service_monthly_cost").is_empty());
+        assert!(series(&metrics, "fluidcloud_service_projected_monthly_savings").is_empty());
     }
 }

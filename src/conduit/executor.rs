@@ -754,7 +754,29 @@ async fn preflight(ctx: &Ctx) -> Result<Value, StepError> {
         if let Action::CopyBucket { bucket } = &step.action {
             let objects = ctx.source.list_objects(svc, bucket).await?;
             needed += objects.iter().map(|o| o.size).sum::<u64>();
-            checked.push(format!("bucket {bucket} ({} objects)", objects.len()));
+            // What is not an object is not copied: moving without it must be asked for.
+            let others = ctx.source.list_non_objects(svc, bucket).await?;
+            if others.is_empty() {
+                checked.push(format!("bucket {bucket} ({} objects)", objects.len()));
+            } else if ctx
+                .component(ComponentKind::Bucket, bucket)?
+                .skip_special_files()
+            {
+                checked.push(format!(
+                    "bucket {bucket} ({} objects; {} entries that are not objects stay at `{}`: {})",
+                    objects.len(),
+                    others.len(),
+                    ctx.plan.from,
+                    name_some(&others)
+                ));
+            } else {
+                return Err(other(format!(
+                    "bucket `{svc}/{bucket}` at `{}` holds {} entries that are not objects and cannot be copied (symbolic links, other files that are not regular, names that are no valid keys): {}; remove them, or set `skip_special_files = true` in the bucket's settings to leave them behind at the source",
+                    ctx.plan.from,
+                    others.len(),
+                    name_some(&others)
+                )));
+            }
         }
         if let Action::StopSource { app } = &step.action {
             let status = ctx.source.app_status(svc, app).await?;
@@ -1663,6 +1685,7 @@ async fn decommission(ctx: &Ctx) -> Result<Value, StepError> {
     let spec = ctx.spec()?;
     let svc = ctx.svc();
     let mut removed = Vec::new();
+    let mut left = Vec::new();
     for c in &spec.components {
         match c.kind {
             ComponentKind::App => {
@@ -1707,6 +1730,26 @@ async fn decommission(ctx: &Ctx) -> Result<Value, StepError> {
                         for o in objects {
                             ctx.source.delete_object(svc, &c.name, &o.key).await?;
                         }
+                        // Never copied, so never deleted: the bucket stays with them.
+                        let others = ctx.source.list_non_objects(svc, &c.name).await?;
+                        if !others.is_empty() {
+                            tracing::warn!(
+                                "Relocation {}: bucket `{svc}/{}` at `{}` keeps {} entries that are not objects and were not copied: {}.",
+                                ctx.id,
+                                c.name,
+                                ctx.plan.from,
+                                others.len(),
+                                name_some(&others)
+                            );
+                            left.push(format!(
+                                "bucket {}: {} entries that are not objects were not copied and stay at `{}`: {}",
+                                c.name,
+                                others.len(),
+                                ctx.plan.from,
+                                name_some(&others)
+                            ));
+                            continue;
+                        }
                         ctx.source.delete_bucket(svc, &c.name).await?;
                     }
                     Err(e) if e.is_not_found() => {}
@@ -1722,5 +1765,24 @@ async fn decommission(ctx: &Ctx) -> Result<Value, StepError> {
         .journal
         .clear_deployed(svc, &ctx.plan.from)
         .map_err(|e| other(e.to_string()))?;
-    Ok(json!({ "removed": removed }))
+    if left.is_empty() {
+        Ok(json!({ "removed": removed }))
+    } else {
+        Ok(json!({ "removed": removed, "left_in_place": left }))
+    }
+}
+
+/// The first few of `names`, quoted, and how many more there are.
+fn name_some(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
 }

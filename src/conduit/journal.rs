@@ -180,6 +180,17 @@ impl Journal {
             path: path.to_path_buf(),
             source,
         };
+        // SQLite creates its -wal and -shm files with the mode of the database file: make that
+        // private before SQLite creates it (with 0644) itself.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path);
+        }
         let conn = Connection::open(path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;

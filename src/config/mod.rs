@@ -624,6 +624,18 @@ pub struct Component {
     pub settings: toml::Table,
 }
 
+impl Component {
+    /// A bucket's `settings.skip_special_files`: a relocation leaves the bucket's entries
+    /// that are not objects (symbolic links, special files) behind at the source instead of
+    /// refusing to start. Off by default.
+    pub fn skip_special_files(&self) -> bool {
+        self.settings
+            .get("skip_special_files")
+            .and_then(toml::Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
 /// One problem found in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -1862,6 +1874,16 @@ impl Validator<'_> {
                 self.err(
                     format!("{ck}.keep_at_source"),
                     "only a bucket can be kept at the source",
+                );
+            }
+            if kind == ComponentKind::Bucket
+                && c.settings
+                    .get("skip_special_files")
+                    .is_some_and(|v| !v.is_bool())
+            {
+                self.err(
+                    format!("{ck}.settings.skip_special_files"),
+                    "must be true or false",
                 );
             }
             if let Some(home) = &c.provider {

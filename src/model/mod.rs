@@ -150,6 +150,26 @@ impl Requirements {
     }
 }
 
+/// The longest reason a verdict carries, in bytes. A reason is read in the decision log, the
+/// API and a terminal table: a few sentences, not a document. Policies' reasons are cut to it
+/// (see [`bounded_reason`]); an operator's longer reason is refused.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+/// `reason` as it is, or cut at a character boundary to fit [`MAX_REASON_BYTES`] with a
+/// marker saying how many bytes were cut, so a runaway string cannot fill the decision log.
+pub fn bounded_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.to_string();
+    }
+    // The marker's own length, with the widest count it can show.
+    let marker = |cut: usize| format!(" … [{cut} more bytes cut]");
+    let mut end = MAX_REASON_BYTES - marker(reason.len()).len();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{}", &reason[..end], marker(reason.len() - end))
+}
+
 /// Outcome a policy asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "lowercase")]

@@ -564,7 +564,7 @@ fn reason_text(function: &str, reason: &str) -> ScriptResult<String> {
             "{function}(): the reason is empty; say why, it is what the decision log shows"
         )))
     } else {
-        Ok(reason.to_string())
+        Ok(crate::model::bounded_reason(reason))
     }
 }
 

@@ -433,6 +433,29 @@ fn a_relocation_must_target_a_candidate_elsewhere() {
 }
 
 #[test]
+fn a_huge_reason_from_a_policy_is_cut_to_the_reason_limit() {
+    // 2^18 = 262,144 characters (of two bytes: the cut must find a character boundary),
+    // within the string limit.
+    let source = "fn decide(ctx) {\n  let s = \"é\";\n  for i in 0..18 { s += s; }\n  stay(s)\n}";
+    let reason = stay_reason(run(source));
+    assert!(
+        reason.len() <= crate::model::MAX_REASON_BYTES,
+        "{}",
+        reason.len()
+    );
+    assert!(reason.starts_with("éé"), "{reason}");
+    let cut = 2 * (1 << 18) - reason.trim_end_matches(|c| c != 'é').len();
+    assert!(
+        reason.ends_with(&format!(" … [{cut} more bytes cut]")),
+        "{}",
+        &reason[reason.len() - 40..]
+    );
+    // A reason within the limit is kept as it is.
+    let short = "fn decide(ctx) { stay(\"fine here\") }";
+    assert_eq!(stay_reason(run(short)), "fine here");
+}
+
+#[test]
 fn a_verdict_needs_a_reason() {
     let err = run("fn decide(ctx) {\n    stay(\"  \")\n}").unwrap_err();
     let PolicyError::Runtime { at, message, .. } = &err else {

@@ -605,7 +605,8 @@ pub trait Provider: Send + Sync + 'static {
         Err(self.unsupported(object::bucket(service, bucket), "object storage"))
     }
 
-    /// Deletes an empty bucket; succeeds when it does not exist, refuses one holding objects.
+    /// Deletes an empty bucket; succeeds when it does not exist, refuses one holding objects
+    /// or entries that are not objects (see [`Provider::list_non_objects`]).
     async fn delete_bucket(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {
         Err(self.unsupported(object::bucket(service, bucket), "object storage"))
     }
@@ -617,6 +618,18 @@ pub trait Provider: Send + Sync + 'static {
         bucket: &str,
     ) -> Result<Vec<ObjectInfo>, ProviderError> {
         Err(self.unsupported(object::bucket(service, bucket), "object storage"))
+    }
+
+    /// What the bucket holds besides objects, as paths inside it, sorted: for the `local`
+    /// driver, symbolic links, other entries that are not regular files and files whose names
+    /// are not valid keys. They are never listed, so never copied; an object store has none.
+    async fn list_non_objects(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Vec<String>, ProviderError> {
+        let _ = (service, bucket);
+        Ok(Vec::new())
     }
 
     async fn read_object(

@@ -10,8 +10,9 @@ const SESSION_CONTEXT: &str = "fluidcloud viaduct 2026-11 session key";
 const SERVER_PROOF: &[u8] = b"fluidcloud-viaduct receiver proof";
 const CLIENT_PROOF: &[u8] = b"fluidcloud-viaduct sender proof";
 
-/// Shortest secret accepted: 128 bits.
-const MIN_SECRET_BYTES: usize = 16;
+/// Shortest secret accepted: 32 bytes, as `viaduct serve --help` asks, so that a key file of
+/// random bytes (or their hex) carries at least the 256 bits of the BLAKE3 key made from it.
+const MIN_SECRET_BYTES: usize = 32;
 
 /// The secret both ends of a viaduct hold. It is only ever used as a BLAKE3 key; it never
 /// travels.
@@ -19,7 +20,7 @@ const MIN_SECRET_BYTES: usize = 16;
 pub struct PresharedKey([u8; 32]);
 
 impl PresharedKey {
-    /// Derives the key from a secret of at least 16 bytes (for example 32 random bytes,
+    /// Derives the key from a secret of at least 32 bytes (for example 32 random bytes,
     /// written as hex in a file).
     pub fn from_secret(secret: &[u8]) -> Result<Self, String> {
         if secret.len() < MIN_SECRET_BYTES {
@@ -130,8 +131,8 @@ mod tests {
 
     #[test]
     fn proofs_depend_on_key_role_and_nonces() {
-        let k = PresharedKey::from_secret(b"0123456789abcdef").unwrap();
-        let other = PresharedKey::from_secret(b"0123456789abcdeF").unwrap();
+        let k = PresharedKey::from_secret(b"0123456789abcdef0123456789abcdef").unwrap();
+        let other = PresharedKey::from_secret(b"0123456789abcdef0123456789abcdeF").unwrap();
         let (a, b) = ([1u8; 32], [2u8; 32]);
         assert_eq!(k.server_proof(&a, &b), k.server_proof(&a, &b));
         assert_ne!(k.server_proof(&a, &b), other.server_proof(&a, &b));
@@ -142,7 +143,16 @@ mod tests {
     #[test]
     fn short_secret_refused() {
         let e = PresharedKey::from_secret(b"short").unwrap_err();
-        assert!(e.contains("at least 16"), "{e}");
+        assert!(e.contains("at least 32"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_of_16_bytes_is_refused_as_the_help_says() {
+        let e = PresharedKey::from_secret(b"0123456789abcdef").unwrap_err();
+        assert!(e.contains("16 bytes long; at least 32"), "{e}");
+        let e = PresharedKey::from_secret(&[7u8; 31]).unwrap_err();
+        assert!(e.contains("at least 32"), "{e}");
+        assert!(PresharedKey::from_secret(&[7u8; 32]).is_ok());
     }
 
     #[test]
@@ -150,13 +160,13 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("key");
-        std::fs::write(&p, "0123456789abcdef0123\n").unwrap();
+        std::fs::write(&p, "0123456789abcdef0123456789abcdef0123\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = PresharedKey::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         let k = PresharedKey::from_file(&p).unwrap();
-        let direct = PresharedKey::from_secret(b"0123456789abcdef0123").unwrap();
+        let direct = PresharedKey::from_secret(b"0123456789abcdef0123456789abcdef0123").unwrap();
         assert_eq!(
             k.0, direct.0,
             "the trailing newline is not part of the secret"

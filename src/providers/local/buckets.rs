@@ -115,7 +115,11 @@ impl Buckets {
         };
         let _tree = self.tree.lock().unwrap_or_else(|e| e.into_inner());
         let mut files = Vec::new();
-        walk(&dir, &dir, &mut files, &mut |_, _| {}).map_err(|e| {
+        let mut others = Vec::new();
+        walk(&dir, &dir, &mut files, &mut |path, _| {
+            others.push(relative(&dir, path))
+        })
+        .map_err(|e| {
             io_err(
                 &self.provider,
                 object::bucket(service, bucket),
@@ -134,8 +138,21 @@ impl Buckets {
                 ),
             ));
         }
-        // Only empty directories are left (and links, which are not objects).
-        std::fs::remove_dir_all(&dir).map_err(|e| {
+        // Entries that are not objects were never listed, so never copied anywhere: deleting
+        // them with the bucket would destroy the only copy.
+        if !others.is_empty() {
+            others.sort();
+            return Err(conflict(
+                &self.provider,
+                object::bucket(service, bucket),
+                format!(
+                    "it still holds {} entries that are not objects, e.g. `{}`; they are left in place",
+                    others.len(),
+                    others[0]
+                ),
+            ));
+        }
+        remove_empty_dirs(&dir).map_err(|e| {
             io_err(
                 &self.provider,
                 object::bucket(service, bucket),
@@ -143,6 +160,29 @@ impl Buckets {
                 e,
             )
         })
+    }
+
+    /// The entries of the bucket that are not objects, relative to it and sorted.
+    pub(super) async fn non_objects(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Vec<String>, ProviderError> {
+        let dir = self.existing(service, bucket)?;
+        let mut others = Vec::new();
+        walk(&dir, &dir, &mut Vec::new(), &mut |path, _| {
+            others.push(relative(&dir, path))
+        })
+        .map_err(|e| {
+            io_err(
+                &self.provider,
+                object::bucket(service, bucket),
+                format!("list {}", dir.display()),
+                e,
+            )
+        })?;
+        others.sort();
+        Ok(others)
     }
 
     pub(super) async fn list(
@@ -596,6 +636,26 @@ fn walk(
         }
     }
     Ok(())
+}
+
+/// `path` relative to the bucket `base`, for messages.
+fn relative(base: &Path, path: &Path) -> String {
+    path.strip_prefix(base)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Removes `dir` and the directories below it with `remove_dir` only, which never deletes
+/// anything but an empty directory: whatever else is found makes it fail.
+fn remove_empty_dirs(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_empty_dirs(&entry.path())?;
+        }
+    }
+    std::fs::remove_dir(dir)
 }
 
 /// Names one version of a stored file, like a web server's file entity tag: every write

@@ -368,6 +368,14 @@ impl Provider for LocalProvider {
         self.buckets.list(service, bucket).await
     }
 
+    async fn list_non_objects(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Vec<String>, ProviderError> {
+        self.buckets.non_objects(service, bucket).await
+    }
+
     async fn read_object(
         &self,
         service: &str,

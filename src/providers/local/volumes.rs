@@ -233,8 +233,11 @@ impl Volumes {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
+        // A disk holds the service's data: only the provider's user may read it.
         let renamed =
-            std::fs::rename(&tmp, &final_path).and_then(|()| std::fs::File::open(&dir)?.sync_all());
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .and_then(|()| std::fs::rename(&tmp, &final_path))
+                .and_then(|()| std::fs::File::open(&dir)?.sync_all());
         if let Err(e) = renamed {
             let _ = std::fs::remove_file(&tmp);
             return Err(io_err(
