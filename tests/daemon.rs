@@ -1237,3 +1237,97 @@ fn a_reload_keeps_the_local_providers_root_locks() {
     }
     assert!(d.get("/v1/relocations").as_array().unwrap().is_empty());
 }
+
+/// Regression: `check` passed a world-readable API token file (the daemon then refused to
+/// start) and never read the `[regions] file` the daemon loads.
+#[test]
+fn check_refuses_a_world_readable_token_and_a_bad_region_table_like_the_daemon() {
+    use std::os::unix::fs::PermissionsExt;
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "secret\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let regions = dir.path().join("regions.csv");
+    std::fs::write(&regions, "provider,region,country\naws,mars-1\n").unwrap();
+    let cfg = config(&feeds, "")
+        .replace(
+            "[daemon]\n",
+            &format!("[daemon]\napi_token_file = \"{}\"\n", token.display()),
+        )
+        .replace(
+            "[broker]\n",
+            &format!("[regions]\nfile = \"{}\"\n\n[broker]\n", regions.display()),
+        )
+        .replace("{DIR}", &dir.path().display().to_string())
+        .replace("{PORT}", "7999")
+        .replace("{REPO}", &common::repo().display().to_string());
+    let path = dir.path().join("fluidcloud.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let run = |cmd: &str| {
+        let out = std::process::Command::new(common::bin())
+            .args([cmd, "--config"])
+            .arg(&path)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run("check");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("daemon.api_token_file") && err.contains("readable by every user"),
+        "{err}"
+    );
+    assert!(
+        err.contains("regions.file") && err.contains("regions.csv"),
+        "{err}"
+    );
+    // The daemon refuses the same file, with the same words.
+    let (code, daemon_err) = run("daemon");
+    assert_eq!(code, Some(2), "{daemon_err}");
+    assert!(
+        daemon_err.contains("readable by every user"),
+        "{daemon_err}"
+    );
+    assert!(daemon_err.contains("regions.file"), "{daemon_err}");
+}
+
+/// Regression: a reload that changed `daemon.listen` or `daemon.state_dir` was logged as
+/// "Reloaded" while nothing changed.
+#[test]
+fn a_reload_that_changes_what_needs_a_restart_is_refused() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config(&feeds, ""));
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    for (from, to, key) in [
+        (
+            "listen = \"127.0.0.1:",
+            "listen = \"127.0.0.2:",
+            "daemon.listen",
+        ),
+        ("/state\"", "/elsewhere\"", "daemon.state_dir"),
+    ] {
+        std::fs::write(&d.config, original.replace(from, to)).unwrap();
+        let (status, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
+        assert_eq!(status, 422, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let text = v.to_string();
+        assert!(
+            text.contains(key) && text.contains("needs a restart"),
+            "{text}"
+        );
+    }
+    std::fs::write(&d.config, &original).unwrap();
+    let (status, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        d.metric("fluidcloud_config_reloads_total{result=\"error\"}"),
+        Some(2.0)
+    );
+    assert!(!dir.path().join("elsewhere").exists());
+}
