@@ -1,5 +1,5 @@
-//! The CLI side of the API: `status`, `market`, `decisions`, `reload` ask the running daemon
-//! and print a table, or the JSON as received with `--json`.
+//! The CLI side of the API: `status`, `market`, `decisions`, `relocations`, `reload` ask the
+//! running daemon and print a table, or the JSON as received with `--json`.
 
 use std::process::ExitCode;
 
@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::ApiArgs;
 
-struct Api {
+pub(crate) struct Api {
     base: String,
     token: String,
     client: reqwest::Client,
@@ -17,7 +17,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(a: &ApiArgs) -> anyhow::Result<Api> {
+    pub(crate) fn new(a: &ApiArgs) -> anyhow::Result<Api> {
         // Kept as `ConfigErrors`, so that `main` exits 2 for a configuration it cannot use.
         let config = Config::load(&a.config.config)?;
         let base = a
@@ -42,7 +42,7 @@ impl Api {
         })
     }
 
-    fn call(&self, method: reqwest::Method, path: &str) -> anyhow::Result<Value> {
+    pub(crate) fn call(&self, method: reqwest::Method, path: &str) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         self.rt.block_on(async {
             let resp = self
@@ -167,7 +167,20 @@ pub fn status(a: &ApiArgs) -> anyhow::Result<ExitCode> {
                     s(&x["best_alternative_monthly_cost"])
                 ),
                 s(&x["last_outcome"]),
-                s(&x["pending_decision"]),
+                match x["pending_decision"].as_str() {
+                    Some(id) => format!("{id} (to {})", s(&x["pending_target"])),
+                    None => "-".into(),
+                },
+                match x.get("relocation").filter(|r| !r.is_null()) {
+                    Some(r) => format!(
+                        "{} to {}: {} ({})",
+                        s(&r["id"]),
+                        s(&r["to"]),
+                        s(&r["state"]),
+                        s(&r["detail"])
+                    ),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
@@ -180,7 +193,8 @@ pub fn status(a: &ApiArgs) -> anyhow::Result<ExitCode> {
             "MONTHLY",
             "CHEAPEST ELSEWHERE",
             "LAST",
-            "PENDING",
+            "PENDING APPROVAL",
+            "RELOCATION",
         ],
         rows,
     );
@@ -284,13 +298,15 @@ pub fn decisions(
     outcome: Option<&str>,
     limit: usize,
 ) -> anyhow::Result<ExitCode> {
-    let mut path = format!("/v1/decisions?limit={limit}");
-    if let Some(s) = service {
-        path.push_str(&format!("&service={s}"));
-    }
-    if let Some(o) = outcome {
-        path.push_str(&format!("&outcome={o}"));
-    }
+    let limit = limit.to_string();
+    let path = format!(
+        "/v1/decisions{}",
+        query(&[
+            ("limit", Some(&limit)),
+            ("service", service),
+            ("outcome", outcome)
+        ])
+    );
     let Some(v) = fetch(a, reqwest::Method::GET, &path)? else {
         return Ok(ExitCode::SUCCESS);
     };
@@ -309,18 +325,36 @@ pub fn decisions(
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|| s(&verdict["reason"]));
+            let plan = &d["plan"];
+            let plan = if plan.is_null() {
+                "-".to_string()
+            } else {
+                format!(
+                    "{} steps, {}, ~{} s down, move costs {}",
+                    plan["steps"].as_array().map(Vec::len).unwrap_or(0),
+                    plan["bytes_to_move"]
+                        .as_u64()
+                        .map(fluidcloud::conduit::plan::human_bytes)
+                        .unwrap_or_else(|| "-".into()),
+                    s(&plan["expected_downtime_secs"]),
+                    s(&plan["migration_cost"]),
+                )
+            };
             vec![
                 s(&d["id"]),
                 s(&d["service"]),
                 action,
                 s(&d["outcome"]),
                 s(&d["suppressed_by"]),
+                plan,
                 reason,
             ]
         })
         .collect();
     table(
-        &["ID", "SERVICE", "VERDICT", "OUTCOME", "RAIL", "REASON"],
+        &[
+            "ID", "SERVICE", "VERDICT", "OUTCOME", "RAIL", "PLAN", "REASON",
+        ],
         rows,
     );
     Ok(ExitCode::SUCCESS)
@@ -345,6 +379,167 @@ pub fn reload(a: &ApiArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     println!("The daemon reloaded its configuration.");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A query string of the given pairs, the values percent-encoded; empty without any.
+fn query(pairs: &[(&str, Option<&str>)]) -> String {
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn relocations(
+    a: &ApiArgs,
+    service: Option<&str>,
+    state: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let path = format!(
+        "/v1/relocations{}",
+        query(&[("service", service), ("state", state)])
+    );
+    let Some(v) = fetch(a, reqwest::Method::GET, &path)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let rows = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            vec![
+                s(&r["id"]),
+                s(&r["request"]["service"]),
+                format!("{} → {}", s(&r["request"]["from"]), s(&r["request"]["to"])),
+                s(&r["request"]["origin"]),
+                s(&r["state"]),
+                s(&r["submitted_at"]),
+                s(&r["detail"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "SERVICE",
+            "MOVE",
+            "ORIGIN",
+            "STATE",
+            "SUBMITTED",
+            "DETAIL",
+        ],
+        rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn relocation(a: &ApiArgs, id: &str) -> anyhow::Result<ExitCode> {
+    let Some(r) = fetch(
+        a,
+        reqwest::Method::GET,
+        &format!("/v1/relocations/{}", encode(id)),
+    )?
+    else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    print!("{}", describe_relocation(&r));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A relocation as `relocations show` prints it: what moves where, its state, and a table of
+/// its steps with their timing, bytes and verification (or error).
+pub(crate) fn describe_relocation(r: &Value) -> String {
+    let req = &r["request"];
+    let mut out = format!(
+        "relocation {}: `{}` from `{}` to `{}` ({}, {})\n  state:  {}\n  detail: {}\n  reason: {}\n",
+        s(&r["id"]),
+        s(&req["service"]),
+        s(&req["from"]),
+        s(&req["to"]),
+        s(&req["origin"]),
+        s(&r["submitted_at"]),
+        s(&r["state"]),
+        s(&r["detail"]),
+        s(&req["reason"]),
+    );
+    let time = |v: &Value| {
+        v.as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
+    let bytes = |v: &Value| {
+        v.as_u64()
+            .map(fluidcloud::conduit::plan::human_bytes)
+            .unwrap_or_else(|| "-".into())
+    };
+    let rows = r["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|st| {
+            let took = match (time(&st["started_at"]), time(&st["finished_at"])) {
+                (Some(a), Some(b)) => format!("{:.1} s", (b - a).num_milliseconds() as f64 / 1e3),
+                (Some(_), None) => "running".into(),
+                _ => "-".into(),
+            };
+            let out = &st["output"];
+            let outcome = match st["error"].as_str() {
+                Some(e) => format!("error: {e}"),
+                None => out["verified"].as_str().unwrap_or("").to_string(),
+            };
+            vec![
+                format!("{}", st["seq"].as_u64().unwrap_or(0) + 1),
+                s(&st["name"]),
+                s(&st["state"]),
+                took,
+                bytes(&out["bytes_read"]),
+                bytes(&out["bytes_written"]),
+                outcome,
+            ]
+        })
+        .collect();
+    out.push_str(&render_table(
+        &[
+            "#",
+            "STEP",
+            "STATE",
+            "TOOK",
+            "READ",
+            "SENT",
+            "VERIFIED / ERROR",
+        ],
+        rows,
+    ));
+    out
+}
+
+pub fn cancel(a: &ApiArgs, id: &str) -> anyhow::Result<ExitCode> {
+    let path = format!("/v1/relocations/{}/cancel", encode(id));
+    let Some(r) = fetch(a, reqwest::Method::POST, &path)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    println!(
+        "Relocation {} is cancelled: `{}` rolls back to `{}` (follow it with `fluidcloud relocations show {} --watch`).",
+        s(&r["id"]),
+        s(&r["request"]["service"]),
+        s(&r["request"]["from"]),
+        s(&r["id"]),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

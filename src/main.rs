@@ -118,6 +118,21 @@ enum Cmd {
     },
     /// Ask the running daemon to reload its configuration and policies.
     Reload(ApiArgs),
+    /// List the daemon's relocations; show one step by step, follow it, or cancel it.
+    #[command(args_conflicts_with_subcommands = true)]
+    Relocations {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only this service's.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only those in this state (queued, running, rolling_back, grace, completed,
+        /// rolled_back, failed), or `active` for every unfinished one.
+        #[arg(long)]
+        state: Option<String>,
+        #[command(subcommand)]
+        command: Option<RelocationsCmd>,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -144,6 +159,28 @@ enum ViaductCmd {
         /// File holding the pre-shared key (mode 0600; at least 32 bytes of secret).
         #[arg(long, env = "FLUIDCLOUD_VIADUCT_KEY_FILE")]
         key_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RelocationsCmd {
+    /// Print one relocation's steps: state, timing, bytes moved and how each was verified.
+    Show {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The relocation (its decision's id).
+        id: String,
+        /// Follow it with progress bars until it commits or rolls back.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Cancel a relocation before its commit: copies in flight stop and it rolls back to the
+    /// untouched source. Refused after the commit, with the reason.
+    Cancel {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The relocation (its decision's id).
+        id: String,
     },
 }
 
@@ -239,6 +276,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             _ => client::decisions(&api, service.as_deref(), outcome.as_deref(), limit),
         },
         Cmd::Reload(a) => client::reload(&a),
+        Cmd::Relocations {
+            api,
+            service,
+            state,
+            command,
+        } => match command {
+            None => client::relocations(&api, service.as_deref(), state.as_deref()),
+            Some(RelocationsCmd::Show { api, id, watch }) if watch => relocate::watch(&api, &id),
+            Some(RelocationsCmd::Show { api, id, .. }) => client::relocation(&api, &id),
+            Some(RelocationsCmd::Cancel { api, id }) => client::cancel(&api, &id),
+        },
         Cmd::Plan {
             config,
             service,

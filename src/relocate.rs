@@ -211,8 +211,9 @@ impl Bars {
     }
 }
 
-impl Observer for Bars {
-    fn step(&self, _relocation: &str, step: &Step, state: StepState, detail: &str) {
+impl Bars {
+    /// One line for a step that changed state; its progress bar goes once it is not running.
+    fn step_line(&self, phase: Option<&str>, name: &str, state: StepState, detail: &str) {
         let mark = match state {
             StepState::Running => "…",
             StepState::Done => "✓",
@@ -225,7 +226,7 @@ impl Observer for Bars {
                 .transfers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&step.name)
+                .remove(name)
             {
                 bar.finish_and_clear();
             }
@@ -235,11 +236,14 @@ impl Observer for Bars {
         } else {
             format!(": {detail}")
         };
-        self.line(format!(
-            "{mark} [{}] {}{detail}",
-            step.phase.as_str(),
-            step.name
-        ));
+        let phase = phase.map(|p| format!("[{p}] ")).unwrap_or_default();
+        self.line(format!("{mark} {phase}{name}{detail}"));
+    }
+}
+
+impl Observer for Bars {
+    fn step(&self, _relocation: &str, step: &Step, state: StepState, detail: &str) {
+        self.step_line(Some(step.phase.as_str()), &step.name, state, detail);
     }
 
     fn transfer(&self, _relocation: &str, step: &str, p: &Progress) {
@@ -271,5 +275,46 @@ impl Observer for Bars {
             )
             .to_lowercase(),
         );
+    }
+}
+
+/// Follows a relocation the daemon runs, with the same bars as `relocate`, until it commits
+/// (or rolls back, or fails); then prints its steps.
+pub fn watch(a: &crate::ApiArgs, id: &str) -> anyhow::Result<ExitCode> {
+    use fluidcloud::conduit::progress::LiveProgress;
+    let api = crate::client::Api::new(a)?;
+    let path = format!("/v1/relocations/{id}");
+    // Bars where someone watches them; one line per step anywhere else.
+    let bars = Bars::new(a.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let mut seen: BTreeMap<String, StepState> = BTreeMap::new();
+    loop {
+        let r = api.call(reqwest::Method::GET, &path)?;
+        let steps: Vec<fluidcloud::conduit::journal::StepRecord> =
+            serde_json::from_value(r["steps"].clone()).unwrap_or_default();
+        for st in &steps {
+            if st.state != StepState::Pending && seen.get(&st.name) != Some(&st.state) {
+                seen.insert(st.name.clone(), st.state);
+                bars.step_line(None, &st.name, st.state, st.error.as_deref().unwrap_or(""));
+            }
+        }
+        let live: BTreeMap<String, LiveProgress> =
+            serde_json::from_value(r["progress"].clone()).unwrap_or_default();
+        for (step, p) in live {
+            match p {
+                LiveProgress::Volume(p) => bars.transfer(id, &step, &p),
+                LiveProgress::Bucket(p) => bars.bucket(id, &step, &p),
+            }
+        }
+        let state: RelocationState = serde_json::from_value(r["state"].clone())?;
+        if state.is_final() || state == RelocationState::Grace {
+            bars.finish();
+            println!();
+            print!("{}", crate::client::describe_relocation(&r));
+            return Ok(match state {
+                RelocationState::Completed | RelocationState::Grace => ExitCode::SUCCESS,
+                _ => ExitCode::from(1),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -807,3 +807,151 @@ fn a_bucket_holding_links_is_refused_at_preflight_and_what_was_not_copied_is_nev
     );
     assert!(s.path("elsewhere.txt").exists());
 }
+
+/// Operators see the daemon's relocations (list, steps, live progress, status) and can cancel
+/// one before its commit: the copies in flight stop and the source is untouched; after the
+/// commit the cancel is refused with the reason.
+#[test]
+fn an_operator_follows_and_cancels_a_relocation_before_its_commit_but_not_after() {
+    let mut s = Setup::new("raw");
+    // A 1 MiB/s cap and a 6 MiB object keep the bucket's pre-copy running for seconds; the
+    // grace period keeps the second relocation after its commit long enough to be asked.
+    s.config = s.config.replace(
+        "grace_period_secs = 1",
+        "grace_period_secs = 60\nbucket_max_mib_per_sec = 1",
+    );
+    let (hash, _) = deploy(&s);
+    let bucket = s.path("providers/a/buckets/shop/assets");
+    std::fs::write(bucket.join("big.bin"), vec![7u8; 6 << 20]).unwrap();
+    let listing = s.wait_app("/bucket");
+    let mut d = s.daemon();
+    let cli = |args: &[&str]| run_cli(&s, args);
+
+    let (status, body) = d
+        .raw(
+            "POST",
+            "/v1/services/shop/relocate",
+            true,
+            Some(serde_json::json!({"to": "b"})),
+        )
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The daemon reports the bucket copy's progress while it runs.
+    let live = d.eventually(
+        "live progress of the bucket copy",
+        Duration::from_secs(30),
+        |d| {
+            let r = d.get(&format!("/v1/relocations/{id}"));
+            let p = r["progress"]["copy:bucket:assets"].clone();
+            (p["kind"] == "bucket" && p["bytes_read"].as_u64()? > 0).then_some(p)
+        },
+    );
+    assert!(live["bytes_total"].as_u64().unwrap() >= 6 << 20, "{live}");
+    let (ok, out) = cli(&["relocations"]);
+    assert!(ok && out.contains(&id) && out.contains("running"), "{out}");
+    let (ok, out) = cli(&["relocations", "--state", "completed"]);
+    assert!(ok && !out.contains(&id), "{out}");
+    let (ok, out) = cli(&["relocations", "show", &id]);
+    assert!(
+        ok && out.contains("copy:bucket:assets") && out.contains("preflight"),
+        "{out}"
+    );
+    let (ok, out) = cli(&["status"]);
+    assert!(ok && out.contains(&format!("{id} to b: running")), "{out}");
+
+    let asked = std::time::Instant::now();
+    let (ok, out) = cli(&["relocations", "cancel", &id]);
+    assert!(ok, "{out}");
+    let done = d.eventually("the rollback", Duration::from_secs(30), |d| {
+        let r = d.get(&format!("/v1/relocations/{id}"));
+        (r["state"] == "rolled_back").then_some(r)
+    });
+    // Rolled back at once, not after the copy would have ended.
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        done["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled by an operator"),
+        "{done}"
+    );
+    assert_consistent(&s, &hash, &listing, "rolled_back", "cancelled");
+    assert!(!s.path("providers/b/buckets/shop/assets/big.bin").exists());
+    let (status, body) = d
+        .raw("POST", &format!("/v1/relocations/{id}/cancel"), true, None)
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("ended"), "{body}");
+    let (status, _) = d
+        .raw("POST", "/v1/relocations/nope/cancel", true, None)
+        .unwrap();
+    assert_eq!(status, 404);
+
+    // The second relocation is followed to its commit with `--watch`; after the commit a
+    // cancel is refused.
+    let (status, body) = d
+        .raw(
+            "POST",
+            "/v1/services/shop/relocate",
+            true,
+            Some(serde_json::json!({"to": "b"})),
+        )
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let second = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, out) = cli(&["relocations", "show", &second, "--watch"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("✓ commit") && out.contains("state:  grace"),
+        "{out}"
+    );
+    let (status, body) = d
+        .raw(
+            "POST",
+            &format!("/v1/relocations/{second}/cancel"),
+            true,
+            None,
+        )
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("relocate it back"), "{body}");
+
+    let count = |series: &str| d.metric(series).unwrap_or(-1.0);
+    assert_eq!(
+        count("fluidcloud_relocation_cancels_total{result=\"accepted\"}"),
+        1.0
+    );
+    assert_eq!(
+        count("fluidcloud_relocation_cancels_total{result=\"refused\"}"),
+        2.0
+    );
+    assert_eq!(
+        count("fluidcloud_relocations_requested_total{origin=\"operator\"}"),
+        2.0
+    );
+    assert_eq!(
+        count("fluidcloud_relocations_started_total{origin=\"operator\"}"),
+        2.0
+    );
+    assert_eq!(
+        count("fluidcloud_relocations_finished_total{outcome=\"rolled_back\"}"),
+        1.0
+    );
+    assert_eq!(
+        count("fluidcloud_relocations_finished_total{outcome=\"completed\"}"),
+        1.0
+    );
+    d.signal(libc::SIGTERM);
+    assert!(d.child.wait().unwrap().success());
+}

@@ -39,6 +39,8 @@ pub fn router(broker: BrokerHandle, token: String) -> Router {
         .route("/decisions/{id}/approve", post(approve))
         .route("/decisions/{id}/reject", post(reject))
         .route("/relocations", get(relocations))
+        .route("/relocations/{id}", get(relocation))
+        .route("/relocations/{id}/cancel", post(cancel))
         .route("/reload", post(reload))
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -338,9 +340,54 @@ async fn relocate(
     }
 }
 
-async fn relocations(State(s): State<AppState>) -> Response {
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelocationQuery {
+    service: Option<String>,
+    /// A state (`running`, `grace`, …), or `active` for every unfinished one.
+    state: Option<String>,
+}
+
+async fn relocations(
+    State(s): State<AppState>,
+    ApiQuery(q): ApiQuery<RelocationQuery>,
+) -> Response {
     match s.broker.ask(Command::Relocations).await {
-        Some(v) => Json(v).into_response(),
+        Some(v) => {
+            let picked: Vec<_> = v
+                .into_iter()
+                .filter(|r| q.service.as_ref().is_none_or(|s| &r.request.service == s))
+                .filter(|r| match q.state.as_deref() {
+                    None => true,
+                    Some("active") => r.state.is_active(),
+                    Some(st) => r.state.as_str() == st,
+                })
+                .collect();
+            Json(picked).into_response()
+        }
+        None => stopped(),
+    }
+}
+
+async fn relocation(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    match s
+        .broker
+        .ask(|reply| Command::Relocation {
+            id: id.clone(),
+            reply,
+        })
+        .await
+    {
+        Some(Some(r)) => Json(r).into_response(),
+        Some(None) => ApiError::NotFound(format!("no relocation `{id}`")).into_response(),
+        None => stopped(),
+    }
+}
+
+async fn cancel(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    match s.broker.ask(|reply| Command::Cancel { id, reply }).await {
+        Some(Ok(r)) => (StatusCode::ACCEPTED, Json(r)).into_response(),
+        Some(Err(e)) => e.into_response(),
         None => stopped(),
     }
 }

@@ -83,6 +83,49 @@ pub struct Decision {
     pub refers_to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For a decision waiting for approval (and its approval): the plan an approval runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<ProposedPlan>,
+}
+
+/// The relocation a pending decision proposes, as the operator approves it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProposedPlan {
+    /// The plan's steps, in order.
+    pub steps: Vec<String>,
+    /// Bytes of volume images and buckets the relocation reads at most.
+    pub bytes_to_move: u64,
+    /// The downtime the policy expects of a cutover.
+    pub expected_downtime_secs: f64,
+    /// What the move costs (egress, double running, downtime), in the offer's currency.
+    pub migration_cost: Option<f64>,
+    /// The monthly cost at the target when it was proposed.
+    pub target_monthly_cost: Option<f64>,
+    /// BLAKE3 of the whole plan: an approval runs a plan with this digest, or none.
+    pub digest: String,
+}
+
+impl ProposedPlan {
+    pub fn new(
+        plan: &crate::conduit::plan::Plan,
+        expected_downtime_secs: f64,
+        migration_cost: Option<f64>,
+        target_monthly_cost: Option<f64>,
+    ) -> ProposedPlan {
+        ProposedPlan {
+            steps: plan.steps.iter().map(|s| s.name.clone()).collect(),
+            bytes_to_move: plan.bytes_to_move,
+            expected_downtime_secs,
+            migration_cost,
+            target_monthly_cost,
+            digest: Self::digest(plan),
+        }
+    }
+
+    pub fn digest(plan: &crate::conduit::plan::Plan) -> String {
+        let json = serde_json::to_vec(plan).expect("a plan serialises");
+        blake3::hash(&json).to_hex().to_string()
+    }
 }
 
 impl Decision {
@@ -251,6 +294,7 @@ mod tests {
             migration_cost: None,
             refers_to: None,
             error: None,
+            plan: None,
         }
     }
 

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 
-use super::decisions::{Decision, DecisionLog, Outcome};
+use super::decisions::{Decision, DecisionLog, Outcome, ProposedPlan};
 use super::guard::{self, Proposal, RailVerdict};
 use super::state::{PersistedState, StateFile};
 use super::{benchmarks, pricing, regions};
@@ -56,6 +56,14 @@ pub enum Command {
         reply: oneshot::Sender<Vec<Decision>>,
     },
     Relocations(oneshot::Sender<Vec<crate::conduit::Relocation>>),
+    Relocation {
+        id: String,
+        reply: oneshot::Sender<Option<crate::conduit::Relocation>>,
+    },
+    Cancel {
+        id: String,
+        reply: oneshot::Sender<Result<crate::conduit::Relocation, ApiError>>,
+    },
     Approve {
         id: String,
         approve: bool,
@@ -135,6 +143,21 @@ pub struct ServiceStatus {
     pub last_decision: Option<String>,
     pub last_outcome: Option<Outcome>,
     pub pending_decision: Option<String>,
+    /// Where the pending decision would move the service.
+    pub pending_target: Option<String>,
+    /// The relocation of the service in progress (queued, running, rolling back, or in its
+    /// grace period).
+    pub relocation: Option<ActiveRelocation>,
+}
+
+/// A service's relocation in progress, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActiveRelocation {
+    pub id: String,
+    pub to: String,
+    pub state: crate::conduit::RelocationState,
+    /// The step or steps running now, or what the state means.
+    pub detail: String,
 }
 
 /// The handle the rest of the daemon holds.
@@ -516,6 +539,15 @@ impl Supervisor {
             Command::Relocations(reply) => {
                 let _ = reply.send(self.conduit.relocations());
             }
+            Command::Relocation { id, reply } => {
+                let _ = reply.send(self.conduit.relocation(&id));
+            }
+            Command::Cancel { id, reply } => {
+                let _ = reply.send(self.conduit.cancel(&id).map_err(|e| match e {
+                    ConduitError::Unknown(_) => ApiError::NotFound(e.to_string()),
+                    _ => ApiError::Conflict(e.to_string()),
+                }));
+            }
             Command::Approve { id, approve, reply } => {
                 let _ = reply.send(self.answer_pending(&id, approve));
             }
@@ -854,6 +886,7 @@ impl Supervisor {
                 migration_cost: None,
                 refers_to: None,
                 error: None,
+                plan: None,
             };
             self.metrics
                 .policy_evaluations
@@ -925,6 +958,31 @@ impl Supervisor {
                             Mode::Approve => Outcome::PendingApproval,
                             Mode::Enforce => Outcome::Submitted,
                         };
+                        if d.outcome == Outcome::PendingApproval {
+                            // The operator approves a plan, not a wish: one the conduit
+                            // cannot make does not wait for anybody.
+                            match self.conduit.plan(&d.service, target) {
+                                Ok(plan) => {
+                                    d.plan = Some(ProposedPlan::new(
+                                        &plan,
+                                        policy.expected_downtime.as_secs_f64(),
+                                        d.migration_cost,
+                                        d.target_monthly_cost,
+                                    ))
+                                }
+                                Err(e) => {
+                                    d.outcome = Outcome::Suppressed;
+                                    d.suppressed_by = Some("conduit_refused".into());
+                                    d.rails.push(RailVerdict {
+                                        rail: "conduit_refused".into(),
+                                        passed: false,
+                                        detail: format!("no plan can be made: {e}"),
+                                    });
+                                    decisions.push(d);
+                                    continue;
+                                }
+                            }
+                        }
                         passed.push(d);
                         continue;
                     }
@@ -992,7 +1050,7 @@ impl Supervisor {
                     d.id = self.log.next_id(now);
                     self.submit(&d, "policy").err().map(|e| match e {
                         ConduitError::AlreadyRelocating(_) => ("already_relocating", e.to_string()),
-                        ConduitError::Refused(_) => ("conduit_refused", e.to_string()),
+                        _ => ("conduit_refused", e.to_string()),
                     })
                 };
                 if let Some((rail, detail)) = refusal {
@@ -1187,6 +1245,21 @@ impl Supervisor {
         let mut d = original.clone();
         d.time = now;
         d.refers_to = Some(original.id.clone());
+        if approve {
+            if let Err(changed) = self.still_as_proposed(&original) {
+                // Withdrawn: the next evaluation proposes again, with what holds now.
+                self.state.pending.remove(&original.service);
+                self.last_logged.remove(&original.service);
+                let _ = self.state_file.save(&self.state);
+                tracing::info!(
+                    "Decision {id} of {} was not approved: {changed}.",
+                    original.service
+                );
+                return Err(ApiError::Conflict(format!(
+                    "decision `{id}` cannot be approved: {changed}; it is withdrawn, and the next evaluation proposes again"
+                )));
+            }
+        }
         self.state.pending.remove(&original.service);
         if approve {
             d.outcome = Outcome::Approved;
@@ -1236,6 +1309,54 @@ impl Supervisor {
         }
         let _ = self.state_file.save(&self.state);
         Ok(d)
+    }
+
+    /// Whether a pending decision can still be approved as proposed: the service is where it
+    /// was, the plan the conduit would run now is the one proposed, and the target's price
+    /// has not changed. Says what changed otherwise.
+    fn still_as_proposed(&self, d: &Decision) -> Result<(), String> {
+        let Some(Verdict::Relocate { provider: to, .. }) = &d.verdict else {
+            return Err("it is not a relocation".into());
+        };
+        let config = self.config();
+        let now_at = config
+            .services
+            .get(&d.service)
+            .map(|s| s.provider.clone())
+            .ok_or_else(|| format!("`{}` is no longer configured", d.service))?;
+        if now_at != d.provider {
+            return Err(format!(
+                "`{}` runs on `{now_at}` now, not on `{}`",
+                d.service, d.provider
+            ));
+        }
+        let Some(proposed) = &d.plan else {
+            return Err("it carries no plan (it was proposed by an older version)".into());
+        };
+        let plan = self
+            .conduit
+            .plan(&d.service, to)
+            .map_err(|e| format!("no plan can be made now: {e}"))?;
+        if ProposedPlan::digest(&plan) != proposed.digest {
+            return Err(format!(
+                "the plan changed since it was proposed (steps now: {})",
+                plan.step_names().join(", ")
+            ));
+        }
+        let now_cost = self
+            .last_costs
+            .get(&d.service)
+            .and_then(|ev| ev.targets.get(to.as_str()))
+            .map(|(monthly, _)| *monthly);
+        match (proposed.target_monthly_cost, now_cost) {
+            (Some(then), Some(now)) if (then - now).abs() > 1e-9 * then.abs().max(1.0) => {
+                Err(format!(
+                    "the market changed: `{to}` costs {now:.2} a month now, {then:.2} when proposed"
+                ))
+            }
+            (Some(_), None) => Err(format!("`{to}` has no fitting offer now")),
+            _ => Ok(()),
+        }
     }
 
     fn trigger(
@@ -1319,6 +1440,7 @@ impl Supervisor {
             migration_cost: None,
             refers_to: None,
             error: None,
+            plan: None,
         };
         if let Some(ev) = self.last_costs.get(service) {
             d.current_monthly_cost = ev.current_monthly_cost;
@@ -1351,10 +1473,21 @@ impl Supervisor {
             .iter()
             .map(|d| (d.service.as_str(), d))
             .collect();
+        let relocations = self.conduit.relocations();
+        let active: BTreeMap<&str, &crate::conduit::Relocation> = relocations
+            .iter()
+            .filter(|r| r.state.is_active())
+            .map(|r| (r.request.service.as_str(), r))
+            .collect();
         config
             .services
             .values()
             .map(|s| {
+                let pending = self
+                    .state
+                    .pending
+                    .get(&s.name)
+                    .and_then(|id| self.log.get(id));
                 let memory = self.state.services.get(&s.name);
                 let last = last_by_service.get(s.name.as_str()).copied();
                 let ev = self.last_costs.get(&s.name);
@@ -1383,7 +1516,17 @@ impl Supervisor {
                     streak: memory.map(|m| m.streak).unwrap_or(0),
                     last_decision: last.map(|d| d.id.clone()),
                     last_outcome: last.map(|d| d.outcome),
-                    pending_decision: self.state.pending.get(&s.name).cloned(),
+                    pending_decision: pending.map(|d| d.id.clone()),
+                    pending_target: pending.and_then(|d| match &d.verdict {
+                        Some(Verdict::Relocate { provider, .. }) => Some(provider.clone()),
+                        _ => None,
+                    }),
+                    relocation: active.get(s.name.as_str()).map(|r| ActiveRelocation {
+                        id: r.id.clone(),
+                        to: r.request.to.clone(),
+                        state: r.state,
+                        detail: r.detail.clone(),
+                    }),
                 }
             })
             .collect()

@@ -100,7 +100,7 @@ impl Default for BucketCopyOptions {
 }
 
 /// Where a copy is, for progress bars and logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BucketPhase {
     /// Listing both buckets.
@@ -112,7 +112,7 @@ pub enum BucketPhase {
 }
 
 /// A snapshot of a running copy, handed to the progress callback a few times a second.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BucketProgress {
     pub phase: BucketPhase,
     /// Objects at the source (known once listed).
@@ -125,7 +125,7 @@ pub struct BucketProgress {
     pub bytes_total: u64,
     /// Bytes read so far, from either side (copies, comparisons, hashing).
     pub bytes_read: u64,
-    #[serde(rename = "elapsed_secs", serialize_with = "duration_secs")]
+    #[serde(rename = "elapsed_secs", with = "crate::model::secs_f64")]
     pub elapsed: Duration,
 }
 
@@ -151,16 +151,12 @@ pub struct BucketCopyReport {
     pub bytes_read: u64,
     /// The manifest digest both sides agreed on (see the module documentation), hex.
     pub manifest_digest: String,
-    #[serde(rename = "duration_secs", serialize_with = "duration_secs")]
+    #[serde(rename = "duration_secs", with = "crate::model::secs_f64")]
     pub duration: Duration,
     /// The BLAKE3 of every object of both sides, for the versions this copy saw; hand it to
     /// the next copy between the same buckets ([`BucketCopyOptions::known`]).
     #[serde(skip)]
     pub known: KnownHashes,
-}
-
-fn duration_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
 }
 
 /// One object in a manifest.

@@ -8,12 +8,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::executor::{self, Observer};
-use super::journal::{Journal, JournalError, RelocationRecord};
+use super::journal::{Journal, JournalError, RelocationRecord, StepState};
 use super::plan::{self, Plan};
-use super::{Conduit, ConduitError, Relocation, RelocationRequest};
+use super::progress::{Board, Tee};
+use super::{Conduit, ConduitError, Relocation, RelocationRequest, RelocationState};
 use crate::config::Config;
 use crate::providers::{self, Provider, ProviderError};
 use crate::telemetry::Metrics;
+use tokio_util::sync::CancellationToken;
 
 pub struct Engine {
     pub(super) inner: Arc<Inner>,
@@ -25,12 +27,69 @@ pub(super) struct Inner {
     providers: Mutex<BTreeMap<String, Arc<dyn Provider>>>,
     pub metrics: Option<Arc<Metrics>>,
     pub observer: Option<Arc<dyn Observer>>,
-    /// Relocations with a live task in this process.
-    running: Mutex<BTreeSet<String>>,
+    /// The live progress of the transfers running in this process.
+    pub board: Arc<Board>,
+    /// Relocations with a live task in this process, and how to cancel each.
+    running: Mutex<BTreeMap<String, Running>>,
     runtime: tokio::runtime::Handle,
 }
 
+/// A relocation driven by this process.
+struct Running {
+    /// Cancelled by an operator's cancel.
+    cancel: CancellationToken,
+    /// Its commit has begun: too late to cancel.
+    committing: bool,
+}
+
 impl Inner {
+    /// Registers relocation `id` as driven by this process; false when it is already.
+    fn start(&self, id: &str) -> bool {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running.contains_key(id) {
+            return false;
+        }
+        running.insert(
+            id.to_string(),
+            Running {
+                cancel: CancellationToken::new(),
+                committing: false,
+            },
+        );
+        true
+    }
+
+    fn finish(&self, id: &str) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// The token an operator's cancel of relocation `id` trips.
+    pub fn cancel_token(&self, id: &str) -> CancellationToken {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(|r| r.cancel.clone())
+            .unwrap_or_default()
+    }
+
+    /// Called right before the commit: false when the relocation was cancelled (it must roll
+    /// back); from then on a cancel is refused.
+    pub fn begin_commit(&self, id: &str) -> bool {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match running.get_mut(id) {
+            Some(r) if r.cancel.is_cancelled() => false,
+            Some(r) => {
+                r.committing = true;
+                true
+            }
+            None => true,
+        }
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.config
             .read()
@@ -91,14 +150,20 @@ impl Engine {
         let _ = std::fs::create_dir_all(&config.daemon.state_dir);
         let path = config.daemon.state_dir.join("journal.sqlite");
         let journal = Journal::open(&path)?;
+        let board = Arc::new(Board::default());
+        let observer: Arc<dyn Observer> = match observer {
+            Some(o) => Arc::new(Tee(board.clone(), o)),
+            None => board.clone(),
+        };
         Ok(Engine {
             inner: Arc::new(Inner {
                 config: RwLock::new(config),
                 journal,
                 providers: Mutex::new(BTreeMap::new()),
                 metrics,
-                observer,
-                running: Mutex::new(BTreeSet::new()),
+                observer: Some(observer),
+                board,
+                running: Mutex::new(BTreeMap::new()),
                 runtime: tokio::runtime::Handle::current(),
             }),
         })
@@ -269,7 +334,9 @@ impl Engine {
     /// rolled back, or failed. Used by `fluidcloud relocate`.
     pub async fn run(&self, request: RelocationRequest) -> Result<RelocationRecord, ConduitError> {
         let id = self.accept(&request)?;
+        self.inner.start(&id);
         executor::drive(self.inner.clone(), id.clone(), false).await;
+        self.inner.finish(&id);
         self.inner
             .journal
             .get(&id)
@@ -313,33 +380,88 @@ impl Engine {
     }
 
     fn spawn(&self, id: String, resumed: bool) {
-        {
-            let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
-            if !running.insert(id.clone()) {
-                return;
-            }
+        if !self.inner.start(&id) {
+            return;
         }
         let inner = self.inner.clone();
         self.inner.runtime.spawn(async move {
             executor::drive(inner.clone(), id.clone(), resumed).await;
-            inner
-                .running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            inner.finish(&id);
         });
     }
-}
 
-fn to_relocation(r: RelocationRecord) -> Relocation {
-    Relocation {
-        id: r.id,
-        request: r.request,
-        state: r.state,
-        submitted_at: r.created_at,
-        updated_at: r.updated_at,
-        detail: r.detail,
-        steps: r.steps,
+    fn to_relocation(&self, r: RelocationRecord) -> Relocation {
+        Relocation {
+            progress: self.inner.board.of(&r.id),
+            id: r.id,
+            request: r.request,
+            state: r.state,
+            submitted_at: r.created_at,
+            updated_at: r.updated_at,
+            detail: r.detail,
+            steps: r.steps,
+        }
+    }
+
+    /// Why relocation `record` can no longer be cancelled, if it cannot.
+    fn too_late(&self, record: &RelocationRecord) -> Option<String> {
+        let committed = record
+            .steps
+            .iter()
+            .any(|s| s.name == "commit" && s.state != StepState::Pending);
+        match record.state {
+            s if s.is_final() => Some(format!("it has ended ({})", s.as_str())),
+            RelocationState::Grace => Some(format!(
+                "`{}` was committed to `{}`, which has taken over; relocate it back instead",
+                record.request.service, record.request.to
+            )),
+            RelocationState::RollingBack => Some("it is rolling back already".into()),
+            _ if committed => Some(format!(
+                "its commit has begun: `{}` is taking over; relocate it back afterwards",
+                record.request.to
+            )),
+            _ => None,
+        }
+    }
+
+    fn cancel_now(&self, id: &str) -> Result<Relocation, ConduitError> {
+        let record = self
+            .inner
+            .journal
+            .get(id)
+            .ok()
+            .flatten()
+            .ok_or_else(|| ConduitError::Unknown(id.to_string()))?;
+        let refuse = |reason: String| ConduitError::NotCancellable {
+            id: id.to_string(),
+            reason,
+        };
+        if let Some(reason) = self.too_late(&record) {
+            return Err(refuse(reason));
+        }
+        {
+            let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+            match running.get(id) {
+                None => {
+                    return Err(refuse(
+                        "it is not being driven by this process; it resumes or rolls back when the daemon that owns it restarts".into(),
+                    ))
+                }
+                Some(r) if r.committing => {
+                    return Err(refuse(format!(
+                        "its commit has begun: `{}` is taking over; relocate it back afterwards",
+                        record.request.to
+                    )))
+                }
+                Some(r) => r.cancel.cancel(),
+            }
+        }
+        tracing::warn!(
+            "Relocation {id}: cancelled by an operator; `{}` rolls back to `{}`.",
+            record.request.service,
+            record.request.from
+        );
+        Ok(self.to_relocation(record))
     }
 }
 
@@ -352,13 +474,34 @@ impl Conduit for Engine {
             .get(&id)
             .ok()
             .flatten()
-            .map(to_relocation)
+            .map(|r| self.to_relocation(r))
             .ok_or_else(|| ConduitError::Refused(format!("relocation {id} vanished")))
+    }
+
+    fn relocation(&self, id: &str) -> Option<Relocation> {
+        self.record(id).map(|r| self.to_relocation(r))
+    }
+
+    fn cancel(&self, id: &str) -> Result<Relocation, ConduitError> {
+        let result = self.cancel_now(id);
+        if let Some(m) = &self.inner.metrics {
+            let label = match &result {
+                Ok(_) => "accepted",
+                Err(ConduitError::Unknown(_)) => "unknown",
+                Err(_) => "refused",
+            };
+            m.relocation_cancels.with_label_values(&[label]).inc();
+        }
+        result
+    }
+
+    fn plan(&self, service: &str, to: &str) -> Result<Plan, String> {
+        Engine::plan(self, service, to).map_err(|e| e.to_string())
     }
 
     fn relocations(&self) -> Vec<Relocation> {
         match self.inner.journal.list() {
-            Ok(records) => records.into_iter().map(to_relocation).collect(),
+            Ok(records) => records.into_iter().map(|r| self.to_relocation(r)).collect(),
             Err(e) => {
                 tracing::error!("Cannot read the relocation journal: {e}.");
                 Vec::new()

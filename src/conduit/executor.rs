@@ -79,9 +79,14 @@ struct Ctx {
     source: Arc<dyn Provider>,
     target: Arc<dyn Provider>,
     /// Cancelled when a transfer fails, so the copies running beside it stop early and the
-    /// rollback begins.
+    /// rollback begins; a child of `cancelled`.
     transfers: CancellationToken,
+    /// Cancelled by an operator's cancel before the commit.
+    cancelled: CancellationToken,
 }
+
+/// The rollback reason of a relocation an operator cancelled.
+const CANCELLED: &str = "cancelled by an operator";
 
 impl Ctx {
     fn spec(&self) -> Result<&ServiceSpec, StepError> {
@@ -233,6 +238,7 @@ pub(super) async fn drive(inner: Arc<Inner>, id: String, resumed: bool) {
             return;
         }
     };
+    let cancelled = inner.cancel_token(&id);
     let ctx = Ctx {
         inner: inner.clone(),
         id: id.clone(),
@@ -240,7 +246,8 @@ pub(super) async fn drive(inner: Arc<Inner>, id: String, resumed: bool) {
         config,
         source,
         target,
-        transfers: CancellationToken::new(),
+        transfers: cancelled.child_token(),
+        cancelled,
     };
     let committed = step_state(&ctx, &record, "commit") == Some(StepState::Done);
     match record.state {
@@ -316,6 +323,14 @@ async fn forward(ctx: &Ctx, record: &RelocationRecord) {
         if todo.is_empty() {
             continue;
         }
+        // An operator's cancel is honoured between steps, and at the commit for the last time.
+        let commit = todo
+            .iter()
+            .any(|&k| matches!(steps[k].action, Action::Commit));
+        if ctx.cancelled.is_cancelled() || (commit && !ctx.inner.begin_commit(&ctx.id)) {
+            rollback(ctx, CANCELLED).await;
+            return;
+        }
         let names: Vec<&str> = todo.iter().map(|&k| steps[k].name.as_str()).collect();
         let numbers: Vec<String> = todo.iter().map(|k| (k + 1).to_string()).collect();
         ctx.set_state(
@@ -332,7 +347,18 @@ async fn forward(ctx: &Ctx, record: &RelocationRecord) {
         let failures: Vec<(usize, String)> = stream::iter(todo)
             .map(|k| async move {
                 ctx.checkpoint(k, StepState::Running, None, None);
-                match execute(ctx, &steps[k]).await {
+                let run = async {
+                    if matches!(steps[k].action, Action::Commit) {
+                        return execute(ctx, &steps[k]).await;
+                    }
+                    // A cancel stops the step where it is (a health check that may wait
+                    // for minutes, say); the rollback undoes what it did.
+                    tokio::select! {
+                        r = execute(ctx, &steps[k]) => r,
+                        _ = ctx.cancelled.cancelled() => Err(other(CANCELLED)),
+                    }
+                };
+                match run.await {
                     Ok(output) => {
                         ctx.checkpoint(k, StepState::Done, Some(&output), None);
                         None
@@ -354,6 +380,10 @@ async fn forward(ctx: &Ctx, record: &RelocationRecord) {
             .filter_map(|f| async move { f })
             .collect()
             .await;
+        if ctx.cancelled.is_cancelled() {
+            rollback(ctx, CANCELLED).await;
+            return;
+        }
         if let Some((k, msg)) = failures.into_iter().next() {
             rollback(ctx, &format!("step `{}` failed: {msg}", steps[k].name)).await;
             return;

@@ -12,6 +12,7 @@ mod executor;
 pub mod hooks;
 pub mod journal;
 pub mod plan;
+pub mod progress;
 pub mod rewrite;
 
 pub use executor::{downtime, Observer};
@@ -105,6 +106,9 @@ pub struct Relocation {
     /// conduit keeps no journal.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<journal::StepRecord>,
+    /// The latest snapshot of each transfer running now, by step name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub progress: std::collections::BTreeMap<String, progress::LiveProgress>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +117,11 @@ pub enum ConduitError {
     AlreadyRelocating(String),
     #[error("the conduit refused the relocation: {0}")]
     Refused(String),
+    #[error("no relocation `{0}`")]
+    Unknown(String),
+    /// A cancel that came too late (or for a relocation that is not running here).
+    #[error("relocation `{id}` cannot be cancelled: {reason}")]
+    NotCancellable { id: String, reason: String },
 }
 
 /// The seam between Broker and CloudConduit.
@@ -121,6 +130,27 @@ pub trait Conduit: Send + Sync + 'static {
     fn submit(&self, request: RelocationRequest) -> Result<Relocation, ConduitError>;
     /// Every relocation this conduit knows, newest last.
     fn relocations(&self) -> Vec<Relocation>;
+
+    /// One relocation, with the live progress of its running transfers.
+    fn relocation(&self, id: &str) -> Option<Relocation> {
+        self.relocations().into_iter().find(|r| r.id == id)
+    }
+
+    /// Stops a relocation that has not reached its commit: copies in flight are cancelled and
+    /// it rolls back to the untouched source. After the commit the target has taken over, and
+    /// the cancel is refused with the reason.
+    fn cancel(&self, id: &str) -> Result<Relocation, ConduitError> {
+        Err(ConduitError::NotCancellable {
+            id: id.to_string(),
+            reason: "this conduit cannot cancel".into(),
+        })
+    }
+
+    /// The plan a relocation of `service` to `to` would run now.
+    fn plan(&self, service: &str, to: &str) -> Result<plan::Plan, String> {
+        let _ = (service, to);
+        Err("this conduit does not plan".into())
+    }
     /// Relocations that hold an execution slot (queued, running, rolling back).
     fn active(&self) -> usize {
         self.relocations()

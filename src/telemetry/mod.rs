@@ -64,6 +64,7 @@ pub struct Metrics {
     pub relocations_active: IntGauge,
     pub relocations_started: IntCounterVec,
     pub relocations_refused: IntCounterVec,
+    pub relocation_cancels: IntCounterVec,
     pub relocations_finished: IntCounterVec,
     pub relocation_phase_duration: HistogramVec,
     pub relocation_bytes_read: IntCounterVec,
@@ -230,6 +231,13 @@ impl Metrics {
                 ),
                 &["origin"]
             )),
+            relocation_cancels: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_relocation_cancels_total",
+                    "Cancels of relocations asked by operators, by result: accepted (the relocation rolls back), refused (too late: committed, rolling back or ended), unknown."
+                ),
+                &["result"]
+            )),
             relocations_finished: reg!(IntCounterVec::new(
                 Opts::new(
                     "fluidcloud_relocations_finished_total",
@@ -322,6 +330,9 @@ impl Metrics {
         for o in ["policy", "operator"] {
             metrics.relocations_started.with_label_values(&[o]);
             metrics.relocations_refused.with_label_values(&[o]);
+        }
+        for r in ["accepted", "refused", "unknown"] {
+            metrics.relocation_cancels.with_label_values(&[r]);
         }
         for o in ["completed", "rolled_back", "failed"] {
             metrics.relocations_finished.with_label_values(&[o]);

@@ -84,7 +84,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use auth::PresharedKey;
 pub use chunks::image_digest;
@@ -164,7 +164,7 @@ pub struct TransferReport {
     pub chunks_skipped_equal: u64,
     /// The whole-image digest both ends agreed on.
     pub digest: ImageDigest,
-    #[serde(rename = "duration_secs", serialize_with = "duration_secs")]
+    #[serde(rename = "duration_secs", with = "crate::model::secs_f64")]
     pub duration: Duration,
     /// Parallel TCP streams used (1 for a local copy).
     pub streams: usize,
@@ -177,10 +177,6 @@ pub struct TransferReport {
     /// has one entry per chunk): save it with [`ChunkManifest::save`].
     #[serde(skip)]
     pub manifest: ChunkManifest,
-}
-
-fn duration_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
 }
 
 /// What the receiver compared the image against.
@@ -196,7 +192,7 @@ pub enum ResumedFrom {
 }
 
 /// Where a transfer is, for progress bars and logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Connecting, authenticating, and waiting for the receiver to hash what it holds (for a
@@ -209,7 +205,7 @@ pub enum Phase {
 }
 
 /// A snapshot of a running transfer, handed to the progress callback a few times a second.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Progress {
     pub phase: Phase,
     pub image_bytes: u64,
@@ -219,7 +215,7 @@ pub struct Progress {
     pub chunks_done: u64,
     pub bytes_read: u64,
     pub bytes_sent: u64,
-    #[serde(rename = "elapsed_secs", serialize_with = "duration_secs")]
+    #[serde(rename = "elapsed_secs", with = "crate::model::secs_f64")]
     pub elapsed: Duration,
 }
 
