@@ -808,6 +808,23 @@ fn a_bucket_holding_links_is_refused_at_preflight_and_what_was_not_copied_is_nev
     assert!(s.path("elsewhere.txt").exists());
 }
 
+/// Asks the daemon to relocate `shop` to `to`; returns the relocation's id.
+fn relocate_by_hand(d: &Daemon, to: &str) -> String {
+    let (status, body) = d
+        .raw(
+            "POST",
+            "/v1/services/shop/relocate",
+            true,
+            Some(serde_json::json!({ "to": to })),
+        )
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Operators see the daemon's relocations (list, steps, live progress, status) and can cancel
 /// one before its commit: the copies in flight stop and the source is untouched; after the
 /// commit the cancel is refused with the reason.
@@ -827,19 +844,7 @@ fn an_operator_follows_and_cancels_a_relocation_before_its_commit_but_not_after(
     let mut d = s.daemon();
     let cli = |args: &[&str]| run_cli(&s, args);
 
-    let (status, body) = d
-        .raw(
-            "POST",
-            "/v1/services/shop/relocate",
-            true,
-            Some(serde_json::json!({"to": "b"})),
-        )
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = relocate_by_hand(&d, "b");
     // The daemon reports the bucket copy's progress while it runs.
     let live = d.eventually(
         "live progress of the bucket copy",
@@ -897,19 +902,7 @@ fn an_operator_follows_and_cancels_a_relocation_before_its_commit_but_not_after(
 
     // The second relocation is followed to its commit with `--watch`; after the commit a
     // cancel is refused.
-    let (status, body) = d
-        .raw(
-            "POST",
-            "/v1/services/shop/relocate",
-            true,
-            Some(serde_json::json!({"to": "b"})),
-        )
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let second = serde_json::from_str::<Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let second = relocate_by_hand(&d, "b");
     let (ok, out) = cli(&["relocations", "show", &second, "--watch"]);
     assert!(ok, "{out}");
     assert!(
