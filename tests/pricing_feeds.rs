@@ -130,6 +130,16 @@ async fn start() -> Server {
             }),
         )
         .route(
+            "/glitched-prices.csv",
+            get(|| async {
+                "provider,region,flavor,vcpus,memory_gib,price_per_hour,currency\n\
+                 hetzner,fsn1,good,2,4,0.01,USD\n\
+                 hetzner,fsn1,zero,2,4,0,USD\n\
+                 hetzner,fsn1,denormal,2,4,1e-300,USD\n\
+                 hetzner,fsn1,tiny,2,4,0.0000009,USD\n"
+            }),
+        )
+        .route(
             "/empty.csv",
             get(|| async { "provider,region,flavor,vcpus,memory_gib,price_per_hour,currency\n" }),
         )
@@ -424,6 +434,36 @@ async fn bad_prices_are_rejected_rows_and_good_ones_still_offers() {
             .unwrap()
             .row,
         "row 3"
+    );
+}
+
+/// Regression: a price of 0 or 1e-300 was an offer, cheaper than anything real.
+#[tokio::test]
+async fn zero_and_vanishing_prices_are_rejected_rows_not_offers() {
+    let server = start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let src = source(
+        PricingFormat::Csv,
+        &server.url("/glitched-prices.csv"),
+        "fsn1",
+    );
+    let out = poll("hetzner-fsn", &src, &reqwest::Client::new(), cache.path())
+        .await
+        .unwrap();
+    assert_eq!(flavors(&out), [("good", 0.01)]);
+    let mut rejected: Vec<&str> = out
+        .rejected
+        .iter()
+        .map(|r| r.flavor.as_deref().unwrap())
+        .collect();
+    rejected.sort();
+    assert_eq!(rejected, ["denormal", "tiny", "zero"], "{:?}", out.rejected);
+    assert!(
+        out.rejected
+            .iter()
+            .all(|r| r.reason.contains("below the floor")),
+        "{:?}",
+        out.rejected
     );
 }
 

@@ -22,8 +22,9 @@ const SIZE_TABLE: &str = include_str!("azure-vm-sizes.csv");
 /// from the URL, and the poll should stop rather than walk the whole price list.
 const MAX_PAGES: usize = 1_000;
 
-/// Bumped whenever the cached form changes, so an old cache is never misread.
-const CACHE_VERSION: &str = "azure-offers-v1";
+/// Bumped whenever the cached form or the rules that shape the offers change (v2: prices
+/// below the floor are refused), so an old cache is never misread or served.
+const CACHE_VERSION: &str = "azure-offers-v2";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct VmSize {

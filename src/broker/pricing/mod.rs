@@ -349,6 +349,11 @@ fn finish(
     Ok((by_flavor.into_values().collect(), parsed.rejected))
 }
 
+/// The lowest hourly price taken as an offer, in any currency. Nothing is rented for less
+/// than a millionth of a unit an hour: a 0 or a denormal such as `1e-300` is a glitch in the
+/// feed, and taken as an offer it would pull every service that follows the cheapest price.
+pub const MIN_PRICE_PER_HOUR: f64 = 1e-6;
+
 /// The reason a candidate cannot be an offer, if any.
 fn validate(source: &PricingSource, c: &Candidate) -> Option<String> {
     let price = c.price_per_hour;
@@ -357,6 +362,17 @@ fn validate(source: &PricingSource, c: &Candidate) -> Option<String> {
     }
     if price < 0.0 {
         return Some(format!("price per hour {price} is negative"));
+    }
+    if price < MIN_PRICE_PER_HOUR {
+        // Scientific notation: `1e-300` written out in full would be 300 digits long.
+        let shown = if price == 0.0 {
+            "0".to_string()
+        } else {
+            format!("{price:e}")
+        };
+        return Some(format!(
+            "price per hour {shown} is below the floor of {MIN_PRICE_PER_HOUR} (a glitch, not an offer)"
+        ));
     }
     if price > source.max_price_per_hour {
         return Some(format!(
@@ -480,6 +496,39 @@ mod tests {
             "{reasons:?}"
         );
         assert!(reasons["eur"].contains("EUR"), "{reasons:?}");
+    }
+
+    /// Regression: a price of 0 (or a denormal) was taken as an offer, so one glitched
+    /// feed could pull every service that follows the cheapest price to it.
+    #[test]
+    fn zero_and_vanishing_prices_are_rejected_rows_not_offers() {
+        let src = source(PricingFormat::Csv, "file:///feed.csv", "fsn1");
+        let parsed = Parsed {
+            candidates: vec![
+                candidate("good", 0.5),
+                candidate("cheap-but-real", 0.000_001),
+                candidate("zero", 0.0),
+                candidate("negative-zero", -0.0),
+                candidate("denormal", 1e-300),
+                candidate("tiny", 9e-7),
+            ],
+            rejected: vec![],
+            rows_read: 6,
+        };
+        let (offers, rejected) = finish("p", &src, parsed).unwrap();
+        let kept: Vec<&str> = offers.iter().map(|o| o.flavor.as_str()).collect();
+        assert_eq!(kept, ["cheap-but-real", "good"]);
+        let reasons: BTreeMap<_, _> = rejected
+            .iter()
+            .map(|r| (r.flavor.clone().unwrap(), r.reason.clone()))
+            .collect();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        for flavor in ["zero", "negative-zero", "denormal", "tiny"] {
+            assert!(
+                reasons[flavor].contains("below the floor of 0.000001"),
+                "{flavor}: {reasons:?}"
+            );
+        }
     }
 
     #[test]
