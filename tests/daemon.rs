@@ -502,6 +502,30 @@ fn bad_feeds_are_counted_and_never_crash_the_daemon() {
     });
 }
 
+// Feeds and prices an operator can trust.
+
+/// Regression: rows refused by a poll that failed because every row was refused were not
+/// counted in `fluidcloud_pricing_rows_rejected_total`.
+#[test]
+fn rejected_rows_are_counted_when_every_row_of_a_poll_was_rejected() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[providers.negative]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.negative.pricing]\nformat = \"aws\"\nurl = \"{}/bad/negative.json\"\n",
+        feeds.base
+    );
+    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    d.eventually("the failed poll", Duration::from_secs(30), |d| {
+        (d.metric("fluidcloud_poll_errors_total{source=\"pricing:negative\"}") == Some(1.0))
+            .then_some(())
+    });
+    assert_eq!(
+        d.metric("fluidcloud_pricing_rows_rejected_total{source=\"pricing:negative\"}"),
+        Some(1.0),
+        "the one Linux/Shared row of the region has a negative price"
+    );
+}
+
 #[test]
 fn a_runaway_policy_is_an_error_decision_and_a_bad_reload_keeps_the_old_config() {
     let feeds = feeds();

@@ -721,7 +721,13 @@ impl Supervisor {
                 market.io.insert(provider.clone(), io);
                 None
             }
-            PollResult::Pricing(Err(e)) => Some(e.to_string()),
+            PollResult::Pricing(Err(e)) => {
+                // Rows refused by a poll that failed because of them are refused rows too.
+                m.rows_rejected
+                    .with_label_values(&[&source])
+                    .inc_by(e.rejected_rows());
+                Some(e.to_string())
+            }
             PollResult::Benchmark(Err(e)) => Some(e.to_string()),
         };
         match error {

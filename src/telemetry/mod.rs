@@ -135,7 +135,7 @@ impl Metrics {
             rows_rejected: reg!(IntCounterVec::new(
                 Opts::new(
                     "fluidcloud_pricing_rows_rejected_total",
-                    "Feed rows refused (price negative, zero, below the floor, NaN or absurd, unknown size, currency)."
+                    "Feed rows refused (price negative, zero, below the floor, NaN or absurd, unknown size, currency), also in a poll that failed because every row was."
                 ),
                 &["source"]
             )),

@@ -123,6 +123,15 @@ pub enum PricingError {
 }
 
 impl PricingError {
+    /// Rows refused before the poll failed; a feed whose every row was refused fails with
+    /// all of them, and they count like the rejected rows of a good poll.
+    pub fn rejected_rows(&self) -> u64 {
+        match self {
+            PricingError::NoOffers { rejected, .. } => *rejected as u64,
+            _ => 0,
+        }
+    }
+
     /// Turns a serde_json error into either an I/O error on `path` or a positioned syntax
     /// or shape error on `feed`.
     fn from_json(feed: &str, path: Option<&Path>, err: serde_json::Error) -> Self {
