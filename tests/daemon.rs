@@ -460,7 +460,26 @@ fn bad_feeds_are_counted_and_never_crash_the_daemon() {
         ));
     }
     let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
-    d.wait_for("/readyz", Duration::from_secs(60));
+    // Never ready: these sources never had data. Wait until every source was polled and one
+    // evaluation ran, which leaves exactly the bad sources in `waiting_for`.
+    let bad = ["empty", "hang", "http500", "huge", "malformed", "negative"];
+    let waiting = d.eventually("every bad source polled", Duration::from_secs(60), |d| {
+        let (status, body) = d.raw("GET", "/readyz", false, None).ok()?;
+        let body: Value = serde_json::from_str(&body).ok()?;
+        let polled = bad.iter().all(|n| {
+            d.metric(&format!(
+                "fluidcloud_poll_errors_total{{source=\"pricing:{n}\"}}"
+            )) == Some(1.0)
+        });
+        (polled && body["waiting_for"].as_array()?.len() == bad.len()).then_some((status, body))
+    });
+    assert_eq!(waiting.0, 503, "{}", waiting.1);
+    assert_eq!(
+        waiting.1["waiting_for"],
+        json!(bad.map(|n| format!("pricing:{n}"))),
+        "{}",
+        waiting.1
+    );
     let market = d.get("/v1/market");
     for name in ["malformed", "negative", "empty", "http500", "hang", "huge"] {
         let source = format!("pricing:{name}");
@@ -524,6 +543,43 @@ fn rejected_rows_are_counted_when_every_row_of_a_poll_was_rejected() {
         Some(1.0),
         "the one Linux/Shared row of the region has a negative price"
     );
+}
+
+/// Regression: `/readyz` answered 200 once every source had been polled, even when most of
+/// them had never had data. Ready means every source had a good poll.
+#[test]
+fn readyz_waits_until_every_source_had_data_not_only_a_poll() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[providers.broken]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.broken.pricing]\nformat = \"aws\"\nurl = \"{}/bad/error\"\nschedule = \"* * * * * *\"\nttl_secs = 0\n",
+        feeds.base
+    );
+    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    d.eventually(
+        "a failed poll and an evaluation",
+        Duration::from_secs(30),
+        |d| {
+            let failed =
+                d.metric("fluidcloud_poll_errors_total{source=\"pricing:broken\"}")? >= 1.0;
+            let evaluated = !decisions(d, "shop").is_empty();
+            (failed && evaluated).then_some(())
+        },
+    );
+    let (status, body) = d.raw("GET", "/readyz", false, None).unwrap();
+    assert_eq!(status, 503, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["ready"], false);
+    assert_eq!(body["waiting_for"], json!(["pricing:broken"]), "{body}");
+
+    // Once the feed works, the next poll makes the daemon ready.
+    feeds.set(
+        "/bad/error",
+        Body::Json(aws_offer("us-east-1", &[("m5.large", 2, 8.0, 0.096)])),
+    );
+    d.wait_for("/readyz", Duration::from_secs(30));
+    let (_, body) = d.raw("GET", "/readyz", false, None).unwrap();
+    assert!(body.contains("\"waiting_for\":[]"), "{body}");
 }
 
 #[test]

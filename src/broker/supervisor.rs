@@ -260,6 +260,8 @@ pub struct Supervisor {
     client: reqwest::Client,
     busy: BTreeSet<String>,
     polled_once: BTreeSet<String>,
+    /// Sources that had good data at least once: readiness waits for every one of them.
+    had_data: BTreeSet<String>,
     evaluated_once: bool,
     scheduler: Option<JobScheduler>,
     log: DecisionLog,
@@ -338,6 +340,7 @@ impl Supervisor {
             client,
             busy: BTreeSet::new(),
             polled_once: BTreeSet::new(),
+            had_data: BTreeSet::new(),
             evaluated_once: false,
             scheduler: None,
             log,
@@ -539,12 +542,14 @@ impl Supervisor {
         }
     }
 
+    /// Ready once every source has had good data (a poll that only failed is not enough:
+    /// decisions would lack that provider) and one evaluation ran.
     fn readiness(&self) -> Readiness {
         let mut waiting_for: Vec<String> = self
             .sources()
             .into_iter()
             .map(|(s, _)| s)
-            .filter(|s| !self.polled_once.contains(s))
+            .filter(|s| !self.had_data.contains(s))
             .collect();
         if !self.evaluated_once && !self.config().services.is_empty() {
             waiting_for.push("evaluate".into());
@@ -732,6 +737,7 @@ impl Supervisor {
         };
         match error {
             None => {
+                self.had_data.insert(source.clone());
                 status.last_success = Some(now);
                 status.stale = false;
                 status.last_error = None;
