@@ -523,6 +523,13 @@ fn bad_feeds_are_counted_and_never_crash_the_daemon() {
 
 // Feeds and prices an operator can trust.
 
+fn catalogue_row(provider: &str, region: &str, price: f64) -> Body {
+    Body::Json(format!(
+        "provider,region,flavor,vcpus,memory_gib,price_per_hour,storage_price_per_gib_month,egress_price_per_gib,currency\n\
+         {provider},{region},m2,2,4,{price},0.05,0.01,USD\n"
+    ))
+}
+
 /// Regression: rows refused by a poll that failed because every row was refused were not
 /// counted in `fluidcloud_pricing_rows_rejected_total`.
 #[test]
@@ -580,6 +587,86 @@ fn readyz_waits_until_every_source_had_data_not_only_a_poll() {
     d.wait_for("/readyz", Duration::from_secs(30));
     let (_, body) = d.raw("GET", "/readyz", false, None).unwrap();
     assert!(body.contains("\"waiting_for\":[]"), "{body}");
+}
+
+/// Regression: credentials in a feed URL (`user:password@`, `sig=`, `X-Amz-Credential=`)
+/// appeared verbatim in the log, in `/v1/market` and in `fluidcloud market`.
+#[test]
+fn credentials_in_a_feed_url_never_show_in_logs_the_market_or_the_cli() {
+    let feeds = feeds();
+    feeds.set("/secret.csv", catalogue_row("secret-ok", "us-east-1", 0.2));
+    let secrets = ["hunter2-pass", "SIGSECRET", "CREDSECRET", "TOKSECRET"];
+    let query = "sig=SIGSECRET&X-Amz-Credential=CREDSECRET&region=us&access_token=TOKSECRET";
+    let with_secrets = |path: &str| {
+        feeds
+            .base
+            .replace("http://", "http://feeduser:hunter2-pass@")
+            + path
+            + "?"
+            + query
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        r#"
+[providers.secret-ok]
+driver = "local"
+region = "us-east-1"
+[providers.secret-ok.pricing]
+format = "csv"
+url = "{ok}"
+
+[providers.secret-fail]
+driver = "local"
+region = "us-east-1"
+[providers.secret-fail.pricing]
+format = "aws"
+url = "{fail}"
+"#,
+        ok = with_secrets("/secret.csv"),
+        fail = with_secrets("/bad/error"),
+    );
+    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    d.eventually("both feeds polled", Duration::from_secs(30), |d| {
+        let m = d.get("/v1/market");
+        let ok = m["sources"]["pricing:secret-ok"]["last_success"].is_string();
+        let failed = m["sources"]["pricing:secret-fail"]["last_error"].is_string();
+        (ok && failed).then_some(())
+    });
+    let (_, market) = d.raw("GET", "/v1/market", true, None).unwrap();
+    let (_, one) = d
+        .raw("GET", "/v1/market?provider=secret-fail", true, None)
+        .unwrap();
+    let cli = std::process::Command::new(common::bin())
+        .args(["market", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{cli:?}");
+    let cli = format!(
+        "{}{}",
+        String::from_utf8_lossy(&cli.stdout),
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let logs = d.logs();
+    for (what, text) in [
+        ("log", &logs),
+        ("/v1/market", &market),
+        ("/v1/market?provider", &one),
+        ("fluidcloud market", &cli),
+    ] {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{what} shows {secret}:\n{text}");
+        }
+    }
+    // The URLs are still shown, without their secrets.
+    assert!(logs.contains("http://***@127.0.0.1"), "{logs}");
+    assert!(
+        market.contains(
+            "/bad/error?sig=***&X-Amz-Credential=***&region=us&access_token=*** answered HTTP 500"
+        ),
+        "{market}"
+    );
+    assert!(cli.contains("http://***@127.0.0.1"), "{cli}");
 }
 
 #[test]

@@ -647,3 +647,26 @@ async fn file_feeds_are_read_in_place_with_the_size_cap() {
     let err = poll("aws-fra", &src, &client, &cache).await.unwrap_err();
     assert!(matches!(err, PricingError::Read { .. }), "{err:?}");
 }
+
+/// Regression: errors quoted the feed URL verbatim, with its userinfo and signature.
+#[tokio::test]
+async fn errors_show_the_feed_url_without_its_credentials() {
+    let server = start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let url = server
+        .url("/fail?sig=SIGSECRET&X-Amz-Signature=AMZSECRET&region=eu")
+        .replace("http://", "http://feeduser:hunter2@");
+    let src = source(PricingFormat::Aws, &url, "eu-central-1");
+    let err = poll("a", &src, &reqwest::Client::new(), cache.path())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    for secret in ["hunter2", "SIGSECRET", "AMZSECRET"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    assert!(
+        text.contains("http://***@127.0.0.1:")
+            && text.contains("/fail?sig=***&X-Amz-Signature=***&region=eu answered HTTP 500"),
+        "{text}"
+    );
+}

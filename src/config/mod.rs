@@ -1476,7 +1476,10 @@ impl Validator<'_> {
         if !ok {
             self.err(
                 key,
-                format!("`{url}` is not an http:// or https:// URL with a host (and no query)"),
+                format!(
+                    "`{}` is not an http:// or https:// URL with a host (and no query)",
+                    crate::telemetry::redact_url(&url)
+                ),
             );
         }
         url.trim_end_matches('/').to_string()
@@ -1550,7 +1553,10 @@ impl Validator<'_> {
         } else {
             self.err(
                 format!("{key}.url"),
-                format!("`{}` must start with file://, http:// or https://", raw.url),
+                format!(
+                    "`{}` must start with file://, http:// or https://",
+                    crate::telemetry::redact_url(&raw.url)
+                ),
             );
             raw.url.clone()
         };

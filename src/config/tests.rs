@@ -38,6 +38,24 @@ fn defaults_and_relative_paths() {
 }
 
 #[test]
+fn a_feed_url_in_an_error_shows_no_credentials() {
+    let text = MINIMAL.replace(
+        "url = \"file://feeds/a.csv\"",
+        "url = \"ftp://user:hunter2@feeds.example.com/a.csv?token=t0ps3cret\"",
+    );
+    let errs = errors(&text).join("\n");
+    assert!(errs.contains("providers.a.pricing.url"), "{errs}");
+    assert!(
+        errs.contains("ftp://***@feeds.example.com/a.csv?token=***"),
+        "{errs}"
+    );
+    assert!(
+        !errs.contains("hunter2") && !errs.contains("t0ps3cret"),
+        "{errs}"
+    );
+}
+
+#[test]
 fn every_problem_is_reported_with_its_line_and_column() {
     let text = r#"[broker]
 evaluate_schedule = "every minute"

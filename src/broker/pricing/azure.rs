@@ -14,6 +14,7 @@ use super::fetch::{self, Location};
 use super::{Candidate, Parsed, PollOutcome, PricingError, RejectedRow};
 use crate::config::PricingSource;
 use crate::model::Offer;
+use crate::telemetry::redact_url;
 
 /// armSkuName → vCPUs and memory for the common B, D, E and F sizes.
 const SIZE_TABLE: &str = include_str!("azure-vm-sizes.csv");
@@ -217,7 +218,7 @@ async fn read_cache(path: &Path, source: &PricingSource) -> Option<PollOutcome> 
     let bytes = tokio::fs::read(path).await.ok()?;
     match serde_json::from_slice::<CachedOutcome>(&bytes) {
         Ok(cached) if !cached.offers.is_empty() => {
-            debug!(url = %source.url, path = %path.display(), "Using the cached Azure offers.");
+            debug!(url = %redact_url(&source.url), path = %path.display(), "Using the cached Azure offers.");
             Some(PollOutcome {
                 offers: cached.offers,
                 from_cache: true,
@@ -265,7 +266,7 @@ async fn read_pages(
         collect(page, page_no, &source.feed_region, sizes, &mut parsed);
 
         let Some(next) = next else {
-            debug!(url = %source.url, pages = page_no, bytes = total, "Read every Azure price page.");
+            debug!(url = %redact_url(&source.url), pages = page_no, bytes = total, "Read every Azure price page.");
             return Ok((parsed, total));
         };
         let paging_error = |message: String| PricingError::Paging {
@@ -277,12 +278,14 @@ async fn read_pages(
         })?;
         if !first.same_origin(&next_location) {
             return Err(paging_error(format!(
-                "page {page_no} links to {next}, which is not where the feed is; refusing to follow it"
+                "page {page_no} links to {}, which is not where the feed is; refusing to follow it",
+                redact_url(&next)
             )));
         }
         if !visited.insert(next.clone()) {
             return Err(paging_error(format!(
-                "page {page_no} links back to {next}, which was already read (a link loop)"
+                "page {page_no} links back to {}, which was already read (a link loop)",
+                redact_url(&next)
             )));
         }
         location = next_location;

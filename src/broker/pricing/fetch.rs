@@ -14,6 +14,7 @@ use tracing::debug;
 
 use super::PricingError;
 use crate::config::PricingSource;
+use crate::telemetry::redact_url;
 
 /// Large enough that the parser is not slowed down by system calls, small enough to be
 /// irrelevant to memory use.
@@ -157,7 +158,7 @@ pub(crate) async fn cached_download(
     create_cache_dir(cache_dir).await?;
     let path = cache_path(cache_dir, url.as_str(), extension);
     if is_fresh(&path, source.ttl).await {
-        debug!(url = %url, path = %path.display(), "Using the cached pricing feed.");
+        debug!(url = %redact_url(url.as_str()), path = %path.display(), "Using the cached pricing feed.");
         return Ok((path, true));
     }
     remove_abandoned_parts(&path, source.timeout).await;
@@ -214,7 +215,7 @@ async fn download(
             source,
         })?;
     part.keep = true;
-    debug!(url = %url, path = %dest.display(), bytes = body.read, "Downloaded the pricing feed.");
+    debug!(url = %redact_url(url.as_str()), path = %dest.display(), bytes = body.read, "Downloaded the pricing feed.");
     Ok(body.read)
 }
 

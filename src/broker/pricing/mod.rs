@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::config::{PricingFormat, PricingSource};
 use crate::model::Offer;
+use crate::telemetry::redact_url;
 
 /// What one successful poll of a pricing feed produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,10 +60,11 @@ impl fmt::Display for RejectedRow {
     }
 }
 
-/// Why a poll produced nothing usable. Every variant names the feed (URL or path).
+/// Why a poll produced nothing usable. Every variant names the feed (URL or path); the
+/// fields hold the URL as configured, the message shows it through [`redact_url`].
 #[derive(Debug, thiserror::Error)]
 pub enum PricingError {
-    #[error("pricing feed URL `{url}` is not usable: {reason}")]
+    #[error("pricing feed URL `{}` is not usable: {reason}", redact_url(.url))]
     BadUrl { url: String, reason: String },
     #[error("cannot read pricing feed {path}: {source}")]
     Read {
@@ -76,39 +78,44 @@ pub enum PricingError {
         #[source]
         source: io::Error,
     },
-    #[error("fetching {url} failed: {message}")]
+    #[error("fetching {} failed: {message}", redact_url(.url))]
     Http { url: String, message: String },
-    #[error("{url} answered HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
+    #[error(
+        "{} answered HTTP {status}{}",
+        redact_url(.url),
+        if body.is_empty() { String::new() } else { format!(": {body}") }
+    )]
     HttpStatus {
         url: String,
         status: u16,
         /// The start of the response body, which often says why.
         body: String,
     },
-    #[error("{url} is larger than max_bytes = {limit}; refused after {read} bytes")]
+    #[error("{} is larger than max_bytes = {limit}; refused after {read} bytes", redact_url(.url))]
     TooLarge { url: String, limit: u64, read: u64 },
-    #[error("fetching {url} did not finish within timeout_secs = {}", .after.as_secs_f64())]
+    #[error("fetching {} did not finish within timeout_secs = {}", redact_url(.url), .after.as_secs_f64())]
     Timeout { url: String, after: Duration },
-    #[error("{feed}: malformed JSON at line {line}, column {column}: {message}")]
+    #[error("{}: malformed JSON at line {line}, column {column}: {message}", redact_url(.feed))]
     Json {
         feed: String,
         line: usize,
         column: usize,
         message: String,
     },
-    #[error("{feed}: malformed CSV at {position}: {message}")]
+    #[error("{}: malformed CSV at {position}: {message}", redact_url(.feed))]
     Csv {
         feed: String,
         /// `row N (line L)`; rows count data records from 1, lines include the header.
         position: String,
         message: String,
     },
-    #[error("{feed}: {message}")]
+    #[error("{}: {message}", redact_url(.feed))]
     Shape { feed: String, message: String },
-    #[error("{feed}: paging stopped: {message}")]
+    #[error("{}: paging stopped: {message}", redact_url(.feed))]
     Paging { feed: String, message: String },
     #[error(
-        "no offers for region {region} in {feed}: {rows_read} rows read, {rejected} rejected{}",
+        "no offers for region {region} in {}: {rows_read} rows read, {rejected} rejected{}",
+        redact_url(.feed),
         if first_reasons.is_empty() { String::new() } else { format!(": {}", first_reasons.join("; ")) }
     )]
     NoOffers {
@@ -118,7 +125,7 @@ pub enum PricingError {
         rejected: usize,
         first_reasons: Vec<String>,
     },
-    #[error("parsing {feed} stopped unexpectedly: {message}")]
+    #[error("parsing {} stopped unexpectedly: {message}", redact_url(.feed))]
     Internal { feed: String, message: String },
 }
 
@@ -206,7 +213,7 @@ pub async fn poll(
         Ok(outcome) => {
             info!(
                 provider,
-                feed = %source.url,
+                feed = %redact_url(&source.url),
                 offers = outcome.offers.len(),
                 rejected = outcome.rejected.len(),
                 from_cache = outcome.from_cache,
@@ -216,7 +223,7 @@ pub async fn poll(
             if let Some(first) = outcome.rejected.first() {
                 warn!(
                     provider,
-                    feed = %source.url,
+                    feed = %redact_url(&source.url),
                     rejected = outcome.rejected.len(),
                     first = %first,
                     "Some pricing rows were rejected."
@@ -224,7 +231,7 @@ pub async fn poll(
             }
         }
         Err(err) => {
-            warn!(provider, feed = %source.url, error = %err, "Polling the pricing feed failed.")
+            warn!(provider, feed = %redact_url(&source.url), error = %err, "Polling the pricing feed failed.")
         }
     }
     result
