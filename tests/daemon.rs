@@ -530,6 +530,109 @@ fn catalogue_row(provider: &str, region: &str, price: f64) -> Body {
     ))
 }
 
+/// Regression: `Retry-After` on 429 and 503 was ignored, so a feed asking for an hour of
+/// quiet was polled again at its next tick. Both forms are honoured, bounded by an hour and
+/// by the source's `max_age_secs`.
+#[test]
+fn a_feed_answering_429_or_503_with_retry_after_is_not_polled_before_that_time() {
+    let in_ten_minutes =
+        httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(600));
+    let limited = |status: u16, retry_after: String| Body::Answer {
+        status,
+        headers: vec![("retry-after", retry_after)],
+        body: "slow down".into(),
+    };
+    let feeds = feeds();
+    feeds.set("/limited", limited(429, "7200".into()));
+    feeds.set("/busy", limited(503, in_ten_minutes));
+    feeds.set("/short", limited(429, "999999".into()));
+    let mut extra = String::new();
+    for (name, path, max_age) in [
+        ("limited", "/limited", 86_400),
+        ("busy", "/busy", 86_400),
+        ("short", "/short", 3),
+    ] {
+        extra += &format!(
+            "[providers.{name}]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.{name}.pricing]\nformat = \"aws\"\nurl = \"{}{path}\"\nschedule = \"* * * * * *\"\nttl_secs = 0\nmax_age_secs = {max_age}\n\n",
+            feeds.base
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    d.eventually("the first refusals", Duration::from_secs(30), |d| {
+        ["limited", "busy", "short"]
+            .iter()
+            .all(|n| {
+                d.metric(&format!(
+                    "fluidcloud_poll_errors_total{{source=\"pricing:{n}\"}}"
+                )) >= Some(1.0)
+            })
+            .then_some(())
+    });
+    // A poll is scheduled every second, yet only `short` is asked again, once its 3 s are
+    // over.
+    let short = d.eventually("`short` polled again", Duration::from_secs(30), |_| {
+        let hits = feeds.hit_times("/short", std::time::UNIX_EPOCH);
+        (hits.len() >= 2).then_some(hits)
+    });
+    let gap = short[1].duration_since(short[0]).unwrap();
+    assert!(gap >= Duration::from_millis(2500), "{gap:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(feeds.hits("/limited"), 1);
+    assert_eq!(feeds.hits("/busy"), 1);
+    let market = d.get("/v1/market");
+    let until = |n: &str| -> chrono::DateTime<chrono::Utc> {
+        market["sources"][format!("pricing:{n}")]["retry_after"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{n}: {}", market["sources"]))
+            .parse()
+            .unwrap()
+    };
+    let from_now = |n: &str| (until(n) - chrono::Utc::now()).num_seconds();
+    // 7200 s asked, an hour granted; the date ten minutes ahead; `short` data is too old
+    // to act on after 3 s, so it waits no longer.
+    assert!(
+        (3500..=3600).contains(&from_now("limited")),
+        "{}",
+        from_now("limited")
+    );
+    assert!(
+        (500..=600).contains(&from_now("busy")),
+        "{}",
+        from_now("busy")
+    );
+    assert!(from_now("short") <= 3, "{}", from_now("short"));
+    let err = market["sources"]["pricing:limited"]["last_error"]
+        .as_str()
+        .unwrap();
+    assert!(
+        err.contains("HTTP 429") && err.contains("Retry-After: 7200 s"),
+        "{err}"
+    );
+    for n in ["limited", "busy"] {
+        let deferred = d
+            .metric(&format!(
+                "fluidcloud_polls_deferred_total{{source=\"pricing:{n}\"}}"
+            ))
+            .unwrap();
+        assert!(deferred >= 3.0, "{n}: {deferred}");
+        assert_eq!(
+            d.metric(&format!(
+                "fluidcloud_poll_runs_total{{source=\"pricing:{n}\"}}"
+            )),
+            Some(1.0)
+        );
+    }
+    // Said once per request to wait, not at every skipped tick.
+    let logs = d.logs();
+    assert_eq!(
+        logs.matches("pricing:limited asked to be polled again in 7200 s")
+            .count(),
+        1,
+        "{logs}"
+    );
+}
+
 /// Regression: rows refused by a poll that failed because every row was refused were not
 /// counted in `fluidcloud_pricing_rows_rejected_total`.
 #[test]

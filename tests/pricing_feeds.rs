@@ -140,6 +140,37 @@ async fn start() -> Server {
             }),
         )
         .route(
+            "/too-many-requests",
+            get(|| async {
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "120")],
+                    "slow down",
+                )
+            }),
+        )
+        .route(
+            "/unavailable",
+            get(|| async {
+                let at = std::time::SystemTime::now() + Duration::from_secs(600);
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [("retry-after", httpdate::fmt_http_date(at))],
+                    "maintenance",
+                )
+            }),
+        )
+        .route(
+            "/error-with-retry-after",
+            get(|| async {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [("retry-after", "120")],
+                    "broken",
+                )
+            }),
+        )
+        .route(
             "/empty.csv",
             get(|| async { "provider,region,flavor,vcpus,memory_gib,price_per_hour,currency\n" }),
         )
@@ -646,6 +677,37 @@ async fn file_feeds_are_read_in_place_with_the_size_cap() {
     );
     let err = poll("aws-fra", &src, &client, &cache).await.unwrap_err();
     assert!(matches!(err, PricingError::Read { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn retry_after_of_429_and_503_is_read_in_both_forms_and_only_there() {
+    let server = start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let asked = |path: &'static str| {
+        let src = source(PricingFormat::Aws, &server.url(path), "eu-central-1");
+        let client = client.clone();
+        let cache = cache.path().to_path_buf();
+        async move { poll("a", &src, &client, &cache).await.unwrap_err() }
+    };
+    let err = asked("/too-many-requests").await;
+    assert!(
+        matches!(err, PricingError::HttpStatus { status: 429, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(120)));
+    assert!(err.to_string().contains("(Retry-After: 120 s)"), "{err}");
+
+    let err = asked("/unavailable").await;
+    let wait = err.retry_after().unwrap();
+    assert!(
+        (Duration::from_secs(590)..=Duration::from_secs(600)).contains(&wait),
+        "{wait:?}"
+    );
+
+    let err = asked("/error-with-retry-after").await;
+    assert_eq!(err.retry_after(), None, "a 500 asks for nothing");
+    assert!(cache_entries(cache.path()).is_empty());
 }
 
 /// Regression: errors quoted the feed URL verbatim, with its userinfo and signature.

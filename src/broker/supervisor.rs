@@ -262,6 +262,8 @@ pub struct Supervisor {
     polled_once: BTreeSet<String>,
     /// Sources that had good data at least once: readiness waits for every one of them.
     had_data: BTreeSet<String>,
+    /// Sources that asked (`Retry-After`) not to be polled before a time.
+    not_before: BTreeMap<String, Instant>,
     evaluated_once: bool,
     scheduler: Option<JobScheduler>,
     log: DecisionLog,
@@ -341,6 +343,7 @@ impl Supervisor {
             busy: BTreeSet::new(),
             polled_once: BTreeSet::new(),
             had_data: BTreeSet::new(),
+            not_before: BTreeMap::new(),
             evaluated_once: false,
             scheduler: None,
             log,
@@ -649,6 +652,18 @@ impl Supervisor {
     }
 
     fn start_poll(&mut self, source: String) {
+        if let Some(until) = self.not_before.get(&source) {
+            if Instant::now() < *until {
+                // Logged once, when the source asked; every skipped tick is counted.
+                self.metrics
+                    .polls_deferred
+                    .with_label_values(&[&source])
+                    .inc();
+                tracing::debug!("Skipping a tick of {source}: it asked to be polled later.");
+                return;
+            }
+            self.not_before.remove(&source);
+        }
         if self.busy.contains(&source) {
             self.metrics
                 .ticks_skipped
@@ -709,6 +724,8 @@ impl Supervisor {
             .entry(source.clone())
             .or_insert_with(|| SourceStatus::new(source.clone(), 86_400));
         status.last_attempt = Some(now);
+        status.retry_after = None;
+        let mut retry_after = None;
         let error = match result {
             PollResult::Pricing(Ok(out)) => {
                 m.rows_rejected
@@ -731,6 +748,7 @@ impl Supervisor {
                 m.rows_rejected
                     .with_label_values(&[&source])
                     .inc_by(e.rejected_rows());
+                retry_after = e.retry_after();
                 Some(e.to_string())
             }
             PollResult::Benchmark(Err(e)) => Some(e.to_string()),
@@ -753,9 +771,27 @@ impl Supervisor {
                 status.last_error = Some(e.clone());
                 m.data_stale.with_label_values(&[&source]).set(1);
                 tracing::warn!("Polling {source} failed; the last good data is kept: {e}");
+                if let Some(asked) = retry_after {
+                    // Bounded: a feed must not silence itself for longer than its data
+                    // stays usable, nor for more than an hour.
+                    let wait = asked
+                        .min(pricing::MAX_RETRY_AFTER)
+                        .min(std::time::Duration::from_secs(status.max_age_secs));
+                    if !wait.is_zero() {
+                        self.not_before
+                            .insert(source.clone(), Instant::now() + wait);
+                        let until = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                        status.retry_after = Some(until);
+                        tracing::warn!(
+                            "{source} asked to be polled again in {} s; its scheduled polls are skipped until {until} ({} s).",
+                            asked.as_secs(),
+                            wait.as_secs()
+                        );
+                    }
+                }
             }
         }
-        market.taken_at = Some(now);
+
         self.publish(market);
     }
 

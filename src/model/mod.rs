@@ -69,6 +69,10 @@ pub struct SourceStatus {
     pub max_age_secs: u64,
     /// Number of records the last good poll produced.
     pub records: usize,
+    /// When the source asked (HTTP `Retry-After`) to be polled again; scheduled polls
+    /// before then are skipped.
+    #[serde(default)]
+    pub retry_after: Option<DateTime<Utc>>,
 }
 
 impl SourceStatus {
@@ -81,6 +85,7 @@ impl SourceStatus {
             last_error: None,
             max_age_secs,
             records: 0,
+            retry_after: None,
         }
     }
 

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub rows_rejected: IntCounterVec,
     pub market_offers: IntGaugeVec,
     pub ticks_skipped: IntCounterVec,
+    pub polls_deferred: IntCounterVec,
     pub policy_evaluations: IntCounterVec,
     pub policy_duration: HistogramVec,
     pub policy_tick_duration: Histogram,
@@ -155,6 +156,13 @@ impl Metrics {
                     "Scheduler ticks skipped because the previous run was still busy."
                 ),
                 &["task"]
+            )),
+            polls_deferred: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_polls_deferred_total",
+                    "Scheduled polls not started because the source asked to be polled later (Retry-After on HTTP 429 or 503)."
+                ),
+                &["source"]
             )),
             policy_evaluations: reg!(IntCounterVec::new(
                 Opts::new(
@@ -345,6 +353,7 @@ impl Metrics {
         self.data_age.with_label_values(&[source]).set(-1.0);
         self.rows_rejected.with_label_values(&[source]);
         self.ticks_skipped.with_label_values(&[source]);
+        self.polls_deferred.with_label_values(&[source]);
     }
 
     pub fn init_policy(&self, policy: &str) {

@@ -81,15 +81,18 @@ pub enum PricingError {
     #[error("fetching {} failed: {message}", redact_url(.url))]
     Http { url: String, message: String },
     #[error(
-        "{} answered HTTP {status}{}",
+        "{} answered HTTP {status}{}{}",
         redact_url(.url),
-        if body.is_empty() { String::new() } else { format!(": {body}") }
+        if body.is_empty() { String::new() } else { format!(": {body}") },
+        match retry_after { Some(d) => format!(" (Retry-After: {} s)", d.as_secs()), None => String::new() }
     )]
     HttpStatus {
         url: String,
         status: u16,
         /// The start of the response body, which often says why.
         body: String,
+        /// How long the server asked to be left alone (`Retry-After` on 429 and 503).
+        retry_after: Option<Duration>,
     },
     #[error("{} is larger than max_bytes = {limit}; refused after {read} bytes", redact_url(.url))]
     TooLarge { url: String, limit: u64, read: u64 },
@@ -136,6 +139,14 @@ impl PricingError {
         match self {
             PricingError::NoOffers { rejected, .. } => *rejected as u64,
             _ => 0,
+        }
+    }
+
+    /// How long the feed asked not to be polled (`Retry-After` of a 429 or 503), unbounded.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            PricingError::HttpStatus { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 
@@ -364,6 +375,10 @@ fn finish(
     }
     Ok((by_flavor.into_values().collect(), parsed.rejected))
 }
+
+/// The longest a feed may ask (`Retry-After`) not to be polled; the source's `max_age_secs`
+/// bounds it too. Longer requests are cut to this, so a bad header cannot silence a feed.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The lowest hourly price taken as an offer, in any currency. Nothing is rented for less
 /// than a millionth of a unit an hour: a 0 or a denormal such as `1e-300` is a glitch in the
