@@ -530,6 +530,114 @@ fn catalogue_row(provider: &str, region: &str, price: f64) -> Body {
     ))
 }
 
+/// Regression: an offer whose price fell 90 % between two polls (one glitched feed) was a
+/// target at once; every `cheapest` service could follow it. The market-shock rail holds it
+/// out until three consecutive polls have seen that price.
+#[test]
+fn a_price_that_falls_90_percent_moves_nothing_until_its_third_poll() {
+    let feeds = FeedServer::start(vec![
+        ("/a.csv", catalogue_row("prov-a", "eu-central-1", 0.10)),
+        ("/b.csv", catalogue_row("prov-b", "eu-west-1", 0.10)),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = String::from(
+        r#"
+[daemon]
+state_dir = "{DIR}/state"
+listen = "127.0.0.1:{PORT}"
+
+[broker]
+evaluate_schedule = "* * * * * *"
+max_relocations_percent = 100
+"#,
+    );
+    for (name, region) in [("prov-a", "eu-central-1"), ("prov-b", "eu-west-1")] {
+        let short = &name[5..];
+        cfg += &format!(
+            r#"
+[providers.{name}]
+driver = "local"
+cloud = "aws"
+region = "{region}"
+root = "providers/{name}"
+[providers.{name}.pricing]
+format = "csv"
+url = "{base}/{short}.csv"
+catalogue_provider = "{name}"
+schedule = "*/2 * * * * *"
+ttl_secs = 0
+"#,
+            base = feeds.base
+        );
+    }
+    cfg += r#"
+[policies.cheapest]
+file = "{REPO}/policies/cheapest.rhai"
+mode = "enforce"
+confirmations = 1
+min_residency_secs = 0
+move_duration_secs = 60
+
+[services.s1]
+provider = "prov-a"
+policy = "cheapest"
+vcpus = 2
+memory_gib = 4
+[[services.s1.components]]
+kind = "volume"
+name = "data"
+size_gib = 1
+"#;
+    let mut d = Daemon::start(dir.path(), &cfg);
+    d.wait_for("/readyz", Duration::from_secs(60));
+    assert!(d.get("/v1/relocations").as_array().unwrap().is_empty());
+
+    let dropped = std::time::SystemTime::now();
+    feeds.set("/b.csv", catalogue_row("prov-b", "eu-west-1", 0.01));
+    let relocation = d.eventually("the relocation to prov-b", Duration::from_secs(60), |d| {
+        d.get("/v1/relocations").as_array()?.first().cloned()
+    });
+    assert_eq!(relocation["request"]["to"], "prov-b", "{relocation}");
+    let submitted: chrono::DateTime<chrono::Utc> = relocation["submitted_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let polls: Vec<chrono::DateTime<chrono::Utc>> = feeds
+        .hit_times("/b.csv", dropped)
+        .into_iter()
+        .map(chrono::DateTime::from)
+        .collect();
+    assert!(
+        polls.len() >= 3 && polls[2] < submitted,
+        "relocated at {submitted} after the polls at the new price at {polls:?}"
+    );
+    // Meanwhile the wish was suppressed by the rail, which said why.
+    let held = decisions(&d, "s1")
+        .into_iter()
+        .find(|x| x["suppressed_by"] == "market_shock")
+        .unwrap_or_else(|| panic!("no market_shock decision in {:?}", decisions(&d, "s1")));
+    let rail = held["rails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rail"] == "market_shock")
+        .unwrap();
+    let detail = rail["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`m2` at `prov-b` fell 90% (0.1 → 0.01 per hour)")
+            && detail.contains("of 3 consecutive polls"),
+        "{detail}"
+    );
+    assert!(
+        d.metric("fluidcloud_suppressions_total{reason=\"market_shock\"}")
+            .unwrap()
+            >= 1.0
+    );
+    // Trusted now: the market shows no shock any more.
+    assert_eq!(d.get("/v1/market")["price_shocks"], json!({}));
+}
+
 /// Regression: `Retry-After` on 429 and 503 was ignored, so a feed asking for an hour of
 /// quiet was polled again at its next tick. Both forms are honoured, bounded by an hour and
 /// by the source's `max_age_secs`.

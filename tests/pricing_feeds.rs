@@ -223,6 +223,8 @@ fn source(format: PricingFormat, url: &str, region: &str) -> PricingSource {
         storage_price_per_gib_month: None,
         egress_price_per_gib: None,
         max_price_per_hour: 1_000.0,
+        max_price_drop_ratio: 0.5,
+        price_drop_confirmations: 3,
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use super::decisions::{Decision, DecisionLog, Outcome};
 use super::guard::{self, Proposal, RailVerdict};
 use super::state::{PersistedState, StateFile};
-use super::{benchmarks, pricing, regions};
+use super::{benchmarks, pricing, regions, shock};
 use crate::conduit::{Conduit, ConduitError, RelocationRequest};
 use crate::config::{Config, ConfigErrors, Mode};
 use crate::model::{bounded_reason, MarketSnapshot, SourceStatus, Verdict, MAX_REASON_BYTES};
@@ -92,6 +92,8 @@ pub struct Evaluation {
     pub currency: String,
     /// Monthly cost and migration cost of the cheapest fitting offer, by provider.
     pub targets: BTreeMap<String, (f64, f64)>,
+    /// The flavor of that offer, by provider: what a relocation there would run on.
+    pub target_flavors: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -401,6 +403,15 @@ impl Supervisor {
         let providers: BTreeSet<_> = self.config().providers.keys().cloned().collect();
         market.offers.retain(|k, _| providers.contains(k));
         market.io.retain(|k, _| providers.contains(k));
+        market.price_shocks.retain(|k, _| providers.contains(k));
+        let priced: BTreeSet<_> = self
+            .config()
+            .providers
+            .values()
+            .filter(|p| p.pricing.is_some())
+            .map(|p| p.name.clone())
+            .collect();
+        self.state.prices.retain(|k, _| priced.contains(k));
         refresh_regions(&mut market, &self.loaded);
         self.publish(market);
     }
@@ -735,6 +746,31 @@ impl Supervisor {
                 m.market_offers
                     .with_label_values(&[&provider])
                     .set(out.offers.len() as i64);
+                if let Some(src) = self
+                    .loaded
+                    .config
+                    .providers
+                    .get(&provider)
+                    .and_then(|p| p.pricing.as_ref())
+                {
+                    let watch = self.state.prices.entry(provider.clone()).or_default();
+                    let shocks = shock::observe(
+                        &provider,
+                        watch,
+                        &out.offers,
+                        !out.from_cache,
+                        src.max_price_drop_ratio,
+                        src.price_drop_confirmations,
+                    );
+                    // A cached copy saw nothing new: the shocks known stay as they were.
+                    if !out.from_cache {
+                        if shocks.is_empty() {
+                            market.price_shocks.remove(&provider);
+                        } else {
+                            market.price_shocks.insert(provider.clone(), shocks);
+                        }
+                    }
+                }
                 market.offers.insert(provider.clone(), Arc::new(out.offers));
                 None
             }
@@ -791,7 +827,7 @@ impl Supervisor {
                 }
             }
         }
-
+        market.taken_at = Some(now);
         self.publish(market);
     }
 
@@ -957,6 +993,7 @@ impl Supervisor {
                         target_monthly_cost: target_cost,
                         migration_cost: migration,
                         stale_sources: self.stale_sources(&[&service.provider, target], now),
+                        target_shock: self.target_shock(target, &ev),
                         streak,
                         memory: &memory,
                         active_relocations: active,
@@ -1148,6 +1185,13 @@ impl Supervisor {
         if let Err(e) = self.log.append(d) {
             tracing::error!("{e}");
         }
+    }
+
+    /// Why the offer a relocation to `target` would run on is in market shock, if it is.
+    fn target_shock(&self, target: &str, ev: &Evaluation) -> Option<String> {
+        let flavor = ev.target_flavors.get(target)?;
+        let shock = self.market.price_shocks.get(target)?.get(flavor)?;
+        Some(shock::describe(target, flavor, shock))
     }
 
     fn stale_sources(&self, providers: &[&str], now: DateTime<Utc>) -> Vec<String> {
@@ -1513,6 +1557,7 @@ pub fn evaluate_all(
             current_monthly_cost: None,
             currency: String::new(),
             targets: BTreeMap::new(),
+            target_flavors: BTreeMap::new(),
         };
         match DecisionContext::build_in(&market, service, spec, now) {
             Err(e) => ev.verdict = Err(format!("cannot build the decision context: {e}")),
@@ -1525,6 +1570,9 @@ pub fn evaluate_all(
                     ev.targets
                         .entry(c.offer.offer.provider.clone())
                         .or_insert((c.monthly_cost, c.migration_cost));
+                    ev.target_flavors
+                        .entry(c.offer.offer.provider.clone())
+                        .or_insert_with(|| c.offer.offer.flavor.clone());
                 }
                 let started = Instant::now();
                 // An error can quote what the policy made (a thrown string, a bad return).
@@ -1637,6 +1685,7 @@ mod tests {
             current_monthly_cost: cost,
             currency: currency.into(),
             targets: BTreeMap::from([("elsewhere".to_string(), (10.0, 1.0))]),
+            target_flavors: BTreeMap::new(),
         }
     }
 

@@ -20,6 +20,7 @@ pub const SUPPRESSION_REASONS: &[&str] = &[
     "pinned",
     "unknown_target",
     "stale_data",
+    "market_shock",
     "min_improvement",
     "break_even",
     "confirmations",

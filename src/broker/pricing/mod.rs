@@ -465,6 +465,8 @@ pub(crate) mod test_support {
             storage_price_per_gib_month: None,
             egress_price_per_gib: None,
             max_price_per_hour: 100.0,
+            max_price_drop_ratio: 0.5,
+            price_drop_confirmations: 3,
         }
     }
 }
