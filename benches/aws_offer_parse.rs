@@ -92,6 +92,8 @@ fn measure(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         storage_price_per_gib_month: None,
         egress_price_per_gib: None,
         max_price_per_hour: 1_000.0,
+        max_price_drop_ratio: 0.5,
+        price_drop_confirmations: 3,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

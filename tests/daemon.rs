@@ -460,7 +460,26 @@ fn bad_feeds_are_counted_and_never_crash_the_daemon() {
         ));
     }
     let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
-    d.wait_for("/readyz", Duration::from_secs(60));
+    // Never ready: these sources never had data. Wait until every source was polled and one
+    // evaluation ran, which leaves exactly the bad sources in `waiting_for`.
+    let bad = ["empty", "hang", "http500", "huge", "malformed", "negative"];
+    let waiting = d.eventually("every bad source polled", Duration::from_secs(60), |d| {
+        let (status, body) = d.raw("GET", "/readyz", false, None).ok()?;
+        let body: Value = serde_json::from_str(&body).ok()?;
+        let polled = bad.iter().all(|n| {
+            d.metric(&format!(
+                "fluidcloud_poll_errors_total{{source=\"pricing:{n}\"}}"
+            )) == Some(1.0)
+        });
+        (polled && body["waiting_for"].as_array()?.len() == bad.len()).then_some((status, body))
+    });
+    assert_eq!(waiting.0, 503, "{}", waiting.1);
+    assert_eq!(
+        waiting.1["waiting_for"],
+        json!(bad.map(|n| format!("pricing:{n}"))),
+        "{}",
+        waiting.1
+    );
     let market = d.get("/v1/market");
     for name in ["malformed", "negative", "empty", "http500", "hang", "huge"] {
         let source = format!("pricing:{name}");
@@ -500,6 +519,365 @@ fn bad_feeds_are_counted_and_never_crash_the_daemon() {
     d.eventually("a decision for shop", Duration::from_secs(30), |d| {
         decisions(d, "shop").into_iter().next()
     });
+}
+
+// Feeds and prices an operator can trust.
+
+fn catalogue_row(provider: &str, region: &str, price: f64) -> Body {
+    Body::Json(format!(
+        "provider,region,flavor,vcpus,memory_gib,price_per_hour,storage_price_per_gib_month,egress_price_per_gib,currency\n\
+         {provider},{region},m2,2,4,{price},0.05,0.01,USD\n"
+    ))
+}
+
+/// Regression: an offer whose price fell 90 % between two polls (one glitched feed) was a
+/// target at once; every `cheapest` service could follow it. The market-shock rail holds it
+/// out until three consecutive polls have seen that price.
+#[test]
+fn a_price_that_falls_90_percent_moves_nothing_until_its_third_poll() {
+    let feeds = FeedServer::start(vec![
+        ("/a.csv", catalogue_row("prov-a", "eu-central-1", 0.10)),
+        ("/b.csv", catalogue_row("prov-b", "eu-west-1", 0.10)),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = String::from(
+        r#"
+[daemon]
+state_dir = "{DIR}/state"
+listen = "127.0.0.1:{PORT}"
+
+[broker]
+evaluate_schedule = "* * * * * *"
+max_relocations_percent = 100
+"#,
+    );
+    for (name, region) in [("prov-a", "eu-central-1"), ("prov-b", "eu-west-1")] {
+        let short = &name[5..];
+        cfg += &format!(
+            r#"
+[providers.{name}]
+driver = "local"
+cloud = "aws"
+region = "{region}"
+root = "providers/{name}"
+[providers.{name}.pricing]
+format = "csv"
+url = "{base}/{short}.csv"
+catalogue_provider = "{name}"
+schedule = "*/2 * * * * *"
+ttl_secs = 0
+"#,
+            base = feeds.base
+        );
+    }
+    cfg += r#"
+[policies.cheapest]
+file = "{REPO}/policies/cheapest.rhai"
+mode = "enforce"
+confirmations = 1
+min_residency_secs = 0
+move_duration_secs = 60
+
+[services.s1]
+provider = "prov-a"
+policy = "cheapest"
+vcpus = 2
+memory_gib = 4
+[[services.s1.components]]
+kind = "volume"
+name = "data"
+size_gib = 1
+"#;
+    let mut d = Daemon::start(dir.path(), &cfg);
+    d.wait_for("/readyz", Duration::from_secs(60));
+    assert!(d.get("/v1/relocations").as_array().unwrap().is_empty());
+
+    let dropped = std::time::SystemTime::now();
+    feeds.set("/b.csv", catalogue_row("prov-b", "eu-west-1", 0.01));
+    let relocation = d.eventually("the relocation to prov-b", Duration::from_secs(60), |d| {
+        d.get("/v1/relocations").as_array()?.first().cloned()
+    });
+    assert_eq!(relocation["request"]["to"], "prov-b", "{relocation}");
+    let submitted: chrono::DateTime<chrono::Utc> = relocation["submitted_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let polls: Vec<chrono::DateTime<chrono::Utc>> = feeds
+        .hit_times("/b.csv", dropped)
+        .into_iter()
+        .map(chrono::DateTime::from)
+        .collect();
+    assert!(
+        polls.len() >= 3 && polls[2] < submitted,
+        "relocated at {submitted} after the polls at the new price at {polls:?}"
+    );
+    // Meanwhile the wish was suppressed by the rail, which said why.
+    let held = decisions(&d, "s1")
+        .into_iter()
+        .find(|x| x["suppressed_by"] == "market_shock")
+        .unwrap_or_else(|| panic!("no market_shock decision in {:?}", decisions(&d, "s1")));
+    let rail = held["rails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rail"] == "market_shock")
+        .unwrap();
+    let detail = rail["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`m2` at `prov-b` fell 90% (0.1 → 0.01 per hour)")
+            && detail.contains("of 3 consecutive polls"),
+        "{detail}"
+    );
+    assert!(
+        d.metric("fluidcloud_suppressions_total{reason=\"market_shock\"}")
+            .unwrap()
+            >= 1.0
+    );
+    // Trusted now: the market shows no shock any more.
+    assert_eq!(d.get("/v1/market")["price_shocks"], json!({}));
+}
+
+/// Regression: `Retry-After` on 429 and 503 was ignored, so a feed asking for an hour of
+/// quiet was polled again at its next tick. Both forms are honoured, bounded by an hour and
+/// by the source's `max_age_secs`.
+#[test]
+fn a_feed_answering_429_or_503_with_retry_after_is_not_polled_before_that_time() {
+    let in_ten_minutes =
+        httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(600));
+    let limited = |status: u16, retry_after: String| Body::Answer {
+        status,
+        headers: vec![("retry-after", retry_after)],
+        body: "slow down".into(),
+    };
+    let feeds = feeds();
+    feeds.set("/limited", limited(429, "7200".into()));
+    feeds.set("/busy", limited(503, in_ten_minutes));
+    feeds.set("/short", limited(429, "999999".into()));
+    let mut extra = String::new();
+    for (name, path, max_age) in [
+        ("limited", "/limited", 86_400),
+        ("busy", "/busy", 86_400),
+        ("short", "/short", 3),
+    ] {
+        extra += &format!(
+            "[providers.{name}]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.{name}.pricing]\nformat = \"aws\"\nurl = \"{}{path}\"\nschedule = \"* * * * * *\"\nttl_secs = 0\nmax_age_secs = {max_age}\n\n",
+            feeds.base
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    d.eventually("the first refusals", Duration::from_secs(30), |d| {
+        ["limited", "busy", "short"]
+            .iter()
+            .all(|n| {
+                d.metric(&format!(
+                    "fluidcloud_poll_errors_total{{source=\"pricing:{n}\"}}"
+                )) >= Some(1.0)
+            })
+            .then_some(())
+    });
+    // A poll is scheduled every second, yet only `short` is asked again, once its 3 s are
+    // over.
+    let short = d.eventually("`short` polled again", Duration::from_secs(30), |_| {
+        let hits = feeds.hit_times("/short", std::time::UNIX_EPOCH);
+        (hits.len() >= 2).then_some(hits)
+    });
+    let gap = short[1].duration_since(short[0]).unwrap();
+    assert!(gap >= Duration::from_millis(2500), "{gap:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(feeds.hits("/limited"), 1);
+    assert_eq!(feeds.hits("/busy"), 1);
+    let market = d.get("/v1/market");
+    let until = |n: &str| -> chrono::DateTime<chrono::Utc> {
+        market["sources"][format!("pricing:{n}")]["retry_after"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{n}: {}", market["sources"]))
+            .parse()
+            .unwrap()
+    };
+    let from_now = |n: &str| (until(n) - chrono::Utc::now()).num_seconds();
+    // 7200 s asked, an hour granted; the date ten minutes ahead; `short` data is too old
+    // to act on after 3 s, so it waits no longer.
+    assert!(
+        (3500..=3600).contains(&from_now("limited")),
+        "{}",
+        from_now("limited")
+    );
+    assert!(
+        (500..=600).contains(&from_now("busy")),
+        "{}",
+        from_now("busy")
+    );
+    assert!(from_now("short") <= 3, "{}", from_now("short"));
+    let err = market["sources"]["pricing:limited"]["last_error"]
+        .as_str()
+        .unwrap();
+    assert!(
+        err.contains("HTTP 429") && err.contains("Retry-After: 7200 s"),
+        "{err}"
+    );
+    for n in ["limited", "busy"] {
+        let deferred = d
+            .metric(&format!(
+                "fluidcloud_polls_deferred_total{{source=\"pricing:{n}\"}}"
+            ))
+            .unwrap();
+        assert!(deferred >= 3.0, "{n}: {deferred}");
+        assert_eq!(
+            d.metric(&format!(
+                "fluidcloud_poll_runs_total{{source=\"pricing:{n}\"}}"
+            )),
+            Some(1.0)
+        );
+    }
+    // Said once per request to wait, not at every skipped tick.
+    let logs = d.logs();
+    assert_eq!(
+        logs.matches("pricing:limited asked to be polled again in 7200 s")
+            .count(),
+        1,
+        "{logs}"
+    );
+}
+
+/// Regression: rows refused by a poll that failed because every row was refused were not
+/// counted in `fluidcloud_pricing_rows_rejected_total`.
+#[test]
+fn rejected_rows_are_counted_when_every_row_of_a_poll_was_rejected() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[providers.negative]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.negative.pricing]\nformat = \"aws\"\nurl = \"{}/bad/negative.json\"\n",
+        feeds.base
+    );
+    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    d.eventually("the failed poll", Duration::from_secs(30), |d| {
+        (d.metric("fluidcloud_poll_errors_total{source=\"pricing:negative\"}") == Some(1.0))
+            .then_some(())
+    });
+    assert_eq!(
+        d.metric("fluidcloud_pricing_rows_rejected_total{source=\"pricing:negative\"}"),
+        Some(1.0),
+        "the one Linux/Shared row of the region has a negative price"
+    );
+}
+
+/// Regression: `/readyz` answered 200 once every source had been polled, even when most of
+/// them had never had data. Ready means every source had a good poll.
+#[test]
+fn readyz_waits_until_every_source_had_data_not_only_a_poll() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[providers.broken]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.broken.pricing]\nformat = \"aws\"\nurl = \"{}/bad/error\"\nschedule = \"* * * * * *\"\nttl_secs = 0\n",
+        feeds.base
+    );
+    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    d.eventually(
+        "a failed poll and an evaluation",
+        Duration::from_secs(30),
+        |d| {
+            let failed =
+                d.metric("fluidcloud_poll_errors_total{source=\"pricing:broken\"}")? >= 1.0;
+            let evaluated = !decisions(d, "shop").is_empty();
+            (failed && evaluated).then_some(())
+        },
+    );
+    let (status, body) = d.raw("GET", "/readyz", false, None).unwrap();
+    assert_eq!(status, 503, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["ready"], false);
+    assert_eq!(body["waiting_for"], json!(["pricing:broken"]), "{body}");
+
+    // Once the feed works, the next poll makes the daemon ready.
+    feeds.set(
+        "/bad/error",
+        Body::Json(aws_offer("us-east-1", &[("m5.large", 2, 8.0, 0.096)])),
+    );
+    d.wait_for("/readyz", Duration::from_secs(30));
+    let (_, body) = d.raw("GET", "/readyz", false, None).unwrap();
+    assert!(body.contains("\"waiting_for\":[]"), "{body}");
+}
+
+/// Regression: credentials in a feed URL (`user:password@`, `sig=`, `X-Amz-Credential=`)
+/// appeared verbatim in the log, in `/v1/market` and in `fluidcloud market`.
+#[test]
+fn credentials_in_a_feed_url_never_show_in_logs_the_market_or_the_cli() {
+    let feeds = feeds();
+    feeds.set("/secret.csv", catalogue_row("secret-ok", "us-east-1", 0.2));
+    let secrets = ["hunter2-pass", "SIGSECRET", "CREDSECRET", "TOKSECRET"];
+    let query = "sig=SIGSECRET&X-Amz-Credential=CREDSECRET&region=us&access_token=TOKSECRET";
+    let with_secrets = |path: &str| {
+        feeds
+            .base
+            .replace("http://", "http://feeduser:hunter2-pass@")
+            + path
+            + "?"
+            + query
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        r#"
+[providers.secret-ok]
+driver = "local"
+region = "us-east-1"
+[providers.secret-ok.pricing]
+format = "csv"
+url = "{ok}"
+
+[providers.secret-fail]
+driver = "local"
+region = "us-east-1"
+[providers.secret-fail.pricing]
+format = "aws"
+url = "{fail}"
+"#,
+        ok = with_secrets("/secret.csv"),
+        fail = with_secrets("/bad/error"),
+    );
+    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    d.eventually("both feeds polled", Duration::from_secs(30), |d| {
+        let m = d.get("/v1/market");
+        let ok = m["sources"]["pricing:secret-ok"]["last_success"].is_string();
+        let failed = m["sources"]["pricing:secret-fail"]["last_error"].is_string();
+        (ok && failed).then_some(())
+    });
+    let (_, market) = d.raw("GET", "/v1/market", true, None).unwrap();
+    let (_, one) = d
+        .raw("GET", "/v1/market?provider=secret-fail", true, None)
+        .unwrap();
+    let cli = std::process::Command::new(common::bin())
+        .args(["market", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{cli:?}");
+    let cli = format!(
+        "{}{}",
+        String::from_utf8_lossy(&cli.stdout),
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let logs = d.logs();
+    for (what, text) in [
+        ("log", &logs),
+        ("/v1/market", &market),
+        ("/v1/market?provider", &one),
+        ("fluidcloud market", &cli),
+    ] {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{what} shows {secret}:\n{text}");
+        }
+    }
+    // The URLs are still shown, without their secrets.
+    assert!(logs.contains("http://***@127.0.0.1"), "{logs}");
+    assert!(
+        market.contains(
+            "/bad/error?sig=***&X-Amz-Credential=***&region=us&access_token=*** answered HTTP 500"
+        ),
+        "{market}"
+    );
+    assert!(cli.contains("http://***@127.0.0.1"), "{cli}");
 }
 
 #[test]

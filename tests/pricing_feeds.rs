@@ -130,6 +130,47 @@ async fn start() -> Server {
             }),
         )
         .route(
+            "/glitched-prices.csv",
+            get(|| async {
+                "provider,region,flavor,vcpus,memory_gib,price_per_hour,currency\n\
+                 hetzner,fsn1,good,2,4,0.01,USD\n\
+                 hetzner,fsn1,zero,2,4,0,USD\n\
+                 hetzner,fsn1,denormal,2,4,1e-300,USD\n\
+                 hetzner,fsn1,tiny,2,4,0.0000009,USD\n"
+            }),
+        )
+        .route(
+            "/too-many-requests",
+            get(|| async {
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "120")],
+                    "slow down",
+                )
+            }),
+        )
+        .route(
+            "/unavailable",
+            get(|| async {
+                let at = std::time::SystemTime::now() + Duration::from_secs(600);
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [("retry-after", httpdate::fmt_http_date(at))],
+                    "maintenance",
+                )
+            }),
+        )
+        .route(
+            "/error-with-retry-after",
+            get(|| async {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [("retry-after", "120")],
+                    "broken",
+                )
+            }),
+        )
+        .route(
             "/empty.csv",
             get(|| async { "provider,region,flavor,vcpus,memory_gib,price_per_hour,currency\n" }),
         )
@@ -182,6 +223,8 @@ fn source(format: PricingFormat, url: &str, region: &str) -> PricingSource {
         storage_price_per_gib_month: None,
         egress_price_per_gib: None,
         max_price_per_hour: 1_000.0,
+        max_price_drop_ratio: 0.5,
+        price_drop_confirmations: 3,
     }
 }
 
@@ -285,7 +328,8 @@ async fn azure_pages_are_followed_and_the_result_cached() {
     assert_eq!((e2.vcpus, e2.memory_gib), (2, 16.0));
     assert_eq!(server.hits.of(AZURE_PATH), 2, "two pages");
     assert_eq!(first.rejected.len(), 1);
-    assert!(first.rejected[0].reason.contains("Standard_NV6ads_A10_v5"));
+    // A series the shipped size table does not know yet.
+    assert!(first.rejected[0].reason.contains("Standard_Q2s_v9"));
     assert_eq!(
         first.bytes_read,
         (AZURE_1.len() + AZURE_2.len()) as u64 + {
@@ -424,6 +468,36 @@ async fn bad_prices_are_rejected_rows_and_good_ones_still_offers() {
             .unwrap()
             .row,
         "row 3"
+    );
+}
+
+/// Regression: a price of 0 or 1e-300 was an offer, cheaper than anything real.
+#[tokio::test]
+async fn zero_and_vanishing_prices_are_rejected_rows_not_offers() {
+    let server = start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let src = source(
+        PricingFormat::Csv,
+        &server.url("/glitched-prices.csv"),
+        "fsn1",
+    );
+    let out = poll("hetzner-fsn", &src, &reqwest::Client::new(), cache.path())
+        .await
+        .unwrap();
+    assert_eq!(flavors(&out), [("good", 0.01)]);
+    let mut rejected: Vec<&str> = out
+        .rejected
+        .iter()
+        .map(|r| r.flavor.as_deref().unwrap())
+        .collect();
+    rejected.sort();
+    assert_eq!(rejected, ["denormal", "tiny", "zero"], "{:?}", out.rejected);
+    assert!(
+        out.rejected
+            .iter()
+            .all(|r| r.reason.contains("below the floor")),
+        "{:?}",
+        out.rejected
     );
 }
 
@@ -606,4 +680,58 @@ async fn file_feeds_are_read_in_place_with_the_size_cap() {
     );
     let err = poll("aws-fra", &src, &client, &cache).await.unwrap_err();
     assert!(matches!(err, PricingError::Read { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn retry_after_of_429_and_503_is_read_in_both_forms_and_only_there() {
+    let server = start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let asked = |path: &'static str| {
+        let src = source(PricingFormat::Aws, &server.url(path), "eu-central-1");
+        let client = client.clone();
+        let cache = cache.path().to_path_buf();
+        async move { poll("a", &src, &client, &cache).await.unwrap_err() }
+    };
+    let err = asked("/too-many-requests").await;
+    assert!(
+        matches!(err, PricingError::HttpStatus { status: 429, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(120)));
+    assert!(err.to_string().contains("(Retry-After: 120 s)"), "{err}");
+
+    let err = asked("/unavailable").await;
+    let wait = err.retry_after().unwrap();
+    assert!(
+        (Duration::from_secs(590)..=Duration::from_secs(600)).contains(&wait),
+        "{wait:?}"
+    );
+
+    let err = asked("/error-with-retry-after").await;
+    assert_eq!(err.retry_after(), None, "a 500 asks for nothing");
+    assert!(cache_entries(cache.path()).is_empty());
+}
+
+/// Regression: errors quoted the feed URL verbatim, with its userinfo and signature.
+#[tokio::test]
+async fn errors_show_the_feed_url_without_its_credentials() {
+    let server = start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let url = server
+        .url("/fail?sig=SIGSECRET&X-Amz-Signature=AMZSECRET&region=eu")
+        .replace("http://", "http://feeduser:hunter2@");
+    let src = source(PricingFormat::Aws, &url, "eu-central-1");
+    let err = poll("a", &src, &reqwest::Client::new(), cache.path())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    for secret in ["hunter2", "SIGSECRET", "AMZSECRET"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    assert!(
+        text.contains("http://***@127.0.0.1:")
+            && text.contains("/fail?sig=***&X-Amz-Signature=***&region=eu answered HTTP 500"),
+        "{text}"
+    );
 }

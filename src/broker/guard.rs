@@ -58,6 +58,9 @@ pub struct Proposal<'a> {
     pub migration_cost: f64,
     /// Sources whose data is too old to act on, with their age.
     pub stale_sources: Vec<String>,
+    /// Why the offer picked at the target is in market shock, when it is: its price fell
+    /// too far since the last trusted poll and too few polls have seen it yet.
+    pub target_shock: Option<String>,
     /// The consecutive-evaluation count including this one.
     pub streak: u32,
     pub memory: &'a ServiceMemory,
@@ -108,6 +111,14 @@ pub fn judge(
             "market data is fresh".into()
         } else {
             format!("data too old to act on: {}", p.stale_sources.join(", "))
+        },
+    );
+    rail(
+        "market_shock",
+        p.target_shock.is_none(),
+        match &p.target_shock {
+            Some(shock) => shock.clone(),
+            None => format!("the price of the offer at `{}` is trusted", p.target),
         },
     );
 
@@ -314,6 +325,7 @@ mod tests {
             target_monthly_cost: 50.0,
             migration_cost: 10.0,
             stale_sources: vec![],
+            target_shock: None,
             streak: 2,
             memory: m,
             active_relocations: 0,
@@ -348,6 +360,10 @@ mod tests {
                 Box::new(|p| p.stale_sources = vec!["pricing:b".into()]),
             ),
             (
+                "market_shock",
+                Box::new(|p| p.target_shock = Some("fell 90%".into())),
+            ),
+            (
                 "min_improvement",
                 Box::new(|p| p.target_monthly_cost = 95.0),
             ),
@@ -366,6 +382,25 @@ mod tests {
             change(&mut p);
             assert_eq!(refusal(&p, &pol).as_deref(), Some(rail), "rail {rail}");
         }
+    }
+
+    /// Regression: an offer whose price had just collapsed (a glitch in one feed) was a
+    /// target like any other, so every `cheapest` service could follow it at once.
+    #[test]
+    fn market_shock_refuses_a_target_whose_offer_just_collapsed_even_for_compulsory_moves() {
+        let m = memory();
+        let mut p = proposal(&m);
+        p.target_shock = Some("the price of `m2` at `b` fell 90%".into());
+        let rails = judge(&p, &policy(), &broker(), now());
+        let refused = first_refusal(&rails).unwrap();
+        assert_eq!(refused.rail, "market_shock");
+        assert!(refused.detail.contains("fell 90%"), "{refused:?}");
+        // A regulatory move is not about cost, but it would still pick its target by a
+        // price nobody can trust yet.
+        p.compulsory = true;
+        assert_eq!(refusal(&p, &policy()).as_deref(), Some("market_shock"));
+        p.target_shock = None;
+        assert_eq!(refusal(&p, &policy()), None);
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //!
 //! [`supervisor::Supervisor`] owns the state; [`supervisor::BrokerHandle`] is what the API and
 //! the daemon hold. Pollers live in [`pricing`], [`benchmarks`] and [`regions`]; the rails in
-//! [`guard`]; the log in [`decisions`].
+//! [`guard`] (with the memory of the market-shock rail in [`shock`]); the log in [`decisions`].
 
 pub mod benchmarks;
 pub mod decisions;
 pub mod guard;
 pub mod pricing;
 pub mod regions;
+pub mod shock;
 pub mod state;
 pub mod supervisor;

@@ -1,5 +1,6 @@
 //! What the Broker keeps across restarts: per-service memory (placement, streaks, last
-//! relocation) and decisions waiting for approval. Written atomically after each change.
+//! relocation), decisions waiting for approval and the prices the market-shock rail trusts.
+//! Written atomically after each change.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::guard::ServiceMemory;
+use super::shock::FlavorWatch;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PersistedState {
@@ -15,6 +17,10 @@ pub struct PersistedState {
     /// Pending decision id by service.
     #[serde(default)]
     pub pending: BTreeMap<String, String>,
+    /// The market-shock rail's trusted prices, by provider and flavor: a restart must not
+    /// make a glitched price the reference.
+    #[serde(default)]
+    pub prices: BTreeMap<String, BTreeMap<String, FlavorWatch>>,
 }
 
 pub struct StateFile {

@@ -14,7 +14,7 @@ use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use super::decisions::{Decision, DecisionLog, Outcome, ProposedPlan};
 use super::guard::{self, Proposal, RailVerdict};
 use super::state::{PersistedState, StateFile};
-use super::{benchmarks, pricing, regions};
+use super::{benchmarks, pricing, regions, shock};
 use crate::conduit::{Conduit, ConduitError, RelocationRequest};
 use crate::config::{Config, ConfigErrors, Mode};
 use crate::model::{bounded_reason, MarketSnapshot, SourceStatus, Verdict, MAX_REASON_BYTES};
@@ -100,6 +100,8 @@ pub struct Evaluation {
     pub currency: String,
     /// Monthly cost and migration cost of the cheapest fitting offer, by provider.
     pub targets: BTreeMap<String, (f64, f64)>,
+    /// The flavor of that offer, by provider: what a relocation there would run on.
+    pub target_flavors: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -283,6 +285,10 @@ pub struct Supervisor {
     client: reqwest::Client,
     busy: BTreeSet<String>,
     polled_once: BTreeSet<String>,
+    /// Sources that had good data at least once: readiness waits for every one of them.
+    had_data: BTreeSet<String>,
+    /// Sources that asked (`Retry-After`) not to be polled before a time.
+    not_before: BTreeMap<String, Instant>,
     evaluated_once: bool,
     scheduler: Option<JobScheduler>,
     log: DecisionLog,
@@ -361,6 +367,8 @@ impl Supervisor {
             client,
             busy: BTreeSet::new(),
             polled_once: BTreeSet::new(),
+            had_data: BTreeSet::new(),
+            not_before: BTreeMap::new(),
             evaluated_once: false,
             scheduler: None,
             log,
@@ -418,6 +426,15 @@ impl Supervisor {
         let providers: BTreeSet<_> = self.config().providers.keys().cloned().collect();
         market.offers.retain(|k, _| providers.contains(k));
         market.io.retain(|k, _| providers.contains(k));
+        market.price_shocks.retain(|k, _| providers.contains(k));
+        let priced: BTreeSet<_> = self
+            .config()
+            .providers
+            .values()
+            .filter(|p| p.pricing.is_some())
+            .map(|p| p.name.clone())
+            .collect();
+        self.state.prices.retain(|k, _| priced.contains(k));
         refresh_regions(&mut market, &self.loaded);
         self.publish(market);
     }
@@ -571,12 +588,14 @@ impl Supervisor {
         }
     }
 
+    /// Ready once every source has had good data (a poll that only failed is not enough:
+    /// decisions would lack that provider) and one evaluation ran.
     fn readiness(&self) -> Readiness {
         let mut waiting_for: Vec<String> = self
             .sources()
             .into_iter()
             .map(|(s, _)| s)
-            .filter(|s| !self.polled_once.contains(s))
+            .filter(|s| !self.had_data.contains(s))
             .collect();
         if !self.evaluated_once && !self.config().services.is_empty() {
             waiting_for.push("evaluate".into());
@@ -676,6 +695,18 @@ impl Supervisor {
     }
 
     fn start_poll(&mut self, source: String) {
+        if let Some(until) = self.not_before.get(&source) {
+            if Instant::now() < *until {
+                // Logged once, when the source asked; every skipped tick is counted.
+                self.metrics
+                    .polls_deferred
+                    .with_label_values(&[&source])
+                    .inc();
+                tracing::debug!("Skipping a tick of {source}: it asked to be polled later.");
+                return;
+            }
+            self.not_before.remove(&source);
+        }
         if self.busy.contains(&source) {
             self.metrics
                 .ticks_skipped
@@ -736,6 +767,8 @@ impl Supervisor {
             .entry(source.clone())
             .or_insert_with(|| SourceStatus::new(source.clone(), 86_400));
         status.last_attempt = Some(now);
+        status.retry_after = None;
+        let mut retry_after = None;
         let error = match result {
             PollResult::Pricing(Ok(out)) => {
                 m.rows_rejected
@@ -745,6 +778,31 @@ impl Supervisor {
                 m.market_offers
                     .with_label_values(&[&provider])
                     .set(out.offers.len() as i64);
+                if let Some(src) = self
+                    .loaded
+                    .config
+                    .providers
+                    .get(&provider)
+                    .and_then(|p| p.pricing.as_ref())
+                {
+                    let watch = self.state.prices.entry(provider.clone()).or_default();
+                    let shocks = shock::observe(
+                        &provider,
+                        watch,
+                        &out.offers,
+                        !out.from_cache,
+                        src.max_price_drop_ratio,
+                        src.price_drop_confirmations,
+                    );
+                    // A cached copy saw nothing new: the shocks known stay as they were.
+                    if !out.from_cache {
+                        if shocks.is_empty() {
+                            market.price_shocks.remove(&provider);
+                        } else {
+                            market.price_shocks.insert(provider.clone(), shocks);
+                        }
+                    }
+                }
                 market.offers.insert(provider.clone(), Arc::new(out.offers));
                 None
             }
@@ -753,11 +811,19 @@ impl Supervisor {
                 market.io.insert(provider.clone(), io);
                 None
             }
-            PollResult::Pricing(Err(e)) => Some(e.to_string()),
+            PollResult::Pricing(Err(e)) => {
+                // Rows refused by a poll that failed because of them are refused rows too.
+                m.rows_rejected
+                    .with_label_values(&[&source])
+                    .inc_by(e.rejected_rows());
+                retry_after = e.retry_after();
+                Some(e.to_string())
+            }
             PollResult::Benchmark(Err(e)) => Some(e.to_string()),
         };
         match error {
             None => {
+                self.had_data.insert(source.clone());
                 status.last_success = Some(now);
                 status.stale = false;
                 status.last_error = None;
@@ -773,6 +839,24 @@ impl Supervisor {
                 status.last_error = Some(e.clone());
                 m.data_stale.with_label_values(&[&source]).set(1);
                 tracing::warn!("Polling {source} failed; the last good data is kept: {e}");
+                if let Some(asked) = retry_after {
+                    // Bounded: a feed must not silence itself for longer than its data
+                    // stays usable, nor for more than an hour.
+                    let wait = asked
+                        .min(pricing::MAX_RETRY_AFTER)
+                        .min(std::time::Duration::from_secs(status.max_age_secs));
+                    if !wait.is_zero() {
+                        self.not_before
+                            .insert(source.clone(), Instant::now() + wait);
+                        let until = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                        status.retry_after = Some(until);
+                        tracing::warn!(
+                            "{source} asked to be polled again in {} s; its scheduled polls are skipped until {until} ({} s).",
+                            asked.as_secs(),
+                            wait.as_secs()
+                        );
+                    }
+                }
             }
         }
         market.taken_at = Some(now);
@@ -942,6 +1026,7 @@ impl Supervisor {
                         target_monthly_cost: target_cost,
                         migration_cost: migration,
                         stale_sources: self.stale_sources(&[&service.provider, target], now),
+                        target_shock: self.target_shock(target, &ev),
                         streak,
                         memory: &memory,
                         active_relocations: active,
@@ -1158,6 +1243,13 @@ impl Supervisor {
         if let Err(e) = self.log.append(d) {
             tracing::error!("{e}");
         }
+    }
+
+    /// Why the offer a relocation to `target` would run on is in market shock, if it is.
+    fn target_shock(&self, target: &str, ev: &Evaluation) -> Option<String> {
+        let flavor = ev.target_flavors.get(target)?;
+        let shock = self.market.price_shocks.get(target)?.get(flavor)?;
+        Some(shock::describe(target, flavor, shock))
     }
 
     fn stale_sources(&self, providers: &[&str], now: DateTime<Utc>) -> Vec<String> {
@@ -1608,6 +1700,7 @@ pub fn evaluate_all(
             current_monthly_cost: None,
             currency: String::new(),
             targets: BTreeMap::new(),
+            target_flavors: BTreeMap::new(),
         };
         match DecisionContext::build_in(&market, service, spec, now) {
             Err(e) => ev.verdict = Err(format!("cannot build the decision context: {e}")),
@@ -1620,6 +1713,9 @@ pub fn evaluate_all(
                     ev.targets
                         .entry(c.offer.offer.provider.clone())
                         .or_insert((c.monthly_cost, c.migration_cost));
+                    ev.target_flavors
+                        .entry(c.offer.offer.provider.clone())
+                        .or_insert_with(|| c.offer.offer.flavor.clone());
                 }
                 let started = Instant::now();
                 // An error can quote what the policy made (a thrown string, a bad return).
@@ -1732,6 +1828,7 @@ mod tests {
             current_monthly_cost: cost,
             currency: currency.into(),
             targets: BTreeMap::from([("elsewhere".to_string(), (10.0, 1.0))]),
+            target_flavors: BTreeMap::new(),
         }
     }
 

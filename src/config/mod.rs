@@ -456,6 +456,11 @@ pub struct PricingSource {
     pub egress_price_per_gib: Option<f64>,
     /// Prices above this are rejected as absurd.
     pub max_price_per_hour: f64,
+    /// A price that falls by more than this share since the last good poll is a market
+    /// shock: held out of decisions until `price_drop_confirmations` polls in a row saw it.
+    pub max_price_drop_ratio: f64,
+    /// Consecutive polls that must see a shocked price before it is trusted (1: at once).
+    pub price_drop_confirmations: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1476,7 +1481,10 @@ impl Validator<'_> {
         if !ok {
             self.err(
                 key,
-                format!("`{url}` is not an http:// or https:// URL with a host (and no query)"),
+                format!(
+                    "`{}` is not an http:// or https:// URL with a host (and no query)",
+                    crate::telemetry::redact_url(&url)
+                ),
             );
         }
         url.trim_end_matches('/').to_string()
@@ -1550,7 +1558,10 @@ impl Validator<'_> {
         } else {
             self.err(
                 format!("{key}.url"),
-                format!("`{}` must start with file://, http:// or https://", raw.url),
+                format!(
+                    "`{}` must start with file://, http:// or https://",
+                    crate::telemetry::redact_url(&raw.url)
+                ),
             );
             raw.url.clone()
         };
@@ -1575,6 +1586,22 @@ impl Validator<'_> {
             raw.max_price_per_hour,
             1_000.0,
         );
+        let max_price_drop_ratio = raw.max_price_drop_ratio.unwrap_or(0.5);
+        if !(max_price_drop_ratio > 0.0 && max_price_drop_ratio <= 1.0) {
+            self.err(
+                format!("{key}.max_price_drop_ratio"),
+                format!(
+                    "is a share of the last good price and must be above 0 and at most 1 (1 turns the rail off), got {max_price_drop_ratio}"
+                ),
+            );
+        }
+        let price_drop_confirmations = raw.price_drop_confirmations.unwrap_or(3);
+        if price_drop_confirmations == 0 {
+            self.err(
+                format!("{key}.price_drop_confirmations"),
+                "must be at least 1, got 0",
+            );
+        }
         PricingSource {
             format,
             url,
@@ -1591,6 +1618,8 @@ impl Validator<'_> {
             storage_price_per_gib_month: raw.storage_price_per_gib_month,
             egress_price_per_gib: raw.egress_price_per_gib,
             max_price_per_hour,
+            max_price_drop_ratio,
+            price_drop_confirmations,
         }
     }
 

@@ -294,6 +294,8 @@ pub struct RawPricing {
     pub storage_price_per_gib_month: Option<f64>,
     pub egress_price_per_gib: Option<f64>,
     pub max_price_per_hour: Option<f64>,
+    pub max_price_drop_ratio: Option<f64>,
+    pub price_drop_confirmations: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -38,6 +38,59 @@ fn defaults_and_relative_paths() {
 }
 
 #[test]
+fn the_market_shock_rail_has_defaults_and_its_keys_are_checked_with_their_position() {
+    let c = parse(MINIMAL).unwrap();
+    let p = c.providers["a"].pricing.as_ref().unwrap();
+    assert_eq!(p.max_price_drop_ratio, 0.5);
+    assert_eq!(p.price_drop_confirmations, 3);
+
+    let set = |ratio: &str, confirmations: &str| {
+        format!(
+            "{MINIMAL}max_price_drop_ratio = {ratio}\nprice_drop_confirmations = {confirmations}\n"
+        )
+    };
+    let c = parse(&set("1.0", "1")).unwrap();
+    let p = c.providers["a"].pricing.as_ref().unwrap();
+    assert_eq!(
+        (p.max_price_drop_ratio, p.price_drop_confirmations),
+        (1.0, 1)
+    );
+
+    for ratio in ["0.0", "-0.1", "1.5", "nan"] {
+        let errs = errors(&set(ratio, "0"));
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].starts_with("/etc/fc.toml:11:24: providers.a.pricing.max_price_drop_ratio")
+                && errs[0].contains("at most 1"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("/etc/fc.toml:12:28: providers.a.pricing.price_drop_confirmations")
+                && errs[1].contains("at least 1"),
+            "{errs:?}"
+        );
+    }
+}
+
+#[test]
+fn a_feed_url_in_an_error_shows_no_credentials() {
+    let text = MINIMAL.replace(
+        "url = \"file://feeds/a.csv\"",
+        "url = \"ftp://user:hunter2@feeds.example.com/a.csv?token=t0ps3cret\"",
+    );
+    let errs = errors(&text).join("\n");
+    assert!(errs.contains("providers.a.pricing.url"), "{errs}");
+    assert!(
+        errs.contains("ftp://***@feeds.example.com/a.csv?token=***"),
+        "{errs}"
+    );
+    assert!(
+        !errs.contains("hunter2") && !errs.contains("t0ps3cret"),
+        "{errs}"
+    );
+}
+
+#[test]
 fn every_problem_is_reported_with_its_line_and_column() {
     let text = r#"[broker]
 evaluate_schedule = "every minute"

@@ -85,6 +85,10 @@ pub struct SourceStatus {
     pub max_age_secs: u64,
     /// Number of records the last good poll produced.
     pub records: usize,
+    /// When the source asked (HTTP `Retry-After`) to be polled again; scheduled polls
+    /// before then are skipped.
+    #[serde(default)]
+    pub retry_after: Option<DateTime<Utc>>,
 }
 
 impl SourceStatus {
@@ -97,6 +101,7 @@ impl SourceStatus {
             last_error: None,
             max_age_secs,
             records: 0,
+            retry_after: None,
         }
     }
 
@@ -128,6 +133,22 @@ pub struct MarketSnapshot {
     pub regions: BTreeMap<String, RegionInfo>,
     /// Freshness by source name.
     pub sources: BTreeMap<String, SourceStatus>,
+    /// Offers whose price fell too far at once to be trusted yet, by provider and flavor.
+    #[serde(default)]
+    pub price_shocks: BTreeMap<String, BTreeMap<String, PriceShock>>,
+}
+
+/// An offer whose price fell by more than its source's `max_price_drop_ratio` since the
+/// last good poll: held out of relocation decisions until enough consecutive polls saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PriceShock {
+    /// The last price that was trusted.
+    pub previous_price_per_hour: f64,
+    pub price_per_hour: f64,
+    /// Consecutive polls that saw the fall, this one included.
+    pub seen: u32,
+    /// Polls that must see it before it is trusted.
+    pub needed: u32,
 }
 
 /// The kind of a service component, as the paper lists them.

@@ -10,12 +10,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-/// An HTTP server on 127.0.0.1 serving fixed bodies by path, counting requests.
+/// An HTTP server on 127.0.0.1 serving fixed bodies by path, counting requests and noting
+/// when each came.
 pub struct FeedServer {
     pub base: String,
     pub hits: Arc<Mutex<HashMap<String, usize>>>,
+    times: Arc<Mutex<Vec<(String, SystemTime)>>>,
     routes: Arc<Mutex<HashMap<String, Arc<Body>>>>,
     _rt: tokio::runtime::Runtime,
 }
@@ -23,6 +25,12 @@ pub struct FeedServer {
 pub enum Body {
     Json(String),
     Status(u16),
+    /// Any status, with headers (`Retry-After`…) and a text body.
+    Answer {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: String,
+    },
     /// Never answers.
     Hang,
 }
@@ -39,6 +47,7 @@ impl FeedServer {
             .unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let times: Arc<Mutex<Vec<(String, SystemTime)>>> = Arc::default();
         let routes: Arc<Mutex<HashMap<String, Arc<Body>>>> = Arc::new(Mutex::new(
             routes
                 .into_iter()
@@ -47,11 +56,13 @@ impl FeedServer {
         ));
         let served = routes.clone();
         let h = hits.clone();
+        let t = times.clone();
         let base2 = base.clone();
         rt.spawn(async move {
             let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
                 let routes = served.clone();
                 let h = h.clone();
+                let t = t.clone();
                 let base = base2.clone();
                 async move {
                     use axum::response::IntoResponse;
@@ -60,6 +71,7 @@ impl FeedServer {
                         None => req.uri().path().to_string(),
                     };
                     *h.lock().unwrap().entry(key.clone()).or_default() += 1;
+                    t.lock().unwrap().push((key.clone(), SystemTime::now()));
                     let body = {
                         let routes = routes.lock().unwrap();
                         routes
@@ -76,6 +88,21 @@ impl FeedServer {
                         Some(Body::Status(c)) => axum::http::StatusCode::from_u16(*c)
                             .unwrap()
                             .into_response(),
+                        Some(Body::Answer {
+                            status,
+                            headers,
+                            body,
+                        }) => {
+                            let mut r = (
+                                axum::http::StatusCode::from_u16(*status).unwrap(),
+                                body.clone(),
+                            )
+                                .into_response();
+                            for (name, value) in headers {
+                                r.headers_mut().insert(*name, value.parse().unwrap());
+                            }
+                            r
+                        }
                         Some(Body::Hang) => {
                             tokio::time::sleep(Duration::from_secs(3600)).await;
                             "late".into_response()
@@ -89,6 +116,7 @@ impl FeedServer {
         FeedServer {
             base,
             hits,
+            times,
             routes,
             _rt: rt,
         }
@@ -104,6 +132,17 @@ impl FeedServer {
 
     pub fn hits(&self, path: &str) -> usize {
         self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// When `path` (with its query string, if any) was asked for at or after `since`.
+    pub fn hit_times(&self, path: &str, since: SystemTime) -> Vec<SystemTime> {
+        self.times
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, t)| p == path && *t >= since)
+            .map(|(_, t)| *t)
+            .collect()
     }
 }
 

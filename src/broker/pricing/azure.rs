@@ -14,16 +14,19 @@ use super::fetch::{self, Location};
 use super::{Candidate, Parsed, PollOutcome, PricingError, RejectedRow};
 use crate::config::PricingSource;
 use crate::model::Offer;
+use crate::telemetry::redact_url;
 
-/// armSkuName → vCPUs and memory for the common B, D, E and F sizes.
+/// armSkuName → vCPUs and memory of the VM series in the retail feed, built by
+/// `scripts/azure-vm-sizes.py`.
 const SIZE_TABLE: &str = include_str!("azure-vm-sizes.csv");
 
 /// A region's Linux VM meters fit in far fewer pages; more means a filter went missing
 /// from the URL, and the poll should stop rather than walk the whole price list.
 const MAX_PAGES: usize = 1_000;
 
-/// Bumped whenever the cached form changes, so an old cache is never misread.
-const CACHE_VERSION: &str = "azure-offers-v1";
+/// Bumped whenever the cached form or the rules that shape the offers change (v2: prices
+/// below the floor are refused), so an old cache is never misread or served.
+const CACHE_VERSION: &str = "azure-offers-v2";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct VmSize {
@@ -51,7 +54,10 @@ fn parse_size_table(text: &str) -> Result<HashMap<String, VmSize>, String> {
         memory_gib: f64,
     }
     let mut table = HashMap::new();
-    for (i, row) in csv::Reader::from_reader(text.as_bytes())
+    // The shipped table starts with `#` lines saying how it is generated.
+    for (i, row) in csv::ReaderBuilder::new()
+        .comment(Some(b'#'))
+        .from_reader(text.as_bytes())
         .deserialize::<Row>()
         .enumerate()
     {
@@ -198,13 +204,15 @@ async fn store_cache(path: &Path, offers: &[Offer], rejected: &[RejectedRow]) {
 /// The cache holds normalised offers, so everything that shapes them is part of the key.
 fn cache_path(provider: &str, source: &PricingSource, cache_dir: &Path) -> PathBuf {
     let key = format!(
-        "{CACHE_VERSION}\n{}\n{provider}\n{}\n{}\n{}\n{:?}\n{:?}",
+        "{CACHE_VERSION}\n{}\n{provider}\n{}\n{}\n{}\n{:?}\n{:?}\n{}",
         source.url,
         source.feed_region,
         source.currency,
         source.max_price_per_hour,
         source.storage_price_per_gib_month,
-        source.egress_price_per_gib
+        source.egress_price_per_gib,
+        // A new size table turns rejected rows into offers.
+        blake3::hash(SIZE_TABLE.as_bytes()).to_hex()
     );
     fetch::cache_path(cache_dir, &key, "json")
 }
@@ -216,7 +224,7 @@ async fn read_cache(path: &Path, source: &PricingSource) -> Option<PollOutcome> 
     let bytes = tokio::fs::read(path).await.ok()?;
     match serde_json::from_slice::<CachedOutcome>(&bytes) {
         Ok(cached) if !cached.offers.is_empty() => {
-            debug!(url = %source.url, path = %path.display(), "Using the cached Azure offers.");
+            debug!(url = %redact_url(&source.url), path = %path.display(), "Using the cached Azure offers.");
             Some(PollOutcome {
                 offers: cached.offers,
                 from_cache: true,
@@ -264,7 +272,7 @@ async fn read_pages(
         collect(page, page_no, &source.feed_region, sizes, &mut parsed);
 
         let Some(next) = next else {
-            debug!(url = %source.url, pages = page_no, bytes = total, "Read every Azure price page.");
+            debug!(url = %redact_url(&source.url), pages = page_no, bytes = total, "Read every Azure price page.");
             return Ok((parsed, total));
         };
         let paging_error = |message: String| PricingError::Paging {
@@ -276,12 +284,14 @@ async fn read_pages(
         })?;
         if !first.same_origin(&next_location) {
             return Err(paging_error(format!(
-                "page {page_no} links to {next}, which is not where the feed is; refusing to follow it"
+                "page {page_no} links to {}, which is not where the feed is; refusing to follow it",
+                redact_url(&next)
             )));
         }
         if !visited.insert(next.clone()) {
             return Err(paging_error(format!(
-                "page {page_no} links back to {next}, which was already read (a link loop)"
+                "page {page_no} links back to {}, which was already read (a link loop)",
+                redact_url(&next)
             )));
         }
         location = next_location;
@@ -354,6 +364,8 @@ mod tests {
 
     const PAGE_1: &str = include_str!("../../../tests/fixtures/pricing/azure-page-1.json");
     const PAGE_2: &str = include_str!("../../../tests/fixtures/pricing/azure-page-2.json");
+    const COMMON_SIZES: &str =
+        include_str!("../../../tests/fixtures/pricing/azure-common-sizes.json");
 
     fn collect_page(text: &str, region: &str) -> Parsed {
         let page: Page = serde_json::from_str(text).unwrap();
@@ -395,6 +407,52 @@ mod tests {
                 memory_gib: 144.0
             })
         );
+    }
+
+    /// Regression: the shipped size table knew only some B, D, E and Fsv2 sizes, so the feed's
+    /// `Standard_F2s` and other common series were rejected as unknown sizes.
+    #[test]
+    fn common_series_of_the_retail_feed_are_known_sizes() {
+        let parsed = collect_page(COMMON_SIZES, "westeurope");
+        assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
+        assert_eq!(parsed.candidates.len() as u64, parsed.rows_read);
+        let sizes: HashMap<&str, (u32, f64)> = parsed
+            .candidates
+            .iter()
+            .map(|c| (c.flavor.as_str(), (c.vcpus, c.memory_gib)))
+            .collect();
+        for (name, vcpus, memory_gib) in [
+            ("Standard_A2_v2", 2, 4.0),
+            ("Standard_B2s", 2, 4.0),
+            ("Standard_B2ms", 2, 8.0),
+            ("Standard_B2als_v2", 2, 4.0),
+            ("Standard_B2pts_v2", 2, 1.0),
+            ("Standard_DS2_v2", 2, 7.0),
+            ("Standard_D4s_v3", 4, 16.0),
+            ("Standard_D2ds_v4", 2, 8.0),
+            ("Standard_D2as_v5", 2, 8.0),
+            ("Standard_D4ads_v5", 4, 16.0),
+            ("Standard_D2ls_v5", 2, 4.0),
+            ("Standard_D2ps_v5", 2, 8.0),
+            ("Standard_D2s_v6", 2, 8.0),
+            ("Standard_D2as_v6", 2, 8.0),
+            ("Standard_D2ps_v6", 2, 8.0),
+            ("Standard_E4s_v5", 4, 32.0),
+            ("Standard_E2as_v5", 2, 16.0),
+            ("Standard_E8ds_v4", 8, 64.0),
+            ("Standard_E64s_v3", 64, 432.0),
+            ("Standard_E4-2s_v3", 2, 32.0),
+            ("Standard_F2s", 2, 4.0),
+            ("Standard_F4", 4, 8.0),
+            ("Standard_F4s_v2", 4, 8.0),
+            ("Standard_F2als_v6", 2, 4.0),
+            ("Standard_F4as_v6", 4, 16.0),
+            ("Standard_L8s_v3", 8, 64.0),
+            ("Standard_M8ms", 8, 218.75),
+            ("Standard_NC4as_T4_v3", 4, 28.0),
+        ] {
+            assert_eq!(sizes.get(name), Some(&(vcpus, memory_gib)), "{name}");
+        }
     }
 
     #[test]

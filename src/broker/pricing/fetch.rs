@@ -8,12 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use reqwest::Url;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use super::PricingError;
 use crate::config::PricingSource;
+use crate::telemetry::redact_url;
 
 /// Large enough that the parser is not slowed down by system calls, small enough to be
 /// irrelevant to memory use.
@@ -157,7 +159,7 @@ pub(crate) async fn cached_download(
     create_cache_dir(cache_dir).await?;
     let path = cache_path(cache_dir, url.as_str(), extension);
     if is_fresh(&path, source.ttl).await {
-        debug!(url = %url, path = %path.display(), "Using the cached pricing feed.");
+        debug!(url = %redact_url(url.as_str()), path = %path.display(), "Using the cached pricing feed.");
         return Ok((path, true));
     }
     remove_abandoned_parts(&path, source.timeout).await;
@@ -214,7 +216,7 @@ async fn download(
             source,
         })?;
     part.keep = true;
-    debug!(url = %url, path = %dest.display(), bytes = body.read, "Downloaded the pricing feed.");
+    debug!(url = %redact_url(url.as_str()), path = %dest.display(), bytes = body.read, "Downloaded the pricing feed.");
     Ok(body.read)
 }
 
@@ -279,6 +281,12 @@ impl LimitedBody {
             .map_err(|e| http_error(url, e))?;
         let status = response.status();
         if !status.is_success() {
+            let retry_after = match status {
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                    retry_after(response.headers(), SystemTime::now())
+                }
+                _ => None,
+            };
             let body = match response.chunk().await {
                 Ok(Some(bytes)) => {
                     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(ERROR_BODY_BYTES)]);
@@ -290,6 +298,7 @@ impl LimitedBody {
                 url: url.to_string(),
                 status: status.as_u16(),
                 body,
+                retry_after,
             });
         }
         // Refuse early when the server announces the size; the streaming check below covers
@@ -329,6 +338,18 @@ impl LimitedBody {
         }
         Ok(chunk)
     }
+}
+
+/// The wait a `Retry-After` header asks for, in either of its forms: delta-seconds
+/// (`120`) or an HTTP-date (`Wed, 21 Oct 2026 07:28:00 GMT`; a date in the past is no wait).
+/// An unreadable header is no request at all.
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 fn http_error(url: &Url, err: reqwest::Error) -> PricingError {
@@ -403,5 +424,47 @@ async fn remove_abandoned_parts(dest: &Path, timeout: Duration) {
             debug!(path = %entry.path().display(), "Removing an abandoned partial pricing download.");
             let _ = tokio::fs::remove_file(entry.path()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480); // 2015-10-21T07:28:00Z
+        assert_eq!(
+            retry_after(&headers("120"), now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(retry_after(&headers(" 0 "), now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after(&headers("Wed, 21 Oct 2015 08:28:00 GMT"), now),
+            Some(Duration::from_secs(3600))
+        );
+        // The two obsolete forms a recipient must still accept.
+        assert_eq!(
+            retry_after(&headers("Wednesday, 21-Oct-15 07:38:00 GMT"), now),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            retry_after(&headers("Wed Oct 21 07:29:00 2015"), now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            retry_after(&headers("Wed, 21 Oct 2015 06:28:00 GMT"), now),
+            Some(Duration::ZERO),
+            "a date in the past"
+        );
+        assert_eq!(retry_after(&headers("soon"), now), None);
+        assert_eq!(retry_after(&headers("-5"), now), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
     }
 }

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::config::{PricingFormat, PricingSource};
 use crate::model::Offer;
+use crate::telemetry::redact_url;
 
 /// What one successful poll of a pricing feed produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,10 +60,11 @@ impl fmt::Display for RejectedRow {
     }
 }
 
-/// Why a poll produced nothing usable. Every variant names the feed (URL or path).
+/// Why a poll produced nothing usable. Every variant names the feed (URL or path); the
+/// fields hold the URL as configured, the message shows it through [`redact_url`].
 #[derive(Debug, thiserror::Error)]
 pub enum PricingError {
-    #[error("pricing feed URL `{url}` is not usable: {reason}")]
+    #[error("pricing feed URL `{}` is not usable: {reason}", redact_url(.url))]
     BadUrl { url: String, reason: String },
     #[error("cannot read pricing feed {path}: {source}")]
     Read {
@@ -76,39 +78,47 @@ pub enum PricingError {
         #[source]
         source: io::Error,
     },
-    #[error("fetching {url} failed: {message}")]
+    #[error("fetching {} failed: {message}", redact_url(.url))]
     Http { url: String, message: String },
-    #[error("{url} answered HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
+    #[error(
+        "{} answered HTTP {status}{}{}",
+        redact_url(.url),
+        if body.is_empty() { String::new() } else { format!(": {body}") },
+        match retry_after { Some(d) => format!(" (Retry-After: {} s)", d.as_secs()), None => String::new() }
+    )]
     HttpStatus {
         url: String,
         status: u16,
         /// The start of the response body, which often says why.
         body: String,
+        /// How long the server asked to be left alone (`Retry-After` on 429 and 503).
+        retry_after: Option<Duration>,
     },
-    #[error("{url} is larger than max_bytes = {limit}; refused after {read} bytes")]
+    #[error("{} is larger than max_bytes = {limit}; refused after {read} bytes", redact_url(.url))]
     TooLarge { url: String, limit: u64, read: u64 },
-    #[error("fetching {url} did not finish within timeout_secs = {}", .after.as_secs_f64())]
+    #[error("fetching {} did not finish within timeout_secs = {}", redact_url(.url), .after.as_secs_f64())]
     Timeout { url: String, after: Duration },
-    #[error("{feed}: malformed JSON at line {line}, column {column}: {message}")]
+    #[error("{}: malformed JSON at line {line}, column {column}: {message}", redact_url(.feed))]
     Json {
         feed: String,
         line: usize,
         column: usize,
         message: String,
     },
-    #[error("{feed}: malformed CSV at {position}: {message}")]
+    #[error("{}: malformed CSV at {position}: {message}", redact_url(.feed))]
     Csv {
         feed: String,
         /// `row N (line L)`; rows count data records from 1, lines include the header.
         position: String,
         message: String,
     },
-    #[error("{feed}: {message}")]
+    #[error("{}: {message}", redact_url(.feed))]
     Shape { feed: String, message: String },
-    #[error("{feed}: paging stopped: {message}")]
+    #[error("{}: paging stopped: {message}", redact_url(.feed))]
     Paging { feed: String, message: String },
     #[error(
-        "no offers for region {region} in {feed}: {rows_read} rows read, {rejected} rejected{}",
+        "no offers for region {region} in {}: {rows_read} rows read, {rejected} rejected{}",
+        redact_url(.feed),
         if first_reasons.is_empty() { String::new() } else { format!(": {}", first_reasons.join("; ")) }
     )]
     NoOffers {
@@ -118,11 +128,28 @@ pub enum PricingError {
         rejected: usize,
         first_reasons: Vec<String>,
     },
-    #[error("parsing {feed} stopped unexpectedly: {message}")]
+    #[error("parsing {} stopped unexpectedly: {message}", redact_url(.feed))]
     Internal { feed: String, message: String },
 }
 
 impl PricingError {
+    /// Rows refused before the poll failed; a feed whose every row was refused fails with
+    /// all of them, and they count like the rejected rows of a good poll.
+    pub fn rejected_rows(&self) -> u64 {
+        match self {
+            PricingError::NoOffers { rejected, .. } => *rejected as u64,
+            _ => 0,
+        }
+    }
+
+    /// How long the feed asked not to be polled (`Retry-After` of a 429 or 503), unbounded.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            PricingError::HttpStatus { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Turns a serde_json error into either an I/O error on `path` or a positioned syntax
     /// or shape error on `feed`.
     fn from_json(feed: &str, path: Option<&Path>, err: serde_json::Error) -> Self {
@@ -197,7 +224,7 @@ pub async fn poll(
         Ok(outcome) => {
             info!(
                 provider,
-                feed = %source.url,
+                feed = %redact_url(&source.url),
                 offers = outcome.offers.len(),
                 rejected = outcome.rejected.len(),
                 from_cache = outcome.from_cache,
@@ -207,7 +234,7 @@ pub async fn poll(
             if let Some(first) = outcome.rejected.first() {
                 warn!(
                     provider,
-                    feed = %source.url,
+                    feed = %redact_url(&source.url),
                     rejected = outcome.rejected.len(),
                     first = %first,
                     "Some pricing rows were rejected."
@@ -215,7 +242,7 @@ pub async fn poll(
             }
         }
         Err(err) => {
-            warn!(provider, feed = %source.url, error = %err, "Polling the pricing feed failed.")
+            warn!(provider, feed = %redact_url(&source.url), error = %err, "Polling the pricing feed failed.")
         }
     }
     result
@@ -349,6 +376,15 @@ fn finish(
     Ok((by_flavor.into_values().collect(), parsed.rejected))
 }
 
+/// The longest a feed may ask (`Retry-After`) not to be polled; the source's `max_age_secs`
+/// bounds it too. Longer requests are cut to this, so a bad header cannot silence a feed.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// The lowest hourly price taken as an offer, in any currency. Nothing is rented for less
+/// than a millionth of a unit an hour: a 0 or a denormal such as `1e-300` is a glitch in the
+/// feed, and taken as an offer it would pull every service that follows the cheapest price.
+pub const MIN_PRICE_PER_HOUR: f64 = 1e-6;
+
 /// The reason a candidate cannot be an offer, if any.
 fn validate(source: &PricingSource, c: &Candidate) -> Option<String> {
     let price = c.price_per_hour;
@@ -357,6 +393,17 @@ fn validate(source: &PricingSource, c: &Candidate) -> Option<String> {
     }
     if price < 0.0 {
         return Some(format!("price per hour {price} is negative"));
+    }
+    if price < MIN_PRICE_PER_HOUR {
+        // Scientific notation: `1e-300` written out in full would be 300 digits long.
+        let shown = if price == 0.0 {
+            "0".to_string()
+        } else {
+            format!("{price:e}")
+        };
+        return Some(format!(
+            "price per hour {shown} is below the floor of {MIN_PRICE_PER_HOUR} (a glitch, not an offer)"
+        ));
     }
     if price > source.max_price_per_hour {
         return Some(format!(
@@ -418,6 +465,8 @@ pub(crate) mod test_support {
             storage_price_per_gib_month: None,
             egress_price_per_gib: None,
             max_price_per_hour: 100.0,
+            max_price_drop_ratio: 0.5,
+            price_drop_confirmations: 3,
         }
     }
 }
@@ -480,6 +529,39 @@ mod tests {
             "{reasons:?}"
         );
         assert!(reasons["eur"].contains("EUR"), "{reasons:?}");
+    }
+
+    /// Regression: a price of 0 (or a denormal) was taken as an offer, so one glitched
+    /// feed could pull every service that follows the cheapest price to it.
+    #[test]
+    fn zero_and_vanishing_prices_are_rejected_rows_not_offers() {
+        let src = source(PricingFormat::Csv, "file:///feed.csv", "fsn1");
+        let parsed = Parsed {
+            candidates: vec![
+                candidate("good", 0.5),
+                candidate("cheap-but-real", 0.000_001),
+                candidate("zero", 0.0),
+                candidate("negative-zero", -0.0),
+                candidate("denormal", 1e-300),
+                candidate("tiny", 9e-7),
+            ],
+            rejected: vec![],
+            rows_read: 6,
+        };
+        let (offers, rejected) = finish("p", &src, parsed).unwrap();
+        let kept: Vec<&str> = offers.iter().map(|o| o.flavor.as_str()).collect();
+        assert_eq!(kept, ["cheap-but-real", "good"]);
+        let reasons: BTreeMap<_, _> = rejected
+            .iter()
+            .map(|r| (r.flavor.clone().unwrap(), r.reason.clone()))
+            .collect();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        for flavor in ["zero", "negative-zero", "denormal", "tiny"] {
+            assert!(
+                reasons[flavor].contains("below the floor of 0.000001"),
+                "{flavor}: {reasons:?}"
+            );
+        }
     }
 
     #[test]
