@@ -126,6 +126,12 @@ pub enum JournalError {
     NoId,
     #[error("the relocation journal holds unreadable data: {0}")]
     Corrupt(String),
+    #[error("the relocation journal {} has schema version {found}, newer than the {known} this FluidCloud knows; run the release that wrote it", path.display())]
+    Newer {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
 }
 
 pub struct Journal {
@@ -133,7 +139,13 @@ pub struct Journal {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
+/// The schema, one migration per version: the journal's `user_version` says how many have
+/// been applied. A migration is only ever appended, so a journal written by this release
+/// opens in the next. The first one creates only what is missing, so a journal written before
+/// the schema had a version takes it without losing a row.
+const MIGRATIONS: &[&str] = &[SCHEMA_1];
+
+const SCHEMA_1: &str = "
 CREATE TABLE IF NOT EXISTS relocations (
     id TEXT PRIMARY KEY,
     request TEXT NOT NULL,
@@ -191,7 +203,7 @@ impl Journal {
                 .mode(0o600)
                 .open(path);
         }
-        let conn = Connection::open(path).map_err(err)?;
+        let mut conn = Connection::open(path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -200,7 +212,7 @@ impl Journal {
             .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&mut conn, path)?;
         Ok(Journal {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -538,6 +550,33 @@ impl Journal {
     }
 }
 
+/// Brings the journal's schema to the newest version, each migration in its own transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
+    let err = |source| JournalError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let found: u32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    let known = MIGRATIONS.len() as u32;
+    if found > known {
+        return Err(JournalError::Newer {
+            path: path.to_path_buf(),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction().map_err(err)?;
+        tx.execute_batch(sql).map_err(err)?;
+        tx.pragma_update(None, "user_version", i as u32 + 1)
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+    Ok(())
+}
+
 fn parse_time(s: &str) -> Result<DateTime<Utc>, JournalError> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
@@ -604,6 +643,40 @@ mod tests {
         assert_eq!(r.steps[1].error.as_deref(), Some("target unhealthy"));
         // The output of a compensated step is kept: rollback needs to know what was made.
         assert_eq!(r.steps[0].output["digest"], "abc");
+    }
+
+    #[test]
+    fn the_schema_has_a_version_and_a_newer_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.sqlite");
+        let version = |p: &Path| -> u32 {
+            Connection::open(p)
+                .unwrap()
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap()
+        };
+        // A journal from before the schema had a version keeps its rows.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_1).unwrap();
+            conn.execute(
+                "INSERT INTO placements (service, provider, since, relocation_id) VALUES ('shop', 'b', 'now', 'r0')",
+                [],
+            )
+            .unwrap();
+        }
+        assert_eq!(version(&path), 0);
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.placements().unwrap()["shop"], "b");
+        drop(j);
+        assert_eq!(version(&path), MIGRATIONS.len() as u32);
+        // One written by a later release is refused, not misread.
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let e = Journal::open(&path).err().expect("refused").to_string();
+        assert!(e.contains("schema version 99"), "{e}");
     }
 
     #[test]
