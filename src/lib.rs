@@ -13,5 +13,6 @@ pub mod daemon;
 pub mod model;
 pub mod policy;
 pub mod providers;
+pub mod sys;
 pub mod telemetry;
 pub mod viaduct;

@@ -1658,7 +1658,7 @@ fn check_refuses_a_world_readable_token_and_a_bad_region_table_like_the_daemon()
     let (code, err) = run("check");
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains("daemon.api_token_file") && err.contains("readable by every user"),
+        err.contains("daemon.api_token_file") && err.contains("open to other users"),
         "{err}"
     );
     assert!(
@@ -1668,10 +1668,7 @@ fn check_refuses_a_world_readable_token_and_a_bad_region_table_like_the_daemon()
     // The daemon refuses the same file, with the same words.
     let (code, daemon_err) = run("daemon");
     assert_eq!(code, Some(2), "{daemon_err}");
-    assert!(
-        daemon_err.contains("readable by every user"),
-        "{daemon_err}"
-    );
+    assert!(daemon_err.contains("open to other users"), "{daemon_err}");
     assert!(daemon_err.contains("regions.file"), "{daemon_err}");
 }
 

@@ -104,7 +104,7 @@ fn a_key_file_others_can_read_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("chmod 600"), "{err}");
+    assert!(err.contains("open to other users"), "{err}");
 }
 
 #[test]

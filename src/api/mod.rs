@@ -409,15 +409,8 @@ async fn reload(State(s): State<AppState>) -> Response {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("cannot read the API token file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the API token file {0} is readable by every user; run `chmod 600` on it")]
-    WorldReadable(PathBuf),
-    #[error("the API token file {0} is empty")]
-    Empty(PathBuf),
+    #[error(transparent)]
+    Secret(#[from] crate::sys::secret::SecretError),
     #[error("cannot write a new API token to {path}: {source}")]
     Write {
         path: PathBuf,
@@ -485,23 +478,7 @@ pub fn check_token(config: &Config) -> Result<(), TokenError> {
 }
 
 fn read_token(path: &Path) -> Result<String, TokenError> {
-    use std::os::unix::fs::PermissionsExt;
-    let read = |source| TokenError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(read)?;
-    if meta.permissions().mode() & 0o004 != 0 {
-        return Err(TokenError::WorldReadable(path.to_path_buf()));
-    }
-    let token = std::fs::read_to_string(path)
-        .map_err(read)?
-        .trim()
-        .to_string();
-    if token.is_empty() {
-        return Err(TokenError::Empty(path.to_path_buf()));
-    }
-    Ok(token)
+    Ok(crate::sys::secret::read_text(path, "the API token file")?)
 }
 
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {

@@ -59,20 +59,7 @@ impl StateFile {
     /// Writes through a temporary file and a rename, so a crash leaves the old or the new
     /// state, never half of one.
     pub fn save(&self, state: &PersistedState) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(state).expect("state serialises");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        // A temporary file left by a crash keeps the mode it was created with.
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
+        crate::sys::fs::write_atomic(&self.path, &bytes)
     }
 }

@@ -36,7 +36,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -558,23 +557,13 @@ async fn run_command(
     }
 }
 
-/// Reads a bearer token file; like the API's own token, one readable by every user is
-/// refused.
+/// Reads a bearer token file, under the rule of every secret file (none others can read).
 fn read_token(path: &Path) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if meta.permissions().mode() & 0o004 != 0 {
-        return Err("it is readable by every user; run `chmod 600` on it".to_string());
-    }
-    let token = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let token = token.trim();
-    if token.is_empty() {
-        return Err("it is empty".to_string());
-    }
+    let token = crate::sys::secret::read_text(path, "the token file").map_err(|e| e.to_string())?;
     if token.chars().any(|c| c.is_control()) {
         return Err("it holds more than one line or control characters".to_string());
     }
-    Ok(token.to_string())
+    Ok(token)
 }
 
 /// The error and its causes in one line: reqwest's own message alone rarely says why.
@@ -808,32 +797,14 @@ impl ContextDocument {
     /// file or the whole new one: a temporary file, flushed to disk, renamed over it.
     pub fn write_to(&self, dir: &Path) -> Result<PathBuf, ContextWriteError> {
         let path = dir.join(CONTEXT_FILE_NAME);
-        let tmp = dir.join(format!(
-            ".{CONTEXT_FILE_NAME}.{}.{:08x}.tmp",
-            std::process::id(),
-            fastrand::u32(..)
-        ));
         let fail = |error| ContextWriteError {
             path: path.clone(),
             error,
         };
-        let write = || -> std::io::Result<()> {
-            let mut json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-            json.push(b'\n');
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            // The rename itself must survive a crash too.
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            fail(e)
-        })?;
+        let mut json =
+            serde_json::to_vec_pretty(self).map_err(|e| fail(std::io::Error::other(e)))?;
+        json.push(b'\n');
+        crate::sys::fs::write_atomic(&path, &json).map_err(fail)?;
         Ok(path)
     }
 }
@@ -1195,7 +1166,7 @@ echo "repointed" >&2
             timeout: Duration::from_secs(5),
         };
         let err = run_hook(&spec, &event()).await.unwrap_err();
-        assert!(err.to_string().contains("chmod 600"), "{err}");
+        assert!(err.to_string().contains("open to other users"), "{err}");
     }
 
     #[test]

@@ -32,28 +32,16 @@ impl PresharedKey {
         Ok(PresharedKey(blake3::derive_key(KEY_CONTEXT, secret)))
     }
 
-    /// Reads the secret from a file (trailing whitespace is ignored). The file must not be
-    /// readable by group or others: a secret anyone on the host can read is no secret.
+    /// Reads the secret from a file (trailing whitespace is ignored), under the rule of every
+    /// secret file: one that other users can access is refused.
     pub fn from_file(path: &Path) -> Result<Self, ViaductError> {
-        use std::os::unix::fs::PermissionsExt;
         let err = |detail: String| ViaductError::Key {
             path: path.to_path_buf(),
             detail,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read it: {e}")))?;
-        let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(err(format!(
-                "it is accessible by group or others (mode {:o}); run `chmod 600` on it",
-                mode & 0o777
-            )));
-        }
-        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read it: {e}")))?;
-        let end = bytes
-            .iter()
-            .rposition(|b| !b.is_ascii_whitespace())
-            .map_or(0, |p| p + 1);
-        Self::from_secret(&bytes[..end]).map_err(err)
+        let bytes =
+            crate::sys::secret::read(path, "the key file").map_err(|e| err(e.to_string()))?;
+        Self::from_secret(&bytes).map_err(err)
     }
 
     /// A fresh random key, for tests and for generating a secret to distribute.
@@ -163,7 +151,7 @@ mod tests {
         std::fs::write(&p, "0123456789abcdef0123456789abcdef0123\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = PresharedKey::from_file(&p).unwrap_err().to_string();
-        assert!(e.contains("chmod 600"), "{e}");
+        assert!(e.contains("open to other users"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         let k = PresharedKey::from_file(&p).unwrap();
         let direct = PresharedKey::from_secret(b"0123456789abcdef0123456789abcdef0123").unwrap();

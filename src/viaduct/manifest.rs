@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -178,38 +178,14 @@ impl ChunkManifest {
     /// Writes the manifest to `path` atomically: into a temporary file beside it, flushed,
     /// then renamed over `path`, so a crash leaves either the old file or the new one.
     pub fn save(&self, path: &Path) -> Result<(), ViaductError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let fail = |detail: String| ViaductError::Manifest {
             path: path.to_path_buf(),
             detail,
         };
         self.check()
             .map_err(|e| fail(format!("refusing to save an inconsistent manifest: {e}")))?;
-        let Some(file_name) = path.file_name() else {
-            return Err(fail("the path does not name a file".into()));
-        };
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        let write = || -> io::Result<()> {
-            let mut f = File::options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
-            f.write_all(&self.encode())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-            File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            fail(format!("cannot write it: {e}"))
-        })
+        crate::sys::fs::write_atomic(path, &self.encode())
+            .map_err(|e| fail(format!("cannot write it: {e}")))
     }
 
     /// Reads a manifest written by [`ChunkManifest::save`]. A missing, truncated, corrupt or

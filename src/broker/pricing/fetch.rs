@@ -247,21 +247,16 @@ pub(crate) async fn read_to_memory(
     }
 }
 
-/// Writes `bytes` to `dest` through a temporary file and a rename.
+/// Replaces `dest` with `bytes` whole or not at all.
 pub(crate) async fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<(), PricingError> {
-    let mut part = PartialFile::new(dest);
-    let cache_err = |source| PricingError::Cache {
-        path: dest.to_path_buf(),
-        source,
-    };
-    tokio::fs::write(&part.path, bytes)
+    let (path, bytes) = (dest.to_path_buf(), bytes.to_vec());
+    tokio::task::spawn_blocking(move || crate::sys::fs::write_atomic(&path, &bytes))
         .await
-        .map_err(cache_err)?;
-    tokio::fs::rename(&part.path, dest)
-        .await
-        .map_err(cache_err)?;
-    part.keep = true;
-    Ok(())
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|source| PricingError::Cache {
+            path: dest.to_path_buf(),
+            source,
+        })
 }
 
 /// A successful response body read chunk by chunk, refused as soon as it exceeds the limit.

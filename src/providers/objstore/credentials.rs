@@ -11,7 +11,6 @@
 //! `default` section.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::CredentialsSource;
@@ -60,18 +59,8 @@ fn load(provider: &str, source: &CredentialsSource) -> Result<(PathBuf, Entries)
             }
         },
     };
-    let meta = std::fs::metadata(&path)
-        .map_err(|e| format!("cannot read the credentials file {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode();
-    if mode & 0o007 != 0 {
-        return Err(format!(
-            "the credentials file {} is open to other users (mode {:04o}); `chmod o-rwx` it",
-            path.display(),
-            mode & 0o7777
-        ));
-    }
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read the credentials file {}: {e}", path.display()))?;
+    let text =
+        crate::sys::secret::read_text(&path, "the credentials file").map_err(|e| e.to_string())?;
     let entries = parse(&text, source.profile.as_deref())
         .map_err(|e| format!("credentials file {}: {e}", path.display()))?;
     Ok((path, entries))
@@ -223,6 +212,7 @@ pub(crate) fn swift(
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
 
     fn file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
         let path = dir.join(name);
