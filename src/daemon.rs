@@ -27,6 +27,9 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let (token, token_path) = crate::api::load_token(&config)?;
     tracing::info!("The API token is read from {}.", token_path.display());
     let listen = config.daemon.listen;
+    // The providers' roots are this process's from their first use until it exits, through
+    // any number of reloads.
+    crate::providers::keep_root_locks_until_exit();
     let journal = config.daemon.state_dir.join("journal.sqlite");
     let metrics = Arc::new(Metrics::new());
     let engine = Arc::new(Engine::open(

@@ -49,6 +49,7 @@ use tokio::io::AsyncRead;
 use crate::config::{self, Driver, HealthCheck};
 
 pub use crate::config::DiskFormat;
+pub use local::keep_root_locks_until_exit;
 pub use names::{validate_file_name, validate_key, validate_name};
 pub use spec::{AppSpec, SettingsError};
 pub use vm_spec::{PortForward, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};

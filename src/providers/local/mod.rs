@@ -53,6 +53,8 @@ pub struct LocalProvider {
     volumes: volumes::Volumes,
     buckets: buckets::Buckets,
     apps: apps::Apps,
+    /// Declared last so it is released only after the supervisors have been stopped.
+    _root_lock: Arc<RootLock>,
 }
 
 impl LocalProvider {
@@ -107,7 +109,7 @@ impl LocalProvider {
         }
         open.retain(|_, w| w.strong_count() > 0);
 
-        lock_root(&root, name).map_err(setup)?;
+        let root_lock = lock_root(&root, name).map_err(setup)?;
         for sub in ["volumes", "buckets", "apps", "operations", "tmp"] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir)
@@ -131,6 +133,7 @@ impl LocalProvider {
             volumes,
             buckets,
             apps,
+            _root_lock: root_lock,
         });
         open.insert(root, Arc::downgrade(&provider));
         Ok(provider)
@@ -147,24 +150,42 @@ impl LocalProvider {
     }
 }
 
-/// Root locks this process holds, by canonical root. A lock is taken at a root's first use
-/// and kept until the process exits: providers are dropped and opened again (at a reload,
-/// say), and a root must never be free for another process in between.
-/// The provider name is kept with it: one root serves one provider.
-static HELD_ROOTS: Mutex<BTreeMap<PathBuf, (String, File)>> = Mutex::new(BTreeMap::new());
+/// The lock of one provider root, held by this process while it lives.
+pub(crate) struct RootLock {
+    provider: String,
+    _file: File,
+}
+
+/// Root locks this process holds, by canonical root; one root serves one provider.
+static HELD_ROOTS: Mutex<BTreeMap<PathBuf, Weak<RootLock>>> = Mutex::new(BTreeMap::new());
+
+/// Set by [`keep_root_locks_until_exit`]: the locks taken are never released.
+static KEPT_ROOTS: Mutex<Option<Vec<Arc<RootLock>>>> = Mutex::new(None);
+
+/// Makes every provider root this process locks, now or later, stay locked until the process
+/// exits. A daemon calls it at start: it drops providers and opens them again (at a reload,
+/// say), and a root must never be free for another process in between. Without it a root is
+/// released once no provider of this process uses it.
+pub fn keep_root_locks_until_exit() {
+    let held = HELD_ROOTS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut kept = KEPT_ROOTS.lock().unwrap_or_else(|e| e.into_inner());
+    let kept = kept.get_or_insert_with(Vec::new);
+    kept.extend(held.values().filter_map(Weak::upgrade));
+}
 
 /// Takes the root's lock file so that a second process cannot supervise the same apps or
 /// write the same images. `root` is canonical; a root this process holds already for the
 /// same `provider` is fine, for another provider it is refused.
-pub(crate) fn lock_root(root: &Path, provider: &str) -> Result<(), String> {
+pub(crate) fn lock_root(root: &Path, provider: &str) -> Result<Arc<RootLock>, String> {
     let mut held = HELD_ROOTS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((owner, _)) = held.get(root) {
-        if owner == provider {
-            return Ok(());
+    if let Some(lock) = held.get(root).and_then(Weak::upgrade) {
+        if lock.provider == provider {
+            return Ok(lock);
         }
         return Err(format!(
-            "its root {} is already used by provider `{owner}` in this process; each provider needs a root of its own",
-            root.display()
+            "its root {} is already used by provider `{}` in this process; each provider needs a root of its own",
+            root.display(),
+            lock.provider
         ));
     }
     let path = root.join(".lock");
@@ -192,8 +213,19 @@ pub(crate) fn lock_root(root: &Path, provider: &str) -> Result<(), String> {
     }
     let _ = file.set_len(0);
     let _ = writeln!(file, "{}", std::process::id());
-    held.insert(root.to_path_buf(), (provider.to_string(), file));
-    Ok(())
+    let lock = Arc::new(RootLock {
+        provider: provider.to_string(),
+        _file: file,
+    });
+    held.insert(root.to_path_buf(), Arc::downgrade(&lock));
+    if let Some(kept) = KEPT_ROOTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
+        kept.push(lock.clone());
+    }
+    Ok(lock)
 }
 
 /// Bytes available to an unprivileged writer on the filesystem holding `dir`.

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use super::local::operations::{OpStore, KEEP};
 use super::local::process::ProcessId;
 use super::local::volumes::Volumes;
-use super::local::{available_bytes, lock_root, write_atomic};
+use super::local::{available_bytes, lock_root, write_atomic, RootLock};
 use super::{
     object, Capabilities, DiskFormat, ForwardedPort, Operation, OperationId, OperationKind,
     Provider, ProviderError, StopOptions, StopOutcome, VmSpec, VmState, VmStatus, VolumeInfo,
@@ -102,6 +102,7 @@ pub struct QemuProvider {
     locks: Mutex<BTreeMap<VmKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Emulators this instance started, by VM; any other running one was adopted.
     started: Mutex<BTreeMap<VmKey, u32>>,
+    _root_lock: Arc<RootLock>,
 }
 
 impl QemuProvider {
@@ -153,7 +154,7 @@ impl QemuProvider {
         let root = root
             .canonicalize()
             .map_err(|e| setup(format!("cannot resolve its root {}: {e}", root.display())))?;
-        lock_root(&root, name).map_err(setup)?;
+        let root_lock = lock_root(&root, name).map_err(setup)?;
         for sub in ["volumes", "vms", "operations"] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir)
@@ -174,6 +175,7 @@ impl QemuProvider {
             accel: tokio::sync::OnceCell::new(),
             locks: Mutex::new(BTreeMap::new()),
             started: Mutex::new(BTreeMap::new()),
+            _root_lock: root_lock,
         }))
     }
 
