@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fluidcloud::conduit::buckets::BucketProgress;
 use fluidcloud::conduit::engine::Engine;
 use fluidcloud::conduit::journal::{RelocationRecord, StepState};
 use fluidcloud::conduit::plan::{human_bytes, Step};
 use fluidcloud::conduit::{Observer, RelocationRequest, RelocationState};
 use fluidcloud::config::Config;
+use fluidcloud::migrators::copier::BucketProgress;
 use fluidcloud::viaduct::Progress;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 

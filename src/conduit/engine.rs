@@ -103,7 +103,7 @@ impl Inner {
     pub fn bucket_homes(
         &self,
         spec: &crate::config::ServiceSpec,
-    ) -> Result<super::deploy::BucketHomes, ProviderError> {
+    ) -> Result<crate::migrators::deploy::BucketHomes, ProviderError> {
         spec.components
             .iter()
             .filter(|c| c.kind == crate::model::ComponentKind::Bucket && c.keep_at_source)
@@ -267,22 +267,20 @@ impl Engine {
         }
     }
 
-    /// Makes `service` present on `provider` (see [`super::deploy::ensure`]).
+    /// Makes `service` present on `provider` (see [`crate::migrators::deploy::ensure`]).
     pub async fn deploy(
         &self,
         service: &str,
         provider: &str,
-    ) -> Result<super::deploy::DeployReport, super::deploy::DeployError> {
+    ) -> Result<crate::migrators::deploy::DeployReport, crate::migrators::deploy::DeployError> {
         let config = self.inner.config();
-        let spec =
-            config
-                .services
-                .get(service)
-                .ok_or_else(|| super::deploy::DeployError::Component {
-                    service: service.to_string(),
-                    component: "service".to_string(),
-                    message: "it is not in the configuration".to_string(),
-                })?;
+        let spec = config.services.get(service).ok_or_else(|| {
+            crate::migrators::deploy::DeployError::Component {
+                service: service.to_string(),
+                component: "service".to_string(),
+                message: "it is not in the configuration".to_string(),
+            }
+        })?;
         let p = self.inner.provider(provider)?;
         let homes = self.inner.bucket_homes(spec)?;
         self.ensure(p.as_ref(), &homes, &config, spec).await
@@ -291,13 +289,13 @@ impl Engine {
     async fn ensure(
         &self,
         at: &dyn Provider,
-        homes: &super::deploy::BucketHomes,
+        homes: &crate::migrators::deploy::BucketHomes,
         config: &Config,
         spec: &crate::config::ServiceSpec,
-    ) -> Result<super::deploy::DeployReport, super::deploy::DeployError> {
+    ) -> Result<crate::migrators::deploy::DeployReport, crate::migrators::deploy::DeployError> {
         let journal = &self.inner.journal;
         let known = journal.deployed(&spec.name, at.name()).unwrap_or_default();
-        let report = super::deploy::ensure(at, homes, config, spec, &known).await;
+        let report = crate::migrators::deploy::ensure(at, homes, config, spec, &known).await;
         // Once deployed, every volume of the service exists there.
         if report.is_ok() && at.capabilities().block {
             for v in spec.components.iter().filter(|c| {

@@ -31,9 +31,10 @@ use super::hooks::{
 };
 use super::journal::{RelocationRecord, StepState};
 use super::plan::{Action, Phase, Plan, Step, VolumePlan};
-use super::rewrite::{self, ConfigFileSpec, Placeholders};
+use super::rewrite::{self, Placeholders};
 use super::RelocationState;
 use crate::config::{Component, Config, ServiceSpec};
+use crate::migrators::config::config_spec;
 use crate::model::ComponentKind;
 use crate::providers::{
     self, AppState, DiskFormat, Provider, ProviderError, StopOptions, VolumeSpec,
@@ -1387,23 +1388,6 @@ async fn start_target_vm(ctx: &Ctx, vm: &str) -> Result<Value, StepError> {
     Ok(json!({ "detail": op.detail }))
 }
 
-fn config_spec(
-    config: &Config,
-    service: &str,
-    c: &Component,
-) -> Result<ConfigFileSpec, DeployError> {
-    let base = config.path.parent().unwrap_or(Path::new("/"));
-    ConfigFileSpec::from_component(service, c, base).map_err(|problems| DeployError::Component {
-        service: service.to_string(),
-        component: format!("config `{}`", c.name),
-        message: problems
-            .into_iter()
-            .map(|(k, m)| format!("{k}: {m}"))
-            .collect::<Vec<_>>()
-            .join("; "),
-    })
-}
-
 /// Placeholder values for the target. Before the target's volumes exist (at preflight),
 /// their paths are stand-ins, so rules can be checked without writing anything.
 async fn target_values(ctx: &Ctx) -> Result<Placeholders, StepError> {
@@ -1456,40 +1440,6 @@ async fn write_config(ctx: &Ctx, file: &str, app: &str) -> Result<Value, StepErr
         .write_app_file(ctx.svc(), app, file, text.as_bytes())
         .await?;
     Ok(json!({ "path": path, "bytes": text.len(), "checked": true }))
-}
-
-/// Writes a configuration file from its template where the service is deployed, unless it
-/// exists. Returns what it created.
-pub(super) async fn write_initial_config(
-    at: &dyn Provider,
-    homes: &deploy::BucketHomes,
-    config: &Config,
-    spec: &ServiceSpec,
-    c: &Component,
-) -> Result<Option<String>, DeployError> {
-    let cfs = config_spec(config, &spec.name, c)?;
-    let Some(app) = deploy::config_app(spec, c) else {
-        return Err(DeployError::Component {
-            service: spec.name.clone(),
-            component: format!("config `{}`", c.name),
-            message: "it names no app, and the service has more than one (set `settings.app`)"
-                .to_string(),
-        });
-    };
-    if at.read_app_file(&spec.name, &app, &c.name).await?.is_some() {
-        return Ok(None);
-    }
-    let values: Placeholders = deploy::values(config, spec, at, homes)
-        .await?
-        .into_iter()
-        .collect();
-    let Some(text) = cfs.render_initial(&values)? else {
-        return Ok(None);
-    };
-    cfs.check(&text)?;
-    at.write_app_file(&spec.name, &app, &c.name, text.as_bytes())
-        .await?;
-    Ok(Some(format!("config `{}` of app `{app}`", c.name)))
 }
 
 async fn recontextualise(ctx: &Ctx) -> Result<Value, StepError> {

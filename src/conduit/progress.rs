@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::buckets::BucketProgress;
 use super::executor::Observer;
 use super::journal::StepState;
 use super::plan::Step;
+use crate::migrators::copier::BucketProgress;
 use crate::viaduct;
 
 /// The latest snapshot of one running transfer.

@@ -232,9 +232,7 @@ pub async fn ensure(
         .iter()
         .filter(|c| c.kind == ComponentKind::Config)
     {
-        if let Some(what) =
-            super::executor::write_initial_config(at, homes, config, spec, c).await?
-        {
+        if let Some(what) = super::config::write_initial_config(at, homes, config, spec, c).await? {
             report.created.push(what);
         }
     }
