@@ -97,23 +97,16 @@ impl Inner {
             .clone()
     }
 
-    /// The provider of that name, opened on first use and kept open (a local provider
-    /// supervises its apps for as long as it is open).
     /// The providers holding the buckets of `spec` that stay where they are when it moves.
     pub fn bucket_homes(
         &self,
         spec: &crate::config::ServiceSpec,
     ) -> Result<crate::migrators::deploy::BucketHomes, ProviderError> {
-        spec.components
-            .iter()
-            .filter(|c| c.kind == crate::model::ComponentKind::Bucket && c.keep_at_source)
-            .map(|c| {
-                let home = c.home.as_deref().unwrap_or(&spec.provider);
-                Ok((c.name.clone(), self.provider(home)?))
-            })
-            .collect()
+        crate::migrators::deploy::bucket_homes(spec, |name| self.provider(name))
     }
 
+    /// The provider of that name, opened on first use and kept open (a local provider
+    /// supervises its apps for as long as it is open).
     pub fn provider(&self, name: &str) -> Result<Arc<dyn Provider>, ProviderError> {
         let mut open = self.providers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = open.get(name) {
