@@ -1,5 +1,5 @@
 //! Bucket relocation from S3 (s3s-fs) to OpenStack Swift: the bucket migrator
-//! (`conduit::buckets::copy_bucket`) against `rclone copy`, on the same servers, in one run.
+//! (`migrators::copier::copy_bucket`) against `rclone copy`, on the same servers, in one run.
 //!
 //! `cargo bench --features object-stores --bench buckets -- [--dir DIR] [--repeat N]
 //! [--sets small,large] [--rclone PATH] [--swift-part-mib N]`. Needs the servers of
@@ -36,8 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_port, load_average, median};
-use fluidcloud::conduit::buckets::{copy_bucket, BucketCopyOptions, BucketProgress};
 use fluidcloud::config::Config;
+use fluidcloud::migrators::copier::{copy_bucket, BucketCopyOptions, BucketProgress};
 use fluidcloud::providers::{self, Provider};
 use servers::{S3sFs, SwiftServer, TestEnv};
 

@@ -364,7 +364,9 @@ impl Observer for ChangeAfterPrecopy {
             }
         }
     }
+}
 
+impl fluidcloud::migrators::Observer for ChangeAfterPrecopy {
     fn transfer(&self, _relocation: &str, _step: &str, _progress: &Progress) {}
 }
 

@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fluidcloud::conduit::buckets::BucketProgress;
 use fluidcloud::conduit::engine::Engine;
 use fluidcloud::conduit::journal::{RelocationRecord, StepState};
 use fluidcloud::conduit::plan::{human_bytes, Step};
 use fluidcloud::conduit::{Observer, RelocationRequest, RelocationState};
 use fluidcloud::config::Config;
+use fluidcloud::migrators::copier::BucketProgress;
+use fluidcloud::migrators::Observer as _;
 use fluidcloud::viaduct::Progress;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -245,7 +246,9 @@ impl Observer for Bars {
     fn step(&self, _relocation: &str, step: &Step, state: StepState, detail: &str) {
         self.step_line(Some(step.phase.as_str()), &step.name, state, detail);
     }
+}
 
+impl fluidcloud::migrators::Observer for Bars {
     fn transfer(&self, _relocation: &str, step: &str, p: &Progress) {
         let done = p
             .image_bytes

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use common::servers::{kill_from_pid_file, S3sFs, SwiftServer, TestEnv};
 use common::{bin, repo};
-use fluidcloud::conduit::buckets::{bucket_manifest, BucketManifest};
 use fluidcloud::config::Config;
+use fluidcloud::migrators::copier::{bucket_manifest, BucketManifest};
 use fluidcloud::providers::{self, ObjectStream, Provider};
 
 /// Larger than the 5 MiB part size configured below, so it travels in parts.

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use common::servers::{http, S3sFs, SwiftServer, TestEnv};
-use fluidcloud::conduit::buckets::{
+use fluidcloud::config::Config;
+use fluidcloud::migrators::copier::{
     bucket_manifest, copy_bucket, BucketCopyError, BucketCopyOptions, BucketCopyReport,
     BucketProgress, Side,
 };
-use fluidcloud::config::Config;
 use fluidcloud::providers::{self, ObjectMeta, ObjectStream, Provider, ProviderError};
 
 const MIB: usize = 1 << 20;

@@ -97,23 +97,16 @@ impl Inner {
             .clone()
     }
 
-    /// The provider of that name, opened on first use and kept open (a local provider
-    /// supervises its apps for as long as it is open).
     /// The providers holding the buckets of `spec` that stay where they are when it moves.
     pub fn bucket_homes(
         &self,
         spec: &crate::config::ServiceSpec,
-    ) -> Result<super::deploy::BucketHomes, ProviderError> {
-        spec.components
-            .iter()
-            .filter(|c| c.kind == crate::model::ComponentKind::Bucket && c.keep_at_source)
-            .map(|c| {
-                let home = c.home.as_deref().unwrap_or(&spec.provider);
-                Ok((c.name.clone(), self.provider(home)?))
-            })
-            .collect()
+    ) -> Result<crate::migrators::deploy::BucketHomes, ProviderError> {
+        crate::migrators::deploy::bucket_homes(spec, |name| self.provider(name))
     }
 
+    /// The provider of that name, opened on first use and kept open (a local provider
+    /// supervises its apps for as long as it is open).
     pub fn provider(&self, name: &str) -> Result<Arc<dyn Provider>, ProviderError> {
         let mut open = self.providers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = open.get(name) {
@@ -267,22 +260,20 @@ impl Engine {
         }
     }
 
-    /// Makes `service` present on `provider` (see [`super::deploy::ensure`]).
+    /// Makes `service` present on `provider` (see [`crate::migrators::deploy::ensure`]).
     pub async fn deploy(
         &self,
         service: &str,
         provider: &str,
-    ) -> Result<super::deploy::DeployReport, super::deploy::DeployError> {
+    ) -> Result<crate::migrators::deploy::DeployReport, crate::migrators::deploy::DeployError> {
         let config = self.inner.config();
-        let spec =
-            config
-                .services
-                .get(service)
-                .ok_or_else(|| super::deploy::DeployError::Component {
-                    service: service.to_string(),
-                    component: "service".to_string(),
-                    message: "it is not in the configuration".to_string(),
-                })?;
+        let spec = config.services.get(service).ok_or_else(|| {
+            crate::migrators::deploy::DeployError::Component {
+                service: service.to_string(),
+                component: "service".to_string(),
+                message: "it is not in the configuration".to_string(),
+            }
+        })?;
         let p = self.inner.provider(provider)?;
         let homes = self.inner.bucket_homes(spec)?;
         self.ensure(p.as_ref(), &homes, &config, spec).await
@@ -291,13 +282,13 @@ impl Engine {
     async fn ensure(
         &self,
         at: &dyn Provider,
-        homes: &super::deploy::BucketHomes,
+        homes: &crate::migrators::deploy::BucketHomes,
         config: &Config,
         spec: &crate::config::ServiceSpec,
-    ) -> Result<super::deploy::DeployReport, super::deploy::DeployError> {
+    ) -> Result<crate::migrators::deploy::DeployReport, crate::migrators::deploy::DeployError> {
         let journal = &self.inner.journal;
         let known = journal.deployed(&spec.name, at.name()).unwrap_or_default();
-        let report = super::deploy::ensure(at, homes, config, spec, &known).await;
+        let report = crate::migrators::deploy::ensure(at, homes, config, spec, &known).await;
         // Once deployed, every volume of the service exists there.
         if report.is_ok() && at.capabilities().block {
             for v in spec.components.iter().filter(|c| {

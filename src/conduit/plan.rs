@@ -493,7 +493,7 @@ fn build(
     };
     let mut configured = Vec::new();
     for c in &configs {
-        let app = super::deploy::config_app(spec, c).unwrap_or_default();
+        let app = crate::migrators::deploy::config_app(spec, c).unwrap_or_default();
         let name = format!("write-config:{}", c.name);
         push(
             Phase::Cutover,

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::buckets::BucketProgress;
 use super::executor::Observer;
 use super::journal::StepState;
 use super::plan::Step;
+use crate::migrators;
+use crate::migrators::copier::BucketProgress;
 use crate::viaduct;
 
 /// The latest snapshot of one running transfer.
@@ -60,7 +61,9 @@ impl Observer for Board {
             }
         }
     }
+}
 
+impl migrators::Observer for Board {
     fn transfer(&self, relocation: &str, step: &str, progress: &viaduct::Progress) {
         self.set(relocation, step, LiveProgress::Volume(progress.clone()));
     }
@@ -78,7 +81,9 @@ impl Observer for Tee {
         self.0.step(relocation, step, state, detail);
         self.1.step(relocation, step, state, detail);
     }
+}
 
+impl migrators::Observer for Tee {
     fn transfer(&self, relocation: &str, step: &str, progress: &viaduct::Progress) {
         self.0.transfer(relocation, step, progress);
         self.1.transfer(relocation, step, progress);

@@ -1003,10 +1003,10 @@ impl Validator<'_> {
                 let n = self.at_least(
                     "conduit.bucket_concurrency",
                     raw.conduit.bucket_concurrency,
-                    crate::conduit::buckets::DEFAULT_CONCURRENCY as u64,
+                    crate::migrators::copier::DEFAULT_CONCURRENCY as u64,
                     1,
                 );
-                let max = crate::conduit::buckets::MAX_CONCURRENCY as u64;
+                let max = crate::migrators::copier::MAX_CONCURRENCY as u64;
                 if n > max {
                     self.err(
                         "conduit.bucket_concurrency",
@@ -2002,7 +2002,7 @@ impl Validator<'_> {
                 continue;
             }
             let ck = format!("{key}.components[{i}]");
-            match crate::conduit::rewrite::ConfigFileSpec::from_component(name, c, self.base) {
+            match crate::migrators::rewrite::ConfigFileSpec::from_component(name, c, self.base) {
                 Ok(spec) => {
                     if let Err(message) = spec.resolve_app(&components) {
                         let at = if spec.app.is_some() {

@@ -95,6 +95,22 @@ pub fn vm_spec(config: &Config, spec: &ServiceSpec, c: &Component) -> Result<VmS
 /// The providers holding a service's buckets that stay put when it moves, by bucket name.
 pub type BucketHomes = std::collections::BTreeMap<String, std::sync::Arc<dyn Provider>>;
 
+/// The providers holding the buckets of `spec` that stay where they are when it moves,
+/// each opened by `open`.
+pub fn bucket_homes(
+    spec: &ServiceSpec,
+    open: impl Fn(&str) -> Result<std::sync::Arc<dyn Provider>, ProviderError>,
+) -> Result<BucketHomes, ProviderError> {
+    spec.components
+        .iter()
+        .filter(|c| c.kind == ComponentKind::Bucket && c.keep_at_source)
+        .map(|c| {
+            let home = c.home.as_deref().unwrap_or(&spec.provider);
+            Ok((c.name.clone(), open(home)?))
+        })
+        .collect()
+}
+
 /// Placeholder values describing `spec` as deployed at `at`, with the buckets that stay put
 /// described at their `homes`.
 pub async fn values(
@@ -232,9 +248,7 @@ pub async fn ensure(
         .iter()
         .filter(|c| c.kind == ComponentKind::Config)
     {
-        if let Some(what) =
-            super::executor::write_initial_config(at, homes, config, spec, c).await?
-        {
+        if let Some(what) = super::config::write_initial_config(at, homes, config, spec, c).await? {
             report.created.push(what);
         }
     }
