@@ -113,7 +113,7 @@ async fn copy_bucket(cx: &Cx, step: &str, bucket: &str) -> Result<Value, Migrato
         .map_err(std::io::Error::other)
         .and_then(|json| {
             std::fs::create_dir_all(&cx.work_dir)?;
-            crate::providers::local::write_atomic(&hashes, &json)
+            crate::sys::fs::write_atomic(&hashes, &json)
         });
     if let Err(e) = saved {
         tracing::warn!(
