@@ -1,9 +1,21 @@
 //! FluidCloud: relocates running cloud services between providers when the owner's policy
 //! says it pays.
 //!
-//! The crate follows the paper's architecture: the [`broker`] watches the market and
-//! decides, [`policy`] runs the owner's Rhai rules behind the broker's guard rails, the
-//! [`conduit`] relocates, running one [`migrators`] task per step of its plan.
+//! The crate follows the paper's architecture:
+//!
+//! | paper's term | module | what it does |
+//! | --- | --- | --- |
+//! | Broker | [`broker`] | polls prices, IO benchmarks and region data, evaluates policies behind guard rails, logs decisions |
+//! | (owner's rules) | [`policy`] | the Rhai sandbox and the script API policies are written against |
+//! | CloudConduit | [`conduit`] | plans a relocation, journals it, drives it forward or back, keeps the source for its grace period |
+//! | Migrator | [`migrators`] | one task of a relocation each (copy a volume, convert a disk, copy a bucket, rewrite config, start, check, cut over), with its undo |
+//! | Viaduct | [`viaduct`] | the data path between providers: sparse, compressed, verified, resumable, rate-limited, authenticated |
+//! | Cloud service provider | [`providers`] | the drivers (`local`, `qemu`, `s3`, `swift`) behind one trait |
+//! | Service instance | [`model`] | services, components, offers, the market snapshot, verdicts |
+//! | | [`config`] | the TOML file, parsed and validated with every problem at once |
+//! | | [`api`], [`telemetry`] | the HTTP API and `/metrics`; logs and metrics |
+//! | | [`daemon`] | the long-running process that ties them together |
+//! | | [`sys`] | plumbing written once: atomic file writes, secret files |
 
 pub mod api;
 pub mod broker;
