@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need (idempotently:
 # qemu-utils system-wide, the S3, Swift and QEMU test servers into a cache directory, see
-# scripts/test-env.sh), then builds and runs every test with every driver compiled in, the
-# policy tests and the format and lint checks of the default and the full build.
+# scripts/test-env.sh), then builds and runs every test with every driver and the crash
+# tests' kill switch compiled in, the policy tests and the format and lint checks of the
+# default and the full build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,14 +14,17 @@ fi
 scripts/test-env.sh
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
+# Every driver, and the checkpoints the crash tests kill the process at.
+FEATURES=object-stores,crash-points
+
 echo "== format"
 cargo fmt --all -- --check
 echo "== lint"
 cargo clippy --all-targets --locked -- -D warnings
-cargo clippy --all-targets --locked --features object-stores -- -D warnings
+cargo clippy --all-targets --locked --features "$FEATURES" -- -D warnings
 echo "== tests"
-cargo test --locked --no-fail-fast --features object-stores
+cargo test --locked --no-fail-fast --features "$FEATURES"
 echo "== dashboard"
 python3 dashboards/check.py
 echo "== policy tests"
-cargo run --quiet --locked --features object-stores -- policy test policies/
+cargo run --quiet --locked --features "$FEATURES" -- policy test policies/

@@ -315,6 +315,10 @@ fn a_service_moves_with_its_data_config_and_bucket_and_the_source_is_decommissio
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "stops the relocation at a checkpoint: needs --features crash-points"
+)]
 fn sigkill_at_every_checkpoint_ends_relocated_or_rolled_back() {
     let mut outcomes = Vec::new();
     for step in STEPS {
@@ -532,6 +536,10 @@ impl Drop for SmallDisk {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "stops the relocation at a checkpoint: needs --features crash-points"
+)]
 fn a_full_target_disk_is_refused_at_preflight_and_rolled_back_when_it_fills_later() {
     let s = Setup::new("raw");
     let Some(disk) = SmallDisk::mount(&s.path("providers/b"), 160) else {
@@ -616,6 +624,10 @@ fn a_corrupt_source_image_is_refused_before_the_source_stops() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "stops the relocation at a checkpoint: needs --features crash-points"
+)]
 fn a_qcow2_target_gets_the_pre_copy_converted_and_only_the_delta_at_cutover() {
     let s = Setup::new("qcow2");
     deploy(&s);
@@ -677,6 +689,10 @@ fn a_qcow2_target_gets_the_pre_copy_converted_and_only_the_delta_at_cutover() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "stops the relocation at a checkpoint: needs --features crash-points"
+)]
 fn a_failing_copy_stops_the_copies_beside_it_and_the_relocation_rolls_back() {
     let mut s = Setup::new("raw");
     // The bucket copy is held to 1 MiB/s and given 8 MiB more: it runs for seconds.

@@ -100,6 +100,7 @@ impl Ctx {
         {
             tracing::error!("Relocation {}: cannot checkpoint step {seq}: {e}.", self.id);
         }
+        #[cfg(feature = "crash-points")]
         kill_point(&self.plan.steps[seq].name, state);
         if let Some(o) = &self.inner.observer {
             o.step(
@@ -114,7 +115,9 @@ impl Ctx {
 
 /// Fault injection for crash tests: `FLUIDCLOUD_KILL_AT=<step>:<state>` makes the process
 /// kill itself with SIGKILL right after that checkpoint reached the journal, exactly as a
-/// power cut or the OOM killer would.
+/// power cut or the OOM killer would. Only in builds with the `crash-points` feature: a
+/// production binary carries no switch that kills it.
+#[cfg(feature = "crash-points")]
 fn kill_point(step: &str, state: StepState) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("FLUIDCLOUD_KILL_AT").ok());
