@@ -1329,6 +1329,9 @@ fn every_policy_relocation_runs_under_its_decision_id_not_only_the_first() {
             .exists());
     }
 
+    // A reload in between changes nothing of what was learned.
+    let (status, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
+    assert_eq!(status, 200, "{body}");
     // The prices turn: after their cooldown every service moves back, a second relocation
     // of each in the same daemon's life.
     feeds.set("/catalogue.csv", catalogue(0.05, 0.10));
