@@ -1483,7 +1483,7 @@ impl Validator<'_> {
                 key,
                 format!(
                     "`{}` is not an http:// or https:// URL with a host (and no query)",
-                    crate::telemetry::redact_url(&url)
+                    crate::sys::redact::redact_url(&url)
                 ),
             );
         }
@@ -1560,7 +1560,7 @@ impl Validator<'_> {
                 format!("{key}.url"),
                 format!(
                     "`{}` must start with file://, http:// or https://",
-                    crate::telemetry::redact_url(&raw.url)
+                    crate::sys::redact::redact_url(&raw.url)
                 ),
             );
             raw.url.clone()
