@@ -530,6 +530,36 @@ fn catalogue_row(provider: &str, region: &str, price: f64) -> Body {
     ))
 }
 
+/// `prov-a` and `prov-b`: local providers priced from catalogue CSVs that `feeds` serves at
+/// `path(provider)`, polled on `schedule` and never cached.
+fn catalogue_providers(
+    feeds: &FeedServer,
+    path: impl Fn(&str) -> String,
+    schedule: &str,
+) -> String {
+    let mut out = String::new();
+    for (name, region) in [("prov-a", "eu-central-1"), ("prov-b", "eu-west-1")] {
+        out += &format!(
+            r#"
+[providers.{name}]
+driver = "local"
+cloud = "aws"
+region = "{region}"
+root = "providers/{name}"
+[providers.{name}.pricing]
+format = "csv"
+url = "{base}{path}"
+catalogue_provider = "{name}"
+schedule = "{schedule}"
+ttl_secs = 0
+"#,
+            base = feeds.base,
+            path = path(name)
+        );
+    }
+    out
+}
+
 /// Regression: an offer whose price fell 90 % between two polls (one glitched feed) was a
 /// target at once; every `cheapest` service could follow it. The market-shock rail holds it
 /// out until three consecutive polls have seen that price.
@@ -551,25 +581,11 @@ evaluate_schedule = "* * * * * *"
 max_relocations_percent = 100
 "#,
     );
-    for (name, region) in [("prov-a", "eu-central-1"), ("prov-b", "eu-west-1")] {
-        let short = &name[5..];
-        cfg += &format!(
-            r#"
-[providers.{name}]
-driver = "local"
-cloud = "aws"
-region = "{region}"
-root = "providers/{name}"
-[providers.{name}.pricing]
-format = "csv"
-url = "{base}/{short}.csv"
-catalogue_provider = "{name}"
-schedule = "*/2 * * * * *"
-ttl_secs = 0
-"#,
-            base = feeds.base
-        );
-    }
+    cfg += &catalogue_providers(
+        &feeds,
+        |name| format!("/{}.csv", &name[5..]),
+        "*/2 * * * * *",
+    );
     cfg += r#"
 [policies.cheapest]
 file = "{REPO}/policies/cheapest.rhai"
@@ -1200,24 +1216,7 @@ max_relocations_percent = 100
 grace_period_secs = 0
 "#,
     );
-    for (name, region) in [("prov-a", "eu-central-1"), ("prov-b", "eu-west-1")] {
-        cfg += &format!(
-            r#"
-[providers.{name}]
-driver = "local"
-cloud = "aws"
-region = "{region}"
-root = "providers/{name}"
-[providers.{name}.pricing]
-format = "csv"
-url = "{base}/catalogue.csv"
-catalogue_provider = "{name}"
-schedule = "* * * * * *"
-ttl_secs = 0
-"#,
-            base = feeds.base
-        );
-    }
+    cfg += &catalogue_providers(feeds, |_| "/catalogue.csv".into(), "* * * * * *");
     cfg += r#"
 [policies.cheapest]
 file = "{REPO}/policies/cheapest.rhai"

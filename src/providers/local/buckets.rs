@@ -114,19 +114,7 @@ impl Buckets {
             Err(e) => return Err(e),
         };
         let _tree = self.tree.lock().unwrap_or_else(|e| e.into_inner());
-        let mut files = Vec::new();
-        let mut others = Vec::new();
-        walk(&dir, &dir, &mut files, &mut |path, _| {
-            others.push(relative(&dir, path))
-        })
-        .map_err(|e| {
-            io_err(
-                &self.provider,
-                object::bucket(service, bucket),
-                format!("list {}", dir.display()),
-                e,
-            )
-        })?;
+        let (files, others) = self.scan(service, bucket, &dir)?;
         if !files.is_empty() {
             return Err(conflict(
                 &self.provider,
@@ -141,7 +129,6 @@ impl Buckets {
         // Entries that are not objects were never listed, so never copied anywhere: deleting
         // them with the bucket would destroy the only copy.
         if !others.is_empty() {
-            others.sort();
             return Err(conflict(
                 &self.provider,
                 object::bucket(service, bucket),
@@ -169,9 +156,21 @@ impl Buckets {
         bucket: &str,
     ) -> Result<Vec<String>, ProviderError> {
         let dir = self.existing(service, bucket)?;
+        Ok(self.scan(service, bucket, &dir)?.1)
+    }
+
+    /// The objects of the bucket in `dir` (key and path), and its entries that are not
+    /// objects (relative to it, sorted).
+    fn scan(
+        &self,
+        service: &str,
+        bucket: &str,
+        dir: &Path,
+    ) -> Result<(Vec<Entry>, Vec<String>), ProviderError> {
+        let mut files = Vec::new();
         let mut others = Vec::new();
-        walk(&dir, &dir, &mut Vec::new(), &mut |path, _| {
-            others.push(relative(&dir, path))
+        walk(dir, dir, &mut files, &mut |path, _| {
+            others.push(relative(dir, path))
         })
         .map_err(|e| {
             io_err(
@@ -182,7 +181,7 @@ impl Buckets {
             )
         })?;
         others.sort();
-        Ok(others)
+        Ok((files, others))
     }
 
     pub(super) async fn list(
@@ -604,10 +603,13 @@ fn mkdir(path: &Path) -> std::io::Result<()> {
 
 /// Collects `(key, path)` of every regular file below `dir`, without following links;
 /// anything else is reported through `skip`.
+/// An object found on disk: its key and its file.
+type Entry = (String, PathBuf);
+
 fn walk(
     base: &Path,
     dir: &Path,
-    out: &mut Vec<(String, PathBuf)>,
+    out: &mut Vec<Entry>,
     skip: &mut dyn FnMut(&Path, &str),
 ) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
