@@ -1,7 +1,7 @@
 //! Bucket relocation from S3 (s3s-fs) to OpenStack Swift: the bucket migrator
 //! (`migrators::copier::copy_bucket`) against `rclone copy`, on the same servers, in one run.
 //!
-//! `cargo bench --features object-stores --bench buckets -- [--dir DIR] [--repeat N]
+//! `cargo bench --bench buckets -- [--dir DIR] [--repeat N]
 //! [--sets small,large] [--rclone PATH] [--swift-part-mib N]`. Needs the servers of
 //! `scripts/test-env.sh` and `rclone` (scripts/bench-buckets.sh installs both).
 //!

@@ -24,5 +24,5 @@ if [ "$free_kib" -lt $((10 * 1048576)) ]; then
     echo "Need about 10 GiB free under $work; $((free_kib / 1048576)) GiB are free." >&2
     exit 1
 fi
-echo "+ cargo bench --locked --features object-stores --bench buckets -- --dir $work $*"
-cargo bench --locked --features object-stores --bench buckets -- --dir "$work" "$@"
+echo "+ cargo bench --locked --bench buckets -- --dir $work $*"
+cargo bench --locked --bench buckets -- --dir "$work" "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need (idempotently:
 # qemu-utils system-wide, the S3, Swift and QEMU test servers into a cache directory, see
-# scripts/test-env.sh), then builds and runs every test with every driver and the crash
+# scripts/test-env.sh), then builds and runs every test with the crash
 # tests' kill switch compiled in, the policy tests and the format and lint checks of the
 # default and the full build.
 set -euo pipefail
@@ -14,8 +14,8 @@ fi
 scripts/test-env.sh
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
-# Every driver, and the checkpoints the crash tests kill the process at.
-FEATURES=object-stores,crash-points
+# The checkpoints the crash tests kill the process at.
+FEATURES=crash-points
 
 echo "== format"
 cargo fmt --all -- --check

@@ -4,8 +4,6 @@
 //! credentials at the target fail the move and change nothing; a service whose buckets live
 //! at S3 and Swift moves between two local providers and its app is pointed at them there.
 
-#![cfg(feature = "object-stores")]
-
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

@@ -4,8 +4,6 @@
 //! same manifest and metadata; wrong credentials, missing buckets and dead endpoints fail
 //! plainly; a copy interrupted by a crashed server resumes after the restart.
 
-#![cfg(feature = "object-stores")]
-
 mod common;
 
 use std::collections::BTreeMap;

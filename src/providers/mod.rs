@@ -22,13 +22,11 @@
 //!
 //! Drivers: [`local`] (the embedded default: a directory, supervised processes, image files);
 //! [`qemu`] (virtual machines under `qemu-system-x86_64` on this machine, with a disk pool);
-//! with the `object-stores` cargo feature, `objstore` (S3 and OpenStack Swift buckets through
-//! Apache OpenDAL).
+//! `objstore` (S3 and OpenStack Swift buckets through Apache OpenDAL).
 
 pub mod health;
 pub mod local;
 mod names;
-#[cfg(feature = "object-stores")]
 pub mod objstore;
 pub mod qemu;
 mod spec;
@@ -399,14 +397,6 @@ pub struct HealthReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
-    #[error(
-        "provider `{provider}`: driver `{driver}` is not built yet; drivers in this build: {}",
-        BUILT_DRIVERS.join(", ")
-    )]
-    DriverNotBuilt {
-        provider: String,
-        driver: &'static str,
-    },
     #[error("provider `{provider}`: {reason}")]
     Setup { provider: String, reason: String },
     #[error("provider `{provider}`: {object}: the `{driver}` driver does not support {what}")]
@@ -508,13 +498,6 @@ impl ProviderError {
         matches!(self, ProviderError::NotFound { .. })
     }
 }
-
-/// The drivers this build can open.
-#[cfg(feature = "object-stores")]
-pub const BUILT_DRIVERS: &[&str] = &["local", "qemu", "s3", "swift"];
-/// The drivers this build can open (`s3` and `swift` need the `object-stores` feature).
-#[cfg(not(feature = "object-stores"))]
-pub const BUILT_DRIVERS: &[&str] = &["local", "qemu"];
 
 /// The name a configuration file uses for a driver.
 pub fn driver_name(driver: Driver) -> &'static str {
@@ -875,13 +858,7 @@ pub fn open(provider: &config::Provider) -> Result<Arc<dyn Provider>, ProviderEr
     match provider.driver {
         Driver::Local => Ok(local::LocalProvider::open(provider)?),
         Driver::Qemu => Ok(qemu::QemuProvider::open(provider)?),
-        #[cfg(feature = "object-stores")]
         Driver::S3 | Driver::Swift => objstore::open(provider),
-        #[cfg(not(feature = "object-stores"))]
-        other => Err(ProviderError::DriverNotBuilt {
-            provider: provider.name.clone(),
-            driver: driver_name(other),
-        }),
     }
 }
 
