@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use fluidcloud::config::{Component, Mode, PolicySpec, ServiceSpec};
+use fluidcloud::config::{Component, ComponentSettings, Mode, PolicySpec, ServiceSpec};
+use fluidcloud::model::VmSpec;
 use fluidcloud::model::{
     ComponentKind, IoFigures, MarketSnapshot, Offer, RegionInfo, Requirements, Verdict,
 };
@@ -107,7 +108,7 @@ fn services(rng: &mut Lcg, policy: &str) -> Vec<ServiceSpec> {
                     size_gib: 20.0,
                     keep_at_source: false,
                     home: None,
-                    settings: toml::Table::new(),
+                    settings: ComponentSettings::Vm(VmSpec::new("vm")),
                 },
                 Component {
                     kind: ComponentKind::Volume,
@@ -115,7 +116,7 @@ fn services(rng: &mut Lcg, policy: &str) -> Vec<ServiceSpec> {
                     size_gib: (10.0 + 500.0 * rng.next()).round(),
                     keep_at_source: false,
                     home: None,
-                    settings: toml::Table::new(),
+                    settings: ComponentSettings::Volume,
                 },
             ],
             cutover: None,

@@ -1,4 +1,5 @@
 use super::*;
+use std::time::Duration;
 
 fn parse(text: &str) -> Result<Config, ConfigErrors> {
     Config::parse(Path::new("/etc/fc.toml"), text)
@@ -827,4 +828,108 @@ kernal = "k"
             "no `{key}: {what}` in {errs:#?}"
         );
     }
+}
+
+#[test]
+fn component_settings_are_typed_when_loaded() {
+    let dir = hook_fixture();
+    let path = dir.path().join("fc.toml");
+    let text = format!(
+        r#"{HOOK_BASE}vcpus = 2
+memory_gib = 0.5
+[[services.shop.components]]
+kind = "app"
+name = "web"
+settings = {{ command = "bin/web", port = 8080 }}
+[[services.shop.components]]
+kind = "vm"
+name = "box"
+settings = {{ ports = [22] }}
+[[services.shop.components]]
+kind = "bucket"
+name = "assets"
+size_gib = 1
+settings = {{ skip_special_files = true }}
+[[services.shop.components]]
+kind = "volume"
+name = "data"
+size_gib = 1
+[[services.shop.components]]
+kind = "config"
+name = "demo.toml"
+settings = {{ template = "demo.toml.in" }}
+"#
+    );
+    let c = Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let shop = &c.services["shop"];
+    let app = shop.components[0].app().expect("an app");
+    assert_eq!(app.command, dir.path().join("bin/web").to_string_lossy());
+    assert_eq!(app.port, Some(8080));
+    let vm = shop.components[1].vm().expect("a vm");
+    assert_eq!((vm.vcpus, vm.memory_mib), (2, 512));
+    assert!(shop.components[2].skip_special_files());
+    assert!(matches!(
+        shop.components[3].settings,
+        ComponentSettings::Volume
+    ));
+    let file = shop.components[4].config_file().expect("a config file");
+    assert_eq!(file.template, Some(dir.path().join("demo.toml.in")));
+    assert_eq!(shop.components[4].settings.kind(), shop.components[4].kind);
+}
+
+#[test]
+fn volume_and_bucket_settings_refuse_unknown_keys_and_wrong_types_with_their_position() {
+    let dir = hook_fixture();
+    let path = dir.path().join("fc.toml");
+    let text = format!(
+        r#"{HOOK_BASE}[[services.shop.components]]
+kind = "volume"
+name = "data"
+size_gib = 1
+settings = {{ format = "qcow2" }}
+[[services.shop.components]]
+kind = "bucket"
+name = "assets"
+size_gib = 1
+[services.shop.components.settings]
+skip_special_files = "yes"
+colour = "blue"
+"#
+    );
+    let errs: Vec<String> = Config::parse(&path, &text)
+        .expect_err("refused")
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let base = HOOK_BASE.lines().count();
+    for (at, what) in [
+        (
+            format!(
+                ":{}:23: services.shop.components[0].settings.format",
+                base + 5
+            ),
+            "unknown volume setting; a volume has no settings",
+        ),
+        (
+            format!(
+                ":{}:22: services.shop.components[1].settings.skip_special_files",
+                base + 11
+            ),
+            "must be true or false",
+        ),
+        (
+            format!(
+                ":{}:10: services.shop.components[1].settings.colour",
+                base + 12
+            ),
+            "unknown bucket setting; known settings: skip_special_files",
+        ),
+    ] {
+        assert!(
+            errs.iter().any(|e| e.contains(&at) && e.contains(what)),
+            "no `{at}` … `{what}` in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), 3, "{errs:#?}");
 }

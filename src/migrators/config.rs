@@ -3,8 +3,6 @@
 //! if it never started. Also writes a configuration file from its template at a first
 //! deployment.
 
-use std::path::Path;
-
 use serde_json::{json, Value};
 
 use super::deploy::{self, DeployError};
@@ -125,18 +123,11 @@ pub async fn write_initial_config(
 }
 
 fn config_spec(
-    config: &Config,
+    _config: &Config,
     service: &str,
     c: &Component,
 ) -> Result<ConfigFileSpec, DeployError> {
-    let base = config.path.parent().unwrap_or(Path::new("/"));
-    ConfigFileSpec::from_component(service, c, base).map_err(|problems| DeployError::Component {
-        service: service.to_string(),
-        component: format!("config `{}`", c.name),
-        message: problems
-            .into_iter()
-            .map(|(k, m)| format!("{k}: {m}"))
-            .collect::<Vec<_>>()
-            .join("; "),
-    })
+    c.config_file()
+        .cloned()
+        .ok_or_else(|| deploy::wrong_kind(service, c, ComponentKind::Config))
 }

@@ -60,10 +60,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::providers::{ObjectInfo, ObjectStream, Provider, ProviderError};
 
-/// Objects copied at the same time unless the options say otherwise.
-pub const DEFAULT_CONCURRENCY: usize = 8;
-/// The most objects copied at the same time.
-pub const MAX_CONCURRENCY: usize = 256;
+pub use crate::model::bucket_copy::{DEFAULT_CONCURRENCY, MAX_CONCURRENCY};
 
 /// How [`copy_bucket`] works.
 #[derive(Debug, Clone)]

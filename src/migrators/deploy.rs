@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{Component, Config, ServiceSpec};
@@ -67,29 +66,35 @@ pub fn volume_bytes(c: &Component) -> u64 {
     ((c.size_gib * GIB) as u64).div_ceil(512) * 512
 }
 
-/// The app spec of an `app` component, with relative paths resolved against the
-/// configuration file's directory.
-pub fn app_spec(config: &Config, service: &str, c: &Component) -> Result<AppSpec, DeployError> {
-    let base = config.path.parent().unwrap_or(Path::new("/"));
-    AppSpec::from_component(service, c, base).map_err(|e| DeployError::Component {
-        service: service.to_string(),
-        component: format!("app `{}`", c.name),
-        message: e.to_string(),
-    })
+/// The app spec of an `app` component, as the configuration read it (relative paths
+/// resolved against the configuration file's directory).
+pub fn app_spec(_config: &Config, service: &str, c: &Component) -> Result<AppSpec, DeployError> {
+    c.app()
+        .cloned()
+        .ok_or_else(|| wrong_kind(service, c, ComponentKind::App))
 }
 
-/// The machine definition of a `vm` component, with relative paths resolved against the
-/// configuration file's directory. Disk format, bus, NIC model and accelerator are the
-/// provider's, so the same definition adapts to whichever provider starts it.
-pub fn vm_spec(config: &Config, spec: &ServiceSpec, c: &Component) -> Result<VmSpec, DeployError> {
-    let base = config.path.parent().unwrap_or(Path::new("/"));
-    VmSpec::from_component(&spec.name, c, spec.requirements, base).map_err(|e| {
-        DeployError::Component {
-            service: spec.name.clone(),
-            component: format!("vm `{}`", c.name),
-            message: e.to_string(),
-        }
-    })
+/// The machine definition of a `vm` component, as the configuration read it (relative paths
+/// resolved against the configuration file's directory). Disk format, bus, NIC model and
+/// accelerator are the provider's, so the same definition adapts to whichever provider
+/// starts it.
+pub fn vm_spec(_config: &Config, spec: &ServiceSpec, c: &Component) -> Result<VmSpec, DeployError> {
+    c.vm()
+        .cloned()
+        .ok_or_else(|| wrong_kind(&spec.name, c, ComponentKind::Vm))
+}
+
+/// A component asked for as `kind` that is of another kind.
+pub fn wrong_kind(service: &str, c: &Component, kind: ComponentKind) -> DeployError {
+    DeployError::Component {
+        service: service.to_string(),
+        component: format!("{} `{}`", kind.as_str(), c.name),
+        message: format!(
+            "kind: must be `{}` for these settings, got `{}`",
+            kind.as_str(),
+            c.kind.as_str()
+        ),
+    }
 }
 
 /// The providers holding a service's buckets that stay put when it moves, by bucket name.
@@ -177,18 +182,14 @@ pub async fn values(
 
 /// The app a configuration file belongs to: `settings.app`, or the service's only app.
 pub fn config_app(spec: &ServiceSpec, c: &Component) -> Option<String> {
-    c.settings
-        .get("app")
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
-        .or_else(|| {
-            let apps: Vec<&Component> = spec
-                .components
-                .iter()
-                .filter(|c| c.kind == ComponentKind::App)
-                .collect();
-            (apps.len() == 1).then(|| apps[0].name.clone())
-        })
+    c.config_file().and_then(|f| f.app.clone()).or_else(|| {
+        let apps: Vec<&Component> = spec
+            .components
+            .iter()
+            .filter(|c| c.kind == ComponentKind::App)
+            .collect();
+        (apps.len() == 1).then(|| apps[0].name.clone())
+    })
 }
 
 /// Creates what is missing of `spec` at `at` and starts its apps. Buckets that stay put are

@@ -21,271 +21,17 @@
 //! and a literal `$`), and a placeholder's value is inserted literally even if it holds `$`.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::path::{Path, PathBuf};
 
-use regex::{Captures, Regex};
+use std::path::PathBuf;
+
+use regex::Captures;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Component;
-use crate::model::ComponentKind;
-
-/// How a config file is checked after it was rewritten.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConfigFormat {
-    Toml,
-    Json,
-    /// Anything else; a text file is not checked.
-    Text,
-}
-
-impl ConfigFormat {
-    pub const NAMES: &'static [&'static str] = &["toml", "json", "text"];
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "toml" => ConfigFormat::Toml,
-            "json" => ConfigFormat::Json,
-            "text" => ConfigFormat::Text,
-            _ => return None,
-        })
-    }
-
-    /// The format a file name's extension suggests: `.toml`, `.json`, else text.
-    pub fn from_file_name(name: &str) -> Self {
-        match Path::new(name).extension().and_then(|e| e.to_str()) {
-            Some(e) if e.eq_ignore_ascii_case("toml") => ConfigFormat::Toml,
-            Some(e) if e.eq_ignore_ascii_case("json") => ConfigFormat::Json,
-            _ => ConfigFormat::Text,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConfigFormat::Toml => "toml",
-            ConfigFormat::Json => "json",
-            ConfigFormat::Text => "text",
-        }
-    }
-}
-
-impl fmt::Display for ConfigFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One rewrite rule: every match of `pattern` is replaced by `replace` after its
-/// placeholders were filled in.
-#[derive(Debug, Clone)]
-pub struct RewriteRule {
-    pub pattern: Regex,
-    /// The replacement as written in the configuration.
-    pub replace: String,
-    /// `replace` split into placeholders and text in `regex` replacement syntax.
-    pieces: Vec<Piece>,
-}
-
-/// A `config` component, validated.
-#[derive(Debug, Clone)]
-pub struct ConfigFileSpec {
-    /// The service the component belongs to.
-    pub service: String,
-    /// The file's name in the app's working directory (also the component's name).
-    pub name: String,
-    /// The app that reads the file; `None` means the service's only app.
-    pub app: Option<String>,
-    /// The first deployment's content, already resolved against the configuration's
-    /// directory.
-    pub template: Option<PathBuf>,
-    pub format: ConfigFormat,
-    pub rules: Vec<RewriteRule>,
-}
-
-/// Settings keys a `config` component understands.
-const KEYS: &[&str] = &["app", "template", "format", "rules"];
-/// Keys of one rule.
-const RULE_KEYS: &[&str] = &["match", "replace"];
+pub use crate::model::config_file::SyntaxError;
+use crate::model::config_file::{parse, Mode, Piece};
+pub use crate::model::{ConfigFileSpec, ConfigFormat, RewriteRule};
 
 impl ConfigFileSpec {
-    /// Reads the spec from a `config` component's `settings`:
-    ///
-    /// ```toml
-    /// [services.shop.components.settings]
-    /// app = "web"                  # optional when the service has one app
-    /// template = "demo.toml.in"    # relative to `base_dir`
-    /// format = "toml"              # toml | json | text; default from the name's extension
-    /// rules = [
-    ///   { match = 'data_file = ".*"', replace = 'data_file = "{volume.data.path}"' },
-    /// ]
-    /// ```
-    ///
-    /// `base_dir` is the configuration file's directory. Every problem is returned at once
-    /// as (key within the component, e.g. `settings.rules[1].match`, message).
-    pub fn from_component(
-        service: &str,
-        component: &Component,
-        base_dir: &Path,
-    ) -> Result<ConfigFileSpec, Vec<(String, String)>> {
-        let mut problems: Vec<(String, String)> = Vec::new();
-        let mut problem = |key: &str, message: String| problems.push((key.to_string(), message));
-        if component.kind != ComponentKind::Config {
-            problem(
-                "kind",
-                format!(
-                    "must be `config` to describe a config file, got `{}`",
-                    component.kind.as_str()
-                ),
-            );
-        }
-        if let Err(reason) = check_file_name(&component.name) {
-            problem("name", reason);
-        }
-        let settings = &component.settings;
-        for key in settings.keys() {
-            if !KEYS.contains(&key.as_str()) {
-                problem(
-                    &format!("settings.{key}"),
-                    format!(
-                        "unknown config setting; known settings: {}",
-                        KEYS.join(", ")
-                    ),
-                );
-            }
-        }
-
-        let app = match settings.get("app") {
-            None => None,
-            Some(toml::Value::String(s)) if s.trim().is_empty() => {
-                problem(
-                    "settings.app",
-                    "must name an app component of the service".to_string(),
-                );
-                None
-            }
-            Some(toml::Value::String(s)) => Some(s.clone()),
-            Some(v) => {
-                problem(
-                    "settings.app",
-                    format!("must be a string, got {}", v.type_str()),
-                );
-                None
-            }
-        };
-
-        let template = match settings.get("template") {
-            None => None,
-            Some(toml::Value::String(s)) if s.is_empty() => {
-                problem("settings.template", "must not be empty".to_string());
-                None
-            }
-            Some(toml::Value::String(s)) => {
-                let p = Path::new(s);
-                let p = if p.is_absolute() {
-                    p.to_path_buf()
-                } else {
-                    base_dir.join(p)
-                };
-                if !p.is_file() {
-                    problem(
-                        "settings.template",
-                        format!("template file {} does not exist", p.display()),
-                    );
-                }
-                Some(p)
-            }
-            Some(v) => {
-                problem(
-                    "settings.template",
-                    format!("must be a string, got {}", v.type_str()),
-                );
-                None
-            }
-        };
-
-        let format = match settings.get("format") {
-            None => ConfigFormat::from_file_name(&component.name),
-            Some(toml::Value::String(s)) => ConfigFormat::parse(s).unwrap_or_else(|| {
-                problem(
-                    "settings.format",
-                    format!("`{s}` is not one of {}", ConfigFormat::NAMES.join(", ")),
-                );
-                ConfigFormat::Text
-            }),
-            Some(v) => {
-                problem(
-                    "settings.format",
-                    format!("must be a string, got {}", v.type_str()),
-                );
-                ConfigFormat::Text
-            }
-        };
-
-        let mut rules = Vec::new();
-        match settings.get("rules") {
-            None => {}
-            Some(toml::Value::Array(a)) => {
-                for (i, v) in a.iter().enumerate() {
-                    if let Some(rule) = read_rule(&format!("settings.rules[{i}]"), v, &mut problem)
-                    {
-                        rules.push(rule);
-                    }
-                }
-            }
-            Some(v) => problem(
-                "settings.rules",
-                format!(
-                    "must be an array of tables with `match` and `replace`, got {}",
-                    v.type_str()
-                ),
-            ),
-        }
-
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        Ok(ConfigFileSpec {
-            service: service.to_string(),
-            name: component.name.clone(),
-            app,
-            template,
-            format,
-            rules,
-        })
-    }
-
-    /// The name of the app that reads this file: the `app` setting, which must name one of
-    /// `components`' apps, or else the only app among them.
-    pub fn resolve_app<'a>(&'a self, components: &'a [Component]) -> Result<&'a str, String> {
-        let apps: Vec<&str> = components
-            .iter()
-            .filter(|c| c.kind == ComponentKind::App)
-            .map(|c| c.name.as_str())
-            .collect();
-        match &self.app {
-            Some(a) if apps.contains(&a.as_str()) => Ok(a),
-            Some(a) => Err(format!(
-                "`{a}` is not an app of service `{}`; its apps: {}",
-                self.service,
-                names_or_none(&apps)
-            )),
-            None => match apps.as_slice() {
-                [only] => Ok(only),
-                [] => Err(format!(
-                    "service `{}` has no app component to read `{}`",
-                    self.service, self.name
-                )),
-                _ => Err(format!(
-                    "service `{}` has several apps ({}); say which reads `{}` with `app`",
-                    self.service,
-                    apps.join(", "),
-                    self.name
-                )),
-            },
-        }
-    }
-
     /// Reads the template and fills in its placeholders: the file's content for a first
     /// deployment. `Ok(None)` when the component has no template.
     pub fn render_initial(
@@ -321,162 +67,6 @@ impl ConfigFileSpec {
                 error: Box::new(e),
             },
         }
-    }
-}
-
-/// Reads one rule at `key`; its problems go to `problem`.
-fn read_rule(
-    key: &str,
-    v: &toml::Value,
-    problem: &mut impl FnMut(&str, String),
-) -> Option<RewriteRule> {
-    let toml::Value::Table(t) = v else {
-        problem(
-            key,
-            format!(
-                "must be a table such as {{ match = 'port = \\d+', replace = 'port = {{app.web.port}}' }}, got {}",
-                v.type_str()
-            ),
-        );
-        return None;
-    };
-    for k in t.keys() {
-        if !RULE_KEYS.contains(&k.as_str()) {
-            problem(
-                &format!("{key}.{k}"),
-                format!("unknown rule key; a rule has {}", RULE_KEYS.join(", ")),
-            );
-        }
-    }
-    let pattern = match t.get("match") {
-        None => {
-            problem(
-                &format!("{key}.match"),
-                "missing: a rule needs the regular expression to look for".to_string(),
-            );
-            None
-        }
-        Some(toml::Value::String(s)) if s.is_empty() => {
-            problem(
-                &format!("{key}.match"),
-                "must not be empty: it would match between every character".to_string(),
-            );
-            None
-        }
-        Some(toml::Value::String(s)) => match Regex::new(s) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                problem(
-                    &format!("{key}.match"),
-                    format!(
-                        "`{s}` is not a regular expression: {}",
-                        regex_problem(s, &e)
-                    ),
-                );
-                None
-            }
-        },
-        Some(v) => {
-            problem(
-                &format!("{key}.match"),
-                format!("must be a string, got {}", v.type_str()),
-            );
-            None
-        }
-    };
-    let replace = match t.get("replace") {
-        None => {
-            problem(
-                &format!("{key}.replace"),
-                "missing: a rule needs the text that replaces each match \
-                 (write replace = \"\" to delete it)"
-                    .to_string(),
-            );
-            None
-        }
-        Some(toml::Value::String(s)) => Some(s.clone()),
-        Some(v) => {
-            problem(
-                &format!("{key}.replace"),
-                format!("must be a string, got {}", v.type_str()),
-            );
-            None
-        }
-    };
-    let pieces = match &replace {
-        Some(r) => match parse(r, Mode::Replacement) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                problem(&format!("{key}.replace"), e.to_string());
-                None
-            }
-        },
-        None => None,
-    };
-    if let (Some(pattern), Some(pieces)) = (&pattern, &pieces) {
-        for message in check_group_references(pattern, pieces) {
-            problem(&format!("{key}.replace"), message);
-        }
-    }
-    Some(RewriteRule {
-        pattern: pattern?,
-        replace: replace?,
-        pieces: pieces?,
-    })
-}
-
-/// A config file is placed in the app's working directory by name, so it must not be able
-/// to point anywhere else.
-fn check_file_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("must not be empty: it is the config file's name".to_string());
-    }
-    if name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(format!(
-            "`{name}` must be a plain file name (no `/`, not `.` or `..`): \
-             the file is placed in the app's working directory"
-        ));
-    }
-    if name.len() > 255 {
-        return Err(format!(
-            "is {} bytes long; a file name has at most 255",
-            name.len()
-        ));
-    }
-    Ok(())
-}
-
-/// `regex` explains a syntax error over several lines with a caret under the pattern; a
-/// configuration error is one line, so the explanation and the caret's position are put
-/// into words.
-fn regex_problem(pattern: &str, e: &regex::Error) -> String {
-    let text = e.to_string();
-    let lines: Vec<&str> = text.lines().collect();
-    let Some(what) = lines.iter().rev().find_map(|l| l.strip_prefix("error: ")) else {
-        return text.split_whitespace().collect::<Vec<_>>().join(" ");
-    };
-    let column = (!pattern.contains('\n'))
-        .then(|| {
-            lines
-                .iter()
-                .position(|l| l.strip_prefix("    ") == Some(pattern))
-        })
-        .flatten()
-        .and_then(|i| lines.get(i + 1))
-        .and_then(|caret| caret.get(4..))
-        .and_then(|caret| caret.find('^'))
-        .map(|at| at + 1);
-    match column {
-        Some(c) => format!("{what} at character {c}"),
-        None => what.to_string(),
-    }
-}
-
-fn names_or_none(names: &[&str]) -> String {
-    if names.is_empty() {
-        "(none)".to_string()
-    } else {
-        names.join(", ")
     }
 }
 
@@ -604,6 +194,16 @@ pub enum RewriteError {
         file: String,
         error: Box<RewriteError>,
     },
+}
+
+impl From<SyntaxError> for RewriteError {
+    fn from(e: SyntaxError) -> Self {
+        RewriteError::Syntax {
+            line: e.line,
+            column: e.column,
+            message: e.message,
+        }
+    }
 }
 
 impl RewriteError {
@@ -779,222 +379,6 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, before[start..].chars().count() + 1)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// A whole file: only braces are special.
-    Template,
-    /// A rule's replacement: `$` references capture groups and passes through.
-    Replacement,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Piece {
-    /// Literal text in template mode; text in `regex` replacement syntax in replacement
-    /// mode.
-    Text(String),
-    Placeholder {
-        name: String,
-        line: usize,
-    },
-    /// A capture-group reference (`$1`, `${name}`), kept verbatim in the text pieces and
-    /// listed here so it can be checked against the pattern.
-    Group(String),
-}
-
-fn is_placeholder_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
-}
-
-/// `regex`'s rule for an unbraced group name: the longest run of these characters.
-fn is_group_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_'
-}
-
-fn parse(text: &str, mode: Mode) -> Result<Vec<Piece>, RewriteError> {
-    let mut pieces = Vec::new();
-    let mut buf = String::new();
-    let (mut line, mut column) = (1usize, 1usize);
-    let mut chars = text.chars().peekable();
-    let syntax = |line, column, message: String| RewriteError::Syntax {
-        line,
-        column,
-        message,
-    };
-    while let Some(c) = chars.next() {
-        let (at_line, at_column) = (line, column);
-        let mut advance = |c: char| {
-            if c == '\n' {
-                line += 1;
-                column = 1;
-            } else {
-                column += 1;
-            }
-        };
-        advance(c);
-        match c {
-            '{' if chars.peek() == Some(&'{') => {
-                chars.next();
-                advance('{');
-                buf.push('{');
-            }
-            '}' if chars.peek() == Some(&'}') => {
-                chars.next();
-                advance('}');
-                buf.push('}');
-            }
-            '}' => {
-                return Err(syntax(
-                    at_line,
-                    at_column,
-                    "a lone `}`; write `}}` for a literal brace".to_string(),
-                ))
-            }
-            '{' => {
-                let mut name = String::new();
-                loop {
-                    match chars.next() {
-                        Some('}') => {
-                            advance('}');
-                            break;
-                        }
-                        Some(n) if n != '\n' && n != '{' => {
-                            advance(n);
-                            name.push(n);
-                        }
-                        _ => {
-                            return Err(syntax(
-                                at_line,
-                                at_column,
-                                "a `{` that is not closed on its line; write `{{` for a \
-                                 literal brace"
-                                    .to_string(),
-                            ))
-                        }
-                    }
-                }
-                if name.is_empty() || !name.chars().all(is_placeholder_char) {
-                    return Err(syntax(
-                        at_line,
-                        at_column,
-                        format!(
-                            "`{{{name}}}` is not a placeholder (names hold letters, digits, \
-                             `_`, `-` and `.`); write `{{{{` and `}}}}` for literal braces"
-                        ),
-                    ));
-                }
-                if !buf.is_empty() {
-                    pieces.push(Piece::Text(std::mem::take(&mut buf)));
-                }
-                pieces.push(Piece::Placeholder {
-                    name,
-                    line: at_line,
-                });
-            }
-            '$' if mode == Mode::Replacement => {
-                buf.push('$');
-                match chars.peek().copied() {
-                    Some('$') => {
-                        chars.next();
-                        advance('$');
-                        buf.push('$');
-                    }
-                    Some('{') => {
-                        chars.next();
-                        advance('{');
-                        buf.push('{');
-                        let mut name = String::new();
-                        loop {
-                            match chars.next() {
-                                Some('}') => {
-                                    advance('}');
-                                    buf.push('}');
-                                    break;
-                                }
-                                Some(n) if is_group_char(n) => {
-                                    advance(n);
-                                    buf.push(n);
-                                    name.push(n);
-                                }
-                                _ => {
-                                    return Err(syntax(
-                                        at_line,
-                                        at_column,
-                                        "`${` must be followed by a capture group's number \
-                                         or name and `}`; write `$$` for a literal `$`"
-                                            .to_string(),
-                                    ))
-                                }
-                            }
-                        }
-                        if name.is_empty() {
-                            return Err(syntax(
-                                at_line,
-                                at_column,
-                                "`${}` names no capture group".to_string(),
-                            ));
-                        }
-                        pieces.push(Piece::Group(name));
-                    }
-                    Some(n) if is_group_char(n) => {
-                        let mut name = String::new();
-                        while let Some(&n) = chars.peek() {
-                            if !is_group_char(n) {
-                                break;
-                            }
-                            chars.next();
-                            advance(n);
-                            buf.push(n);
-                            name.push(n);
-                        }
-                        pieces.push(Piece::Group(name));
-                    }
-                    // `regex` keeps a `$` that starts no reference as it is.
-                    _ => {}
-                }
-            }
-            c => buf.push(c),
-        }
-    }
-    if !buf.is_empty() {
-        pieces.push(Piece::Text(buf));
-    }
-    Ok(pieces)
-}
-
-/// `regex` replaces a reference to a group the pattern lacks with nothing, silently; a
-/// typo there would blank out part of the config file.
-fn check_group_references(pattern: &Regex, pieces: &[Piece]) -> Vec<String> {
-    let groups = pattern.captures_len() - 1;
-    let mut problems = Vec::new();
-    for piece in pieces {
-        let Piece::Group(name) = piece else { continue };
-        match name.parse::<usize>() {
-            Ok(n) if n <= groups => {}
-            Ok(n) => problems.push(format!(
-                "`${n}` refers to capture group {n}, but the pattern has {groups} group{}",
-                if groups == 1 { "" } else { "s" }
-            )),
-            Err(_) if pattern.capture_names().flatten().any(|g| g == name) => {}
-            Err(_) => {
-                let digits: String = name.chars().take_while(char::is_ascii_digit).collect();
-                let hint = if digits.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "; write `${{{digits}}}{}` for group {digits} followed by text",
-                        &name[digits.len()..]
-                    )
-                };
-                problems.push(format!(
-                    "`${name}` refers to a capture group named `{name}`, which the pattern \
-                     does not have{hint}"
-                ));
-            }
-        }
-    }
-    problems
-}
-
 fn expand(
     pieces: &[Piece],
     placeholders: &Placeholders,
@@ -1026,17 +410,15 @@ fn expand(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
 
-    fn component(name: &str, settings: &str) -> Component {
-        Component {
-            kind: ComponentKind::Config,
-            name: name.to_string(),
-            size_gib: 0.0,
-            keep_at_source: false,
-            home: None,
-            settings: toml::from_str(settings).expect("test settings are TOML"),
-        }
+    use super::*;
+    use crate::model::{AppSpec, Component, ComponentKind, ComponentSettings};
+
+    fn read(name: &str, settings: &str, base: &Path) -> ConfigFileSpec {
+        let table: toml::Table = toml::from_str(settings).expect("test settings are TOML");
+        crate::config::components::config_file("shop", name, &table, base)
+            .unwrap_or_else(|e| panic!("settings refused: {e}"))
     }
 
     fn app(name: &str) -> Component {
@@ -1046,13 +428,12 @@ mod tests {
             size_gib: 0.0,
             keep_at_source: false,
             home: None,
-            settings: toml::Table::new(),
+            settings: ComponentSettings::App(AppSpec::new(name, "app")),
         }
     }
 
     fn spec(name: &str, settings: &str) -> ConfigFileSpec {
-        ConfigFileSpec::from_component("shop", &component(name, settings), Path::new("/"))
-            .unwrap_or_else(|p| panic!("settings refused: {p:?}"))
+        read(name, settings, Path::new("/"))
     }
 
     fn target() -> Placeholders {
@@ -1244,8 +625,7 @@ assets = "http://10.0.0.5:9000/assets"
             "data_file = \"{volume.data.path}\"\n",
         )
         .unwrap();
-        let c = component("demo.toml", r#"template = "demo.toml.in""#);
-        let s = ConfigFileSpec::from_component("shop", &c, dir.path()).unwrap();
+        let s = read("demo.toml", r#"template = "demo.toml.in""#, dir.path());
         assert_eq!(
             s.template.as_deref(),
             Some(&*dir.path().join("demo.toml.in"))
@@ -1290,71 +670,6 @@ assets = "http://10.0.0.5:9000/assets"
             msg.contains("`demo.json`") && msg.contains("line 3, column 8"),
             "{msg}"
         );
-    }
-
-    #[test]
-    fn every_settings_problem_is_reported_at_once() {
-        let c = component(
-            "demo.toml",
-            r#"
-            app = 7
-            format = "yaml"
-            template = "missing.in"
-            colour = "blue"
-            rules = [
-              "data_file",
-              { match = 'data_file = "(.*"', replace = 'x' },
-              { match = 'a', replace = 'b', flags = "i" },
-              { replace = 'b' },
-              { match = '(a)', replace = '$2 and $1b and ${nope}' },
-              { match = 'a', replace = '{unclosed' },
-              { match = '', replace = 'x' },
-            ]
-            "#,
-        );
-        let problems = ConfigFileSpec::from_component("shop", &c, Path::new("/nonexistent"))
-            .expect_err("must be refused");
-        let expect = [
-            ("settings.app", "must be a string"),
-            ("settings.format", "`yaml`"),
-            ("settings.template", "does not exist"),
-            ("settings.colour", "unknown config setting"),
-            ("settings.rules[0]", "must be a table"),
-            ("settings.rules[1].match", "not a regular expression"),
-            ("settings.rules[2].flags", "unknown rule key"),
-            ("settings.rules[3].match", "missing"),
-            ("settings.rules[4].replace", "capture group 2"),
-            ("settings.rules[4].replace", "write `${1}b`"),
-            ("settings.rules[4].replace", "named `nope`"),
-            ("settings.rules[5].replace", "not closed"),
-            ("settings.rules[6].match", "must not be empty"),
-        ];
-        for (key, words) in expect {
-            assert!(
-                problems.iter().any(|(k, m)| k == key && m.contains(words)),
-                "no {key}: …{words}… in {problems:#?}"
-            );
-        }
-        assert_eq!(problems.len(), expect.len(), "{problems:#?}");
-        let regex_problem = &problems
-            .iter()
-            .find(|(k, _)| k == "settings.rules[1].match")
-            .unwrap()
-            .1;
-        assert!(
-            regex_problem.ends_with("unclosed group at character 14"),
-            "{regex_problem}"
-        );
-        assert!(!regex_problem.contains('\n'), "{regex_problem}");
-    }
-
-    #[test]
-    fn the_component_must_be_a_config_with_a_plain_file_name() {
-        let mut c = component("../etc/passwd", "");
-        c.kind = ComponentKind::App;
-        let problems = ConfigFileSpec::from_component("shop", &c, Path::new("/")).unwrap_err();
-        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["kind", "name"], "{problems:?}");
     }
 
     #[test]

@@ -2,8 +2,29 @@
 //! components, provider offers, measured IO figures, region facts and the immutable
 //! market snapshot the Broker publishes after each poll.
 //!
-//! Everything here is plain data. Parsing lives in `config` and in the pollers; decisions
-//! live in `broker` and `policy`.
+//! Services are described by [`ServiceSpec`] and [`Component`]; a component's settings are
+//! typed for its kind ([`ComponentSettings`]: an [`AppSpec`], a [`VmSpec`], a
+//! [`ConfigFileSpec`] or [`BucketSettings`]). Providers are kinds of [`Driver`] keeping
+//! disks in a [`DiskFormat`]; [`names`] holds what a name may be.
+//!
+//! Everything here is plain data with its own invariants. Parsing lives in `config` and in
+//! the pollers; decisions live in `broker` and `policy`.
+
+mod app;
+pub mod config_file;
+pub mod names;
+mod provider;
+mod service;
+mod vm;
+
+pub use app::{AppSpec, Env};
+pub use config_file::{ConfigFileSpec, ConfigFormat, RewriteRule};
+pub use provider::{bucket_copy, DiskFormat, Driver};
+pub use service::{
+    BucketSettings, Component, ComponentSettings, HealthCheck, HookSpec, HookTarget, ServiceSpec,
+    GIB,
+};
+pub use vm::{PortForward, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -6,7 +6,10 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 use crate::config::{Component, Mode, PolicySpec, ServiceSpec};
-use crate::model::{ComponentKind, IoFigures, MarketSnapshot, Offer, RegionInfo, Requirements};
+use crate::model::{
+    BucketSettings, ComponentKind, ComponentSettings, IoFigures, MarketSnapshot, Offer, RegionInfo,
+    Requirements, VmSpec,
+};
 
 use super::{DecisionContext, Market};
 
@@ -41,7 +44,12 @@ pub(crate) fn component(kind: ComponentKind, name: &str, size_gib: f64, keep: bo
         size_gib,
         keep_at_source: keep,
         home: None,
-        settings: toml::Table::new(),
+        settings: match kind {
+            ComponentKind::Vm => ComponentSettings::Vm(VmSpec::new(name)),
+            ComponentKind::Volume => ComponentSettings::Volume,
+            ComponentKind::Bucket => ComponentSettings::Bucket(BucketSettings::default()),
+            other => panic!("a test {} needs settings", other.as_str()),
+        },
     }
 }
 

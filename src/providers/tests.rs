@@ -1,19 +1,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::config::{Component, Config};
-use crate::model::ComponentKind;
-
-fn app_component(settings: &str) -> Component {
-    Component {
-        kind: ComponentKind::App,
-        name: "web".to_string(),
-        size_gib: 0.0,
-        keep_at_source: false,
-        home: None,
-        settings: toml::from_str(settings).expect("test settings are TOML"),
-    }
-}
+use crate::config::Config;
 
 #[test]
 fn keys_that_could_leave_the_bucket_are_refused() {
@@ -47,75 +35,6 @@ fn names_follow_the_configuration_rules() {
     for bad in ["", "-x", "a/b", "a.b", "..", "ä", &"n".repeat(64)] {
         assert!(validate_name(bad).is_err(), "{bad:?} accepted");
     }
-}
-
-#[test]
-fn app_spec_reads_every_setting_and_resolves_paths_against_the_config() {
-    let c = app_component(
-        r#"
-        command = "bin/demo-app"
-        args = ["--config", "demo.toml"]
-        env = { RUST_LOG = "info", MODE = "prod" }
-        workdir = "data"
-        port = 8080
-        "#,
-    );
-    let spec = AppSpec::from_component("shop", &c, Path::new("/etc/fc")).unwrap();
-    assert_eq!(spec.name, "web");
-    assert_eq!(spec.command, "/etc/fc/bin/demo-app");
-    assert_eq!(spec.args, vec!["--config", "demo.toml"]);
-    assert_eq!(spec.env.get("MODE").map(String::as_str), Some("prod"));
-    assert_eq!(spec.workdir.as_deref(), Some(Path::new("/etc/fc/data")));
-    assert_eq!(spec.port, Some(8080));
-
-    // A bare program name is looked up in PATH, not made relative.
-    let c = app_component(r#"command = "python3""#);
-    let spec = AppSpec::from_component("shop", &c, Path::new("/etc/fc")).unwrap();
-    assert_eq!(spec.command, "python3");
-    assert_eq!(spec.workdir, None);
-}
-
-#[test]
-fn app_spec_errors_name_service_component_and_every_bad_key() {
-    let c = app_component(
-        r#"
-        args = "--verbose"
-        port = 70000
-        env = { A = 1 }
-        colour = "blue"
-        "#,
-    );
-    let err = AppSpec::from_component("shop", &c, Path::new("/")).unwrap_err();
-    let text = err.to_string();
-    assert!(
-        text.starts_with("service `shop`, component `web`: "),
-        "{text}"
-    );
-    let keys: Vec<&str> = err.problems.iter().map(|(k, _)| k.as_str()).collect();
-    for k in [
-        "settings.command",
-        "settings.args",
-        "settings.port",
-        "settings.env.A",
-        "settings.colour",
-    ] {
-        assert!(keys.contains(&k), "{k} not reported in {text}");
-    }
-    assert!(text.contains("got 70000"), "{text}");
-
-    let mut vm = app_component(r#"command = "x""#);
-    vm.kind = ComponentKind::Vm;
-    let err = AppSpec::from_component("shop", &vm, Path::new("/")).unwrap_err();
-    assert!(err.to_string().contains("must be `app`"), "{err}");
-
-    let c = app_component(
-        r#"
-        command = "x"
-        env = { "A=B" = "1" }
-        "#,
-    );
-    let err = AppSpec::from_component("shop", &c, Path::new("/")).unwrap_err();
-    assert!(err.to_string().contains("`A=B`"), "{err}");
 }
 
 #[test]
