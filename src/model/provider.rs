@@ -104,3 +104,20 @@ pub mod bucket_copy {
     /// The most objects copied at the same time.
     pub const MAX_CONCURRENCY: usize = 256;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_read_back_as_they_are_written() {
+        for name in Driver::NAMES {
+            assert_eq!(Driver::parse(name).map(Driver::as_str), Some(*name));
+        }
+        for f in DiskFormat::ALL {
+            assert_eq!(DiskFormat::parse(f.as_str()), Some(f));
+        }
+        assert_eq!(Driver::parse("ec2"), None);
+        assert!(!Driver::Qemu.has_object_storage());
+    }
+}

@@ -173,3 +173,60 @@ impl BucketSettings {
     /// Settings keys a `bucket` component understands.
     pub const KEYS: &'static [&'static str] = &["skip_special_files"];
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn component(settings: ComponentSettings, size_gib: f64, keep: bool) -> Component {
+        Component {
+            kind: settings.kind(),
+            name: "c".into(),
+            size_gib,
+            keep_at_source: keep,
+            home: None,
+            settings,
+        }
+    }
+
+    #[test]
+    fn a_component_answers_for_its_own_kind_only() {
+        let vm = component(ComponentSettings::Vm(VmSpec::new("c")), 1.0, false);
+        assert_eq!(vm.vm().map(|v| v.name.as_str()), Some("c"));
+        assert!(vm.app().is_none() && vm.config_file().is_none());
+        assert!(!vm.skip_special_files());
+        let skip = BucketSettings {
+            skip_special_files: true,
+        };
+        assert!(component(ComponentSettings::Bucket(skip), 1.0, false).skip_special_files());
+    }
+
+    #[test]
+    fn buckets_kept_at_the_source_do_not_move_and_are_not_block_storage() {
+        let spec = ServiceSpec {
+            name: "s".into(),
+            provider: "a".into(),
+            policy: "p".into(),
+            flavor: None,
+            requirements: Requirements {
+                vcpus: 1,
+                memory_gib: 1.0,
+            },
+            pinned: false,
+            health_check: None,
+            components: vec![
+                component(ComponentSettings::Vm(VmSpec::new("c")), 2.0, false),
+                component(ComponentSettings::Volume, 3.0, false),
+                component(
+                    ComponentSettings::Bucket(BucketSettings::default()),
+                    5.0,
+                    true,
+                ),
+            ],
+            cutover: None,
+            recontextualise: None,
+        };
+        assert_eq!(spec.storage_gib(), 5.0);
+        assert_eq!(spec.bytes_to_move(), (5.0 * GIB) as u64);
+    }
+}
