@@ -24,7 +24,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "../tests/common/servers.rs"]
+#[path = "../tests/it/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
 

@@ -52,7 +52,7 @@ use fluidcloud::viaduct::Progress;
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "../tests/common/servers.rs"]
+#[path = "../tests/it/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
 use common::{build_image, fill_random, free_port, load_average, median, XorShift, MIB};

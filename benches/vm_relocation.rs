@@ -15,11 +15,11 @@
 mod common;
 use common::free_port;
 
-#[path = "../tests/common/servers.rs"]
+#[path = "../tests/it/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
 
-#[path = "../tests/common/guest.rs"]
+#[path = "../tests/it/common/guest.rs"]
 #[allow(dead_code)]
 mod guest;
 

@@ -161,7 +161,7 @@ pub fn load_average() -> String {
 }
 
 /// A port nobody listens on at the moment, on the loopback interface. (The servers of
-/// `tests/common/servers.rs` find theirs through this, as `super::free_port`.)
+/// `tests/it/common/servers.rs` find theirs through this, as `super::free_port`.)
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

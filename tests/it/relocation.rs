@@ -2,14 +2,14 @@
 //! file, a volume and a bucket moves between two local providers, killed with SIGKILL at
 //! every checkpoint of its plan and recovered by the next start of the daemon.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::servers::kill_from_pid_file;
-use common::{bin, free_port, repo, Daemon};
+use common::{bin, demo_app, free_port, repo, Daemon};
 use serde_json::Value;
 
 /// The steps of the plan for `shop`, in order.
@@ -26,16 +26,6 @@ const STEPS: &[&str] = &[
     "health-check",
     "commit",
 ];
-
-fn demo_app() -> PathBuf {
-    let p = Path::new(bin()).parent().unwrap().join("examples/demo-app");
-    assert!(
-        p.exists(),
-        "{} is missing: build the examples (`cargo test` does)",
-        p.display()
-    );
-    p
-}
 
 struct Setup {
     dir: tempfile::TempDir,

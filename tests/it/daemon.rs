@@ -2,7 +2,7 @@
 //! decisions, guard rails, approvals, the API and its token, metrics, reloads and every bad
 //! input the broker must survive.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
