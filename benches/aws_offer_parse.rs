@@ -1,7 +1,7 @@
 //! Throughput and memory of the AWS offer-file parser on a file the size of a real
 //! per-region EC2 offer file.
 //!
-//! The file (FLUIDCLOUD_BENCH_MB, default 500 MB) has the real shape: products of many
+//! The file (`--mb N` or FLUIDCLOUD_BENCH_MB, default 500 MB) has the real shape: products of many
 //! instance types across regions, operating systems, tenancies, pre-installed software and
 //! capacity statuses, then on-demand and reserved terms for every product. Generation and
 //! parsing each run in a child process of this one: Linux carries the peak RSS across
@@ -14,8 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use fluidcloud::broker::pricing;
 use fluidcloud::config::{PricingFormat, PricingSource};
+
+#[path = "common/mod.rs"]
+mod common;
 
 const GENERATE_ENV: &str = "FLUIDCLOUD_BENCH_GENERATE";
 const PARSE_ENV: &str = "FLUIDCLOUD_BENCH_PARSE";
@@ -24,21 +28,33 @@ const TARGET_REGION: &str = "eu-central-1";
 const TARGET_MB_PER_S: f64 = 50.0;
 const TARGET_RSS_MIB: f64 = 150.0;
 
+/// Throughput and peak memory of the AWS offer-file parser.
+#[derive(Parser, Debug)]
+#[command(
+    name = "aws_offer_parse",
+    bin_name = "cargo bench --bench aws_offer_parse --"
+)]
+struct Args {
+    /// The offer file's size in MB.
+    #[arg(long, env = SIZE_ENV, default_value_t = 500, value_parser = common::at_least_one::<u64>)]
+    mb: u64,
+    /// (The child that writes the file.)
+    #[arg(long, env = GENERATE_ENV, hide = true, conflicts_with = "parse")]
+    generate: Option<PathBuf>,
+    /// (The child that parses the file.)
+    #[arg(long, env = PARSE_ENV, hide = true)]
+    parse: Option<PathBuf>,
+    #[command(flatten)]
+    cargo: common::CargoBench,
+}
+
 fn main() -> ExitCode {
-    let mb = match std::env::var(SIZE_ENV) {
-        Ok(v) => match v.parse::<u64>() {
-            Ok(mb) if mb > 0 => mb,
-            _ => {
-                eprintln!("{SIZE_ENV} must be a positive whole number of MB, got `{v}`");
-                return ExitCode::from(2);
-            }
-        },
-        Err(_) => 500,
-    };
-    let result = if let Some(path) = std::env::var_os(GENERATE_ENV) {
-        generate(Path::new(&path), mb * 1_000_000).map_err(|e| format!("generating: {e}").into())
-    } else if let Some(path) = std::env::var_os(PARSE_ENV) {
-        measure(Path::new(&path))
+    let args = Args::parse();
+    let mb = args.mb;
+    let result = if let Some(path) = &args.generate {
+        generate(path, mb * 1_000_000).map_err(|e| format!("generating: {e}").into())
+    } else if let Some(path) = &args.parse {
+        measure(path)
     } else {
         orchestrate(mb)
     };

@@ -24,7 +24,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "../tests/common/servers.rs"]
+#[path = "../tests/it/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
 
@@ -35,7 +35,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, load_average, median};
+use clap::{Parser, ValueEnum};
+use common::{at_least_one, free_port, load_average, median};
 use fluidcloud::config::Config;
 use fluidcloud::migrators::copier::{copy_bucket, BucketCopyOptions, BucketProgress};
 use fluidcloud::providers::{self, Provider};
@@ -44,14 +45,42 @@ use servers::{S3sFs, SwiftServer, TestEnv};
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 
-/// A free TCP port on loopback (the servers' module asks its parent for it).
+/// Bucket relocation, the migrator against `rclone copy`, S3 to Swift.
+#[derive(Parser, Debug)]
+#[command(name = "buckets", bin_name = "cargo bench --bench buckets --")]
 struct Args {
+    /// Where the servers' data and the data sets live (a temporary directory under it).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+    /// Rounds of each copier per data set.
+    #[arg(long, default_value_t = 3, value_parser = at_least_one::<usize>)]
     repeat: usize,
-    sets: Vec<DataSet>,
+    /// The data sets to copy.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "small,large")]
+    sets: Vec<SetName>,
+    /// The rclone binary.
+    #[arg(long, default_value = "rclone")]
     rclone: String,
     /// The Swift provider's part size; objects above it become static large objects.
+    #[arg(long)]
     swift_part_mib: Option<u64>,
+    #[command(flatten)]
+    cargo: common::CargoBench,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SetName {
+    Small,
+    Large,
+}
+
+impl SetName {
+    fn data_set(self) -> &'static DataSet {
+        match self {
+            SetName::Small => &SMALL,
+            SetName::Large => &LARGE,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -90,57 +119,6 @@ impl DataSet {
         // Nested keys, as a bucket of assets has them.
         format!("{}/{:02}/object-{i:05}.bin", self.name, i % 16)
     }
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        dir: std::env::temp_dir(),
-        repeat: 3,
-        sets: vec![SMALL, LARGE],
-        rclone: "rclone".into(),
-        swift_part_mib: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match a.as_str() {
-            "--dir" => args.dir = PathBuf::from(value("--dir")?),
-            "--repeat" => {
-                args.repeat = value("--repeat")?
-                    .parse()
-                    .map_err(|e| format!("--repeat: {e}"))?
-            }
-            "--rclone" => args.rclone = value("--rclone")?,
-            "--swift-part-mib" => {
-                args.swift_part_mib = Some(
-                    value("--swift-part-mib")?
-                        .parse()
-                        .map_err(|e| format!("--swift-part-mib: {e}"))?,
-                )
-            }
-            "--sets" => {
-                args.sets = value("--sets")?
-                    .split(',')
-                    .map(|s| match s.trim() {
-                        "small" => Ok(SMALL),
-                        "large" => Ok(LARGE),
-                        other => Err(format!(
-                            "--sets: `{other}` is not a data set; use small and/or large"
-                        )),
-                    })
-                    .collect::<Result<_, _>>()?
-            }
-            // `cargo bench` passes `--bench`; filters do not apply to this benchmark.
-            _ => {}
-        }
-    }
-    if args.repeat == 0 {
-        return Err("--repeat must be at least 1".into());
-    }
-    if args.sets.is_empty() {
-        return Err("--sets names no data set".into());
-    }
-    Ok(args)
 }
 
 fn secret_file(path: &Path, text: &str) -> Result<(), String> {
@@ -322,13 +300,7 @@ struct Figures {
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let args = Args::parse();
     if let Err(e) = run(&args) {
         eprintln!("benchmark failed: {e}");
         std::process::exit(1);
@@ -360,7 +332,12 @@ fn run(args: &Args) -> Result<(), String> {
     eprintln!("Starting s3s-fs and Swift in {} ...", dir.display());
     let s3 = S3sFs::start(&env, dir);
     let swift = SwiftServer::start(&env, dir);
-    let largest = args.sets.iter().map(|s| s.size).max().unwrap_or(MIB);
+    let largest = args
+        .sets
+        .iter()
+        .map(|s| s.data_set().size)
+        .max()
+        .unwrap_or(MIB);
     let config = config(
         dir,
         &s3,
@@ -374,7 +351,7 @@ fn run(args: &Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
 
     let mut results = Vec::new();
-    for set in &args.sets {
+    for set in args.sets.iter().map(|s| s.data_set()) {
         eprintln!("Uploading {} ({}) into s3s-fs ...", set.name, set.label());
         let uploader = open(&config, "uploader")?;
         runtime.block_on(upload(uploader.as_ref(), set))?;

@@ -10,12 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
+use clap::Parser;
 use fluidcloud::config::{Component, ComponentSettings, Mode, PolicySpec, ServiceSpec};
 use fluidcloud::model::VmSpec;
 use fluidcloud::model::{
     ComponentKind, IoFigures, MarketSnapshot, Offer, RegionInfo, Requirements, Verdict,
 };
 use fluidcloud::policy::{DecisionContext, Limits, Market, Policy};
+
+#[path = "common/mod.rs"]
+mod common;
 
 const SERVICES: usize = 10_000;
 const PROVIDERS: usize = 11;
@@ -184,7 +188,16 @@ fn median(mut v: Vec<Timing>) -> Timing {
     v[v.len() / 2]
 }
 
+/// One policy tick at scale, on one core. It takes no arguments of its own.
+#[derive(Parser, Debug)]
+#[command(name = "policy_eval", bin_name = "cargo bench --bench policy_eval --")]
+struct Args {
+    #[command(flatten)]
+    cargo: common::CargoBench,
+}
+
 fn main() {
+    Args::parse();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut rng = Lcg(0x5eed);
     let snapshot = market(&mut rng);

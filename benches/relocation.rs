@@ -52,21 +52,64 @@ use fluidcloud::viaduct::Progress;
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "../tests/common/servers.rs"]
+#[path = "../tests/it/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
-use common::{build_image, fill_random, free_port, load_average, median, XorShift, MIB};
+use clap::Parser;
+use common::{
+    at_least_one, build_image, fill_random, free_port, load_average, median, XorShift, MIB,
+};
 use servers::kill_from_pid_file;
 
+/// Cutover downtime of a pre-copy relocation between two `local` providers.
+#[derive(Parser, Debug)]
+#[command(name = "relocation", bin_name = "cargo bench --bench relocation --")]
 struct Args {
+    /// Where the rounds' providers live (a temporary directory under it).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+    /// The volume's size.
+    #[arg(long, default_value_t = 4, value_parser = at_least_one::<u64>)]
     size_gib: u64,
+    /// How much of the volume holds data (above zero, at most --size-gib).
+    #[arg(long, default_value_t = 1.5)]
     allocated_gib: f64,
+    /// Rounds of each case.
+    #[arg(long, default_value_t = 3, value_parser = at_least_one::<usize>)]
     repeat: usize,
+    /// The target providers' disk formats.
+    #[arg(long, value_delimiter = ',', default_value = "raw,qcow2", value_parser = ["raw", "qcow2"])]
     targets: Vec<String>,
+    /// The share of the volume's blocks the app changes between pre-copy and cutover.
+    #[arg(long, default_value_t = 1.0)]
     change_percent: f64,
+    /// Objects of 64 KiB in the service's bucket.
+    #[arg(long, default_value_t = 0)]
     bucket_objects: usize,
+    /// Copies at once during the transfer; several make one case each.
+    #[arg(
+        long = "transfer-concurrency",
+        value_name = "N[,N...]",
+        value_delimiter = ',',
+        default_value = "4",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64)
+    )]
     concurrency: Vec<usize>,
+    #[command(flatten)]
+    cargo: common::CargoBench,
+}
+
+impl Args {
+    /// The checks across arguments that clap cannot make.
+    fn checked(self) -> Args {
+        if self.allocated_gib <= 0.0 || self.allocated_gib > self.size_gib as f64 {
+            common::invalid::<Args>("--allocated-gib must be above zero and at most --size-gib");
+        }
+        if !(0.0..=100.0).contains(&self.change_percent) {
+            common::invalid::<Args>("--change-percent must be between 0 and 100");
+        }
+        self
+    }
 }
 
 /// What one series of rounds runs: a target disk format and a transfer concurrency.
@@ -78,96 +121,6 @@ struct Case {
 
 /// Objects of the benchmark bucket.
 const OBJECT_BYTES: usize = 64 << 10;
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        dir: std::env::temp_dir(),
-        size_gib: 4,
-        allocated_gib: 1.5,
-        repeat: 3,
-        targets: vec!["raw".into(), "qcow2".into()],
-        change_percent: 1.0,
-        bucket_objects: 0,
-        concurrency: vec![4],
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match a.as_str() {
-            "--dir" => args.dir = PathBuf::from(value("--dir")?),
-            "--size-gib" => {
-                args.size_gib = value("--size-gib")?
-                    .parse()
-                    .map_err(|e| format!("--size-gib: {e}"))?
-            }
-            "--allocated-gib" => {
-                args.allocated_gib = value("--allocated-gib")?
-                    .parse()
-                    .map_err(|e| format!("--allocated-gib: {e}"))?
-            }
-            "--repeat" => {
-                args.repeat = value("--repeat")?
-                    .parse()
-                    .map_err(|e| format!("--repeat: {e}"))?
-            }
-            "--change-percent" => {
-                args.change_percent = value("--change-percent")?
-                    .parse()
-                    .map_err(|e| format!("--change-percent: {e}"))?
-            }
-            "--targets" => {
-                args.targets = value("--targets")?
-                    .split(',')
-                    .map(|t| t.trim().to_string())
-                    .filter(|t| !t.is_empty())
-                    .collect()
-            }
-            "--bucket-objects" => {
-                args.bucket_objects = value("--bucket-objects")?
-                    .parse()
-                    .map_err(|e| format!("--bucket-objects: {e}"))?
-            }
-            "--transfer-concurrency" => {
-                args.concurrency = value("--transfer-concurrency")?
-                    .split(',')
-                    .map(|c| {
-                        c.trim()
-                            .parse()
-                            .map_err(|e| format!("--transfer-concurrency: `{c}`: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?
-            }
-            // `cargo bench` passes `--bench`; filters do not apply to this benchmark.
-            _ => {}
-        }
-    }
-    if args.repeat == 0 {
-        return Err("--repeat must be at least 1".into());
-    }
-    if args.size_gib == 0 {
-        return Err("--size-gib must be at least 1".into());
-    }
-    if args.allocated_gib <= 0.0 || args.allocated_gib > args.size_gib as f64 {
-        return Err("--allocated-gib must be above zero and at most --size-gib".into());
-    }
-    if !(0.0..=100.0).contains(&args.change_percent) {
-        return Err("--change-percent must be between 0 and 100".into());
-    }
-    if args.targets.is_empty() {
-        return Err("--targets names no disk format".into());
-    }
-    if args.concurrency.is_empty() || args.concurrency.iter().any(|&c| !(1..=64).contains(&c)) {
-        return Err("--transfer-concurrency takes values from 1 to 64".into());
-    }
-    for t in &args.targets {
-        if t != "raw" && t != "qcow2" {
-            return Err(format!(
-                "--targets: `{t}` is not a target disk format here; use raw and/or qcow2"
-            ));
-        }
-    }
-    Ok(args)
-}
 
 /// The 1 MiB blocks a round changes: `count` distinct ones over the whole volume.
 fn pick_blocks(size: u64, count: u64, seed: u64) -> Vec<u64> {
@@ -651,13 +604,7 @@ fn mib(bytes: u64) -> String {
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let args = Args::parse().checked();
     if let Err(e) = run(&args) {
         eprintln!("benchmark failed: {e}");
         std::process::exit(1);

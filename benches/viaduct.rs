@@ -37,70 +37,46 @@ use fluidcloud::viaduct::{
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{build_image, fill_random, free_port, XorShift, MIB};
+use clap::Parser;
+use common::{at_least_one, build_image, fill_random, free_port, XorShift, MIB};
 
+/// The viaduct against `dd | nc`, `cp --sparse=always` and `rsync --sparse`.
+#[derive(Parser, Debug)]
+#[command(name = "viaduct", bin_name = "cargo bench --bench viaduct --")]
 struct Args {
+    /// Where the image and the copies live (a temporary directory under it).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+    /// The image's size.
+    #[arg(long, default_value_t = 4)]
     size_gib: u64,
+    /// How much of the image holds data (above zero, at most --size-gib).
+    #[arg(long, default_value_t = 1.5)]
     allocated_gib: f64,
+    /// The viaduct's parallel streams.
+    #[arg(long, default_value_t = 4)]
     streams: usize,
+    /// Runs of each method; the best counts.
+    #[arg(long, default_value_t = 3, value_parser = at_least_one::<usize>)]
     repeat: usize,
+    /// Only these methods, comma-separated.
+    #[arg(long, value_name = "METHOD[,METHOD...]")]
     only: Option<String>,
+    /// The viaduct's zstd level.
+    #[arg(long = "compression-level", default_value_t = 1)]
     level: i32,
+    #[command(flatten)]
+    cargo: common::CargoBench,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        dir: std::env::temp_dir(),
-        size_gib: 4,
-        allocated_gib: 1.5,
-        streams: 4,
-        repeat: 3,
-        only: None,
-        level: 1,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match a.as_str() {
-            "--dir" => args.dir = PathBuf::from(value("--dir")?),
-            "--size-gib" => {
-                args.size_gib = value("--size-gib")?
-                    .parse()
-                    .map_err(|e| format!("--size-gib: {e}"))?
-            }
-            "--allocated-gib" => {
-                args.allocated_gib = value("--allocated-gib")?
-                    .parse()
-                    .map_err(|e| format!("--allocated-gib: {e}"))?
-            }
-            "--streams" => {
-                args.streams = value("--streams")?
-                    .parse()
-                    .map_err(|e| format!("--streams: {e}"))?
-            }
-            "--repeat" => {
-                args.repeat = value("--repeat")?
-                    .parse()
-                    .map_err(|e| format!("--repeat: {e}"))?
-            }
-            "--compression-level" => {
-                args.level = value("--compression-level")?
-                    .parse()
-                    .map_err(|e| format!("--compression-level: {e}"))?
-            }
-            "--only" => args.only = Some(value("--only")?),
-            // `cargo bench` passes `--bench`; filters do not apply to this benchmark.
-            _ => {}
+impl Args {
+    /// The checks across arguments that clap cannot make.
+    fn checked(self) -> Args {
+        if self.allocated_gib <= 0.0 || self.allocated_gib > self.size_gib as f64 {
+            common::invalid::<Args>("--allocated-gib must be above zero and at most --size-gib");
         }
+        self
     }
-    if args.repeat == 0 {
-        return Err("--repeat must be at least 1".into());
-    }
-    if args.allocated_gib <= 0.0 || args.allocated_gib > args.size_gib as f64 {
-        return Err("--allocated-gib must be above zero and at most --size-gib".into());
-    }
-    Ok(args)
 }
 
 fn sync_file(path: &Path) -> Duration {
@@ -248,13 +224,7 @@ fn gib(bytes: u64) -> String {
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let args = Args::parse().checked();
     if let Err(e) = run(&args) {
         eprintln!("benchmark failed: {e}");
         std::process::exit(1);

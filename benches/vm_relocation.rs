@@ -13,13 +13,14 @@
 
 #[path = "common/mod.rs"]
 mod common;
+use clap::Parser;
 use common::free_port;
 
-#[path = "../tests/common/servers.rs"]
+#[path = "../tests/it/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
 
-#[path = "../tests/common/guest.rs"]
+#[path = "../tests/it/common/guest.rs"]
 #[allow(dead_code)]
 mod guest;
 
@@ -35,32 +36,21 @@ use fluidcloud::config::Config;
 use fluidcloud::providers::{self, VolumeSpec};
 use guest::QemuEnv;
 
+/// A VM relocation between two qemu providers under TCG.
+#[derive(Parser, Debug)]
+#[command(
+    name = "vm_relocation",
+    bin_name = "cargo bench --bench vm_relocation --"
+)]
 struct Args {
+    /// The VM's disk (64 at least).
+    #[arg(long, default_value_t = 1024)]
     disk_mib: u64,
+    /// Relocations to time (1 to 10).
+    #[arg(long, default_value_t = 2)]
     rounds: u32,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        disk_mib: 1024,
-        rounds: 2,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut number = |name: &str| -> Result<u64, String> {
-            it.next()
-                .ok_or(format!("{name} needs a value"))?
-                .parse()
-                .map_err(|e| format!("{name}: {e}"))
-        };
-        match a.as_str() {
-            "--disk-mib" => args.disk_mib = number("--disk-mib")?.max(64),
-            "--rounds" => args.rounds = number("--rounds")?.clamp(1, 10) as u32,
-            "--bench" => {}
-            other => return Err(format!("unknown argument `{other}`")),
-        }
-    }
-    Ok(args)
+    #[command(flatten)]
+    cargo: common::CargoBench,
 }
 
 fn write_config(
@@ -307,13 +297,9 @@ fn round(
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("vm_relocation: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let mut args = Args::parse();
+    args.disk_mib = args.disk_mib.max(64);
+    args.rounds = args.rounds.clamp(1, 10);
     let env = QemuEnv::load();
     let work = match tempfile::tempdir() {
         Ok(d) => d,

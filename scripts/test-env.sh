@@ -8,7 +8,7 @@
 #
 # Cache directory: $FLUIDCLOUD_TEST_ENV, default ~/.cache/fluidcloud-test-env. Running it
 # again skips what is there, so it is cheap to call before every test run. When it is done
-# it writes CACHE/env, `NAME=value` lines (also valid shell) that tests/common/servers.rs reads
+# it writes CACHE/env, `NAME=value` lines (also valid shell) that tests/it/common/servers.rs reads
 # to find the binaries; variables of the same name in the environment take precedence.
 #
 # Adding a component: write `ensure_<name>` (install if missing, then call `env_set` for
@@ -282,7 +282,7 @@ ensure_guest() {
 write_env() {
     local tmp="$ENV_FILE.tmp.$$"
     {
-        echo "# Written by scripts/test-env.sh; read by tests/common/servers.rs."
+        echo "# Written by scripts/test-env.sh; read by tests/it/common/servers.rs."
         # Components not asked for this time keep their earlier lines.
         if [ -f "$ENV_FILE" ]; then
             local line name

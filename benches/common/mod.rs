@@ -161,10 +161,41 @@ pub fn load_average() -> String {
 }
 
 /// A port nobody listens on at the moment, on the loopback interface. (The servers of
-/// `tests/common/servers.rs` find theirs through this, as `super::free_port`.)
+/// `tests/it/common/servers.rs` find theirs through this, as `super::free_port`.)
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// What `cargo bench` passes every benchmark besides its own flags: `--bench`, and the filter
+/// words of `cargo bench -- WORD`, which these benchmarks (each one measurement) ignore.
+/// Flattened into each benchmark's arguments.
+#[derive(clap::Args, Debug)]
+pub struct CargoBench {
+    #[arg(long, hide = true)]
+    bench: bool,
+    #[arg(hide = true)]
+    filters: Vec<String>,
+}
+
+/// Fails the way clap fails (usage, exit 2) on a check across several arguments.
+pub fn invalid<P: clap::CommandFactory>(message: impl std::fmt::Display) -> ! {
+    P::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
+}
+
+/// Parses a number of 1 or more (`--repeat`, `--size-gib`), for `value_parser`.
+pub fn at_least_one<T>(text: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    let n: T = text.parse().map_err(|e: T::Err| e.to_string())?;
+    if n < T::from(1) {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
 }

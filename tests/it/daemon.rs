@@ -2,10 +2,11 @@
 //! decisions, guard rails, approvals, the API and its token, metrics, reloads and every bad
 //! input the broker must survive.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
+use common::config::{ConfigBuilder, Section, Service};
 use common::{Body, Daemon, FeedServer};
 use serde_json::{json, Value};
 
@@ -117,83 +118,66 @@ fn decide(ctx) {
 }
 "#;
 
-fn config(feeds: &FeedServer, extra: &str) -> String {
-    format!(
-        r#"
-[daemon]
-state_dir = "{{DIR}}/state"
-listen = "127.0.0.1:{{PORT}}"
+/// Two priced local providers (`aws-va`, `azure-we`), the `cheapest` policy (enforce) and the
+/// `eu-only` one (approve), and services `shop`, `vault` (pinned) and `crm`.
+fn config(feeds: &FeedServer) -> ConfigBuilder {
+    config_with_cheapest(feeds, "enforce")
+}
 
-[broker]
-evaluate_schedule = "* * * * * *"
-max_relocations_percent = 100
-policy_timeout_ms = 200
+/// As [`config`], with `cheapest` in `mode`.
+fn config_with_cheapest(feeds: &FeedServer, mode: &str) -> ConfigBuilder {
+    let base = &feeds.base;
+    ConfigBuilder::for_daemon()
+        .broker_every_second()
+        .broker("policy_timeout_ms", 200)
+        .provider_local_with("aws-va", "us-east-1", |p| {
+            p.cloud("aws")
+                .pricing("aws", &format!("{base}/aws/us-east-1/index.json"), |t| {
+                    hourly(t, 0.08, 0.09)
+                })
+        })
+        .provider_local_with("azure-we", "westeurope", |p| {
+            p.cloud("azure")
+                .pricing("azure", &format!("{base}/azure/prices"), |t| {
+                    hourly(t, 0.05, 0.08)
+                })
+        })
+        .policy("cheapest", "cheapest", mode, |p| {
+            p.confirmations(2)
+                .min_residency_secs(0)
+                .move_duration_secs(60)
+        })
+        .policy("eu-only", "eu-only", "approve", |p| {
+            p.confirmations(1).min_residency_secs(0)
+        })
+        // Never healthy: a relocation of shop stays in its cutover for the whole test.
+        .service("shop", "aws-va", "cheapest", |s| {
+            s.size(2, 8.0)
+                .health_command(&["false"], 600)
+                .volume("data", 10.0)
+        })
+        .service("vault", "aws-va", "cheapest", |s| s.pinned().size(2, 8.0))
+        .service("crm", "aws-va", "eu-only", |s| s.size(2, 4.0))
+}
 
-[providers.aws-va]
-driver = "local"
-cloud = "aws"
-region = "us-east-1"
-root = "providers/aws-va"
-[providers.aws-va.pricing]
-format = "aws"
-url = "{base}/aws/us-east-1/index.json"
-schedule = "0 0 * * * *"
-storage_price_per_gib_month = 0.08
-egress_price_per_gib = 0.09
+/// A feed polled hourly, with storage and egress prices.
+fn hourly(pricing: Section, storage: f64, egress: f64) -> Section {
+    pricing
+        .set("schedule", "0 0 * * * *")
+        .set("storage_price_per_gib_month", storage)
+        .set("egress_price_per_gib", egress)
+}
 
-[providers.azure-we]
-driver = "local"
-cloud = "azure"
-region = "westeurope"
-root = "providers/azure-we"
-[providers.azure-we.pricing]
-format = "azure"
-url = "{base}/azure/prices"
-schedule = "0 0 * * * *"
-storage_price_per_gib_month = 0.05
-egress_price_per_gib = 0.08
-
-[policies.cheapest]
-file = "{{REPO}}/policies/cheapest.rhai"
-mode = "enforce"
-confirmations = 2
-min_residency_secs = 0
-move_duration_secs = 60
-
-[policies.eu-only]
-file = "{{REPO}}/policies/eu-only.rhai"
-mode = "approve"
-confirmations = 1
-min_residency_secs = 0
-
-[services.shop]
-provider = "aws-va"
-policy = "cheapest"
-vcpus = 2
-memory_gib = 8
-# Never healthy: a relocation of shop stays in its cutover for the whole test.
-health_check = {{ command = ["false"], timeout_secs = 600 }}
-[[services.shop.components]]
-kind = "volume"
-name = "data"
-size_gib = 10
-
-[services.vault]
-provider = "aws-va"
-policy = "cheapest"
-pinned = true
-vcpus = 2
-memory_gib = 8
-
-[services.crm]
-provider = "aws-va"
-policy = "eu-only"
-vcpus = 2
-memory_gib = 4
-{extra}
-"#,
-        base = feeds.base
-    )
+/// A local provider in us-east-1 without a root, priced from `url` in `format`; `f` adds to
+/// the pricing table.
+fn priced(
+    cfg: ConfigBuilder,
+    name: &str,
+    format: &str,
+    url: &str,
+    f: impl FnOnce(Section) -> Section,
+) -> ConfigBuilder {
+    cfg.provider(name, "local", "us-east-1", |p| p.pricing(format, url, f))
 }
 
 /// Asks for a relocation by hand; returns status and body.
@@ -224,7 +208,7 @@ fn find(d: &Daemon, service: &str, outcome: &str) -> Option<Value> {
 fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &config(&feeds, ""));
+    let mut d = Daemon::start(dir.path(), &config(&feeds).render());
     d.wait_for("/readyz", Duration::from_secs(60));
 
     // Only the Linux/Shared offers of the region count; both Azure pages were read.
@@ -381,7 +365,7 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
     // Audit mode: no policy relocation may take the slot the operator's relocation needs.
-    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let cfg = config_with_cheapest(&feeds, "audit").render();
     let d = Daemon::start(dir.path(), &cfg);
     let (s, body) = d.call("GET", "/v1/services", None, None).unwrap();
     assert_eq!(s, 401, "{body}");
@@ -440,7 +424,7 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
 fn bad_feeds_are_counted_and_never_crash_the_daemon() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let mut extra = String::new();
+    let mut cfg = config(&feeds);
     for (name, path, format) in [
         ("malformed", "/bad/malformed.json", "aws"),
         ("negative", "/bad/negative.json", "aws"),
@@ -449,17 +433,17 @@ fn bad_feeds_are_counted_and_never_crash_the_daemon() {
         ("hang", "/bad/hang", "aws"),
         ("huge", "/aws/us-east-1/index.json", "aws"),
     ] {
-        let limit = if name == "huge" {
-            "max_bytes = 1000\n"
-        } else {
-            ""
-        };
-        extra.push_str(&format!(
-            "[providers.{name}]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.{name}.pricing]\nformat = \"{format}\"\nurl = \"{}{path}\"\nschedule = \"0 0 * * * *\"\ntimeout_secs = 2\n{limit}\n",
-            feeds.base
-        ));
+        let url = format!("{}{path}", feeds.base);
+        cfg = priced(cfg, name, format, &url, |t| {
+            let t = t.set("schedule", "0 0 * * * *").set("timeout_secs", 2);
+            if name == "huge" {
+                t.set("max_bytes", 1000)
+            } else {
+                t
+            }
+        });
     }
-    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    let mut d = Daemon::start(dir.path(), &cfg.render());
     // Never ready: these sources never had data. Wait until every source was polled and one
     // evaluation ran, which leaves exactly the bad sources in `waiting_for`.
     let bad = ["empty", "hang", "http500", "huge", "malformed", "negative"];
@@ -533,31 +517,27 @@ fn catalogue_row(provider: &str, region: &str, price: f64) -> Body {
 /// `prov-a` and `prov-b`: local providers priced from catalogue CSVs that `feeds` serves at
 /// `path(provider)`, polled on `schedule` and never cached.
 fn catalogue_providers(
+    mut cfg: ConfigBuilder,
     feeds: &FeedServer,
     path: impl Fn(&str) -> String,
     schedule: &str,
-) -> String {
-    let mut out = String::new();
+) -> ConfigBuilder {
     for (name, region) in [("prov-a", "eu-central-1"), ("prov-b", "eu-west-1")] {
-        out += &format!(
-            r#"
-[providers.{name}]
-driver = "local"
-cloud = "aws"
-region = "{region}"
-root = "providers/{name}"
-[providers.{name}.pricing]
-format = "csv"
-url = "{base}{path}"
-catalogue_provider = "{name}"
-schedule = "{schedule}"
-ttl_secs = 0
-"#,
-            base = feeds.base,
-            path = path(name)
-        );
+        let url = format!("{}{}", feeds.base, path(name));
+        cfg = cfg.provider_local_with(name, region, |p| {
+            p.cloud("aws").pricing("csv", &url, |t| {
+                t.set("catalogue_provider", name)
+                    .set("schedule", schedule)
+                    .set("ttl_secs", 0)
+            })
+        });
     }
-    out
+    cfg
+}
+
+/// A service of 2 vCPUs and 4 GiB with a 1 GiB volume.
+fn small_with_volume(s: Service) -> Service {
+    s.size(2, 4.0).volume("data", 1.0)
 }
 
 /// Regression: an offer whose price fell 90 % between two polls (one glitched feed) was a
@@ -570,40 +550,19 @@ fn a_price_that_falls_90_percent_moves_nothing_until_its_third_poll() {
         ("/b.csv", catalogue_row("prov-b", "eu-west-1", 0.10)),
     ]);
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = String::from(
-        r#"
-[daemon]
-state_dir = "{DIR}/state"
-listen = "127.0.0.1:{PORT}"
-
-[broker]
-evaluate_schedule = "* * * * * *"
-max_relocations_percent = 100
-"#,
-    );
-    cfg += &catalogue_providers(
+    let cfg = catalogue_providers(
+        ConfigBuilder::for_daemon().broker_every_second(),
         &feeds,
         |name| format!("/{}.csv", &name[5..]),
         "*/2 * * * * *",
-    );
-    cfg += r#"
-[policies.cheapest]
-file = "{REPO}/policies/cheapest.rhai"
-mode = "enforce"
-confirmations = 1
-min_residency_secs = 0
-move_duration_secs = 60
-
-[services.s1]
-provider = "prov-a"
-policy = "cheapest"
-vcpus = 2
-memory_gib = 4
-[[services.s1.components]]
-kind = "volume"
-name = "data"
-size_gib = 1
-"#;
+    )
+    .policy("cheapest", "cheapest", "enforce", |p| {
+        p.confirmations(1)
+            .min_residency_secs(0)
+            .move_duration_secs(60)
+    })
+    .service("s1", "prov-a", "cheapest", small_with_volume)
+    .render();
     let mut d = Daemon::start(dir.path(), &cfg);
     d.wait_for("/readyz", Duration::from_secs(60));
     assert!(d.get("/v1/relocations").as_array().unwrap().is_empty());
@@ -670,19 +629,21 @@ fn a_feed_answering_429_or_503_with_retry_after_is_not_polled_before_that_time()
     feeds.set("/limited", limited(429, "7200".into()));
     feeds.set("/busy", limited(503, in_ten_minutes));
     feeds.set("/short", limited(429, "999999".into()));
-    let mut extra = String::new();
+    let mut cfg = config(&feeds);
     for (name, path, max_age) in [
         ("limited", "/limited", 86_400),
         ("busy", "/busy", 86_400),
         ("short", "/short", 3),
     ] {
-        extra += &format!(
-            "[providers.{name}]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.{name}.pricing]\nformat = \"aws\"\nurl = \"{}{path}\"\nschedule = \"* * * * * *\"\nttl_secs = 0\nmax_age_secs = {max_age}\n\n",
-            feeds.base
-        );
+        let url = format!("{}{path}", feeds.base);
+        cfg = priced(cfg, name, "aws", &url, |t| {
+            t.set("schedule", "* * * * * *")
+                .set("ttl_secs", 0)
+                .set("max_age_secs", max_age)
+        });
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    let mut d = Daemon::start(dir.path(), &cfg.render());
     d.eventually("the first refusals", Duration::from_secs(30), |d| {
         ["limited", "busy", "short"]
             .iter()
@@ -763,11 +724,9 @@ fn a_feed_answering_429_or_503_with_retry_after_is_not_polled_before_that_time()
 fn rejected_rows_are_counted_when_every_row_of_a_poll_was_rejected() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[providers.negative]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.negative.pricing]\nformat = \"aws\"\nurl = \"{}/bad/negative.json\"\n",
-        feeds.base
-    );
-    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    let url = format!("{}/bad/negative.json", feeds.base);
+    let cfg = priced(config(&feeds), "negative", "aws", &url, |t| t);
+    let mut d = Daemon::start(dir.path(), &cfg.render());
     d.eventually("the failed poll", Duration::from_secs(30), |d| {
         (d.metric("fluidcloud_poll_errors_total{source=\"pricing:negative\"}") == Some(1.0))
             .then_some(())
@@ -785,11 +744,11 @@ fn rejected_rows_are_counted_when_every_row_of_a_poll_was_rejected() {
 fn readyz_waits_until_every_source_had_data_not_only_a_poll() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[providers.broken]\ndriver = \"local\"\nregion = \"us-east-1\"\n[providers.broken.pricing]\nformat = \"aws\"\nurl = \"{}/bad/error\"\nschedule = \"* * * * * *\"\nttl_secs = 0\n",
-        feeds.base
-    );
-    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    let url = format!("{}/bad/error", feeds.base);
+    let cfg = priced(config(&feeds), "broken", "aws", &url, |t| {
+        t.set("schedule", "* * * * * *").set("ttl_secs", 0)
+    });
+    let mut d = Daemon::start(dir.path(), &cfg.render());
     d.eventually(
         "a failed poll and an evaluation",
         Duration::from_secs(30),
@@ -833,26 +792,21 @@ fn credentials_in_a_feed_url_never_show_in_logs_the_market_or_the_cli() {
             + query
     };
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        r#"
-[providers.secret-ok]
-driver = "local"
-region = "us-east-1"
-[providers.secret-ok.pricing]
-format = "csv"
-url = "{ok}"
-
-[providers.secret-fail]
-driver = "local"
-region = "us-east-1"
-[providers.secret-fail.pricing]
-format = "aws"
-url = "{fail}"
-"#,
-        ok = with_secrets("/secret.csv"),
-        fail = with_secrets("/bad/error"),
+    let cfg = priced(
+        config(&feeds),
+        "secret-ok",
+        "csv",
+        &with_secrets("/secret.csv"),
+        |t| t,
     );
-    let mut d = Daemon::start(dir.path(), &config(&feeds, &extra));
+    let cfg = priced(
+        cfg,
+        "secret-fail",
+        "aws",
+        &with_secrets("/bad/error"),
+        |t| t,
+    );
+    let mut d = Daemon::start(dir.path(), &cfg.render());
     d.eventually("both feeds polled", Duration::from_secs(30), |d| {
         let m = d.get("/v1/market");
         let ok = m["sources"]["pricing:secret-ok"]["last_success"].is_string();
@@ -903,45 +857,29 @@ fn a_runaway_policy_is_an_error_decision_and_a_bad_reload_keeps_the_old_config()
     std::fs::write(dir.path().join("loop.rhai"), POLICY_LOOP).unwrap();
     std::fs::write(dir.path().join("deep.rhai"), POLICY_RECURSION).unwrap();
     std::fs::write(dir.path().join("huge.rhai"), POLICY_HUGE_STRING).unwrap();
-    let extra = r#"
-[policies.runaway]
-file = "{DIR}/loop.rhai"
-
-[policies.deep]
-file = "{DIR}/deep.rhai"
-
-[policies.huge]
-file = "{DIR}/huge.rhai"
-
-[services.diver]
-provider = "aws-va"
-policy = "deep"
-vcpus = 1
-memory_gib = 1
-
-[services.hoarder]
-provider = "aws-va"
-policy = "huge"
-vcpus = 1
-memory_gib = 1
-
-# A benchmark slower than its schedule: ticks that find it busy are skipped and counted.
-[providers.slowpoke]
-driver = "local"
-region = "eu-west-1"
-[providers.slowpoke.benchmark]
-kind = "command"
-command = ["sh", "-c", "sleep 3; echo '{\"read\": 100}'"]
-map = { seq_read_mb_s = "/read" }
-schedule = "* * * * * *"
-
-[services.spinner]
-provider = "aws-va"
-policy = "runaway"
-vcpus = 1
-memory_gib = 1
-"#;
-    let mut d = Daemon::start(dir.path(), &config(&feeds, extra));
+    let in_dir = |file: &str| format!("{{DIR}}/{file}");
+    let small = |s: Service| s.size(1, 1.0);
+    let cfg = config(&feeds)
+        .policy_file("runaway", &in_dir("loop.rhai"), |p| p)
+        .policy_file("deep", &in_dir("deep.rhai"), |p| p)
+        .policy_file("huge", &in_dir("huge.rhai"), |p| p)
+        .service("diver", "aws-va", "deep", small)
+        .service("hoarder", "aws-va", "huge", small)
+        // A benchmark slower than its schedule: ticks that find it busy are skipped and
+        // counted.
+        .provider("slowpoke", "local", "eu-west-1", |p| {
+            p.table("benchmark", |b| {
+                b.set("kind", "command")
+                    .set(
+                        "command",
+                        vec!["sh", "-c", r#"sleep 3; echo '{"read": 100}'"#],
+                    )
+                    .table("map", |m| m.set("seq_read_mb_s", "/read"))
+                    .set("schedule", "* * * * * *")
+            })
+        })
+        .service("spinner", "aws-va", "runaway", small);
+    let mut d = Daemon::start(dir.path(), &cfg.render());
     let err = d.eventually(
         "the runaway policy's error decision",
         Duration::from_secs(30),
@@ -1000,10 +938,15 @@ memory_gib = 1
         body.contains("loop.rhai") || body.contains("runaway"),
         "{body}"
     );
-    // A good reload applies: the spinner service, last in the file, goes away.
+    // A good reload applies: the spinner service goes away.
     std::fs::write(dir.path().join("loop.rhai"), POLICY_LOOP).unwrap();
-    let without = good.split("[services.spinner]").next().unwrap().to_string();
-    std::fs::write(&d.config, without).unwrap();
+    let mut without: toml::Table = good.parse().unwrap();
+    without["services"]
+        .as_table_mut()
+        .unwrap()
+        .remove("spinner")
+        .unwrap();
+    std::fs::write(&d.config, without.to_string()).unwrap();
     let (s, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
     assert_eq!(s, 200, "{body}");
     let names: Vec<Value> = d
@@ -1099,20 +1042,11 @@ fn services_moving_in_the_same_tick_share_the_concurrency_budget() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
     // Two services identical to `shop`: all three pass their rails in the same tick.
-    let extra = r#"
-[services.shop2]
-provider = "aws-va"
-policy = "cheapest"
-vcpus = 2
-memory_gib = 8
-
-[services.shop3]
-provider = "aws-va"
-policy = "cheapest"
-vcpus = 2
-memory_gib = 8
-"#;
-    let mut d = Daemon::start(dir.path(), &config(&feeds, extra));
+    let same_as_shop = |s: Service| s.size(2, 8.0);
+    let cfg = config(&feeds)
+        .service("shop2", "aws-va", "cheapest", same_as_shop)
+        .service("shop3", "aws-va", "cheapest", same_as_shop);
+    let mut d = Daemon::start(dir.path(), &cfg.render());
     d.eventually("a submitted relocation", Duration::from_secs(30), |d| {
         ["shop", "shop2", "shop3"]
             .iter()
@@ -1138,7 +1072,7 @@ memory_gib = 8
 fn a_relocation_interrupted_in_its_cutover_is_rolled_back_after_a_restart() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let cfg = config_with_cheapest(&feeds, "audit").render();
     let mut d = Daemon::start(dir.path(), &cfg);
     let volume = dir.path().join("providers/aws-va/volumes/shop/data.raw");
     d.eventually("shop deployed", Duration::from_secs(30), |_| {
@@ -1200,48 +1134,22 @@ fn catalogue(a: f64, b: f64) -> Body {
 /// Two providers priced from one catalogue the test rewrites, three small services under an
 /// `enforce` cheapest policy that asks once, one relocation at a time.
 fn moving_config(feeds: &FeedServer) -> String {
-    let mut cfg = String::from(
-        r#"
-[daemon]
-state_dir = "{DIR}/state"
-listen = "127.0.0.1:{PORT}"
-
-[broker]
-evaluate_schedule = "* * * * * *"
-max_concurrent_relocations = 1
-max_relocations_per_window = 20
-max_relocations_percent = 100
-
-[conduit]
-grace_period_secs = 0
-"#,
-    );
-    cfg += &catalogue_providers(feeds, |_| "/catalogue.csv".into(), "* * * * * *");
-    cfg += r#"
-[policies.cheapest]
-file = "{REPO}/policies/cheapest.rhai"
-mode = "enforce"
-confirmations = 1
-min_residency_secs = 0
-cooldown_secs = 6
-move_duration_secs = 60
-"#;
+    let cfg = ConfigBuilder::for_daemon()
+        .broker_every_second()
+        .broker("max_concurrent_relocations", 1)
+        .broker("max_relocations_per_window", 20)
+        .conduit("grace_period_secs", 0);
+    let mut cfg = catalogue_providers(cfg, feeds, |_| "/catalogue.csv".into(), "* * * * * *")
+        .policy("cheapest", "cheapest", "enforce", |p| {
+            p.confirmations(1)
+                .min_residency_secs(0)
+                .cooldown_secs(6)
+                .move_duration_secs(60)
+        });
     for s in ["s1", "s2", "s3"] {
-        cfg += &format!(
-            r#"
-[services.{s}]
-provider = "prov-a"
-policy = "cheapest"
-vcpus = 2
-memory_gib = 4
-[[services.{s}.components]]
-kind = "volume"
-name = "data"
-size_gib = 1
-"#
-        );
+        cfg = cfg.service(s, "prov-a", "cheapest", small_with_volume);
     }
-    cfg
+    cfg.render()
 }
 
 /// Every relocation in the journal must stand for exactly one `submitted` or `approved`
@@ -1399,24 +1307,13 @@ fn decisions_with_huge_reasons_are_bounded_and_the_cli_lists_them() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("talker.rhai"), POLICY_HUGE_REASON).unwrap();
-    let extra = r#"
-[policies.talker]
-file = "{DIR}/talker.rhai"
-
-[services.talker]
-provider = "aws-va"
-policy = "talker"
-vcpus = 1
-memory_gib = 1
-
-[services.thrower]
-provider = "aws-va"
-policy = "talker"
-vcpus = 1
-memory_gib = 1
-"#;
+    let small = |s: Service| s.size(1, 1.0);
     // Audit mode: no policy relocation may take the slot the operator's relocation needs.
-    let cfg = config(&feeds, extra).replace("mode = \"enforce\"", "mode = \"audit\"");
+    let cfg = config_with_cheapest(&feeds, "audit")
+        .policy_file("talker", "{DIR}/talker.rhai", |p| p)
+        .service("talker", "aws-va", "talker", small)
+        .service("thrower", "aws-va", "talker", small)
+        .render();
     let mut d = Daemon::start(dir.path(), &cfg);
     // A policy's reason of 262,144 characters, and an error quoting as much, are cut.
     let stay = d.eventually("talker's decision", Duration::from_secs(30), |d| {
@@ -1474,7 +1371,7 @@ memory_gib = 1
 fn an_oversized_body_is_413_and_a_bad_query_string_a_json_error() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &config(&feeds, ""));
+    let d = Daemon::start(dir.path(), &config(&feeds).render());
     let json_error = |status: u16, body: &str| -> String {
         let v: Value = serde_json::from_str(body)
             .unwrap_or_else(|_| panic!("{status} without a JSON body: {body}"));
@@ -1507,7 +1404,7 @@ fn the_state_directory_and_what_the_daemon_writes_are_private_under_umask_022() 
     unsafe { libc::umask(0o022) };
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let cfg = config_with_cheapest(&feeds, "audit").render();
     let mut d = Daemon::start(dir.path(), &cfg);
     let state = dir.path().join("state");
     let volume = dir.path().join("providers/aws-va/volumes/shop/data.raw");
@@ -1590,7 +1487,7 @@ fn a_missing_config_file_is_a_configuration_error_exit_2() {
 fn a_reload_keeps_the_local_providers_root_locks() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let cfg = config_with_cheapest(&feeds, "audit").render();
     let d = Daemon::start(dir.path(), &cfg);
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(common::bin())
@@ -1631,15 +1528,10 @@ fn check_refuses_a_world_readable_token_and_a_bad_region_table_like_the_daemon()
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
     let regions = dir.path().join("regions.csv");
     std::fs::write(&regions, "provider,region,country\naws,mars-1\n").unwrap();
-    let cfg = config(&feeds, "")
-        .replace(
-            "[daemon]\n",
-            &format!("[daemon]\napi_token_file = \"{}\"\n", token.display()),
-        )
-        .replace(
-            "[broker]\n",
-            &format!("[regions]\nfile = \"{}\"\n\n[broker]\n", regions.display()),
-        )
+    let cfg = config(&feeds)
+        .daemon("api_token_file", token.display().to_string())
+        .set("regions", "file", regions.display().to_string())
+        .render()
         .replace("{DIR}", &dir.path().display().to_string())
         .replace("{PORT}", "7999")
         .replace("{REPO}", &common::repo().display().to_string());
@@ -1680,7 +1572,7 @@ fn check_refuses_a_world_readable_token_and_a_bad_region_table_like_the_daemon()
 fn a_reload_that_changes_what_needs_a_restart_is_refused() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &config(&feeds, ""));
+    let d = Daemon::start(dir.path(), &config(&feeds).render());
     let original = std::fs::read_to_string(&d.config).unwrap();
     for (from, to, key) in [
         (
@@ -1718,7 +1610,7 @@ fn an_approval_runs_the_plan_it_was_shown_or_is_refused_when_the_market_moved() 
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
     // Azure is polled every second.
-    let cfg = config(&feeds, "").replace("mode = \"enforce\"", "mode = \"audit\"");
+    let cfg = config_with_cheapest(&feeds, "audit").render();
     let cfg = cfg.replace(
         "schedule = \"0 0 * * * *\"\nstorage_price_per_gib_month = 0.05",
         "schedule = \"* * * * * *\"\nttl_secs = 0\nstorage_price_per_gib_month = 0.05",

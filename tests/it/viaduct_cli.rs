@@ -1,7 +1,7 @@
 //! `fluidcloud viaduct serve` as an operator runs it on a target host: the real binary
 //! receives an image from the library's sender, and refuses a key file others can read.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};

@@ -4,7 +4,7 @@
 //! credentials at the target fail the move and change nothing; a service whose buckets live
 //! at S3 and Swift moves between two local providers and its app is pointed at them there.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 use common::servers::{kill_from_pid_file, S3sFs, SwiftServer, TestEnv};
-use common::{bin, repo};
+use common::{bin, demo_app, repo};
 use fluidcloud::config::Config;
 use fluidcloud::migrators::copier::{bucket_manifest, BucketManifest};
 use fluidcloud::providers::{self, ObjectStream, Provider};
@@ -35,10 +35,6 @@ fn secret_file(dir: &Path, name: &str, text: &str) {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-fn demo_app() -> PathBuf {
-    Path::new(bin()).parent().unwrap().join("examples/demo-app")
 }
 
 struct Setup {

@@ -3,7 +3,7 @@
 //! app then answers from Frankfurt with the same data, and the source is decommissioned
 //! after the grace period.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

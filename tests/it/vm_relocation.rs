@@ -4,7 +4,7 @@
 //! console, and the hash it prints on the target equals the source disk's. A target where the
 //! guest cannot be reached rolls back and the source VM runs again.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -18,9 +18,6 @@ use fluidcloud::providers::{self, Provider, StopOptions, VolumeSpec};
 
 const DISK_BYTES: u64 = 32 << 20;
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
-
-/// One relocation at a time: TCG guests on two cores slow each other down past any limit.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Lab {
     env: QemuEnv,
@@ -208,7 +205,7 @@ fn exists(p: &Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_moves_from_qcow2_on_virtio_to_raw_on_sata_and_boots_the_same_disk() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = guest::ONE_VM.lock().await;
     let lab = Lab::new();
     let config = lab.write_config("sata", "e1000", 150);
     let want = lab.source_disk(&config).await;
@@ -249,7 +246,7 @@ async fn a_vm_moves_from_qcow2_on_virtio_to_raw_on_sata_and_boots_the_same_disk(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_cannot_run_the_guest_is_refused_or_rolled_back_to_the_running_source() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = guest::ONE_VM.lock().await;
     let mut lab = Lab::new();
     // No network card at the target, but the guest forwards a port: refused at preflight,
     // the source never stops.
@@ -295,7 +292,7 @@ async fn a_target_that_cannot_run_the_guest_is_refused_or_rolled_back_to_the_run
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_that_does_not_power_down_fails_the_relocation_and_keeps_running() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = guest::ONE_VM.lock().await;
     let mut lab = Lab::new();
     lab.after = "ignore";
     lab.powerdown_secs = 8;

@@ -4,7 +4,7 @@
 //! same manifest and metadata; wrong credentials, missing buckets and dead endpoints fail
 //! plainly; a copy interrupted by a crashed server resumes after the restart.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;

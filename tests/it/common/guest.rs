@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// One VM at a time, across the VM and VM relocation tests (one binary, run in parallel):
+/// TCG guests on two cores slow each other down past any useful limit.
+pub static ONE_VM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The marker line the guest prints before the disk's hash.
 pub const HASH_MARKER: &str = "FLUIDCLOUD-DISK-SHA256 ";
 /// Printed once the guest serves HTTP.

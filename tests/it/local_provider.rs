@@ -5,9 +5,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{demo_app, free_port};
 use fluidcloud::config::HealthCheck;
 use fluidcloud::providers::local::LocalProvider;
 use fluidcloud::providers::{
@@ -16,81 +17,6 @@ use fluidcloud::providers::{
 };
 
 const MIB: u64 = 1024 * 1024;
-
-/// The demo app's binary. Cargo gives integration tests `CARGO_BIN_EXE_*` for binaries
-/// only, not for examples, and `cargo test --test local_provider` does not build examples.
-/// So the test builds it itself with the cargo that runs the tests (`$CARGO`), the same
-/// profile and the same target directory as this test binary (found from its own path,
-/// `<target>/<profile>/deps/…`), which is correct under `CARGO_TARGET_DIR` and `--release`
-/// too. Cargo has released its build lock by the time tests run, and an up-to-date example
-/// makes this a no-op, so it is done once per run rather than trusting a stale binary.
-///
-/// The variables cargo sets for a running test (`CARGO_PKG_*`, `CARGO_MANIFEST_DIR`…) are
-/// removed first: some build scripts (ring's) watch them, and seeing them change would make
-/// the inner and the outer cargo rebuild those crates for each other on every run.
-fn demo_app() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in <target>/<profile>/deps");
-        let target_dir = profile_dir.parent().expect("target directory");
-        let profile = profile_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("profile directory name");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            let set_for_tests = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_EXE_"]
-                .iter()
-                .any(|p| key.starts_with(p))
-                || [
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "OUT_DIR",
-                ]
-                .contains(&key.as_ref());
-            if set_for_tests {
-                cmd.env_remove(key.as_ref());
-            }
-        }
-        cmd.args([
-            "build",
-            "--quiet",
-            "--example",
-            "demo-app",
-            "--manifest-path",
-        ])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", target_dir);
-        match profile {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        let status = cmd.status().expect("run cargo to build the demo app");
-        assert!(status.success(), "building the demo-app example failed");
-        let bin = profile_dir.join("examples").join("demo-app");
-        assert!(bin.is_file(), "{} was not built", bin.display());
-        bin
-    })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()

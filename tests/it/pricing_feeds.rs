@@ -16,11 +16,11 @@ use axum::Router;
 use fluidcloud::broker::pricing::{poll, PollOutcome, PricingError};
 use fluidcloud::config::{PricingFormat, PricingSource};
 
-const AWS: &str = include_str!("fixtures/pricing/aws-offer-eu-central-1.json");
-const AZURE_1: &str = include_str!("fixtures/pricing/azure-page-1.json");
-const AZURE_2: &str = include_str!("fixtures/pricing/azure-page-2.json");
-const CATALOGUE_CSV: &str = include_str!("fixtures/pricing/catalogue.csv");
-const CATALOGUE_JSON: &str = include_str!("fixtures/pricing/catalogue.json");
+const AWS: &str = include_str!("../fixtures/pricing/aws-offer-eu-central-1.json");
+const AZURE_1: &str = include_str!("../fixtures/pricing/azure-page-1.json");
+const AZURE_2: &str = include_str!("../fixtures/pricing/azure-page-2.json");
+const CATALOGUE_CSV: &str = include_str!("../fixtures/pricing/catalogue.csv");
+const CATALOGUE_JSON: &str = include_str!("../fixtures/pricing/catalogue.json");
 
 /// Requests per path, to prove what was (not) fetched.
 #[derive(Clone, Default)]

@@ -2,7 +2,7 @@
 //! `scripts/test-env.sh qemu_system guest`, run under TCG (KVM guests hang on some hosts).
 //! The guest hashes its boot disk; the tests compare that with the data they wrote.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,9 +22,6 @@ const SERVICE: &str = "shop";
 const DISK_BYTES: u64 = 32 << 20;
 /// Boot and hash take about 6 s under TCG alone; two cores shared with other work need more.
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
-
-/// One VM at a time: TCG guests on two cores slow each other down past any useful limit.
-static ONE_VM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Lab {
     env: QemuEnv,
@@ -213,7 +210,7 @@ fn http_get(port: u16, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guest_reads_what_was_written_on_every_bus_and_format() {
-    let _one = ONE_VM.lock().await;
+    let _one = guest::ONE_VM.lock().await;
     let lab = Lab::new();
     let mut timings = Vec::new();
     for (i, (format, bus, nic)) in [
@@ -261,7 +258,7 @@ async fn the_guest_reads_what_was_written_on_every_bus_and_format() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serving_guest_is_reached_readopted_and_powered_down() {
-    let _one = ONE_VM.lock().await;
+    let _one = guest::ONE_VM.lock().await;
     let lab = Lab::new();
     let settings = lab.settings(DiskBus::Virtio, "virtio-net-pci");
     let p = lab.open("serve", DiskFormat::Qcow2, settings.clone());
@@ -343,7 +340,7 @@ async fn a_serving_guest_is_reached_readopted_and_powered_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_ignoring_the_power_button_is_reported_and_killed_only_on_request() {
-    let _one = ONE_VM.lock().await;
+    let _one = guest::ONE_VM.lock().await;
     let lab = Lab::new();
     let p = lab.open("deaf", DiskFormat::Raw, lab.settings(DiskBus::Sata, "none"));
     lab.disk_with_data(&p, "web", 3).await;
@@ -432,7 +429,7 @@ async fn bad_settings_are_refused_with_what_is_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_acceleration_settles_on_one_that_runs_a_probe_guest() {
-    let _one = ONE_VM.lock().await;
+    let _one = guest::ONE_VM.lock().await;
     let lab = Lab::new();
     let mut settings = lab.settings(DiskBus::Virtio, "none");
     settings.accel = Accel::Auto;

@@ -2,14 +2,15 @@
 //! file, a volume and a bucket moves between two local providers, killed with SIGKILL at
 //! every checkpoint of its plan and recovered by the next start of the daemon.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::config::{ConfigBuilder, Section, Service};
 use common::servers::kill_from_pid_file;
-use common::{bin, free_port, repo, Daemon};
+use common::{bin, demo_app, free_port, repo, Daemon};
 use serde_json::Value;
 
 /// The steps of the plan for `shop`, in order.
@@ -27,19 +28,41 @@ const STEPS: &[&str] = &[
     "commit",
 ];
 
-fn demo_app() -> PathBuf {
-    let p = Path::new(bin()).parent().unwrap().join("examples/demo-app");
-    assert!(
-        p.exists(),
-        "{} is missing: build the examples (`cargo test` does)",
-        p.display()
-    );
-    p
+/// `shop` on `a`: the demo app on `app_port`, its `demo.toml` (the bucket's path rewritten by a
+/// rule matching `bucket_key`), volume `data` and bucket `assets`, set up further by `bucket`.
+fn shop(
+    s: Service,
+    app_port: u16,
+    bucket_key: &str,
+    bucket: impl FnOnce(Section) -> Section,
+) -> Service {
+    s.app(
+        "web",
+        &demo_app().display().to_string(),
+        &["demo.toml"],
+        app_port,
+    )
+    .config_file(
+        "demo.toml",
+        "demo.toml.in",
+        &[
+            (
+                r#"data_file = "[^"]*""#,
+                r#"data_file = "{volume.data.path}""#,
+            ),
+            (
+                &format!(r#"{bucket_key} = "[^"]*""#),
+                r#"bucket_dir = "{bucket.assets.path}""#,
+            ),
+        ],
+    )
+    .volume("data", 0.0625)
+    .component("bucket", "assets", |c| bucket(c.set("size_gib", 0.01)))
 }
 
 struct Setup {
     dir: tempfile::TempDir,
-    config: String,
+    config: ConfigBuilder,
     app_port: u16,
 }
 
@@ -59,71 +82,19 @@ impl Setup {
              seed_mib = 8\n",
         )
         .unwrap();
-        let config = format!(
-            r#"
-[daemon]
-state_dir = "state"
-listen = "127.0.0.1:{{PORT}}"
-
-[broker]
-evaluate_schedule = "0 0 0 1 1 *"
-
-[conduit]
-grace_period_secs = 1
-stop_timeout_secs = 5
-health_timeout_secs = 20
-
-[providers.a]
-driver = "local"
-region = "us-east-1"
-root = "providers/a"
-disk_format = "{source_format}"
-
-[providers.b]
-driver = "local"
-region = "eu-central-1"
-root = "providers/b"
-disk_format = "{target_format}"
-
-[policies.watch]
-file = "{{REPO}}/policies/cheapest.rhai"
-mode = "audit"
-
-[services.shop]
-provider = "a"
-policy = "watch"
-health_check = {{ url = "http://127.0.0.1:{app_port}/health", timeout_secs = 20 }}
-
-[[services.shop.components]]
-kind = "app"
-name = "web"
-[services.shop.components.settings]
-command = "{app}"
-args = ["demo.toml"]
-port = {app_port}
-
-[[services.shop.components]]
-kind = "config"
-name = "demo.toml"
-[services.shop.components.settings]
-template = "demo.toml.in"
-rules = [
-  {{ match = 'data_file = "[^"]*"', replace = 'data_file = "{{volume.data.path}}"' }},
-  {{ match = 'bucket_dir = "[^"]*"', replace = 'bucket_dir = "{{bucket.assets.path}}"' }},
-]
-
-[[services.shop.components]]
-kind = "volume"
-name = "data"
-size_gib = 0.0625
-
-[[services.shop.components]]
-kind = "bucket"
-name = "assets"
-size_gib = 0.01
-"#,
-            app = demo_app().display()
-        );
+        let config = ConfigBuilder::new()
+            .listen_on_placeholder_port()
+            .broker_idle()
+            .conduit("grace_period_secs", 1)
+            .conduit("stop_timeout_secs", 5)
+            .conduit("health_timeout_secs", 20)
+            .provider_local_with("a", "us-east-1", |p| p.disk_format(source_format))
+            .provider_local_with("b", "eu-central-1", |p| p.disk_format(target_format))
+            .policy("watch", "cheapest", "audit", |p| p)
+            .service("shop", "a", "watch", |s| {
+                shop(s, app_port, "bucket_dir", |b| b)
+                    .health_url(&format!("http://127.0.0.1:{app_port}/health"), 20)
+            });
         Setup {
             dir,
             config,
@@ -136,7 +107,7 @@ size_gib = 0.01
     }
 
     fn daemon(&self) -> Daemon {
-        Daemon::start(self.dir.path(), &self.config)
+        Daemon::start(self.dir.path(), &self.config.render())
     }
 
     fn app(&self, path: &str) -> Option<String> {
@@ -360,16 +331,14 @@ fn a_target_that_never_gets_healthy_rolls_back_to_the_running_source() {
     let s = Setup::new("raw");
     let (hash, listing) = deploy(&s);
     // Point the health check at a port nobody serves.
-    let broken = s.config.replace(
-        &format!(
-            "url = \"http://127.0.0.1:{}/health\", timeout_secs = 20",
-            s.app_port
-        ),
-        &format!(
-            "url = \"http://127.0.0.1:{}/health\", timeout_secs = 2",
-            free_port()
-        ),
-    );
+    let broken = s
+        .config
+        .clone()
+        .service("shop", "a", "watch", |sv| {
+            shop(sv, s.app_port, "bucket_dir", |b| b)
+                .health_url(&format!("http://127.0.0.1:{}/health", free_port()), 2)
+        })
+        .render();
     std::fs::write(
         s.path("fluidcloud.toml"),
         broken
@@ -415,9 +384,11 @@ fn write_config(s: &Setup, config: &str) {
 #[test]
 fn plans_to_unknown_or_incapable_providers_are_refused_with_the_reason() {
     let s = Setup::new("raw");
-    let config =
-        s.config.clone() + "\n[providers.objects]\ndriver = \"s3\"\nregion = \"us-east-1\"\n";
-    write_config(&s, &config);
+    let config = s
+        .config
+        .clone()
+        .provider("objects", "s3", "us-east-1", |p| p);
+    write_config(&s, &config.render());
     let (ok, out) = run_cli(&s, &["plan", "shop", "--to", "mars"]);
     assert!(!ok);
     assert!(
@@ -441,12 +412,11 @@ fn plans_to_unknown_or_incapable_providers_are_refused_with_the_reason() {
 fn a_config_rule_that_matches_nothing_fails_before_the_source_stops() {
     let s = Setup::new("raw");
     let (hash, listing) = deploy(&s);
-    let config = s.config.replace(
-        r#"{ match = 'bucket_dir = "[^"]*"'"#,
-        r#"{ match = 'bucket_directory = "[^"]*"'"#,
-    );
-    assert_ne!(config, s.config);
-    write_config(&s, &config);
+    let config = s.config.clone().service("shop", "a", "watch", |sv| {
+        shop(sv, s.app_port, "bucket_directory", |b| b)
+            .health_url(&format!("http://127.0.0.1:{}/health", s.app_port), 20)
+    });
+    write_config(&s, &config.render());
     let out = s.relocate("b", None);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
@@ -696,10 +666,7 @@ fn a_qcow2_target_gets_the_pre_copy_converted_and_only_the_delta_at_cutover() {
 fn a_failing_copy_stops_the_copies_beside_it_and_the_relocation_rolls_back() {
     let mut s = Setup::new("raw");
     // The bucket copy is held to 1 MiB/s and given 8 MiB more: it runs for seconds.
-    s.config = s.config.replace(
-        "health_timeout_secs = 20\n",
-        "health_timeout_secs = 20\nbucket_max_mib_per_sec = 1\n",
-    );
+    s.config = s.config.clone().conduit("bucket_max_mib_per_sec", 1);
     let (hash, _) = deploy(&s);
     let mut big = vec![0u8; 8 << 20];
     fastrand::Rng::with_seed(3).fill(&mut big);
@@ -779,17 +746,18 @@ fn a_bucket_holding_links_is_refused_at_preflight_and_what_was_not_copied_is_nev
     assert_consistent(&s, &hash, &with_others, "rolled_back", "links refused");
 
     // A setting that is not a boolean is a configuration error.
-    let bucket_component = "kind = \"bucket\"\nname = \"assets\"\nsize_gib = 0.01\n";
-    assert!(s.config.contains(bucket_component));
-    let with_setting = |value: &str| {
-        s.config.replace(
-            bucket_component,
-            &format!(
-                "{bucket_component}[services.shop.components.settings]\nskip_special_files = {value}\n"
-            ),
-        )
+    let with_setting = |value: toml::Value| {
+        s.config
+            .clone()
+            .service("shop", "a", "watch", |sv| {
+                shop(sv, s.app_port, "bucket_dir", |b| {
+                    b.table("settings", |t| t.set("skip_special_files", value))
+                })
+                .health_url(&format!("http://127.0.0.1:{}/health", s.app_port), 20)
+            })
+            .render()
     };
-    write_config(&s, &with_setting("\"yes\""));
+    write_config(&s, &with_setting("yes".into()));
     let (ok, out) = run_cli(&s, &["check"]);
     assert!(!ok);
     assert!(
@@ -799,7 +767,7 @@ fn a_bucket_holding_links_is_refused_at_preflight_and_what_was_not_copied_is_nev
 
     // Allowed: the service moves without them; they stay at the source, and the summary says
     // so, while the objects were copied and then deleted there.
-    write_config(&s, &with_setting("true"));
+    write_config(&s, &with_setting(true.into()));
     let out = s.relocate("b", None);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -849,10 +817,11 @@ fn an_operator_follows_and_cancels_a_relocation_before_its_commit_but_not_after(
     let mut s = Setup::new("raw");
     // A 1 MiB/s cap and a 6 MiB object keep the bucket's pre-copy running for seconds; the
     // grace period keeps the second relocation after its commit long enough to be asked.
-    s.config = s.config.replace(
-        "grace_period_secs = 1",
-        "grace_period_secs = 60\nbucket_max_mib_per_sec = 1",
-    );
+    s.config = s
+        .config
+        .clone()
+        .conduit("grace_period_secs", 60)
+        .conduit("bucket_max_mib_per_sec", 1);
     let (hash, _) = deploy(&s);
     let bucket = s.path("providers/a/buckets/shop/assets");
     std::fs::write(bucket.join("big.bin"), vec![7u8; 6 << 20]).unwrap();

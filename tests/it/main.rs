@@ -1,0 +1,19 @@
+//! The integration tests, one binary: each module was once its own test target. Run one
+//! module with `cargo test --test it MODULE::` (e.g. `cargo test --test it daemon::`).
+//! `common` holds what they share: servers, a running daemon, a VM guest and the
+//! configuration builder.
+
+mod common;
+
+mod daemon;
+mod layering;
+mod local_provider;
+mod object_relocation;
+mod object_stores;
+mod pricing_feeds;
+mod quickstart;
+mod relocation;
+mod viaduct;
+mod viaduct_cli;
+mod vm;
+mod vm_relocation;
