@@ -28,8 +28,6 @@ const KNOWN_UPWARD: &[(&str, &str)] = &[
     // `check` reads app and VM settings and config-file rules with the drivers' parsers.
     ("config", "providers"),
     ("config", "migrators"),
-    // The plan's types and the hooks still live in the conduit.
-    ("migrators", "conduit"),
     // The loader checks the API token the daemon will read.
     ("broker", "api"),
 ];

@@ -7,14 +7,12 @@
 
 pub mod engine;
 mod executor;
-pub mod hooks;
 pub mod journal;
 pub mod plan;
 pub mod progress;
 
-// Moved to the migrators; kept under their old paths for code that still uses them (the
-// hooks read `rewrite::Placeholders`).
-pub use crate::migrators::{copier as buckets, deploy, rewrite};
+// Moved to the migrators; kept under their old paths for code that still uses them.
+pub use crate::migrators::{copier as buckets, deploy, hooks, rewrite};
 
 pub use executor::{downtime, Observer};
 
