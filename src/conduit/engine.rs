@@ -355,8 +355,8 @@ impl Conduit for Engine {
         result
     }
 
-    fn plan(&self, service: &str, to: &str) -> Result<Plan, String> {
-        Engine::plan(self, service, to).map_err(|e| e.to_string())
+    fn plan(&self, service: &str, to: &str) -> Result<Plan, PlanError> {
+        Engine::plan(self, service, to)
     }
 
     fn relocations(&self) -> Vec<Relocation> {

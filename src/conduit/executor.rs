@@ -120,10 +120,8 @@ fn kill_point(step: &str, state: StepState) {
     if let Some(p) = point {
         if p.rsplit_once(':') == Some((step, state.as_str())) {
             tracing::warn!("FLUIDCLOUD_KILL_AT={p}: killing this process.");
-            // SAFETY: sends a signal to this very process; no memory is involved.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
+            use rustix::process::{getpid, kill_process, Signal};
+            let _ = kill_process(getpid(), Signal::KILL);
         }
     }
 }
@@ -148,13 +146,7 @@ pub(super) async fn drive(inner: Arc<Shared>, id: String, resumed: bool) {
                 .inc();
         }
     }
-    let plan: Plan = match inner
-        .journal
-        .plan(&id)
-        .map_err(|e| e.to_string())
-        .and_then(|p| p.ok_or_else(|| "it has no plan".to_string()))
-        .and_then(|p| serde_json::from_value(p).map_err(|e| e.to_string()))
-    {
+    let plan = match read_plan(&inner, &id) {
         Ok(p) => p,
         Err(e) => {
             let detail = format!("cannot read its plan from the journal: {e}");
@@ -230,6 +222,22 @@ pub(super) async fn drive(inner: Arc<Shared>, id: String, resumed: bool) {
         }
         _ => forward(&ctx, &record).await,
     }
+}
+
+/// Why a relocation's plan cannot be read back from the journal.
+#[derive(Debug, thiserror::Error)]
+enum PlanReadError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("it has no plan")]
+    Missing,
+    #[error(transparent)]
+    Decode(#[from] serde_json::Error),
+}
+
+fn read_plan(inner: &Shared, id: &str) -> Result<Plan, PlanReadError> {
+    let plan = inner.journal.plan(id)?.ok_or(PlanReadError::Missing)?;
+    Ok(serde_json::from_value(plan)?)
 }
 
 fn step_state(ctx: &Ctx, record: &RelocationRecord, name: &str) -> Option<StepState> {

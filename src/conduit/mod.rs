@@ -151,9 +151,9 @@ pub trait Conduit: Send + Sync + 'static {
     }
 
     /// The plan a relocation of `service` to `to` would run now.
-    fn plan(&self, service: &str, to: &str) -> Result<plan::Plan, String> {
+    fn plan(&self, service: &str, to: &str) -> Result<plan::Plan, plan::PlanError> {
         let _ = (service, to);
-        Err("this conduit does not plan".into())
+        Err(plan::PlanError::Unsupported)
     }
     /// Relocations that hold an execution slot (queued, running, rolling back).
     fn active(&self) -> usize {

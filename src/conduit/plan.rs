@@ -62,6 +62,9 @@ pub enum PlanError {
         provider: String,
         reason: String,
     },
+    /// A conduit that cannot plan (one that only records, in tests).
+    #[error("this conduit does not plan")]
+    Unsupported,
 }
 
 /// Plans the relocation of `service` from `from` (where it runs now) to `to`.
