@@ -4,132 +4,20 @@
 //! interrupted and makes sure every service is deployed where it is placed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
-use super::executor::{self, Observer};
+use super::executor;
 use super::journal::{Journal, JournalError, RelocationRecord, StepState};
-use super::plan::{self, Plan};
-use super::progress::{Board, Tee};
+use super::plan::{self, Plan, PlanError};
+use super::progress::{Board, Observer, Tee};
+use super::shared::{CancelRefused, Shared};
 use super::{Conduit, ConduitError, Relocation, RelocationRequest, RelocationState};
 use crate::config::Config;
-use crate::providers::{self, Provider, ProviderError};
+use crate::providers::Provider;
 use crate::telemetry::Metrics;
-use tokio_util::sync::CancellationToken;
 
 pub struct Engine {
-    pub(super) inner: Arc<Inner>,
-}
-
-pub(super) struct Inner {
-    pub config: RwLock<Arc<Config>>,
-    pub journal: Journal,
-    providers: Mutex<BTreeMap<String, Arc<dyn Provider>>>,
-    pub metrics: Option<Arc<Metrics>>,
-    pub observer: Option<Arc<dyn Observer>>,
-    /// The live progress of the transfers running in this process.
-    pub board: Arc<Board>,
-    /// Relocations with a live task in this process, and how to cancel each.
-    running: Mutex<BTreeMap<String, Running>>,
-    runtime: tokio::runtime::Handle,
-}
-
-/// A relocation driven by this process.
-struct Running {
-    /// Cancelled by an operator's cancel.
-    cancel: CancellationToken,
-    /// Its commit has begun: too late to cancel.
-    committing: bool,
-}
-
-impl Inner {
-    /// Registers relocation `id` as driven by this process; false when it is already.
-    fn start(&self, id: &str) -> bool {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if running.contains_key(id) {
-            return false;
-        }
-        running.insert(
-            id.to_string(),
-            Running {
-                cancel: CancellationToken::new(),
-                committing: false,
-            },
-        );
-        true
-    }
-
-    fn finish(&self, id: &str) {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-    }
-
-    /// The token an operator's cancel of relocation `id` trips.
-    pub fn cancel_token(&self, id: &str) -> CancellationToken {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .map(|r| r.cancel.clone())
-            .unwrap_or_default()
-    }
-
-    /// Called right before the commit: false when the relocation was cancelled (it must roll
-    /// back); from then on a cancel is refused.
-    pub fn begin_commit(&self, id: &str) -> bool {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        match running.get_mut(id) {
-            Some(r) if r.cancel.is_cancelled() => false,
-            Some(r) => {
-                r.committing = true;
-                true
-            }
-            None => true,
-        }
-    }
-
-    pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// The providers holding the buckets of `spec` that stay where they are when it moves.
-    pub fn bucket_homes(
-        &self,
-        spec: &crate::config::ServiceSpec,
-    ) -> Result<crate::migrators::deploy::BucketHomes, ProviderError> {
-        crate::migrators::deploy::bucket_homes(spec, |name| self.provider(name))
-    }
-
-    /// The provider of that name, opened on first use and kept open (a local provider
-    /// supervises its apps for as long as it is open).
-    pub fn provider(&self, name: &str) -> Result<Arc<dyn Provider>, ProviderError> {
-        let mut open = self.providers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = open.get(name) {
-            return Ok(p.clone());
-        }
-        let config = self.config();
-        let spec = config
-            .providers
-            .get(name)
-            .ok_or_else(|| ProviderError::Setup {
-                provider: name.to_string(),
-                reason: "it is not in the configuration".to_string(),
-            })?;
-        let _guard = self.runtime.enter();
-        let p = providers::open(spec)?;
-        open.insert(name.to_string(), p.clone());
-        Ok(p)
-    }
-
-    /// The directory of a relocation's working files (staging images, manifests).
-    pub fn work_dir(&self, id: &str) -> PathBuf {
-        self.config().daemon.state_dir.join("relocations").join(id)
-    }
+    inner: Arc<Shared>,
 }
 
 impl Engine {
@@ -149,37 +37,21 @@ impl Engine {
             None => board.clone(),
         };
         Ok(Engine {
-            inner: Arc::new(Inner {
-                config: RwLock::new(config),
-                journal,
-                providers: Mutex::new(BTreeMap::new()),
-                metrics,
-                observer: Some(observer),
-                board,
-                running: Mutex::new(BTreeMap::new()),
-                runtime: tokio::runtime::Handle::current(),
-            }),
+            inner: Arc::new(Shared::new(config, journal, metrics, Some(observer), board)),
         })
     }
 
     /// Takes a new configuration: later plans and deployments use it. Relocations under way
     /// keep the plan they started with.
     pub fn set_config(&self, config: Arc<Config>) {
-        let old = std::mem::replace(
-            &mut *self.inner.config.write().unwrap_or_else(|e| e.into_inner()),
-            config.clone(),
-        );
         // A provider whose definition is unchanged stays open (its apps stay supervised);
         // the others are opened again from the new definition.
-        let same = |name: &str| {
+        let new = config.clone();
+        let same = move |old: &Config, name: &str| {
             let json = |c: &Config| c.providers.get(name).map(serde_json::to_value);
-            matches!((json(&old), json(&config)), (Some(Ok(a)), Some(Ok(b))) if a == b)
+            matches!((json(old), json(&new)), (Some(Ok(a)), Some(Ok(b))) if a == b)
         };
-        self.inner
-            .providers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|name, _| same(name));
+        self.inner.set_config(config, same);
         self.open_providers();
     }
 
@@ -310,14 +182,14 @@ impl Engine {
     }
 
     /// Plans a relocation without running it.
-    pub fn plan(&self, service: &str, to: &str) -> Result<Plan, plan::PlanError> {
+    pub fn plan(&self, service: &str, to: &str) -> Result<Plan, PlanError> {
         let config = self.inner.config();
         let from = self
             .placements()
             .get(service)
             .cloned()
             .or_else(|| config.services.get(service).map(|s| s.provider.clone()))
-            .ok_or_else(|| plan::PlanError::UnknownService(service.to_string()))?;
+            .ok_or_else(|| PlanError::UnknownService(service.to_string()))?;
         plan::plan(&config, service, &from, to)
     }
 
@@ -375,7 +247,7 @@ impl Engine {
             return;
         }
         let inner = self.inner.clone();
-        self.inner.runtime.spawn(async move {
+        self.inner.spawn(async move {
             executor::drive(inner.clone(), id.clone(), resumed).await;
             inner.finish(&id);
         });
@@ -430,21 +302,18 @@ impl Engine {
         if let Some(reason) = self.too_late(&record) {
             return Err(refuse(reason));
         }
-        {
-            let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
-            match running.get(id) {
-                None => {
-                    return Err(refuse(
-                        "it is not being driven by this process; it resumes or rolls back when the daemon that owns it restarts".into(),
-                    ))
-                }
-                Some(r) if r.committing => {
-                    return Err(refuse(format!(
-                        "its commit has begun: `{}` is taking over; relocate it back afterwards",
-                        record.request.to
-                    )))
-                }
-                Some(r) => r.cancel.cancel(),
+        match self.inner.cancel(id) {
+            Ok(()) => {}
+            Err(CancelRefused::NotHere) => {
+                return Err(refuse(
+                    "it is not being driven by this process; it resumes or rolls back when the daemon that owns it restarts".into(),
+                ))
+            }
+            Err(CancelRefused::Committing) => {
+                return Err(refuse(format!(
+                    "its commit has begun: `{}` is taking over; relocate it back afterwards",
+                    record.request.to
+                )))
             }
         }
         tracing::warn!(
@@ -486,8 +355,8 @@ impl Conduit for Engine {
         result
     }
 
-    fn plan(&self, service: &str, to: &str) -> Result<Plan, String> {
-        Engine::plan(self, service, to).map_err(|e| e.to_string())
+    fn plan(&self, service: &str, to: &str) -> Result<Plan, PlanError> {
+        Engine::plan(self, service, to)
     }
 
     fn relocations(&self) -> Vec<Relocation> {

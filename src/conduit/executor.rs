@@ -23,18 +23,13 @@ use chrono::Utc;
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
-use super::engine::Inner;
 use super::journal::{JournalError, RelocationRecord, StepState};
 use super::plan::{Action, Phase, Plan, Step};
+use super::progress::Observer;
+use super::shared::Shared;
 use super::RelocationState;
 use crate::migrators::{self, copier, Cx, MigratorError};
 use crate::viaduct;
-
-/// Hears what a relocation does, for progress bars and logs: every step's checkpoints here,
-/// the transfers through [`migrators::Observer`].
-pub trait Observer: migrators::Observer {
-    fn step(&self, relocation: &str, step: &Step, state: StepState, detail: &str);
-}
 
 /// Hands the migrators the transfer half of the conduit's observer.
 struct Transfers(Arc<dyn Observer>);
@@ -59,9 +54,10 @@ enum StepError {
     Journal(#[from] JournalError),
 }
 
-/// One relocation being driven: the engine for the journal, and what its migrators get.
+/// One relocation being driven: the state it shares with the engine (the journal, the
+/// providers, the observers), and what its migrators get.
 struct Ctx {
-    inner: Arc<Inner>,
+    inner: Arc<Shared>,
     cx: Cx,
 }
 
@@ -124,17 +120,15 @@ fn kill_point(step: &str, state: StepState) {
     if let Some(p) = point {
         if p.rsplit_once(':') == Some((step, state.as_str())) {
             tracing::warn!("FLUIDCLOUD_KILL_AT={p}: killing this process.");
-            // SAFETY: sends a signal to this very process; no memory is involved.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
+            use rustix::process::{getpid, kill_process, Signal};
+            let _ = kill_process(getpid(), Signal::KILL);
         }
     }
 }
 
 /// Drives the relocation `id` as far as it can go. `resumed` says it was found unfinished
 /// at start rather than submitted to this process.
-pub(super) async fn drive(inner: Arc<Inner>, id: String, resumed: bool) {
+pub(super) async fn drive(inner: Arc<Shared>, id: String, resumed: bool) {
     let record = match inner.journal.get(&id) {
         Ok(Some(r)) => r,
         Ok(None) => return,
@@ -152,13 +146,7 @@ pub(super) async fn drive(inner: Arc<Inner>, id: String, resumed: bool) {
                 .inc();
         }
     }
-    let plan: Plan = match inner
-        .journal
-        .plan(&id)
-        .map_err(|e| e.to_string())
-        .and_then(|p| p.ok_or_else(|| "it has no plan".to_string()))
-        .and_then(|p| serde_json::from_value(p).map_err(|e| e.to_string()))
-    {
+    let plan = match read_plan(&inner, &id) {
         Ok(p) => p,
         Err(e) => {
             let detail = format!("cannot read its plan from the journal: {e}");
@@ -236,6 +224,22 @@ pub(super) async fn drive(inner: Arc<Inner>, id: String, resumed: bool) {
     }
 }
 
+/// Why a relocation's plan cannot be read back from the journal.
+#[derive(Debug, thiserror::Error)]
+enum PlanReadError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("it has no plan")]
+    Missing,
+    #[error(transparent)]
+    Decode(#[from] serde_json::Error),
+}
+
+fn read_plan(inner: &Shared, id: &str) -> Result<Plan, PlanReadError> {
+    let plan = inner.journal.plan(id)?.ok_or(PlanReadError::Missing)?;
+    Ok(serde_json::from_value(plan)?)
+}
+
 fn step_state(ctx: &Ctx, record: &RelocationRecord, name: &str) -> Option<StepState> {
     let i = ctx.plan.index_of(name)?;
     record.steps.get(i).map(|s| s.state)
@@ -249,13 +253,13 @@ fn cutover_began(ctx: &Ctx, record: &RelocationRecord) -> bool {
         .any(|(step, rec)| step.phase == Phase::Cutover && rec.state != StepState::Pending)
 }
 
-fn count_finished(inner: &Inner, outcome: &str) {
+fn count_finished(inner: &Shared, outcome: &str) {
     if let Some(m) = &inner.metrics {
         m.relocations_finished.with_label_values(&[outcome]).inc();
     }
 }
 
-fn observe_phase(inner: &Inner, phase: &str, secs: f64) {
+fn observe_phase(inner: &Shared, phase: &str, secs: f64) {
     if let Some(m) = &inner.metrics {
         m.relocation_phase_duration
             .with_label_values(&[phase])

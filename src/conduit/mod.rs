@@ -5,18 +5,21 @@
 //! the API and metrics. Submitting never blocks the Broker; the conduit runs the relocation
 //! in its own task.
 
+// Bottom to top, each using only those below it (`tests/layering.rs` keeps it so):
+// `journal` and `progress`, the planner `plan`, `shared` (what the engine and the
+// relocation tasks share), the state machine `executor`, and `engine` on top.
 pub mod engine;
 mod executor;
-pub mod hooks;
 pub mod journal;
 pub mod plan;
 pub mod progress;
+mod shared;
 
-// Moved to the migrators; kept under their old paths for code that still uses them (the
-// hooks read `rewrite::Placeholders`).
-pub use crate::migrators::{copier as buckets, deploy, rewrite};
+// Moved to the migrators; kept under their old paths for code that still uses them.
+pub use crate::migrators::{copier as buckets, deploy, hooks, rewrite};
 
-pub use executor::{downtime, Observer};
+pub use executor::downtime;
+pub use progress::Observer;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -148,9 +151,9 @@ pub trait Conduit: Send + Sync + 'static {
     }
 
     /// The plan a relocation of `service` to `to` would run now.
-    fn plan(&self, service: &str, to: &str) -> Result<plan::Plan, String> {
+    fn plan(&self, service: &str, to: &str) -> Result<plan::Plan, plan::PlanError> {
         let _ = (service, to);
-        Err("this conduit does not plan".into())
+        Err(plan::PlanError::Unsupported)
     }
     /// Relocations that hold an execution slot (queued, running, rolling back).
     fn active(&self) -> usize {

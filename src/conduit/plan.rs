@@ -13,11 +13,12 @@
 //! 3. **Grace**, after the commit: the source is kept, stopped and intact, for the grace
 //!    period, then decommissioned.
 //!
-//! Steps are named `<action>:<object>`; the names are the journal's checkpoints.
+//! Steps are named `<action>:<object>`; the names are the journal's checkpoints. The plan's
+//! types live with the migrators that run its steps ([`crate::migrators::plan`]); they are
+//! re-exported here under their old paths.
 
-use std::fmt;
-
-use serde::{Deserialize, Serialize};
+pub use crate::migrators::plan::{Action, Phase, Plan, Step, VolumePlan};
+pub use crate::sys::units::human_bytes;
 
 use crate::config::{self, Config, Driver, ServiceSpec};
 use crate::model::ComponentKind;
@@ -47,171 +48,6 @@ pub fn driver_capabilities(driver: Driver) -> Capabilities {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Precopy,
-    Cutover,
-    Grace,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Precopy => "pre-copy",
-            Phase::Cutover => "cutover",
-            Phase::Grace => "grace",
-        }
-    }
-}
-
-/// One step of a relocation. Every action is idempotent: running it again after a crash
-/// gives the same result.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
-pub enum Action {
-    /// Checks both providers, the source's components, the target's free space and that
-    /// every configuration rule still matches, before anything is written.
-    Preflight,
-    /// Copies a volume to the target while the source runs.
-    PrecopyVolume {
-        volume: VolumePlan,
-    },
-    /// Copies the objects of a bucket while the source runs.
-    CopyBucket {
-        bucket: String,
-    },
-    /// Stops a source app: the downtime starts with the first.
-    StopSource {
-        app: String,
-    },
-    /// Powers a source VM down through its ACPI power button, never switching it off
-    /// unless the configuration allows that: the downtime starts with the first stop.
-    StopSourceVm {
-        vm: String,
-    },
-    /// Sends what changed since the pre-copy, converts to the target's format and verifies.
-    SyncVolume {
-        volume: VolumePlan,
-    },
-    /// Copies the objects that changed since the first pass and compares manifests.
-    SyncBucket {
-        bucket: String,
-    },
-    /// Rewrites a configuration file for the target and checks the result.
-    WriteConfig {
-        file: String,
-        app: String,
-    },
-    /// Hands the target the context document and runs the re-contextualisation hook.
-    Recontextualise,
-    StartTarget {
-        app: String,
-    },
-    /// Boots a VM at the target from its relocated disk, with the machine adapted to the
-    /// target provider (disk format and bus, NIC model, accelerator).
-    StartTargetVm {
-        vm: String,
-    },
-    /// The target must pass its health check; the downtime ends here.
-    HealthCheck,
-    /// Runs the cutover hook that repoints clients.
-    Cutover,
-    /// The point of no return: the service's placement becomes the target.
-    Commit,
-    /// After the grace period: deletes the source's copy.
-    Decommission,
-}
-
-/// A volume as the plan carries it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VolumePlan {
-    pub name: String,
-    pub size_bytes: u64,
-    pub source_format: DiskFormat,
-    pub target_format: DiskFormat,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Step {
-    pub name: String,
-    pub phase: Phase,
-    #[serde(flatten)]
-    pub action: Action,
-    /// Names of the steps that must be done before this one.
-    pub after: Vec<String>,
-    pub description: String,
-}
-
-impl Step {
-    /// Steps that copy one volume or bucket and touch nothing else: neighbours of this kind
-    /// in one phase run side by side.
-    pub fn is_transfer(&self) -> bool {
-        matches!(
-            self.action,
-            Action::PrecopyVolume { .. }
-                | Action::CopyBucket { .. }
-                | Action::SyncVolume { .. }
-                | Action::SyncBucket { .. }
-        )
-    }
-
-    /// Steps whose undoing puts the service back (as opposed to deleting target data).
-    pub fn restores_service(&self) -> bool {
-        matches!(
-            self.action,
-            Action::StopSource { .. }
-                | Action::StopSourceVm { .. }
-                | Action::StartTarget { .. }
-                | Action::StartTargetVm { .. }
-                | Action::Cutover
-        )
-    }
-}
-
-/// The ordered task graph of one relocation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Plan {
-    pub service: String,
-    pub from: String,
-    pub to: String,
-    pub steps: Vec<Step>,
-    /// Facts worth telling before anything runs (buckets kept at the source, conversions).
-    pub notes: Vec<String>,
-    /// Bytes of volume images and buckets the relocation reads at most.
-    pub bytes_to_move: u64,
-}
-
-impl Plan {
-    pub fn step_names(&self) -> Vec<&str> {
-        self.steps.iter().map(|s| s.name.as_str()).collect()
-    }
-
-    pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.steps.iter().position(|s| s.name == name)
-    }
-
-    /// The steps run together from step `start` on: the run of transfers next to each other
-    /// in one phase (copies of different volumes and buckets depend on nothing but the
-    /// steps before them, so they run side by side), or the single step at `start`.
-    pub fn batch_at(&self, start: usize) -> std::ops::Range<usize> {
-        let Some(first) = self.steps.get(start) else {
-            return start..start;
-        };
-        let mut end = start + 1;
-        if first.is_transfer() {
-            while self
-                .steps
-                .get(end)
-                .is_some_and(|s| s.is_transfer() && s.phase == first.phase)
-            {
-                end += 1;
-            }
-        }
-        start..end
-    }
-}
-
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlanError {
     #[error("no service `{0}` in the configuration")]
@@ -226,6 +62,9 @@ pub enum PlanError {
         provider: String,
         reason: String,
     },
+    /// A conduit that cannot plan (one that only records, in tests).
+    #[error("this conduit does not plan")]
+    Unsupported,
 }
 
 /// Plans the relocation of `service` from `from` (where it runs now) to `to`.
@@ -265,16 +104,8 @@ pub fn plan(config: &Config, service: &str, from: &str, to: &str) -> Result<Plan
     build(spec, source, target)
 }
 
-fn build(
-    spec: &ServiceSpec,
-    source: &config::Provider,
-    target: &config::Provider,
-) -> Result<Plan, PlanError> {
-    let incompatible = |reason: String| PlanError::Incompatible {
-        service: spec.name.clone(),
-        provider: target.name.clone(),
-        reason,
-    };
+/// Checks the target can hold every component that travels.
+fn check_capabilities(spec: &ServiceSpec, target: &config::Provider) -> Result<(), PlanError> {
     let dst_caps = driver_capabilities(target.driver);
     let mut missing = Vec::new();
     for c in &spec.components {
@@ -295,347 +126,399 @@ fn build(
             ));
         }
     }
-    if !missing.is_empty() {
-        return Err(incompatible(missing.join("; ")));
+    if missing.is_empty() {
+        return Ok(());
     }
-    let apps: Vec<&str> = spec
-        .components
-        .iter()
-        .filter(|c| c.kind == ComponentKind::App)
-        .map(|c| c.name.as_str())
-        .collect();
-    let vms: Vec<&str> = spec
-        .components
-        .iter()
-        .filter(|c| c.kind == ComponentKind::Vm)
-        .map(|c| c.name.as_str())
-        .collect();
-    // A VM's disk is the volume named like it: it travels like any volume.
-    let volumes: Vec<VolumePlan> = spec
-        .components
-        .iter()
-        .filter(|c| matches!(c.kind, ComponentKind::Volume | ComponentKind::Vm))
-        .map(|c| VolumePlan {
-            name: c.name.clone(),
-            size_bytes: round_up_sector((c.size_gib * GIB) as u64),
-            source_format: source.disk_format,
-            target_format: target.disk_format,
-        })
-        .collect();
-    let buckets: Vec<&config::Component> = spec
-        .components
-        .iter()
-        .filter(|c| c.kind == ComponentKind::Bucket)
-        .collect();
-    let configs: Vec<&config::Component> = spec
-        .components
-        .iter()
-        .filter(|c| c.kind == ComponentKind::Config)
-        .collect();
+    Err(PlanError::Incompatible {
+        service: spec.name.clone(),
+        provider: target.name.clone(),
+        reason: missing.join("; "),
+    })
+}
 
-    let mut steps: Vec<Step> = Vec::new();
-    let mut notes = Vec::new();
-    let mut push = |phase: Phase, action: Action, name: String, after: Vec<String>, d: String| {
-        steps.push(Step {
-            name,
+/// The components of a service, sorted by what a relocation does with them.
+struct Parts<'a> {
+    apps: Vec<&'a str>,
+    vms: Vec<&'a str>,
+    /// A VM's disk is the volume named like it: it travels like any volume.
+    volumes: Vec<VolumePlan>,
+    buckets: Vec<&'a config::Component>,
+    configs: Vec<&'a config::Component>,
+}
+
+impl<'a> Parts<'a> {
+    fn of(spec: &'a ServiceSpec, source: &config::Provider, target: &config::Provider) -> Self {
+        let named = |kind: ComponentKind| {
+            spec.components
+                .iter()
+                .filter(move |c| c.kind == kind)
+                .map(|c| c.name.as_str())
+                .collect()
+        };
+        let all = |kind: ComponentKind| spec.components.iter().filter(|c| c.kind == kind).collect();
+        Parts {
+            apps: named(ComponentKind::App),
+            vms: named(ComponentKind::Vm),
+            volumes: spec
+                .components
+                .iter()
+                .filter(|c| matches!(c.kind, ComponentKind::Volume | ComponentKind::Vm))
+                .map(|c| VolumePlan {
+                    name: c.name.clone(),
+                    size_bytes: round_up_sector((c.size_gib * GIB) as u64),
+                    source_format: source.disk_format,
+                    target_format: target.disk_format,
+                })
+                .collect(),
+            buckets: all(ComponentKind::Bucket),
+            configs: all(ComponentKind::Config),
+        }
+    }
+
+    /// The buckets that travel with the service.
+    fn moving_buckets(&self) -> impl Iterator<Item = &&'a config::Component> {
+        self.buckets.iter().filter(|b| !b.keep_at_source)
+    }
+}
+
+/// A plan being built, step by step in plan order.
+struct Builder<'a> {
+    spec: &'a ServiceSpec,
+    source: &'a config::Provider,
+    target: &'a config::Provider,
+    parts: Parts<'a>,
+    steps: Vec<Step>,
+    notes: Vec<String>,
+}
+
+/// `steps` when there are any, else what they would have waited for.
+fn or_else(steps: Vec<String>, before: Vec<String>) -> Vec<String> {
+    if steps.is_empty() {
+        before
+    } else {
+        steps
+    }
+}
+
+fn build(
+    spec: &ServiceSpec,
+    source: &config::Provider,
+    target: &config::Provider,
+) -> Result<Plan, PlanError> {
+    check_capabilities(spec, target)?;
+    let mut b = Builder {
+        spec,
+        source,
+        target,
+        parts: Parts::of(spec, source, target),
+        steps: Vec::new(),
+        notes: Vec::new(),
+    };
+    b.preflight();
+    let mut precopies = b.precopy_volumes();
+    precopies.extend(b.copy_buckets());
+    let stops = b.stop_sources(&precopies);
+    let cut_base = or_else(stops, precopies);
+    let synced = b.sync_data(&cut_base);
+    let data_ready = or_else(synced, cut_base);
+    let configured = b.write_configs(&data_ready);
+    let ready = b.recontextualise(data_ready.into_iter().chain(configured).collect());
+    let started = b.start_targets(&ready);
+    let last = b.health_check(or_else(started, ready));
+    let last = b.cutover(last);
+    b.commit(last);
+    b.decommission();
+    Ok(b.finish())
+}
+
+impl Builder<'_> {
+    /// Adds a step; returns its name.
+    fn push(
+        &mut self,
+        phase: Phase,
+        action: Action,
+        name: String,
+        after: Vec<String>,
+        description: String,
+    ) -> String {
+        self.steps.push(Step {
+            name: name.clone(),
             phase,
             action,
             after,
-            description: d,
+            description,
         });
-    };
+        name
+    }
 
-    push(
-        Phase::Precopy,
-        Action::Preflight,
-        "preflight".into(),
-        vec![],
-        format!(
+    fn preflight(&mut self) {
+        let d = format!(
             "check `{}` and `{}`, the source's components, free space at the target and the configuration rules",
-            source.name, target.name
-        ),
-    );
-    let mut precopies = Vec::new();
-    for v in &volumes {
-        let name = format!("precopy:volume:{}", v.name);
-        let d = if v.source_format == DiskFormat::Raw {
-            format!(
-                "copy volume `{}` ({}, allocated extents only) to `{}` while the source runs",
-                v.name,
-                human_bytes(v.size_bytes),
-                target.name
-            )
-        } else {
-            notes.push(format!(
-                "volume `{}` is {} at the source: it is converted in full during cutover, so there is no pre-copy",
-                v.name,
-                v.source_format.as_str()
-            ));
-            format!(
-                "nothing to pre-copy for volume `{}` ({} source)",
-                v.name,
-                v.source_format.as_str()
-            )
-        };
-        push(
+            self.source.name, self.target.name
+        );
+        self.push(
             Phase::Precopy,
-            Action::PrecopyVolume { volume: v.clone() },
-            name.clone(),
-            vec!["preflight".into()],
+            Action::Preflight,
+            "preflight".into(),
+            vec![],
             d,
         );
-        precopies.push(name);
     }
-    for b in &buckets {
-        if b.keep_at_source {
-            notes.push(format!(
-                "bucket `{}` stays at `{}`; the app is pointed at it there",
-                b.name,
-                b.home.as_deref().unwrap_or(&spec.provider)
-            ));
-            continue;
+
+    /// Copies every volume while the source runs; a volume whose source is not raw is
+    /// converted in full during cutover instead.
+    fn precopy_volumes(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        for v in self.parts.volumes.clone() {
+            let d = if v.source_format == DiskFormat::Raw {
+                format!(
+                    "copy volume `{}` ({}, allocated extents only) to `{}` while the source runs",
+                    v.name,
+                    human_bytes(v.size_bytes),
+                    self.target.name
+                )
+            } else {
+                self.notes.push(format!(
+                    "volume `{}` is {} at the source: it is converted in full during cutover, so there is no pre-copy",
+                    v.name,
+                    v.source_format.as_str()
+                ));
+                format!(
+                    "nothing to pre-copy for volume `{}` ({} source)",
+                    v.name,
+                    v.source_format.as_str()
+                )
+            };
+            let name = format!("precopy:volume:{}", v.name);
+            let action = Action::PrecopyVolume { volume: v };
+            names.push(self.push(Phase::Precopy, action, name, vec!["preflight".into()], d));
         }
-        let name = format!("copy:bucket:{}", b.name);
-        push(
-            Phase::Precopy,
-            Action::CopyBucket {
-                bucket: b.name.clone(),
-            },
-            name.clone(),
-            vec!["preflight".into()],
-            format!(
+        names
+    }
+
+    /// Copies every bucket that moves while the source runs; one kept at the source only
+    /// gets a note.
+    fn copy_buckets(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        for b in self.parts.buckets.clone() {
+            if b.keep_at_source {
+                self.notes.push(format!(
+                    "bucket `{}` stays at `{}`; the app is pointed at it there",
+                    b.name,
+                    b.home.as_deref().unwrap_or(&self.spec.provider)
+                ));
+                continue;
+            }
+            let d = format!(
                 "copy the objects of bucket `{}` to `{}` while the source runs",
-                b.name, target.name
-            ),
-        );
-        precopies.push(name);
+                b.name, self.target.name
+            );
+            let action = Action::CopyBucket {
+                bucket: b.name.clone(),
+            };
+            let name = format!("copy:bucket:{}", b.name);
+            names.push(self.push(Phase::Precopy, action, name, vec!["preflight".into()], d));
+        }
+        names
     }
-    let mut stops = Vec::new();
-    for app in &apps {
-        let name = format!("stop-source:app:{app}");
-        push(
-            Phase::Cutover,
-            Action::StopSource {
-                app: app.to_string(),
-            },
-            name.clone(),
-            precopies.clone(),
-            format!(
-                "stop app `{app}` at `{}` (downtime starts; its data is kept)",
-                source.name
-            ),
-        );
-        stops.push(name);
+
+    /// Stops the source's apps, then its VMs: the downtime starts.
+    fn stop_sources(&mut self, after: &[String]) -> Vec<String> {
+        let mut names = Vec::new();
+        let source = &self.source.name;
+        for app in self.parts.apps.clone() {
+            let d = format!("stop app `{app}` at `{source}` (downtime starts; its data is kept)");
+            let action = Action::StopSource { app: app.into() };
+            let name = format!("stop-source:app:{app}");
+            names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
+        }
+        for vm in self.parts.vms.clone() {
+            let d =
+                format!("power VM `{vm}` down at `{source}` (downtime starts; its disk is kept)");
+            let action = Action::StopSourceVm { vm: vm.into() };
+            let name = format!("stop-source:vm:{vm}");
+            names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
+        }
+        names
     }
-    for vm in &vms {
-        let name = format!("stop-source:vm:{vm}");
-        push(
-            Phase::Cutover,
-            Action::StopSourceVm { vm: vm.to_string() },
-            name.clone(),
-            precopies.clone(),
-            format!(
-                "power VM `{vm}` down at `{}` (downtime starts; its disk is kept)",
-                source.name
-            ),
-        );
-        stops.push(name);
-    }
-    let cut_base = if stops.is_empty() {
-        precopies.clone()
-    } else {
-        stops.clone()
-    };
-    let mut synced = Vec::new();
-    for v in &volumes {
-        let name = format!("sync:volume:{}", v.name);
-        let conversion = if v.source_format == v.target_format {
-            String::new()
-        } else {
-            format!(
-                ", convert {} to {} with qemu-img",
-                v.source_format.as_str(),
-                v.target_format.as_str()
-            )
-        };
-        push(
-            Phase::Cutover,
-            Action::SyncVolume { volume: v.clone() },
-            name.clone(),
-            cut_base.clone(),
-            format!(
+
+    /// Sends the final delta of every volume and bucket that moves, and verifies it.
+    fn sync_data(&mut self, after: &[String]) -> Vec<String> {
+        let mut names = Vec::new();
+        for v in self.parts.volumes.clone() {
+            let conversion = if v.source_format == v.target_format {
+                String::new()
+            } else {
+                format!(
+                    ", convert {} to {} with qemu-img",
+                    v.source_format.as_str(),
+                    v.target_format.as_str()
+                )
+            };
+            let d = format!(
                 "send what changed in volume `{}` since the pre-copy{conversion}, verify",
                 v.name
-            ),
-        );
-        synced.push(name);
+            );
+            let name = format!("sync:volume:{}", v.name);
+            let action = Action::SyncVolume { volume: v };
+            names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
+        }
+        let buckets: Vec<String> = self
+            .parts
+            .moving_buckets()
+            .map(|b| b.name.clone())
+            .collect();
+        for bucket in buckets {
+            let d = format!("copy what changed in bucket `{bucket}`, compare BLAKE3 manifests");
+            let name = format!("sync:bucket:{bucket}");
+            let action = Action::SyncBucket { bucket };
+            names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
+        }
+        names
     }
-    for b in buckets.iter().filter(|b| !b.keep_at_source) {
-        let name = format!("sync:bucket:{}", b.name);
-        push(
-            Phase::Cutover,
-            Action::SyncBucket {
-                bucket: b.name.clone(),
-            },
-            name.clone(),
-            cut_base.clone(),
-            format!(
-                "copy what changed in bucket `{}`, compare BLAKE3 manifests",
-                b.name
-            ),
-        );
-        synced.push(name);
-    }
-    let data_ready = if synced.is_empty() {
-        cut_base.clone()
-    } else {
-        synced.clone()
-    };
-    let mut configured = Vec::new();
-    for c in &configs {
-        let app = crate::migrators::deploy::config_app(spec, c).unwrap_or_default();
-        let name = format!("write-config:{}", c.name);
-        push(
-            Phase::Cutover,
-            Action::WriteConfig {
-                file: c.name.clone(),
-                app: app.clone(),
-            },
-            name.clone(),
-            data_ready.clone(),
-            format!(
+
+    /// Rewrites every configuration file for the target.
+    fn write_configs(&mut self, after: &[String]) -> Vec<String> {
+        let mut names = Vec::new();
+        for c in self.parts.configs.clone() {
+            let app = crate::migrators::deploy::config_app(self.spec, c).unwrap_or_default();
+            let d = format!(
                 "rewrite `{}` of app `{app}` for `{}` and check it",
-                c.name, target.name
-            ),
-        );
-        configured.push(name);
+                c.name, self.target.name
+            );
+            let action = Action::WriteConfig {
+                file: c.name.clone(),
+                app,
+            };
+            let name = format!("write-config:{}", c.name);
+            names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
+        }
+        names
     }
-    let mut ready = data_ready.clone();
-    ready.extend(configured);
-    if !apps.is_empty() {
-        push(
-            Phase::Cutover,
-            Action::Recontextualise,
-            "recontextualise".into(),
-            ready.clone(),
-            format!(
-                "write the context document for `{}`{}",
-                target.name,
-                if spec.recontextualise.is_some() {
-                    " and run the re-contextualisation hook"
-                } else {
-                    ""
-                }
-            ),
+
+    /// Hands the target its context before its apps start (VMs carry their own); returns
+    /// what the starts wait for.
+    fn recontextualise(&mut self, ready: Vec<String>) -> Vec<String> {
+        if self.parts.apps.is_empty() {
+            return ready;
+        }
+        let d = format!(
+            "write the context document for `{}`{}",
+            self.target.name,
+            if self.spec.recontextualise.is_some() {
+                " and run the re-contextualisation hook"
+            } else {
+                ""
+            }
         );
-        ready = vec!["recontextualise".into()];
+        let name = "recontextualise".to_string();
+        vec![self.push(Phase::Cutover, Action::Recontextualise, name, ready, d)]
     }
-    let mut started = Vec::new();
-    for app in &apps {
-        let name = format!("start-target:app:{app}");
-        push(
-            Phase::Cutover,
-            Action::StartTarget {
-                app: app.to_string(),
-            },
-            name.clone(),
-            ready.clone(),
-            format!("start app `{app}` at `{}`", target.name),
-        );
-        started.push(name);
+
+    /// Starts the target's apps, then boots its VMs.
+    fn start_targets(&mut self, after: &[String]) -> Vec<String> {
+        let mut names = Vec::new();
+        let target = &self.target.name;
+        for app in self.parts.apps.clone() {
+            let d = format!("start app `{app}` at `{target}`");
+            let action = Action::StartTarget { app: app.into() };
+            let name = format!("start-target:app:{app}");
+            names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
+        }
+        let bus = match &self.target.qemu {
+            Some(q) => q.disk_bus.as_str(),
+            None => "the provider's bus",
+        };
+        for vm in self.parts.vms.clone() {
+            let d = format!(
+                "boot VM `{vm}` at `{target}` ({} disk on {bus})",
+                self.target.disk_format.as_str(),
+            );
+            let action = Action::StartTargetVm { vm: vm.into() };
+            let name = format!("start-target:vm:{vm}");
+            names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
+        }
+        names
     }
-    for vm in &vms {
-        let name = format!("start-target:vm:{vm}");
-        push(
-            Phase::Cutover,
-            Action::StartTargetVm { vm: vm.to_string() },
-            name.clone(),
-            ready.clone(),
-            format!(
-                "boot VM `{vm}` at `{}` ({} disk on {})",
-                target.name,
-                target.disk_format.as_str(),
-                target
-                    .qemu
-                    .as_ref()
-                    .map(|q| q.disk_bus.as_str())
-                    .unwrap_or("the provider's bus")
-            ),
-        );
-        started.push(name);
-    }
-    let before_health = if started.is_empty() {
-        ready.clone()
-    } else {
-        started
-    };
-    push(
-        Phase::Cutover,
-        Action::HealthCheck,
-        "health-check".into(),
-        before_health,
-        match &spec.health_check {
+
+    /// The target must prove healthy: the downtime ends.
+    fn health_check(&mut self, after: Vec<String>) -> String {
+        let (apps, vms) = (&self.parts.apps, &self.parts.vms);
+        let d = match &self.spec.health_check {
             Some(h) => format!(
                 "run the service's health check at `{}` (up to {:?}; downtime ends)",
-                target.name, h.timeout
+                self.target.name, h.timeout
             ),
             None if apps.is_empty() && vms.is_empty() => {
                 "verify every component is present at the target".into()
             }
             None if apps.is_empty() => "wait until every VM runs".into(),
             None => "wait until every app runs and accepts connections on its port".into(),
-        },
-    );
-    let mut last = "health-check".to_string();
-    if spec.cutover.is_some() {
-        push(
-            Phase::Cutover,
-            Action::Cutover,
-            "cutover".into(),
-            vec![last.clone()],
-            "run the cutover hook to repoint clients from the old to the new endpoint".into(),
-        );
-        last = "cutover".into();
+        };
+        let name = "health-check".to_string();
+        self.push(Phase::Cutover, Action::HealthCheck, name, after, d)
     }
-    push(
-        Phase::Cutover,
-        Action::Commit,
-        "commit".into(),
-        vec![last],
-        format!(
+
+    /// Repoints clients when the service has a cutover hook; returns the last step so far.
+    fn cutover(&mut self, last: String) -> String {
+        if self.spec.cutover.is_none() {
+            return last;
+        }
+        let d = "run the cutover hook to repoint clients from the old to the new endpoint";
+        let name = "cutover".to_string();
+        self.push(Phase::Cutover, Action::Cutover, name, vec![last], d.into())
+    }
+
+    fn commit(&mut self, last: String) {
+        let d = format!(
             "switch the placement of `{}` to `{}` (no rollback after this)",
-            spec.name, target.name
-        ),
-    );
-    push(
-        Phase::Grace,
-        Action::Decommission,
-        "decommission".into(),
-        vec!["commit".into()],
-        format!(
+            self.spec.name, self.target.name
+        );
+        self.push(
+            Phase::Cutover,
+            Action::Commit,
+            "commit".into(),
+            vec![last],
+            d,
+        );
+    }
+
+    fn decommission(&mut self) {
+        let d = format!(
             "after the grace period, delete the copy at `{}`{}",
-            source.name,
-            if buckets.iter().any(|b| b.keep_at_source) {
+            self.source.name,
+            if self.parts.buckets.iter().any(|b| b.keep_at_source) {
                 " (buckets that stay put are kept)"
             } else {
                 ""
             }
-        ),
-    );
-    let bytes_to_move = volumes.iter().map(|v| v.size_bytes).sum::<u64>()
-        + buckets
-            .iter()
-            .filter(|b| !b.keep_at_source)
-            .map(|b| (b.size_gib * GIB) as u64)
-            .sum::<u64>();
-    Ok(Plan {
-        service: spec.name.clone(),
-        from: source.name.clone(),
-        to: target.name.clone(),
-        steps,
-        notes,
-        bytes_to_move,
-    })
+        );
+        let after = vec!["commit".into()];
+        self.push(
+            Phase::Grace,
+            Action::Decommission,
+            "decommission".into(),
+            after,
+            d,
+        );
+    }
+
+    fn finish(self) -> Plan {
+        let bytes_to_move = self.parts.volumes.iter().map(|v| v.size_bytes).sum::<u64>()
+            + self
+                .parts
+                .moving_buckets()
+                .map(|b| (b.size_gib * GIB) as u64)
+                .sum::<u64>();
+        Plan {
+            service: self.spec.name.clone(),
+            from: self.source.name.clone(),
+            to: self.target.name.clone(),
+            steps: self.steps,
+            notes: self.notes,
+            bytes_to_move,
+        }
+    }
 }
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -644,49 +527,128 @@ fn round_up_sector(n: u64) -> u64 {
     n.div_ceil(512) * 512
 }
 
-/// Bytes in binary units, e.g. `2.00 GiB`.
-pub fn human_bytes(n: u64) -> String {
-    indicatif::HumanBytes(n).to_string()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl fmt::Display for Plan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "Relocation of `{}` from `{}` to `{}` ({} steps, up to {} to move)",
-            self.service,
-            self.from,
-            self.to,
-            self.steps.len(),
-            human_bytes(self.bytes_to_move)
-        )?;
-        let mut phase = None;
-        for (i, s) in self.steps.iter().enumerate() {
-            if phase != Some(s.phase) {
-                writeln!(f, "\n  {}:", s.phase.as_str())?;
-                phase = Some(s.phase);
-            }
-            writeln!(f, "  {:>3}. {:<28} {}", i + 1, s.name, s.description)?;
-            if !s.after.is_empty() {
-                writeln!(f, "       {:<28} after: {}", "", s.after.join(", "))?;
-            }
-            let batch = self.batch_at(i);
-            if batch.start == i && batch.len() > 1 {
-                let numbers: Vec<String> = batch.map(|k| (k + 1).to_string()).collect();
-                writeln!(
-                    f,
-                    "       {:<28} steps {} run side by side (conduit.transfer_concurrency)",
-                    "",
-                    numbers.join(", ")
-                )?;
-            }
-        }
-        if !self.notes.is_empty() {
-            writeln!(f, "\n  notes:")?;
-            for n in &self.notes {
-                writeln!(f, "  - {n}")?;
-            }
-        }
-        Ok(())
+    const CONFIG: &str = r#"
+[daemon]
+state_dir = "state"
+
+[broker]
+evaluate_schedule = "0 0 0 1 1 *"
+
+[providers.a]
+driver = "local"
+region = "us-east-1"
+root = "providers/a"
+disk_format = "qcow2"
+
+[providers.b]
+driver = "local"
+region = "eu-central-1"
+root = "providers/b"
+
+[policies.watch]
+file = "policy.rhai"
+mode = "audit"
+
+[services.shop]
+provider = "a"
+policy = "watch"
+cutover = { command = ["/bin/true"] }
+
+[[services.shop.components]]
+kind = "app"
+name = "web"
+[services.shop.components.settings]
+command = "/bin/true"
+
+[[services.shop.components]]
+kind = "config"
+name = "web.toml"
+
+[[services.shop.components]]
+kind = "volume"
+name = "data"
+size_gib = 1
+
+[[services.shop.components]]
+kind = "bucket"
+name = "assets"
+size_gib = 1
+
+[[services.shop.components]]
+kind = "bucket"
+name = "archive"
+size_gib = 3
+keep_at_source = true
+"#;
+
+    fn config() -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.rhai"), "").unwrap();
+        let path = dir.path().join("fluidcloud.toml");
+        Config::parse(&path, CONFIG).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_plan_orders_its_steps_by_phase_and_dependency() {
+        let plan = plan(&config(), "shop", "a", "b").unwrap();
+        assert_eq!(
+            plan.step_names(),
+            [
+                "preflight",
+                "precopy:volume:data",
+                "copy:bucket:assets",
+                "stop-source:app:web",
+                "sync:volume:data",
+                "sync:bucket:assets",
+                "write-config:web.toml",
+                "recontextualise",
+                "start-target:app:web",
+                "health-check",
+                "cutover",
+                "commit",
+                "decommission",
+            ]
+        );
+        let after = |name: &str| plan.steps[plan.index_of(name).unwrap()].after.clone();
+        assert_eq!(
+            after("stop-source:app:web"),
+            ["precopy:volume:data", "copy:bucket:assets"]
+        );
+        assert_eq!(
+            after("recontextualise"),
+            [
+                "sync:volume:data",
+                "sync:bucket:assets",
+                "write-config:web.toml"
+            ]
+        );
+        assert_eq!(after("commit"), ["cutover"]);
+        assert_eq!(plan.bytes_to_move, 2 * GIB as u64);
+        assert_eq!(plan.notes.len(), 2, "{:?}", plan.notes);
+        assert!(
+            plan.notes[0].contains("qcow2 at the source"),
+            "{:?}",
+            plan.notes
+        );
+        assert!(
+            plan.notes[1].contains("`archive` stays at `a`"),
+            "{:?}",
+            plan.notes
+        );
+    }
+
+    #[test]
+    fn a_target_that_cannot_hold_a_component_is_refused() {
+        let mut config = config();
+        config.providers.get_mut("b").unwrap().driver = Driver::S3;
+        let err = plan(&config, "shop", "a", "b").unwrap_err();
+        assert!(
+            matches!(&err, PlanError::Incompatible { reason, .. } if reason.contains("app `web` needs apps")),
+            "{err}"
+        );
     }
 }

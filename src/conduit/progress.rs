@@ -8,12 +8,17 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::executor::Observer;
 use super::journal::StepState;
-use super::plan::Step;
 use crate::migrators;
 use crate::migrators::copier::BucketProgress;
+use crate::migrators::plan::Step;
 use crate::viaduct;
+
+/// Hears what a relocation does, for progress bars and logs: every step's checkpoints here,
+/// the transfers through [`migrators::Observer`].
+pub trait Observer: migrators::Observer {
+    fn step(&self, relocation: &str, step: &Step, state: StepState, detail: &str);
+}
 
 /// The latest snapshot of one running transfer.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,8 +3,8 @@
 
 use serde_json::Value;
 
+use super::hooks::{self, HookEvent, HookPhase};
 use super::{deploy, Cx, Migrator, MigratorError};
-use crate::conduit::hooks::{self, HookEvent, HookPhase};
 use crate::model::ComponentKind;
 
 pub struct Cutover;

@@ -20,9 +20,8 @@
 //! [`deploy`] holds the specs and placeholders they deploy with, and makes a service present
 //! where it is placed. The commit is the conduit's own: it only switches the placement.
 //!
-//! Known upward imports, to remove: the plan's types ([`crate::conduit::plan`]) that name
-//! the steps, and the hooks ([`crate::conduit::hooks`]) the re-contextualisation and
-//! cutover run.
+//! The steps themselves are described in [`plan`] (the conduit's planner builds them), and
+//! [`hooks`] calls the owner's cutover and re-contextualisation programs or webhooks.
 
 pub mod app;
 pub mod bucket;
@@ -33,6 +32,8 @@ pub mod cutover;
 pub mod decommission;
 pub mod deploy;
 pub mod health;
+pub mod hooks;
+pub mod plan;
 pub mod preflight;
 pub mod recontextualise;
 pub mod rewrite;
@@ -46,13 +47,13 @@ use std::time::Instant;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::conduit::hooks::HookError;
-use crate::conduit::plan::{Action, Plan, Step};
 use crate::config::{Component, Config, ServiceSpec};
 use crate::model::ComponentKind;
 use crate::providers::{Provider, ProviderError};
 use crate::telemetry::Metrics;
 use crate::viaduct;
+use hooks::HookError;
+use plan::{Action, Plan, Step};
 
 /// One task of a relocation, forward and back.
 #[async_trait::async_trait]

@@ -6,10 +6,11 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::convert::qemu_img;
+use super::plan::Action;
 use super::{config, deploy, name_some, Cx, Migrator, MigratorError};
-use crate::conduit::plan::{human_bytes, Action};
 use crate::model::ComponentKind;
 use crate::providers::{AppState, DiskFormat, VmState};
+use crate::sys::units::human_bytes;
 
 pub struct Preflight;
 

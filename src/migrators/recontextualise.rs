@@ -5,10 +5,10 @@
 use serde_json::{json, Value};
 
 use super::config::target_values;
-use super::{deploy, Cx, Migrator, MigratorError};
-use crate::conduit::hooks::{
+use super::hooks::{
     self, AppEndpoint, BucketContext, ContextDocument, HookEvent, HookPhase, CONTEXT_FILE_NAME,
 };
+use super::{deploy, Cx, Migrator, MigratorError};
 use crate::model::ComponentKind;
 
 pub struct Recontextualise;

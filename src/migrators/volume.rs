@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::convert::{chunk_ranges, compare, convert, write_ranges};
+use super::plan::VolumePlan;
 use super::{remove_file, Cx, Migrator, MigratorError};
-use crate::conduit::plan::VolumePlan;
 use crate::providers::{self, DiskFormat, VolumeSpec};
 use crate::viaduct;
 

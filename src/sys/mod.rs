@@ -1,8 +1,9 @@
 //! Plumbing every other module stands on, written once: files that are replaced whole or
-//! not at all ([`fs`]), secrets read from files under one rule ([`secret`]) and URLs shown
-//! without their credentials ([`redact`]). Nothing here knows about services, providers or
-//! relocations.
+//! not at all ([`fs`]), secrets read from files under one rule ([`secret`]), URLs shown
+//! without their credentials ([`redact`]) and byte counts as people read them ([`units`]).
+//! Nothing here knows about services, providers or relocations.
 
 pub mod fs;
 pub mod redact;
 pub mod secret;
+pub mod units;

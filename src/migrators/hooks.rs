@@ -42,6 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use rustix::process::{kill_process_group, Pid, Signal};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
@@ -258,12 +259,12 @@ pub enum HookError {
         stderr_tail: String,
         outcome: Box<HookOutcome>,
     },
-    #[error("{phase} hook of service `{service}`: cannot read the token file {}: {message}", path.display())]
+    #[error("{phase} hook of service `{service}`: cannot read the token file {}: {error}", path.display())]
     Token {
         service: String,
         phase: HookPhase,
         path: PathBuf,
-        message: String,
+        error: TokenError,
     },
     #[error("{phase} hook of service `{service}`: POST {url} failed: {message}")]
     Request {
@@ -329,16 +330,14 @@ pub async fn run_hook(spec: &HookSpec, event: &HookEvent) -> Result<HookOutcome,
 
 /// Kills a command's process group if the command is abandoned before it was reaped (the
 /// caller's future dropped, or an error on the way).
-struct GroupGuard(Option<libc::pid_t>);
+struct GroupGuard(Option<Pid>);
 
 impl GroupGuard {
     fn kill(&mut self) {
+        // The leader has not been reaped yet, so the group id still names our process group
+        // and no one else's. A group already gone is what was wanted.
         if let Some(pgid) = self.0.take() {
-            // SAFETY: kill only takes integers. The leader has not been reaped yet, so the
-            // group id still names our process group and no one else's.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
+            let _ = kill_process_group(pgid, Signal::KILL);
         }
     }
 }
@@ -461,7 +460,12 @@ async fn run_command(
         program: program.clone(),
         error,
     })?;
-    let mut group = GroupGuard(child.id().and_then(|id| libc::pid_t::try_from(id).ok()));
+    let mut group = GroupGuard(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(Pid::from_raw),
+    );
 
     let stdout_tail = Arc::new(Mutex::new(Tail::default()));
     let stderr_tail = Arc::new(Mutex::new(Tail::default()));
@@ -519,7 +523,7 @@ async fn run_command(
 
     let (exit_code, signal, description) = match status {
         Some(s) => describe(s),
-        None => (None, Some(libc::SIGKILL), String::new()),
+        None => (None, Some(Signal::KILL.as_raw()), String::new()),
     };
     let outcome = HookOutcome {
         relocation_id: event.relocation_id.clone(),
@@ -557,11 +561,20 @@ async fn run_command(
     }
 }
 
+/// Why a webhook's bearer token cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Secret(#[from] crate::sys::secret::SecretError),
+    #[error("it holds more than one line or control characters")]
+    NotOneLine,
+}
+
 /// Reads a bearer token file, under the rule of every secret file (none others can read).
-fn read_token(path: &Path) -> Result<String, String> {
-    let token = crate::sys::secret::read_text(path, "the token file").map_err(|e| e.to_string())?;
+fn read_token(path: &Path) -> Result<String, TokenError> {
+    let token = crate::sys::secret::read_text(path, "the token file")?;
     if token.chars().any(|c| c.is_control()) {
-        return Err("it holds more than one line or control characters".to_string());
+        return Err(TokenError::NotOneLine);
     }
     Ok(token)
 }
@@ -588,11 +601,11 @@ async fn run_webhook(
     event: &HookEvent,
 ) -> Result<HookOutcome, HookError> {
     let token = match token_file {
-        Some(path) => Some(read_token(path).map_err(|message| HookError::Token {
+        Some(path) => Some(read_token(path).map_err(|error| HookError::Token {
             service: event.service.clone(),
             phase: event.phase,
             path: path.to_path_buf(),
-            message,
+            error,
         })?),
         None => None,
     };
