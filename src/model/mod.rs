@@ -5,6 +5,9 @@
 //! Everything here is plain data. Parsing lives in `config` and in the pollers; decisions
 //! live in `broker` and `policy`.
 
+mod placement;
+pub use placement::{Placement, PlacementBook, PlacementReadError, Placements};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
