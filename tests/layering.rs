@@ -30,8 +30,6 @@ const KNOWN_UPWARD: &[(&str, &str)] = &[
     ("config", "migrators"),
     // The plan's types and the hooks still live in the conduit.
     ("migrators", "conduit"),
-    // The loader checks the API token the daemon will read.
-    ("broker", "api"),
 ];
 
 fn rank(module: &str) -> Option<usize> {
