@@ -4,15 +4,18 @@
 //!
 //! Its parts: `messages` (what it hears and answers, and the [`BrokerHandle`]),
 //! `jobs` (the cron jobs and the pollers, one worker per feed), `evaluation` (policies
-//! against the market), `outcomes` (rails, modes, the conduit, the operator's answers),
+//! against the market), `outcomes` (rails, modes, the conduit), `operator` (approvals and
+//! relocations by hand), `costs` (the cost series),
 //! `views` (what the API shows) and `loader` ([`Loaded`], one configuration checked).
 //! Where a service runs is the relocation journal's to say: the supervisor reads it through
 //! a [`PlacementBook`] and never writes it down itself.
 
+mod costs;
 mod evaluation;
 mod jobs;
 mod loader;
 mod messages;
+mod operator;
 mod outcomes;
 mod views;
 
@@ -42,8 +45,9 @@ use crate::conduit::{Conduit, ConduitError};
 use crate::config::{Config, ConfigErrors, ServiceSpec};
 use crate::model::{MarketSnapshot, PlacementBook, Placements, SourceStatus};
 use crate::telemetry::Metrics;
+use costs::CostSeries;
 use jobs::{feeds, Poller};
-use outcomes::{log_key, CostSeries, LogKey};
+use outcomes::{log_key, LogKey};
 
 /// Why the Broker could not start or run.
 #[derive(Debug, thiserror::Error)]

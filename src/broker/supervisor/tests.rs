@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, RwLock};
 
-use super::outcomes::export_costs;
+use super::costs::export_costs;
 use super::*;
 use crate::broker::decisions::{Decision, Outcome};
 use crate::conduit::{Relocation, RelocationRequest, RelocationState};
