@@ -104,11 +104,15 @@ memory_gib = 4
     }
 
     fn supervisor(&self, feed: Option<&str>) -> Supervisor {
+        self.supervisor_and_handle(feed).0
+    }
+
+    fn supervisor_and_handle(&self, feed: Option<&str>) -> (Supervisor, BrokerHandle) {
         let loaded = match Loaded::from_file(&self.write_config(feed)) {
             Ok(l) => l,
             Err(e) => panic!("{e}"),
         };
-        let (s, _handle) = Supervisor::new(
+        Supervisor::new(
             loaded,
             Seams {
                 conduit: self.conduit.clone(),
@@ -118,8 +122,7 @@ memory_gib = 4
                 notify: false,
             },
         )
-        .unwrap();
-        s
+        .unwrap()
     }
 
     fn place(&self, service: &str, provider: &str) {
@@ -443,4 +446,19 @@ fn a_moved_service_exports_only_its_new_provider_cost_series() {
     );
     assert!(series(&metrics, "fluidcloud_service_monthly_cost").is_empty());
     assert!(series(&metrics, "fluidcloud_service_projected_monthly_savings").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_command_stops_the_broker_and_its_workers_but_not_the_daemon() {
+    let bench = Bench::new();
+    let (s, handle) = bench.supervisor_and_handle(Some("http://127.0.0.1:9"));
+    let run = tokio::spawn(s.run());
+    handle.commands.send(Command::Shutdown).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("the supervisor did not stop")
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped.abandoned, 0);
+    assert!(!bench.shutdown.is_cancelled());
 }
