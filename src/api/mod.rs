@@ -2,7 +2,7 @@
 //! only with the bearer token. Handlers ask the broker's supervisor and answer JSON; errors
 //! are `{"error": "..."}` with a status that says what kind of problem it is.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, Query, Request, State};
@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::broker::supervisor::{ApiError, BrokerHandle, Command, DecisionQuery};
 use crate::config::Config;
+use crate::sys::secret::ApiTokenPath;
 
 #[derive(Clone)]
 struct AppState {
@@ -407,81 +408,24 @@ async fn reload(State(s): State<AppState>) -> Response {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    #[error(transparent)]
-    Secret(#[from] crate::sys::secret::SecretError),
-    #[error("cannot write a new API token to {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
+pub use crate::sys::secret::TokenError;
 
 /// Where the API token comes from: the configured file, else systemd's credential
-/// `api-token`, else a token generated once into the state directory.
+/// `api-token`, else a token generated once into the state directory (then the flag is true).
 pub fn token_path(config: &Config) -> (PathBuf, bool) {
-    if let Some(p) = &config.daemon.api_token_file {
-        return (p.clone(), false);
-    }
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        let p = Path::new(&dir).join("api-token");
-        if p.exists() {
-            return (p, false);
-        }
-    }
-    (config.daemon.state_dir.join("api-token"), true)
+    let at = api_token(config);
+    (at.path, at.generated)
 }
 
 /// Reads the API token, generating one when the state directory is its home and it is missing.
 pub fn load_token(config: &Config) -> Result<(String, PathBuf), TokenError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let (path, generated_ok) = token_path(config);
-    if generated_ok && !path.exists() {
-        let mut bytes = [0u8; 32];
-        getrandom(&mut bytes).map_err(|source| TokenError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        let token = blake3::hash(&bytes).to_hex().to_string();
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            if let Some(d) = path.parent() {
-                std::fs::create_dir_all(d)?;
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            f.write_all(token.as_bytes())?;
-            f.write_all(b"\n")
-        };
-        write().map_err(|source| TokenError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        tracing::info!("Generated an API token in {}.", path.display());
-    }
-    let token = read_token(&path)?;
-    Ok((token, path))
+    let at = api_token(config);
+    Ok((at.load()?, at.path))
 }
 
-/// Checks, without generating anything, that the daemon will be able to read its API token:
-/// the file exists, is not world-readable and is not empty, or it is to be generated.
-pub fn check_token(config: &Config) -> Result<(), TokenError> {
-    let (path, generated_ok) = token_path(config);
-    if generated_ok && !path.exists() {
-        return Ok(());
-    }
-    read_token(&path).map(|_| ())
-}
-
-fn read_token(path: &Path) -> Result<String, TokenError> {
-    Ok(crate::sys::secret::read_text(path, "the API token file")?)
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+fn api_token(config: &Config) -> ApiTokenPath {
+    ApiTokenPath::locate(
+        config.daemon.api_token_file.as_deref(),
+        &config.daemon.state_dir,
+    )
 }

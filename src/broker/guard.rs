@@ -18,8 +18,9 @@ pub struct RailVerdict {
 /// What the Broker remembers of a service between evaluations.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceMemory {
-    /// The provider the service was last seen on, and since when.
-    pub provider: String,
+    /// Since when the service has run where it runs now: the commit of the relocation that
+    /// moved it there, or when the broker first saw it where its configuration put it. (A
+    /// `provider` field written by older versions is ignored: the journal says where.)
     pub placed_since: Option<DateTime<Utc>>,
     pub last_relocation: Option<DateTime<Utc>>,
     /// The target the recent evaluations asked for, and how many in a row.
@@ -49,6 +50,8 @@ impl ServiceMemory {
 #[derive(Debug, Clone)]
 pub struct Proposal<'a> {
     pub target: &'a str,
+    /// Where the service runs now.
+    pub provider: &'a str,
     pub compulsory: bool,
     pub pinned: bool,
     /// `None` when the target has no fitting offer or is not configured.
@@ -179,7 +182,7 @@ pub fn judge(
         match residency {
             Some(r) => format!(
                 "on `{}` for {}s, minimum {}s",
-                p.memory.provider,
+                p.provider,
                 r.num_seconds(),
                 min_res.num_seconds()
             ),
@@ -307,7 +310,6 @@ mod tests {
 
     fn memory() -> ServiceMemory {
         ServiceMemory {
-            provider: "a".into(),
             placed_since: Some(now() - ChronoDuration::hours(2)),
             last_relocation: None,
             streak_target: Some("b".into()),
@@ -318,6 +320,7 @@ mod tests {
     fn proposal(m: &ServiceMemory) -> Proposal<'_> {
         Proposal {
             target: "b",
+            provider: "a",
             compulsory: false,
             pinned: false,
             target_known: Ok(()),
@@ -336,6 +339,14 @@ mod tests {
 
     fn refusal(p: &Proposal<'_>, pol: &PolicySpec) -> Option<String> {
         first_refusal(&judge(p, pol, &broker(), now())).map(|v| v.rail.clone())
+    }
+
+    #[test]
+    fn a_state_file_that_still_holds_the_provider_loads() {
+        let old = r#"{"provider": "aws-va", "placed_since": "2026-06-01T10:00:00Z", "streak": 3}"#;
+        let m: ServiceMemory = serde_json::from_str(old).unwrap();
+        assert_eq!(m.placed_since, Some(now() - ChronoDuration::hours(2)));
+        assert_eq!(m.streak, 3);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! guard rails and hands relocations to the conduit.
 //!
 //! [`supervisor::Supervisor`] owns the state; [`supervisor::BrokerHandle`] is what the API and
-//! the daemon hold. Pollers live in [`pricing`], [`benchmarks`] and [`regions`]; the rails in
-//! [`guard`] (with the memory of the market-shock rail in [`shock`]); the log in [`decisions`].
+//! the daemon hold. The feeds the pollers read live in [`pricing`], [`benchmarks`] and
+//! [`regions`]; the rails in [`guard`] (with the memory of the market-shock rail in
+//! [`shock`]); the log in [`decisions`]; what survives a restart in [`state`]. Where a
+//! service runs is not the Broker's: it reads it from the relocation journal.
 
 pub mod benchmarks;
 pub mod decisions;

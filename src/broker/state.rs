@@ -1,6 +1,7 @@
-//! What the Broker keeps across restarts: per-service memory (placement, streaks, last
+//! What the Broker keeps across restarts: per-service memory (residency, streaks, last
 //! relocation), decisions waiting for approval and the prices the market-shock rail trusts.
-//! Written atomically after each change.
+//! Written atomically after each change. Where a service runs is not kept here: the
+//! relocation journal says it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -14,6 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use super::{RelocationRequest, RelocationState};
+use crate::model::{Placement, PlacementBook, PlacementReadError, Placements};
 
 /// Where one step of a plan stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -548,6 +549,42 @@ impl Journal {
             .map_err(|e| self.sql(e))?;
         Ok(rows)
     }
+
+    /// Where relocations placed services, with when and by which relocation.
+    pub fn placement_records(&self) -> Result<Placements, JournalError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT service, provider, since, relocation_id FROM placements")
+            .map_err(|e| self.sql(e))?;
+        let rows: Vec<(String, String, String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.sql(e))?;
+        rows.into_iter()
+            .map(|(service, provider, since, relocation_id)| {
+                let since = DateTime::parse_from_rfc3339(&since)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| {
+                        JournalError::Corrupt(format!("placement time of `{service}`: {e}"))
+                    })?;
+                Ok(Placement {
+                    service,
+                    provider,
+                    since,
+                    relocation_id,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The Broker reads where services run from here, never writes it.
+impl PlacementBook for Journal {
+    fn placements(&self) -> Result<Placements, PlacementReadError> {
+        self.placement_records()
+            .map_err(|e| PlacementReadError { source: e.into() })
+    }
 }
 
 /// Brings the journal's schema to the newest version, each migration in its own transaction.
@@ -643,6 +680,25 @@ mod tests {
         assert_eq!(r.steps[1].error.as_deref(), Some("target unhealthy"));
         // The output of a compensated step is kept: rollback needs to know what was made.
         assert_eq!(r.steps[0].output["digest"], "abc");
+    }
+
+    #[test]
+    fn the_broker_reads_placements_with_their_commit_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("journal.sqlite")).unwrap();
+        let book: &dyn PlacementBook = &j;
+        assert!(book.placements().unwrap().is_empty());
+        let before = Utc::now();
+        j.set_placement("shop", "b", "r1").unwrap();
+        j.set_placement("shop", "c", "r2").unwrap();
+        let placements = book.placements().unwrap();
+        let shop = placements.get("shop").unwrap();
+        assert_eq!(
+            (shop.provider.as_str(), shop.relocation_id.as_str()),
+            ("c", "r2")
+        );
+        assert!(shop.since >= before);
+        assert_eq!(placements.provider_of("crm", "a"), "a");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub use service::{
 };
 pub use vm::{PortForward, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
 
+mod placement;
+pub use placement::{Placement, PlacementBook, PlacementReadError, Placements};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -1,6 +1,8 @@
 //! Secrets read from files (the API token, hook tokens, viaduct keys, object-store
 //! credentials), under one rule: a file other users can access is refused. Group access is
 //! the operator's choice (a file `root:fluidcloud 0640`, say); systemd's credentials are 0400.
+//! [`ApiTokenPath`] finds, checks and (once) generates the daemon's API token, for the loader
+//! and the daemon alike.
 
 use std::path::{Path, PathBuf};
 
@@ -68,6 +70,102 @@ pub fn read_text(path: &Path, what: &'static str) -> Result<String, SecretError>
     Ok(text.trim_start().to_string())
 }
 
+/// Where the daemon's API token lives, and whether the daemon may generate it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTokenPath {
+    pub path: PathBuf,
+    /// True for the state directory's `api-token`: generated once when missing.
+    pub generated: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error("cannot write a new API token to {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl ApiTokenPath {
+    /// Where the API token comes from: the configured file, else systemd's credential
+    /// `api-token`, else a token generated once into the state directory.
+    pub fn locate(configured: Option<&Path>, state_dir: &Path) -> ApiTokenPath {
+        if let Some(p) = configured {
+            return ApiTokenPath {
+                path: p.to_path_buf(),
+                generated: false,
+            };
+        }
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let p = Path::new(&dir).join("api-token");
+            if p.exists() {
+                return ApiTokenPath {
+                    path: p,
+                    generated: false,
+                };
+            }
+        }
+        ApiTokenPath {
+            path: state_dir.join("api-token"),
+            generated: true,
+        }
+    }
+
+    /// Checks, without generating anything, that the daemon will be able to read its API
+    /// token: the file exists, is not world-readable and is not empty, or it is to be
+    /// generated.
+    pub fn check(&self) -> Result<(), TokenError> {
+        if self.generated && !self.path.exists() {
+            return Ok(());
+        }
+        self.read().map(|_| ())
+    }
+
+    /// Reads the API token, generating one when the state directory is its home and it is
+    /// missing.
+    pub fn load(&self) -> Result<String, TokenError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = &self.path;
+        if self.generated && !path.exists() {
+            let write_err = |source| TokenError::Write {
+                path: path.clone(),
+                source,
+            };
+            let mut bytes = [0u8; 32];
+            urandom(&mut bytes).map_err(write_err)?;
+            let token = blake3::hash(&bytes).to_hex().to_string();
+            let write = || -> std::io::Result<()> {
+                use std::io::Write;
+                if let Some(d) = path.parent() {
+                    std::fs::create_dir_all(d)?;
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)?;
+                f.write_all(token.as_bytes())?;
+                f.write_all(b"\n")
+            };
+            write().map_err(write_err)?;
+            tracing::info!("Generated an API token in {}.", path.display());
+        }
+        self.read()
+    }
+
+    fn read(&self) -> Result<String, TokenError> {
+        Ok(read_text(&self.path, "the API token file")?)
+    }
+}
+
+fn urandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +199,26 @@ mod tests {
             read(&dir.path().join("missing"), "x"),
             Err(SecretError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn an_api_token_in_the_state_directory_is_generated_once_and_checked_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = ApiTokenPath {
+            path: dir.path().join("state/api-token"),
+            generated: true,
+        };
+        at.check().unwrap();
+        assert!(!at.path.exists(), "checking generates nothing");
+        let token = at.load().unwrap();
+        assert_eq!(token.len(), 64);
+        assert_eq!(at.load().unwrap(), token);
+        let mode = std::fs::metadata(&at.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let configured = ApiTokenPath {
+            path: dir.path().join("missing"),
+            generated: false,
+        };
+        assert!(configured.check().is_err());
     }
 }

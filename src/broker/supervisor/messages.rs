@@ -1,0 +1,104 @@
+//! What the rest of the daemon says to the supervisor ([`Command`]) and hears back, and the
+//! [`BrokerHandle`] it says it through.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::evaluation::Evaluation;
+use super::jobs::Job;
+use super::views::ServiceStatus;
+use crate::broker::decisions::Decision;
+use crate::broker::{benchmarks, pricing};
+use crate::conduit::Relocation;
+use crate::config::ConfigErrors;
+use crate::model::MarketSnapshot;
+use crate::telemetry::Metrics;
+
+/// Messages to the supervisor.
+pub enum Command {
+    Tick(Job),
+    PollDone {
+        job: Job,
+        started: Instant,
+        result: PollResult,
+    },
+    EvaluationDone(Vec<Evaluation>),
+    Services(oneshot::Sender<Vec<ServiceStatus>>),
+    Decisions {
+        query: DecisionQuery,
+        reply: oneshot::Sender<Vec<Decision>>,
+    },
+    Relocations(oneshot::Sender<Vec<Relocation>>),
+    Relocation {
+        id: String,
+        reply: oneshot::Sender<Option<Relocation>>,
+    },
+    Cancel {
+        id: String,
+        reply: oneshot::Sender<Result<Relocation, ApiError>>,
+    },
+    Approve {
+        id: String,
+        approve: bool,
+        reply: oneshot::Sender<Result<Decision, ApiError>>,
+    },
+    Trigger {
+        service: String,
+        to: String,
+        reason: Option<String>,
+        force: bool,
+        reply: oneshot::Sender<Result<Decision, ApiError>>,
+    },
+    Reload(oneshot::Sender<Result<(), ConfigErrors>>),
+    Ready(oneshot::Sender<Readiness>),
+    Shutdown,
+}
+
+/// Outcome of one poll.
+pub enum PollResult {
+    Pricing(Result<pricing::PollOutcome, pricing::PricingError>),
+    Benchmark(Result<crate::model::IoFigures, benchmarks::BenchmarkError>),
+}
+
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct DecisionQuery {
+    pub service: Option<String>,
+    pub outcome: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub waiting_for: Vec<String>,
+}
+
+/// The handle the rest of the daemon holds.
+#[derive(Clone)]
+pub struct BrokerHandle {
+    pub commands: mpsc::Sender<Command>,
+    pub market: watch::Receiver<Arc<MarketSnapshot>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl BrokerHandle {
+    /// Sends a request and waits for its answer; `None` when the broker has stopped.
+    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
