@@ -4,5 +4,8 @@
 //! relocations.
 
 pub mod fs;
+pub mod process;
+pub mod qemu_img;
+pub mod rate;
 pub mod redact;
 pub mod secret;
