@@ -8,4 +8,5 @@ pub mod process;
 pub mod qemu_img;
 pub mod rate;
 pub mod redact;
+pub mod retry;
 pub mod secret;

@@ -17,8 +17,8 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::process::{self, ProcessId};
 use super::{check_name, conflict, invalid, io_err, write_atomic};
+use crate::providers::host::process::{self, ProcessId};
 use crate::providers::{
     object, AppSpec, AppState, AppStatus, Endpoint, ProviderError, StopOptions, StopOutcome,
 };
@@ -633,16 +633,7 @@ impl Drop for Apps {
 }
 
 async fn wait_gone(id: ProcessId, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if !id.is_running() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(STOP_POLL).await;
-    }
+    crate::providers::host::wait_gone(id, timeout, STOP_POLL).await
 }
 
 /// Watches one app: waits for its process to end and starts it again while it is wanted

@@ -33,10 +33,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::local::operations::{OpStore, KEEP};
-use super::local::process::ProcessId;
-use super::local::volumes::Volumes;
-use super::local::{available_bytes, lock_root, write_atomic, RootLock};
+use super::host::disks::Volumes;
+use super::host::operations::{OpStore, KEEP};
+use super::host::process::ProcessId;
+use super::host::{available_bytes, lock_root, wait_gone, write_atomic, RootLock};
 use super::{
     object, Capabilities, DiskFormat, ForwardedPort, Operation, OperationId, OperationKind,
     Provider, ProviderError, StopOptions, StopOutcome, VmSpec, VmState, VmStatus, VolumeInfo,
@@ -154,7 +154,7 @@ impl QemuProvider {
         let root = root
             .canonicalize()
             .map_err(|e| setup(format!("cannot resolve its root {}: {e}", root.display())))?;
-        let root_lock = lock_root(&root, name).map_err(setup)?;
+        let root_lock = lock_root(&root, name).map_err(|e| setup(e.to_string()))?;
         for sub in ["volumes", "vms", "operations"] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir)
@@ -535,16 +535,7 @@ impl QemuProvider {
     }
 
     async fn wait_gone(id: ProcessId, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            if !id.is_running() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(STOP_POLL).await;
-        }
+        wait_gone(id, limit, STOP_POLL).await
     }
 
     /// Removes pid files of an emulator that is gone.
