@@ -22,9 +22,15 @@ use crate::providers::host::process::{self, ProcessId};
 use crate::providers::{
     object, AppSpec, AppState, AppStatus, Endpoint, ProviderError, StopOptions, StopOutcome,
 };
+use crate::sys::retry::{BackoffBuilder, ExponentialBuilder};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Pauses before restarts: from [`FIRST_BACKOFF`], doubling up to [`MAX_BACKOFF`].
+const RESTARTS: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(FIRST_BACKOFF)
+    .with_max_delay(MAX_BACKOFF)
+    .without_max_times();
 /// A run this long counts as healthy: the next crash restarts after the first backoff again.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// How long a stop waits for the process to vanish after SIGKILL.
@@ -640,7 +646,7 @@ async fn wait_gone(id: ProcessId, timeout: Duration) -> bool {
 /// running. Returns when the app is stopped, the provider is dropped, or a newer supervisor
 /// has taken over.
 async fn supervisor(slot: Arc<Slot>, generation: u64) {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = RESTARTS.build();
     // An app found wanted running but not running (the machine rebooted, say) starts at once.
     let mut pause = Duration::ZERO;
     loop {
@@ -665,10 +671,9 @@ async fn supervisor(slot: Arc<Slot>, generation: u64) {
                 return;
             }
             if run.since.elapsed() >= STABLE_AFTER {
-                backoff = FIRST_BACKOFF;
+                backoff = RESTARTS.build();
             }
-            pause = backoff;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            pause = backoff.next().unwrap_or(MAX_BACKOFF);
             tracing::warn!(
                 provider = %slot.provider,
                 "{} (pid {}) {how}; starting it again in {pause:?}.",
@@ -693,10 +698,9 @@ async fn supervisor(slot: Arc<Slot>, generation: u64) {
                 tracing::info!(provider = %slot.provider, "Started {} again as pid {}.", slot.object(), id.pid);
             }
             Err(e) => {
-                tracing::warn!(provider = %slot.provider, "{}: {e}; trying again in {backoff:?}.", slot.object());
+                pause = backoff.next().unwrap_or(MAX_BACKOFF);
+                tracing::warn!(provider = %slot.provider, "{}: {e}; trying again in {pause:?}.", slot.object());
                 st.last_error = Some(e);
-                pause = backoff;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
