@@ -161,7 +161,8 @@ impl ObjectStore {
         let (store, template, part_size, remote): (_, _, _, Box<dyn Remote>) =
             match (&provider.driver, &provider.object_store) {
                 (Driver::S3, Some(ObjectStoreSettings::S3(s))) => {
-                    let creds = credentials::s3(&provider.name, &s.credentials).map_err(setup)?;
+                    let creds = credentials::s3(&provider.name, &s.credentials)
+                        .map_err(|e| setup(e.to_string()))?;
                     (
                         Store::S3,
                         s.bucket_name.clone(),
@@ -170,8 +171,8 @@ impl ObjectStore {
                     )
                 }
                 (Driver::Swift, Some(ObjectStoreSettings::Swift(s))) => {
-                    let creds =
-                        credentials::swift(&provider.name, &s.credentials).map_err(setup)?;
+                    let creds = credentials::swift(&provider.name, &s.credentials)
+                        .map_err(|e| setup(e.to_string()))?;
                     (
                         Store::Swift,
                         s.container_name.clone(),
