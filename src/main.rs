@@ -198,8 +198,7 @@ fn main() -> ExitCode {
     // What FluidCloud writes (state, journal, decision log, provider roots, disk images,
     // bucket objects) is the owner's data: private to this user, as under the systemd unit's
     // `UMask=0077`, also when started from a shell with the usual 022.
-    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
-    unsafe { libc::umask(0o077) };
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

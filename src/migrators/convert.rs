@@ -2,12 +2,14 @@
 //! with `qemu-img compare`), and the final delta of an image already converted written back
 //! with `qemu-io` and read back with `qemu-img dd`.
 
+use std::ffi::OsStr;
 use std::path::Path;
 
 use futures_util::stream::{self, StreamExt};
 
 use super::MigratorError;
 use crate::providers::DiskFormat;
+use crate::sys::{self, qemu_img::qemu_io, qemu_img::QemuImgError};
 use crate::viaduct;
 
 /// Byte ranges `(offset, length)` covering `chunks` (ascending), adjacent chunks merged.
@@ -61,7 +63,7 @@ pub async fn write_ranges(
             args.push(c.clone());
         }
         args.push(dst.display().to_string());
-        run_tool("qemu-io", &args).await?;
+        qemu_io(&args).await?;
     }
     // Read every range back through qemu, as the guest or app will see it, a few at a time
     // (each `qemu-img dd` is mostly start-up). `count` is given as the end block: some
@@ -84,7 +86,7 @@ pub async fn write_ranges(
                 format!("skip={}", offset / chunk),
                 format!("count={}", (offset + len).div_ceil(chunk)),
             ];
-            run_tool("qemu-img", &args).await?;
+            sys::qemu_img::qemu_img(&args).await?;
             let got = read_range(&back, 0, len)?;
             let _ = std::fs::remove_file(&back);
             if got != read_range(raw, offset, len)? {
@@ -118,24 +120,6 @@ fn read_range(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>, MigratorErr
     f.read_exact(&mut buf)
         .map_err(|e| MigratorError::file("read", path, e))?;
     Ok(buf)
-}
-
-async fn run_tool(program: &'static str, args: &[String]) -> Result<(), MigratorError> {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|source| MigratorError::Spawn { program, source })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(MigratorError::Tool {
-            command: format!("{program} {}", args.join(" ")),
-            status: out.status,
-            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
 }
 
 /// Converts the image `src` into the fresh image `dst`.
@@ -179,29 +163,33 @@ pub async fn compare(
     .map_err(|e| MigratorError::Check(format!("the copy differs from the source: {e}")))
 }
 
-/// Runs `qemu-img` and returns what it printed.
+/// Runs `qemu-img` with `args`, then `paths`, and returns what it printed.
 pub async fn qemu_img(args: &[&str], paths: &[&Path]) -> Result<String, MigratorError> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(args)
-        .args(paths)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| MigratorError::Spawn {
-            program: "qemu-img",
-            source,
-        })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        Err(MigratorError::Tool {
-            command: format!("qemu-img {}", args.first().copied().unwrap_or_default()),
-            status: out.status,
-            output: format!("{} {}", stderr.trim(), stdout.trim())
-                .trim()
-                .to_string(),
-        })
+    let all = args
+        .iter()
+        .map(OsStr::new)
+        .chain(paths.iter().map(|p| p.as_os_str()));
+    let out = sys::qemu_img::qemu_img(all).await?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+impl From<QemuImgError> for MigratorError {
+    fn from(e: QemuImgError) -> Self {
+        let command = e.command();
+        match e {
+            QemuImgError::Spawn { program, source } => MigratorError::Spawn { program, source },
+            QemuImgError::Failed {
+                status,
+                stdout,
+                stderr,
+                ..
+            } => MigratorError::Tool {
+                command,
+                status,
+                output: format!("{} {}", stderr.trim(), stdout.trim())
+                    .trim()
+                    .to_string(),
+            },
+        }
     }
 }

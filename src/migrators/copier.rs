@@ -59,6 +59,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::providers::{ObjectInfo, ObjectStream, Provider, ProviderError};
+use crate::sys::rate::RateLimiter;
 
 pub use crate::model::bucket_copy::{DEFAULT_CONCURRENCY, MAX_CONCURRENCY};
 
@@ -1328,44 +1329,6 @@ impl AsyncRead for Tap {
             }
         }
         Poll::Ready(Ok(()))
-    }
-}
-
-/// A byte-rate token bucket shared by the objects of one copy. Callers take their bytes at
-/// once and are told how long to wait; the bucket goes into debt so that a read larger than
-/// the burst still passes and later readers pay for it. Synchronous, because it is consulted
-/// from inside `poll_read`.
-struct RateLimiter {
-    bytes_per_sec: f64,
-    burst: f64,
-    state: Mutex<(f64, Instant)>,
-}
-
-impl RateLimiter {
-    /// A limiter for `bytes_per_sec` (above zero) whose bucket holds a quarter second of
-    /// traffic, at least 64 KiB, and starts full.
-    fn new(bytes_per_sec: u64) -> Self {
-        let rate = bytes_per_sec.max(1) as f64;
-        let burst = (rate / 4.0).max(65536.0);
-        RateLimiter {
-            bytes_per_sec: rate,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
-        }
-    }
-
-    /// Takes `n` bytes and returns how long to wait before the next read.
-    fn reserve(&self, n: u64) -> Duration {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let refill = now.duration_since(s.1).as_secs_f64() * self.bytes_per_sec;
-        s.0 = (s.0 + refill).min(self.burst) - n as f64;
-        s.1 = now;
-        if s.0 >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-s.0 / self.bytes_per_sec)
-        }
     }
 }
 

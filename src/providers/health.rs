@@ -6,13 +6,19 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::config::HealthCheck;
+use crate::sys::retry::{self, ExponentialBuilder};
 
 use super::{object, HealthReport, ProviderError};
 
 /// Longest single attempt; a check with a long timeout still retries a hung request.
 const MAX_ATTEMPT: Duration = Duration::from_secs(5);
-const FIRST_PAUSE: Duration = Duration::from_millis(100);
-const MAX_PAUSE: Duration = Duration::from_secs(2);
+/// Pauses between attempts: from 100 ms, doubling up to 2 s, with jitter so that checks
+/// started together (a relocation's apps) do not hit a service in step.
+const PAUSES: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_secs(2))
+    .without_max_times()
+    .with_jitter();
 /// How much of a failing command's output an error quotes.
 const OUTPUT_TAIL: usize = 300;
 
@@ -56,34 +62,26 @@ pub async fn run(
 
     let started = Instant::now();
     let mut attempts = 0u32;
-    let mut pause = FIRST_PAUSE;
-    loop {
+    let outcome = retry::until_deadline(PAUSES, check.timeout, || {
         attempts += 1;
         let remaining = check.timeout.saturating_sub(started.elapsed());
         let budget = remaining.clamp(Duration::from_millis(100), MAX_ATTEMPT);
-        let outcome = attempt(&client, url.as_ref(), check.command.as_deref(), budget).await;
-        let last = match outcome {
-            Ok(detail) => {
-                return Ok(HealthReport {
-                    attempts,
-                    elapsed: started.elapsed(),
-                    detail,
-                })
-            }
-            Err(failure) => failure,
-        };
-        let elapsed = started.elapsed();
-        if elapsed >= check.timeout {
-            return Err(ProviderError::Unhealthy {
-                provider: provider.to_string(),
-                object: object::health_check(service),
-                timeout: check.timeout,
-                attempts,
-                last,
-            });
-        }
-        tokio::time::sleep(pause.min(check.timeout - elapsed)).await;
-        pause = (pause * 2).min(MAX_PAUSE);
+        attempt(&client, url.as_ref(), check.command.as_deref(), budget)
+    })
+    .await;
+    match outcome {
+        Ok(detail) => Ok(HealthReport {
+            attempts,
+            elapsed: started.elapsed(),
+            detail,
+        }),
+        Err(last) => Err(ProviderError::Unhealthy {
+            provider: provider.to_string(),
+            object: object::health_check(service),
+            timeout: check.timeout,
+            attempts,
+            last: last.to_string(),
+        }),
     }
 }
 

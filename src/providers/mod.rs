@@ -25,6 +25,7 @@
 //! `objstore` (S3 and OpenStack Swift buckets through Apache OpenDAL).
 
 pub mod health;
+pub(crate) mod host;
 pub mod local;
 mod names;
 pub mod objstore;
@@ -45,9 +46,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 
 use crate::config::{self, Driver, HealthCheck};
+use crate::sys::retry::{self, ExponentialBuilder};
 
 pub use crate::config::DiskFormat;
-pub use local::keep_root_locks_until_exit;
+pub use host::keep_root_locks_until_exit;
 pub use names::{validate_file_name, validate_key, validate_name};
 pub use spec::{AppSpec, SettingsError};
 pub use vm_spec::{PortForward, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
@@ -870,33 +872,38 @@ pub async fn wait_for(
     id: &OperationId,
     timeout: Duration,
 ) -> Result<Operation, ProviderError> {
+    // Polls from 50 ms, doubling up to 2 s.
+    const POLLS: ExponentialBuilder = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times();
     let started = Instant::now();
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let op = provider.operation(id).await?;
+    // Ok: the operation ended (or could not be looked at); Err: it is still running.
+    let polled = retry::until_deadline(POLLS, timeout, || async move {
+        let op = match provider.operation(id).await {
+            Ok(op) => op,
+            Err(e) => return Ok(Err(e)),
+        };
         match &op.state {
-            OperationState::Succeeded => return Ok(op),
-            OperationState::Failed { message } => {
-                return Err(ProviderError::OperationFailed {
-                    provider: provider.name().to_string(),
-                    object: op.object.clone(),
-                    operation: id.clone(),
-                    message: message.clone(),
-                })
-            }
-            OperationState::Running { .. } => {}
-        }
-        let waited = started.elapsed();
-        if waited >= timeout {
-            return Err(ProviderError::OperationPending {
+            OperationState::Succeeded => Ok(Ok(op)),
+            OperationState::Failed { message } => Ok(Err(ProviderError::OperationFailed {
                 provider: provider.name().to_string(),
-                object: op.object,
+                object: op.object.clone(),
                 operation: id.clone(),
-                waited,
-            });
+                message: message.clone(),
+            })),
+            OperationState::Running { .. } => Err(op),
         }
-        tokio::time::sleep(delay.min(timeout - waited)).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+    })
+    .await;
+    match polled {
+        Ok(ended) => ended,
+        Err(running) => Err(ProviderError::OperationPending {
+            provider: provider.name().to_string(),
+            object: running.object,
+            operation: id.clone(),
+            waited: started.elapsed(),
+        }),
     }
 }
 

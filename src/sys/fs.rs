@@ -1,4 +1,4 @@
-//! Files replaced whole or not at all.
+//! Files replaced whole or not at all, and the free space of a file system.
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -23,6 +23,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Bytes available to an unprivileged writer on the file system holding `path`.
+pub fn available_bytes(path: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail * st.f_frsize)
 }
 
 #[cfg(test)]

@@ -4,6 +4,10 @@
 //! Nothing here knows about services, providers or relocations.
 
 pub mod fs;
+pub mod process;
+pub mod qemu_img;
+pub mod rate;
 pub mod redact;
+pub mod retry;
 pub mod secret;
 pub mod units;

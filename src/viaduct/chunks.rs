@@ -3,7 +3,6 @@
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -281,32 +280,28 @@ pub(crate) fn hash_chunk(
 /// The allocated extents of `file` within `[0, length)`, in order. A file system that cannot
 /// report holes makes the whole file one extent, which is correct, only slower.
 pub(crate) fn data_extents(file: &File, length: u64) -> io::Result<Vec<Range<u64>>> {
-    let fd = file.as_raw_fd();
+    use rustix::fs::{seek, SeekFrom};
     let mut extents = Vec::new();
     let mut pos: u64 = 0;
     while pos < length {
-        // SAFETY: lseek on a file descriptor we own; no memory is passed.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(libc::ENXIO) => Ok(extents),
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if extents.is_empty() => {
-                    Ok(std::iter::once(0..length).collect())
-                }
-                _ => Err(err),
-            };
-        }
-        let data = data as u64;
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(data) => data,
+            Err(e) => {
+                let err = io::Error::from(e);
+                return match err.raw_os_error() {
+                    Some(libc::ENXIO) => Ok(extents),
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if extents.is_empty() => {
+                        Ok(std::iter::once(0..length).collect())
+                    }
+                    _ => Err(err),
+                };
+            }
+        };
         if data >= length {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let end = (hole as u64).min(length);
+        let hole = seek(file, SeekFrom::Hole(data))?;
+        let end = hole.min(length);
         extents.push(data..end);
         pos = end;
     }
@@ -424,21 +419,17 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
-    // SAFETY: fallocate on a file descriptor we own; no memory is passed.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(err);
+    use rustix::fs::{fallocate, FallocateFlags};
+    let punched = fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    );
+    match punched {
+        Ok(()) => return Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP => {}
+        Err(e) => return Err(e.into()),
     }
     let zeros = vec![0u8; (len as usize).min(1 << 20)];
     let mut done = 0u64;
@@ -523,23 +514,7 @@ pub(crate) fn overlaps(extents: &[Range<u64>], offset: u64, len: u64) -> bool {
 
 /// Shares the blocks of `src` with `dst` (a reflink), where the file system can.
 pub(crate) fn try_clone(src: &File, dst: &File) -> bool {
-    // FICLONE = _IOW(0x94, 9, int)
-    const FICLONE: libc::c_ulong = 0x4004_9409;
-    // SAFETY: the ioctl takes the source descriptor by value; both descriptors are ours.
-    unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) == 0 }
-}
-
-/// Free bytes for unprivileged writers on the file system holding `path`.
-pub(crate) fn available_bytes(path: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
-    // SAFETY: statvfs writes into the zeroed struct we pass; `c` outlives the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    rustix::fs::ioctl_ficlone(dst, src).is_ok()
 }
 
 /// Length of a regular file or block device opened as `file`.
@@ -551,12 +526,8 @@ pub(crate) fn image_length(file: &File) -> io::Result<u64> {
         return Ok(meta.len());
     }
     if kind.is_block_device() {
-        // SAFETY: lseek on a descriptor we own; SEEK_END on a block device gives its size.
-        let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
-        if end < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        return Ok(end as u64);
+        // The end of a block device is its size.
+        return Ok(rustix::fs::seek(file, rustix::fs::SeekFrom::End(0))?);
     }
     Err(io::Error::new(
         io::ErrorKind::InvalidInput,

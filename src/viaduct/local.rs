@@ -32,7 +32,6 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -747,20 +746,18 @@ fn seal_of(digest: &ImageDigest) -> (i64, i64) {
 
 fn set_seal(file: &File, digest: &ImageDigest) -> io::Result<()> {
     let (secs, nanos) = seal_of(digest);
-    let times = [
-        libc::timespec {
+    use rustix::fs::{futimens, Timespec, Timestamps, UTIME_OMIT};
+    let times = Timestamps {
+        last_access: Timespec {
             tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
+            tv_nsec: UTIME_OMIT,
         },
-        libc::timespec {
-            tv_sec: secs as libc::time_t,
+        last_modification: Timespec {
+            tv_sec: secs,
             tv_nsec: nanos as _,
         },
-    ];
-    // SAFETY: futimens reads the two timespecs we pass; the descriptor is ours.
-    if unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    };
+    futimens(file, &times)?;
     Ok(())
 }
 

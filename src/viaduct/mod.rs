@@ -75,7 +75,6 @@ mod chunks;
 mod local;
 mod manifest;
 mod names;
-mod rate;
 mod receiver;
 mod sender;
 mod wire;

@@ -488,7 +488,7 @@ async fn open(
     let fresh = !placement.partial.exists() && !placement.target.exists();
     if fresh {
         let dir = placement.target.parent().unwrap_or(&shared.root);
-        if let Ok(free) = chunks::available_bytes(dir) {
+        if let Ok(free) = crate::sys::fs::available_bytes(dir) {
             if free < allocated {
                 return Err(Fail::new(
                     ErrorCode::DiskFull,

@@ -16,7 +16,6 @@ use super::auth::{random_bytes, PresharedKey};
 use super::chunks::{self, Layout};
 use super::manifest::ChunkManifest;
 use super::names;
-use super::rate::RateLimiter;
 use super::receiver::{MAX_CHUNKS, MAX_STREAMS};
 use super::wire::{
     Encoding, ErrorCode, FrameReader, FrameWriter, Msg, WireError, KEEPALIVE_EVERY, MIN_IDLE,
@@ -26,6 +25,7 @@ use super::{
     check_chunk_size, Phase, Progress, ResumedFrom, TransferReport, ViaductError,
     DEFAULT_CHUNK_SIZE,
 };
+use crate::sys::rate::RateLimiter;
 
 /// A receiver: where it listens and the key it holds.
 #[derive(Debug, Clone)]

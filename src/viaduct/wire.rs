@@ -16,8 +16,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::auth::SessionKey;
-use super::rate::RateLimiter;
 use super::ResumedFrom;
+use crate::sys::rate::RateLimiter;
 
 pub(crate) const MAGIC: [u8; 4] = *b"FCVD";
 pub(crate) const VERSION: u16 = 1;

@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::{BenchmarkKind, BenchmarkMap, BenchmarkSource};
 use crate::model::IoFigures;
+use crate::sys::process::spawn_in_group;
 
 /// Sequential IO unit of the builtin benchmark.
 const BLOCK_BYTES: usize = 1024 * 1024;
@@ -587,16 +588,12 @@ fn drop_cache(file: &File, mode: IoMode, path: &Path) {
     if mode == IoMode::Direct {
         return;
     }
-    use std::os::fd::AsRawFd;
-    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor belongs to
-    // `file`, which is borrowed and therefore open for the duration of the call.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
+    if let Err(e) = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed) {
         tracing::debug!(
             path = %path.display(),
             "posix_fadvise(DONTNEED) on {} failed: {}; buffered reads may be served from memory.",
             path.display(),
-            io::Error::from_raw_os_error(rc)
+            io::Error::from(e)
         );
     }
 }
@@ -681,29 +678,6 @@ fn show_command(command: &[String]) -> String {
         .join(" ")
 }
 
-/// Kills the whole process group of a benchmark command when dropped while armed, so
-/// helpers it started (fio's workers, a shell's children) do not outlive a timeout.
-struct ProcessGroup {
-    pgid: Option<libc::pid_t>,
-}
-
-impl ProcessGroup {
-    fn disarm(&mut self) {
-        self.pgid = None;
-    }
-}
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.pgid {
-            // SAFETY: kill takes plain integers and touches no memory of ours.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-        }
-    }
-}
-
 async fn run_command(
     command: &[String],
     shown: &str,
@@ -714,10 +688,10 @@ async fn run_command(
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
-    let mut child = cmd.spawn().map_err(|source| {
+        .stderr(Stdio::piped());
+    // In a group of its own, so that helpers it started (fio's workers, a shell's
+    // children) do not outlive a timeout: the guard kills the group unless it was reaped.
+    let (mut child, mut group) = spawn_in_group(&mut cmd).map_err(|source| {
         if source.kind() == io::ErrorKind::NotFound {
             BenchmarkError::CommandNotFound {
                 command: shown.to_string(),
@@ -730,9 +704,6 @@ async fn run_command(
             }
         }
     })?;
-    let mut group = ProcessGroup {
-        pgid: child.id().and_then(|id| libc::pid_t::try_from(id).ok()),
-    };
     let output_error = |source| BenchmarkError::Output {
         command: shown.to_string(),
         source,
@@ -774,7 +745,7 @@ async fn run_command(
     };
     // The leader has been reaped; its id may be reused, so the group is no longer ours
     // to kill.
-    group.disarm();
+    group.reaped();
     if !status.success() {
         return Err(BenchmarkError::CommandFailed {
             command: shown.to_string(),

@@ -17,14 +17,20 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::process::{self, ProcessId};
 use super::{check_name, conflict, invalid, io_err, write_atomic};
+use crate::providers::host::process::{self, ProcessId};
 use crate::providers::{
     object, AppSpec, AppState, AppStatus, Endpoint, ProviderError, StopOptions, StopOutcome,
 };
+use crate::sys::retry::{BackoffBuilder, ExponentialBuilder};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Pauses before restarts: from [`FIRST_BACKOFF`], doubling up to [`MAX_BACKOFF`].
+const RESTARTS: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(FIRST_BACKOFF)
+    .with_max_delay(MAX_BACKOFF)
+    .without_max_times();
 /// A run this long counts as healthy: the next crash restarts after the first backoff again.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// How long a stop waits for the process to vanish after SIGKILL.
@@ -633,23 +639,14 @@ impl Drop for Apps {
 }
 
 async fn wait_gone(id: ProcessId, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if !id.is_running() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(STOP_POLL).await;
-    }
+    crate::providers::host::wait_gone(id, timeout, STOP_POLL).await
 }
 
 /// Watches one app: waits for its process to end and starts it again while it is wanted
 /// running. Returns when the app is stopped, the provider is dropped, or a newer supervisor
 /// has taken over.
 async fn supervisor(slot: Arc<Slot>, generation: u64) {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = RESTARTS.build();
     // An app found wanted running but not running (the machine rebooted, say) starts at once.
     let mut pause = Duration::ZERO;
     loop {
@@ -674,10 +671,9 @@ async fn supervisor(slot: Arc<Slot>, generation: u64) {
                 return;
             }
             if run.since.elapsed() >= STABLE_AFTER {
-                backoff = FIRST_BACKOFF;
+                backoff = RESTARTS.build();
             }
-            pause = backoff;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            pause = backoff.next().unwrap_or(MAX_BACKOFF);
             tracing::warn!(
                 provider = %slot.provider,
                 "{} (pid {}) {how}; starting it again in {pause:?}.",
@@ -702,10 +698,9 @@ async fn supervisor(slot: Arc<Slot>, generation: u64) {
                 tracing::info!(provider = %slot.provider, "Started {} again as pid {}.", slot.object(), id.pid);
             }
             Err(e) => {
-                tracing::warn!(provider = %slot.provider, "{}: {e}; trying again in {backoff:?}.", slot.object());
+                pause = backoff.next().unwrap_or(MAX_BACKOFF);
+                tracing::warn!(provider = %slot.provider, "{}: {e}; trying again in {pause:?}.", slot.object());
                 st.last_error = Some(e);
-                pause = backoff;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }

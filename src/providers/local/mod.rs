@@ -21,19 +21,19 @@
 
 mod apps;
 mod buckets;
-pub(crate) mod operations;
-pub(crate) mod process;
-pub(crate) mod volumes;
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 
+use super::host::disks::Volumes;
+use super::host::operations::{self, OpStore};
+use super::host::{
+    available_bytes, check_name, conflict, invalid, io_err, lock_root, not_found, write_atomic,
+    RootLock,
+};
 use super::{
     object, AppSpec, AppStatus, BucketLocation, Capabilities, DiskFormat, Endpoint, ObjectBody,
     ObjectInfo, ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, OperationKind,
@@ -49,8 +49,8 @@ pub struct LocalProvider {
     name: String,
     root: PathBuf,
     disk_format: DiskFormat,
-    ops: operations::OpStore,
-    volumes: volumes::Volumes,
+    ops: OpStore,
+    volumes: Volumes,
     buckets: buckets::Buckets,
     apps: apps::Apps,
     /// Declared last so it is released only after the supervisors have been stopped.
@@ -109,7 +109,7 @@ impl LocalProvider {
         }
         open.retain(|_, w| w.strong_count() > 0);
 
-        let root_lock = lock_root(&root, name).map_err(setup)?;
+        let root_lock = lock_root(&root, name).map_err(|e| setup(e.to_string()))?;
         for sub in ["volumes", "buckets", "apps", "operations", "tmp"] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir)
@@ -119,9 +119,9 @@ impl LocalProvider {
         // guarantees nobody is writing now.
         clear_dir(&root.join("tmp"))
             .map_err(|e| setup(format!("cannot clear {}: {e}", root.join("tmp").display())))?;
-        let ops = operations::OpStore::new(name, root.join("operations"));
+        let ops = OpStore::new(name, root.join("operations"));
         ops.prune(operations::KEEP);
-        let volumes = volumes::Volumes::new(name, root.join("volumes"));
+        let volumes = Volumes::new(name, root.join("volumes"));
         volumes.remove_leftovers();
         let buckets = buckets::Buckets::new(name, root.join("buckets"), root.join("tmp"));
         let apps = apps::Apps::load(name, root.join("apps"), runtime)?;
@@ -150,99 +150,6 @@ impl LocalProvider {
     }
 }
 
-/// The lock of one provider root, held by this process while it lives.
-pub(crate) struct RootLock {
-    provider: String,
-    _file: File,
-}
-
-/// Root locks this process holds, by canonical root; one root serves one provider.
-static HELD_ROOTS: Mutex<BTreeMap<PathBuf, Weak<RootLock>>> = Mutex::new(BTreeMap::new());
-
-/// Set by [`keep_root_locks_until_exit`]: the locks taken are never released.
-static KEPT_ROOTS: Mutex<Option<Vec<Arc<RootLock>>>> = Mutex::new(None);
-
-/// Makes every provider root this process locks, now or later, stay locked until the process
-/// exits. A daemon calls it at start: it drops providers and opens them again (at a reload,
-/// say), and a root must never be free for another process in between. Without it a root is
-/// released once no provider of this process uses it.
-pub fn keep_root_locks_until_exit() {
-    let held = HELD_ROOTS.lock().unwrap_or_else(|e| e.into_inner());
-    let mut kept = KEPT_ROOTS.lock().unwrap_or_else(|e| e.into_inner());
-    let kept = kept.get_or_insert_with(Vec::new);
-    kept.extend(held.values().filter_map(Weak::upgrade));
-}
-
-/// Takes the root's lock file so that a second process cannot supervise the same apps or
-/// write the same images. `root` is canonical; a root this process holds already for the
-/// same `provider` is fine, for another provider it is refused.
-pub(crate) fn lock_root(root: &Path, provider: &str) -> Result<Arc<RootLock>, String> {
-    let mut held = HELD_ROOTS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(lock) = held.get(root).and_then(Weak::upgrade) {
-        if lock.provider == provider {
-            return Ok(lock);
-        }
-        return Err(format!(
-            "its root {} is already used by provider `{}` in this process; each provider needs a root of its own",
-            root.display(),
-            lock.provider
-        ));
-    }
-    let path = root.join(".lock");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    // SAFETY: flock on a descriptor this function owns; no memory is shared.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            format!(
-                "its root {} is in use by another process (pid {}); two daemons cannot share a local provider",
-                root.display(),
-                holder.trim()
-            )
-        } else {
-            format!("cannot lock {}: {e}", path.display())
-        });
-    }
-    let _ = file.set_len(0);
-    let _ = writeln!(file, "{}", std::process::id());
-    let lock = Arc::new(RootLock {
-        provider: provider.to_string(),
-        _file: file,
-    });
-    held.insert(root.to_path_buf(), Arc::downgrade(&lock));
-    if let Some(kept) = KEPT_ROOTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_mut()
-    {
-        kept.push(lock.clone());
-    }
-    Ok(lock)
-}
-
-/// Bytes available to an unprivileged writer on the filesystem holding `dir`.
-pub(crate) fn available_bytes(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `c` is a valid NUL-terminated path and `st` is a plain C struct that statvfs
-    // fills in; nothing else is shared.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 pub(crate) fn clear_dir(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -253,55 +160,6 @@ pub(crate) fn clear_dir(dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-pub(crate) use crate::sys::fs::write_atomic;
-
-pub(super) fn io_err(
-    provider: &str,
-    object: String,
-    action: impl Into<String>,
-    source: std::io::Error,
-) -> ProviderError {
-    ProviderError::Io {
-        provider: provider.to_string(),
-        object,
-        action: action.into(),
-        source,
-    }
-}
-
-pub(super) fn invalid(provider: &str, object: String, reason: impl Into<String>) -> ProviderError {
-    ProviderError::Invalid {
-        provider: provider.to_string(),
-        object,
-        reason: reason.into(),
-    }
-}
-
-pub(super) fn conflict(provider: &str, object: String, detail: impl Into<String>) -> ProviderError {
-    ProviderError::Conflict {
-        provider: provider.to_string(),
-        object,
-        detail: detail.into(),
-    }
-}
-
-pub(super) fn not_found(provider: &str, object: String) -> ProviderError {
-    ProviderError::NotFound {
-        provider: provider.to_string(),
-        object,
-    }
-}
-
-/// Checks a service, volume, bucket or app name for use as a directory or file name.
-pub(super) fn check_name(
-    provider: &str,
-    object: impl FnOnce() -> String,
-    what: &str,
-    name: &str,
-) -> Result<(), ProviderError> {
-    super::validate_name(name).map_err(|e| invalid(provider, object(), format!("{what}: {e}")))
 }
 
 #[async_trait]

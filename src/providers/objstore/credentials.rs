@@ -14,6 +14,24 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::config::CredentialsSource;
+use crate::sys::secret::SecretError;
+
+/// Why an object store's credentials could not be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CredentialsError {
+    #[error("no credentials: set `credentials_file`, or run under systemd with LoadCredential=provider-{provider}:PATH")]
+    NoSource { provider: String },
+    #[error(transparent)]
+    Read(#[from] SecretError),
+    /// The file is neither TOML nor INI as expected, or lacks the profile asked for.
+    #[error("credentials file {}: {reason}", path.display())]
+    Malformed { path: PathBuf, reason: String },
+    #[error("the credentials file {} has no `{}`", path.display(), keys.join("` or `"))]
+    Missing {
+        path: PathBuf,
+        keys: &'static [&'static str],
+    },
+}
 
 /// Key and secret of an S3 account.
 #[derive(Clone)]
@@ -47,22 +65,26 @@ impl std::fmt::Debug for SwiftCredentials {
 }
 
 /// Finds and reads the file for `provider` and returns its keys.
-fn load(provider: &str, source: &CredentialsSource) -> Result<(PathBuf, Entries), String> {
+fn load(
+    provider: &str,
+    source: &CredentialsSource,
+) -> Result<(PathBuf, Entries), CredentialsError> {
     let path = match &source.file {
         Some(f) => f.clone(),
         None => match std::env::var_os("CREDENTIALS_DIRECTORY") {
             Some(dir) => Path::new(&dir).join(format!("provider-{provider}")),
             None => {
-                return Err(format!(
-                    "no credentials: set `credentials_file`, or run under systemd with LoadCredential=provider-{provider}:PATH"
-                ))
+                return Err(CredentialsError::NoSource {
+                    provider: provider.to_string(),
+                })
             }
         },
     };
-    let text =
-        crate::sys::secret::read_text(&path, "the credentials file").map_err(|e| e.to_string())?;
-    let entries = parse(&text, source.profile.as_deref())
-        .map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+    let text = crate::sys::secret::read_text(&path, "the credentials file")?;
+    let entries = match parse(&text, source.profile.as_deref()) {
+        Ok(entries) => entries,
+        Err(reason) => return Err(CredentialsError::Malformed { path, reason }),
+    };
     Ok((path, entries))
 }
 
@@ -178,17 +200,21 @@ fn take(entries: &Entries, keys: &[&str]) -> Option<String> {
         .cloned()
 }
 
-fn need(path: &Path, entries: &Entries, keys: &[&str]) -> Result<String, String> {
-    take(entries, keys).ok_or_else(|| {
-        format!(
-            "the credentials file {} has no `{}`",
-            path.display(),
-            keys.join("` or `")
-        )
+fn need(
+    path: &Path,
+    entries: &Entries,
+    keys: &'static [&'static str],
+) -> Result<String, CredentialsError> {
+    take(entries, keys).ok_or_else(|| CredentialsError::Missing {
+        path: path.to_path_buf(),
+        keys,
     })
 }
 
-pub(crate) fn s3(provider: &str, source: &CredentialsSource) -> Result<S3Credentials, String> {
+pub(crate) fn s3(
+    provider: &str,
+    source: &CredentialsSource,
+) -> Result<S3Credentials, CredentialsError> {
     let (path, e) = load(provider, source)?;
     Ok(S3Credentials {
         access_key_id: need(&path, &e, &["access_key_id", "aws_access_key_id"])?,
@@ -200,7 +226,7 @@ pub(crate) fn s3(provider: &str, source: &CredentialsSource) -> Result<S3Credent
 pub(crate) fn swift(
     provider: &str,
     source: &CredentialsSource,
-) -> Result<SwiftCredentials, String> {
+) -> Result<SwiftCredentials, CredentialsError> {
     let (path, e) = load(provider, source)?;
     Ok(SwiftCredentials {
         username: need(&path, &e, &["username", "user"])?,
@@ -258,7 +284,7 @@ mod tests {
         let c = s3("p", &source(ini.clone(), Some("lab"))).unwrap();
         assert_eq!(c.secret_access_key, "SK2=x");
         assert_eq!(c.session_token.as_deref(), Some("T"));
-        let err = s3("p", &source(ini, Some("prod"))).unwrap_err();
+        let err = s3("p", &source(ini, Some("prod"))).unwrap_err().to_string();
         assert!(
             err.contains("no profile `prod`; it has: default, lab"),
             "{err}"
@@ -281,7 +307,7 @@ mod tests {
     fn missing_keys_open_files_and_no_source_are_explained() {
         let tmp = tempfile::tempdir().unwrap();
         let f = file(tmp.path(), "a", "access_key_id = \"AK\"\n", 0o600);
-        let err = s3("p", &source(f.clone(), None)).unwrap_err();
+        let err = s3("p", &source(f.clone(), None)).unwrap_err().to_string();
         assert!(
             err.ends_with("has no `secret_access_key` or `aws_secret_access_key`"),
             "{err}"
@@ -292,9 +318,11 @@ mod tests {
             "username = \"u\"\npassword = \"p\"\n",
             0o644,
         );
-        let err = swift("p", &source(open, None)).unwrap_err();
+        let err = swift("p", &source(open, None)).unwrap_err().to_string();
         assert!(err.contains("open to other users (mode 0644)"), "{err}");
-        let err = s3("p", &source(tmp.path().join("none"), None)).unwrap_err();
+        let err = s3("p", &source(tmp.path().join("none"), None))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot read the credentials file"), "{err}");
         let err = parse("just words\n", None).unwrap_err();
         assert!(err.contains("line 1"), "{err}");

@@ -44,6 +44,7 @@ use super::{
     ProviderError,
 };
 use crate::config::{self, Driver, ObjectStoreSettings};
+use crate::sys::retry::{ConstantBuilder, Retryable};
 
 pub(crate) use naming::Store;
 
@@ -53,6 +54,13 @@ const READ_CHUNK: usize = 1 << 20;
 const PART_CONCURRENCY: usize = 2;
 /// Times a read is reopened when the object changed between stat and read.
 const REOPEN_ATTEMPTS: usize = 3;
+
+/// Why one attempt to open an object for reading failed.
+enum Reopen {
+    /// The object was replaced after it was looked at; another attempt may succeed.
+    Replaced(opendal::Error),
+    Failed(ProviderError),
+}
 
 /// Opens the driver a provider with `driver = "s3"` or `"swift"` names.
 pub fn open(provider: &config::Provider) -> Result<Arc<dyn Provider>, ProviderError> {
@@ -153,7 +161,8 @@ impl ObjectStore {
         let (store, template, part_size, remote): (_, _, _, Box<dyn Remote>) =
             match (&provider.driver, &provider.object_store) {
                 (Driver::S3, Some(ObjectStoreSettings::S3(s))) => {
-                    let creds = credentials::s3(&provider.name, &s.credentials).map_err(setup)?;
+                    let creds = credentials::s3(&provider.name, &s.credentials)
+                        .map_err(|e| setup(e.to_string()))?;
                     (
                         Store::S3,
                         s.bucket_name.clone(),
@@ -162,8 +171,8 @@ impl ObjectStore {
                     )
                 }
                 (Driver::Swift, Some(ObjectStoreSettings::Swift(s))) => {
-                    let creds =
-                        credentials::swift(&provider.name, &s.credentials).map_err(setup)?;
+                    let creds = credentials::swift(&provider.name, &s.credentials)
+                        .map_err(|e| setup(e.to_string()))?;
                     (
                         Store::Swift,
                         s.container_name.clone(),
@@ -596,14 +605,25 @@ fn http_error(
 /// closed (the server restarted or went away): the second attempt then connects afresh and
 /// reports what is really there. Only idempotent requests are sent this way.
 async fn send(request: reqwest::RequestBuilder) -> Result<reqwest::Response, reqwest::Error> {
-    let again = request.try_clone();
-    match (request.send().await, again) {
-        (Err(e), Some(again)) if e.is_request() && !e.is_connect() && !e.is_timeout() => {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            again.send().await
-        }
-        (result, _) => result,
+    // One more attempt after 100 ms and a random part of that again, so that clients that
+    // lost their connections together do not come back in step.
+    const RECONNECT: ConstantBuilder = ConstantBuilder::new()
+        .with_delay(Duration::from_millis(100))
+        .with_max_times(1)
+        .with_jitter();
+    // A request whose body cannot be cloned (a stream) can only be sent once.
+    if request.try_clone().is_none() {
+        return request.send().await;
     }
+    (|| async {
+        match request.try_clone() {
+            Some(again) => again.send().await,
+            None => unreachable!("the request was cloned above"),
+        }
+    })
+    .retry(RECONNECT)
+    .when(|e: &reqwest::Error| e.is_request() && !e.is_connect() && !e.is_timeout())
+    .await
 }
 
 /// The HTTP client for logins and bucket calls.
@@ -779,13 +799,20 @@ impl Provider for ObjectStore {
         let (remote, bucket_obj, obj) = self.remote_key(service, bucket, key)?;
         self.with_login(|| async {
             let op = self.remote.operator(&remote).await?;
-            let mut last = None;
-            for _ in 0..REOPEN_ATTEMPTS {
-                let Some((info, _)) = self.stat_remote(&op, key, &obj, &bucket_obj).await? else {
-                    return Err(ProviderError::NotFound {
+            // Replaced between the stat and the read: open the new version, at once.
+            let reopens = ConstantBuilder::new()
+                .with_delay(Duration::ZERO)
+                .with_max_times(REOPEN_ATTEMPTS - 1);
+            let opened = (|| async {
+                let Some((info, _)) = self
+                    .stat_remote(&op, key, &obj, &bucket_obj)
+                    .await
+                    .map_err(Reopen::Failed)?
+                else {
+                    return Err(Reopen::Failed(ProviderError::NotFound {
                         provider: self.name.clone(),
                         object: obj.clone(),
-                    });
+                    }));
                 };
                 let options = ReaderOptions {
                     if_match: info.etag.clone(),
@@ -800,25 +827,32 @@ impl Provider for ObjectStore {
                 match opened {
                     Ok(stream) => {
                         let stream = stream.map_err(std::io::Error::other);
-                        return Ok(ObjectBody {
+                        Ok(ObjectBody {
                             size: info.size,
                             stream: Box::pin(tokio_util::io::StreamReader::new(stream)),
-                        });
+                        })
                     }
-                    // Replaced between the stat and the read: open the new version.
-                    Err(e) if e.kind() == opendal::ErrorKind::ConditionNotMatch => last = Some(e),
-                    Err(e) => return Err(self.dal(e, &obj, &bucket_obj, "read it")),
+                    Err(e) if e.kind() == opendal::ErrorKind::ConditionNotMatch => {
+                        Err(Reopen::Replaced(e))
+                    }
+                    Err(e) => Err(Reopen::Failed(self.dal(e, &obj, &bucket_obj, "read it"))),
                 }
-            }
-            Err(ProviderError::Conflict {
-                provider: self.name.clone(),
-                object: obj.clone(),
-                detail: format!(
-                    "it was replaced each time it was opened ({REOPEN_ATTEMPTS} attempts){}",
-                    last.map(|e| format!("; last: {}", describe(&e)))
-                        .unwrap_or_default()
-                ),
             })
+            .retry(reopens)
+            .when(|e| matches!(e, Reopen::Replaced(_)))
+            .await;
+            match opened {
+                Ok(body) => Ok(body),
+                Err(Reopen::Failed(e)) => Err(e),
+                Err(Reopen::Replaced(last)) => Err(ProviderError::Conflict {
+                    provider: self.name.clone(),
+                    object: obj.clone(),
+                    detail: format!(
+                        "it was replaced each time it was opened ({REOPEN_ATTEMPTS} attempts); last: {}",
+                        describe(&last)
+                    ),
+                }),
+            }
         })
         .await
     }

@@ -33,16 +33,17 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::local::operations::{OpStore, KEEP};
-use super::local::process::ProcessId;
-use super::local::volumes::Volumes;
-use super::local::{available_bytes, lock_root, write_atomic, RootLock};
+use super::host::disks::Volumes;
+use super::host::operations::{OpStore, KEEP};
+use super::host::process::ProcessId;
+use super::host::{available_bytes, lock_root, wait_gone, write_atomic, RootLock};
 use super::{
     object, Capabilities, DiskFormat, ForwardedPort, Operation, OperationId, OperationKind,
     Provider, ProviderError, StopOptions, StopOutcome, VmSpec, VmState, VmStatus, VolumeInfo,
     VolumeSpec,
 };
 use crate::config::{self, Accel, DiskBus, Driver, QemuSettings};
+use crate::sys::retry::{ConstantBuilder, Retryable};
 pub use qmp::{Qmp, QmpError};
 
 /// The emulator run when the configuration names none and `$FLUIDCLOUD_QEMU_SYSTEM` is unset.
@@ -75,6 +76,16 @@ impl Default for QemuSettings {
             powerdown_timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// Why one attempt to start an emulator failed.
+enum Launch {
+    /// qemu ran and refused; with other host ports it may start.
+    Refused {
+        detail: String,
+        ports_taken: bool,
+    },
+    Failed(ProviderError),
 }
 
 /// What `state.json` holds: how the VM was last started.
@@ -154,7 +165,7 @@ impl QemuProvider {
         let root = root
             .canonicalize()
             .map_err(|e| setup(format!("cannot resolve its root {}: {e}", root.display())))?;
-        let root_lock = lock_root(&root, name).map_err(setup)?;
+        let root_lock = lock_root(&root, name).map_err(|e| setup(e.to_string()))?;
         for sub in ["volumes", "vms", "operations"] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir)
@@ -429,100 +440,138 @@ impl QemuProvider {
         // Keep the previous boot's console beside the new one.
         let _ = std::fs::rename(dir.join(CONSOLE_LOGS[0]), dir.join(CONSOLE_LOGS[1]));
 
-        let mut last_error = String::new();
-        for attempt in 1..=PORT_ATTEMPTS {
-            let ports = pick_ports(spec)
-                .map_err(|e| self.io(obj(), "find free host ports".to_string(), e))?;
-            let state = SavedState {
-                spec: spec.clone(),
-                ports: ports.clone(),
-                accel: accel.as_str().to_string(),
-                started_at: chrono::Utc::now(),
-            };
-            let bytes = serde_json::to_vec_pretty(&state)
-                .map_err(|e| self.invalid(obj(), format!("cannot encode its state: {e}")))?;
-            let state_path = dir.join("state.json");
-            write_atomic(&state_path, &bytes)
-                .map_err(|e| self.io(obj(), format!("write {}", state_path.display()), e))?;
-
-            let mut cmd = self.command();
-            cmd.args(qemu_args(
-                service,
-                spec,
-                &self.settings,
-                accel,
-                &disks,
-                &ports,
-                &dir,
-            ));
-            let output = match tokio::time::timeout(
-                LAUNCH_TIMEOUT,
-                cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output(),
-            )
-            .await
-            {
-                Err(_) => {
-                    return Err(self.tool(
-                        obj(),
-                        format!("did not finish starting the VM within {LAUNCH_TIMEOUT:?}"),
-                    ))
+        let mut attempts = 0;
+        let launched = (|| {
+            attempts += 1;
+            self.launch_once(service, spec, accel, &disks, &dir, attempts)
+        })
+        .retry(
+            ConstantBuilder::new()
+                .with_delay(Duration::ZERO)
+                .with_max_times(PORT_ATTEMPTS - 1),
+        )
+        .when(|e| {
+            matches!(
+                e,
+                Launch::Refused {
+                    ports_taken: true,
+                    ..
                 }
-                Ok(Err(e)) => {
-                    return Err(self.tool(
+            )
+        })
+        .await;
+        launched.map_err(|e| match e {
+            Launch::Failed(e) => e,
+            Launch::Refused { detail, .. } => self.tool(obj(), detail),
+        })
+    }
+
+    /// One attempt to start the emulator, with newly picked host ports.
+    async fn launch_once(
+        &self,
+        service: &str,
+        spec: &VmSpec,
+        accel: Accel,
+        disks: &[(PathBuf, DiskFormat)],
+        dir: &Path,
+        attempt: usize,
+    ) -> Result<String, Launch> {
+        let obj = || object::vm(service, &spec.name);
+        let ports = pick_ports(spec)
+            .map_err(|e| self.io(obj(), "find free host ports".to_string(), e))
+            .map_err(Launch::Failed)?;
+        let state = SavedState {
+            spec: spec.clone(),
+            ports: ports.clone(),
+            accel: accel.as_str().to_string(),
+            started_at: chrono::Utc::now(),
+        };
+        let bytes = serde_json::to_vec_pretty(&state)
+            .map_err(|e| self.invalid(obj(), format!("cannot encode its state: {e}")))
+            .map_err(Launch::Failed)?;
+        let state_path = dir.join("state.json");
+        write_atomic(&state_path, &bytes)
+            .map_err(|e| self.io(obj(), format!("write {}", state_path.display()), e))
+            .map_err(Launch::Failed)?;
+
+        let mut cmd = self.command();
+        cmd.args(qemu_args(
+            service,
+            spec,
+            &self.settings,
+            accel,
+            disks,
+            &ports,
+            dir,
+        ));
+        let output = match tokio::time::timeout(
+            LAUNCH_TIMEOUT,
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output(),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(Launch::Failed(self.tool(
+                    obj(),
+                    format!("did not finish starting the VM within {LAUNCH_TIMEOUT:?}"),
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(Launch::Failed(self.tool(
+                    obj(),
+                    format!(
+                        "cannot run {} ({e}); it comes with the Debian package qemu-system-x86",
+                        self.binary.display()
+                    ),
+                )))
+            }
+            Ok(Ok(o)) => o,
+        };
+        let said = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        let _ = std::fs::write(dir.join("qemu.log"), &output.stderr);
+        if output.status.success() {
+            let id = std::fs::read_to_string(dir.join("qemu.pid"))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .and_then(ProcessId::of)
+                .ok_or_else(|| {
+                    self.tool(
                         obj(),
                         format!(
-                            "cannot run {} ({e}); it comes with the Debian package qemu-system-x86",
-                            self.binary.display()
+                            "reported a start, but its pid file {} names no running process",
+                            dir.join("qemu.pid").display()
                         ),
-                    ))
-                }
-                Ok(Ok(o)) => o,
-            };
-            let said = String::from_utf8_lossy(&output.stderr).trim().to_string();
-            let _ = std::fs::write(dir.join("qemu.log"), &output.stderr);
-            if output.status.success() {
-                let id = std::fs::read_to_string(dir.join("qemu.pid"))
-                    .ok()
-                    .and_then(|t| t.trim().parse().ok())
-                    .and_then(ProcessId::of)
-                    .ok_or_else(|| {
-                        self.tool(
-                            obj(),
-                            format!(
-                                "reported a start, but its pid file {} names no running process",
-                                dir.join("qemu.pid").display()
-                            ),
-                        )
-                    })?;
-                if let Err(e) = write_atomic(&dir.join("pid"), id.to_pid_file().as_bytes()) {
-                    tracing::warn!(provider = %self.name, "Could not write the pid file of {} (pid {}): {e}; it will be found through qemu's own.", obj(), id.pid);
-                }
-                self.started
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert((service.to_string(), spec.name.clone()), id.pid);
-                let shown: Vec<String> = ports
-                    .iter()
-                    .map(|p| format!("{}->{}", p.host, p.guest))
-                    .collect();
-                return Ok(format!(
-                    "started under {} (pid {}, attempt {attempt}){}",
-                    accel.as_str(),
-                    id.pid,
-                    if shown.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", ports {}", shown.join(" "))
-                    }
-                ));
+                    )
+                })
+                .map_err(Launch::Failed)?;
+            if let Err(e) = write_atomic(&dir.join("pid"), id.to_pid_file().as_bytes()) {
+                tracing::warn!(provider = %self.name, "Could not write the pid file of {} (pid {}): {e}; it will be found through qemu's own.", obj(), id.pid);
             }
-            last_error = format!("{}: {said}", output.status);
-            let chose_ports = spec.ports.iter().any(|p| p.host.is_none());
-            if !(chose_ports && said.contains("hostfwd")) {
-                break;
-            }
+            self.started
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((service.to_string(), spec.name.clone()), id.pid);
+            let shown: Vec<String> = ports
+                .iter()
+                .map(|p| format!("{}->{}", p.host, p.guest))
+                .collect();
+            return Ok(format!(
+                "started under {} (pid {}, attempt {attempt}){}",
+                accel.as_str(),
+                id.pid,
+                if shown.is_empty() {
+                    String::new()
+                } else {
+                    format!(", ports {}", shown.join(" "))
+                }
+            ));
         }
-        Err(self.tool(obj(), last_error))
+        // Ports picked here can be taken by someone else before qemu binds them.
+        let chose_ports = spec.ports.iter().any(|p| p.host.is_none());
+        Err(Launch::Refused {
+            detail: format!("{}: {said}", output.status),
+            ports_taken: chose_ports && said.contains("hostfwd"),
+        })
     }
 
     fn tool(&self, object: String, detail: String) -> ProviderError {
@@ -535,16 +584,7 @@ impl QemuProvider {
     }
 
     async fn wait_gone(id: ProcessId, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            if !id.is_running() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(STOP_POLL).await;
-        }
+        wait_gone(id, limit, STOP_POLL).await
     }
 
     /// Removes pid files of an emulator that is gone.

@@ -3,12 +3,11 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use super::{check_name, conflict, invalid, io_err};
 use crate::providers::{object, DiskFormat, ProviderError, VolumeInfo, VolumeSpec};
+use crate::sys::{self, qemu_img::QEMU_IMG};
 
-const QEMU_IMG: &str = "qemu-img";
 /// Prefix of images being created; volume names cannot start with `.`.
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -338,38 +337,14 @@ impl Volumes {
     }
 }
 
-/// Runs `qemu-img` and returns its standard output.
+/// Runs `qemu-img` for `obj` and returns its standard output.
 async fn qemu_img(provider: &str, obj: &str, args: &[&OsStr]) -> Result<Vec<u8>, ProviderError> {
-    let tool = |detail: String| ProviderError::Tool {
-        provider: provider.to_string(),
-        object: obj.to_string(),
-        program: QEMU_IMG.to_string(),
-        detail,
-    };
-    let output = tokio::process::Command::new(QEMU_IMG)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
+    sys::qemu_img::qemu_img(args)
         .await
-        .map_err(|e| {
-            tool(format!(
-                "cannot run it ({e}); it comes with the Debian package qemu-utils"
-            ))
-        })?;
-    if !output.status.success() {
-        let shown: Vec<String> = args
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        return Err(tool(format!(
-            "`qemu-img {}` {}: {}",
-            shown.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    Ok(output.stdout)
+        .map_err(|e| ProviderError::Tool {
+            provider: provider.to_string(),
+            object: obj.to_string(),
+            program: QEMU_IMG.to_string(),
+            detail: e.to_string(),
+        })
 }

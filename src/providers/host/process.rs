@@ -9,12 +9,16 @@
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use rustix::process::{
+    kill_process, kill_process_group, waitid, waitpid, Pid, PidfdFlags, Signal, WaitId,
+    WaitIdOptions, WaitOptions,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -33,7 +37,7 @@ pub(crate) struct ProcessId {
 
 /// The fields of `/proc/PID/stat` the driver uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Stat {
+pub(crate) struct Stat {
     pub state: char,
     pub pgrp: i32,
     pub start_time: u64,
@@ -41,7 +45,7 @@ pub(super) struct Stat {
 
 /// Parses `/proc/PID/stat`. The command name (field 2) is in parentheses and may itself hold
 /// spaces and parentheses, so fields are counted from the last `)`.
-pub(super) fn parse_stat(text: &str) -> Option<Stat> {
+pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // fields[0] is field 3 (state), so field N is fields[N - 3].
@@ -80,20 +84,21 @@ impl ProcessId {
         if s.start_time != self.start_time || matches!(s.state, 'Z' | 'X') {
             return Ok(false);
         }
-        let target = if s.pgrp == self.pid as i32 {
-            -(self.pid as i32)
-        } else {
-            self.pid as i32
+        let (Some(pid), Some(signal)) = (
+            i32::try_from(self.pid).ok().and_then(Pid::from_raw),
+            Signal::from_named_raw(signal),
+        ) else {
+            return Err(io::Error::from(rustix::io::Errno::INVAL));
         };
-        // SAFETY: kill has no memory effects; the target was checked to be our process.
-        if unsafe { libc::kill(target, signal) } == 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ESRCH) {
-            Ok(false)
+        let sent = if s.pgrp == self.pid as i32 {
+            kill_process_group(pid, signal)
         } else {
-            Err(e)
+            kill_process(pid, signal)
+        };
+        match sent {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::SRCH) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -126,7 +131,7 @@ impl ProcessId {
 /// Starts the app in its own session (so it outlives the daemon and can be signalled as a
 /// group) with output appended to `stdout.log`/`stderr.log` in `app_dir`. Returns once the
 /// program has been executed.
-pub(super) fn spawn(
+pub(crate) fn spawn(
     spec: &AppSpec,
     app_dir: &Path,
     workdir: &Path,
@@ -143,14 +148,14 @@ pub(super) fn spawn(
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    // SAFETY: setsid is async-signal-safe and touches no memory shared with the parent.
+    // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe
+    // calls are allowed; setsid is one (a single system call), allocates nothing and
+    // touches no memory shared with the parent. std has no safe way to start a session
+    // (`process_group` would leave the app in the daemon's session).
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() == -1 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
+            rustix::process::setsid()?;
+            Ok(())
         });
     }
     let child = cmd.spawn()?;
@@ -176,15 +181,16 @@ fn open_log(path: &Path) -> io::Result<std::fs::File> {
 
 /// Waits until the process ends and says how it ended, as far as this daemon can know: the
 /// exit status of its own children, less of processes it adopted.
-pub(super) async fn wait_exit(id: ProcessId) -> String {
+pub(crate) async fn wait_exit(id: ProcessId) -> String {
     match pidfd_open(id.pid) {
         Ok(fd) => {
             // The pidfd pins whatever process has the pid now; make sure it is ours.
             if !matches!(stat(id.pid), Some(s) if s.start_time == id.start_time) {
                 return "ended (it was gone when the supervisor looked)".to_string();
             }
-            // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open for as long
-            // as it is registered.
+            // SAFETY: the AsyncFd takes ownership of the OwnedFd, which is a valid open
+            // descriptor (pidfd_open just returned it), is never closed or replaced while
+            // the AsyncFd holds it, and always answers `as_raw_fd` with that descriptor.
             match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
                 Ok(afd) => {
                     if afd.readable().await.is_ok() {
@@ -224,67 +230,54 @@ fn not_our_child() -> String {
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: a plain system call; on success it returns a new descriptor we then own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the descriptor was just created and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::from(rustix::io::Errno::INVAL))?;
+    Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
 }
 
 /// Reaps the process behind `fd` if it is our child; None when it is not.
 fn reap_pidfd(fd: &OwnedFd) -> Option<String> {
-    // SAFETY: siginfo_t is plain data; waitid fills it in.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid writes only into `info`.
-    let r = unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            fd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG,
-        )
-    };
-    // SAFETY: reading fields waitid set (si_pid is 0 when nothing was reaped).
-    if r != 0 || unsafe { info.si_pid() } == 0 {
-        return None;
-    }
-    // SAFETY: as above.
-    let status = unsafe { info.si_status() };
-    Some(match info.si_code {
-        libc::CLD_EXITED => format!("exited with status {status}"),
-        libc::CLD_KILLED => format!("killed by {}", signal_name(status)),
-        libc::CLD_DUMPED => format!("killed by {} (core dumped)", signal_name(status)),
-        _ => "ended".to_string(),
+    let status = waitid(
+        WaitId::PidFd(fd.as_fd()),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+    )
+    .ok()??;
+    Some(if let Some(code) = status.exit_status() {
+        format!("exited with status {code}")
+    } else if let Some(signal) = status.terminating_signal() {
+        if status.dumped() {
+            format!("killed by {} (core dumped)", signal_name(signal))
+        } else {
+            format!("killed by {}", signal_name(signal))
+        }
+    } else {
+        "ended".to_string()
     })
 }
 
 /// Reaps the process if it is a zombie child of ours whose supervisor has not done so (one
 /// was replaced right after a stop). Otherwise does nothing.
-pub(super) fn reap_if_zombie(id: ProcessId) {
+pub(crate) fn reap_if_zombie(id: ProcessId) {
     if matches!(stat(id.pid), Some(s) if s.start_time == id.start_time && s.state == 'Z') {
         let _ = reap_pid(id.pid);
     }
 }
 
 fn reap_pid(pid: u32) -> Option<String> {
-    let mut status = 0;
-    // SAFETY: waitpid writes only into `status`.
-    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
-    if r != pid as libc::pid_t {
-        return None;
-    }
-    Some(if libc::WIFEXITED(status) {
-        format!("exited with status {}", libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        format!("killed by {}", signal_name(libc::WTERMSIG(status)))
+    let pid = i32::try_from(pid).ok().and_then(Pid::from_raw)?;
+    let (_, status) = waitpid(Some(pid), WaitOptions::NOHANG).ok()??;
+    Some(if let Some(code) = status.exit_status() {
+        format!("exited with status {code}")
+    } else if let Some(signal) = status.terminating_signal() {
+        format!("killed by {}", signal_name(signal))
     } else {
         "ended".to_string()
     })
 }
 
-pub(super) fn signal_name(signal: i32) -> String {
+pub(crate) fn signal_name(signal: i32) -> String {
     let name = match signal {
         libc::SIGHUP => "SIGHUP",
         libc::SIGINT => "SIGINT",
