@@ -121,7 +121,7 @@ fn check_capabilities(spec: &ServiceSpec, target: &config::Provider) -> Result<(
                 "{} `{}` needs {what}, which the `{}` driver of `{}` lacks",
                 c.kind.as_str(),
                 c.name,
-                crate::providers::driver_name(target.driver),
+                target.driver.as_str(),
                 target.name
             ));
         }

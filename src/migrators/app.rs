@@ -36,16 +36,12 @@ impl Migrator for StopSource {
         let svc = cx.svc();
         if self.kind == ComponentKind::Vm {
             let spec = cx.spec()?;
-            let vm = deploy::vm_spec(
-                &cx.config,
-                spec,
-                cx.component(ComponentKind::Vm, &self.name)?,
-            )?;
+            let vm = deploy::vm_spec(spec, cx.component(ComponentKind::Vm, &self.name)?)?;
             let op = cx.source.start_vm(svc, &vm).await?;
             providers::wait_for(cx.source.as_ref(), &op.id, Duration::from_secs(120)).await?;
         } else {
             let c = cx.component(ComponentKind::App, &self.name)?;
-            let spec = deploy::app_spec(&cx.config, svc, c)?;
+            let spec = deploy::app_spec(svc, c)?;
             let op = cx.source.start_app(svc, &spec).await?;
             providers::wait_for(cx.source.as_ref(), &op.id, Duration::from_secs(60)).await?;
         }
@@ -62,7 +58,7 @@ pub struct StartTarget {
 impl Migrator for StartTarget {
     async fn run(&self, cx: &Cx) -> Result<Value, MigratorError> {
         let c = cx.component(ComponentKind::App, &self.app)?;
-        let spec = deploy::app_spec(&cx.config, cx.svc(), c)?;
+        let spec = deploy::app_spec(cx.svc(), c)?;
         let op = cx.target.start_app(cx.svc(), &spec).await?;
         let op = providers::wait_for(cx.target.as_ref(), &op.id, Duration::from_secs(120)).await?;
         Ok(json!({ "detail": op.detail }))
@@ -96,7 +92,7 @@ pub struct StartTargetVm {
 impl Migrator for StartTargetVm {
     async fn run(&self, cx: &Cx) -> Result<Value, MigratorError> {
         let spec = cx.spec()?;
-        let vm = deploy::vm_spec(&cx.config, spec, cx.component(ComponentKind::Vm, &self.vm)?)?;
+        let vm = deploy::vm_spec(spec, cx.component(ComponentKind::Vm, &self.vm)?)?;
         let op = cx.target.start_vm(cx.svc(), &vm).await?;
         let op = providers::wait_for(cx.target.as_ref(), &op.id, Duration::from_secs(120)).await?;
         Ok(json!({ "detail": op.detail }))

@@ -66,7 +66,7 @@ pub async fn target_values(cx: &Cx) -> Result<Placeholders, MigratorError> {
 pub async fn render_target_config(cx: &Cx, file: &str, app: &str) -> Result<String, MigratorError> {
     let svc = cx.svc();
     let c = cx.component(ComponentKind::Config, file)?;
-    let cfs = config_spec(&cx.config, svc, c)?;
+    let cfs = config_spec(svc, c)?;
     let current = cx
         .source
         .read_app_file(svc, app, file)
@@ -97,7 +97,7 @@ pub async fn write_initial_config(
     spec: &ServiceSpec,
     c: &Component,
 ) -> Result<Option<String>, DeployError> {
-    let cfs = config_spec(config, &spec.name, c)?;
+    let cfs = config_spec(&spec.name, c)?;
     let Some(app) = deploy::config_app(spec, c) else {
         return Err(DeployError::Component {
             service: spec.name.clone(),
@@ -122,11 +122,7 @@ pub async fn write_initial_config(
     Ok(Some(format!("config `{}` of app `{app}`", c.name)))
 }
 
-fn config_spec(
-    _config: &Config,
-    service: &str,
-    c: &Component,
-) -> Result<ConfigFileSpec, DeployError> {
+fn config_spec(service: &str, c: &Component) -> Result<ConfigFileSpec, DeployError> {
     c.config_file()
         .cloned()
         .ok_or_else(|| deploy::wrong_kind(service, c, ComponentKind::Config))

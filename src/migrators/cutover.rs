@@ -29,7 +29,7 @@ fn endpoints(cx: &Cx) -> Result<Option<String>, MigratorError> {
         .iter()
         .filter(|c| c.kind == ComponentKind::App)
     {
-        if let Some(port) = deploy::app_spec(&cx.config, cx.svc(), c)?.port {
+        if let Some(port) = deploy::app_spec(cx.svc(), c)?.port {
             out.push(format!("127.0.0.1:{port}"));
         }
     }

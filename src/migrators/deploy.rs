@@ -68,7 +68,7 @@ pub fn volume_bytes(c: &Component) -> u64 {
 
 /// The app spec of an `app` component, as the configuration read it (relative paths
 /// resolved against the configuration file's directory).
-pub fn app_spec(_config: &Config, service: &str, c: &Component) -> Result<AppSpec, DeployError> {
+pub fn app_spec(service: &str, c: &Component) -> Result<AppSpec, DeployError> {
     c.app()
         .cloned()
         .ok_or_else(|| wrong_kind(service, c, ComponentKind::App))
@@ -78,7 +78,7 @@ pub fn app_spec(_config: &Config, service: &str, c: &Component) -> Result<AppSpe
 /// resolved against the configuration file's directory). Disk format, bus, NIC model and
 /// accelerator are the provider's, so the same definition adapts to whichever provider
 /// starts it.
-pub fn vm_spec(_config: &Config, spec: &ServiceSpec, c: &Component) -> Result<VmSpec, DeployError> {
+pub fn vm_spec(spec: &ServiceSpec, c: &Component) -> Result<VmSpec, DeployError> {
     c.vm()
         .cloned()
         .ok_or_else(|| wrong_kind(&spec.name, c, ComponentKind::Vm))
@@ -165,7 +165,7 @@ pub async fn values(
                 }
             }
             ComponentKind::App => {
-                let app = app_spec(config, &spec.name, c)?;
+                let app = app_spec(&spec.name, c)?;
                 v.insert(format!("app.{}.host", c.name), "127.0.0.1".into());
                 if let Some(port) = app.port {
                     v.insert(format!("app.{}.port", c.name), port.to_string());
@@ -259,7 +259,7 @@ pub async fn ensure(
             .iter()
             .filter(|c| c.kind == ComponentKind::Vm)
         {
-            let vm = vm_spec(config, spec, c)?;
+            let vm = vm_spec(spec, c)?;
             let running = matches!(
                 at.vm_status(&spec.name, &c.name).await?,
                 Some(s) if s.state == VmState::Running && s.spec == vm
@@ -277,7 +277,7 @@ pub async fn ensure(
             .iter()
             .filter(|c| c.kind == ComponentKind::App)
         {
-            let app = app_spec(config, &spec.name, c)?;
+            let app = app_spec(&spec.name, c)?;
             let running = matches!(
                 at.app_status(&spec.name, &c.name).await?,
                 Some(s) if matches!(s.state, AppState::Running | AppState::Restarting) && s.spec == app

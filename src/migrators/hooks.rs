@@ -42,13 +42,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rustix::process::{kill_process_group, Pid, Signal};
+use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-pub use crate::config::{HookSpec, HookTarget};
+pub use crate::model::{HookSpec, HookTarget};
 
 use super::rewrite::Placeholders;
+use crate::sys::process::{spawn_in_group, wait_or_kill};
 
 /// How much of a command's stdout and stderr, or of a webhook's response body, is kept.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
@@ -328,26 +329,6 @@ pub async fn run_hook(spec: &HookSpec, event: &HookEvent) -> Result<HookOutcome,
     }
 }
 
-/// Kills a command's process group if the command is abandoned before it was reaped (the
-/// caller's future dropped, or an error on the way).
-struct GroupGuard(Option<Pid>);
-
-impl GroupGuard {
-    fn kill(&mut self) {
-        // The leader has not been reaped yet, so the group id still names our process group
-        // and no one else's. A group already gone is what was wanted.
-        if let Some(pgid) = self.0.take() {
-            let _ = kill_process_group(pgid, Signal::KILL);
-        }
-    }
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// The last bytes of a stream.
 #[derive(Default)]
 struct Tail {
@@ -441,9 +422,7 @@ async fn run_command(
         .current_dir(workdir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
+        .stderr(Stdio::piped());
     // A hook sees exactly this event, not variables the daemon happened to inherit.
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("FLUIDCLOUD_") {
@@ -454,18 +433,12 @@ async fn run_command(
 
     let started_at = Utc::now();
     let clock = Instant::now();
-    let mut child = cmd.spawn().map_err(|error| HookError::Spawn {
+    let (mut child, mut group) = spawn_in_group(&mut cmd).map_err(|error| HookError::Spawn {
         service: event.service.clone(),
         phase: event.phase,
         program: program.clone(),
         error,
     })?;
-    let mut group = GroupGuard(
-        child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .and_then(Pid::from_raw),
-    );
 
     let stdout_tail = Arc::new(Mutex::new(Tail::default()));
     let stderr_tail = Arc::new(Mutex::new(Tail::default()));
@@ -485,29 +458,14 @@ async fn run_command(
         });
     }
 
-    let waited = tokio::time::timeout(timeout, child.wait()).await;
-    let status = match waited {
-        Ok(Ok(status)) => {
-            // Reaped: the group id may be reused from now on.
-            group.0 = None;
-            Some(status)
-        }
-        Ok(Err(error)) => {
-            group.kill();
-            let _ = child.wait().await;
-            return Err(HookError::Spawn {
-                service: event.service.clone(),
-                phase: event.phase,
-                program: program.clone(),
-                error,
-            });
-        }
-        Err(_) => {
-            group.kill();
-            let _ = child.wait().await;
-            None
-        }
-    };
+    let status = wait_or_kill(&mut child, &mut group, timeout)
+        .await
+        .map_err(|error| HookError::Spawn {
+            service: event.service.clone(),
+            phase: event.phase,
+            program: program.clone(),
+            error,
+        })?;
     let deadline = tokio::time::Instant::now() + OUTPUT_GRACE;
     for mut reader in readers {
         if tokio::time::timeout_at(deadline, &mut reader)

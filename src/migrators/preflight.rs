@@ -137,8 +137,7 @@ async fn preflight(cx: &Cx) -> Result<Value, MigratorError> {
                 )));
             }
             // The machine definition must suit the target before anything stops.
-            let spec =
-                deploy::vm_spec(&cx.config, cx.spec()?, cx.component(ComponentKind::Vm, vm)?)?;
+            let spec = deploy::vm_spec(cx.spec()?, cx.component(ComponentKind::Vm, vm)?)?;
             cx.target.check_vm(svc, &spec).await?;
             checked.push(format!("vm {vm}"));
         }

@@ -39,7 +39,7 @@ async fn recontextualise(cx: &Cx) -> Result<Value, MigratorError> {
     for c in &spec.components {
         match c.kind {
             ComponentKind::App => {
-                let app = deploy::app_spec(&cx.config, svc, c)?;
+                let app = deploy::app_spec(svc, c)?;
                 if let Some(port) = app.port {
                     doc.endpoints.insert(
                         c.name.clone(),

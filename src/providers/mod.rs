@@ -501,16 +501,6 @@ impl ProviderError {
     }
 }
 
-/// The name a configuration file uses for a driver.
-pub fn driver_name(driver: Driver) -> &'static str {
-    match driver {
-        Driver::Local => "local",
-        Driver::Qemu => "qemu",
-        Driver::S3 => "s3",
-        Driver::Swift => "swift",
-    }
-}
-
 /// How error messages name objects; one place so every driver says it the same way.
 pub mod object {
     pub fn volume(service: &str, name: &str) -> String {
@@ -848,7 +838,7 @@ pub trait Provider: Send + Sync + 'static {
     fn unsupported(&self, object: String, what: &'static str) -> ProviderError {
         ProviderError::Unsupported {
             provider: self.name().to_string(),
-            driver: driver_name(self.driver()),
+            driver: self.driver().as_str(),
             object,
             what,
         }

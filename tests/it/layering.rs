@@ -1,7 +1,6 @@
 //! The layering of the crate, kept true: a module may use the modules below it, never one
 //! above. It reads every `crate::MODULE` path in `src/` and fails on an import that points up
-//! (which is also what closes a circle), except the ones listed in `KNOWN_UPWARD`, which are
-//! there to be removed, never added to.
+//! (which is also what closes a circle). There are no exceptions.
 //!
 //! Inside the conduit the same holds between its files (`CONDUIT_LAYERS`): whatever the
 //! executor needs of the engine sits below both, so no two files import each other.
@@ -24,10 +23,6 @@ const LAYERS: &[&str] = &[
     "broker",
     "api",
     "daemon",
-];
-
-/// Upward imports that exist today, each to be removed (the architecture issue's list).
-const KNOWN_UPWARD: &[(&str, &str)] = &[
 ];
 
 fn rank(module: &str) -> Option<usize> {
@@ -66,7 +61,7 @@ fn imports(src: &Path) -> BTreeSet<(String, String)> {
     out
 }
 
-/// The imports of `edges` that point up and are not known.
+/// The imports of `edges` that point up.
 fn new_upward(edges: &BTreeSet<(String, String)>) -> Vec<String> {
     edges
         .iter()
@@ -74,7 +69,6 @@ fn new_upward(edges: &BTreeSet<(String, String)>) -> Vec<String> {
             (Some(f), Some(t)) => t > f,
             _ => false,
         })
-        .filter(|(from, to)| !KNOWN_UPWARD.contains(&(from.as_str(), to.as_str())))
         .map(|(from, to)| format!("`{from}` uses `{to}`, which is above it"))
         .collect()
 }
@@ -93,14 +87,6 @@ fn every_module_uses_only_the_layers_below_it() {
     }
     let bad = new_upward(&edges);
     assert!(bad.is_empty(), "imports pointing up:\n{}", bad.join("\n"));
-    let gone: Vec<_> = KNOWN_UPWARD
-        .iter()
-        .filter(|(f, t)| !edges.contains(&(f.to_string(), t.to_string())))
-        .collect();
-    assert!(
-        gone.is_empty(),
-        "these known upward imports are gone: take them out of KNOWN_UPWARD: {gone:?}"
-    );
 }
 
 #[test]

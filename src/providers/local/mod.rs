@@ -66,7 +66,7 @@ impl LocalProvider {
                 provider: provider.name.clone(),
                 reason: format!(
                     "it uses the `{}` driver, not `local`",
-                    super::driver_name(provider.driver)
+                    provider.driver.as_str()
                 ),
             });
         }

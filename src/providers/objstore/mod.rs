@@ -183,9 +183,9 @@ impl ObjectStore {
                 (driver, _) => {
                     return Err(setup(format!(
                         "the `{}` driver needs its [providers.{}.{}] settings",
-                        super::driver_name(*driver),
+                        driver.as_str(),
                         provider.name,
-                        super::driver_name(*driver)
+                        driver.as_str()
                     )))
                 }
             };

@@ -127,7 +127,7 @@ impl QemuProvider {
         if provider.driver != Driver::Qemu {
             return Err(setup(format!(
                 "it uses the `{}` driver, not `qemu`",
-                super::driver_name(provider.driver)
+                provider.driver.as_str()
             )));
         }
         let root = provider.root.as_ref().ok_or_else(|| {
