@@ -3,6 +3,8 @@
 //! without their credentials ([`redact`]). Nothing here knows about services, providers or
 //! relocations.
 
+pub mod certs;
 pub mod fs;
 pub mod redact;
 pub mod secret;
+pub mod tls;
