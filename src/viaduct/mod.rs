@@ -108,7 +108,7 @@ pub(crate) fn check_chunk_size(chunk_size: u32) -> Result<(), String> {
             "chunk size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes, got {chunk_size}"
         ));
     }
-    if chunk_size % 4096 != 0 {
+    if !chunk_size.is_multiple_of(4096) {
         return Err(format!(
             "chunk size must be a multiple of 4096 bytes, got {chunk_size}"
         ));

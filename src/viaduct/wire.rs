@@ -328,7 +328,7 @@ impl Msg {
                     2 => ResumedFrom::Target,
                     other => return Err(format!("unknown resume origin {other}")),
                 };
-                if body.len() % 32 != 0 {
+                if !body.len().is_multiple_of(32) {
                     return Err(format!(
                         "digest list of {} bytes is not a multiple of 32",
                         body.len()
