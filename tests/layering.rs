@@ -15,6 +15,7 @@ const LAYERS: &[&str] = &[
     "telemetry",
     "providers",
     "viaduct",
+    "agent",
     "policy",
     "migrators",
     "conduit",
