@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod netns;
 pub mod servers;
 
 use std::collections::HashMap;
