@@ -16,6 +16,20 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::auth::SessionKey;
+
+/// The read half of a connection, plain TCP or TLS.
+pub(crate) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+/// The write half of a connection, plain TCP or TLS.
+pub(crate) type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// Splits a connection into the halves frames travel on.
+pub(crate) fn split<S>(stream: S) -> (BoxRead, BoxWrite)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    (Box::new(r), Box::new(w))
+}
 use super::rate::RateLimiter;
 use super::ResumedFrom;
 
