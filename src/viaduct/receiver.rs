@@ -225,7 +225,7 @@ pub async fn serve(listener: TcpListener, opts: ReceiverOptions) -> Result<(), V
 async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = match &shared.tls {
-        None => super::wire::split(stream),
+        None => super::wire::split_tcp(stream),
         Some(acceptor) => {
             let tls = match tokio::time::timeout(shared.idle, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,

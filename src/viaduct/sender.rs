@@ -460,7 +460,7 @@ impl Link<'_> {
         let _ = stream.set_nodelay(true);
         let loopback = stream.peer_addr().is_ok_and(|a| is_loopback(a.ip()));
         let (rd, wr) = match &self.to.tls {
-            None => super::wire::split(stream),
+            None => super::wire::split_tcp(stream),
             Some(tls) => {
                 let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
                 let handshake = connector.connect(tls.server_name.clone(), stream);

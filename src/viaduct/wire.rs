@@ -22,7 +22,14 @@ pub(crate) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 /// The write half of a connection, plain TCP or TLS.
 pub(crate) type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-/// Splits a connection into the halves frames travel on.
+/// Splits a plain TCP connection into the halves frames travel on (each owns its half: no
+/// lock between reader and writer).
+pub(crate) fn split_tcp(stream: tokio::net::TcpStream) -> (BoxRead, BoxWrite) {
+    let (r, w) = stream.into_split();
+    (Box::new(r), Box::new(w))
+}
+
+/// Splits a connection (a TLS stream) into the halves frames travel on.
 pub(crate) fn split<S>(stream: S) -> (BoxRead, BoxWrite)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
