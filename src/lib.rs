@@ -17,6 +17,7 @@
 //! | | [`daemon`] | the long-running process that ties them together |
 //! | | [`sys`] | plumbing written once: atomic file writes, secret files |
 
+pub mod agent;
 pub mod api;
 pub mod broker;
 pub mod conduit;

@@ -143,6 +143,44 @@ enum Cmd {
         #[command(subcommand)]
         command: ViaductCmd,
     },
+    /// Make the private certificate authority and the certificates the daemon and its agents
+    /// prove who they are with (mutual TLS).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Make a new certificate authority: DIR/ca.pem and DIR/ca-key.pem (keep the key off the
+    /// hosts once every certificate is issued).
+    Ca {
+        /// Directory to write into (made, mode 0700, when missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days the authority is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate from the authority in DIR: DIR/NAME.pem and DIR/NAME-key.pem.
+    Issue {
+        /// Directory holding ca.pem and ca-key.pem; the new files go there too.
+        #[arg(long)]
+        dir: PathBuf,
+        /// For an agent of this name.
+        #[arg(long, conflicts_with = "daemon", required_unless_present = "daemon")]
+        agent: Option<String>,
+        /// For the daemon, under this name.
+        #[arg(long)]
+        daemon: Option<String>,
+        /// An address or DNS name the agent is reached at (repeat for several).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -319,6 +357,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     key_file,
                 },
         } => viaduct_serve(listen, root, &key_file),
+        Cmd::Certs { command } => certs(command),
+    }
+}
+
+fn certs(command: CertsCmd) -> anyhow::Result<ExitCode> {
+    use fluidcloud::sys::certs;
+    use fluidcloud::sys::tls::Role;
+    let written = match command {
+        CertsCmd::Ca { dir, days } => certs::create_authority(&dir, days),
+        CertsCmd::Issue {
+            dir,
+            agent,
+            daemon,
+            hosts,
+            days,
+        } => match (agent, daemon) {
+            (Some(name), _) => certs::issue(&dir, Role::Agent, &name, &hosts, days),
+            (None, Some(name)) => certs::issue(&dir, Role::Daemon, &name, &hosts, days),
+            (None, None) => unreachable!("clap requires --agent or --daemon"),
+        },
+    };
+    match written {
+        Ok(w) => {
+            println!("wrote {}", w.cert.display());
+            println!("wrote {} (private: mode 0600)", w.key.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(2))
+        }
     }
 }
 

@@ -47,7 +47,7 @@ impl Drop for DeadlineGuard {
 const DEADLINE_TOKEN: &str = "deadline";
 
 fn check_deadline(operations: u64) -> Option<Dynamic> {
-    if operations % CLOCK_CHECK_EVERY_OPS != 0 {
+    if !operations.is_multiple_of(CLOCK_CHECK_EVERY_OPS) {
         return None;
     }
     let deadline = DEADLINE.with(Cell::get)?;

@@ -30,6 +30,7 @@ pub mod local;
 mod names;
 pub mod objstore;
 pub mod qemu;
+pub mod remote;
 mod spec;
 mod vm_spec;
 
@@ -55,7 +56,7 @@ pub use spec::{AppSpec, SettingsError};
 pub use vm_spec::{PortForward, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
 
 /// What a driver can do. The planner checks these before it plans a move onto a provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
     /// Virtual machines.
     pub compute: bool,
@@ -65,6 +66,32 @@ pub struct Capabilities {
     pub object: bool,
     /// Supervised application processes or containers.
     pub app: bool,
+}
+
+impl Capabilities {
+    /// What a driver can do, wherever it runs (on this host or behind an agent).
+    pub fn of(driver: Driver) -> Capabilities {
+        match driver {
+            Driver::Local => Capabilities {
+                compute: false,
+                block: true,
+                object: true,
+                app: true,
+            },
+            Driver::Qemu => Capabilities {
+                compute: true,
+                block: true,
+                object: false,
+                app: false,
+            },
+            Driver::S3 | Driver::Swift => Capabilities {
+                compute: false,
+                block: false,
+                object: true,
+                app: false,
+            },
+        }
+    }
 }
 
 /// Names a long-running operation at its provider. Opaque to everyone but the driver; the
@@ -257,7 +284,7 @@ impl fmt::Debug for ObjectBody {
 
 /// Where clients reach a bucket, for configuration files (`{bucket.NAME.endpoint}` and
 /// friends) and the context document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketLocation {
     /// `file:///dir` for a directory, the bucket's URL at an object store (path-style or
     /// virtual-hosted S3 as configured, the container under the Swift storage URL).
@@ -326,7 +353,7 @@ pub struct StopOptions {
     pub kill_after_timeout: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum StopOutcome {
     AlreadyStopped,

@@ -1,8 +1,12 @@
 //! Plumbing every other module stands on, written once: files that are replaced whole or
 //! not at all ([`fs`]), secrets read from files under one rule ([`secret`]), URLs shown
-//! without their credentials ([`redact`]) and byte counts as people read them ([`units`]).
-//! Nothing here knows about services, providers or relocations.
+//! without their credentials ([`redact`]), byte counts as people read them ([`units`]),
+//! child processes in groups of their own ([`process`]), the `qemu-img` runner
+//! ([`qemu_img`]), byte-rate limits ([`rate`]), retries ([`retry`]), and mutual TLS with the
+//! certificates it needs ([`tls`], [`certs`]). Nothing here knows about services, providers
+//! or relocations.
 
+pub mod certs;
 pub mod fs;
 pub mod process;
 pub mod qemu_img;
@@ -10,4 +14,5 @@ pub mod rate;
 pub mod redact;
 pub mod retry;
 pub mod secret;
+pub mod tls;
 pub mod units;

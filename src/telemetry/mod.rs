@@ -433,3 +433,6 @@ pub fn init_tracing(format: LogFormat) {
 }
 
 pub use crate::sys::redact::redact_url;
+
+mod agent;
+pub use agent::{AgentMetrics, AGENT_OPS};

@@ -34,9 +34,14 @@
 //! keyed-BLAKE3 MAC under a per-connection session key, over the direction, a sequence
 //! number and the frame's header. A chunk's header holds the BLAKE3 of the chunk's plain
 //! bytes, which the receiver checks after decompression and before writing: together they
-//! detect any change to a chunk on the way (the error names the chunk's offset). The
-//! connection is not encrypted: TLS is left to a later version, so run the viaduct over a
-//! private network or a tunnel when the content is confidential.
+//! detect any change to a chunk on the way (the error names the chunk's offset).
+//!
+//! Between agents every connection is also TLS 1.3 with mutual authentication
+//! ([`ReceiverOptions::tls`], [`Endpoint::with_tls`]): the receiver lets in only senders whose
+//! certificate of the deployment's authority names an agent, and the sender checks that the
+//! receiver's names the host it dialled, so the content is encrypted on the way. Without
+//! TLS (`fluidcloud viaduct serve`, the same-host tests) frames are authenticated but not
+//! encrypted: use that only on a private network or through a tunnel.
 //!
 //! # Protocol
 //!
@@ -90,7 +95,7 @@ pub use chunks::image_digest;
 pub use local::{copy_local, LocalCopyOptions, ProgressFn};
 pub use manifest::ChunkManifest;
 pub use receiver::{serve, ReceiverOptions};
-pub use sender::{send_file, Endpoint, SendOptions};
+pub use sender::{send_file, Endpoint, EndpointTls, SendOptions};
 
 /// The default chunk size: small enough that a re-sync sends little more than what changed,
 /// large enough that per-chunk costs (a frame, a MAC, a task hop) vanish.
@@ -107,7 +112,7 @@ pub(crate) fn check_chunk_size(chunk_size: u32) -> Result<(), String> {
             "chunk size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes, got {chunk_size}"
         ));
     }
-    if chunk_size % 4096 != 0 {
+    if !chunk_size.is_multiple_of(4096) {
         return Err(format!(
             "chunk size must be a multiple of 4096 bytes, got {chunk_size}"
         ));
@@ -283,3 +288,6 @@ pub enum ViaductError {
     #[error("internal failure of the viaduct: {0}")]
     Internal(String),
 }
+
+#[cfg(test)]
+mod tls_tests;

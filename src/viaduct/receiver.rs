@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -19,8 +18,8 @@ use super::auth::{random_bytes, PresharedKey};
 use super::chunks::{self, CopyError, Layout};
 use super::names::{self, Placement};
 use super::wire::{
-    Encoding, ErrorCode, FrameReader, FrameWriter, Kind, Msg, WireError, KEEPALIVE_EVERY, MIN_IDLE,
-    NO_OFFSET, TO_RECEIVER, TO_SENDER, VERSION,
+    BoxRead, BoxWrite, Encoding, ErrorCode, FrameReader, FrameWriter, Kind, Msg, WireError,
+    KEEPALIVE_EVERY, MIN_IDLE, NO_OFFSET, TO_RECEIVER, TO_SENDER, VERSION,
 };
 use super::{check_chunk_size, ResumedFrom, ViaductError};
 
@@ -48,6 +47,9 @@ pub struct ReceiverOptions {
     /// How long a transfer waits for an earlier one of the same name to end (a sender
     /// that reconnects after a drop may arrive before the receiver noticed). Default 10 s.
     pub busy_wait: Duration,
+    /// Speak TLS: every sender must present a certificate of the authority naming an agent
+    /// ([`crate::sys::tls::Identity::server_config`]). `None` accepts plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ReceiverOptions {
@@ -59,6 +61,7 @@ impl ReceiverOptions {
             fsync: true,
             io_timeout: Duration::from_secs(60),
             busy_wait: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -69,6 +72,7 @@ struct Shared {
     fsync: bool,
     idle: Duration,
     busy_wait: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     transfers: Mutex<HashMap<[u8; 16], Weak<Transfer>>>,
@@ -147,8 +151,8 @@ impl Fail {
     }
 }
 
-type Reader = FrameReader<OwnedReadHalf>;
-type Writer = FrameWriter<OwnedWriteHalf>;
+type Reader = FrameReader<BoxRead>;
+type Writer = FrameWriter<BoxWrite>;
 
 struct Conn {
     reader: Reader,
@@ -182,6 +186,7 @@ pub async fn serve(listener: TcpListener, opts: ReceiverOptions) -> Result<(), V
         fsync: opts.fsync,
         idle: opts.io_timeout,
         busy_wait: opts.busy_wait,
+        tls: opts.tls.map(tokio_rustls::TlsAcceptor::from),
         shutdown: opts.shutdown,
         locks: Mutex::new(HashMap::new()),
         transfers: Mutex::new(HashMap::new()),
@@ -219,7 +224,36 @@ pub async fn serve(listener: TcpListener, opts: ReceiverOptions) -> Result<(), V
 
 async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = match &shared.tls {
+        None => super::wire::split_tcp(stream),
+        Some(acceptor) => {
+            let tls = match tokio::time::timeout(shared.idle, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        "The viaduct receiver refused a TLS connection from {peer}: {e}."
+                    );
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!("The viaduct receiver dropped a connection from {peer}: its TLS handshake did not finish.");
+                    return;
+                }
+            };
+            match crate::sys::tls::peer_of(&tls) {
+                Some(p) if p.role == crate::sys::tls::Role::Agent => {}
+                other => {
+                    let who =
+                        other.map_or_else(|| "a party it does not know".into(), |p| p.to_string());
+                    tracing::warn!(
+                        "The viaduct receiver refused {who} from {peer}: only agents send."
+                    );
+                    return;
+                }
+            }
+            super::wire::split(tls)
+        }
+    };
     let mut conn = Conn {
         reader: FrameReader::new(rd, TO_RECEIVER, shared.idle),
         writer: FrameWriter::new(wr, TO_SENDER, shared.idle),

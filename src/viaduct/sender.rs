@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -18,8 +17,8 @@ use super::manifest::ChunkManifest;
 use super::names;
 use super::receiver::{MAX_CHUNKS, MAX_STREAMS};
 use super::wire::{
-    Encoding, ErrorCode, FrameReader, FrameWriter, Msg, WireError, KEEPALIVE_EVERY, MIN_IDLE,
-    TO_RECEIVER, TO_SENDER, VERSION,
+    BoxRead, BoxWrite, Encoding, ErrorCode, FrameReader, FrameWriter, Msg, WireError,
+    KEEPALIVE_EVERY, MIN_IDLE, TO_RECEIVER, TO_SENDER, VERSION,
 };
 use super::{
     check_chunk_size, Phase, Progress, ResumedFrom, TransferReport, ViaductError,
@@ -33,6 +32,19 @@ pub struct Endpoint {
     /// `host:port`.
     pub addr: String,
     pub key: PresharedKey,
+    /// Speak TLS to it; `None` speaks plain TCP (frames are still authenticated, but not
+    /// encrypted).
+    pub tls: Option<EndpointTls>,
+}
+
+/// How a sender speaks TLS to a receiver.
+#[derive(Debug, Clone)]
+pub struct EndpointTls {
+    /// The sender's certificate and the authority it trusts
+    /// ([`crate::sys::tls::Identity::client_config`]).
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name the receiver's certificate must carry: its host name or IP address.
+    pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
 impl Endpoint {
@@ -40,6 +52,15 @@ impl Endpoint {
         Endpoint {
             addr: addr.into(),
             key,
+            tls: None,
+        }
+    }
+
+    /// The same receiver, reached over TLS.
+    pub fn with_tls(self, tls: EndpointTls) -> Self {
+        Endpoint {
+            tls: Some(tls),
+            ..self
         }
     }
 }
@@ -118,8 +139,8 @@ impl SendOptions {
     }
 }
 
-type Reader = FrameReader<OwnedReadHalf>;
-type Writer = FrameWriter<OwnedWriteHalf>;
+type Reader = FrameReader<BoxRead>;
+type Writer = FrameWriter<BoxWrite>;
 
 struct Conn {
     reader: Reader,
@@ -438,7 +459,42 @@ impl Link<'_> {
             })?;
         let _ = stream.set_nodelay(true);
         let loopback = stream.peer_addr().is_ok_and(|a| is_loopback(a.ip()));
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = match &self.to.tls {
+            None => super::wire::split_tcp(stream),
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let handshake = connector.connect(tls.server_name.clone(), stream);
+                let stream = tokio::time::timeout(self.opts.connect_timeout, handshake)
+                    .await
+                    .map_err(|_| ViaductError::Connect {
+                        peer: peer.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the TLS handshake did not finish in time",
+                        ),
+                    })?
+                    .map_err(|source| ViaductError::Connect {
+                        peer: peer.clone(),
+                        source,
+                    })?;
+                let server = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(crate::sys::tls::party_of);
+                if server.as_ref().map(|p| p.role) != Some(crate::sys::tls::Role::Agent) {
+                    return Err(ViaductError::Connect {
+                        peer: peer.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            "the receiver's certificate does not name an agent",
+                        ),
+                    });
+                }
+                super::wire::split(stream)
+            }
+        };
         let idle = self.opts.io_timeout;
         let mut conn = Conn {
             reader: FrameReader::new(rd, TO_SENDER, idle),

@@ -16,8 +16,30 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::auth::SessionKey;
+
 use super::ResumedFrom;
 use crate::sys::rate::RateLimiter;
+
+/// The read half of a connection, plain TCP or TLS.
+pub(crate) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+/// The write half of a connection, plain TCP or TLS.
+pub(crate) type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// Splits a plain TCP connection into the halves frames travel on (each owns its half: no
+/// lock between reader and writer).
+pub(crate) fn split_tcp(stream: tokio::net::TcpStream) -> (BoxRead, BoxWrite) {
+    let (r, w) = stream.into_split();
+    (Box::new(r), Box::new(w))
+}
+
+/// Splits a connection (a TLS stream) into the halves frames travel on.
+pub(crate) fn split<S>(stream: S) -> (BoxRead, BoxWrite)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    (Box::new(r), Box::new(w))
+}
 
 pub(crate) const MAGIC: [u8; 4] = *b"FCVD";
 pub(crate) const VERSION: u16 = 1;
@@ -328,7 +350,7 @@ impl Msg {
                     2 => ResumedFrom::Target,
                     other => return Err(format!("unknown resume origin {other}")),
                 };
-                if body.len() % 32 != 0 {
+                if !body.len().is_multiple_of(32) {
                     return Err(format!(
                         "digest list of {} bytes is not a multiple of 32",
                         body.len()

@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     "telemetry",
     "providers",
     "viaduct",
+    "agent",
     "policy",
     "migrators",
     "conduit",

@@ -6,6 +6,7 @@
 mod common;
 
 mod daemon;
+mod hosts;
 mod layering;
 mod local_provider;
 mod object_relocation;

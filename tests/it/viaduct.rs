@@ -98,7 +98,7 @@ fn text_bytes(len: u64) -> Vec<u8> {
     let mut i = 0usize;
     while out.len() < len as usize {
         out.extend_from_slice(words[(i * 7 + i / 3) % words.len()].as_bytes());
-        out.push(if i % 11 == 0 { b'\n' } else { b' ' });
+        out.push(if i.is_multiple_of(11) { b'\n' } else { b' ' });
         i += 1;
     }
     out.truncate(len as usize);

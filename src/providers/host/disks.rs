@@ -172,7 +172,7 @@ impl Volumes {
         let name = &spec.name;
         self.check(service, name)?;
         let obj = || object::volume(service, name);
-        if spec.size_bytes == 0 || spec.size_bytes % 512 != 0 {
+        if spec.size_bytes == 0 || !spec.size_bytes.is_multiple_of(512) {
             return Err(invalid(
                 &self.provider,
                 obj(),

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod guest;
+pub mod netns;
 pub mod servers;
 
 use std::collections::HashMap;

@@ -1,0 +1,294 @@
+//! The agent's HTTPS API: the provider calls of [`crate::providers::remote::wire`], run
+//! against this host's drivers. Only the daemon may call it (the listener lets in no other
+//! role); every name a call carries is checked before a driver sees it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use futures_util::TryStreamExt;
+use serde::Serialize;
+
+use crate::providers::remote::wire::{self, Call, Description, ObjectRef, WireError};
+use crate::providers::{
+    validate_file_name, validate_key, validate_name, ObjectMeta, Provider, ProviderError,
+};
+
+use crate::telemetry::AgentMetrics;
+
+/// What the API's handlers share.
+pub struct ApiState {
+    pub providers: BTreeMap<String, Arc<dyn Provider>>,
+    pub metrics: AgentMetrics,
+}
+
+/// The API's routes.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/providers/{provider}/call", post(call))
+        .route(
+            "/v1/providers/{provider}/object",
+            get(read_object).put(write_object),
+        )
+        .with_state(state)
+}
+
+/// An error as the API answers it: the driver's error, with a status that says whose fault
+/// it is.
+struct Failure(WireError);
+
+impl From<ProviderError> for Failure {
+    fn from(e: ProviderError) -> Self {
+        Failure(WireError::from(&e))
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            WireError::NotFound { .. } => StatusCode::NOT_FOUND,
+            WireError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            WireError::Conflict { .. } => StatusCode::CONFLICT,
+            WireError::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+            WireError::Denied { .. } => StatusCode::FORBIDDEN,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(self.0)).into_response()
+    }
+}
+
+fn invalid(provider: &str, object: String, reason: String) -> Failure {
+    Failure(WireError::Invalid {
+        provider: provider.to_string(),
+        object,
+        reason,
+    })
+}
+
+impl ApiState {
+    fn provider(&self, name: &str) -> Result<&Arc<dyn Provider>, Failure> {
+        self.providers.get(name).ok_or_else(|| {
+            Failure(WireError::NotFound {
+                provider: name.to_string(),
+                object: format!(
+                    "provider `{name}` at this agent (it serves: {})",
+                    self.providers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+        })
+    }
+}
+
+/// Refuses a call whose names are not valid component names, or whose keys or file names
+/// could reach outside the provider's root.
+fn check_names(provider: &str, call: &Call) -> Result<(), Failure> {
+    for (what, name) in call.names() {
+        validate_name(name).map_err(|r| invalid(provider, format!("{what} name {name:?}"), r))?;
+    }
+    match call {
+        Call::StatObject { key, .. } | Call::DeleteObject { key, .. } => {
+            validate_key(key).map_err(|r| invalid(provider, format!("object key {key:?}"), r))?;
+        }
+        Call::WriteAppFile { name, .. } | Call::ReadAppFile { name, .. } => {
+            validate_file_name(name)
+                .map_err(|r| invalid(provider, format!("file name {name:?}"), r))?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn ok<T: Serialize>(value: T) -> Result<Response, Failure> {
+    Ok(Json(value).into_response())
+}
+
+async fn call(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Json(call): Json<Call>,
+) -> Result<Response, Failure> {
+    let p = state.provider(&name)?;
+    check_names(&name, &call)?;
+    state.metrics.call(op_name(&call));
+    let result = dispatch(p.as_ref(), call).await;
+    if result.is_err() {
+        state.metrics.call_failed();
+    }
+    result
+}
+
+fn op_name(call: &Call) -> &'static str {
+    // The tag serde writes, without allocating the JSON.
+    match call {
+        Call::Describe => "describe",
+        Call::Operation { .. } => "operation",
+        Call::VolumeInfo { .. } => "volume_info",
+        Call::ListVolumes { .. } => "list_volumes",
+        Call::CreateVolume { .. } => "create_volume",
+        Call::DeleteVolume { .. } => "delete_volume",
+        Call::EnsureBucket { .. } => "ensure_bucket",
+        Call::DeleteBucket { .. } => "delete_bucket",
+        Call::ListObjects { .. } => "list_objects",
+        Call::ListNonObjects { .. } => "list_non_objects",
+        Call::StatObject { .. } => "stat_object",
+        Call::DeleteObject { .. } => "delete_object",
+        Call::BucketLocation { .. } => "bucket_location",
+        Call::StartApp { .. } => "start_app",
+        Call::StopApp { .. } => "stop_app",
+        Call::AppStatus { .. } => "app_status",
+        Call::AppEndpoint { .. } => "app_endpoint",
+        Call::RemoveApp { .. } => "remove_app",
+        Call::WriteAppFile { .. } => "write_app_file",
+        Call::ReadAppFile { .. } => "read_app_file",
+        Call::CheckVm { .. } => "check_vm",
+        Call::StartVm { .. } => "start_vm",
+        Call::StopVm { .. } => "stop_vm",
+        Call::VmStatus { .. } => "vm_status",
+        Call::RemoveVm { .. } => "remove_vm",
+        Call::FreeBytes => "free_bytes",
+    }
+}
+
+async fn dispatch(p: &dyn Provider, call: Call) -> Result<Response, Failure> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match call {
+        Call::Describe => ok(Description {
+            driver: p.driver(),
+            capabilities: p.capabilities(),
+            preferred_disk_format: p.preferred_disk_format(),
+        }),
+        Call::Operation { id } => ok(p.operation(&id).await?),
+        Call::VolumeInfo { service, volume } => ok(p.volume_info(&service, &volume).await?),
+        Call::ListVolumes { service } => ok(p.list_volumes(&service).await?),
+        Call::CreateVolume { service, spec } => ok(p.create_volume(&service, &spec).await?),
+        Call::DeleteVolume { service, volume } => ok(p.delete_volume(&service, &volume).await?),
+        Call::EnsureBucket { service, bucket } => ok(p.ensure_bucket(&service, &bucket).await?),
+        Call::DeleteBucket { service, bucket } => ok(p.delete_bucket(&service, &bucket).await?),
+        Call::ListObjects { service, bucket } => ok(p.list_objects(&service, &bucket).await?),
+        Call::ListNonObjects { service, bucket } => {
+            ok(p.list_non_objects(&service, &bucket).await?)
+        }
+        Call::StatObject {
+            service,
+            bucket,
+            key,
+        } => ok(p.stat_object(&service, &bucket, &key).await?),
+        Call::DeleteObject {
+            service,
+            bucket,
+            key,
+        } => ok(p.delete_object(&service, &bucket, &key).await?),
+        Call::BucketLocation { service, bucket } => {
+            ok(p.bucket_location(&service, &bucket).await?)
+        }
+        Call::StartApp { service, spec } => ok(p.start_app(&service, &spec).await?),
+        Call::StopApp {
+            service,
+            app,
+            options,
+        } => ok(p.stop_app(&service, &app, options.into()).await?),
+        Call::AppStatus { service, app } => ok(p.app_status(&service, &app).await?),
+        Call::AppEndpoint { service, app } => ok(p.app_endpoint(&service, &app).await?),
+        Call::RemoveApp { service, app } => ok(p.remove_app(&service, &app).await?),
+        Call::WriteAppFile {
+            service,
+            app,
+            name,
+            content,
+        } => {
+            let bytes = b64.decode(content).map_err(|e| {
+                invalid(p.name(), format!("file `{name}`"), format!("content: {e}"))
+            })?;
+            ok(p.write_app_file(&service, &app, &name, &bytes).await?)
+        }
+        Call::ReadAppFile { service, app, name } => {
+            let content = p.read_app_file(&service, &app, &name).await?;
+            ok(content.map(|c| b64.encode(c)))
+        }
+        Call::CheckVm { service, spec } => ok(p.check_vm(&service, &spec).await?),
+        Call::StartVm { service, spec } => ok(p.start_vm(&service, &spec).await?),
+        Call::StopVm {
+            service,
+            vm,
+            options,
+        } => ok(p.stop_vm(&service, &vm, options.into()).await?),
+        Call::VmStatus { service, vm } => ok(p.vm_status(&service, &vm).await?),
+        Call::RemoveVm { service, vm } => ok(p.remove_vm(&service, &vm).await?),
+        Call::FreeBytes => ok(p.free_bytes().await?),
+    }
+}
+
+fn check_object(provider: &str, r: &ObjectRef) -> Result<(), Failure> {
+    validate_name(&r.service)
+        .map_err(|e| invalid(provider, format!("service name {:?}", r.service), e))?;
+    validate_name(&r.bucket)
+        .map_err(|e| invalid(provider, format!("bucket name {:?}", r.bucket), e))?;
+    validate_key(&r.key).map_err(|e| invalid(provider, format!("object key {:?}", r.key), e))?;
+    Ok(())
+}
+
+async fn read_object(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(r): Query<ObjectRef>,
+) -> Result<Response, Failure> {
+    let p = state.provider(&name)?;
+    check_object(&name, &r)?;
+    state.metrics.call("read_object");
+    let body = p.read_object(&r.service, &r.bucket, &r.key).await?;
+    let metrics = state.metrics.clone();
+    let stream = tokio_util::io::ReaderStream::new(body.stream)
+        .inspect_ok(move |chunk| metrics.object_bytes_sent(chunk.len() as u64));
+    let mut response = Body::from_stream(stream).into_response();
+    response
+        .headers_mut()
+        .insert(wire::SIZE_HEADER, HeaderValue::from(body.size));
+    Ok(response)
+}
+
+async fn write_object(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(r): Query<ObjectRef>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Failure> {
+    let p = state.provider(&name)?;
+    check_object(&name, &r)?;
+    let what = format!("object `{}` in bucket `{}/{}`", r.key, r.service, r.bucket);
+    let meta: ObjectMeta = match headers.get(wire::META_HEADER) {
+        None => ObjectMeta::default(),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| serde_json::from_str(v).ok())
+            .ok_or_else(|| {
+                invalid(
+                    &name,
+                    what.clone(),
+                    format!("the `{}` header is not JSON metadata", wire::META_HEADER),
+                )
+            })?,
+    };
+    state.metrics.call("write_object");
+    let metrics = state.metrics.clone();
+    let stream = body
+        .into_data_stream()
+        .inspect_ok(move |chunk| metrics.object_bytes_received(chunk.len() as u64))
+        .map_err(std::io::Error::other);
+    let reader = Box::pin(tokio_util::io::StreamReader::new(stream));
+    let info = p
+        .write_object_with_meta(&r.service, &r.bucket, &r.key, reader, &meta)
+        .await?;
+    ok(info)
+}

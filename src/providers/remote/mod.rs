@@ -1,0 +1,547 @@
+//! A provider on another host, reached through the FluidCloud agent that owns it.
+//!
+//! The daemon names the agent in the provider's section (`agent = "https://HOST:PORT"`) and
+//! proves who it is with its certificate ([`crate::sys::tls`]); every operation of the
+//! [`Provider`] trait becomes one HTTPS call ([`wire::Call`]) that the agent runs against its
+//! own driver of the same name. Object contents stream as request and response bodies.
+//! Paths on the agent's host (volume images, app directories, consoles) are never handed to
+//! the daemon: they mean nothing on its host.
+
+pub mod wire;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use futures_util::TryStreamExt;
+use serde::de::DeserializeOwned;
+
+use super::{
+    object, AppSpec, AppStatus, BucketLocation, Capabilities, Endpoint, ObjectBody, ObjectInfo,
+    ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, Provider, ProviderError,
+    StopOptions, StopOutcome, VmSpec, VmStatus, VolumeInfo, VolumeSpec,
+};
+use crate::config::{DiskFormat, Driver};
+use crate::sys::tls::Identity;
+use wire::{Call, ObjectRef, WireError};
+
+/// How long one call may take before the daemon gives up on the agent. Long-running work
+/// (volume creation, VM start) is an operation polled with short calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A provider served by an agent.
+pub struct RemoteProvider {
+    name: String,
+    driver: Driver,
+    disk_format: DiskFormat,
+    /// `https://HOST:PORT`, without a trailing slash.
+    base: String,
+    http: reqwest::Client,
+}
+
+impl RemoteProvider {
+    /// A provider `name` of `driver` served by the agent at `agent`, called with `identity`.
+    pub fn new(
+        name: &str,
+        driver: Driver,
+        disk_format: DiskFormat,
+        agent: &str,
+        identity: &Identity,
+    ) -> Result<Self, ProviderError> {
+        let setup = |reason: String| ProviderError::Setup {
+            provider: name.to_string(),
+            reason,
+        };
+        let tls = identity
+            .client_config()
+            .map_err(|e| setup(format!("agent {agent}: {e}")))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| setup(format!("agent {agent}: cannot build the HTTPS client: {e}")))?;
+        Ok(RemoteProvider {
+            name: name.to_string(),
+            driver,
+            disk_format,
+            base: agent.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    /// The agent's address.
+    pub fn agent(&self) -> &str {
+        &self.base
+    }
+
+    fn unreachable(&self, object: String, e: impl std::fmt::Display) -> ProviderError {
+        ProviderError::Unreachable {
+            provider: self.name.clone(),
+            object,
+            endpoint: self.base.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    /// Turns an answer that is not 200 into the error the agent reported.
+    async fn failure(&self, object: String, response: reqwest::Response) -> ProviderError {
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        match serde_json::from_str::<WireError>(&text) {
+            Ok(w) => w.into(),
+            Err(_) => ProviderError::Remote {
+                provider: self.name.clone(),
+                object,
+                action: "call the agent".into(),
+                detail: format!("{status}: {}", text.trim()),
+            },
+        }
+    }
+
+    /// Sends `call` about `object` and reads the answer as `T`.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        object: String,
+        call: &Call,
+    ) -> Result<T, ProviderError> {
+        let url = format!("{}{}", self.base, wire::call_path(&self.name));
+        let response = self
+            .http
+            .post(&url)
+            .timeout(CALL_TIMEOUT)
+            .json(call)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(object.clone(), error_chain(&e)))?;
+        if !response.status().is_success() {
+            return Err(self.failure(object, response).await);
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.unreachable(object.clone(), error_chain(&e)))?;
+        serde_json::from_slice(&bytes).map_err(|e| ProviderError::Remote {
+            provider: self.name.clone(),
+            object,
+            action: "read the agent's answer".into(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// An error with its causes, which reqwest keeps apart (the TLS reason is a cause).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+#[async_trait]
+impl Provider for RemoteProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn driver(&self) -> Driver {
+        self.driver
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::of(self.driver)
+    }
+
+    fn preferred_disk_format(&self) -> DiskFormat {
+        self.disk_format
+    }
+
+    async fn operation(&self, id: &OperationId) -> Result<Operation, ProviderError> {
+        let call = Call::Operation { id: id.clone() };
+        self.call(object::operation(id), &call).await
+    }
+
+    async fn volume_info(
+        &self,
+        service: &str,
+        volume: &str,
+    ) -> Result<Option<VolumeInfo>, ProviderError> {
+        let call = Call::VolumeInfo {
+            service: service.into(),
+            volume: volume.into(),
+        };
+        let info: Option<VolumeInfo> = self.call(object::volume(service, volume), &call).await?;
+        Ok(info.map(without_path))
+    }
+
+    async fn list_volumes(&self, service: &str) -> Result<Vec<VolumeInfo>, ProviderError> {
+        let call = Call::ListVolumes {
+            service: service.into(),
+        };
+        let list: Vec<VolumeInfo> = self.call(object::service(service), &call).await?;
+        Ok(list.into_iter().map(without_path).collect())
+    }
+
+    async fn create_volume(
+        &self,
+        service: &str,
+        spec: &VolumeSpec,
+    ) -> Result<Operation, ProviderError> {
+        let call = Call::CreateVolume {
+            service: service.into(),
+            spec: spec.clone(),
+        };
+        self.call(object::volume(service, &spec.name), &call).await
+    }
+
+    async fn delete_volume(&self, service: &str, volume: &str) -> Result<Operation, ProviderError> {
+        let call = Call::DeleteVolume {
+            service: service.into(),
+            volume: volume.into(),
+        };
+        self.call(object::volume(service, volume), &call).await
+    }
+
+    async fn ensure_bucket(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {
+        let call = Call::EnsureBucket {
+            service: service.into(),
+            bucket: bucket.into(),
+        };
+        self.call(object::bucket(service, bucket), &call).await
+    }
+
+    async fn delete_bucket(&self, service: &str, bucket: &str) -> Result<(), ProviderError> {
+        let call = Call::DeleteBucket {
+            service: service.into(),
+            bucket: bucket.into(),
+        };
+        self.call(object::bucket(service, bucket), &call).await
+    }
+
+    async fn list_objects(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Vec<ObjectInfo>, ProviderError> {
+        let call = Call::ListObjects {
+            service: service.into(),
+            bucket: bucket.into(),
+        };
+        self.call(object::bucket(service, bucket), &call).await
+    }
+
+    async fn list_non_objects(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Vec<String>, ProviderError> {
+        let call = Call::ListNonObjects {
+            service: service.into(),
+            bucket: bucket.into(),
+        };
+        self.call(object::bucket(service, bucket), &call).await
+    }
+
+    async fn read_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<ObjectBody, ProviderError> {
+        let what = object::key(service, bucket, key);
+        let url = format!("{}{}", self.base, wire::object_path(&self.name));
+        let response = self
+            .http
+            .get(&url)
+            .query(&ObjectRef {
+                service: service.into(),
+                bucket: bucket.into(),
+                key: key.into(),
+            })
+            .send()
+            .await
+            .map_err(|e| self.unreachable(what.clone(), error_chain(&e)))?;
+        if !response.status().is_success() {
+            return Err(self.failure(what, response).await);
+        }
+        let size = response
+            .headers()
+            .get(wire::SIZE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ProviderError::Remote {
+                provider: self.name.clone(),
+                object: what.clone(),
+                action: "read the object".into(),
+                detail: format!("the agent's answer has no `{}` header", wire::SIZE_HEADER),
+            })?;
+        let stream = response.bytes_stream().map_err(std::io::Error::other);
+        Ok(ObjectBody {
+            size,
+            stream: Box::pin(tokio_util::io::StreamReader::new(stream)),
+        })
+    }
+
+    async fn write_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+        body: ObjectStream,
+    ) -> Result<ObjectInfo, ProviderError> {
+        self.write_object_with_meta(service, bucket, key, body, &ObjectMeta::default())
+            .await
+    }
+
+    async fn stat_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<ObjectStat>, ProviderError> {
+        let call = Call::StatObject {
+            service: service.into(),
+            bucket: bucket.into(),
+            key: key.into(),
+        };
+        self.call(object::key(service, bucket, key), &call).await
+    }
+
+    async fn write_object_with_meta(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+        body: ObjectStream,
+        meta: &ObjectMeta,
+    ) -> Result<ObjectInfo, ProviderError> {
+        let what = object::key(service, bucket, key);
+        let url = format!("{}{}", self.base, wire::object_path(&self.name));
+        let meta = serde_json::to_string(meta).map_err(|e| ProviderError::Invalid {
+            provider: self.name.clone(),
+            object: what.clone(),
+            reason: e.to_string(),
+        })?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(body));
+        let response = self
+            .http
+            .put(&url)
+            .query(&ObjectRef {
+                service: service.into(),
+                bucket: bucket.into(),
+                key: key.into(),
+            })
+            .header(wire::META_HEADER, meta)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(what.clone(), error_chain(&e)))?;
+        if !response.status().is_success() {
+            return Err(self.failure(what, response).await);
+        }
+        response.json().await.map_err(|e| ProviderError::Remote {
+            provider: self.name.clone(),
+            object: what,
+            action: "read the agent's answer".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    async fn delete_object(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(), ProviderError> {
+        let call = Call::DeleteObject {
+            service: service.into(),
+            bucket: bucket.into(),
+            key: key.into(),
+        };
+        self.call(object::key(service, bucket, key), &call).await
+    }
+
+    async fn bucket_location(
+        &self,
+        service: &str,
+        bucket: &str,
+    ) -> Result<Option<BucketLocation>, ProviderError> {
+        let call = Call::BucketLocation {
+            service: service.into(),
+            bucket: bucket.into(),
+        };
+        let location: Option<BucketLocation> =
+            self.call(object::bucket(service, bucket), &call).await?;
+        Ok(location.map(|l| BucketLocation { path: None, ..l }))
+    }
+
+    async fn start_app(&self, service: &str, spec: &AppSpec) -> Result<Operation, ProviderError> {
+        let call = Call::StartApp {
+            service: service.into(),
+            spec: spec.clone(),
+        };
+        self.call(object::app(service, &spec.name), &call).await
+    }
+
+    async fn stop_app(
+        &self,
+        service: &str,
+        app: &str,
+        options: StopOptions,
+    ) -> Result<StopOutcome, ProviderError> {
+        let call = Call::StopApp {
+            service: service.into(),
+            app: app.into(),
+            options: options.into(),
+        };
+        self.call(object::app(service, app), &call).await
+    }
+
+    async fn app_status(
+        &self,
+        service: &str,
+        app: &str,
+    ) -> Result<Option<AppStatus>, ProviderError> {
+        let call = Call::AppStatus {
+            service: service.into(),
+            app: app.into(),
+        };
+        self.call(object::app(service, app), &call).await
+    }
+
+    async fn app_endpoint(
+        &self,
+        service: &str,
+        app: &str,
+    ) -> Result<Option<Endpoint>, ProviderError> {
+        let call = Call::AppEndpoint {
+            service: service.into(),
+            app: app.into(),
+        };
+        self.call(object::app(service, app), &call).await
+    }
+
+    async fn remove_app(&self, service: &str, app: &str) -> Result<(), ProviderError> {
+        let call = Call::RemoveApp {
+            service: service.into(),
+            app: app.into(),
+        };
+        self.call(object::app(service, app), &call).await
+    }
+
+    async fn write_app_file(
+        &self,
+        service: &str,
+        app: &str,
+        name: &str,
+        content: &[u8],
+    ) -> Result<PathBuf, ProviderError> {
+        let call = Call::WriteAppFile {
+            service: service.into(),
+            app: app.into(),
+            name: name.into(),
+            content: base64::engine::general_purpose::STANDARD.encode(content),
+        };
+        self.call(object::app(service, app), &call).await
+    }
+
+    async fn read_app_file(
+        &self,
+        service: &str,
+        app: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, ProviderError> {
+        let call = Call::ReadAppFile {
+            service: service.into(),
+            app: app.into(),
+            name: name.into(),
+        };
+        let what = object::app(service, app);
+        let content: Option<String> = self.call(what.clone(), &call).await?;
+        content
+            .map(|c| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(c)
+                    .map_err(|e| ProviderError::Remote {
+                        provider: self.name.clone(),
+                        object: what.clone(),
+                        action: format!("read the file `{name}`"),
+                        detail: e.to_string(),
+                    })
+            })
+            .transpose()
+    }
+
+    async fn check_vm(&self, service: &str, spec: &VmSpec) -> Result<(), ProviderError> {
+        let call = Call::CheckVm {
+            service: service.into(),
+            spec: spec.clone(),
+        };
+        self.call(object::vm(service, &spec.name), &call).await
+    }
+
+    async fn start_vm(&self, service: &str, spec: &VmSpec) -> Result<Operation, ProviderError> {
+        let call = Call::StartVm {
+            service: service.into(),
+            spec: spec.clone(),
+        };
+        self.call(object::vm(service, &spec.name), &call).await
+    }
+
+    async fn stop_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        options: StopOptions,
+    ) -> Result<StopOutcome, ProviderError> {
+        let call = Call::StopVm {
+            service: service.into(),
+            vm: vm.into(),
+            options: options.into(),
+        };
+        self.call(object::vm(service, vm), &call).await
+    }
+
+    async fn vm_status(&self, service: &str, vm: &str) -> Result<Option<VmStatus>, ProviderError> {
+        let call = Call::VmStatus {
+            service: service.into(),
+            vm: vm.into(),
+        };
+        let status: Option<VmStatus> = self.call(object::vm(service, vm), &call).await?;
+        Ok(status.map(|s| VmStatus { console: None, ..s }))
+    }
+
+    async fn vm_console(
+        &self,
+        _service: &str,
+        _vm: &str,
+    ) -> Result<Option<PathBuf>, ProviderError> {
+        Ok(None)
+    }
+
+    async fn remove_vm(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        let call = Call::RemoveVm {
+            service: service.into(),
+            vm: vm.into(),
+        };
+        self.call(object::vm(service, vm), &call).await
+    }
+
+    async fn free_bytes(&self) -> Result<Option<u64>, ProviderError> {
+        self.call(format!("provider `{}`", self.name), &Call::FreeBytes)
+            .await
+    }
+}
+
+/// A volume as the daemon sees it on another host: its image is not at any path here.
+fn without_path(v: VolumeInfo) -> VolumeInfo {
+    VolumeInfo { path: None, ..v }
+}

@@ -1,0 +1,612 @@
+//! What the daemon and an agent say to each other about a provider: one JSON [`Call`] per
+//! operation of the [`Provider`](super::super::Provider) trait, answered with the
+//! operation's result as JSON (HTTP 200) or a [`WireError`] (any other status). Object
+//! contents travel as raw HTTP bodies beside the JSON (see [`super`]).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DiskFormat, Driver};
+use crate::providers::{
+    AppSpec, Capabilities, OperationId, ProviderError, StopOptions, VmSpec, VolumeSpec,
+};
+
+/// The path an agent serves calls for provider `NAME` at: `/v1/providers/NAME/call`.
+pub fn call_path(provider: &str) -> String {
+    format!("/v1/providers/{provider}/call")
+}
+
+/// The path object contents are read from and written to.
+pub fn object_path(provider: &str) -> String {
+    format!("/v1/providers/{provider}/object")
+}
+
+/// The query naming an object for [`object_path`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub service: String,
+    pub bucket: String,
+    pub key: String,
+}
+
+/// The header carrying an object's [`ObjectMeta`](crate::providers::ObjectMeta) as JSON on
+/// a write, and the object's size on a read.
+pub const META_HEADER: &str = "x-fluidcloud-meta";
+pub const SIZE_HEADER: &str = "x-fluidcloud-size";
+
+/// What a provider is, as its agent describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Description {
+    pub driver: Driver,
+    pub capabilities: Capabilities,
+    pub preferred_disk_format: DiskFormat,
+}
+
+/// How to stop an app or VM, as it travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireStop {
+    pub timeout_ms: u64,
+    pub kill_after_timeout: bool,
+}
+
+impl From<StopOptions> for WireStop {
+    fn from(o: StopOptions) -> Self {
+        WireStop {
+            timeout_ms: u64::try_from(o.timeout.as_millis()).unwrap_or(u64::MAX),
+            kill_after_timeout: o.kill_after_timeout,
+        }
+    }
+}
+
+impl From<WireStop> for StopOptions {
+    fn from(o: WireStop) -> Self {
+        StopOptions {
+            timeout: Duration::from_millis(o.timeout_ms),
+            kill_after_timeout: o.kill_after_timeout,
+        }
+    }
+}
+
+/// One operation of the provider trait, with its arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Call {
+    Describe,
+    Operation {
+        id: OperationId,
+    },
+    VolumeInfo {
+        service: String,
+        volume: String,
+    },
+    ListVolumes {
+        service: String,
+    },
+    CreateVolume {
+        service: String,
+        spec: VolumeSpec,
+    },
+    DeleteVolume {
+        service: String,
+        volume: String,
+    },
+    EnsureBucket {
+        service: String,
+        bucket: String,
+    },
+    DeleteBucket {
+        service: String,
+        bucket: String,
+    },
+    ListObjects {
+        service: String,
+        bucket: String,
+    },
+    ListNonObjects {
+        service: String,
+        bucket: String,
+    },
+    StatObject {
+        service: String,
+        bucket: String,
+        key: String,
+    },
+    DeleteObject {
+        service: String,
+        bucket: String,
+        key: String,
+    },
+    BucketLocation {
+        service: String,
+        bucket: String,
+    },
+    StartApp {
+        service: String,
+        spec: AppSpec,
+    },
+    StopApp {
+        service: String,
+        app: String,
+        options: WireStop,
+    },
+    AppStatus {
+        service: String,
+        app: String,
+    },
+    AppEndpoint {
+        service: String,
+        app: String,
+    },
+    RemoveApp {
+        service: String,
+        app: String,
+    },
+    /// `content` is base64 (standard alphabet, padded).
+    WriteAppFile {
+        service: String,
+        app: String,
+        name: String,
+        content: String,
+    },
+    ReadAppFile {
+        service: String,
+        app: String,
+        name: String,
+    },
+    CheckVm {
+        service: String,
+        spec: VmSpec,
+    },
+    StartVm {
+        service: String,
+        spec: VmSpec,
+    },
+    StopVm {
+        service: String,
+        vm: String,
+        options: WireStop,
+    },
+    VmStatus {
+        service: String,
+        vm: String,
+    },
+    RemoveVm {
+        service: String,
+        vm: String,
+    },
+    FreeBytes,
+}
+
+impl Call {
+    /// The names the call carries that must be valid component names, with what each is.
+    pub fn names(&self) -> Vec<(&'static str, &str)> {
+        use Call::*;
+        match self {
+            Describe | FreeBytes | Operation { .. } => vec![],
+            ListVolumes { service } => vec![("service", service)],
+            VolumeInfo { service, volume } | DeleteVolume { service, volume } => {
+                vec![("service", service), ("volume", volume)]
+            }
+            CreateVolume { service, spec } => vec![("service", service), ("volume", &spec.name)],
+            EnsureBucket { service, bucket }
+            | DeleteBucket { service, bucket }
+            | ListObjects { service, bucket }
+            | ListNonObjects { service, bucket }
+            | StatObject {
+                service, bucket, ..
+            }
+            | DeleteObject {
+                service, bucket, ..
+            }
+            | BucketLocation { service, bucket } => {
+                vec![("service", service), ("bucket", bucket)]
+            }
+            StartApp { service, spec } => vec![("service", service), ("app", &spec.name)],
+            StopApp { service, app, .. }
+            | AppStatus { service, app }
+            | AppEndpoint { service, app }
+            | RemoveApp { service, app }
+            | WriteAppFile { service, app, .. }
+            | ReadAppFile { service, app, .. } => vec![("service", service), ("app", app)],
+            CheckVm { service, spec } | StartVm { service, spec } => {
+                let mut v = vec![("service", service.as_str()), ("vm", spec.name.as_str())];
+                v.extend(spec.volumes.iter().map(|n| ("volume", n.as_str())));
+                v
+            }
+            StopVm { service, vm, .. } | VmStatus { service, vm } | RemoveVm { service, vm } => {
+                vec![("service", service), ("vm", vm)]
+            }
+        }
+    }
+}
+
+/// A [`ProviderError`] as it travels: the variant and its fields, so the caller gets back the
+/// error the agent's driver gave (`NotFound` stays `NotFound`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WireError {
+    Setup {
+        provider: String,
+        reason: String,
+    },
+    Unsupported {
+        provider: String,
+        driver: String,
+        object: String,
+        what: String,
+    },
+    NotFound {
+        provider: String,
+        object: String,
+    },
+    Denied {
+        provider: String,
+        object: String,
+        detail: String,
+    },
+    Unreachable {
+        provider: String,
+        object: String,
+        endpoint: String,
+        detail: String,
+    },
+    Remote {
+        provider: String,
+        object: String,
+        action: String,
+        detail: String,
+    },
+    Conflict {
+        provider: String,
+        object: String,
+        detail: String,
+    },
+    Invalid {
+        provider: String,
+        object: String,
+        reason: String,
+    },
+    Io {
+        provider: String,
+        object: String,
+        action: String,
+        detail: String,
+    },
+    Tool {
+        provider: String,
+        object: String,
+        program: String,
+        detail: String,
+    },
+    Unhealthy {
+        provider: String,
+        object: String,
+        timeout_ms: u64,
+        attempts: u32,
+        last: String,
+    },
+    StopTimedOut {
+        provider: String,
+        object: String,
+        waited_ms: u64,
+        asked: String,
+    },
+    OperationFailed {
+        provider: String,
+        object: String,
+        operation: OperationId,
+        message: String,
+    },
+    OperationPending {
+        provider: String,
+        object: String,
+        operation: OperationId,
+        waited_ms: u64,
+    },
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The `&'static str`s a [`ProviderError`] holds, found again by their text.
+fn known(s: &str, choices: &[&'static str]) -> &'static str {
+    choices
+        .iter()
+        .find(|c| **c == s)
+        .copied()
+        .unwrap_or("an unknown")
+}
+
+const DRIVERS: &[&str] = &["local", "qemu", "s3", "swift"];
+const FEATURES: &[&str] = &[
+    "block volumes",
+    "object storage",
+    "apps",
+    "virtual machines",
+];
+const STOP_ASKS: &[&str] = &["SIGTERM", "the ACPI power button (QMP system_powerdown)"];
+
+impl From<&ProviderError> for WireError {
+    fn from(e: &ProviderError) -> Self {
+        use ProviderError as P;
+        let s = |x: &String| x.clone();
+        match e {
+            P::Setup { provider, reason } => WireError::Setup {
+                provider: s(provider),
+                reason: s(reason),
+            },
+            P::Unsupported {
+                provider,
+                driver,
+                object,
+                what,
+            } => WireError::Unsupported {
+                provider: s(provider),
+                driver: driver.to_string(),
+                object: s(object),
+                what: what.to_string(),
+            },
+            P::NotFound { provider, object } => WireError::NotFound {
+                provider: s(provider),
+                object: s(object),
+            },
+            P::Denied {
+                provider,
+                object,
+                detail,
+            } => WireError::Denied {
+                provider: s(provider),
+                object: s(object),
+                detail: s(detail),
+            },
+            P::Unreachable {
+                provider,
+                object,
+                endpoint,
+                detail,
+            } => WireError::Unreachable {
+                provider: s(provider),
+                object: s(object),
+                endpoint: s(endpoint),
+                detail: s(detail),
+            },
+            P::Remote {
+                provider,
+                object,
+                action,
+                detail,
+            } => WireError::Remote {
+                provider: s(provider),
+                object: s(object),
+                action: s(action),
+                detail: s(detail),
+            },
+            P::Conflict {
+                provider,
+                object,
+                detail,
+            } => WireError::Conflict {
+                provider: s(provider),
+                object: s(object),
+                detail: s(detail),
+            },
+            P::Invalid {
+                provider,
+                object,
+                reason,
+            } => WireError::Invalid {
+                provider: s(provider),
+                object: s(object),
+                reason: s(reason),
+            },
+            P::Io {
+                provider,
+                object,
+                action,
+                source,
+            } => WireError::Io {
+                provider: s(provider),
+                object: s(object),
+                action: s(action),
+                detail: source.to_string(),
+            },
+            P::Tool {
+                provider,
+                object,
+                program,
+                detail,
+            } => WireError::Tool {
+                provider: s(provider),
+                object: s(object),
+                program: s(program),
+                detail: s(detail),
+            },
+            P::Unhealthy {
+                provider,
+                object,
+                timeout,
+                attempts,
+                last,
+            } => WireError::Unhealthy {
+                provider: s(provider),
+                object: s(object),
+                timeout_ms: ms(*timeout),
+                attempts: *attempts,
+                last: s(last),
+            },
+            P::StopTimedOut {
+                provider,
+                object,
+                waited,
+                asked,
+            } => WireError::StopTimedOut {
+                provider: s(provider),
+                object: s(object),
+                waited_ms: ms(*waited),
+                asked: asked.to_string(),
+            },
+            P::OperationFailed {
+                provider,
+                object,
+                operation,
+                message,
+            } => WireError::OperationFailed {
+                provider: s(provider),
+                object: s(object),
+                operation: operation.clone(),
+                message: s(message),
+            },
+            P::OperationPending {
+                provider,
+                object,
+                operation,
+                waited,
+            } => WireError::OperationPending {
+                provider: s(provider),
+                object: s(object),
+                operation: operation.clone(),
+                waited_ms: ms(*waited),
+            },
+        }
+    }
+}
+
+impl From<WireError> for ProviderError {
+    fn from(w: WireError) -> Self {
+        use ProviderError as P;
+        match w {
+            WireError::Setup { provider, reason } => P::Setup { provider, reason },
+            WireError::Unsupported {
+                provider,
+                driver,
+                object,
+                what,
+            } => P::Unsupported {
+                provider,
+                driver: known(&driver, DRIVERS),
+                object,
+                what: known(&what, FEATURES),
+            },
+            WireError::NotFound { provider, object } => P::NotFound { provider, object },
+            WireError::Denied {
+                provider,
+                object,
+                detail,
+            } => P::Denied {
+                provider,
+                object,
+                detail,
+            },
+            WireError::Unreachable {
+                provider,
+                object,
+                endpoint,
+                detail,
+            } => P::Unreachable {
+                provider,
+                object,
+                endpoint,
+                detail,
+            },
+            WireError::Remote {
+                provider,
+                object,
+                action,
+                detail,
+            } => P::Remote {
+                provider,
+                object,
+                action,
+                detail,
+            },
+            WireError::Conflict {
+                provider,
+                object,
+                detail,
+            } => P::Conflict {
+                provider,
+                object,
+                detail,
+            },
+            WireError::Invalid {
+                provider,
+                object,
+                reason,
+            } => P::Invalid {
+                provider,
+                object,
+                reason,
+            },
+            WireError::Io {
+                provider,
+                object,
+                action,
+                detail,
+            } => P::Io {
+                provider,
+                object,
+                action,
+                source: std::io::Error::other(detail),
+            },
+            WireError::Tool {
+                provider,
+                object,
+                program,
+                detail,
+            } => P::Tool {
+                provider,
+                object,
+                program,
+                detail,
+            },
+            WireError::Unhealthy {
+                provider,
+                object,
+                timeout_ms,
+                attempts,
+                last,
+            } => P::Unhealthy {
+                provider,
+                object,
+                timeout: Duration::from_millis(timeout_ms),
+                attempts,
+                last,
+            },
+            WireError::StopTimedOut {
+                provider,
+                object,
+                waited_ms,
+                asked,
+            } => P::StopTimedOut {
+                provider,
+                object,
+                waited: Duration::from_millis(waited_ms),
+                asked: known(&asked, STOP_ASKS),
+            },
+            WireError::OperationFailed {
+                provider,
+                object,
+                operation,
+                message,
+            } => P::OperationFailed {
+                provider,
+                object,
+                operation,
+                message,
+            },
+            WireError::OperationPending {
+                provider,
+                object,
+                operation,
+                waited_ms,
+            } => P::OperationPending {
+                provider,
+                object,
+                operation,
+                waited: Duration::from_millis(waited_ms),
+            },
+        }
+    }
+}
