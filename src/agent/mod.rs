@@ -7,6 +7,7 @@
 //! - `/metrics` on a separate plain-HTTP listener, for Prometheus.
 
 pub mod server;
+pub mod transfers;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -23,12 +24,33 @@ pub struct Agent {
     pub identity: Identity,
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     pub metrics: AgentMetrics,
+    /// The address other hosts reach this one at (its certificate names it).
+    pub advertise: String,
+    /// Where received images are staged before they become volumes.
+    pub incoming: std::path::PathBuf,
+}
+
+/// The sockets an agent serves on.
+pub struct Listeners {
+    /// The HTTPS API, for the daemon.
+    pub api: TcpListener,
+    /// The viaduct receiver, for other agents; without it this agent only sends.
+    pub viaduct: Option<TcpListener>,
+    /// `/metrics`, plain HTTP.
+    pub metrics: Option<TcpListener>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("cannot set up TLS: {0}")]
     Tls(#[from] crate::sys::tls::TlsError),
+    #[error("cannot prepare {}: {source}", path.display())]
+    Incoming {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the viaduct receiver failed: {0}")]
+    Viaduct(#[from] crate::viaduct::ViaductError),
     #[error("the {what} listener failed: {source}")]
     Serve {
         what: &'static str,
@@ -37,18 +59,69 @@ pub enum AgentError {
 }
 
 impl Agent {
-    /// Serves the API on `api` (HTTPS, the daemon only) and, when given, `/metrics` on
-    /// `metrics` (plain HTTP), until `shutdown` completes.
+    /// Serves the API (HTTPS, the daemon only), the viaduct receiver (TLS, agents only) and
+    /// `/metrics` until `shutdown` completes.
     pub async fn run(
         self,
-        api: TcpListener,
-        metrics: Option<TcpListener>,
+        listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AgentError> {
+        let Listeners {
+            api,
+            viaduct,
+            metrics,
+        } = listeners;
         let tls = TlsListener::new(api, self.identity.server_config()?, &[Role::Daemon]);
+        let stop_viaduct = tokio_util::sync::CancellationToken::new();
+        let mut receiver = None;
+        let mut receiver_task = None;
+        if let Some(listener) = viaduct {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.incoming)
+                .map_err(|source| AgentError::Incoming {
+                    path: self.incoming.clone(),
+                    source,
+                })?;
+            let port = listener
+                .local_addr()
+                .map_err(|source| AgentError::Serve {
+                    what: "viaduct",
+                    source,
+                })?
+                .port();
+            let secret = transfers::random_secret();
+            let key = crate::viaduct::PresharedKey::from_secret(secret.as_bytes())
+                .expect("64 hex digits are a long enough secret");
+            let mut opts = crate::viaduct::ReceiverOptions::new(&self.incoming, key);
+            opts.tls = Some(self.identity.server_config()?);
+            opts.shutdown = stop_viaduct.clone();
+            let host = if self.advertise.contains(':') {
+                format!("[{}]", self.advertise)
+            } else {
+                self.advertise.clone()
+            };
+            receiver = Some(transfers::Receiver {
+                info: crate::providers::remote::wire::ReceiverInfo {
+                    addr: format!("{host}:{port}"),
+                    server_name: self.advertise.clone(),
+                    secret,
+                },
+                incoming: self.incoming.clone(),
+            });
+            receiver_task = Some(tokio::spawn(crate::viaduct::serve(listener, opts)));
+        }
+        let transfers = Arc::new(transfers::Transfers::new(
+            receiver,
+            &self.identity,
+            self.metrics.clone(),
+        )?);
         let state = Arc::new(server::ApiState {
             providers: self.providers,
             metrics: self.metrics.clone(),
+            transfers,
         });
         // Prometheus scrapes are short: the metrics listener simply ends with the API.
         let metrics_task = metrics.map(|listener| {
@@ -65,6 +138,12 @@ impl Agent {
         let served = axum::serve(tls, server::router(state))
             .with_graceful_shutdown(shutdown)
             .await;
+        stop_viaduct.cancel();
+        if let Some(t) = receiver_task {
+            if let Ok(Err(e)) = t.await {
+                return Err(e.into());
+            }
+        }
         if let Some(t) = metrics_task {
             if t.is_finished() {
                 if let Ok(Err(source)) = t.await {

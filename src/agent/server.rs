@@ -15,17 +15,22 @@ use base64::Engine;
 use futures_util::TryStreamExt;
 use serde::Serialize;
 
-use crate::providers::remote::wire::{self, Call, Description, ObjectRef, WireError};
+use crate::providers::remote::wire::{
+    self, AdoptVolume, Call, Description, Discard, ObjectRef, SendVolume, WireError,
+};
 use crate::providers::{
     validate_file_name, validate_key, validate_name, ObjectMeta, Provider, ProviderError,
 };
 
 use crate::telemetry::AgentMetrics;
 
+use super::transfers::{TransferError, Transfers};
+
 /// What the API's handlers share.
 pub struct ApiState {
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     pub metrics: AgentMetrics,
+    pub transfers: Arc<Transfers>,
 }
 
 /// The API's routes.
@@ -36,6 +41,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/providers/{provider}/object",
             get(read_object).put(write_object),
         )
+        .route("/v1/viaduct", get(receiver_info))
+        .route("/v1/transfers", post(send_volume))
+        .route("/v1/transfers/{id}", get(transfer_status))
+        .route("/v1/adopt", post(adopt_volume))
+        .route("/v1/discard", post(discard))
         .with_state(state)
 }
 
@@ -60,6 +70,31 @@ impl IntoResponse for Failure {
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<TransferError> for Failure {
+    fn from(e: TransferError) -> Self {
+        match e {
+            TransferError::Provider(p) => p.into(),
+            TransferError::UnknownTransfer(_) | TransferError::NotStaged { .. } => {
+                Failure(WireError::NotFound {
+                    provider: String::new(),
+                    object: e.to_string(),
+                })
+            }
+            TransferError::Invalid(_) | TransferError::NoReceiver => Failure(WireError::Invalid {
+                provider: String::new(),
+                object: "the request".into(),
+                reason: e.to_string(),
+            }),
+            other => Failure(WireError::Remote {
+                provider: String::new(),
+                object: "the transfer".into(),
+                action: "move the volume".into(),
+                detail: other.to_string(),
+            }),
+        }
     }
 }
 
@@ -291,4 +326,52 @@ async fn write_object(
         .write_object_with_meta(&r.service, &r.bucket, &r.key, reader, &meta)
         .await?;
     ok(info)
+}
+
+fn check_volume(provider: &str, service: &str, volume: &str) -> Result<(), Failure> {
+    validate_name(service)
+        .map_err(|r| invalid(provider, format!("service name {service:?}"), r))?;
+    validate_name(volume).map_err(|r| invalid(provider, format!("volume name {volume:?}"), r))?;
+    Ok(())
+}
+
+async fn receiver_info(State(state): State<Arc<ApiState>>) -> Result<Response, Failure> {
+    ok(state.transfers.receiver_info()?)
+}
+
+async fn send_volume(
+    State(state): State<Arc<ApiState>>,
+    Json(req): Json<SendVolume>,
+) -> Result<Response, Failure> {
+    let p = state.provider(&req.provider)?.clone();
+    check_volume(&req.provider, &req.service, &req.volume)?;
+    crate::viaduct::check_name(&req.name)
+        .map_err(|r| invalid(&req.provider, format!("staged name {:?}", req.name), r))?;
+    state.metrics.call("send_volume");
+    ok(state.transfers.send(p, req).await?)
+}
+
+async fn transfer_status(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    ok(state.transfers.status(&id)?)
+}
+
+async fn adopt_volume(
+    State(state): State<Arc<ApiState>>,
+    Json(req): Json<AdoptVolume>,
+) -> Result<Response, Failure> {
+    let p = state.provider(&req.provider)?.clone();
+    check_volume(&req.provider, &req.service, &req.volume)?;
+    state.metrics.call("receive_volume");
+    ok(state.transfers.adopt(p, req).await?)
+}
+
+async fn discard(
+    State(state): State<Arc<ApiState>>,
+    Json(req): Json<Discard>,
+) -> Result<Response, Failure> {
+    state.transfers.discard(&req)?;
+    ok(())
 }

@@ -5,6 +5,9 @@ use tokio::io::AsyncReadExt;
 
 use super::*;
 use crate::config::{Config, DiskFormat, Driver};
+use crate::providers::remote::wire::{
+    self, AdoptVolume, Adopted, SendVolume, SentReport, TransferState,
+};
 use crate::providers::remote::RemoteProvider;
 use crate::providers::{
     wait_for, AppSpec, AppState, ObjectMeta, ProviderError, StopOptions, VolumeSpec,
@@ -53,11 +56,18 @@ async fn fixture() -> Fixture {
         identity: identity(&pki, Role::Agent, "host-a"),
         providers: BTreeMap::from([("a".to_string(), provider)]),
         metrics: metrics.clone(),
+        advertise: "127.0.0.1".into(),
+        incoming: dir.path().join("incoming"),
     };
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = api.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(agent.run(api, None, async move {
+    let listeners = Listeners {
+        api,
+        viaduct: None,
+        metrics: None,
+    };
+    let task = tokio::spawn(agent.run(listeners, async move {
         let _ = stopped.await;
     }));
     let daemon = identity(&pki, Role::Daemon, "broker");
@@ -270,4 +280,297 @@ async fn only_the_daemon_may_call_an_agent() {
     .unwrap_err();
     assert!(err.is_not_found(), "{err}");
     assert!(err.to_string().contains("it serves: a"), "{err}");
+}
+
+/// One agent with a viaduct receiver serving provider `name` (driver `local`, disk format
+/// `format`), its provider as the agent holds it, and the daemon's client for it.
+struct Host {
+    remote: RemoteProvider,
+    local: Arc<dyn Provider>,
+    metrics: AgentMetrics,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn host(dir: &Path, pki: &Path, name: &str, format: &str) -> Host {
+    let root = dir.join(name);
+    let text = format!(
+        "[providers.{name}]\ndriver = \"local\"\nregion = \"r\"\nroot = \"{}\"\ndisk_format = \"{format}\"\n",
+        root.display()
+    );
+    let config = Config::parse(&dir.join(format!("{name}.toml")), &text).unwrap();
+    let local = crate::providers::open(&config.providers[name]).unwrap();
+    let metrics = AgentMetrics::new();
+    let agent = Agent {
+        identity: identity(pki, Role::Agent, &format!("host-{name}")),
+        providers: BTreeMap::from([(name.to_string(), local.clone())]),
+        metrics: metrics.clone(),
+        advertise: "127.0.0.1".into(),
+        incoming: dir.join(format!("{name}-incoming")),
+    };
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = api.local_addr().unwrap().port();
+    let listeners = Listeners {
+        api,
+        viaduct: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        metrics: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(agent.run(listeners, async move {
+        let _ = stopped.await;
+    }));
+    let daemon = identity(pki, Role::Daemon, &format!("broker-{name}"));
+    let remote = RemoteProvider::new(
+        name,
+        Driver::Local,
+        if format == "raw" {
+            DiskFormat::Raw
+        } else {
+            DiskFormat::Qcow2
+        },
+        &format!("https://127.0.0.1:{port}"),
+        &daemon,
+    )
+    .unwrap();
+    Host {
+        remote,
+        local,
+        metrics,
+        _stop: stop,
+    }
+}
+
+/// Sends `volume` of `from` to `to` and adopts it there, as the volume migrator does.
+async fn move_volume(from: &Host, to: &Host, name: &str) -> (SentReport, Adopted) {
+    let info = from
+        .remote
+        .volume_info("shop", "data")
+        .await
+        .unwrap()
+        .unwrap();
+    let receiver = to.remote.receiver().await.unwrap();
+    let id = from
+        .remote
+        .send_volume(&SendVolume {
+            provider: from.remote.name().into(),
+            service: "shop".into(),
+            volume: "data".into(),
+            to: receiver,
+            name: name.into(),
+            streams: Some(2),
+            max_bytes_per_sec: None,
+        })
+        .await
+        .unwrap();
+    let report = loop {
+        match from.remote.transfer(&id.id).await.unwrap() {
+            TransferState::Running { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+            TransferState::Done { report } => break report,
+            TransferState::Failed { error } => panic!("the send failed: {error}"),
+        }
+    };
+    let adopted = to
+        .remote
+        .adopt_volume(&AdoptVolume {
+            provider: to.remote.name().into(),
+            service: "shop".into(),
+            volume: "data".into(),
+            name: name.into(),
+            format: info.format,
+            size_bytes: info.virtual_size,
+            digest: report.digest.clone(),
+        })
+        .await
+        .unwrap();
+    (report, adopted)
+}
+
+async fn path_of(h: &Host) -> std::path::PathBuf {
+    h.local
+        .volume_info("shop", "data")
+        .await
+        .unwrap()
+        .unwrap()
+        .path
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_volume_moves_agent_to_agent_and_its_changes_follow_cheaply() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs::create_authority(&pki, 30).unwrap();
+    let a = host(dir.path(), &pki, "a", "raw").await;
+    let b = host(dir.path(), &pki, "b", "raw").await;
+
+    let size = 64u64 << 20;
+    let op = a
+        .remote
+        .create_volume(
+            "shop",
+            &VolumeSpec {
+                name: "data".into(),
+                size_bytes: size,
+                format: DiskFormat::Raw,
+            },
+        )
+        .await
+        .unwrap();
+    wait_for(&a.remote, &op.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let src = path_of(&a).await;
+    // 16 MiB of data in a 64 MiB sparse image.
+    let data: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        f.write_all_at(&data, 8 << 20).unwrap();
+    }
+
+    let name = wire::staged_name("r-1", "b", "shop", "data");
+    let (sent, adopted) = move_volume(&a, &b, &name).await;
+    // Only the allocated extents are read (the provider may have touched a block or so).
+    assert!(
+        (16 << 20..=(16 << 20) + (64 << 10)).contains(&sent.bytes_read),
+        "{sent:?}"
+    );
+    assert_eq!(adopted.method, "viaduct (local)");
+    let dst = path_of(&b).await;
+    assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap());
+
+    // One MiB changes: the second pass sends about that, not the image.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        f.write_all_at(&vec![7u8; 1 << 20], 12 << 20).unwrap();
+    }
+    let (again, _) = move_volume(&a, &b, &name).await;
+    assert_eq!(again.chunks_sent, 1, "{again:?}");
+    assert!(again.bytes_sent < 2 << 20, "{again:?}");
+    assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap());
+
+    let text = a.metrics.encode();
+    assert!(
+        text.contains(
+            "fluidcloud_agent_viaduct_transfers_total{direction=\"sent\",result=\"ok\"} 2"
+        ),
+        "{text}"
+    );
+    assert!(b.metrics.encode().contains(
+        "fluidcloud_agent_viaduct_transfers_total{direction=\"received\",result=\"ok\"} 2"
+    ));
+
+    b.remote.discard(&name).await.unwrap();
+    assert!(!dir.path().join("b-incoming").join(&name).exists());
+}
+
+#[tokio::test]
+async fn a_received_image_is_converted_to_the_target_providers_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs::create_authority(&pki, 30).unwrap();
+    let a = host(dir.path(), &pki, "a", "raw").await;
+    let b = host(dir.path(), &pki, "b", "qcow2").await;
+    let op = a
+        .remote
+        .create_volume(
+            "shop",
+            &VolumeSpec {
+                name: "data".into(),
+                size_bytes: 8 << 20,
+                format: DiskFormat::Raw,
+            },
+        )
+        .await
+        .unwrap();
+    wait_for(&a.remote, &op.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let src = path_of(&a).await;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        f.write_all_at(b"hello from host a", 1 << 20).unwrap();
+    }
+    let name = wire::staged_name("r-2", "b", "shop", "data");
+    let (_, adopted) = move_volume(&a, &b, &name).await;
+    assert_eq!(adopted.method, "qemu-img convert");
+    let dst = path_of(&b).await;
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let info = b.remote.volume_info("shop", "data").await.unwrap().unwrap();
+    assert_eq!(info.format, DiskFormat::Qcow2);
+}
+
+#[tokio::test]
+async fn a_send_to_a_receiver_with_another_secret_fails_and_nothing_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs::create_authority(&pki, 30).unwrap();
+    let a = host(dir.path(), &pki, "a", "raw").await;
+    let b = host(dir.path(), &pki, "b", "raw").await;
+    let op = a
+        .remote
+        .create_volume(
+            "shop",
+            &VolumeSpec {
+                name: "data".into(),
+                size_bytes: 1 << 20,
+                format: DiskFormat::Raw,
+            },
+        )
+        .await
+        .unwrap();
+    wait_for(&a.remote, &op.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut receiver = b.remote.receiver().await.unwrap();
+    receiver.secret = crate::agent::transfers::random_secret();
+    let id = a
+        .remote
+        .send_volume(&SendVolume {
+            provider: "a".into(),
+            service: "shop".into(),
+            volume: "data".into(),
+            to: receiver,
+            name: "x/y.img".into(),
+            streams: None,
+            max_bytes_per_sec: None,
+        })
+        .await
+        .unwrap();
+    let error = loop {
+        match a.remote.transfer(&id.id).await.unwrap() {
+            TransferState::Running { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+            TransferState::Done { .. } => panic!("a send with the wrong secret succeeded"),
+            TransferState::Failed { error } => break error,
+        }
+    };
+    assert!(error.contains("key"), "{error}");
+    assert!(!dir.path().join("b-incoming/x/y.img").exists());
+    let err = b
+        .remote
+        .adopt_volume(&AdoptVolume {
+            provider: "b".into(),
+            service: "shop".into(),
+            volume: "data".into(),
+            name: "x/y.img".into(),
+            format: DiskFormat::Raw,
+            size_bytes: 1 << 20,
+            digest: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
 }

@@ -567,6 +567,12 @@ pub trait Provider: Send + Sync + 'static {
     /// The disk image format new volumes get here; a relocation converts to it.
     fn preferred_disk_format(&self) -> DiskFormat;
 
+    /// The provider's agent, when it runs on another host: volumes then move agent to agent
+    /// ([`remote::RemoteProvider::send_volume`]) instead of through paths on this host.
+    fn remote(&self) -> Option<&remote::RemoteProvider> {
+        None
+    }
+
     /// The current state of a long-running operation this provider started, also one started
     /// before a daemon restart.
     async fn operation(&self, id: &OperationId) -> Result<Operation, ProviderError>;

@@ -94,6 +94,7 @@ pub use auth::PresharedKey;
 pub use chunks::image_digest;
 pub use local::{copy_local, LocalCopyOptions, ProgressFn};
 pub use manifest::ChunkManifest;
+pub use names::check_name;
 pub use receiver::{serve, ReceiverOptions};
 pub use sender::{send_file, Endpoint, EndpointTls, SendOptions};
 

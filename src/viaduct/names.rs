@@ -18,7 +18,7 @@ pub(crate) struct Placement {
 }
 
 /// Checks `name` without touching the file system.
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the name is empty".into());
     }

@@ -24,7 +24,10 @@ use super::{
 };
 use crate::config::{DiskFormat, Driver};
 use crate::sys::tls::Identity;
-use wire::{Call, ObjectRef, WireError};
+use wire::{
+    AdoptVolume, Adopted, Call, Discard, ObjectRef, ReceiverInfo, SendVolume, TransferId,
+    TransferState, WireError,
+};
 
 /// How long one call may take before the daemon gives up on the agent. Long-running work
 /// (volume creation, VM start) is an operation polled with short calls.
@@ -72,8 +75,86 @@ impl RemoteProvider {
     }
 
     /// The agent's address.
-    pub fn agent(&self) -> &str {
+    pub fn agent_url(&self) -> &str {
         &self.base
+    }
+
+    /// The agent's viaduct receiver.
+    pub async fn receiver(&self) -> Result<ReceiverInfo, ProviderError> {
+        self.request(
+            reqwest::Method::GET,
+            "/v1/viaduct",
+            "its viaduct receiver",
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Starts sending a volume of this provider to another agent's receiver.
+    pub async fn send_volume(&self, req: &SendVolume) -> Result<TransferId, ProviderError> {
+        let what = object::volume(&req.service, &req.volume);
+        self.request(reqwest::Method::POST, "/v1/transfers", &what, Some(req))
+            .await
+    }
+
+    /// How a send this provider's agent started is doing.
+    pub async fn transfer(&self, id: &str) -> Result<TransferState, ProviderError> {
+        let path = format!("/v1/transfers/{id}");
+        self.request(
+            reqwest::Method::GET,
+            &path,
+            &format!("transfer `{id}`"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Makes an image this agent received the provider's volume.
+    pub async fn adopt_volume(&self, req: &AdoptVolume) -> Result<Adopted, ProviderError> {
+        let what = object::volume(&req.service, &req.volume);
+        self.request(reqwest::Method::POST, "/v1/adopt", &what, Some(req))
+            .await
+    }
+
+    /// Removes an image this agent staged.
+    pub async fn discard(&self, name: &str) -> Result<(), ProviderError> {
+        let req = Discard { name: name.into() };
+        self.request(
+            reqwest::Method::POST,
+            "/v1/discard",
+            &format!("staged image `{name}`"),
+            Some(&req),
+        )
+        .await
+    }
+
+    async fn request<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        object: &str,
+        body: Option<&B>,
+    ) -> Result<T, ProviderError> {
+        let mut rq = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .timeout(CALL_TIMEOUT);
+        if let Some(b) = body {
+            rq = rq.json(b);
+        }
+        let response = rq
+            .send()
+            .await
+            .map_err(|e| self.unreachable(object.to_string(), error_chain(&e)))?;
+        if !response.status().is_success() {
+            return Err(self.failure(object.to_string(), response).await);
+        }
+        response.json().await.map_err(|e| ProviderError::Remote {
+            provider: self.name.clone(),
+            object: object.to_string(),
+            action: "read the agent's answer".into(),
+            detail: e.to_string(),
+        })
     }
 
     fn unreachable(&self, object: String, e: impl std::fmt::Display) -> ProviderError {
@@ -162,6 +243,10 @@ impl Provider for RemoteProvider {
 
     fn preferred_disk_format(&self) -> DiskFormat {
         self.disk_format
+    }
+
+    fn remote(&self) -> Option<&RemoteProvider> {
+        Some(self)
     }
 
     async fn operation(&self, id: &OperationId) -> Result<Operation, ProviderError> {

@@ -610,3 +610,122 @@ impl From<WireError> for ProviderError {
         }
     }
 }
+
+/// Where an agent's viaduct receiver is reached, and the secret senders prove they hold.
+/// The daemon asks the target's agent for it and hands it to the source's agent; the secret
+/// travels only inside the daemon's TLS connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiverInfo {
+    /// `host:port`.
+    pub addr: String,
+    /// The name the receiver's certificate carries for that host.
+    pub server_name: String,
+    /// 32 random bytes, hex.
+    pub secret: String,
+}
+
+/// Send one of a provider's volumes to another agent's receiver, staged there as `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendVolume {
+    pub provider: String,
+    pub service: String,
+    pub volume: String,
+    pub to: ReceiverInfo,
+    /// The staged image's name at the receiver (see [`staged_name`]).
+    pub name: String,
+    /// Parallel streams; default the viaduct's.
+    pub streams: Option<usize>,
+    /// Cap on the bytes put on the wire per second.
+    pub max_bytes_per_sec: Option<u64>,
+}
+
+/// The name a volume's image is staged under at a receiving agent while it moves: one per
+/// relocation, provider, service and volume.
+pub fn staged_name(relocation: &str, provider: &str, service: &str, volume: &str) -> String {
+    let safe: String = relocation
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}/{provider}.{service}.{volume}.img")
+}
+
+/// What a finished send carried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentReport {
+    pub image_bytes: u64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub chunks_total: u64,
+    pub chunks_sent: u64,
+    pub chunks_skipped_zero: u64,
+    pub chunks_skipped_equal: u64,
+    /// The image digest both agents agreed on, hex.
+    pub digest: String,
+    pub seconds: f64,
+    pub streams: usize,
+}
+
+/// A send as its agent reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum TransferState {
+    Running {
+        chunks_total: u64,
+        chunks_done: u64,
+        bytes_read: u64,
+        bytes_sent: u64,
+    },
+    Done {
+        report: SentReport,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// A started send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferId {
+    pub id: String,
+}
+
+/// Make the image staged as `name` the provider's volume, in `target_format`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptVolume {
+    pub provider: String,
+    pub service: String,
+    pub volume: String,
+    pub name: String,
+    /// The staged image's format (the source volume's).
+    pub format: DiskFormat,
+    /// The size the guest sees.
+    pub size_bytes: u64,
+    /// The digest the send reported for the staged image, hex: checked before anything is
+    /// written into the volume.
+    pub digest: String,
+}
+
+/// How a staged image became the volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Adopted {
+    /// `viaduct (local)` or `qemu-img convert`.
+    pub method: String,
+    pub verified: String,
+    pub bytes_written: u64,
+    pub seconds: f64,
+}
+
+/// Remove what is staged under a relocation's prefix (after the commit or the rollback).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discard {
+    pub name: String,
+}

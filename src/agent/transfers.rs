@@ -1,0 +1,367 @@
+//! Volumes moving between agents: the receiving agent stages what its viaduct receiver gets
+//! under its incoming directory, the sending agent reads a volume of its own provider and
+//! sends it there, and the receiving agent then adopts the staged image as its provider's
+//! volume (converting its format where the two providers differ). The daemon only directs:
+//! no byte of the image passes through it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::providers::remote::wire::{
+    AdoptVolume, Adopted, Discard, ReceiverInfo, SendVolume, SentReport, TransferId, TransferState,
+};
+use crate::providers::{self, DiskFormat, Provider, ProviderError, VolumeSpec};
+use crate::sys::qemu_img::{qemu_img, QemuImgError};
+use crate::sys::tls::{server_name, Identity};
+use crate::telemetry::AgentMetrics;
+use crate::viaduct::{self, Endpoint, EndpointTls, PresharedKey, SendOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("transfer `{0}` is not known to this agent")]
+    UnknownTransfer(String),
+    #[error("this agent runs no viaduct receiver (`viaduct_listen` is not set)")]
+    NoReceiver,
+    #[error("the staged image `{name}` is not here: {detail}")]
+    NotStaged { name: String, detail: String },
+    #[error("volume `{service}/{volume}` at `{provider}` has no image on this host")]
+    NoPath {
+        provider: String,
+        service: String,
+        volume: String,
+    },
+    #[error(transparent)]
+    Viaduct(#[from] viaduct::ViaductError),
+    #[error(transparent)]
+    Tool(#[from] QemuImgError),
+    #[error("the adopted volume's digest {got} is not the sent image's {expected}")]
+    Digest { expected: String, got: String },
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The agent's viaduct receiver as senders reach it.
+pub struct Receiver {
+    pub info: ReceiverInfo,
+    /// Where received images are staged.
+    pub incoming: PathBuf,
+}
+
+/// The transfers of one agent.
+pub struct Transfers {
+    pub receiver: Option<Receiver>,
+    identity_tls: Arc<rustls::ClientConfig>,
+    metrics: AgentMetrics,
+    running: Mutex<HashMap<String, Arc<Mutex<TransferState>>>>,
+    /// The transfer each staged name is being sent under, so a repeated request (the daemon
+    /// asking again after a restart) joins the running send instead of starting a second.
+    by_name: Mutex<HashMap<String, String>>,
+}
+
+/// A fresh random secret for the receiver, hex.
+pub fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the system's random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn key_from_hex(secret: &str) -> Result<PresharedKey, TransferError> {
+    if secret.len() < 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TransferError::Invalid(
+            "the receiver's secret must be at least 64 hex digits".into(),
+        ));
+    }
+    PresharedKey::from_secret(secret.as_bytes()).map_err(TransferError::Invalid)
+}
+
+impl Transfers {
+    pub fn new(
+        receiver: Option<Receiver>,
+        identity: &Identity,
+        metrics: AgentMetrics,
+    ) -> Result<Self, crate::sys::tls::TlsError> {
+        Ok(Transfers {
+            receiver,
+            identity_tls: identity.client_config()?,
+            metrics,
+            running: Mutex::new(HashMap::new()),
+            by_name: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn receiver_info(&self) -> Result<ReceiverInfo, TransferError> {
+        self.receiver
+            .as_ref()
+            .map(|r| r.info.clone())
+            .ok_or(TransferError::NoReceiver)
+    }
+
+    /// Starts sending a volume of `provider`; answers at once with the transfer's id.
+    pub async fn send(
+        self: &Arc<Self>,
+        provider: Arc<dyn Provider>,
+        req: SendVolume,
+    ) -> Result<TransferId, TransferError> {
+        if let Some(id) = self.by_name.lock().unwrap().get(&req.name).cloned() {
+            let running = self
+                .running
+                .lock()
+                .unwrap()
+                .get(&id)
+                .is_some_and(|s| matches!(*s.lock().unwrap(), TransferState::Running { .. }));
+            if running {
+                return Ok(TransferId { id });
+            }
+        }
+        let info = provider
+            .volume_info(&req.service, &req.volume)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound {
+                provider: req.provider.clone(),
+                object: format!("volume `{}/{}`", req.service, req.volume),
+            })?;
+        let path = info.path.ok_or_else(|| TransferError::NoPath {
+            provider: req.provider.clone(),
+            service: req.service.clone(),
+            volume: req.volume.clone(),
+        })?;
+        let key = key_from_hex(&req.to.secret)?;
+        let name =
+            server_name(&req.to.server_name).map_err(|e| TransferError::Invalid(e.to_string()))?;
+        let endpoint = Endpoint::new(&req.to.addr, key).with_tls(EndpointTls {
+            config: self.identity_tls.clone(),
+            server_name: name,
+        });
+        let mut opts = SendOptions {
+            max_bytes_per_sec: req.max_bytes_per_sec,
+            ..SendOptions::default()
+        };
+        if let Some(s) = req.streams {
+            opts.streams = s;
+        }
+        let id = random_secret()[..16].to_string();
+        let state = Arc::new(Mutex::new(TransferState::Running {
+            chunks_total: 0,
+            chunks_done: 0,
+            bytes_read: 0,
+            bytes_sent: 0,
+        }));
+        self.running
+            .lock()
+            .unwrap()
+            .insert(id.clone(), state.clone());
+        self.by_name
+            .lock()
+            .unwrap()
+            .insert(req.name.clone(), id.clone());
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let progress_state = state.clone();
+            let progress = move |p: viaduct::Progress| {
+                *progress_state.lock().unwrap() = TransferState::Running {
+                    chunks_total: p.chunks_total,
+                    chunks_done: p.chunks_done,
+                    bytes_read: p.bytes_read,
+                    bytes_sent: p.bytes_sent,
+                };
+            };
+            let result = viaduct::send_file(&path, &endpoint, &req.name, &opts, &progress).await;
+            let end = match result {
+                Ok(r) => {
+                    metrics.viaduct_bytes("sent", r.bytes_sent);
+                    metrics.transfer("sent", true);
+                    tracing::info!(
+                        "Sent volume `{}/{}` of `{}` to {} as `{}`: {} bytes on the wire, digest {}.",
+                        req.service,
+                        req.volume,
+                        req.provider,
+                        req.to.addr,
+                        req.name,
+                        r.bytes_sent,
+                        r.digest
+                    );
+                    TransferState::Done {
+                        report: SentReport {
+                            image_bytes: r.image_bytes,
+                            bytes_read: r.bytes_read,
+                            bytes_sent: r.bytes_sent,
+                            chunks_total: r.chunks_total,
+                            chunks_sent: r.chunks_sent,
+                            chunks_skipped_zero: r.chunks_skipped_zero,
+                            chunks_skipped_equal: r.chunks_skipped_equal,
+                            digest: r.digest.to_hex(),
+                            seconds: r.duration.as_secs_f64(),
+                            streams: r.streams,
+                        },
+                    }
+                }
+                Err(e) => {
+                    metrics.transfer("sent", false);
+                    tracing::warn!(
+                        "Sending volume `{}/{}` of `{}` to {} failed: {e}.",
+                        req.service,
+                        req.volume,
+                        req.provider,
+                        req.to.addr
+                    );
+                    TransferState::Failed {
+                        error: e.to_string(),
+                    }
+                }
+            };
+            *state.lock().unwrap() = end;
+        });
+        Ok(TransferId { id })
+    }
+
+    pub fn status(&self, id: &str) -> Result<TransferState, TransferError> {
+        self.running
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|s| s.lock().unwrap().clone())
+            .ok_or_else(|| TransferError::UnknownTransfer(id.to_string()))
+    }
+
+    fn staged(&self, name: &str) -> Result<PathBuf, TransferError> {
+        let r = self.receiver.as_ref().ok_or(TransferError::NoReceiver)?;
+        viaduct::check_name(name).map_err(TransferError::Invalid)?;
+        Ok(r.incoming.join(name))
+    }
+
+    /// Makes the staged image the provider's volume and checks it.
+    pub async fn adopt(
+        &self,
+        provider: Arc<dyn Provider>,
+        req: AdoptVolume,
+    ) -> Result<Adopted, TransferError> {
+        let staged = self.staged(&req.name)?;
+        if !staged.is_file() {
+            return Err(TransferError::NotStaged {
+                name: req.name.clone(),
+                detail: "nothing was received under that name".into(),
+            });
+        }
+        let started = Instant::now();
+        let format = provider.preferred_disk_format();
+        let op = provider
+            .create_volume(
+                &req.service,
+                &VolumeSpec {
+                    name: req.volume.clone(),
+                    size_bytes: req.size_bytes,
+                    format,
+                },
+            )
+            .await?;
+        providers::wait_for(provider.as_ref(), &op.id, Duration::from_secs(600)).await?;
+        let dst = provider
+            .volume_info(&req.service, &req.volume)
+            .await?
+            .and_then(|i| i.path)
+            .ok_or_else(|| TransferError::NoPath {
+                provider: req.provider.clone(),
+                service: req.service.clone(),
+                volume: req.volume.clone(),
+            })?;
+        let adopted = if req.format == DiskFormat::Raw && format == DiskFormat::Raw {
+            let opts = viaduct::LocalCopyOptions {
+                in_place: true,
+                ..viaduct::LocalCopyOptions::default()
+            };
+            let (src, to) = (staged.clone(), dst.clone());
+            let report = tokio::task::spawn_blocking(move || viaduct::copy_local(&src, &to, &opts))
+                .await
+                .map_err(|e| TransferError::Invalid(format!("the copy task failed: {e}")))??;
+            if report.digest.to_hex() != req.digest {
+                return Err(TransferError::Digest {
+                    expected: req.digest,
+                    got: report.digest.to_hex(),
+                });
+            }
+            Adopted {
+                method: "viaduct (local)".into(),
+                verified: "image digest equal to the sent image's".into(),
+                bytes_written: report.bytes_sent,
+                seconds: started.elapsed().as_secs_f64(),
+            }
+        } else {
+            let (from, to) = (req.format.as_str(), format.as_str());
+            let (src, dst_os) = (staged.as_os_str(), dst.as_os_str());
+            qemu_img([
+                "convert".as_ref(),
+                "-n".as_ref(),
+                "-f".as_ref(),
+                from.as_ref(),
+                "-O".as_ref(),
+                to.as_ref(),
+                src,
+                dst_os,
+            ])
+            .await?;
+            qemu_img([
+                "compare".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                from.as_ref(),
+                "-F".as_ref(),
+                to.as_ref(),
+                src,
+                dst_os,
+            ])
+            .await?;
+            Adopted {
+                method: "qemu-img convert".into(),
+                verified:
+                    "qemu-img compare against the staged image, whose digest the viaduct checked"
+                        .into(),
+                bytes_written: std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0),
+                seconds: started.elapsed().as_secs_f64(),
+            }
+        };
+        self.metrics.transfer("received", true);
+        Ok(adopted)
+    }
+
+    /// Removes a staged image (and its directory when it is then empty).
+    pub fn discard(&self, req: &Discard) -> Result<(), TransferError> {
+        let staged = self.staged(&req.name)?;
+        for path in [staged.clone(), partial_of(&staged)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(TransferError::Io {
+                        action: "remove",
+                        path,
+                        source,
+                    })
+                }
+            }
+        }
+        if let Some(dir) = staged.parent() {
+            let incoming = &self.receiver.as_ref().expect("checked by staged").incoming;
+            if dir != incoming.as_path() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        self.by_name.lock().unwrap().remove(&req.name);
+        Ok(())
+    }
+}
+
+fn partial_of(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
