@@ -10,12 +10,13 @@
 //! | CloudConduit | [`conduit`] | plans a relocation, journals it, drives it forward or back, keeps the source for its grace period |
 //! | Migrator | [`migrators`] | one task of a relocation each (copy a volume, convert a disk, copy a bucket, rewrite config, start, check, cut over), with its undo |
 //! | Viaduct | [`viaduct`] | the data path between providers: sparse, compressed, verified, resumable, rate-limited, authenticated |
-//! | Cloud service provider | [`providers`] | the drivers (`local`, `qemu`, `s3`, `swift`) behind one trait |
+//! | Cloud service provider | [`providers`] | the drivers (`local`, `qemu`, `s3`, `swift`) behind one trait, and `remote` for a provider on another host |
+//! | Agent | [`agent`] | a host's providers and the ends of its viaducts, served to the daemon over mutual TLS |
 //! | Service instance | [`model`] | services, components, offers, the market snapshot, verdicts |
 //! | | [`config`] | the TOML file, parsed and validated with every problem at once |
 //! | | [`api`], [`telemetry`] | the HTTP API and `/metrics`; logs and metrics |
 //! | | [`daemon`] | the long-running process that ties them together |
-//! | | [`sys`] | plumbing written once: atomic file writes, secret files |
+//! | | [`sys`] | plumbing written once: atomic file writes, secret files, process groups, `qemu-img`, rate limits, retries, TLS and certificates |
 
 pub mod agent;
 pub mod api;
