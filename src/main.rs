@@ -35,6 +35,18 @@ pub struct ConfigArg {
 }
 
 #[derive(Args, Clone)]
+pub struct AgentConfigArg {
+    /// The agent's configuration file.
+    #[arg(
+        long,
+        short,
+        env = "FLUIDCLOUD_AGENT_CONFIG",
+        default_value = "/etc/fluidcloud/agent.toml"
+    )]
+    pub config: PathBuf,
+}
+
+#[derive(Args, Clone)]
 pub struct ApiArgs {
     #[command(flatten)]
     pub config: ConfigArg,
@@ -142,6 +154,15 @@ enum Cmd {
     Viaduct {
         #[command(subcommand)]
         command: ViaductCmd,
+    },
+    /// Run an agent: serve this host's providers and viaduct ends to the daemon over mutual
+    /// TLS.
+    Agent {
+        #[command(flatten)]
+        config: AgentConfigArg,
+        /// Check the configuration, its certificate and key, then exit.
+        #[arg(long)]
+        check: bool,
     },
     /// Make the private certificate authority and the certificates the daemon and its agents
     /// prove who they are with (mutual TLS).
@@ -358,7 +379,54 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => viaduct_serve(listen, root, &key_file),
         Cmd::Certs { command } => certs(command),
+        Cmd::Agent { config, check } => agent(&config.config, check),
     }
+}
+
+fn agent(path: &std::path::Path, check_only: bool) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => return Ok(report(errors)),
+    };
+    if let Err(e) = fluidcloud::agent::check(&config) {
+        eprintln!("error: {e}");
+        return Ok(ExitCode::from(2));
+    }
+    if check_only {
+        let agent = config.agent.as_ref().expect("checked");
+        println!(
+            "{}: ok — agent serving {} on {} (viaduct {}), reached as {}.",
+            config.path.display(),
+            config
+                .providers
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            agent.listen,
+            agent.viaduct_listen,
+            agent.advertise
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    fluidcloud::telemetry::init_tracing(config.daemon.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("The agent is stopping.");
+        };
+        fluidcloud::agent::serve(&config, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn certs(command: CertsCmd) -> anyhow::Result<ExitCode> {

@@ -165,3 +165,108 @@ impl Agent {
 
 #[cfg(test)]
 mod tests;
+
+/// Why an agent's configuration cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConfigError {
+    #[error("{}: the file has no [agent] section: it is not an agent's configuration", path.display())]
+    NotAnAgent { path: std::path::PathBuf },
+    #[error("{}: an agent needs the [tls] section", path.display())]
+    NoTls { path: std::path::PathBuf },
+    #[error(
+        "provider `{provider}`: an agent serves only `local` and `qemu` providers, not `{driver}`"
+    )]
+    Driver {
+        provider: String,
+        driver: crate::model::Driver,
+    },
+    #[error("{}: the agent serves no provider", path.display())]
+    NoProvider { path: std::path::PathBuf },
+    #[error(transparent)]
+    Tls(#[from] crate::sys::tls::TlsError),
+    #[error(transparent)]
+    Provider(#[from] crate::providers::ProviderError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Serve(#[from] AgentError),
+}
+
+/// What `fluidcloud agent --check` and the agent's start check: an `[agent]` and a `[tls]`
+/// section, and only providers an agent can serve.
+pub fn check(config: &crate::config::Config) -> Result<(), AgentConfigError> {
+    let path = config.path.clone();
+    if config.agent.is_none() {
+        return Err(AgentConfigError::NotAnAgent { path });
+    }
+    let Some(files) = &config.tls else {
+        return Err(AgentConfigError::NoTls { path });
+    };
+    Identity::load(files)?;
+    if config.providers.is_empty() {
+        return Err(AgentConfigError::NoProvider { path });
+    }
+    for (name, p) in &config.providers {
+        if !matches!(
+            p.driver,
+            crate::model::Driver::Local | crate::model::Driver::Qemu
+        ) {
+            return Err(AgentConfigError::Driver {
+                provider: name.clone(),
+                driver: p.driver,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs the agent a configuration describes until `shutdown` completes: opens its
+/// providers (holding their root locks until the process exits), listens and serves.
+pub async fn serve(
+    config: &crate::config::Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentConfigError> {
+    check(config)?;
+    let settings = config.agent.as_ref().expect("checked");
+    let identity = Identity::load(config.tls.as_ref().expect("checked"))?;
+    crate::providers::keep_root_locks_until_exit();
+    let mut providers = BTreeMap::new();
+    for (name, p) in &config.providers {
+        providers.insert(name.clone(), crate::providers::open(p)?);
+    }
+    let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentConfigError::Bind { what, addr, source })
+    };
+    let listeners = Listeners {
+        api: bind("API", settings.listen).await?,
+        viaduct: Some(bind("viaduct", settings.viaduct_listen).await?),
+        metrics: match settings.metrics_listen {
+            Some(a) => Some(bind("metrics", a).await?),
+            None => None,
+        },
+    };
+    tracing::info!(
+        "The agent `{}` serves {} on {} (viaduct {}), reached as {}.",
+        identity.me().name,
+        providers.keys().cloned().collect::<Vec<_>>().join(", "),
+        settings.listen,
+        settings.viaduct_listen,
+        settings.advertise
+    );
+    let agent = Agent {
+        identity,
+        providers,
+        metrics: AgentMetrics::new(),
+        advertise: settings.advertise.clone(),
+        incoming: settings.state_dir.join("incoming"),
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    agent.run(listeners, shutdown).await?;
+    Ok(())
+}

@@ -15,6 +15,7 @@
 pub mod components;
 mod daemon;
 mod feeds;
+mod hosts;
 mod locate;
 mod object_stores;
 mod policies;
@@ -35,6 +36,7 @@ pub use crate::model::{
 pub use components::SettingsError;
 pub use daemon::{BrokerSettings, ConduitSettings, DaemonSettings, LogFormat};
 pub use feeds::{BenchmarkKind, BenchmarkMap, BenchmarkSource, PricingFormat, PricingSource};
+pub use hosts::AgentSettings;
 pub use object_stores::{
     check_remote_name_template, CredentialsSource, ObjectStoreSettings, S3Settings, SwiftAuth,
     SwiftSettings, DEFAULT_REMOTE_NAME,
@@ -58,6 +60,10 @@ pub struct Config {
     pub providers: BTreeMap<String, Provider>,
     pub policies: BTreeMap<String, PolicySpec>,
     pub services: BTreeMap<String, ServiceSpec>,
+    /// The certificate this process proves who it is with on other hosts (`[tls]`).
+    pub tls: Option<crate::sys::tls::TlsFiles>,
+    /// Set in an agent's configuration: what `fluidcloud agent` serves (`[agent]`).
+    pub agent: Option<AgentSettings>,
 }
 
 /// One problem found in a configuration file.
@@ -272,7 +278,10 @@ impl Validator<'_> {
                 );
             }
         }
-        let providers: BTreeMap<_, _> = raw
+        let tls = self.tls(raw.tls);
+        let is_agent = raw.agent.is_some();
+        let agent = self.agent(raw.agent, &tls);
+        let mut providers: BTreeMap<_, _> = raw
             .providers
             .into_iter()
             .map(|(name, p)| {
@@ -281,6 +290,7 @@ impl Validator<'_> {
             })
             .collect();
         self.distinct_roots(&providers);
+        self.hosts(&mut providers, &tls, is_agent);
         let policies: BTreeMap<_, _> = raw
             .policies
             .into_iter()
@@ -309,6 +319,8 @@ impl Validator<'_> {
             providers,
             policies,
             services,
+            tls,
+            agent,
         }
     }
 }

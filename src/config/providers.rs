@@ -32,6 +32,11 @@ pub struct Provider {
     pub object_store: Option<ObjectStoreSettings>,
     /// Settings of the `qemu` driver; `None` for the others.
     pub qemu: Option<QemuSettings>,
+    /// The agent that serves this provider on another host (`https://HOST:PORT`); `None`
+    /// when the driver runs in this process.
+    pub agent: Option<String>,
+    /// The `[tls]` files the daemon calls the agent with (set when `agent` is).
+    pub tls: Option<crate::sys::tls::TlsFiles>,
 }
 
 /// Settings of the `qemu` driver (`[providers.NAME.qemu]`). The provider's `root` holds its
@@ -224,8 +229,23 @@ impl Validator<'_> {
             }
         });
         let object_store = self.object_store(&key, name, driver, &raw.region, raw.s3, raw.swift);
-        let qemu = self.qemu(&key, driver, raw.qemu);
-        if driver == Driver::Qemu && raw.root.is_none() {
+        if let Some(agent) = &raw.agent {
+            self.provider_agent(&key, driver, agent);
+            for (set, what) in [(raw.root.is_some(), "root"), (raw.qemu.is_some(), "qemu")] {
+                if set {
+                    self.err(
+                        format!("{key}.{what}"),
+                        "belongs in the configuration of the agent that serves this provider",
+                    );
+                }
+            }
+        }
+        let qemu = if raw.agent.is_some() {
+            None
+        } else {
+            self.qemu(&key, driver, raw.qemu)
+        };
+        if driver == Driver::Qemu && raw.root.is_none() && raw.agent.is_none() {
             self.err(
                 format!("{key}.root"),
                 "a qemu provider needs `root`, the directory holding its disk pool and VMs",
@@ -243,6 +263,8 @@ impl Validator<'_> {
             region_overrides,
             object_store,
             qemu,
+            agent: raw.agent,
+            tls: None,
         }
     }
 

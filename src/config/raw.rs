@@ -167,6 +167,26 @@ pub struct RawConfig {
     pub policies: BTreeMap<String, RawPolicy>,
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,
+    pub tls: Option<RawTls>,
+    pub agent: Option<RawAgent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub advertise: String,
+    pub listen: Option<String>,
+    pub viaduct_listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub state_dir: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -229,6 +249,8 @@ pub struct RawProvider {
     pub swift: Option<RawSwift>,
     /// Settings of the `qemu` driver.
     pub qemu: Option<RawQemu>,
+    /// The agent that serves this provider on another host, `https://HOST:PORT`.
+    pub agent: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

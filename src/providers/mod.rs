@@ -880,6 +880,24 @@ pub trait Provider: Send + Sync + 'static {
 
 /// Builds the driver that serves `provider`.
 pub fn open(provider: &config::Provider) -> Result<Arc<dyn Provider>, ProviderError> {
+    if let Some(agent) = &provider.agent {
+        let setup = |reason: String| ProviderError::Setup {
+            provider: provider.name.clone(),
+            reason,
+        };
+        let files = provider
+            .tls
+            .as_ref()
+            .ok_or_else(|| setup("its agent is set but the [tls] section is not".into()))?;
+        let identity = crate::sys::tls::Identity::load(files).map_err(|e| setup(e.to_string()))?;
+        return Ok(Arc::new(remote::RemoteProvider::new(
+            &provider.name,
+            provider.driver,
+            provider.disk_format,
+            agent,
+            &identity,
+        )?));
+    }
     match provider.driver {
         Driver::Local => Ok(local::LocalProvider::open(provider)?),
         Driver::Qemu => Ok(qemu::QemuProvider::open(provider)?),

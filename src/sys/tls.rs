@@ -107,7 +107,7 @@ pub enum TlsError {
 }
 
 /// The three files a party needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TlsFiles {
     /// The certificate authority's certificate (PEM).
     pub ca: PathBuf,

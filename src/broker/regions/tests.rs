@@ -27,6 +27,8 @@ fn provider(cloud: Option<&str>, region: &str, overrides: Option<RawRegionOverri
         region_overrides: overrides,
         object_store: None,
         qemu: None,
+        agent: None,
+        tls: None,
     }
 }
 
