@@ -101,6 +101,16 @@ pub fn plan(config: &Config, service: &str, from: &str, to: &str) -> Result<Plan
             provider: to.to_string(),
         });
     }
+    if let Some(p) = [source, target].into_iter().find(|p| p.agent.is_some()) {
+        return Err(PlanError::Incompatible {
+            service: service.to_string(),
+            provider: to.to_string(),
+            reason: format!(
+                "provider `{}` is served by an agent on another host, and relocations to or from another host are not planned yet",
+                p.name
+            ),
+        });
+    }
     build(spec, source, target)
 }
 
@@ -648,6 +658,17 @@ keep_at_source = true
         let err = plan(&config, "shop", "a", "b").unwrap_err();
         assert!(
             matches!(&err, PlanError::Incompatible { reason, .. } if reason.contains("app `web` needs apps")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_provider_on_another_host_is_refused_until_relocations_cross_hosts() {
+        let mut config = config();
+        config.providers.get_mut("b").unwrap().agent = Some("https://10.0.0.3:7481".into());
+        let err = plan(&config, "shop", "a", "b").unwrap_err();
+        assert!(
+            matches!(&err, PlanError::Incompatible { reason, .. } if reason.contains("`b` is served by an agent")),
             "{err}"
         );
     }

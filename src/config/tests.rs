@@ -933,3 +933,117 @@ colour = "blue"
     }
     assert_eq!(errs.len(), 3, "{errs:#?}");
 }
+
+#[test]
+fn providers_on_other_hosts_name_their_agent_and_need_the_daemons_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    crate::sys::certs::create_authority(&pki, 30).unwrap();
+    crate::sys::certs::issue(&pki, crate::sys::tls::Role::Daemon, "broker", &[], 30).unwrap();
+    let tls = format!(
+        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/broker.pem\"\nkey = \"{0}/broker-key.pem\"\n",
+        pki.display()
+    );
+    let remote = r#"
+[providers.b]
+driver = "qemu"
+region = "r"
+agent = "https://10.0.0.3:7481"
+"#;
+    // With its certificate, a qemu provider on another host needs no root here.
+    let config = parse(&format!("{tls}{remote}")).unwrap();
+    let b = &config.providers["b"];
+    assert_eq!(b.agent.as_deref(), Some("https://10.0.0.3:7481"));
+    assert_eq!(b.tls.as_ref().unwrap().cert, pki.join("broker.pem"));
+
+    // Without it, the provider says what is missing.
+    let errs = errors(remote);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("providers.b.agent") && e.contains("[tls]")),
+        "{errs:?}"
+    );
+
+    // Bad addresses, drivers the daemon runs itself, and driver settings of the agent's.
+    let errs = errors(&format!(
+        r#"{tls}
+[providers.c]
+driver = "local"
+region = "r"
+agent = "http://10.0.0.3"
+root = "/srv/c"
+
+[providers.d]
+driver = "s3"
+region = "r"
+agent = "https://10.0.0.4:7481"
+[providers.d.s3]
+endpoint = "http://127.0.0.1:9000"
+"#
+    ));
+    for (key, what) in [
+        ("providers.c.agent", "is not an agent's address"),
+        (
+            "providers.c.root",
+            "belongs in the configuration of the agent",
+        ),
+        ("providers.d.agent", "only `local` and `qemu`"),
+    ] {
+        assert!(
+            errs.iter().any(|e| e.contains(key) && e.contains(what)),
+            "{key}: {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn an_agents_configuration_needs_its_certificate_and_says_where_it_listens() {
+    let errs = errors(
+        r#"
+[agent]
+advertise = "not a host"
+listen = "7481"
+
+[providers.a]
+driver = "local"
+region = "r"
+agent = "https://10.0.0.2:7481"
+"#,
+    );
+    for (key, what) in [
+        ("agent:", "needs the [tls] section"),
+        ("agent.advertise", "neither a host name nor an IP address"),
+        ("agent.listen", "is not an address and port"),
+        ("providers.a.agent", "an agent serves its own providers"),
+    ] {
+        assert!(
+            errs.iter().any(|e| e.contains(key) && e.contains(what)),
+            "{key}: {errs:?}"
+        );
+    }
+    // A key file others may read is refused when the configuration is checked.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    crate::sys::certs::create_authority(&pki, 30).unwrap();
+    let w = crate::sys::certs::issue(
+        &pki,
+        crate::sys::tls::Role::Agent,
+        "host-a",
+        &["10.0.0.2".into()],
+        30,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&w.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let errs = errors(&format!(
+        "[agent]\nadvertise = \"10.0.0.2\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        pki.join("ca.pem").display(),
+        w.cert.display(),
+        w.key.display()
+    ));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("tls") && e.contains(&w.key.display().to_string())),
+        "{errs:?}"
+    );
+}
