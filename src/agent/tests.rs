@@ -384,6 +384,19 @@ async fn move_volume(from: &Host, to: &Host, name: &str) -> (SentReport, Adopted
     (report, adopted)
 }
 
+/// Creates the raw volume `shop/data` of `size` bytes at `h`, through its agent.
+async fn create_data_volume(h: &Host, size: u64) {
+    let spec = VolumeSpec {
+        name: "data".into(),
+        size_bytes: size,
+        format: DiskFormat::Raw,
+    };
+    let op = h.remote.create_volume("shop", &spec).await.unwrap();
+    wait_for(&h.remote, &op.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
 async fn path_of(h: &Host) -> std::path::PathBuf {
     h.local
         .volume_info("shop", "data")
@@ -403,21 +416,7 @@ async fn a_volume_moves_agent_to_agent_and_its_changes_follow_cheaply() {
     let b = host(dir.path(), &pki, "b", "raw").await;
 
     let size = 64u64 << 20;
-    let op = a
-        .remote
-        .create_volume(
-            "shop",
-            &VolumeSpec {
-                name: "data".into(),
-                size_bytes: size,
-                format: DiskFormat::Raw,
-            },
-        )
-        .await
-        .unwrap();
-    wait_for(&a.remote, &op.id, Duration::from_secs(10))
-        .await
-        .unwrap();
+    create_data_volume(&a, size).await;
     let src = path_of(&a).await;
     // 16 MiB of data in a 64 MiB sparse image.
     let data: Vec<u8> = (0..16u32 << 20)
@@ -473,21 +472,7 @@ async fn a_received_image_is_converted_to_the_target_providers_format() {
     certs::create_authority(&pki, 30).unwrap();
     let a = host(dir.path(), &pki, "a", "raw").await;
     let b = host(dir.path(), &pki, "b", "qcow2").await;
-    let op = a
-        .remote
-        .create_volume(
-            "shop",
-            &VolumeSpec {
-                name: "data".into(),
-                size_bytes: 8 << 20,
-                format: DiskFormat::Raw,
-            },
-        )
-        .await
-        .unwrap();
-    wait_for(&a.remote, &op.id, Duration::from_secs(10))
-        .await
-        .unwrap();
+    create_data_volume(&a, 8 << 20).await;
     let src = path_of(&a).await;
     {
         use std::os::unix::fs::FileExt;
@@ -520,21 +505,7 @@ async fn a_send_to_a_receiver_with_another_secret_fails_and_nothing_lands() {
     certs::create_authority(&pki, 30).unwrap();
     let a = host(dir.path(), &pki, "a", "raw").await;
     let b = host(dir.path(), &pki, "b", "raw").await;
-    let op = a
-        .remote
-        .create_volume(
-            "shop",
-            &VolumeSpec {
-                name: "data".into(),
-                size_bytes: 1 << 20,
-                format: DiskFormat::Raw,
-            },
-        )
-        .await
-        .unwrap();
-    wait_for(&a.remote, &op.id, Duration::from_secs(10))
-        .await
-        .unwrap();
+    create_data_volume(&a, 1 << 20).await;
     let mut receiver = b.remote.receiver().await.unwrap();
     receiver.secret = crate::agent::transfers::random_secret();
     let id = a
