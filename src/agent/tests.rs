@@ -4,7 +4,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
 use super::*;
-use crate::config::{Config, DiskFormat, Driver};
+use crate::config::Config;
+use crate::model::{DiskFormat, Driver};
 use crate::providers::remote::wire::{
     self, AdoptVolume, Adopted, SendVolume, SentReport, TransferState,
 };

@@ -156,7 +156,7 @@ impl Engine {
         at: &dyn Provider,
         homes: &crate::migrators::deploy::BucketHomes,
         config: &Config,
-        spec: &crate::config::ServiceSpec,
+        spec: &crate::model::ServiceSpec,
     ) -> Result<crate::migrators::deploy::DeployReport, crate::migrators::deploy::DeployError> {
         let journal = &self.inner.journal;
         let known = journal.deployed(&spec.name, at.name()).unwrap_or_default();

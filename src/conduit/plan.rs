@@ -20,33 +20,9 @@
 pub use crate::migrators::plan::{Action, Phase, Plan, Step, VolumePlan};
 pub use crate::sys::units::human_bytes;
 
-use crate::config::{self, Config, Driver, ServiceSpec};
-use crate::model::ComponentKind;
+use crate::config::{self, Config};
+use crate::model::{Component, ComponentKind, ServiceSpec};
 use crate::providers::{Capabilities, DiskFormat};
-
-/// What a driver can do, known without opening the provider.
-pub fn driver_capabilities(driver: Driver) -> Capabilities {
-    match driver {
-        Driver::Local => Capabilities {
-            compute: false,
-            block: true,
-            object: true,
-            app: true,
-        },
-        Driver::Qemu => Capabilities {
-            compute: true,
-            block: true,
-            object: false,
-            app: false,
-        },
-        Driver::S3 | Driver::Swift => Capabilities {
-            compute: false,
-            block: false,
-            object: true,
-            app: false,
-        },
-    }
-}
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlanError {
@@ -116,7 +92,7 @@ pub fn plan(config: &Config, service: &str, from: &str, to: &str) -> Result<Plan
 
 /// Checks the target can hold every component that travels.
 fn check_capabilities(spec: &ServiceSpec, target: &config::Provider) -> Result<(), PlanError> {
-    let dst_caps = driver_capabilities(target.driver);
+    let dst_caps = Capabilities::of(target.driver);
     let mut missing = Vec::new();
     for c in &spec.components {
         let (need, what) = match c.kind {
@@ -152,8 +128,8 @@ struct Parts<'a> {
     vms: Vec<&'a str>,
     /// A VM's disk is the volume named like it: it travels like any volume.
     volumes: Vec<VolumePlan>,
-    buckets: Vec<&'a config::Component>,
-    configs: Vec<&'a config::Component>,
+    buckets: Vec<&'a Component>,
+    configs: Vec<&'a Component>,
 }
 
 impl<'a> Parts<'a> {
@@ -186,7 +162,7 @@ impl<'a> Parts<'a> {
     }
 
     /// The buckets that travel with the service.
-    fn moving_buckets(&self) -> impl Iterator<Item = &&'a config::Component> {
+    fn moving_buckets(&self) -> impl Iterator<Item = &&'a Component> {
         self.buckets.iter().filter(|b| !b.keep_at_source)
     }
 }
@@ -654,7 +630,7 @@ keep_at_source = true
     #[test]
     fn a_target_that_cannot_hold_a_component_is_refused() {
         let mut config = config();
-        config.providers.get_mut("b").unwrap().driver = Driver::S3;
+        config.providers.get_mut("b").unwrap().driver = crate::model::Driver::S3;
         let err = plan(&config, "shop", "a", "b").unwrap_err();
         assert!(
             matches!(&err, PlanError::Incompatible { reason, .. } if reason.contains("app `web` needs apps")),

@@ -153,7 +153,7 @@ impl Shared {
     /// The providers holding the buckets of `spec` that stay where they are when it moves.
     pub fn bucket_homes(
         &self,
-        spec: &crate::config::ServiceSpec,
+        spec: &crate::model::ServiceSpec,
     ) -> Result<crate::migrators::deploy::BucketHomes, ProviderError> {
         crate::migrators::deploy::bucket_homes(spec, |name| self.provider(name))
     }

@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use super::deploy::{self, DeployError};
 use super::rewrite::{self, ConfigFileSpec, Placeholders};
 use super::{Cx, Migrator, MigratorError};
-use crate::config::{Component, Config, ServiceSpec};
-use crate::model::ComponentKind;
+use crate::config::Config;
+use crate::model::{Component, ComponentKind, ServiceSpec};
 use crate::providers::{AppState, Provider};
 
 /// `config:<file>`: rewrites the configuration file `file` of `app` for the target.

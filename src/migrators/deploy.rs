@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use crate::config::{Component, Config, ServiceSpec};
-use crate::model::ComponentKind;
+use crate::config::Config;
+use crate::model::{Component, ComponentKind, ServiceSpec};
 use crate::providers::{
     self, AppSpec, AppState, Provider, ProviderError, VmSpec, VmState, VolumeSpec,
 };

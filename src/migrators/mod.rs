@@ -47,8 +47,8 @@ use std::time::Instant;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Component, Config, ServiceSpec};
-use crate::model::ComponentKind;
+use crate::config::Config;
+use crate::model::{Component, ComponentKind, ServiceSpec};
 use crate::providers::{Provider, ProviderError};
 use crate::telemetry::Metrics;
 use crate::viaduct;

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{PolicySpec, ServiceSpec, GIB};
+use crate::config::PolicySpec;
 use crate::model::{
-    ComponentKind, IoFigures, MarketSnapshot, Offer, RegionInfo, Requirements, HOURS_PER_MONTH,
+    ComponentKind, IoFigures, MarketSnapshot, Offer, RegionInfo, Requirements, ServiceSpec, GIB,
+    HOURS_PER_MONTH,
 };
 
 /// Days in an average month, matching [`HOURS_PER_MONTH`].

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use crate::config::{Component, Mode, PolicySpec, ServiceSpec};
+use crate::config::{Mode, PolicySpec};
 use crate::model::{
-    BucketSettings, ComponentKind, ComponentSettings, IoFigures, MarketSnapshot, Offer, RegionInfo,
-    Requirements, VmSpec,
+    BucketSettings, Component, ComponentKind, ComponentSettings, IoFigures, MarketSnapshot, Offer,
+    RegionInfo, Requirements, ServiceSpec, VmSpec,
 };
 
 use super::{DecisionContext, Market};

@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::config::HealthCheck;
+use crate::model::HealthCheck;
 use crate::sys::retry::{self, ExponentialBuilder};
 
 use super::{object, HealthReport, ProviderError};

@@ -46,10 +46,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 
-use crate::config::{self, Driver, HealthCheck};
+use crate::config;
+use crate::model::{Driver, HealthCheck};
 use crate::sys::retry::{self, ExponentialBuilder};
 
-pub use crate::config::DiskFormat;
+pub use crate::model::DiskFormat;
 pub use host::keep_root_locks_until_exit;
 pub use names::{validate_file_name, validate_key, validate_name};
 pub use spec::{AppSpec, SettingsError};

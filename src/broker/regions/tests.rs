@@ -1,6 +1,7 @@
 use super::*;
 
-use crate::config::{Driver, RawRegionOverride};
+use crate::config::RawRegionOverride;
+use crate::model::Driver;
 
 fn parse(text: &str) -> Result<RegionTable, RegionError> {
     RegionTable::parse(Path::new("test.csv"), text)
@@ -21,7 +22,7 @@ fn provider(cloud: Option<&str>, region: &str, overrides: Option<RawRegionOverri
         cloud: cloud.map(str::to_string),
         region: region.to_string(),
         root: None,
-        disk_format: crate::config::DiskFormat::Raw,
+        disk_format: crate::model::DiskFormat::Raw,
         pricing: None,
         benchmark: None,
         region_overrides: overrides,

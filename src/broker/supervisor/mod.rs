@@ -42,8 +42,8 @@ pub use views::{ActiveRelocation, ServiceStatus};
 use super::decisions::{DecisionLog, DecisionLogError};
 use super::state::{PersistedState, StateFile};
 use crate::conduit::{Conduit, ConduitError};
-use crate::config::{Config, ConfigErrors, ServiceSpec};
-use crate::model::{MarketSnapshot, PlacementBook, Placements, SourceStatus};
+use crate::config::{Config, ConfigErrors};
+use crate::model::{MarketSnapshot, PlacementBook, Placements, ServiceSpec, SourceStatus};
 use crate::telemetry::Metrics;
 use costs::CostSeries;
 use jobs::{feeds, Poller};
@@ -139,7 +139,7 @@ impl Supervisor {
         create("cache directory".into(), loaded.config.cache_dir())?;
         // A local provider is a directory; make sure it exists so its benchmark can run.
         for p in loaded.config.providers.values() {
-            if let (crate::config::Driver::Local, Some(root)) = (p.driver, &p.root) {
+            if let (crate::model::Driver::Local, Some(root)) = (p.driver, &p.root) {
                 create(format!("directory of provider `{}`", p.name), root.clone())?;
             }
         }

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicUsize;
 use async_trait::async_trait;
 
 use super::*;
-use crate::config::Driver;
+use crate::model::Driver;
 use crate::providers::local::LocalProvider;
 use crate::providers::{
     Capabilities, DiskFormat, ObjectBody, ObjectMeta, ObjectStat, Operation, OperationId,

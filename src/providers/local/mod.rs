@@ -39,7 +39,8 @@ use super::{
     ObjectInfo, ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, OperationKind,
     Provider, ProviderError, StopOptions, StopOutcome, VolumeInfo, VolumeSpec,
 };
-use crate::config::{self, Driver};
+use crate::config;
+use crate::model::Driver;
 
 /// Every live provider in this process by canonical root: opening a root twice hands out the
 /// same instance, because two supervisors of one app would fight over it.
@@ -173,12 +174,7 @@ impl Provider for LocalProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            compute: false,
-            block: true,
-            object: true,
-            app: true,
-        }
+        Capabilities::of(Driver::Local)
     }
 
     fn preferred_disk_format(&self) -> DiskFormat {

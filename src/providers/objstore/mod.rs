@@ -43,7 +43,8 @@ use super::{
     ObjectBody, ObjectInfo, ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, Provider,
     ProviderError,
 };
-use crate::config::{self, Driver, ObjectStoreSettings};
+use crate::config::{self, ObjectStoreSettings};
+use crate::model::Driver;
 use crate::sys::retry::{ConstantBuilder, Retryable};
 
 pub(crate) use naming::Store;
@@ -666,12 +667,7 @@ impl Provider for ObjectStore {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            compute: false,
-            block: false,
-            object: true,
-            app: false,
-        }
+        Capabilities::of(self.driver())
     }
 
     fn preferred_disk_format(&self) -> DiskFormat {

@@ -42,7 +42,8 @@ use super::{
     Provider, ProviderError, StopOptions, StopOutcome, VmSpec, VmState, VmStatus, VolumeInfo,
     VolumeSpec,
 };
-use crate::config::{self, Accel, DiskBus, Driver, QemuSettings};
+use crate::config::{self, Accel, DiskBus, QemuSettings};
+use crate::model::Driver;
 use crate::sys::retry::{ConstantBuilder, Retryable};
 pub use qmp::{Qmp, QmpError};
 
@@ -828,12 +829,7 @@ impl Provider for QemuProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            compute: true,
-            block: true,
-            object: false,
-            app: false,
-        }
+        Capabilities::of(Driver::Qemu)
     }
 
     fn preferred_disk_format(&self) -> DiskFormat {

@@ -22,7 +22,7 @@ use super::{
     ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, Provider, ProviderError,
     StopOptions, StopOutcome, VmSpec, VmStatus, VolumeInfo, VolumeSpec,
 };
-use crate::config::{DiskFormat, Driver};
+use crate::model::{DiskFormat, Driver};
 use crate::sys::tls::Identity;
 use wire::{
     AdoptVolume, Adopted, Call, Discard, ObjectRef, ReceiverInfo, SendVolume, TransferId,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DiskFormat, Driver};
+use crate::model::{DiskFormat, Driver};
 use crate::providers::{
     AppSpec, Capabilities, OperationId, ProviderError, StopOptions, VmSpec, VolumeSpec,
 };
