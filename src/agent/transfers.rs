@@ -50,6 +50,16 @@ pub enum TransferError {
     },
 }
 
+/// A send and when it started.
+struct Tracked {
+    state: Arc<Mutex<TransferState>>,
+    started: Instant,
+}
+
+/// A finished send is answered for this long, then forgotten (the daemon asks within
+/// seconds; the journal keeps its report).
+const KEEP_FINISHED: Duration = Duration::from_secs(3600);
+
 /// The agent's viaduct receiver as senders reach it.
 pub struct Receiver {
     pub info: ReceiverInfo,
@@ -62,7 +72,7 @@ pub struct Transfers {
     pub receiver: Option<Receiver>,
     identity_tls: Arc<rustls::ClientConfig>,
     metrics: AgentMetrics,
-    running: Mutex<HashMap<String, Arc<Mutex<TransferState>>>>,
+    running: Mutex<HashMap<String, Tracked>>,
     /// The transfer each staged name is being sent under, so a repeated request (the daemon
     /// asking again after a restart) joins the running send instead of starting a second.
     by_name: Mutex<HashMap<String, String>>,
@@ -113,12 +123,10 @@ impl Transfers {
         req: SendVolume,
     ) -> Result<TransferId, TransferError> {
         if let Some(id) = self.by_name.lock().unwrap().get(&req.name).cloned() {
-            let running = self
-                .running
-                .lock()
-                .unwrap()
-                .get(&id)
-                .is_some_and(|s| matches!(*s.lock().unwrap(), TransferState::Running { .. }));
+            let running =
+                self.running.lock().unwrap().get(&id).is_some_and(|t| {
+                    matches!(*t.state.lock().unwrap(), TransferState::Running { .. })
+                });
             if running {
                 return Ok(TransferId { id });
             }
@@ -156,14 +164,23 @@ impl Transfers {
             bytes_read: 0,
             bytes_sent: 0,
         }));
-        self.running
-            .lock()
-            .unwrap()
-            .insert(id.clone(), state.clone());
-        self.by_name
-            .lock()
-            .unwrap()
-            .insert(req.name.clone(), id.clone());
+        {
+            let mut running = self.running.lock().unwrap();
+            running.retain(|_, t| {
+                t.started.elapsed() < KEEP_FINISHED
+                    || matches!(*t.state.lock().unwrap(), TransferState::Running { .. })
+            });
+            running.insert(
+                id.clone(),
+                Tracked {
+                    state: state.clone(),
+                    started: Instant::now(),
+                },
+            );
+            let mut by_name = self.by_name.lock().unwrap();
+            by_name.retain(|_, id| running.contains_key(id));
+            by_name.insert(req.name.clone(), id.clone());
+        }
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let progress_state = state.clone();
@@ -229,7 +246,7 @@ impl Transfers {
             .lock()
             .unwrap()
             .get(id)
-            .map(|s| s.lock().unwrap().clone())
+            .map(|t| t.state.lock().unwrap().clone())
             .ok_or_else(|| TransferError::UnknownTransfer(id.to_string()))
     }
 
