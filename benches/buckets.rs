@@ -24,6 +24,8 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "../tests/it/common/config.rs"]
+mod config;
 #[path = "../tests/it/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
@@ -37,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use common::{at_least_one, free_port, load_average, median};
+use config::{ConfigBuilder, Section};
 use fluidcloud::config::Config;
 use fluidcloud::migrators::copier::{copy_bucket, BucketCopyOptions, BucketProgress};
 use fluidcloud::providers::{self, Provider};
@@ -150,20 +153,32 @@ fn config(
             swift.user, swift.key
         ),
     )?;
-    let text = format!(
-        "[providers.s3]\ndriver = \"s3\"\nregion = \"lab\"\n[providers.s3.s3]\n\
-         endpoint = \"{}\"\nregion = \"us-east-1\"\npath_style = true\n\
-         credentials_file = \"s3.credentials\"\n\n\
-         [providers.uploader]\ndriver = \"s3\"\nregion = \"lab\"\n[providers.uploader.s3]\n\
-         endpoint = \"{}\"\nregion = \"us-east-1\"\npath_style = true\n\
-         credentials_file = \"s3.credentials\"\npart_size_mib = {upload_part_mib}\n\n\
-         [providers.swift]\ndriver = \"swift\"\nregion = \"lab\"\n[providers.swift.swift]\n\
-         auth_url = \"{}\"\ncredentials_file = \"swift.credentials\"\n{}",
-        s3.endpoint,
-        s3.endpoint,
-        swift.auth_url,
-        swift_part_mib.map_or(String::new(), |m| format!("part_size_mib = {m}\n"))
-    );
+    // S3 through its endpoint, by path, with the credentials written above.
+    let s3_table = |t: Section| {
+        t.set("endpoint", s3.endpoint.as_str())
+            .set("region", "us-east-1")
+            .set("path_style", true)
+            .set("credentials_file", "s3.credentials")
+    };
+    let text = ConfigBuilder::new()
+        .provider("s3", "s3", "lab", |p| p.table("s3", s3_table))
+        .provider("uploader", "s3", "lab", |p| {
+            p.table("s3", |t| {
+                s3_table(t).set("part_size_mib", upload_part_mib as i64)
+            })
+        })
+        .provider("swift", "swift", "lab", |p| {
+            p.table("swift", |t| {
+                let t = t
+                    .set("auth_url", swift.auth_url.as_str())
+                    .set("credentials_file", "swift.credentials");
+                match swift_part_mib {
+                    Some(m) => t.set("part_size_mib", m as i64),
+                    None => t,
+                }
+            })
+        })
+        .render();
     Config::parse(&dir.join("fluidcloud.toml"), &text).map_err(|e| e.to_string())
 }
 

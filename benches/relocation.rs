@@ -52,6 +52,8 @@ use fluidcloud::viaduct::Progress;
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "../tests/it/common/config.rs"]
+mod config;
 #[path = "../tests/it/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
@@ -59,6 +61,7 @@ use clap::Parser;
 use common::{
     at_least_one, build_image, fill_random, free_port, load_average, median, XorShift, MIB,
 };
+use config::ConfigBuilder;
 use servers::kill_from_pid_file;
 
 /// Cutover downtime of a pre-copy relocation between two `local` providers.
@@ -194,79 +197,33 @@ fn write_config(
     bucket_objects: usize,
 ) -> Result<Config, String> {
     let target = &case.target;
-    let bucket = if bucket_objects > 0 {
-        "\n[[services.shop.components]]\nkind = \"bucket\"\nname = \"assets\"\nsize_gib = 0.1\n"
-    } else {
-        ""
-    };
     std::fs::write(
         dir.join("demo.toml.in"),
         "listen = \"{app.web.host}:{app.web.port}\"\ndata_file = \"{volume.data.path}\"\n",
     )
     .map_err(|e| format!("cannot write the config template: {e}"))?;
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/cheapest.rhai");
-    let text = format!(
-        r#"
-[daemon]
-state_dir = "state"
-listen = "127.0.0.1:9"
-
-[broker]
-evaluate_schedule = "0 0 0 1 1 *"
-
-[conduit]
-grace_period_secs = 1
-stop_timeout_secs = 5
-health_timeout_secs = 30
-transfer_concurrency = {concurrency}
-
-[providers.a]
-driver = "local"
-region = "us-east-1"
-root = "providers/a"
-
-[providers.b]
-driver = "local"
-region = "eu-central-1"
-root = "providers/b"
-disk_format = "{target}"
-
-[policies.watch]
-file = "{policy}"
-mode = "audit"
-
-[services.shop]
-provider = "a"
-policy = "watch"
-health_check = {{ url = "http://127.0.0.1:{port}/health", timeout_secs = 30 }}
-
-[[services.shop.components]]
-kind = "app"
-name = "web"
-[services.shop.components.settings]
-command = "{app}"
-args = ["demo.toml"]
-port = {port}
-
-[[services.shop.components]]
-kind = "config"
-name = "demo.toml"
-[services.shop.components.settings]
-template = "demo.toml.in"
-rules = [
-  {{ match = 'data_file = "[^"]*"', replace = 'data_file = "{{volume.data.path}}"' }},
-]
-
-[[services.shop.components]]
-kind = "volume"
-name = "data"
-size_gib = {size_gib}
-{bucket}"#,
-        policy = policy.display(),
-        app = app.display(),
-        concurrency = case.concurrency,
-    );
+    let config = ConfigBuilder::new()
+        .daemon("listen", "127.0.0.1:9")
+        .broker_idle()
+        .conduit("grace_period_secs", 1)
+        .conduit("stop_timeout_secs", 5)
+        .conduit("health_timeout_secs", 30)
+        .conduit("transfer_concurrency", case.concurrency as i64)
+        .provider_local("a", "us-east-1")
+        .provider_local_with("b", "eu-central-1", |p| p.disk_format(target))
+        .policy("watch", "cheapest", "audit", |p| p)
+        .service("shop", "a", "watch", |s| {
+            let s = s
+                .health_url(&format!("http://127.0.0.1:{port}/health"), 30)
+                .demo_app_with_data(app, port, size_gib as f64);
+            if bucket_objects > 0 {
+                s.bucket("assets", 0.1)
+            } else {
+                s
+            }
+        });
     let path = dir.join("fluidcloud.toml");
+    let text = config.render();
     std::fs::write(&path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Config::parse(&path, &text).map_err(|e| format!("the round's configuration: {e}"))
 }

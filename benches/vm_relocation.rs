@@ -16,6 +16,9 @@ mod common;
 use clap::Parser;
 use common::free_port;
 
+#[path = "../tests/it/common/config.rs"]
+mod config;
+
 #[path = "../tests/it/common/servers.rs"]
 #[allow(dead_code)]
 mod servers;
@@ -29,6 +32,7 @@ use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use config::{policy_path, ConfigBuilder, Qemu};
 use fluidcloud::conduit::engine::Engine;
 use fluidcloud::conduit::journal::RelocationRecord;
 use fluidcloud::conduit::{RelocationRequest, RelocationState};
@@ -60,56 +64,37 @@ fn write_config(
     port: u16,
     disk_mib: u64,
 ) -> Result<Config, String> {
-    let text = format!(
-        r#"
-[daemon]
-state_dir = "state"
-
-[conduit]
-grace_period_secs = 1
-stop_timeout_secs = 120
-
-[providers.q1]
-driver = "qemu"
-region = "lab"
-root = "q1"
-disk_format = "qcow2"
-[providers.q1.qemu]
-{q1}
-[providers.q2]
-driver = "qemu"
-region = "lab"
-root = "q2"
-disk_format = "raw"
-[providers.q2.qemu]
-{q2}
-[policies.watch]
-file = "{repo}/policies/cheapest.rhai"
-
-[services.box]
-provider = "q1"
-policy = "watch"
-memory_gib = 0.25
-health_check = {{ url = "http://127.0.0.1:{port}/health", timeout_secs = 300 }}
-
-[[services.box.components]]
-kind = "vm"
-name = "guest"
-size_gib = {size}
-[services.box.components.settings]
-kernel = "{kernel}"
-initrd = "{initrd}"
-append = "{append} fc.hash=skip"
-ports = [{{ guest = 80, host = {port} }}]
-"#,
-        q1 = env.provider_settings("virtio", "virtio-net-pci", 120),
-        q2 = env.provider_settings("sata", "e1000", 120),
-        repo = env!("CARGO_MANIFEST_DIR"),
-        size = disk_mib as f64 / 1024.0,
-        kernel = env.kernel.display(),
-        initrd = initrd.display(),
-        append = QemuEnv::append("serve", 80),
-    );
+    let qemu = |bus: &str, nic: &str| {
+        Qemu::tcg(&env.qemu, &env.firmware, std::slice::from_ref(&env.libs))
+            .disk_bus(bus)
+            .nic_model(nic)
+            .powerdown_timeout_secs(120)
+    };
+    let text = ConfigBuilder::new()
+        .conduit("grace_period_secs", 1)
+        .conduit("stop_timeout_secs", 120)
+        .provider("q1", "qemu", "lab", |p| {
+            p.root("q1")
+                .disk_format("qcow2")
+                .qemu(qemu("virtio", "virtio-net-pci"))
+        })
+        .provider("q2", "qemu", "lab", |p| {
+            p.root("q2").disk_format("raw").qemu(qemu("sata", "e1000"))
+        })
+        .policy_file("watch", &policy_path("cheapest"), |p| p)
+        .service("box", "q1", "watch", |s| {
+            s.set("memory_gib", 0.25)
+                .health_url(&format!("http://127.0.0.1:{port}/health"), 300)
+                .vm(
+                    "guest",
+                    disk_mib as f64 / 1024.0,
+                    &env.kernel,
+                    initrd,
+                    &format!("{} fc.hash=skip", QemuEnv::append("serve", 80)),
+                    &[(80, port)],
+                )
+        })
+        .render();
     let path = dir.join("fluidcloud.toml");
     std::fs::write(&path, &text).map_err(|e| e.to_string())?;
     Config::parse(&path, &text).map_err(|e| e.to_string())

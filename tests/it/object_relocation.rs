@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
+use common::config::{ConfigBuilder, Section};
 use common::servers::{kill_from_pid_file, S3sFs, SwiftServer, TestEnv};
-use common::{bin, demo_app, repo};
+use common::{bin, demo_app};
 use fluidcloud::config::Config;
 use fluidcloud::migrators::copier::{bucket_manifest, BucketManifest};
 use fluidcloud::providers::{self, ObjectStream, Provider};
@@ -78,68 +79,47 @@ impl Setup {
         );
     }
 
-    /// Writes `fluidcloud.toml`: providers `a`, `b` (local), `s3` and `swift`, then
-    /// `services`.
-    fn write_config(&self, services: &str) -> Config {
-        self.write_config_with("", services)
+    /// Providers `a`, `b` (local), `s3` and `swift`, and policy `watch`; the services are
+    /// the caller's.
+    fn config(&self) -> ConfigBuilder {
+        // Both stores read their credentials from a file and send in parts of 5 MiB.
+        let store = |t: Section, credentials: &str| {
+            t.set("credentials_file", credentials)
+                .set("part_size_mib", 5)
+                .set("timeout_secs", 20)
+        };
+        ConfigBuilder::new()
+            .broker_idle()
+            .conduit("grace_period_secs", 1)
+            .conduit("stop_timeout_secs", 5)
+            .conduit("health_timeout_secs", 20)
+            .provider_local("a", "lab")
+            .provider_local("b", "lab")
+            .provider("s3", "s3", "lab", |p| {
+                p.table("s3", |t| {
+                    store(
+                        t.set("endpoint", self.s3.endpoint.as_str())
+                            .set("region", "eu-test-1")
+                            .set("path_style", true),
+                        "s3.credentials",
+                    )
+                })
+            })
+            .provider("swift", "swift", "lab", |p| {
+                p.table("swift", |t| {
+                    store(
+                        t.set("auth_url", self.swift.auth_url.as_str()),
+                        "swift.credentials",
+                    )
+                })
+            })
+            .policy("watch", "cheapest", "audit", |p| p)
     }
 
-    /// As [`Setup::write_config`], with `conduit` added to the `[conduit]` table.
-    fn write_config_with(&self, conduit: &str, services: &str) -> Config {
-        let text = format!(
-            r#"
-[daemon]
-state_dir = "state"
-
-[broker]
-evaluate_schedule = "0 0 0 1 1 *"
-
-[conduit]
-grace_period_secs = 1
-stop_timeout_secs = 5
-health_timeout_secs = 20
-{conduit}
-
-[providers.a]
-driver = "local"
-region = "lab"
-root = "providers/a"
-
-[providers.b]
-driver = "local"
-region = "lab"
-root = "providers/b"
-
-[providers.s3]
-driver = "s3"
-region = "lab"
-[providers.s3.s3]
-endpoint = "{s3}"
-region = "eu-test-1"
-path_style = true
-credentials_file = "s3.credentials"
-part_size_mib = 5
-timeout_secs = 20
-
-[providers.swift]
-driver = "swift"
-region = "lab"
-[providers.swift.swift]
-auth_url = "{swift}"
-credentials_file = "swift.credentials"
-part_size_mib = 5
-timeout_secs = 20
-
-[policies.watch]
-file = "{repo}/policies/cheapest.rhai"
-mode = "audit"
-{services}"#,
-            s3 = self.s3.endpoint,
-            swift = self.swift.auth_url,
-            repo = repo().display(),
-        );
+    /// Writes `config` to `fluidcloud.toml` and parses it.
+    fn write_config(&self, config: ConfigBuilder) -> Config {
         let path = self.path("fluidcloud.toml");
-        std::fs::write(&path, &text).unwrap();
+        let text = config.write(&path);
         Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -212,21 +192,15 @@ fn text(out: &Output) -> String {
     )
 }
 
-const ARCHIVE: &str = r#"
-[services.archive]
-provider = "s3"
-policy = "watch"
-
-[[services.archive.components]]
-kind = "bucket"
-name = "media"
-size_gib = 0.05
-"#;
+/// Service `archive`: one bucket at `s3`.
+fn archive(config: ConfigBuilder) -> ConfigBuilder {
+    config.service("archive", "s3", "watch", |s| s.bucket("media", 0.05))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_moves_from_s3_to_swift_and_back_and_wrong_credentials_change_nothing() {
     let s = Setup::new();
-    let config = s.write_config(ARCHIVE);
+    let config = s.write_config(archive(s.config()));
     let s3 = open(&config, "s3");
     fill(s3.as_ref(), "archive", "media", 300).await;
     let original = manifest(s3.as_ref(), "archive", "media").await;
@@ -285,49 +259,12 @@ async fn buckets_living_at_s3_and_swift_stay_there_and_the_app_is_pointed_at_the
     )
     .unwrap();
     let port = common::free_port();
-    let config = s.write_config(&format!(
-        r#"
-[services.shop]
-provider = "a"
-policy = "watch"
-health_check = {{ url = "http://127.0.0.1:{port}/health", timeout_secs = 20 }}
-
-[[services.shop.components]]
-kind = "app"
-name = "web"
-[services.shop.components.settings]
-command = "{app}"
-args = ["demo.toml"]
-port = {port}
-
-[[services.shop.components]]
-kind = "config"
-name = "demo.toml"
-[services.shop.components.settings]
-template = "demo.toml.in"
-rules = [
-  {{ match = 'data_file = "[^"]*"', replace = 'data_file = "{{volume.data.path}}"' }},
-]
-
-[[services.shop.components]]
-kind = "volume"
-name = "data"
-size_gib = 0.03125
-
-[[services.shop.components]]
-kind = "bucket"
-name = "photos"
-size_gib = 0.01
-provider = "s3"
-
-[[services.shop.components]]
-kind = "bucket"
-name = "thumbs"
-size_gib = 0.01
-provider = "swift"
-"#,
-        app = demo_app().display()
-    ));
+    let config = s.write_config(s.config().service("shop", "a", "watch", |shop| {
+        shop.health_url(&format!("http://127.0.0.1:{port}/health"), 20)
+            .demo_app_with_data(demo_app(), port, 0.03125)
+            .bucket_at("photos", 0.01, "s3")
+            .bucket_at("thumbs", 0.01, "swift")
+    }));
     let (s3, swift) = (open(&config, "s3"), open(&config, "swift"));
     fill(s3.as_ref(), "shop", "photos", 20).await;
     fill(swift.as_ref(), "shop", "thumbs", 20).await;
@@ -385,7 +322,7 @@ fn summary_bytes(out: &Output, label: &str) -> u64 {
 async fn a_target_server_killed_mid_copy_fails_the_move_and_the_next_attempt_resumes() {
     let mut s = Setup::new();
     // Slow enough that the copy is still going when the target's server dies.
-    let config = s.write_config_with("bucket_max_mib_per_sec = 1", ARCHIVE);
+    let config = s.write_config(archive(s.config()).conduit("bucket_max_mib_per_sec", 1));
     let s3 = open(&config, "s3");
     fill(s3.as_ref(), "archive", "media", 300).await;
     let original = manifest(s3.as_ref(), "archive", "media").await;
@@ -439,7 +376,7 @@ async fn a_target_server_killed_mid_copy_fails_the_move_and_the_next_attempt_res
     // With the server back and no rate cap, the next attempt completes, and what arrived
     // before the crash is not sent again.
     s.swift.restart_proxy();
-    s.write_config(ARCHIVE);
+    s.write_config(archive(s.config()));
     let out = s.relocate("archive", "swift");
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(manifest(swift.as_ref(), "archive", "media").await, original);

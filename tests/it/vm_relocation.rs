@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::config::{ConfigBuilder, Qemu};
 use common::guest::{self, QemuEnv, HASH_MARKER, SERVING_MARKER};
 use common::servers::kill_from_pid_file;
-use common::{bin, free_port, repo};
+use common::{bin, free_port};
 use fluidcloud::config::Config;
 use fluidcloud::providers::{self, Provider, StopOptions, VolumeSpec};
 
@@ -52,65 +53,51 @@ impl Lab {
     /// `fluidcloud.toml` with `q1` (qcow2 on virtio) and `q2` (raw on `target_bus` with
     /// `target_nic`), and service `box`: one VM on `q1`.
     fn write_config(&self, target_bus: &str, target_nic: &str, health_secs: u64) -> Config {
-        let text = format!(
-            r#"
-[daemon]
-state_dir = "state"
-
-[broker]
-evaluate_schedule = "0 0 0 1 1 *"
-
-[conduit]
-grace_period_secs = 1
-stop_timeout_secs = {stop}
-
-[providers.q1]
-driver = "qemu"
-region = "lab"
-root = "providers/q1"
-disk_format = "qcow2"
-[providers.q1.qemu]
-{q1}
-[providers.q2]
-driver = "qemu"
-region = "lab"
-root = "providers/q2"
-disk_format = "raw"
-[providers.q2.qemu]
-{q2}
-[policies.watch]
-file = "{repo}/policies/cheapest.rhai"
-mode = "audit"
-
-[services.box]
-provider = "q1"
-policy = "watch"
-memory_gib = 0.1875
-health_check = {{ url = "http://127.0.0.1:{port}/health", timeout_secs = {health_secs} }}
-
-[[services.box.components]]
-kind = "vm"
-name = "guest"
-size_gib = 0.03125
-[services.box.components.settings]
-kernel = "{kernel}"
-initrd = "{initrd}"
-append = "{append}"
-ports = [{{ guest = 80, host = {port} }}]
-"#,
-            q1 = self
-                .env
-                .provider_settings("virtio", "virtio-net-pci", self.powerdown_secs),
-            q2 = self.env.provider_settings(target_bus, target_nic, 60),
-            repo = repo().display(),
-            port = self.port,
-            stop = self.powerdown_secs,
-            kernel = self.env.kernel.display(),
-            initrd = self.initrd.display(),
-            append = QemuEnv::append(self.after, 80),
-        );
+        let qemu = |bus: &str, nic: &str, powerdown_secs: u64| {
+            Qemu::tcg(
+                &self.env.qemu,
+                &self.env.firmware,
+                std::slice::from_ref(&self.env.libs),
+            )
+            .disk_bus(bus)
+            .nic_model(nic)
+            .powerdown_timeout_secs(powerdown_secs)
+        };
+        let port = self.port;
         let path = self.path("fluidcloud.toml");
-        std::fs::write(&path, &text).unwrap();
+        let text = ConfigBuilder::new()
+            .broker_idle()
+            .conduit("grace_period_secs", 1)
+            .conduit("stop_timeout_secs", self.powerdown_secs as i64)
+            .provider("q1", "qemu", "lab", |p| {
+                p.root("providers/q1").disk_format("qcow2").qemu(qemu(
+                    "virtio",
+                    "virtio-net-pci",
+                    self.powerdown_secs,
+                ))
+            })
+            .provider("q2", "qemu", "lab", |p| {
+                p.root("providers/q2")
+                    .disk_format("raw")
+                    .qemu(qemu(target_bus, target_nic, 60))
+            })
+            .policy("watch", "cheapest", "audit", |p| p)
+            .service("box", "q1", "watch", |s| {
+                s.set("memory_gib", 0.1875)
+                    .health_url(
+                        &format!("http://127.0.0.1:{port}/health"),
+                        health_secs as i64,
+                    )
+                    .vm(
+                        "guest",
+                        0.03125,
+                        &self.env.kernel,
+                        &self.initrd,
+                        &QemuEnv::append(self.after, 80),
+                        &[(80, port)],
+                    )
+            })
+            .write(&path);
         Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"))
     }
 

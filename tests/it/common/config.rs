@@ -16,7 +16,7 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use toml::{Table, Value};
 
@@ -98,6 +98,50 @@ impl Provider {
     pub fn table(self, key: &str, f: impl FnOnce(Section) -> Section) -> Provider {
         Provider(self.0.table(key, f))
     }
+    /// The `qemu` driver's table.
+    pub fn qemu(self, qemu: Qemu) -> Provider {
+        self.set("qemu", qemu.0)
+    }
+}
+
+/// The `qemu` driver's table: the emulator, where it finds its firmware and libraries, and
+/// how the guests it starts are wired.
+#[derive(Clone, Debug)]
+pub struct Qemu(Section);
+
+impl Qemu {
+    /// `binary` under TCG (no KVM needed), with `firmware_dirs` and `library_path`.
+    pub fn tcg(binary: &Path, firmware_dirs: &[PathBuf], library_path: &[PathBuf]) -> Qemu {
+        Qemu(
+            Section::new()
+                .set("binary", path_text(binary))
+                .set("firmware_dirs", paths(firmware_dirs))
+                .set("library_path", paths(library_path))
+                .set("accel", "tcg"),
+        )
+    }
+    pub fn set(self, key: &str, value: impl Into<Value>) -> Qemu {
+        Qemu(self.0.set(key, value))
+    }
+    /// The bus the guests' disks hang on (`virtio`, `sata`…).
+    pub fn disk_bus(self, bus: &str) -> Qemu {
+        self.set("disk_bus", bus)
+    }
+    /// The guests' network card (`virtio-net-pci`, `e1000`, `none`).
+    pub fn nic_model(self, nic: &str) -> Qemu {
+        self.set("nic_model", nic)
+    }
+    pub fn powerdown_timeout_secs(self, secs: u64) -> Qemu {
+        self.set("powerdown_timeout_secs", secs as i64)
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn paths(paths: &[PathBuf]) -> Vec<Value> {
+    paths.iter().map(|p| Value::from(path_text(p))).collect()
 }
 
 /// A policy: its script, mode and rails.
@@ -187,6 +231,51 @@ impl Service {
                 s.set("command", command)
                     .set("args", args)
                     .set("port", i64::from(port))
+            })
+        })
+    }
+    /// The demo app (`examples/demo-app` at `app`) as component `web` on `port`, reading
+    /// `demo.toml`, which is rendered from the template `demo.toml.in` with its `data_file`
+    /// pointed at volume `data` of `volume_gib`. The service's other components (buckets)
+    /// and its health check are the caller's.
+    pub fn demo_app_with_data(self, app: &Path, port: u16, volume_gib: f64) -> Service {
+        self.app("web", &path_text(app), &["demo.toml"], port)
+            .config_file(
+                "demo.toml",
+                "demo.toml.in",
+                &[(
+                    r#"data_file = "[^"]*""#,
+                    r#"data_file = "{volume.data.path}""#,
+                )],
+            )
+            .volume("data", volume_gib)
+    }
+    /// A VM booting `kernel` with `initrd` and the command line `append`, its disk of
+    /// `size_gib`, and `(guest, host)` ports forwarded from the host's loopback.
+    pub fn vm(
+        self,
+        name: &str,
+        size_gib: f64,
+        kernel: &Path,
+        initrd: &Path,
+        append: &str,
+        ports: &[(u16, u16)],
+    ) -> Service {
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(guest, host)| {
+                table([
+                    ("guest", i64::from(*guest).into()),
+                    ("host", i64::from(*host).into()),
+                ])
+            })
+            .collect();
+        self.component("vm", name, |c| {
+            c.set("size_gib", size_gib).table("settings", |s| {
+                s.set("kernel", path_text(kernel))
+                    .set("initrd", path_text(initrd))
+                    .set("append", append)
+                    .set("ports", ports)
             })
         })
     }
