@@ -194,24 +194,6 @@ impl QemuEnv {
         out
     }
 
-    /// The body of a `[providers.NAME.qemu]` table running this emulator under TCG with
-    /// `bus` disks and a `nic` network card.
-    pub fn provider_settings(&self, bus: &str, nic: &str, powerdown_secs: u64) -> String {
-        let list = |v: &[PathBuf]| {
-            v.iter()
-                .map(|p| format!("\"{}\"", p.display()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        format!(
-            "binary = \"{}\"\nfirmware_dirs = [{}]\nlibrary_path = [{}]\naccel = \"tcg\"\n\
-             disk_bus = \"{bus}\"\nnic_model = \"{nic}\"\npowerdown_timeout_secs = {powerdown_secs}\n",
-            self.qemu.display(),
-            list(&self.firmware),
-            list(std::slice::from_ref(&self.libs)),
-        )
-    }
-
     /// The kernel command line for the guest.
     pub fn append(after: &str, port: u16) -> String {
         format!("console=ttyS0 quiet panic=-1 fc.after={after} fc.port={port}")
