@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use clap::Parser;
-use fluidcloud::config::{Component, ComponentSettings, Mode, PolicySpec, ServiceSpec};
+use fluidcloud::config::{Mode, PolicySpec};
 use fluidcloud::model::VmSpec;
+use fluidcloud::model::{Component, ComponentSettings, ServiceSpec};
 use fluidcloud::model::{
     ComponentKind, IoFigures, MarketSnapshot, Offer, RegionInfo, Requirements, Verdict,
 };

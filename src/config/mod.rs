@@ -29,10 +29,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-pub use crate::model::{
-    Component, ComponentSettings, DiskFormat, Driver, HealthCheck, HookSpec, HookTarget,
-    ServiceSpec, GIB,
-};
+use crate::model::ServiceSpec;
 pub use components::SettingsError;
 pub use daemon::{BrokerSettings, ConduitSettings, DaemonSettings, LogFormat};
 pub use feeds::{BenchmarkKind, BenchmarkMap, BenchmarkSource, PricingFormat, PricingSource};

@@ -1,4 +1,5 @@
 use super::*;
+use crate::model::{ComponentSettings, HookSpec, HookTarget};
 use std::time::Duration;
 
 fn parse(text: &str) -> Result<Config, ConfigErrors> {

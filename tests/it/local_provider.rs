@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::{demo_app, free_port};
-use fluidcloud::config::HealthCheck;
+use fluidcloud::model::HealthCheck;
 use fluidcloud::providers::local::LocalProvider;
 use fluidcloud::providers::{
     wait_for, AppSpec, AppState, AppStatus, DiskFormat, OperationKind, OperationState, Provider,
