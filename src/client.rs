@@ -334,7 +334,7 @@ pub fn decisions(
                     plan["steps"].as_array().map(Vec::len).unwrap_or(0),
                     plan["bytes_to_move"]
                         .as_u64()
-                        .map(fluidcloud::conduit::plan::human_bytes)
+                        .map(fluidcloud::sys::units::human_bytes)
                         .unwrap_or_else(|| "-".into()),
                     s(&plan["expected_downtime_secs"]),
                     s(&plan["migration_cost"]),
@@ -484,7 +484,7 @@ pub(crate) fn describe_relocation(r: &Value) -> String {
     };
     let bytes = |v: &Value| {
         v.as_u64()
-            .map(fluidcloud::conduit::plan::human_bytes)
+            .map(fluidcloud::sys::units::human_bytes)
             .unwrap_or_else(|| "-".into())
     };
     let rows = r["steps"]

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use fluidcloud::conduit::engine::Engine;
 use fluidcloud::conduit::journal::{RelocationRecord, StepState};
-use fluidcloud::conduit::plan::{human_bytes, Step};
+use fluidcloud::conduit::plan::Step;
 use fluidcloud::conduit::{Observer, RelocationRequest, RelocationState};
 use fluidcloud::config::Config;
 use fluidcloud::migrators::copier::BucketProgress;
 use fluidcloud::migrators::Observer as _;
+use fluidcloud::sys::units::human_bytes;
 use fluidcloud::viaduct::Progress;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 

@@ -5,7 +5,7 @@
 //! the API and metrics. Submitting never blocks the Broker; the conduit runs the relocation
 //! in its own task.
 
-// Bottom to top, each using only those below it (`tests/layering.rs` keeps it so):
+// Bottom to top, each using only those below it (`tests/it/layering.rs` keeps it so):
 // `journal` and `progress`, the planner `plan`, `shared` (what the engine and the
 // relocation tasks share), the state machine `executor`, and `engine` on top.
 pub mod engine;
@@ -14,9 +14,6 @@ pub mod journal;
 pub mod plan;
 pub mod progress;
 mod shared;
-
-// Moved to the migrators; kept under their old paths for code that still uses them.
-pub use crate::migrators::{copier as buckets, deploy, hooks, rewrite};
 
 pub use executor::downtime;
 pub use progress::Observer;
