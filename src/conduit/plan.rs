@@ -14,11 +14,11 @@
 //!    period, then decommissioned.
 //!
 //! Steps are named `<action>:<object>`; the names are the journal's checkpoints. The plan's
-//! types live with the migrators that run its steps ([`crate::migrators::plan`]); they are
-//! re-exported here under their old paths.
+//! types live with the migrators that run its steps ([`crate::migrators::plan`]) and are
+//! re-exported here, beside the planner that makes them.
 
 pub use crate::migrators::plan::{Action, Phase, Plan, Step, VolumePlan};
-pub use crate::sys::units::human_bytes;
+use crate::sys::units::human_bytes;
 
 use crate::config::{self, Config};
 use crate::model::{Component, ComponentKind, ServiceSpec};
