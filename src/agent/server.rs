@@ -345,8 +345,13 @@ async fn send_volume(
 ) -> Result<Response, Failure> {
     let p = state.provider(&req.provider)?.clone();
     check_volume(&req.provider, &req.service, &req.volume)?;
-    crate::viaduct::check_name(&req.name)
-        .map_err(|r| invalid(&req.provider, format!("staged name {:?}", req.name), r))?;
+    crate::viaduct::check_name(&req.name).map_err(|r| {
+        invalid(
+            &req.provider,
+            format!("staged name {:?}", req.name),
+            r.to_string(),
+        )
+    })?;
     state.metrics.call("send_volume");
     ok(state.transfers.send(p, req).await?)
 }

@@ -91,7 +91,7 @@ fn key_from_hex(secret: &str) -> Result<PresharedKey, TransferError> {
             "the receiver's secret must be at least 64 hex digits".into(),
         ));
     }
-    PresharedKey::from_secret(secret.as_bytes()).map_err(TransferError::Invalid)
+    PresharedKey::from_secret(secret.as_bytes()).map_err(|e| TransferError::Invalid(e.to_string()))
 }
 
 impl Transfers {
@@ -252,7 +252,7 @@ impl Transfers {
 
     fn staged(&self, name: &str) -> Result<PathBuf, TransferError> {
         let r = self.receiver.as_ref().ok_or(TransferError::NoReceiver)?;
-        viaduct::check_name(name).map_err(TransferError::Invalid)?;
+        viaduct::check_name(name).map_err(|e| TransferError::Invalid(e.to_string()))?;
         Ok(r.incoming.join(name))
     }
 

@@ -14,6 +14,13 @@ const CLIENT_PROOF: &[u8] = b"fluidcloud-viaduct sender proof";
 /// random bytes (or their hex) carries at least the 256 bits of the BLAKE3 key made from it.
 const MIN_SECRET_BYTES: usize = 32;
 
+/// Why a secret is refused as a pre-shared key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("the secret is {len} bytes long; at least {MIN_SECRET_BYTES} are required")]
+    TooShort { len: usize },
+}
+
 /// The secret both ends of a viaduct hold. It is only ever used as a BLAKE3 key; it never
 /// travels.
 #[derive(Clone)]
@@ -22,12 +29,9 @@ pub struct PresharedKey([u8; 32]);
 impl PresharedKey {
     /// Derives the key from a secret of at least 32 bytes (for example 32 random bytes,
     /// written as hex in a file).
-    pub fn from_secret(secret: &[u8]) -> Result<Self, String> {
+    pub fn from_secret(secret: &[u8]) -> Result<Self, SecretError> {
         if secret.len() < MIN_SECRET_BYTES {
-            return Err(format!(
-                "the secret is {} bytes long; at least {MIN_SECRET_BYTES} are required",
-                secret.len()
-            ));
+            return Err(SecretError::TooShort { len: secret.len() });
         }
         Ok(PresharedKey(blake3::derive_key(KEY_CONTEXT, secret)))
     }
@@ -41,7 +45,7 @@ impl PresharedKey {
         };
         let bytes =
             crate::sys::secret::read(path, "the key file").map_err(|e| err(e.to_string()))?;
-        Self::from_secret(&bytes).map_err(err)
+        Self::from_secret(&bytes).map_err(|e| err(e.to_string()))
     }
 
     /// A fresh random key, for tests and for generating a secret to distribute.
@@ -131,15 +135,16 @@ mod tests {
     #[test]
     fn short_secret_refused() {
         let e = PresharedKey::from_secret(b"short").unwrap_err();
-        assert!(e.contains("at least 32"), "{e}");
+        assert_eq!(e, SecretError::TooShort { len: 5 });
+        assert!(e.to_string().contains("at least 32"), "{e}");
     }
 
     #[test]
     fn a_secret_of_16_bytes_is_refused_as_the_help_says() {
         let e = PresharedKey::from_secret(b"0123456789abcdef").unwrap_err();
-        assert!(e.contains("16 bytes long; at least 32"), "{e}");
+        assert!(e.to_string().contains("16 bytes long; at least 32"), "{e}");
         let e = PresharedKey::from_secret(&[7u8; 31]).unwrap_err();
-        assert!(e.contains("at least 32"), "{e}");
+        assert!(e.to_string().contains("at least 32"), "{e}");
         assert!(PresharedKey::from_secret(&[7u8; 32]).is_ok());
     }
 

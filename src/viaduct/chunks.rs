@@ -538,7 +538,7 @@ pub(crate) fn image_length(file: &File) -> io::Result<u64> {
 /// The whole-image digest of the file at `path` for `chunk_size`, as defined in the module
 /// documentation: equal to [`super::TransferReport::digest`] of a transfer of that file.
 pub fn image_digest(path: &Path, chunk_size: u32) -> Result<ImageDigest, ViaductError> {
-    check_chunk_size(chunk_size).map_err(ViaductError::InvalidOptions)?;
+    check_chunk_size(chunk_size).map_err(|e| ViaductError::InvalidOptions(e.to_string()))?;
     let file = open_source(path)?;
     let source = |source| ViaductError::Source {
         path: path.to_path_buf(),

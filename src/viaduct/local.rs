@@ -114,7 +114,7 @@ impl fmt::Debug for LocalCopyOptions {
 impl LocalCopyOptions {
     fn check(&self) -> Result<(), ViaductError> {
         let bad = ViaductError::InvalidOptions;
-        check_chunk_size(self.chunk_size).map_err(bad)?;
+        check_chunk_size(self.chunk_size).map_err(|e| bad(e.to_string()))?;
         if let Some(base) = &self.base {
             if !self.in_place {
                 return Err(bad(

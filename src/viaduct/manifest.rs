@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::chunks::{self, Layout};
-use super::{check_chunk_size, ImageDigest, ViaductError};
+use super::{check_chunk_size, ChunkSizeError, ImageDigest, ViaductError};
 
 /// What an image held, chunk by chunk: its length, the chunk size, and the BLAKE3 of every
 /// chunk (`ceil(length / chunk_size)` of them, holes hashed as zeros).
@@ -39,7 +39,7 @@ const CHECK_LEN: usize = 32;
 impl ChunkManifest {
     /// The manifest of an image every chunk of which holds zeros (an empty sparse file).
     pub fn zeros(length: u64, chunk_size: u32) -> Result<Self, ViaductError> {
-        check_chunk_size(chunk_size).map_err(ViaductError::InvalidOptions)?;
+        check_chunk_size(chunk_size).map_err(|e| ViaductError::InvalidOptions(e.to_string()))?;
         let layout = Layout::new(length, chunk_size);
         Ok(ChunkManifest {
             length,
@@ -74,16 +74,16 @@ impl ChunkManifest {
     }
 
     /// Checks that the manifest is consistent: a valid chunk size and one digest per chunk.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ManifestError> {
         check_chunk_size(self.chunk_size)?;
         let expected = self.length.div_ceil(u64::from(self.chunk_size));
         if self.chunks() != expected {
-            return Err(format!(
-                "{} bytes in chunks of {} bytes make {expected} chunks, the manifest lists {}",
-                self.length,
-                self.chunk_size,
-                self.chunks()
-            ));
+            return Err(ManifestError::ChunkCount {
+                length: self.length,
+                chunk_size: self.chunk_size,
+                expected,
+                listed: self.chunks(),
+            });
         }
         Ok(())
     }
@@ -119,21 +119,18 @@ impl ChunkManifest {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Result<Self, String> {
+    fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
         if bytes.len() < HEAD_LEN + CHECK_LEN {
-            return Err(format!(
-                "it holds {} bytes, too few for a chunk manifest",
-                bytes.len()
-            ));
+            return Err(ManifestError::TooShort { len: bytes.len() });
         }
         if bytes[..7] != MAGIC[..7] {
-            return Err("it is not a viaduct chunk manifest".into());
+            return Err(ManifestError::NotAManifest);
         }
         if bytes[7] != MAGIC[7] {
-            return Err(format!(
-                "it is a chunk manifest of format version {}, this build reads version {}",
-                bytes[7], MAGIC[7]
-            ));
+            return Err(ManifestError::Version {
+                found: bytes[7],
+                supported: MAGIC[7],
+            });
         }
         let le64 = |at: usize| {
             let mut a = [0u8; 8];
@@ -149,14 +146,14 @@ impl ChunkManifest {
             .checked_mul(32)
             .and_then(|n| n.checked_add((HEAD_LEN + CHECK_LEN) as u64));
         if expected != Some(bytes.len() as u64) {
-            return Err(format!(
-                "its header announces {count} chunks but the file holds {} bytes: it is truncated or corrupt",
-                bytes.len()
-            ));
+            return Err(ManifestError::Truncated {
+                count,
+                len: bytes.len(),
+            });
         }
         let (body, check) = bytes.split_at(bytes.len() - CHECK_LEN);
         if blake3::hash(body).as_bytes()[..] != check[..] {
-            return Err("its checksum does not match its content: the file is corrupt".into());
+            return Err(ManifestError::Checksum);
         }
         let digests = body[HEAD_LEN..]
             .chunks_exact(32)
@@ -212,7 +209,9 @@ impl ChunkManifest {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(fail(format!("cannot open it: {e}"))),
         };
-        Self::decode(&bytes).map(Some).map_err(fail)
+        Self::decode(&bytes)
+            .map(Some)
+            .map_err(|e| fail(e.to_string()))
     }
 
     /// The conventional place of the manifest of a staging image: `<image>.manifest`.
@@ -232,6 +231,36 @@ impl fmt::Debug for ChunkManifest {
             .field("image_digest", &self.image_digest())
             .finish()
     }
+}
+
+/// Why a chunk manifest is refused: inconsistent, or a file that is not a sound manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error(transparent)]
+    ChunkSize(#[from] ChunkSizeError),
+    #[error(
+        "{length} bytes in chunks of {chunk_size} bytes make {expected} chunks, the manifest lists {listed}"
+    )]
+    ChunkCount {
+        length: u64,
+        chunk_size: u32,
+        expected: u64,
+        listed: u64,
+    },
+    #[error("it holds {len} bytes, too few for a chunk manifest")]
+    TooShort { len: usize },
+    #[error("it is not a viaduct chunk manifest")]
+    NotAManifest,
+    #[error(
+        "it is a chunk manifest of format version {found}, this build reads version {supported}"
+    )]
+    Version { found: u8, supported: u8 },
+    #[error(
+        "its header announces {count} chunks but the file holds {len} bytes: it is truncated or corrupt"
+    )]
+    Truncated { count: u64, len: usize },
+    #[error("its checksum does not match its content: the file is corrupt")]
+    Checksum,
 }
 
 mod hex_digests {
@@ -254,12 +283,18 @@ mod hex_digests {
             .collect()
     }
 
-    fn parse(h: &str) -> Result<[u8; 32], String> {
+    /// Why a digest is not 64 hex digits.
+    #[derive(Debug, thiserror::Error)]
+    pub enum HexDigestError {
+        #[error("expected 64 hex digits, got {0} characters")]
+        Length(usize),
+        #[error("`{0}` is not a hex digit")]
+        NotHex(char),
+    }
+
+    fn parse(h: &str) -> Result<[u8; 32], HexDigestError> {
         if h.len() != 64 {
-            return Err(format!(
-                "expected 64 hex digits, got {} characters",
-                h.len()
-            ));
+            return Err(HexDigestError::Length(h.len()));
         }
         let mut out = [0u8; 32];
         for (i, pair) in h.as_bytes().chunks_exact(2).enumerate() {
@@ -267,7 +302,7 @@ mod hex_digests {
                 b'0'..=b'9' => Ok(c - b'0'),
                 b'a'..=b'f' => Ok(c - b'a' + 10),
                 b'A'..=b'F' => Ok(c - b'A' + 10),
-                _ => Err(format!("`{}` is not a hex digit", c as char)),
+                _ => Err(HexDigestError::NotHex(c as char)),
             };
             out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
         }
@@ -364,7 +399,7 @@ mod tests {
         assert_eq!(m.image_digest(), layout.image_digest(&hashes));
         let mut short = m.clone();
         short.digests.pop();
-        assert!(short.check().unwrap_err().contains("lists 3"));
+        assert!(short.check().unwrap_err().to_string().contains("lists 3"));
         assert_eq!(m.changed_chunks(&sample()), Some(vec![]));
         let mut other = m.clone();
         other.digests[3] = [7; 32];

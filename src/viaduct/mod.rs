@@ -90,11 +90,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use auth::PresharedKey;
+pub use auth::{PresharedKey, SecretError};
 pub use chunks::image_digest;
 pub use local::{copy_local, LocalCopyOptions, ProgressFn};
-pub use manifest::ChunkManifest;
-pub use names::check_name;
+pub use manifest::{ChunkManifest, ManifestError};
+pub use names::{check_name, NameError};
 pub use receiver::{serve, ReceiverOptions};
 pub use sender::{send_file, Endpoint, EndpointTls, SendOptions};
 
@@ -106,17 +106,22 @@ pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
 /// The largest chunk size accepted.
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 
+/// Why a chunk size is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkSizeError {
+    #[error("chunk size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes, got {0}")]
+    OutOfRange(u32),
+    #[error("chunk size must be a multiple of 4096 bytes, got {0}")]
+    Unaligned(u32),
+}
+
 /// Checks a chunk size: a multiple of 4 KiB (so holes stay block-aligned) within bounds.
-pub(crate) fn check_chunk_size(chunk_size: u32) -> Result<(), String> {
+pub(crate) fn check_chunk_size(chunk_size: u32) -> Result<(), ChunkSizeError> {
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
-        return Err(format!(
-            "chunk size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes, got {chunk_size}"
-        ));
+        return Err(ChunkSizeError::OutOfRange(chunk_size));
     }
     if !chunk_size.is_multiple_of(4096) {
-        return Err(format!(
-            "chunk size must be a multiple of 4096 bytes, got {chunk_size}"
-        ));
+        return Err(ChunkSizeError::Unaligned(chunk_size));
     }
     Ok(())
 }

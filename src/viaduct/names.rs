@@ -17,38 +17,73 @@ pub(crate) struct Placement {
     pub partial: PathBuf,
 }
 
+/// Why a name is refused, before the file system is consulted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("the name is empty")]
+    Empty,
+    #[error("the name is {len} bytes long; at most {MAX_NAME_BYTES} are allowed")]
+    TooLong { len: usize },
+    #[error("the name holds a NUL byte")]
+    Nul,
+    #[error("the name ends with `/`: it must name a file")]
+    TrailingSlash,
+    #[error("the name contains `..`")]
+    ParentDir,
+    #[error("the name is an absolute path; it must be relative to the root")]
+    Absolute,
+    #[error("the name contains `.` as a component")]
+    CurDir,
+    #[error("names ending in `{PARTIAL_SUFFIX}` are reserved for transfers in progress")]
+    Reserved,
+}
+
+/// Why a name cannot be placed under the root.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PlaceError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("cannot create directory {}: {source}", path.display())]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot inspect {}: {source}", path.display())]
+    Inspect { path: PathBuf, source: io::Error },
+    #[error("cannot resolve the link {}: {source}", path.display())]
+    ResolveLink { path: PathBuf, source: io::Error },
+    #[error("{} is a symbolic link that leads out of the root", path.display())]
+    LinkEscapes { path: PathBuf },
+    #[error("{} is not a directory", path.display())]
+    NotADirectory { path: PathBuf },
+    #[error("{} is a symbolic link; refusing to write through it", path.display())]
+    Symlink { path: PathBuf },
+    #[error("{} exists and is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
+}
+
 /// Checks `name` without touching the file system.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("the name is empty".into());
+        return Err(NameError::Empty);
     }
     if name.len() > MAX_NAME_BYTES {
-        return Err(format!(
-            "the name is {} bytes long; at most {MAX_NAME_BYTES} are allowed",
-            name.len()
-        ));
+        return Err(NameError::TooLong { len: name.len() });
     }
     if name.contains('\0') {
-        return Err("the name holds a NUL byte".into());
+        return Err(NameError::Nul);
     }
     if name.ends_with('/') {
-        return Err("the name ends with `/`: it must name a file".into());
+        return Err(NameError::TrailingSlash);
     }
     let path = Path::new(name);
     for c in path.components() {
         match c {
             Component::Normal(_) => {}
-            Component::ParentDir => return Err("the name contains `..`".into()),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err("the name is an absolute path; it must be relative to the root".into())
-            }
-            Component::CurDir => return Err("the name contains `.` as a component".into()),
+            Component::ParentDir => return Err(NameError::ParentDir),
+            Component::RootDir | Component::Prefix(_) => return Err(NameError::Absolute),
+            Component::CurDir => return Err(NameError::CurDir),
         }
     }
     if name.ends_with(PARTIAL_SUFFIX) {
-        return Err(format!(
-            "names ending in `{PARTIAL_SUFFIX}` are reserved for transfers in progress"
-        ));
+        return Err(NameError::Reserved);
     }
     Ok(())
 }
@@ -56,13 +91,11 @@ pub fn check_name(name: &str) -> Result<(), String> {
 /// Resolves `name` under `root` (already canonical), creating missing directories. Any
 /// directory that is a symbolic link must resolve inside the root; the image itself and its
 /// partial file must not be symbolic links, nor anything but regular files.
-pub(crate) fn place(root: &Path, name: &str) -> Result<Placement, String> {
+pub(crate) fn place(root: &Path, name: &str) -> Result<Placement, PlaceError> {
     check_name(name)?;
     let rel = Path::new(name);
     let components: Vec<_> = rel.components().collect();
-    let (file, dirs) = components
-        .split_last()
-        .ok_or_else(|| "the name is empty".to_string())?;
+    let (file, dirs) = components.split_last().ok_or(NameError::Empty)?;
     let mut dir = root.to_path_buf();
     for c in dirs {
         let next = dir.join(c);
@@ -70,24 +103,23 @@ pub(crate) fn place(root: &Path, name: &str) -> Result<Placement, String> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => match std::fs::create_dir(&next) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(format!("cannot create directory {}: {e}", next.display())),
+                Err(source) => return Err(PlaceError::CreateDir { path: next, source }),
             },
-            Err(e) => return Err(format!("cannot inspect {}: {e}", next.display())),
+            Err(source) => return Err(PlaceError::Inspect { path: next, source }),
             Ok(meta) if meta.file_type().is_symlink() => {
-                let resolved = std::fs::canonicalize(&next)
-                    .map_err(|e| format!("cannot resolve the link {}: {e}", next.display()))?;
+                let resolved = match std::fs::canonicalize(&next) {
+                    Ok(r) => r,
+                    Err(source) => return Err(PlaceError::ResolveLink { path: next, source }),
+                };
                 if !resolved.starts_with(root) {
-                    return Err(format!(
-                        "{} is a symbolic link that leads out of the root",
-                        next.display()
-                    ));
+                    return Err(PlaceError::LinkEscapes { path: next });
                 }
                 if !resolved.is_dir() {
-                    return Err(format!("{} is not a directory", next.display()));
+                    return Err(PlaceError::NotADirectory { path: next });
                 }
             }
             Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(format!("{} is not a directory", next.display())),
+            Ok(_) => return Err(PlaceError::NotADirectory { path: next }),
         }
         dir = next;
     }
@@ -98,17 +130,17 @@ pub(crate) fn place(root: &Path, name: &str) -> Result<Placement, String> {
     for p in [&target, &partial] {
         match std::fs::symlink_metadata(p) {
             Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(format!(
-                    "{} is a symbolic link; refusing to write through it",
-                    p.display()
-                ))
+                return Err(PlaceError::Symlink { path: p.clone() })
             }
-            Ok(meta) if !meta.is_file() => {
-                return Err(format!("{} exists and is not a regular file", p.display()))
-            }
+            Ok(meta) if !meta.is_file() => return Err(PlaceError::NotAFile { path: p.clone() }),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot inspect {}: {e}", p.display())),
+            Err(source) => {
+                return Err(PlaceError::Inspect {
+                    path: p.clone(),
+                    source,
+                })
+            }
         }
     }
     Ok(Placement { target, partial })
@@ -131,7 +163,7 @@ mod tests {
             ("a\0b", "NUL"),
         ] {
             let e = check_name(name).unwrap_err();
-            assert!(e.contains(why), "{name:?}: {e}");
+            assert!(e.to_string().contains(why), "{name:?}: {e}");
         }
         check_name("vm-1/disk.raw").unwrap();
     }
@@ -143,14 +175,15 @@ mod tests {
         let root_path = std::fs::canonicalize(root.path()).unwrap();
         std::os::unix::fs::symlink(outside.path(), root_path.join("out")).unwrap();
         let e = place(&root_path, "out/disk.raw").unwrap_err();
-        assert!(e.contains("leads out of the root"), "{e}");
+        assert!(matches!(e, PlaceError::LinkEscapes { .. }), "{e:?}");
+        assert!(e.to_string().contains("leads out of the root"), "{e}");
         std::fs::create_dir(root_path.join("real")).unwrap();
         std::os::unix::fs::symlink(root_path.join("real"), root_path.join("inside")).unwrap();
         let p = place(&root_path, "inside/disk.raw").unwrap();
         assert_eq!(p.target, root_path.join("inside/disk.raw"));
         std::os::unix::fs::symlink("/etc/passwd", root_path.join("link.raw")).unwrap();
         let e = place(&root_path, "link.raw").unwrap_err();
-        assert!(e.contains("symbolic link"), "{e}");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
         let p = place(&root_path, "new/dir/disk.raw").unwrap();
         assert!(root_path.join("new/dir").is_dir());
         assert_eq!(p.partial, root_path.join("new/dir/disk.raw.partial"));

@@ -483,7 +483,7 @@ async fn open(
     streams: u16,
     allocated: u64,
 ) -> Result<(Arc<Transfer>, [u8; 16]), Fail> {
-    check_chunk_size(chunk_size).map_err(|e| Fail::new(ErrorCode::Invalid, e))?;
+    check_chunk_size(chunk_size).map_err(|e| Fail::new(ErrorCode::Invalid, e.to_string()))?;
     let streams = usize::from(streams);
     if !(1..=MAX_STREAMS).contains(&streams) {
         return Err(Fail::new(
@@ -508,7 +508,7 @@ async fn open(
     let placement = tokio::task::spawn_blocking(move || names::place(&root, &n))
         .await
         .map_err(|e| Fail::new(ErrorCode::Io, format!("name check failed: {e}")))?
-        .map_err(|e| Fail::new(ErrorCode::BadName, e))?;
+        .map_err(|e| Fail::new(ErrorCode::BadName, e.to_string()))?;
     let lock = shared
         .locks
         .lock()

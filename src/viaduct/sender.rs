@@ -111,7 +111,7 @@ impl Default for SendOptions {
 impl SendOptions {
     fn check(&self) -> Result<(), ViaductError> {
         let bad = ViaductError::InvalidOptions;
-        check_chunk_size(self.chunk_size).map_err(bad)?;
+        check_chunk_size(self.chunk_size).map_err(|e| bad(e.to_string()))?;
         if !(1..=MAX_STREAMS).contains(&self.streams) {
             return Err(bad(format!(
                 "streams must be between 1 and {MAX_STREAMS}, got {}",
@@ -190,10 +190,10 @@ pub async fn send_file(
     let started = Instant::now();
     opts.check()?;
     let peer = to.addr.clone();
-    names::check_name(name).map_err(|detail| ViaductError::NameRefused {
+    names::check_name(name).map_err(|e| ViaductError::NameRefused {
         peer: peer.clone(),
         name: name.to_string(),
-        detail,
+        detail: e.to_string(),
     })?;
     let path = src.to_path_buf();
     let (file, length, extents) = tokio::task::spawn_blocking(move || {
@@ -621,7 +621,10 @@ fn wire_error(peer: &str, e: WireError) -> ViaductError {
             peer,
             detail: format!("nothing arrived for {} s", d.as_secs_f64()),
         },
-        WireError::Malformed(m) => ViaductError::Protocol { peer, detail: m },
+        WireError::Malformed(m) => ViaductError::Protocol {
+            peer,
+            detail: m.to_string(),
+        },
         e @ WireError::BadMac(..) => ViaductError::Protocol {
             peer,
             detail: format!("a frame from the receiver failed authentication: {e}"),

@@ -316,12 +316,12 @@ impl Msg {
         }
     }
 
-    fn decode(kind: Kind, header: &[u8], body: &[u8]) -> Result<Msg, String> {
+    fn decode(kind: Kind, header: &[u8], body: &[u8]) -> Result<Msg, FrameError> {
         let mut d = Dec { buf: header, kind };
         let msg = match kind {
             Kind::Hello => {
                 if d.array::<4>()? != MAGIC {
-                    return Err("the peer does not speak the viaduct protocol".into());
+                    return Err(FrameError::NotViaduct);
                 }
                 Msg::Hello {
                     version: d.u16()?,
@@ -348,13 +348,10 @@ impl Msg {
                     0 => ResumedFrom::None,
                     1 => ResumedFrom::Partial,
                     2 => ResumedFrom::Target,
-                    other => return Err(format!("unknown resume origin {other}")),
+                    other => return Err(FrameError::UnknownResume(other)),
                 };
                 if !body.len().is_multiple_of(32) {
-                    return Err(format!(
-                        "digest list of {} bytes is not a multiple of 32",
-                        body.len()
-                    ));
+                    return Err(FrameError::DigestList(body.len()));
                 }
                 let digests = body
                     .chunks_exact(32)
@@ -379,7 +376,7 @@ impl Msg {
                 encoding: match d.u8()? {
                     0 => Encoding::Raw,
                     1 => Encoding::Zstd,
-                    other => return Err(format!("unknown chunk encoding {other}")),
+                    other => return Err(FrameError::UnknownEncoding(other)),
                 },
                 plain_len: d.u32()?,
                 digest: blake3::Hash::from_bytes(d.array()?),
@@ -397,13 +394,13 @@ impl Msg {
             },
         };
         if !d.buf.is_empty() {
-            return Err(format!(
-                "{kind:?} frame has {} unexpected trailing bytes",
-                d.buf.len()
-            ));
+            return Err(FrameError::Trailing {
+                kind,
+                len: d.buf.len(),
+            });
         }
         if !body.is_empty() && !matches!(kind, Kind::Chunk | Kind::Opened) {
-            return Err(format!("{kind:?} frame carries an unexpected body"));
+            return Err(FrameError::UnexpectedBody(kind));
         }
         Ok(msg)
     }
@@ -421,37 +418,65 @@ struct Dec<'a> {
 }
 
 impl Dec<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+    fn take(&mut self, n: usize) -> Result<&[u8], FrameError> {
         if self.buf.len() < n {
-            return Err(format!("{:?} frame header is truncated", self.kind));
+            return Err(FrameError::Truncated(self.kind));
         }
         let (a, b) = self.buf.split_at(n);
         self.buf = b;
         Ok(a)
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
-    fn u8(&mut self) -> Result<u8, String> {
+    fn u8(&mut self) -> Result<u8, FrameError> {
         Ok(self.array::<1>()?[0])
     }
-    fn u16(&mut self) -> Result<u16, String> {
+    fn u16(&mut self) -> Result<u16, FrameError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, FrameError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, FrameError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, FrameError> {
         let len = self.u16()? as usize;
         let kind = self.kind;
-        String::from_utf8(self.take(len)?.to_vec())
-            .map_err(|_| format!("{kind:?} frame holds a string that is not UTF-8"))
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| FrameError::NotUtf8(kind))
     }
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FrameError {
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("{kind:?} frame of {header_len}+{body_len} bytes exceeds the limit")]
+    TooLarge {
+        kind: Kind,
+        header_len: u32,
+        body_len: u32,
+    },
+    #[error("the peer does not speak the viaduct protocol")]
+    NotViaduct,
+    #[error("unknown resume origin {0}")]
+    UnknownResume(u8),
+    #[error("digest list of {0} bytes is not a multiple of 32")]
+    DigestList(usize),
+    #[error("unknown chunk encoding {0}")]
+    UnknownEncoding(u8),
+    #[error("{kind:?} frame has {len} unexpected trailing bytes")]
+    Trailing { kind: Kind, len: usize },
+    #[error("{0:?} frame carries an unexpected body")]
+    UnexpectedBody(Kind),
+    #[error("{0:?} frame header is truncated")]
+    Truncated(Kind),
+    #[error("{0:?} frame holds a string that is not UTF-8")]
+    NotUtf8(Kind),
 }
 
 #[derive(Debug)]
@@ -461,7 +486,7 @@ pub(crate) enum WireError {
     Io(io::Error),
     /// Nothing arrived (or could be written) for this long.
     Idle(Duration),
-    Malformed(String),
+    Malformed(FrameError),
     /// The frame's MAC is wrong: it was altered, or the peer lost the session key. For a
     /// chunk, the index its (unauthenticated, so possibly altered) header claims.
     BadMac(Kind, Option<u64>),
@@ -530,8 +555,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Err(WireError::Closed);
         }
         self.read_exact(&mut pre[1..]).await?;
-        let kind = Kind::from_u8(pre[0])
-            .ok_or_else(|| WireError::Malformed(format!("unknown frame kind {}", pre[0])))?;
+        let kind =
+            Kind::from_u8(pre[0]).ok_or(WireError::Malformed(FrameError::UnknownKind(pre[0])))?;
         let header_len = u32::from_le_bytes([pre[1], pre[2], pre[3], pre[4]]);
         let body_len = u32::from_le_bytes([pre[5], pre[6], pre[7], pre[8]]);
         let limit_ok = if self.session.is_none() {
@@ -540,9 +565,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             header_len <= MAX_HEADER && body_len <= MAX_BODY
         };
         if !limit_ok {
-            return Err(WireError::Malformed(format!(
-                "{kind:?} frame of {header_len}+{body_len} bytes exceeds the limit"
-            )));
+            return Err(WireError::Malformed(FrameError::TooLarge {
+                kind,
+                header_len,
+                body_len,
+            }));
         }
         let mut header = std::mem::take(&mut self.header);
         header.resize(header_len as usize, 0);
@@ -872,7 +899,7 @@ mod tests {
         raw.write_all(&pre).await.unwrap();
         let mut body = Vec::new();
         match r.read(&mut body).await {
-            Err(WireError::Malformed(m)) => assert!(m.contains("exceeds"), "{m}"),
+            Err(WireError::Malformed(m)) => assert!(m.to_string().contains("exceeds"), "{m}"),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -889,7 +916,10 @@ mod tests {
         raw.write_all(&frame).await.unwrap();
         let mut body = Vec::new();
         match r.read(&mut body).await {
-            Err(WireError::Malformed(m)) => assert!(m.contains("truncated"), "{m}"),
+            Err(WireError::Malformed(m)) => {
+                assert!(matches!(m, FrameError::Truncated(Kind::Zero)), "{m:?}");
+                assert!(m.to_string().contains("truncated"), "{m}");
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
