@@ -124,11 +124,16 @@ impl ApiState {
     }
 }
 
+/// Refuses `name` (the `what` of a call) unless it is a valid component name.
+fn check_name(provider: &str, what: &str, name: &str) -> Result<(), Failure> {
+    validate_name(name).map_err(|r| invalid(provider, format!("{what} name {name:?}"), r))
+}
+
 /// Refuses a call whose names are not valid component names, or whose keys or file names
 /// could reach outside the provider's root.
 fn check_names(provider: &str, call: &Call) -> Result<(), Failure> {
     for (what, name) in call.names() {
-        validate_name(name).map_err(|r| invalid(provider, format!("{what} name {name:?}"), r))?;
+        check_name(provider, what, name)?;
     }
     match call {
         Call::StatObject { key, .. } | Call::DeleteObject { key, .. } => {
@@ -264,10 +269,8 @@ async fn dispatch(p: &dyn Provider, call: Call) -> Result<Response, Failure> {
 }
 
 fn check_object(provider: &str, r: &ObjectRef) -> Result<(), Failure> {
-    validate_name(&r.service)
-        .map_err(|e| invalid(provider, format!("service name {:?}", r.service), e))?;
-    validate_name(&r.bucket)
-        .map_err(|e| invalid(provider, format!("bucket name {:?}", r.bucket), e))?;
+    check_name(provider, "service", &r.service)?;
+    check_name(provider, "bucket", &r.bucket)?;
     validate_key(&r.key).map_err(|e| invalid(provider, format!("object key {:?}", r.key), e))?;
     Ok(())
 }
@@ -329,10 +332,8 @@ async fn write_object(
 }
 
 fn check_volume(provider: &str, service: &str, volume: &str) -> Result<(), Failure> {
-    validate_name(service)
-        .map_err(|r| invalid(provider, format!("service name {service:?}"), r))?;
-    validate_name(volume).map_err(|r| invalid(provider, format!("volume name {volume:?}"), r))?;
-    Ok(())
+    check_name(provider, "service", service)?;
+    check_name(provider, "volume", volume)
 }
 
 async fn receiver_info(State(state): State<Arc<ApiState>>) -> Result<Response, Failure> {
