@@ -149,7 +149,11 @@ impl RemoteProvider {
         if !response.status().is_success() {
             return Err(self.failure(object.to_string(), response).await);
         }
-        response.json().await.map_err(|e| ProviderError::Remote {
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.unreachable(object.to_string(), error_chain(&e)))?;
+        serde_json::from_slice(&bytes).map_err(|e| ProviderError::Remote {
             provider: self.name.clone(),
             object: object.to_string(),
             action: "read the agent's answer".into(),
@@ -187,28 +191,9 @@ impl RemoteProvider {
         object: String,
         call: &Call,
     ) -> Result<T, ProviderError> {
-        let url = format!("{}{}", self.base, wire::call_path(&self.name));
-        let response = self
-            .http
-            .post(&url)
-            .timeout(CALL_TIMEOUT)
-            .json(call)
-            .send()
+        let path = wire::call_path(&self.name);
+        self.request(reqwest::Method::POST, &path, &object, Some(call))
             .await
-            .map_err(|e| self.unreachable(object.clone(), error_chain(&e)))?;
-        if !response.status().is_success() {
-            return Err(self.failure(object, response).await);
-        }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.unreachable(object.clone(), error_chain(&e)))?;
-        serde_json::from_slice(&bytes).map_err(|e| ProviderError::Remote {
-            provider: self.name.clone(),
-            object,
-            action: "read the agent's answer".into(),
-            detail: e.to_string(),
-        })
     }
 }
 
