@@ -718,7 +718,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         });
         let result = self.write_frame(&frame, body, mac).await;
         self.scratch = frame;
-        result
+        result?;
+        // A TLS stream may keep the frame's last record in its buffer when the socket was
+        // full; without a flush it waits there for the next frame, which may never come
+        // (the peer waits for this one). On plain TCP this costs nothing.
+        match tokio::time::timeout(self.idle, self.inner.flush()).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(WireError::Idle(self.idle)),
+        }
     }
 
     async fn write_frame(
@@ -813,6 +820,55 @@ mod tests {
             FrameWriter::new(a, TO_RECEIVER, idle),
             FrameReader::new(b, TO_RECEIVER, idle),
         )
+    }
+
+    /// A stream that, like a TLS stream whose socket was full, keeps what is written until
+    /// it is flushed.
+    struct HoldsUntilFlushed {
+        held: Vec<u8>,
+        sent: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncWrite for HoldsUntilFlushed {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let held = std::mem::take(&mut self.held);
+            self.sent.lock().unwrap().extend_from_slice(&held);
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_written_frame_is_flushed_so_a_tls_stream_does_not_hold_it_back() {
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stream = HoldsUntilFlushed {
+            held: Vec::new(),
+            sent: sent.clone(),
+        };
+        let mut w = FrameWriter::new(stream, TO_SENDER, Duration::from_secs(5));
+        w.write(&Msg::DoneAck, &[]).await.unwrap();
+        assert!(
+            !sent.lock().unwrap().is_empty(),
+            "the frame is still held by the stream after write returned"
+        );
     }
 
     #[tokio::test]
