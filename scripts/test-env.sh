@@ -23,7 +23,7 @@ LOG_DIR="$CACHE/logs"
 S3S_FS_VERSION=0.14.1
 SWIFT_VERSION=2.38.3
 
-COMPONENTS=(qemu_utils s3s_fs swift memcached qemu_system guest)
+COMPONENTS=(qemu_utils iproute2 s3s_fs swift memcached qemu_system guest)
 
 declare -A ENV_VALUES=()
 ENV_ORDER=()
@@ -76,6 +76,18 @@ ensure_qemu_utils() {
         did "qemu-utils: installed with apt-get"
     fi
     env_set FLUIDCLOUD_QEMU_IMG "$(command -v qemu-img)"
+}
+
+# The cross-host tests stand their hosts in network namespaces (`ip netns`, veth, a bridge)
+# and shape links with `tc`; both come with iproute2.
+ensure_iproute2() {
+    if command -v ip >/dev/null && command -v tc >/dev/null; then
+        did "iproute2: present ($(ip -V))"
+    else
+        as_root apt-get update -qq
+        as_root apt-get install -y -qq iproute2
+        did "iproute2: installed with apt-get"
+    fi
 }
 
 ensure_s3s_fs() {
