@@ -98,6 +98,8 @@ impl Agent {
             let mut opts = crate::viaduct::ReceiverOptions::new(&self.incoming, key);
             opts.tls = Some(self.identity.server_config()?);
             opts.shutdown = stop_viaduct.clone();
+            let received = transfers::Received::default();
+            opts.on_commit = Some(received.hook());
             let host = if self.advertise.contains(':') {
                 format!("[{}]", self.advertise)
             } else {
@@ -110,6 +112,7 @@ impl Agent {
                     secret,
                 },
                 incoming: self.incoming.clone(),
+                received,
             });
             receiver_task = Some(tokio::spawn(crate::viaduct::serve(listener, opts)));
         }
@@ -236,7 +239,10 @@ pub async fn serve(
     crate::providers::keep_root_locks_until_exit();
     let mut providers = BTreeMap::new();
     for (name, p) in &config.providers {
-        providers.insert(name.clone(), crate::providers::open(p)?);
+        // Its apps are reached at the address the agent is reached at.
+        let mut p = p.clone();
+        p.address.get_or_insert_with(|| settings.advertise.clone());
+        providers.insert(name.clone(), crate::providers::open(&p)?);
     }
     let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
         TcpListener::bind(addr)

@@ -43,7 +43,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/viaduct", get(receiver_info))
         .route("/v1/transfers", post(send_volume))
-        .route("/v1/transfers/{id}", get(transfer_status))
+        .route(
+            "/v1/transfers/{id}",
+            get(transfer_status).delete(cancel_transfer),
+        )
         .route("/v1/adopt", post(adopt_volume))
         .route("/v1/discard", post(discard))
         .with_state(state)
@@ -362,6 +365,14 @@ async fn transfer_status(
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
     ok(state.transfers.status(&id)?)
+}
+
+async fn cancel_transfer(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    state.transfers.cancel(&id)?;
+    ok(())
 }
 
 async fn adopt_volume(

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::providers::remote::wire::{
     AdoptVolume, Adopted, Discard, ReceiverInfo, SendVolume, SentReport, TransferId, TransferState,
 };
@@ -16,7 +18,9 @@ use crate::providers::{self, DiskFormat, Provider, ProviderError, VolumeSpec};
 use crate::sys::qemu_img::{qemu_img, QemuImgError};
 use crate::sys::tls::{server_name, Identity};
 use crate::telemetry::AgentMetrics;
-use crate::viaduct::{self, Endpoint, EndpointTls, PresharedKey, SendOptions};
+use crate::viaduct::{
+    self, Endpoint, EndpointTls, ImageDigest, OnCommit, PresharedKey, SendOptions,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -54,6 +58,7 @@ pub enum TransferError {
 struct Tracked {
     state: Arc<Mutex<TransferState>>,
     started: Instant,
+    cancel: CancellationToken,
 }
 
 /// A finished send is answered for this long, then forgotten (the daemon asks within
@@ -65,6 +70,30 @@ pub struct Receiver {
     pub info: ReceiverInfo,
     /// Where received images are staged.
     pub incoming: PathBuf,
+    pub received: Received,
+}
+
+/// The images a viaduct receiver put in place during this process's life, by name, with
+/// the digest it checked against the sender's: adopting one of them needs no second read.
+#[derive(Clone, Default)]
+pub struct Received(Arc<Mutex<HashMap<String, ImageDigest>>>);
+
+impl Received {
+    /// The hook that tells it of each image the receiver commits.
+    pub fn hook(&self) -> OnCommit {
+        let map = self.0.clone();
+        OnCommit(Arc::new(move |name: &str, digest: &ImageDigest| {
+            map.lock().unwrap().insert(name.to_string(), *digest);
+        }))
+    }
+
+    pub fn digest_of(&self, name: &str) -> Option<ImageDigest> {
+        self.0.lock().unwrap().get(name).copied()
+    }
+
+    pub fn forget(&self, name: &str) {
+        self.0.lock().unwrap().remove(name);
+    }
 }
 
 /// The transfers of one agent.
@@ -150,8 +179,10 @@ impl Transfers {
             config: self.identity_tls.clone(),
             server_name: name,
         });
+        let cancel = CancellationToken::new();
         let mut opts = SendOptions {
             max_bytes_per_sec: req.max_bytes_per_sec,
+            cancel: cancel.clone(),
             ..SendOptions::default()
         };
         if let Some(s) = req.streams {
@@ -175,6 +206,7 @@ impl Transfers {
                 Tracked {
                     state: state.clone(),
                     started: Instant::now(),
+                    cancel,
                 },
             );
             let mut by_name = self.by_name.lock().unwrap();
@@ -208,18 +240,7 @@ impl Transfers {
                         r.digest
                     );
                     TransferState::Done {
-                        report: SentReport {
-                            image_bytes: r.image_bytes,
-                            bytes_read: r.bytes_read,
-                            bytes_sent: r.bytes_sent,
-                            chunks_total: r.chunks_total,
-                            chunks_sent: r.chunks_sent,
-                            chunks_skipped_zero: r.chunks_skipped_zero,
-                            chunks_skipped_equal: r.chunks_skipped_equal,
-                            digest: r.digest.to_hex(),
-                            seconds: r.duration.as_secs_f64(),
-                            streams: r.streams,
-                        },
+                        report: sent_report(&r),
                     }
                 }
                 Err(e) => {
@@ -239,6 +260,16 @@ impl Transfers {
             *state.lock().unwrap() = end;
         });
         Ok(TransferId { id })
+    }
+
+    /// Stops a running send; the receiver keeps what arrived for a resume.
+    pub fn cancel(&self, id: &str) -> Result<(), TransferError> {
+        self.running
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|t| t.cancel.cancel())
+            .ok_or_else(|| TransferError::UnknownTransfer(id.to_string()))
     }
 
     pub fn status(&self, id: &str) -> Result<TransferState, TransferError> {
@@ -263,89 +294,12 @@ impl Transfers {
         req: AdoptVolume,
     ) -> Result<Adopted, TransferError> {
         let staged = self.staged(&req.name)?;
-        if !staged.is_file() {
-            return Err(TransferError::NotStaged {
-                name: req.name.clone(),
-                detail: "nothing was received under that name".into(),
-            });
+        let received = self.receiver.as_ref().map(|r| &r.received);
+        let known = received.and_then(|r| r.digest_of(&req.name));
+        let adopted = adopt_staged(provider.as_ref(), &staged, known, &req).await?;
+        if let Some(r) = received {
+            r.forget(&req.name);
         }
-        let started = Instant::now();
-        let format = provider.preferred_disk_format();
-        let op = provider
-            .create_volume(
-                &req.service,
-                &VolumeSpec {
-                    name: req.volume.clone(),
-                    size_bytes: req.size_bytes,
-                    format,
-                },
-            )
-            .await?;
-        providers::wait_for(provider.as_ref(), &op.id, Duration::from_secs(600)).await?;
-        let dst = provider
-            .volume_info(&req.service, &req.volume)
-            .await?
-            .and_then(|i| i.path)
-            .ok_or_else(|| TransferError::NoPath {
-                provider: req.provider.clone(),
-                service: req.service.clone(),
-                volume: req.volume.clone(),
-            })?;
-        let adopted = if req.format == DiskFormat::Raw && format == DiskFormat::Raw {
-            let opts = viaduct::LocalCopyOptions {
-                in_place: true,
-                ..viaduct::LocalCopyOptions::default()
-            };
-            let (src, to) = (staged.clone(), dst.clone());
-            let report = tokio::task::spawn_blocking(move || viaduct::copy_local(&src, &to, &opts))
-                .await
-                .map_err(|e| TransferError::Invalid(format!("the copy task failed: {e}")))??;
-            if report.digest.to_hex() != req.digest {
-                return Err(TransferError::Digest {
-                    expected: req.digest,
-                    got: report.digest.to_hex(),
-                });
-            }
-            Adopted {
-                method: "viaduct (local)".into(),
-                verified: "image digest equal to the sent image's".into(),
-                bytes_written: report.bytes_sent,
-                seconds: started.elapsed().as_secs_f64(),
-            }
-        } else {
-            let (from, to) = (req.format.as_str(), format.as_str());
-            let (src, dst_os) = (staged.as_os_str(), dst.as_os_str());
-            qemu_img([
-                "convert".as_ref(),
-                "-n".as_ref(),
-                "-f".as_ref(),
-                from.as_ref(),
-                "-O".as_ref(),
-                to.as_ref(),
-                src,
-                dst_os,
-            ])
-            .await?;
-            qemu_img([
-                "compare".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                from.as_ref(),
-                "-F".as_ref(),
-                to.as_ref(),
-                src,
-                dst_os,
-            ])
-            .await?;
-            Adopted {
-                method: "qemu-img convert".into(),
-                verified:
-                    "qemu-img compare against the staged image, whose digest the viaduct checked"
-                        .into(),
-                bytes_written: std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0),
-                seconds: started.elapsed().as_secs_f64(),
-            }
-        };
         self.metrics.transfer("received", true);
         Ok(adopted)
     }
@@ -381,4 +335,185 @@ fn partial_of(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".partial");
     PathBuf::from(s)
+}
+
+/// What a send carried, as the daemon journals it.
+pub fn sent_report(r: &viaduct::TransferReport) -> SentReport {
+    SentReport {
+        image_bytes: r.image_bytes,
+        bytes_read: r.bytes_read,
+        bytes_sent: r.bytes_sent,
+        chunks_total: r.chunks_total,
+        chunks_sent: r.chunks_sent,
+        chunks_skipped_zero: r.chunks_skipped_zero,
+        chunks_skipped_equal: r.chunks_skipped_equal,
+        digest: r.digest.to_hex(),
+        seconds: r.duration.as_secs_f64(),
+        streams: r.streams,
+    }
+}
+
+/// Makes the image staged at `staged` (received under `req.name`) the volume `req.volume` of
+/// `provider`, created in the provider's preferred format, and checks it. `known` is the
+/// digest the receiver checked when it put the image in place, if it did in this process's
+/// life; otherwise the staged image is read and hashed before it is used.
+///
+/// A raw image for a raw volume on the same file system is linked into place (no copy: a
+/// cutover then does not wait for the image to be written twice); elsewhere it is copied
+/// with the viaduct's local copy, or converted and compared with qemu-img.
+pub async fn adopt_staged(
+    provider: &dyn Provider,
+    staged: &Path,
+    known: Option<ImageDigest>,
+    req: &AdoptVolume,
+) -> Result<Adopted, TransferError> {
+    if !staged.is_file() {
+        return Err(TransferError::NotStaged {
+            name: req.name.clone(),
+            detail: "nothing was received under that name".into(),
+        });
+    }
+    let started = Instant::now();
+    let format = provider.preferred_disk_format();
+    let op = provider
+        .create_volume(
+            &req.service,
+            &VolumeSpec {
+                name: req.volume.clone(),
+                size_bytes: req.size_bytes,
+                format,
+            },
+        )
+        .await?;
+    providers::wait_for(provider, &op.id, Duration::from_secs(600)).await?;
+    let dst = provider
+        .volume_info(&req.service, &req.volume)
+        .await?
+        .and_then(|i| i.path)
+        .ok_or_else(|| TransferError::NoPath {
+            provider: req.provider.clone(),
+            service: req.service.clone(),
+            volume: req.volume.clone(),
+        })?;
+    if req.format == DiskFormat::Raw && format == DiskFormat::Raw {
+        let digest = match known {
+            Some(d) => d,
+            None => {
+                let path = staged.to_path_buf();
+                tokio::task::spawn_blocking(move || {
+                    viaduct::image_digest(&path, viaduct::DEFAULT_CHUNK_SIZE)
+                })
+                .await
+                .map_err(|e| TransferError::Invalid(format!("the hashing task failed: {e}")))??
+            }
+        };
+        if digest.to_hex() != req.digest {
+            return Err(TransferError::Digest {
+                expected: req.digest.clone(),
+                got: digest.to_hex(),
+            });
+        }
+        let verified = if known.is_some() {
+            "image digest, checked by the receiver against the sender's"
+        } else {
+            "image digest of the staged image, equal to the sender's"
+        };
+        if let Some(adopted) = link_into(staged, &dst)? {
+            return Ok(Adopted {
+                method: adopted.into(),
+                verified: verified.into(),
+                bytes_written: 0,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+        let opts = viaduct::LocalCopyOptions {
+            in_place: true,
+            ..viaduct::LocalCopyOptions::default()
+        };
+        let (src, to) = (staged.to_path_buf(), dst.clone());
+        let report = tokio::task::spawn_blocking(move || viaduct::copy_local(&src, &to, &opts))
+            .await
+            .map_err(|e| TransferError::Invalid(format!("the copy task failed: {e}")))??;
+        if report.digest != digest {
+            return Err(TransferError::Digest {
+                expected: req.digest.clone(),
+                got: report.digest.to_hex(),
+            });
+        }
+        return Ok(Adopted {
+            method: "viaduct (local)".into(),
+            verified: verified.into(),
+            bytes_written: report.bytes_sent,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    let (from, to) = (req.format.as_str(), format.as_str());
+    let (src, dst_os) = (staged.as_os_str(), dst.as_os_str());
+    qemu_img([
+        "convert".as_ref(),
+        "-n".as_ref(),
+        "-f".as_ref(),
+        from.as_ref(),
+        "-O".as_ref(),
+        to.as_ref(),
+        src,
+        dst_os,
+    ])
+    .await?;
+    qemu_img([
+        "compare".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        from.as_ref(),
+        "-F".as_ref(),
+        to.as_ref(),
+        src,
+        dst_os,
+    ])
+    .await?;
+    Ok(Adopted {
+        method: "qemu-img convert".into(),
+        verified: "qemu-img compare against the staged image, whose digest the viaduct checked"
+            .into(),
+        bytes_written: std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Puts `staged` in place of the volume image `dst` as a second name of the same file, when
+/// both are regular files on one file system; `None` when they are not (a block device,
+/// another file system). The staged name stays: a later send under it compares against it
+/// (and the receiver writes that send into a copy, so the volume is never changed by it).
+fn link_into(staged: &Path, dst: &Path) -> Result<Option<&'static str>, TransferError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = |path: &Path| {
+        std::fs::metadata(path).map_err(|source| TransferError::Io {
+            action: "inspect",
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let (s, d) = (meta(staged)?, meta(dst)?);
+    if !d.is_file() || s.dev() != d.dev() {
+        return Ok(None);
+    }
+    let mut linking = dst.as_os_str().to_owned();
+    linking.push(".adopting");
+    let linking = PathBuf::from(linking);
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TransferError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    match std::fs::remove_file(&linking) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove", &linking)(e)),
+    }
+    std::fs::hard_link(staged, &linking).map_err(io("link", &linking))?;
+    std::fs::rename(&linking, dst).map_err(io("rename into place", dst))?;
+    Ok(Some("linked into place"))
 }

@@ -77,16 +77,6 @@ pub fn plan(config: &Config, service: &str, from: &str, to: &str) -> Result<Plan
             provider: to.to_string(),
         });
     }
-    if let Some(p) = [source, target].into_iter().find(|p| p.agent.is_some()) {
-        return Err(PlanError::Incompatible {
-            service: service.to_string(),
-            provider: to.to_string(),
-            reason: format!(
-                "provider `{}` is served by an agent on another host, and relocations to or from another host are not planned yet",
-                p.name
-            ),
-        });
-    }
     build(spec, source, target)
 }
 
@@ -639,13 +629,12 @@ keep_at_source = true
     }
 
     #[test]
-    fn a_provider_on_another_host_is_refused_until_relocations_cross_hosts() {
+    fn a_provider_on_another_host_gets_the_same_steps_as_one_here() {
         let mut config = config();
+        let here = plan(&config, "shop", "a", "b").unwrap();
         config.providers.get_mut("b").unwrap().agent = Some("https://10.0.0.3:7481".into());
-        let err = plan(&config, "shop", "a", "b").unwrap_err();
-        assert!(
-            matches!(&err, PlanError::Incompatible { reason, .. } if reason.contains("`b` is served by an agent")),
-            "{err}"
-        );
+        let there = plan(&config, "shop", "a", "b").unwrap();
+        let names = |p: &Plan| p.steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&here), names(&there));
     }
 }

@@ -67,6 +67,9 @@ pub struct ConduitSettings {
     pub bucket_concurrency: usize,
     /// Cap on what a bucket copy reads per second (`bucket_max_mib_per_sec`). Default none.
     pub bucket_max_bytes_per_sec: Option<u64>,
+    /// Cap on what a volume copy between hosts puts on the wire per second
+    /// (`volume_max_mib_per_sec`), per volume. Default none.
+    pub volume_max_bytes_per_sec: Option<u64>,
     /// Volume and bucket copies of one relocation phase that run at the same time
     /// (`transfer_concurrency`, 1 to 64). Default 4.
     pub transfer_concurrency: usize,
@@ -194,6 +197,14 @@ impl Validator<'_> {
                 self.at_least(
                     "conduit.bucket_max_mib_per_sec",
                     raw.bucket_max_mib_per_sec,
+                    1,
+                    1,
+                ) << 20
+            }),
+            volume_max_bytes_per_sec: raw.volume_max_mib_per_sec.map(|_| {
+                self.at_least(
+                    "conduit.volume_max_mib_per_sec",
+                    raw.volume_max_mib_per_sec,
                     1,
                     1,
                 ) << 20

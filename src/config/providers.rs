@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use super::raw::{RawProvider, RawQemu};
 use super::{
-    check_name, normalize, BenchmarkSource, ObjectStoreSettings, PricingSource, Validator,
+    check_name, normalize, BenchmarkKind, BenchmarkSource, ObjectStoreSettings, PricingSource,
+    Validator,
 };
 use crate::model::{DiskFormat, Driver, RegionInfo};
 
@@ -37,6 +38,9 @@ pub struct Provider {
     pub agent: Option<String>,
     /// The `[tls]` files the daemon calls the agent with (set when `agent` is).
     pub tls: Option<crate::sys::tls::TlsFiles>,
+    /// The address this provider's apps are reached at from other hosts: an agent's
+    /// `advertise` for the providers it serves; `None` (127.0.0.1) in the daemon.
+    pub address: Option<String>,
 }
 
 /// Settings of the `qemu` driver (`[providers.NAME.qemu]`). The provider's `root` holds its
@@ -239,6 +243,16 @@ impl Validator<'_> {
                     );
                 }
             }
+            if let Some(BenchmarkSource {
+                kind: BenchmarkKind::Builtin { .. },
+                ..
+            }) = &benchmark
+            {
+                self.err(
+                    format!("{key}.benchmark"),
+                    "the builtin benchmark measures a disk of the daemon's host, not of the agent's: use `kind = \"command\"` with a program that measures the agent's host, or leave it out",
+                );
+            }
         }
         let qemu = if raw.agent.is_some() {
             None
@@ -265,6 +279,7 @@ impl Validator<'_> {
             qemu,
             agent: raw.agent,
             tls: None,
+            address: None,
         }
     }
 

@@ -219,6 +219,7 @@ pub struct RawConduit {
     pub health_timeout_secs: Option<u64>,
     pub bucket_concurrency: Option<u64>,
     pub bucket_max_mib_per_sec: Option<u64>,
+    pub volume_max_mib_per_sec: Option<u64>,
     pub transfer_concurrency: Option<u64>,
 }
 

@@ -507,7 +507,7 @@ fn a_bucket_may_live_at_a_provider_of_its_own_and_nothing_else_may() {
     let with = |components: &str| {
         format!(
             "{HOOK_BASE}[providers.vms]\ndriver = \"qemu\"\nregion = \"eu\"\nroot = \"vms\"\n\
-             [conduit]\nbucket_concurrency = 16\nbucket_max_mib_per_sec = 40\ntransfer_concurrency = 2\n{components}"
+             [conduit]\nbucket_concurrency = 16\nbucket_max_mib_per_sec = 40\nvolume_max_mib_per_sec = 100\ntransfer_concurrency = 2\n{components}"
         )
     };
     let good = with(
@@ -522,6 +522,7 @@ fn a_bucket_may_live_at_a_provider_of_its_own_and_nothing_else_may() {
     );
     assert_eq!(c.conduit.bucket_concurrency, 16);
     assert_eq!(c.conduit.bucket_max_bytes_per_sec, Some(40 << 20));
+    assert_eq!(c.conduit.volume_max_bytes_per_sec, Some(100 << 20));
     assert_eq!(c.conduit.transfer_concurrency, 2);
 
     let bad = with(
@@ -973,6 +974,10 @@ driver = "local"
 region = "r"
 agent = "http://10.0.0.3"
 root = "/srv/c"
+[providers.c.benchmark]
+kind = "builtin"
+path = "/srv/c"
+schedule = "0 */10 * * * *"
 
 [providers.d]
 driver = "s3"
@@ -989,6 +994,10 @@ endpoint = "http://127.0.0.1:9000"
             "belongs in the configuration of the agent",
         ),
         ("providers.d.agent", "only `local` and `qemu`"),
+        (
+            "providers.c.benchmark",
+            "measures a disk of the daemon's host",
+        ),
     ] {
         assert!(
             errs.iter().any(|e| e.contains(key) && e.contains(what)),

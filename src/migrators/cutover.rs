@@ -20,6 +20,15 @@ impl Migrator for Cutover {
     }
 }
 
+/// An address as it goes before `:port`: IPv6 in brackets.
+fn host_in_url(address: &str) -> String {
+    if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.to_string()
+    }
+}
+
 /// The endpoints clients use, `host:port` by app, at a provider.
 fn endpoints(cx: &Cx) -> Result<Option<String>, MigratorError> {
     let spec = cx.spec()?;
@@ -30,7 +39,7 @@ fn endpoints(cx: &Cx) -> Result<Option<String>, MigratorError> {
         .filter(|c| c.kind == ComponentKind::App)
     {
         if let Some(port) = deploy::app_spec(cx.svc(), c)?.port {
-            out.push(format!("127.0.0.1:{port}"));
+            out.push(format!("{}:{port}", host_in_url(&cx.target.address())));
         }
     }
     Ok((!out.is_empty()).then(|| out.join(",")))

@@ -166,7 +166,7 @@ pub async fn values(
             }
             ComponentKind::App => {
                 let app = app_spec(&spec.name, c)?;
-                v.insert(format!("app.{}.host", c.name), "127.0.0.1".into());
+                v.insert(format!("app.{}.host", c.name), at.address());
                 if let Some(port) = app.port {
                     v.insert(format!("app.{}.port", c.name), port.to_string());
                 }

@@ -26,7 +26,13 @@ impl Migrator for HealthCheck {
 async fn health_check(cx: &Cx) -> Result<Value, MigratorError> {
     let spec = cx.spec()?;
     if let Some(check) = &spec.health_check {
-        let report = cx.target.health_check(cx.svc(), check).await?;
+        // The URL may name where the target's apps are reached: `http://{app.web.host}:8080/`.
+        let mut check = check.clone();
+        if let Some(url) = check.url.as_mut().filter(|u| u.contains('{')) {
+            let values = super::config::target_values(cx).await?;
+            *url = super::rewrite::render_template(url, &values)?;
+        }
+        let report = cx.target.health_check(cx.svc(), &check).await?;
         return Ok(json!({ "detail": report.detail, "attempts": report.attempts }));
     }
     // Without a check of its own, every volume and bucket must be there, every VM must run

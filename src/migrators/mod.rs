@@ -7,7 +7,8 @@
 //!
 //! - [`preflight`]: checks both ends before anything is written.
 //! - [`volume`]: the pre-copy and final sync of a volume over the viaduct, with [`convert`]
-//!   for disks whose format changes (qemu-img conversion, delta write-back).
+//!   for disks whose format changes (qemu-img conversion, delta write-back), and
+//!   [`crossing`] when one end or both are on another host (agent to agent).
 //! - [`bucket`]: the copy and final sync of a bucket, with the [`copier`]. A bucket kept at
 //!   its source gets no step, only a note in the plan: the apps are pointed at it there.
 //! - [`app`]: stops the source's apps and VMs, starts the target's.
@@ -28,6 +29,7 @@ pub mod bucket;
 pub mod config;
 pub mod convert;
 pub mod copier;
+pub mod crossing;
 pub mod cutover;
 pub mod decommission;
 pub mod deploy;

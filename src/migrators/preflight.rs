@@ -56,13 +56,15 @@ async fn preflight(cx: &Cx) -> Result<Value, MigratorError> {
                     volume.source_format.as_str()
                 )));
             }
-            if info.path.is_none() {
+            let here = cx.source.remote().is_none();
+            if here && info.path.is_none() {
                 return Err(check(format!(
                     "volume `{svc}/{}` at `{}` is not reachable from this machine",
                     volume.name, cx.plan.from
                 )));
             }
-            if volume.source_format != DiskFormat::Raw {
+            // An agent's image is checked there, when qemu-img reads it to convert it.
+            if here && volume.source_format != DiskFormat::Raw {
                 qemu_img(
                     // `-U`: a running VM holds a write lock on its disk; the check only reads.
                     &["check", "-U", "-f", volume.source_format.as_str()],

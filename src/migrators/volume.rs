@@ -1,7 +1,7 @@
 //! The volume migrator: copies a volume to the target while the source runs (the pre-copy),
 //! then sends what changed since at cutover (the final sync), converting it to the target's
 //! disk format ([`super::convert`]) and verifying it. Its undo deletes the target's volume
-//! and the staging files.
+//! and the staging files. Between hosts, [`super::crossing`] does both.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::convert::{chunk_ranges, compare, convert, write_ranges};
+use super::crossing::{copy_across, crosses_hosts, undo_across};
 use super::plan::VolumePlan;
 use super::{remove_file, Cx, Migrator, MigratorError};
 use crate::providers::{self, DiskFormat, VolumeSpec};
@@ -26,11 +27,17 @@ pub struct CopyVolume {
 #[async_trait::async_trait]
 impl Migrator for CopyVolume {
     async fn run(&self, cx: &Cx) -> Result<Value, MigratorError> {
+        if crosses_hosts(cx) {
+            return copy_across(cx, &self.step, &self.volume, self.final_pass).await;
+        }
         copy_volume(cx, &self.step, &self.volume, self.final_pass).await
     }
 
     async fn undo(&self, cx: &Cx) -> Result<(), MigratorError> {
         let v = &self.volume;
+        if crosses_hosts(cx) {
+            return undo_across(cx, v).await;
+        }
         let op = cx.target.delete_volume(cx.svc(), &v.name).await?;
         providers::wait_for(cx.target.as_ref(), &op.id, Duration::from_secs(600)).await?;
         remove_file(&staging_path(cx, v))?;

@@ -568,6 +568,13 @@ pub trait Provider: Send + Sync + 'static {
     /// The disk image format new volumes get here; a relocation converts to it.
     fn preferred_disk_format(&self) -> DiskFormat;
 
+    /// The address its apps (and the daemon's health checks) reach it at: `app.NAME.host`.
+    /// 127.0.0.1 for a provider in this process, the agent's host for one served by an
+    /// agent.
+    fn address(&self) -> String {
+        LOOPBACK.to_string()
+    }
+
     /// The provider's agent, when it runs on another host: volumes then move agent to agent
     /// ([`remote::RemoteProvider::send_volume`]) instead of through paths on this host.
     fn remote(&self) -> Option<&remote::RemoteProvider> {
@@ -905,6 +912,9 @@ pub fn open(provider: &config::Provider) -> Result<Arc<dyn Provider>, ProviderEr
         Driver::S3 | Driver::Swift => objstore::open(provider),
     }
 }
+
+/// Where the apps of a provider in this process are reached.
+pub const LOOPBACK: &str = "127.0.0.1";
 
 /// Polls an operation until it finishes or `timeout` passes. A failed operation is an
 /// [`ProviderError::OperationFailed`]; one still running at the deadline is an

@@ -209,12 +209,19 @@ pub fn issue(
     params.distinguished_name = dn;
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    // Every party is a client (of an agent) and agents are also servers.
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    if role == Role::Agent {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    // Every party is a client (of an agent) and a server: agents serve their API and
+    // viaduct; the daemon serves a viaduct receiver when a volume moves to one of its own
+    // providers, under its name.
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    if role == Role::Daemon {
+        let san = CertificateParams::new(vec![name.to_string()]).map_err(|e| CertError::Host {
+            host: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        params.subject_alt_names.extend(san.subject_alt_names);
     }
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;

@@ -95,7 +95,7 @@ pub use chunks::image_digest;
 pub use local::{copy_local, LocalCopyOptions, ProgressFn};
 pub use manifest::{ChunkManifest, ManifestError};
 pub use names::{check_name, NameError};
-pub use receiver::{serve, ReceiverOptions};
+pub use receiver::{serve, OnCommit, ReceiverOptions};
 pub use sender::{send_file, Endpoint, EndpointTls, SendOptions};
 
 /// The default chunk size: small enough that a re-sync sends little more than what changed,

@@ -21,7 +21,7 @@ use super::wire::{
     BoxRead, BoxWrite, Encoding, ErrorCode, FrameReader, FrameWriter, Kind, Msg, WireError,
     KEEPALIVE_EVERY, MIN_IDLE, NO_OFFSET, TO_RECEIVER, TO_SENDER, VERSION,
 };
-use super::{check_chunk_size, ResumedFrom, ViaductError};
+use super::{check_chunk_size, ImageDigest, ResumedFrom, ViaductError};
 
 /// At most this many chunks per image (the digest list is then 128 MiB).
 pub(crate) const MAX_CHUNKS: u64 = 4 << 20;
@@ -47,9 +47,26 @@ pub struct ReceiverOptions {
     /// How long a transfer waits for an earlier one of the same name to end (a sender
     /// that reconnects after a drop may arrive before the receiver noticed). Default 10 s.
     pub busy_wait: Duration,
-    /// Speak TLS: every sender must present a certificate of the authority naming an agent
-    /// ([`crate::sys::tls::Identity::server_config`]). `None` accepts plain TCP.
+    /// Speak TLS: every sender must present a certificate of the authority naming a
+    /// FluidCloud role ([`crate::sys::tls::Identity::server_config`]). `None` accepts plain
+    /// TCP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Told of every image put in place, with the digest checked against the sender's.
+    pub on_commit: Option<OnCommit>,
+}
+
+/// Hears which image the receiver put in place under which name, and its checked digest:
+/// whoever uses the image next can then trust it without reading it again.
+#[derive(Clone)]
+pub struct OnCommit(pub Arc<CommitFn>);
+
+/// What [`OnCommit`] calls: the image's name and its digest.
+pub type CommitFn = dyn Fn(&str, &ImageDigest) + Send + Sync;
+
+impl std::fmt::Debug for OnCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnCommit")
+    }
 }
 
 impl ReceiverOptions {
@@ -62,6 +79,7 @@ impl ReceiverOptions {
             io_timeout: Duration::from_secs(60),
             busy_wait: Duration::from_secs(10),
             tls: None,
+            on_commit: None,
         }
     }
 }
@@ -73,6 +91,7 @@ struct Shared {
     idle: Duration,
     busy_wait: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    on_commit: Option<OnCommit>,
     shutdown: CancellationToken,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     transfers: Mutex<HashMap<[u8; 16], Weak<Transfer>>>,
@@ -187,6 +206,7 @@ pub async fn serve(listener: TcpListener, opts: ReceiverOptions) -> Result<(), V
         idle: opts.io_timeout,
         busy_wait: opts.busy_wait,
         tls: opts.tls.map(tokio_rustls::TlsAcceptor::from),
+        on_commit: opts.on_commit,
         shutdown: opts.shutdown,
         locks: Mutex::new(HashMap::new()),
         transfers: Mutex::new(HashMap::new()),
@@ -241,12 +261,11 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 }
             };
             match crate::sys::tls::peer_of(&tls) {
-                Some(p) if p.role == crate::sys::tls::Role::Agent => {}
-                other => {
-                    let who =
-                        other.map_or_else(|| "a party it does not know".into(), |p| p.to_string());
+                // Agents send to each other; the daemon sends its own providers' volumes.
+                Some(_) => {}
+                None => {
                     tracing::warn!(
-                        "The viaduct receiver refused {who} from {peer}: only agents send."
+                        "The viaduct receiver refused a party it does not know from {peer}: its certificate names no FluidCloud role."
                     );
                     return;
                 }
@@ -958,6 +977,9 @@ async fn commit(shared: &Shared, conn: &mut Conn, transfer: &Arc<Transfer>) -> R
                 ),
             )
         })?;
+    if let Some(hook) = &shared.on_commit {
+        (hook.0)(&transfer.name, &held);
+    }
     tracing::info!(
         "Received `{}` from {}: {} bytes, digest {held}.",
         transfer.name,

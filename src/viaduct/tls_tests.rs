@@ -84,7 +84,7 @@ async fn an_agent_sends_an_image_to_another_over_tls() {
 }
 
 #[tokio::test]
-async fn only_agents_of_the_authority_over_tls_may_send() {
+async fn only_parties_of_the_authority_over_tls_may_send() {
     let s = receiver_over_tls().await;
     let pki = s.dir.path().join("pki");
     let opts = SendOptions {
@@ -92,9 +92,15 @@ async fn only_agents_of_the_authority_over_tls_may_send() {
         ..SendOptions::default()
     };
 
-    // The daemon's certificate is of the authority, but the daemon never carries data.
+    // The daemon sends the volumes of its own providers; it still needs the key.
     let daemon = identity(&pki, Role::Daemon, "broker");
     let to = Endpoint::new(&s.addr, s.key.clone()).with_tls(tls_to(&daemon));
+    send_file(&s.src, &to, "a.raw", &opts, &|_| {})
+        .await
+        .unwrap();
+    std::fs::remove_file(s.dir.path().join("in").join("a.raw")).unwrap();
+    let wrong = crate::viaduct::PresharedKey::from_secret(&[7u8; 32]).unwrap();
+    let to = Endpoint::new(&s.addr, wrong).with_tls(tls_to(&daemon));
     assert!(send_file(&s.src, &to, "a.raw", &opts, &|_| {})
         .await
         .is_err());

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod across_hosts;
 mod daemon;
 mod hosts;
 mod layering;

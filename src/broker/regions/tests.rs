@@ -30,6 +30,7 @@ fn provider(cloud: Option<&str>, region: &str, overrides: Option<RawRegionOverri
         qemu: None,
         agent: None,
         tls: None,
+        address: None,
     }
 }
 

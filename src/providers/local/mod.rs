@@ -54,6 +54,8 @@ pub struct LocalProvider {
     volumes: Volumes,
     buckets: buckets::Buckets,
     apps: apps::Apps,
+    /// The address its apps are reached at (see [`config::Provider::address`]).
+    address: std::sync::RwLock<String>,
     /// Declared last so it is released only after the supervisors have been stopped.
     _root_lock: Arc<RootLock>,
 }
@@ -75,7 +77,19 @@ impl LocalProvider {
             provider: provider.name.clone(),
             reason: "the local driver needs `root`, the directory it keeps services in".to_string(),
         })?;
-        Self::open_at(&provider.name, root, provider.disk_format)
+        let opened = Self::open_at(&provider.name, root, provider.disk_format)?;
+        if let Some(address) = &provider.address {
+            *opened.address.write().unwrap_or_else(|e| e.into_inner()) = address.clone();
+        }
+        Ok(opened)
+    }
+
+    /// An app's status with its endpoint at this provider's address.
+    fn reached(&self, mut status: AppStatus) -> AppStatus {
+        if let Some(ep) = &mut status.endpoint {
+            ep.host = self.address();
+        }
+        status
     }
 
     /// Opens (creating it if needed) a local provider in `root`.
@@ -134,6 +148,7 @@ impl LocalProvider {
             volumes,
             buckets,
             apps,
+            address: std::sync::RwLock::new(super::LOOPBACK.to_string()),
             _root_lock: root_lock,
         });
         open.insert(root, Arc::downgrade(&provider));
@@ -165,6 +180,13 @@ pub(crate) fn clear_dir(dir: &Path) -> std::io::Result<()> {
 
 #[async_trait]
 impl Provider for LocalProvider {
+    fn address(&self) -> String {
+        self.address
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn name(&self) -> &str {
         &self.name
     }
@@ -338,7 +360,7 @@ impl Provider for LocalProvider {
         service: &str,
         app: &str,
     ) -> Result<Option<AppStatus>, ProviderError> {
-        Ok(self.apps.status(service, app))
+        Ok(self.apps.status(service, app).map(|s| self.reached(s)))
     }
 
     async fn app_endpoint(
@@ -347,7 +369,7 @@ impl Provider for LocalProvider {
         app: &str,
     ) -> Result<Option<Endpoint>, ProviderError> {
         match self.apps.status(service, app) {
-            Some(status) => Ok(status.endpoint),
+            Some(status) => Ok(self.reached(status).endpoint),
             None => Err(not_found(&self.name, object::app(service, app))),
         }
     }

@@ -10,6 +10,7 @@
 pub mod wire;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,7 +41,15 @@ pub struct RemoteProvider {
     disk_format: DiskFormat,
     /// `https://HOST:PORT`, without a trailing slash.
     base: String,
+    /// The agent's host as the daemon reaches it.
+    host: String,
     http: reqwest::Client,
+    /// The daemon's certificate as a client of the agents' viaducts.
+    client_tls: Arc<rustls::ClientConfig>,
+    /// The daemon's certificate as a viaduct receiver the agents send to, under its name.
+    server_tls: Arc<rustls::ServerConfig>,
+    /// The daemon's name, which its certificate carries for its receiver.
+    me: String,
 }
 
 impl RemoteProvider {
@@ -65,13 +74,40 @@ impl RemoteProvider {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| setup(format!("agent {agent}: cannot build the HTTPS client: {e}")))?;
+        let host = reqwest::Url::parse(agent)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+            .ok_or_else(|| setup(format!("agent {agent}: the address names no host")))?;
+        let server_tls = identity
+            .server_config()
+            .map_err(|e| setup(format!("agent {agent}: {e}")))?;
         Ok(RemoteProvider {
             name: name.to_string(),
             driver,
             disk_format,
             base: agent.trim_end_matches('/').to_string(),
+            host,
             http,
+            client_tls: tls,
+            server_tls,
+            me: identity.me().name.clone(),
         })
+    }
+
+    /// The daemon's certificate as a client, for sending to this agent's viaduct.
+    pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
+        self.client_tls.clone()
+    }
+
+    /// The daemon's certificate as a server, for a receiver this agent sends to, and the
+    /// name it carries.
+    pub fn server_tls(&self) -> (Arc<rustls::ServerConfig>, &str) {
+        (self.server_tls.clone(), &self.me)
+    }
+
+    /// The agent's host, as the daemon reaches it.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The agent's address.
@@ -102,6 +138,18 @@ impl RemoteProvider {
         let path = format!("/v1/transfers/{id}");
         self.request(
             reqwest::Method::GET,
+            &path,
+            &format!("transfer `{id}`"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Stops a send this provider's agent started; its receiver keeps what arrived.
+    pub async fn cancel_transfer(&self, id: &str) -> Result<(), ProviderError> {
+        let path = format!("/v1/transfers/{id}");
+        self.request(
+            reqwest::Method::DELETE,
             &path,
             &format!("transfer `{id}`"),
             None::<&()>,
@@ -234,6 +282,10 @@ impl Provider for RemoteProvider {
         Some(self)
     }
 
+    fn address(&self) -> String {
+        self.host.clone()
+    }
+
     async fn operation(&self, id: &OperationId) -> Result<Operation, ProviderError> {
         let call = Call::Operation { id: id.clone() };
         self.call(object::operation(id), &call).await
@@ -249,7 +301,7 @@ impl Provider for RemoteProvider {
             volume: volume.into(),
         };
         let info: Option<VolumeInfo> = self.call(object::volume(service, volume), &call).await?;
-        Ok(info.map(without_path))
+        Ok(info)
     }
 
     async fn list_volumes(&self, service: &str) -> Result<Vec<VolumeInfo>, ProviderError> {
@@ -257,7 +309,7 @@ impl Provider for RemoteProvider {
             service: service.into(),
         };
         let list: Vec<VolumeInfo> = self.call(object::service(service), &call).await?;
-        Ok(list.into_iter().map(without_path).collect())
+        Ok(list)
     }
 
     async fn create_volume(
@@ -450,7 +502,7 @@ impl Provider for RemoteProvider {
         };
         let location: Option<BucketLocation> =
             self.call(object::bucket(service, bucket), &call).await?;
-        Ok(location.map(|l| BucketLocation { path: None, ..l }))
+        Ok(location)
     }
 
     async fn start_app(&self, service: &str, spec: &AppSpec) -> Result<Operation, ProviderError> {
@@ -609,9 +661,4 @@ impl Provider for RemoteProvider {
         self.call(format!("provider `{}`", self.name), &Call::FreeBytes)
             .await
     }
-}
-
-/// A volume as the daemon sees it on another host: its image is not at any path here.
-fn without_path(v: VolumeInfo) -> VolumeInfo {
-    VolumeInfo { path: None, ..v }
 }

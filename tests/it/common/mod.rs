@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod agents;
 pub mod config;
 pub mod guest;
 pub mod netns;
