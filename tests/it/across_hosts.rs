@@ -455,3 +455,228 @@ fn the_daemon_killed_mid_transfer_and_restarted_finishes_the_move() {
     println!("after the daemon's restart the relocation {state}");
     let _ = &m.a;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_refuses_strangers_and_paths_outside_its_root_and_nothing_changes() {
+    use fluidcloud::model::{DiskFormat, Driver};
+    use fluidcloud::providers::remote::RemoteProvider;
+    use fluidcloud::providers::{Provider, VolumeSpec};
+    use fluidcloud::sys::certs;
+    use fluidcloud::sys::tls::{Identity, Role, TlsFiles};
+
+    let Some(hosts) = Hosts::create(1) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::create(dir.path());
+    let agent = Agent::start(
+        hosts.a(),
+        dir.path(),
+        &pki,
+        "a",
+        "[providers.a]\ndriver = \"local\"\nregion = \"r\"\nroot = \"a-root\"\n",
+    );
+    let host = hosts.a();
+    tokio::task::block_in_place(|| agent.wait_up(host));
+    let root = dir.path().join("a-root");
+    let snapshot = || {
+        let mut files: Vec<String> = walk(&root)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        files.sort();
+        files
+    };
+    let before = snapshot();
+    let volume = VolumeSpec {
+        name: "data".into(),
+        size_bytes: 1 << 20,
+        format: DiskFormat::Raw,
+    };
+
+    // No client certificate at all, though the caller trusts the agent's authority.
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(pki.dir.join("ca.pem")).unwrap()).unwrap();
+    let anonymous = reqwest::Client::builder()
+        .add_root_certificate(ca.clone())
+        .build()
+        .unwrap();
+    let answer = anonymous
+        .get(format!("{}/v1/viaduct", agent.url))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    assert!(
+        answer.is_err(),
+        "an unauthenticated caller was answered: {answer:?}"
+    );
+
+    // A daemon's certificate from another authority, presented to an agent the caller
+    // trusts: the agent refuses it in the handshake.
+    let other = dir.path().join("other-pki");
+    certs::create_authority(&other, 30).unwrap();
+    let stranger = certs::issue(&other, Role::Daemon, "broker", &[], 30).unwrap();
+    let mut pem = std::fs::read(&stranger.cert).unwrap();
+    pem.extend(std::fs::read(&stranger.key).unwrap());
+    let as_stranger = reqwest::Client::builder()
+        .add_root_certificate(ca.clone())
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let answer = as_stranger
+        .get(format!("{}/v1/viaduct", agent.url))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    assert!(
+        answer.is_err(),
+        "a caller of another authority was answered: {answer:?}"
+    );
+    // The same client with the daemon's own certificate is answered: the refusals above
+    // were about the callers, not the way they called.
+    let mut pem = std::fs::read(pki.dir.join("broker.pem")).unwrap();
+    pem.extend(std::fs::read(pki.dir.join("broker-key.pem")).unwrap());
+    let answer = reqwest::Client::builder()
+        .add_root_certificate(ca.clone())
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap()
+        .get(format!("{}/v1/viaduct", agent.url))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success(), "{answer:?}");
+
+    // The daemon itself, with names that reach outside the provider's root.
+    let files = TlsFiles {
+        ca: pki.dir.join("ca.pem"),
+        cert: pki.dir.join("broker.pem"),
+        key: pki.dir.join("broker-key.pem"),
+    };
+    let daemon = Identity::load(&files).unwrap();
+    let as_daemon =
+        RemoteProvider::new("a", Driver::Local, DiskFormat::Raw, &agent.url, &daemon).unwrap();
+    let outside = dir.path().join("outside.txt");
+    for (what, result) in [
+        (
+            "a volume named ../x",
+            as_daemon
+                .create_volume(
+                    "shop",
+                    &VolumeSpec {
+                        name: "../x".into(),
+                        ..volume.clone()
+                    },
+                )
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "a service named ..",
+            as_daemon.create_volume("..", &volume).await.map(|_| ()),
+        ),
+        (
+            "an app file outside the app's directory",
+            as_daemon
+                .write_app_file(
+                    "shop",
+                    "web",
+                    &format!("../../../../../{}", outside.display()),
+                    b"x",
+                )
+                .await
+                .map(|_| ()),
+        ),
+    ] {
+        let err = result.expect_err(what);
+        println!("{what}: {err}");
+    }
+    assert!(!outside.exists());
+    assert_eq!(snapshot(), before, "the agent's root changed");
+    as_daemon.create_volume("shop", &volume).await.unwrap();
+    assert_ne!(snapshot(), before);
+}
+
+#[test]
+fn a_service_moves_from_the_daemons_host_to_an_agents_and_back() {
+    let Some(hosts) = Hosts::create(1) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _apps = Apps(dir.path());
+    let pki = Pki::create(dir.path());
+    let agent = Agent::start(
+        hosts.a(),
+        dir.path(),
+        &pki,
+        "a",
+        "[providers.there]\ndriver = \"local\"\nregion = \"r\"\nroot = \"there-root\"\n",
+    );
+    agent.wait_up(hosts.a());
+    let config = common::config::ConfigBuilder::for_daemon()
+        .broker_idle()
+        .conduit("grace_period_secs", 1)
+        .provider("here", "local", "r", |p| p.root("here-root"))
+        .provider("there", "local", "r", |p| p.set("agent", agent.url.clone()))
+        .policy("watch", "cheapest", "audit", |p| p)
+        .service("shop", "here", "watch", |s| s.volume("data", 0.0625))
+        .raw(&pki.daemon_tls)
+        .render();
+    let mut d = Daemon::start(dir.path(), &config);
+    let volume = |root: &str| dir.path().join(format!("{root}/volumes/shop/data.raw"));
+    d.eventually("shop deployed here", Duration::from_secs(30), |_| {
+        volume("here-root").exists().then_some(())
+    });
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(volume("here-root"))
+            .unwrap();
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 31 % 251) as u8).collect();
+        f.write_all_at(&data, 4 << 20).unwrap();
+    }
+    let hash = hash_of(&volume("here-root"));
+    for (to, from_root, to_root) in [
+        ("there", "here-root", "there-root"),
+        ("here", "there-root", "here-root"),
+    ] {
+        let (status, body) = d
+            .raw(
+                "POST",
+                "/v1/services/shop/relocate",
+                true,
+                Some(serde_json::json!({ "to": to })),
+            )
+            .unwrap();
+        assert_eq!(status, 202, "{body}");
+        let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let done = d.eventually("the relocation to end", Duration::from_secs(120), |d| {
+            let r = d.get(&format!("/v1/relocations/{id}"));
+            matches!(r["state"].as_str()?, "completed" | "rolled_back" | "failed").then_some(r)
+        });
+        assert_eq!(
+            done["state"],
+            "completed",
+            "{done}\n{}\n{}",
+            d.logs(),
+            agent.logs()
+        );
+        assert!(
+            done.to_string().contains("viaduct (host to host)"),
+            "{done}"
+        );
+        assert_eq!(
+            hash_of(&volume(to_root)),
+            hash,
+            "the data at `{to}` differs"
+        );
+        d.eventually("the source decommissioned", Duration::from_secs(30), |_| {
+            (!volume(from_root).exists()).then_some(())
+        });
+    }
+}
