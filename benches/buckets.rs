@@ -1,5 +1,5 @@
 //! Bucket relocation from S3 (s3s-fs) to OpenStack Swift: the bucket migrator
-//! (`migrators::copier::copy_bucket`) against `rclone copy`, on the same servers, in one run.
+//! (`providers::copier::copy_bucket`) against `rclone copy`, on the same servers, in one run.
 //!
 //! `cargo bench --bench buckets -- [--dir DIR] [--repeat N]
 //! [--sets small,large] [--rclone PATH] [--swift-part-mib N]`. Needs the servers of
@@ -41,7 +41,7 @@ use clap::{Parser, ValueEnum};
 use common::{at_least_one, free_port, load_average, median};
 use config::{ConfigBuilder, Section};
 use fluidcloud::config::Config;
-use fluidcloud::migrators::copier::{copy_bucket, BucketCopyOptions, BucketProgress};
+use fluidcloud::providers::copier::{copy_bucket, BucketCopyOptions, BucketProgress};
 use fluidcloud::providers::{self, Provider};
 use servers::{S3sFs, SwiftServer, TestEnv};
 

@@ -11,8 +11,8 @@ use fluidcloud::conduit::journal::{RelocationRecord, StepState};
 use fluidcloud::conduit::plan::Step;
 use fluidcloud::conduit::{Observer, RelocationRequest, RelocationState};
 use fluidcloud::config::Config;
-use fluidcloud::migrators::copier::BucketProgress;
 use fluidcloud::migrators::Observer as _;
+use fluidcloud::providers::copier::BucketProgress;
 use fluidcloud::sys::units::human_bytes;
 use fluidcloud::viaduct::Progress;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -124,9 +124,11 @@ fn print_summary(engine: &Engine, record: &RelocationRecord) {
             .get("bytes_read")
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
+        // On the wire between hosts, else written at the target.
         sent += s
             .output
-            .get("bytes_written")
+            .get("bytes_sent")
+            .or_else(|| s.output.get("bytes_written"))
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
         if let Some(v) = s.output.get("verified").and_then(|v| v.as_str()) {

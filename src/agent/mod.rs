@@ -6,6 +6,7 @@
 //!   ([`crate::providers::remote`] is its client in the daemon).
 //! - `/metrics` on a separate plain-HTTP listener, for Prometheus.
 
+pub mod buckets;
 pub mod server;
 pub mod transfers;
 
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::providers::Provider;
-use crate::sys::tls::{Identity, Role, TlsListener};
+use crate::sys::tls::{Caller, Identity, Role, TlsListener};
 use crate::telemetry::AgentMetrics;
 
 /// What an agent runs with.
@@ -71,7 +72,12 @@ impl Agent {
             viaduct,
             metrics,
         } = listeners;
-        let tls = TlsListener::new(api, self.identity.server_config()?, &[Role::Daemon]);
+        // The daemon calls everything; other agents read objects (a bucket pulled).
+        let tls = TlsListener::new(
+            api,
+            self.identity.server_config()?,
+            &[Role::Daemon, Role::Agent],
+        );
         let stop_viaduct = tokio_util::sync::CancellationToken::new();
         let mut receiver = None;
         let mut receiver_task = None;
@@ -121,10 +127,12 @@ impl Agent {
             &self.identity,
             self.metrics.clone(),
         )?);
+        let pulls = Arc::new(buckets::Pulls::new(Arc::new(self.identity)));
         let state = Arc::new(server::ApiState {
             providers: self.providers,
             metrics: self.metrics.clone(),
             transfers,
+            pulls,
         });
         // Prometheus scrapes are short: the metrics listener simply ends with the API.
         let metrics_task = metrics.map(|listener| {
@@ -138,9 +146,12 @@ impl Agent {
             );
             tokio::spawn(async move { axum::serve(listener, router).await })
         });
-        let served = axum::serve(tls, server::router(state))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = axum::serve(
+            tls,
+            server::router(state).into_make_service_with_connect_info::<Caller>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
         stop_viaduct.cancel();
         if let Some(t) = receiver_task {
             if let Ok(Err(e)) = t.await {

@@ -1,13 +1,15 @@
 //! The agent's HTTPS API: the provider calls of [`crate::providers::remote::wire`], run
-//! against this host's drivers. Only the daemon may call it (the listener lets in no other
-//! role); every name a call carries is checked before a driver sees it.
+//! against this host's drivers. The daemon may call all of it; another agent only reads
+//! objects (to pull a bucket, [`super::buckets`]); the listener lets in no other party.
+//! Every name a call carries is checked before a driver sees it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,13 +26,16 @@ use crate::providers::{
 
 use crate::telemetry::AgentMetrics;
 
+use super::buckets::{PullError, Pulls};
 use super::transfers::{TransferError, Transfers};
+use crate::sys::tls::{Caller, Role};
 
 /// What the API's handlers share.
 pub struct ApiState {
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     pub metrics: AgentMetrics,
     pub transfers: Arc<Transfers>,
+    pub pulls: Arc<Pulls>,
 }
 
 /// The API's routes.
@@ -49,7 +54,41 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/adopt", post(adopt_volume))
         .route("/v1/discard", post(discard))
+        .route("/v1/buckets/pull", post(pull_bucket))
+        .route(
+            "/v1/buckets/pull/{id}",
+            get(pull_status).delete(cancel_pull),
+        )
+        .layer(axum::middleware::from_fn(only_reads_for_agents))
         .with_state(state)
+}
+
+/// What a caller of the agent role may do: read objects (`GET .../object`, and the
+/// `list_objects` and `stat_object` calls, checked by [`call`]). Everything else is the
+/// daemon's.
+async fn only_reads_for_agents(request: Request, next: Next) -> Response {
+    let role = caller_role(&request);
+    let path = request.uri().path();
+    let reading = (request.method() == axum::http::Method::GET && path.ends_with("/object"))
+        || (request.method() == axum::http::Method::POST && path.ends_with("/call"));
+    match role {
+        Some(Role::Daemon) => next.run(request).await,
+        Some(Role::Agent) if reading => next.run(request).await,
+        _ => Failure(WireError::Denied {
+            provider: String::new(),
+            object: path.to_string(),
+            detail: "only the daemon may call this; other agents may only read objects".into(),
+        })
+        .into_response(),
+    }
+}
+
+fn caller_role<B>(request: &axum::http::Request<B>) -> Option<Role> {
+    request
+        .extensions()
+        .get::<ConnectInfo<Caller>>()
+        .and_then(|c| c.0.peer.as_ref())
+        .map(|p| p.role)
 }
 
 /// An error as the API answers it: the driver's error, with a status that says whose fault
@@ -96,6 +135,18 @@ impl From<TransferError> for Failure {
                 object: "the transfer".into(),
                 action: "move the volume".into(),
                 detail: other.to_string(),
+            }),
+        }
+    }
+}
+
+impl From<PullError> for Failure {
+    fn from(e: PullError) -> Self {
+        match e {
+            PullError::Provider(p) => p.into(),
+            PullError::Unknown(_) => Failure(WireError::NotFound {
+                provider: String::new(),
+                object: e.to_string(),
             }),
         }
     }
@@ -157,10 +208,19 @@ fn ok<T: Serialize>(value: T) -> Result<Response, Failure> {
 
 async fn call(
     State(state): State<Arc<ApiState>>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
     Path(name): Path<String>,
     Json(call): Json<Call>,
 ) -> Result<Response, Failure> {
     let p = state.provider(&name)?;
+    let reads = matches!(call, Call::ListObjects { .. } | Call::StatObject { .. });
+    if caller.peer.as_ref().map(|p| p.role) != Some(Role::Daemon) && !reads {
+        return Err(Failure(WireError::Denied {
+            provider: name.clone(),
+            object: op_name(&call).to_string(),
+            detail: "other agents may only read objects".into(),
+        }));
+    }
     check_names(&name, &call)?;
     state.metrics.call(op_name(&call));
     let result = dispatch(p.as_ref(), call).await;
@@ -365,6 +425,44 @@ async fn transfer_status(
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
     ok(state.transfers.status(&id)?)
+}
+
+async fn pull_bucket(
+    State(state): State<Arc<ApiState>>,
+    Json(req): Json<crate::providers::remote::wire::PullBucket>,
+) -> Result<Response, Failure> {
+    let p = state.provider(&req.provider)?.clone();
+    check_name(&req.provider, "service", &req.service)?;
+    check_name(&req.provider, "bucket", &req.bucket)?;
+    check_name(&req.provider, "provider", &req.from_provider)?;
+    if !(1..=crate::providers::copier::MAX_CONCURRENCY).contains(&req.concurrency) {
+        return Err(invalid(
+            &req.provider,
+            "the request".into(),
+            format!(
+                "concurrency must be 1 to {}, got {}",
+                crate::providers::copier::MAX_CONCURRENCY,
+                req.concurrency
+            ),
+        ));
+    }
+    state.metrics.call("pull_bucket");
+    ok(state.pulls.start(p, req)?)
+}
+
+async fn pull_status(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    ok(state.pulls.status(&id)?)
+}
+
+async fn cancel_pull(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    state.pulls.cancel(&id)?;
+    ok(())
 }
 
 async fn cancel_transfer(

@@ -237,7 +237,7 @@ async fn names_that_are_not_component_names_are_refused_before_the_driver_sees_t
 }
 
 #[tokio::test]
-async fn only_the_daemon_may_call_an_agent() {
+async fn only_the_daemon_may_call_an_agent_and_other_agents_only_read_objects() {
     let f = fixture().await;
     let pki = f.dir.path().join("pki");
     let other_agent = identity(&pki, Role::Agent, "host-b");
@@ -249,8 +249,9 @@ async fn only_the_daemon_may_call_an_agent() {
         &other_agent,
     )
     .unwrap();
+    // Another agent may read objects (to pull a bucket), nothing else.
     let err = impostor.list_volumes("shop").await.unwrap_err();
-    assert!(matches!(err, ProviderError::Unreachable { .. }), "{err}");
+    assert!(matches!(err, ProviderError::Denied { .. }), "{err}");
 
     let stranger_pki = f.dir.path().join("other-pki");
     certs::create_authority(&stranger_pki, 30).unwrap();

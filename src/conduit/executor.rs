@@ -28,7 +28,8 @@ use super::plan::{Action, Phase, Plan, Step};
 use super::progress::Observer;
 use super::shared::Shared;
 use super::RelocationState;
-use crate::migrators::{self, copier, Cx, MigratorError};
+use crate::migrators::{self, Cx, MigratorError};
+use crate::providers::copier;
 use crate::viaduct;
 
 /// Hands the migrators the transfer half of the conduit's observer.

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::journal::StepState;
 use crate::migrators;
-use crate::migrators::copier::BucketProgress;
 use crate::migrators::plan::Step;
+use crate::providers::copier::BucketProgress;
 use crate::viaduct;
 
 /// Hears what a relocation does, for progress bars and logs: every step's checkpoints here,

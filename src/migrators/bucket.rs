@@ -1,15 +1,19 @@
 //! The bucket migrator: copies a bucket's objects to the target while the source runs, and
-//! copies what changed since at cutover, both through the [`super::copier`]. The hashes the
+//! copies what changed since at cutover, both through the [`crate::providers::copier`]. The hashes the
 //! pre-copy learned wait in the work directory for the sync. Its undo deletes the target's
-//! bucket. A bucket kept at its source (`keep_at_source`) gets no step.
+//! bucket. A bucket kept at its source (`keep_at_source`) gets no step. Between two agents
+//! the target's agent pulls the objects from the source's ([`crate::agent::buckets`]), so
+//! they go host to host; otherwise the daemon copies them.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::copier::{self, BucketProgress};
 use super::{Cx, Migrator, MigratorError};
+use crate::providers::copier::{self, BucketCopyOptions, BucketCopyReport, BucketProgress};
+use crate::providers::remote::wire::{PullBucket, PullState};
+use crate::providers::remote::RemoteProvider;
 
 /// `copy:<bucket>` and `sync:<bucket>`: the same copy, the second finding less to do.
 pub struct CopyBucket {
@@ -82,21 +86,31 @@ async fn copy_bucket(cx: &Cx, step: &str, bucket: &str) -> Result<Value, Migrato
             o.bucket(&id, &name, &p);
         }
     });
-    let report = copier::copy_bucket(
-        cx.source.as_ref(),
-        svc,
-        bucket,
-        cx.target.as_ref(),
-        svc,
-        bucket,
-        &options,
-        &*progress,
-    )
-    .await
-    .map_err(|source| MigratorError::Bucket {
-        bucket: bucket.to_string(),
-        source: Box::new(source),
-    })?;
+    let (report, method) = match (cx.source.remote(), cx.target.remote()) {
+        // Between two agents the target's pulls from the source's: host to host.
+        (Some(from), Some(to)) => (
+            pull(cx, from, to, bucket, &options, &*progress).await?,
+            "pulled host to host by the target's agent",
+        ),
+        _ => (
+            copier::copy_bucket(
+                cx.source.as_ref(),
+                svc,
+                bucket,
+                cx.target.as_ref(),
+                svc,
+                bucket,
+                &options,
+                &*progress,
+            )
+            .await
+            .map_err(|source| MigratorError::Bucket {
+                bucket: bucket.to_string(),
+                source: Box::new(source),
+            })?,
+            "copied by the daemon",
+        ),
+    };
     // The target bucket is this relocation's own: objects deleted at the source since the
     // pre-copy go at the sync, so the target ends as an exact copy.
     for key in &report.extra_at_target {
@@ -122,6 +136,7 @@ async fn copy_bucket(cx: &Cx, step: &str, bucket: &str) -> Result<Value, Migrato
         );
     }
     Ok(json!({
+        "method": method,
         "objects": report.objects_total,
         "copied": report.objects_copied,
         "skipped": report.objects_skipped,
@@ -136,4 +151,64 @@ async fn copy_bucket(cx: &Cx, step: &str, bucket: &str) -> Result<Value, Migrato
             report.objects_total
         ),
     }))
+}
+
+/// Has the target's agent pull the bucket from the source's, and follows it.
+async fn pull(
+    cx: &Cx,
+    from: &RemoteProvider,
+    to: &RemoteProvider,
+    bucket: &str,
+    options: &BucketCopyOptions,
+    progress: &(dyn Fn(BucketProgress) + Send + Sync),
+) -> Result<BucketCopyReport, MigratorError> {
+    let id = to
+        .pull_bucket(&PullBucket {
+            provider: cx.plan.to.clone(),
+            service: cx.svc().to_string(),
+            bucket: bucket.to_string(),
+            from_agent: from.agent_url().to_string(),
+            from_provider: cx.plan.from.clone(),
+            concurrency: options.concurrency,
+            max_bytes_per_sec: options.max_bytes_per_sec,
+            known: options.known.clone(),
+        })
+        .await?;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            _ = options.cancel.cancelled() => {
+                if let Err(e) = to.cancel_pull(&id.id).await {
+                    tracing::warn!("Relocation {}: could not stop the pull of bucket `{}/{bucket}` at `{}`: {e}.", cx.id, cx.svc(), cx.plan.to);
+                }
+                return Err(if cx.cancelled.is_cancelled() {
+                    MigratorError::Cancelled
+                } else {
+                    MigratorError::Check(format!(
+                        "the copy of bucket `{}/{bucket}` was stopped: another transfer of the relocation failed",
+                        cx.svc()
+                    ))
+                });
+            }
+        }
+        match to.pull(&id.id).await? {
+            PullState::Running { progress: p } => {
+                if let Some(p) = p {
+                    progress(p);
+                }
+            }
+            PullState::Done { mut report, known } => {
+                report.known = known;
+                return Ok(*report);
+            }
+            PullState::Failed { error } => {
+                return Err(MigratorError::Check(format!(
+                    "`{}` could not pull bucket `{}/{bucket}` from `{}`: {error}",
+                    cx.plan.to,
+                    cx.svc(),
+                    cx.plan.from
+                )))
+            }
+        }
+    }
 }

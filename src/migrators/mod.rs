@@ -9,7 +9,7 @@
 //! - [`volume`]: the pre-copy and final sync of a volume over the viaduct, with [`convert`]
 //!   for disks whose format changes (qemu-img conversion, delta write-back), and
 //!   [`crossing`] when one end or both are on another host (agent to agent).
-//! - [`bucket`]: the copy and final sync of a bucket, with the [`copier`]. A bucket kept at
+//! - [`bucket`]: the copy and final sync of a bucket, with the [`crate::providers::copier`]. A bucket kept at
 //!   its source gets no step, only a note in the plan: the apps are pointed at it there.
 //! - [`app`]: stops the source's apps and VMs, starts the target's.
 //! - [`config`]: rewrites a configuration file for the target (rules in [`rewrite`]).
@@ -28,7 +28,6 @@ pub mod app;
 pub mod bucket;
 pub mod config;
 pub mod convert;
-pub mod copier;
 pub mod crossing;
 pub mod cutover;
 pub mod decommission;
@@ -127,7 +126,12 @@ impl Migrator for Commit {
 pub trait Observer: Send + Sync {
     fn transfer(&self, relocation: &str, step: &str, progress: &viaduct::Progress);
     /// A bucket copy's progress, a few times a second.
-    fn bucket(&self, relocation: &str, step: &str, progress: &copier::BucketProgress) {
+    fn bucket(
+        &self,
+        relocation: &str,
+        step: &str,
+        progress: &crate::providers::copier::BucketProgress,
+    ) {
         let _ = (relocation, step, progress);
     }
 }
@@ -264,7 +268,7 @@ pub enum MigratorError {
     Bucket {
         bucket: String,
         #[source]
-        source: Box<copier::BucketCopyError>,
+        source: Box<crate::providers::copier::BucketCopyError>,
     },
     /// `what` names the hook: "the cutover hook (rollback)".
     #[error("{what} failed: {source}")]

@@ -22,8 +22,13 @@
 //!
 //! Drivers: [`local`] (the embedded default: a directory, supervised processes, image files);
 //! [`qemu`] (virtual machines under `qemu-system-x86_64` on this machine, with a disk pool);
-//! `objstore` (S3 and OpenStack Swift buckets through Apache OpenDAL).
+//! `objstore` (S3 and OpenStack Swift buckets through Apache OpenDAL); [`remote`] (a provider
+//! on another host, through its agent).
+//!
+//! [`copier`] copies a bucket between any two providers through the trait alone; the
+//! conduit's bucket migrator and the agents (a bucket pulled host to host) both use it.
 
+pub mod copier;
 pub mod health;
 pub(crate) mod host;
 pub mod local;

@@ -383,13 +383,36 @@ impl Drop for TlsListener {
     }
 }
 
+/// Who is on the other end of a connection a [`TlsListener`] accepted: handlers read it with
+/// `axum::extract::ConnectInfo<Caller>` to decide what that party may do.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub addr: SocketAddr,
+    /// `None` only for the listener's own address.
+    pub peer: Option<Peer>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for Caller
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
 impl axum::serve::Listener for TlsListener {
     type Io = ServerStream;
-    type Addr = SocketAddr;
+    type Addr = Caller;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.rx.recv().await {
-            Some((io, addr, _)) => (io, addr),
+            Some((io, addr, peer)) => (
+                io,
+                Caller {
+                    addr,
+                    peer: Some(peer),
+                },
+            ),
             // The accept loop never ends on its own; if it did, wait forever like a listener
             // that gets no more connections.
             None => std::future::pending().await,
@@ -397,7 +420,10 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(Caller {
+            addr: self.local,
+            peer: None,
+        })
     }
 }
 

@@ -159,6 +159,16 @@ fn the_quickstart_service_moves_to_another_host_by_policy_without_its_data_passi
         before["listen"].as_str(),
         Some(format!("{}:{app_port}", hosts.a().addr).as_str())
     );
+    // Objects in the bucket, which moves with the service.
+    let assets = dir.path().join("home-virginia-root/buckets/shop/assets");
+    std::fs::create_dir_all(assets.join("img")).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            assets.join(format!("img/{i}.txt")),
+            format!("asset {i} ").repeat(100 + i),
+        )
+        .unwrap();
+    }
     let io_before = process_io(d.child.id());
 
     let relocation = d.eventually(
@@ -213,6 +223,17 @@ fn the_quickstart_service_moves_to_another_host_by_policy_without_its_data_passi
     ));
     let text = steps.to_string();
     assert!(text.contains("viaduct (host to host)"), "{text}");
+    assert!(
+        text.contains("pulled host to host by the target's agent"),
+        "{text}"
+    );
+    let moved = dir.path().join("home-frankfurt-root/buckets/shop/assets");
+    for i in 0..20 {
+        assert_eq!(
+            std::fs::read(moved.join(format!("img/{i}.txt"))).unwrap(),
+            format!("asset {i} ").repeat(100 + i).into_bytes()
+        );
+    }
 }
 
 /// MiB of random data in the volume the fault tests move.
@@ -593,6 +614,41 @@ async fn an_agent_refuses_strangers_and_paths_outside_its_root_and_nothing_chang
         println!("{what}: {err}");
     }
     assert!(!outside.exists());
+
+    // Another agent of the authority may read objects (to pull a bucket), nothing else.
+    let peer = certs::issue(
+        &pki.dir,
+        Role::Agent,
+        "host-z",
+        &["10.0.0.99".to_string()],
+        30,
+    )
+    .unwrap();
+    let peer = Identity::load(&TlsFiles {
+        ca: pki.dir.join("ca.pem"),
+        cert: peer.cert,
+        key: peer.key,
+    })
+    .unwrap();
+    let as_peer =
+        RemoteProvider::new("a", Driver::Local, DiskFormat::Raw, &agent.url, &peer).unwrap();
+    let read = as_peer.list_objects("shop", "assets").await;
+    assert!(
+        read.as_ref().map_or_else(|e| e.is_not_found(), |_| true),
+        "an agent could not read objects: {read:?}"
+    );
+    let err = as_peer.create_volume("shop", &volume).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("other agents may only read objects"),
+        "{err}"
+    );
+    let err = as_peer.receiver().await.unwrap_err();
+    assert!(
+        err.to_string().contains("only the daemon may call this"),
+        "{err}"
+    );
+
     assert_eq!(snapshot(), before, "the agent's root changed");
     as_daemon.create_volume("shop", &volume).await.unwrap();
     assert_ne!(snapshot(), before);

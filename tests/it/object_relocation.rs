@@ -15,7 +15,7 @@ use common::config::{ConfigBuilder, Section};
 use common::servers::{kill_from_pid_file, S3sFs, SwiftServer, TestEnv};
 use common::{bin, demo_app};
 use fluidcloud::config::Config;
-use fluidcloud::migrators::copier::{bucket_manifest, BucketManifest};
+use fluidcloud::providers::copier::{bucket_manifest, BucketManifest};
 use fluidcloud::providers::{self, ObjectStream, Provider};
 
 /// Larger than the 5 MiB part size configured below, so it travels in parts.

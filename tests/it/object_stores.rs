@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use common::servers::{http, S3sFs, SwiftServer, TestEnv};
 use fluidcloud::config::Config;
-use fluidcloud::migrators::copier::{
+use fluidcloud::providers::copier::{
     bucket_manifest, copy_bucket, BucketCopyError, BucketCopyOptions, BucketCopyReport,
     BucketProgress, Side,
 };

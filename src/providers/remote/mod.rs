@@ -157,6 +157,37 @@ impl RemoteProvider {
         .await
     }
 
+    /// Starts filling a bucket of this provider from another agent's provider.
+    pub async fn pull_bucket(&self, req: &wire::PullBucket) -> Result<wire::PullId, ProviderError> {
+        let what = object::bucket(&req.service, &req.bucket);
+        self.request(reqwest::Method::POST, "/v1/buckets/pull", &what, Some(req))
+            .await
+    }
+
+    /// How a bucket pull this provider's agent started is doing.
+    pub async fn pull(&self, id: &str) -> Result<wire::PullState, ProviderError> {
+        let path = format!("/v1/buckets/pull/{id}");
+        self.request(
+            reqwest::Method::GET,
+            &path,
+            &format!("bucket pull `{id}`"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Stops a bucket pull; what was copied stays.
+    pub async fn cancel_pull(&self, id: &str) -> Result<(), ProviderError> {
+        let path = format!("/v1/buckets/pull/{id}");
+        self.request(
+            reqwest::Method::DELETE,
+            &path,
+            &format!("bucket pull `{id}`"),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// Makes an image this agent received the provider's volume.
     pub async fn adopt_volume(&self, req: &AdoptVolume) -> Result<Adopted, ProviderError> {
         let what = object::volume(&req.service, &req.volume);

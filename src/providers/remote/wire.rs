@@ -729,3 +729,45 @@ pub struct Adopted {
 pub struct Discard {
     pub name: String,
 }
+
+/// Copy a bucket of another agent's provider into a bucket of this agent's: the receiving
+/// agent reads the objects from the sending one itself (which lets agents read objects, and
+/// nothing else), so they go host to host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullBucket {
+    /// This agent's provider, service and bucket (created when missing).
+    pub provider: String,
+    pub service: String,
+    pub bucket: String,
+    /// Where the objects are: `https://HOST:PORT` of the other agent, and its provider.
+    pub from_agent: String,
+    pub from_provider: String,
+    pub concurrency: usize,
+    pub max_bytes_per_sec: Option<u64>,
+    /// What an earlier copy between the same buckets learned.
+    #[serde(default)]
+    pub known: crate::providers::copier::KnownHashes,
+}
+
+/// A started pull.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullId {
+    pub id: String,
+}
+
+/// A pull as its agent reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum PullState {
+    Running {
+        progress: Option<crate::providers::copier::BucketProgress>,
+    },
+    Done {
+        report: Box<crate::providers::copier::BucketCopyReport>,
+        known: crate::providers::copier::KnownHashes,
+    },
+    Failed {
+        error: String,
+    },
+}

@@ -128,7 +128,7 @@ pub struct BucketProgress {
 }
 
 /// What a finished copy did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BucketCopyReport {
     /// Objects at the source when the copy ended.
     pub objects_total: u64,
