@@ -18,4 +18,5 @@ mod relocation;
 mod viaduct;
 mod viaduct_cli;
 mod vm;
+mod vm_across_hosts;
 mod vm_relocation;
