@@ -127,6 +127,8 @@ pub async fn values(
     let mut v = Values::new();
     v.insert("service".into(), spec.name.clone());
     v.insert("provider".into(), at.name().to_string());
+    // The address of the host the service runs on (its apps' and VMs' forwarded ports).
+    v.insert("host".into(), at.address());
     if let Some(p) = config.providers.get(at.name()) {
         v.insert("region".into(), p.region.clone());
         v.insert("cloud".into(), p.cloud.clone().unwrap_or_default());

@@ -382,11 +382,18 @@ pub enum VmState {
 }
 
 /// A guest port and the host port that reaches it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForwardedPort {
     pub guest: u16,
-    /// On 127.0.0.1.
     pub host: u16,
+    /// The host address the port listens on: the provider's address (127.0.0.1 in the
+    /// daemon, an agent's advertised address on its host).
+    #[serde(default = "loopback")]
+    pub address: String,
+}
+
+fn loopback() -> String {
+    LOOPBACK.to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -409,13 +416,13 @@ pub struct VmStatus {
 }
 
 impl VmStatus {
-    /// The endpoint on this machine that reaches `guest_port`, if it is forwarded.
+    /// The endpoint that reaches `guest_port`, if it is forwarded.
     pub fn endpoint(&self, guest_port: u16) -> Option<Endpoint> {
         self.ports
             .iter()
             .find(|p| p.guest == guest_port)
             .map(|p| Endpoint {
-                host: "127.0.0.1".to_string(),
+                host: p.address.clone(),
                 port: p.host,
             })
     }

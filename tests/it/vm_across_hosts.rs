@@ -119,8 +119,7 @@ async fn a_vm_moves_from_qcow2_on_one_host_to_raw_on_another_and_boots_the_same_
     let logs = || format!("agent a:\n{}\nagent b:\n{}", a.logs(), b.logs());
 
     // The daemon's side: the providers by their agents, and `box`, one VM on `qa`. The guest's
-    // port is forwarded on the loopback of its host, out of the daemon's reach: the health
-    // check is the default one (the VM runs at the target).
+    // port is forwarded on its host's address, where the health check reaches it.
     let port = free_port();
     let path = dir.path().join("fluidcloud.toml");
     let text_of_config = ConfigBuilder::new()
@@ -135,14 +134,16 @@ async fn a_vm_moves_from_qcow2_on_one_host_to_raw_on_another_and_boots_the_same_
         })
         .policy("watch", "cheapest", "audit", |p| p)
         .service("box", "qa", "watch", |s| {
-            s.set("memory_gib", 0.1875).vm(
-                "guest",
-                0.03125,
-                &env.kernel,
-                &initrd,
-                &QemuEnv::append("serve", 80),
-                &[(80, port)],
-            )
+            s.set("memory_gib", 0.1875)
+                .vm(
+                    "guest",
+                    0.03125,
+                    &env.kernel,
+                    &initrd,
+                    &QemuEnv::append("serve", 80),
+                    &[(80, port)],
+                )
+                .health_url(&format!("http://{{host}}:{port}/health"), 180)
         })
         .raw(&pki.daemon_tls)
         .write(&path);
@@ -229,6 +230,14 @@ async fn a_vm_moves_from_qcow2_on_one_host_to_raw_on_another_and_boots_the_same_
     let line = guest::wait_for_console(&console, HASH_MARKER, BOOT_LIMIT);
     assert_eq!(first_word(&line), want, "console at host b:\n{line}");
     guest::wait_for_console(&console, SERVING_MARKER, BOOT_LIMIT);
+    // Clients on other hosts reach it at host b's address.
+    let served = reqwest::get(format!("http://{}:{port}/", hosts.b().addr))
+        .await
+        .unwrap_or_else(|e| panic!("the guest at host b is not reached: {e}"))
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(served.trim(), want);
     let target = dir.path().join("qb-root/volumes/box/guest.raw");
     assert_eq!(guest::sha256_file(&target), want);
     eprintln!(

@@ -114,6 +114,8 @@ pub struct QemuProvider {
     locks: Mutex<BTreeMap<VmKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Emulators this instance started, by VM; any other running one was adopted.
     started: Mutex<BTreeMap<VmKey, u32>>,
+    /// Where the guests' forwarded ports listen (see [`config::Provider::address`]).
+    address: std::sync::RwLock<String>,
     _root_lock: Arc<RootLock>,
 }
 
@@ -138,7 +140,11 @@ impl QemuProvider {
             )
         })?;
         let settings = provider.qemu.clone().unwrap_or_default();
-        Self::open_at(&provider.name, root, provider.disk_format, settings)
+        let opened = Self::open_at(&provider.name, root, provider.disk_format, settings)?;
+        if let Some(address) = &provider.address {
+            *opened.address.write().unwrap_or_else(|e| e.into_inner()) = address.clone();
+        }
+        Ok(opened)
     }
 
     /// Opens (creating it if needed) a qemu provider in `root`.
@@ -187,6 +193,7 @@ impl QemuProvider {
             accel: tokio::sync::OnceCell::new(),
             locks: Mutex::new(BTreeMap::new()),
             started: Mutex::new(BTreeMap::new()),
+            address: std::sync::RwLock::new(crate::providers::LOOPBACK.to_string()),
             _root_lock: root_lock,
         }))
     }
@@ -478,7 +485,8 @@ impl QemuProvider {
         attempt: usize,
     ) -> Result<String, Launch> {
         let obj = || object::vm(service, &spec.name);
-        let ports = pick_ports(spec)
+        let address = self.address();
+        let ports = pick_ports(spec, &address)
             .map_err(|e| self.io(obj(), "find free host ports".to_string(), e))
             .map_err(Launch::Failed)?;
         let state = SavedState {
@@ -663,15 +671,20 @@ fn holds_socket(pid: u32, socket: &Path) -> bool {
 }
 
 /// Host ports for the spec's forwards: the fixed ones, and free ones picked now for the rest.
-fn pick_ports(spec: &VmSpec) -> std::io::Result<Vec<ForwardedPort>> {
+fn pick_ports(spec: &VmSpec, address: &str) -> std::io::Result<Vec<ForwardedPort>> {
     // Every picked port's listener stays open until all are picked, so no two coincide.
     let mut held = Vec::new();
     let mut out = Vec::new();
+    // QEMU wants an IP address: a host name is resolved here, once.
+    let ip = std::net::ToSocketAddrs::to_socket_addrs(&(address, 0))?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{address} has no address")))?
+        .ip();
     for p in &spec.ports {
         let host = match p.host {
             Some(h) => h,
             None => {
-                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+                let l = std::net::TcpListener::bind((ip, 0))?;
                 let port = l.local_addr()?.port();
                 held.push(l);
                 port
@@ -680,6 +693,7 @@ fn pick_ports(spec: &VmSpec) -> std::io::Result<Vec<ForwardedPort>> {
         out.push(ForwardedPort {
             guest: p.guest,
             host,
+            address: ip.to_string(),
         });
     }
     Ok(out)
@@ -785,7 +799,10 @@ fn qemu_args(
     } else {
         let mut netdev = "user,id=net0".to_string();
         for p in ports {
-            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", p.host, p.guest));
+            netdev.push_str(&format!(
+                ",hostfwd=tcp:{}:{}-:{}",
+                p.address, p.host, p.guest
+            ));
         }
         a.extend([
             "-netdev".into(),
@@ -820,6 +837,13 @@ fn vm_state(status: &str) -> VmState {
 
 #[async_trait]
 impl Provider for QemuProvider {
+    fn address(&self) -> String {
+        self.address
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

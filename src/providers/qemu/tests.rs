@@ -5,6 +5,7 @@ fn args(settings: &QemuSettings, spec: &VmSpec, disks: &[(PathBuf, DiskFormat)])
     let ports = [ForwardedPort {
         guest: 80,
         host: 18080,
+        address: "127.0.0.1".into(),
     }];
     qemu_args(
         "shop",
@@ -200,14 +201,15 @@ fn picked_ports_are_distinct_and_fixed_ones_kept() {
             host: Some(4433),
         },
     ];
-    let p = pick_ports(&spec).unwrap();
+    let p = pick_ports(&spec, "127.0.0.1").unwrap();
     assert_ne!(p[0].host, p[1].host);
     assert!(p[0].host > 0 && p[1].host > 0);
     assert_eq!(
         p[2],
         ForwardedPort {
             guest: 3,
-            host: 4433
+            host: 4433,
+            address: "127.0.0.1".into(),
         }
     );
 }
