@@ -252,6 +252,13 @@ struct Moving {
 
 impl Moving {
     fn new() -> Option<Moving> {
+        Self::with_service(|s| s)
+    }
+
+    /// With `shop` set up further by `service`.
+    fn with_service(
+        service: impl FnOnce(common::config::Service) -> common::config::Service,
+    ) -> Option<Moving> {
         let hosts = Hosts::create(2)?;
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::create(dir.path());
@@ -271,7 +278,7 @@ impl Moving {
             .provider("a", "local", "r", |p| p.set("agent", a.url.clone()))
             .provider("b", "local", "r", |p| p.set("agent", b.url.clone()))
             .policy("watch", "cheapest", "audit", |p| p)
-            .service("shop", "a", "watch", |s| s.volume("data", 0.25))
+            .service("shop", "a", "watch", |s| service(s.volume("data", 0.25)))
             .raw(&pki.daemon_tls)
             .render();
         Some(Moving {
@@ -735,4 +742,31 @@ fn a_service_moves_from_the_daemons_host_to_an_agents_and_back() {
             (!volume(from_root).exists()).then_some(())
         });
     }
+}
+
+#[test]
+fn a_target_on_another_host_that_fails_its_health_check_is_rolled_back_and_cleaned_up() {
+    // The check runs at the target's host and never passes there.
+    let Some(m) = Moving::with_service(|s| s.health_command(&["false"], 2)) else {
+        return;
+    };
+    let (mut d, hash) = m.deploy();
+    let id = relocate_to_b(&d);
+    assert_eq!(ends_whole(&m, &mut d, &id, &hash), "rolled_back");
+    let record = d.get(&format!("/v1/relocations/{id}"));
+    assert!(
+        record.to_string().contains("viaduct (host to host)"),
+        "the volume never crossed: {record}"
+    );
+    // Nothing of it is left at host b: no volume, nothing staged.
+    let staged = walk(&m.dir.path().join("b-state/incoming"));
+    assert!(staged.is_empty(), "left staged at host b: {staged:?}");
+    let services = d.get("/v1/services");
+    let shop = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "shop")
+        .unwrap();
+    assert_eq!(shop["provider"], "a", "{shop}");
 }
