@@ -138,7 +138,9 @@ impl QemuProvider {
             )
         })?;
         let settings = provider.qemu.clone().unwrap_or_default();
-        Self::open_at(&provider.name, root, provider.disk_format, settings)
+        let opened = Self::open_at(&provider.name, root, provider.disk_format, settings)?;
+        opened.volumes.set_devices(&provider.devices)?;
+        Ok(opened)
     }
 
     /// Opens (creating it if needed) a qemu provider in `root`.
