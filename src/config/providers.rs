@@ -3,7 +3,7 @@
 //! [`super::object_stores`], price and benchmark feeds in [`super::feeds`].
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -41,6 +41,10 @@ pub struct Provider {
     /// The address this provider's apps are reached at from other hosts: an agent's
     /// `advertise` for the providers it serves; `None` (127.0.0.1) in the daemon.
     pub address: Option<String>,
+    /// Volumes that live on block devices instead of image files (`[providers.NAME.devices]`,
+    /// `local` and `qemu` drivers), by `SERVICE/VOLUME`. Whether each path is a block device
+    /// is checked when the provider opens.
+    pub devices: BTreeMap<String, PathBuf>,
 }
 
 /// Settings of the `qemu` driver (`[providers.NAME.qemu]`). The provider's `root` holds its
@@ -163,7 +167,8 @@ impl RawRegionOverride {
 }
 
 impl Validator<'_> {
-    /// and overwrite each other's images.
+    /// Two providers with the same root, or two volumes on the same block device, would
+    /// overwrite each other's images.
     pub(super) fn distinct_roots(&mut self, providers: &BTreeMap<String, Provider>) {
         let mut owners: BTreeMap<PathBuf, &str> = BTreeMap::new();
         for (name, p) in providers {
@@ -178,6 +183,25 @@ impl Validator<'_> {
                         root.display()
                     ),
                 );
+            }
+        }
+        // Within one provider this was checked with its other keys; across providers here.
+        let mut devices: BTreeMap<&Path, (&str, &str)> = BTreeMap::new();
+        for (name, p) in providers {
+            for (volume, device) in &p.devices {
+                match devices.get(device.as_path()) {
+                    Some((other, other_volume)) if other != name => {
+                        let msg = format!(
+                            "{} is already the device of `{other_volume}` at provider `{other}`; each volume needs a device of its own",
+                            device.display()
+                        );
+                        self.err(format!("providers.{name}.devices.{volume}"), msg);
+                    }
+                    Some(_) => {}
+                    None => {
+                        devices.insert(device, (name, volume));
+                    }
+                }
             }
         }
     }
@@ -235,7 +259,11 @@ impl Validator<'_> {
         let object_store = self.object_store(&key, name, driver, &raw.region, raw.s3, raw.swift);
         if let Some(agent) = &raw.agent {
             self.provider_agent(&key, driver, agent);
-            for (set, what) in [(raw.root.is_some(), "root"), (raw.qemu.is_some(), "qemu")] {
+            for (set, what) in [
+                (raw.root.is_some(), "root"),
+                (raw.qemu.is_some(), "qemu"),
+                (raw.devices.is_some(), "devices"),
+            ] {
                 if set {
                     self.err(
                         format!("{key}.{what}"),
@@ -259,6 +287,11 @@ impl Validator<'_> {
         } else {
             self.qemu(&key, driver, raw.qemu)
         };
+        let devices = if raw.agent.is_some() {
+            BTreeMap::new()
+        } else {
+            self.devices(&key, driver, disk_format, raw.devices)
+        };
         if driver == Driver::Qemu && raw.root.is_none() && raw.agent.is_none() {
             self.err(
                 format!("{key}.root"),
@@ -280,7 +313,84 @@ impl Validator<'_> {
             agent: raw.agent,
             tls: None,
             address: None,
+            devices,
         }
+    }
+
+    /// `[providers.NAME.devices]`: keys `SERVICE/VOLUME`, values absolute paths, no device
+    /// twice. The devices hold raw images, so the provider's `disk_format` must be raw (the
+    /// planner creates a provider's volumes in that format).
+    fn devices(
+        &mut self,
+        key: &str,
+        driver: Driver,
+        disk_format: DiskFormat,
+        raw: Option<BTreeMap<String, String>>,
+    ) -> BTreeMap<String, PathBuf> {
+        let Some(raw) = raw else {
+            return BTreeMap::new();
+        };
+        let key = format!("{key}.devices");
+        if !matches!(driver, Driver::Local | Driver::Qemu) {
+            self.err(
+                key,
+                "belongs to providers with driver = \"local\" or \"qemu\"",
+            );
+            return BTreeMap::new();
+        }
+        if !raw.is_empty() && disk_format != DiskFormat::Raw {
+            self.err(
+                &key,
+                format!(
+                    "volumes on block devices hold raw images, but the provider's disk_format is {disk_format}; set disk_format = \"raw\""
+                ),
+            );
+        }
+        let mut out = BTreeMap::new();
+        let mut seen: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for (volume, path) in raw {
+            // Unquoted, so that the error is located at the key (names hold no `.`).
+            let entry = format!("{key}.{volume}");
+            let names = volume.split_once('/').map(|(s, v)| {
+                (
+                    crate::model::names::validate_name(s),
+                    crate::model::names::validate_name(v),
+                )
+            });
+            match names {
+                Some((Ok(()), Ok(()))) => {}
+                Some((Err(e), _)) | Some((_, Err(e))) => {
+                    self.err(&entry, format!("the key must be SERVICE/VOLUME: {e}"));
+                    continue;
+                }
+                None => {
+                    self.err(&entry, "the key must be SERVICE/VOLUME");
+                    continue;
+                }
+            }
+            if !path.starts_with('/') {
+                self.err(
+                    &entry,
+                    format!(
+                        "`{path}` must be the absolute path of a block device, such as /dev/xvdf"
+                    ),
+                );
+                continue;
+            }
+            let path = normalize(Path::new(&path));
+            if let Some(other) = seen.insert(path.clone(), volume.clone()) {
+                self.err(
+                    &entry,
+                    format!(
+                        "{} is already the device of `{other}`; each volume needs a device of its own",
+                        path.display()
+                    ),
+                );
+                continue;
+            }
+            out.insert(volume, path);
+        }
+        out
     }
 
     fn qemu(&mut self, key: &str, driver: Driver, raw: Option<RawQemu>) -> Option<QemuSettings> {

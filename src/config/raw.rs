@@ -252,6 +252,8 @@ pub struct RawProvider {
     pub qemu: Option<RawQemu>,
     /// The agent that serves this provider on another host, `https://HOST:PORT`.
     pub agent: Option<String>,
+    /// Volumes on block devices (`local` and `qemu` drivers): `"SERVICE/VOLUME" = "/dev/…"`.
+    pub devices: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -1057,3 +1057,114 @@ agent = "https://10.0.0.2:7481"
         "{errs:?}"
     );
 }
+
+#[test]
+fn volumes_may_live_on_block_devices_named_by_absolute_paths() {
+    let c = parse(
+        r#"
+[providers.worker]
+driver = "local"
+region = "r"
+root = "/srv/worker"
+[providers.worker.devices]
+"shop/data" = "/dev/xvdf"
+"shop/logs" = "/dev/disk/by-id/../by-id/nvme-vol2"
+
+[providers.vm]
+driver = "qemu"
+region = "r"
+root = "/srv/vm"
+[providers.vm.devices]
+"shop/web" = "/dev/xvdg"
+"#,
+    )
+    .unwrap();
+    let w = &c.providers["worker"].devices;
+    assert_eq!(w["shop/data"], Path::new("/dev/xvdf"));
+    assert_eq!(w["shop/logs"], Path::new("/dev/disk/by-id/nvme-vol2"));
+    assert_eq!(
+        c.providers["vm"].devices["shop/web"],
+        Path::new("/dev/xvdg")
+    );
+    assert!(c.providers["worker"].devices.len() == 2);
+    assert!(parse(MINIMAL).unwrap().providers["a"].devices.is_empty());
+
+    let errs = errors(
+        r#"
+[providers.a]
+driver = "local"
+region = "r"
+root = "/srv/a"
+disk_format = "qcow2"
+[providers.a.devices]
+"shop" = "/dev/xvdf"
+"shop/bad.name" = "/dev/xvdg"
+"shop/rel" = "dev/xvdh"
+"shop/one" = "/dev/xvdi"
+"shop/two" = "/dev/./xvdi"
+
+[providers.b]
+driver = "local"
+region = "r"
+root = "/srv/b"
+[providers.b.devices]
+"other/vol" = "/dev/xvdi"
+
+[providers.c]
+driver = "s3"
+region = "r"
+[providers.c.s3]
+endpoint = "http://127.0.0.1:9000"
+[providers.c.devices]
+"shop/data" = "/dev/xvdj"
+"#,
+    );
+    for (key, what) in [
+        ("providers.a.devices.shop:", "SERVICE/VOLUME"),
+        ("providers.a.devices.shop/bad.name", "SERVICE/VOLUME"),
+        (
+            "providers.a.devices.shop/rel",
+            "absolute path of a block device",
+        ),
+        (
+            "providers.a.devices.shop/two",
+            "already the device of `shop/one`",
+        ),
+        ("providers.a.devices:", "disk_format = \"raw\""),
+        (
+            "providers.b.devices.other/vol",
+            "already the device of `shop/one` at provider `a`",
+        ),
+        ("providers.c.devices", "driver = \"local\" or \"qemu\""),
+    ] {
+        assert!(
+            errs.iter().any(|e| e.contains(key) && e.contains(what)),
+            "{key}: {errs:?}"
+        );
+    }
+    // Located at the key in the file.
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("providers.a.devices.shop/rel") && e.contains(":10:14:")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn devices_of_a_provider_on_another_host_belong_in_its_agents_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    crate::sys::certs::create_authority(&pki, 30).unwrap();
+    crate::sys::certs::issue(&pki, crate::sys::tls::Role::Daemon, "broker", &[], 30).unwrap();
+    let errs = errors(&format!(
+        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/broker.pem\"\nkey = \"{0}/broker-key.pem\"\n\
+         [providers.b]\ndriver = \"local\"\nregion = \"r\"\nagent = \"https://10.0.0.3:7481\"\n\
+         [providers.b.devices]\n\"shop/data\" = \"/dev/xvdf\"\n",
+        pki.display()
+    ));
+    assert!(
+        errs.iter().any(|e| e.contains("providers.b.devices")
+            && e.contains("belongs in the configuration of the agent")),
+        "{errs:?}"
+    );
+}

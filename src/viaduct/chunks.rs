@@ -414,7 +414,9 @@ pub(crate) fn write_sparse(
 }
 
 /// Makes `[offset, offset + len)` read as zeros, freeing its blocks where the file system
-/// can; where it cannot, zeros are written.
+/// can; where it cannot, zeros are written. On a block device the kernel zeroes the range
+/// (unmapping it where the device can); a device that cannot, or a range not aligned to its
+/// sectors (the end of an image of odd length), gets zeros written.
 pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
@@ -428,7 +430,7 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     );
     match punched {
         Ok(()) => return Ok(()),
-        Err(e) if e == rustix::io::Errno::OPNOTSUPP => {}
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::INVAL => {}
         Err(e) => return Err(e.into()),
     }
     let zeros = vec![0u8; (len as usize).min(1 << 20)];

@@ -28,11 +28,22 @@
 //! table describes bytes that were read back after they were last written; what this does
 //! not catch is storage that silently changes bytes at rest, which is what
 //! [`LocalCopyOptions::verify_all`] (a full re-read) is for.
+//!
+//! # Block devices as targets
+//!
+//! An in-place copy may write into a block device (a volume on a device): it is never
+//! resized, must be at least as long as the image (what lies past the image's length is
+//! left alone), and cannot carry a seal (its node's times say nothing about writes made
+//! through another node, or by a guest), so a base manifest is never trusted there: what
+//! the device holds is always hashed first. Chunks the source holds as zeros are zeroed
+//! where that hashing found anything else (a device has no holes; the kernel's zeroing is
+//! used where the device offers it) and read back like every written chunk, so the
+//! verification is the same as for a file.
 
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -66,7 +77,8 @@ pub struct LocalCopyOptions {
     /// Write straight into `dst` (created if missing, resized to the source's length,
     /// holes punched where the source now has zeros) instead of into `<dst>.partial` that
     /// is renamed over `dst` at the end. Only for staging files nobody else reads while a
-    /// pass runs: a failed pass leaves `dst` half-updated. Default false.
+    /// pass runs: a failed pass leaves `dst` half-updated. `dst` may be a block device at
+    /// least as long as the source (see "Block devices as targets"). Default false.
     pub in_place: bool,
     /// What `dst` holds: the [`TransferReport::manifest`] of the previous in-place pass into
     /// it. Requires `in_place` and the same `chunk_size`. Ignored (and `dst` hashed instead)
@@ -167,12 +179,18 @@ pub fn copy_local(
     let extents = chunks::data_extents(&source, length).map_err(src_err)?;
     let layout = Layout::new(length, opts.chunk_size);
     match std::fs::symlink_metadata(dst) {
+        // Written in place only: a rename would put a file in place of the device node.
+        Ok(m) if m.file_type().is_block_device() && opts.in_place => {}
         Ok(m) if m.file_type().is_symlink() || !m.is_file() => {
             return Err(ViaductError::Target {
                 path: dst.to_path_buf(),
                 source: io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    "it exists and is not a regular file",
+                    if m.file_type().is_block_device() {
+                        "it is a block device, which is only written in place"
+                    } else {
+                        "it exists and is not a regular file or a block device"
+                    },
                 ),
             })
         }
@@ -321,13 +339,32 @@ fn copy_in_place(
         Err(e) => return Err(err(e)),
     };
     let meta = file.metadata().map_err(err)?;
-    if !meta.is_file() {
+    let device = meta.file_type().is_block_device();
+    if !meta.is_file() && !device {
         return Err(err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "it is not a regular file",
+            "it is not a regular file or a block device",
         )));
     }
-    let (held, resumed) = if !existed {
+    if device {
+        let size = chunks::image_length(&file).map_err(err)?;
+        if size < layout.length {
+            return Err(err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the block device holds {size} bytes, fewer than the image's {}",
+                    layout.length
+                ),
+            )));
+        }
+    }
+    let (held, resumed) = if device {
+        // No seal on a device: what it holds is always read (see "Block devices as targets").
+        (
+            hash_target(&file, dst, layout, meter)?,
+            ResumedFrom::Partial,
+        )
+    } else if !existed {
         let zeros = (0..layout.chunks)
             .map(|i| Some(layout.zero_digest(i)))
             .collect();
@@ -352,7 +389,7 @@ fn copy_in_place(
         )
     };
     // Resizing moves the modification time even to the same size: only when needed.
-    if meta.len() != layout.length {
+    if !device && meta.len() != layout.length {
         file.set_len(layout.length).map_err(err)?;
     }
     let target = Target {
@@ -363,6 +400,12 @@ fn copy_in_place(
         resumed,
     };
     let report = run_pass(source, extents, src, &target, layout, meter)?;
+    if device {
+        if opts.fsync {
+            target.file.sync_all().map_err(err)?;
+        }
+        return Ok(report);
+    }
     if opts.fsync {
         target.file.sync_data().map_err(err)?;
     }
@@ -384,7 +427,7 @@ fn hash_target(
     meter: &Meter<'_>,
 ) -> Result<Vec<Option<blake3::Hash>>, ViaductError> {
     let err = |e| dst_err(path, e);
-    let len = file.metadata().map_err(err)?.len().min(layout.length);
+    let len = chunks::image_length(file).map_err(err)?.min(layout.length);
     let extents = chunks::data_extents(file, len).map_err(err)?;
     meter.begin(Phase::Comparing);
     let opts = meter.opts;
@@ -503,7 +546,9 @@ fn run_pass(
     if opts.verify {
         let held = if opts.verify_all {
             meter.begin(Phase::Verifying);
-            let len = target.file.metadata().map_err(|e| dst_err(dst, e))?.len();
+            let len = chunks::image_length(&target.file)
+                .map_err(|e| dst_err(dst, e))?
+                .min(layout.length);
             let extents = chunks::data_extents(&target.file, len).map_err(|e| dst_err(dst, e))?;
             chunks::map_chunks(
                 layout.chunks,

@@ -6,6 +6,7 @@
 mod common;
 
 mod across_hosts;
+mod block_devices;
 mod daemon;
 mod hosts;
 mod layering;

@@ -28,6 +28,7 @@ fn provider(cloud: Option<&str>, region: &str, overrides: Option<RawRegionOverri
         region_overrides: overrides,
         object_store: None,
         qemu: None,
+        devices: Default::default(),
         agent: None,
         tls: None,
         address: None,

@@ -78,6 +78,7 @@ impl LocalProvider {
             reason: "the local driver needs `root`, the directory it keeps services in".to_string(),
         })?;
         let opened = Self::open_at(&provider.name, root, provider.disk_format)?;
+        opened.volumes.set_devices(&provider.devices)?;
         if let Some(address) = &provider.address {
             *opened.address.write().unwrap_or_else(|e| e.into_inner()) = address.clone();
         }

@@ -144,6 +144,7 @@ impl QemuProvider {
         if let Some(address) = &provider.address {
             *opened.address.write().unwrap_or_else(|e| e.into_inner()) = address.clone();
         }
+        opened.volumes.set_devices(&provider.devices)?;
         Ok(opened)
     }
 
