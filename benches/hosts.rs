@@ -25,7 +25,7 @@
 //! tmpfs) and its target absent. The viaduct runs last in every round, so that its copy is
 //! the previous version the re-sync compares against.
 //!
-//! Then the cutover: a service `shopN` (the demo app, its configuration file and one raw
+//! Then the cutover: a service `shopIrN` (the demo app, its configuration file and one raw
 //! volume of the same size, built the same way) is deployed on A's provider and relocated to
 //! B's by the relocation engine in this process, the daemon's side, whose providers `a` and
 //! `b` are the agents (`agent = "https://HOST:7481"` and a `[tls]` section): the pre-copy and
@@ -77,7 +77,7 @@ struct Args {
     /// The viaduct's parallel streams (`SendVolume::streams`); default the agent's.
     #[arg(long)]
     streams: Option<usize>,
-    /// Runs of each method per rate; the best counts.
+    /// Runs of each method per rate; the best counts (of the cutover, the median).
     #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     repeat: usize,
     /// Only these methods, comma-separated (viaduct, dd, rsync, rsync-z, zstd, cutover); the
@@ -992,7 +992,7 @@ fn run(args: &Args, plans: &[Plan]) -> Result<()> {
             )?);
         }
         if let Some(env) = &cutover_env {
-            section.push_str(&cutover(env, plan, i)?);
+            section.push_str(&cutover(env, plan, i, args.repeat)?);
         }
         print!("{section}");
     }
@@ -1338,38 +1338,160 @@ fn output_u64(
         .unwrap_or(0)
 }
 
-/// Deploys `shopI` (the demo app and a volume of the plan's size) on A's provider, builds
-/// the image into its volume and relocates it to B's with the engine, 1 % of the volume
-/// changed between the pre-copy and the cutover; the part of the report it makes. Removes
-/// the service from both hosts afterwards.
-fn cutover(env: &CutoverEnv, plan: &Plan, i: usize) -> Result<String> {
-    let service = format!("shop{i}");
-    let result = cutover_run(env, plan, &service, i);
-    // Whatever happened, nothing of the service stays running or allocated.
-    env.rt.block_on(async {
-        for p in [env.a, env.b] {
-            let stop = fluidcloud::providers::StopOptions {
-                timeout: Duration::from_secs(5),
-                kill_after_timeout: true,
-            };
-            let _ = p.stop_app(&service, "web", stop).await;
-            let _ = p.remove_app(&service, "web").await;
-            if let Ok(op) = p.delete_volume(&service, "data").await {
-                let _ = wait_for(p, &op.id, Duration::from_secs(60)).await;
-            }
-        }
-    });
-    let _ = std::fs::remove_dir_all(env.dir.join(format!("daemon-{i}")));
-    result
+/// One cutover's figures.
+struct CutRound {
+    total: f64,
+    precopy: f64,
+    change: f64,
+    downtime: f64,
+    delta: f64,
+    delta_sent: u64,
+    delta_read: u64,
+    delta_chunks: u64,
+    precopy_sent: u64,
+    /// What B's link carried towards B from the end of the pre-copy to the end.
+    wire: u64,
+    /// Seconds of each cutover step, in plan order.
+    steps: Vec<(String, f64)>,
+    /// The changed blocks, and what the target image allocates.
+    changed: usize,
+    alloc: u64,
+    load: String,
 }
 
-fn cutover_run(env: &CutoverEnv, plan: &Plan, service: &str, i: usize) -> Result<String> {
+/// `--repeat` cutovers at one rate, each of a fresh service (`shopIrN`: the demo app and a
+/// volume of the plan's size) deployed on A's provider, its image built into the volume,
+/// relocated to B's by the engine with 1 % of the volume changed between the pre-copy and
+/// the cutover, then removed from both hosts; the part of the report they make.
+fn cutover(env: &CutoverEnv, plan: &Plan, i: usize, repeat: usize) -> Result<String> {
+    use std::fmt::Write;
+    let mut rounds = Vec::new();
+    for round in 1..=repeat {
+        let service = format!("shop{i}r{round}");
+        let result = cutover_run(env, plan, &service, i * 100 + round);
+        // Whatever happened, nothing of the service stays running or allocated.
+        env.rt.block_on(async {
+            for p in [env.a, env.b] {
+                let stop = fluidcloud::providers::StopOptions {
+                    timeout: Duration::from_secs(5),
+                    kill_after_timeout: true,
+                };
+                let _ = p.stop_app(&service, "web", stop).await;
+                let _ = p.remove_app(&service, "web").await;
+                if let Ok(op) = p.delete_volume(&service, "data").await {
+                    let _ = wait_for(p, &op.id, Duration::from_secs(60)).await;
+                }
+            }
+        });
+        let _ = std::fs::remove_dir_all(env.dir.join(format!("daemon-{service}")));
+        let r = result?;
+        eprintln!(
+            "  round {round}: total {:.2} s, pre-copy {:.2} s, downtime {:.3} s, final delta \
+             {:.2} s sending {}",
+            r.total,
+            r.precopy,
+            r.downtime,
+            r.delta,
+            mb(r.delta_sent)
+        );
+        rounds.push(r);
+    }
+    let first = &rounds[0];
+    let pct = |b: u64| b as f64 * 100.0 / plan.size as f64;
+    let m = |f: fn(&CutRound) -> f64| common::median(rounds.iter().map(f).collect());
+    let downtime = m(|r| r.downtime);
+
+    let mut s = String::new();
+    writeln!(
+        s,
+        "Cutover: a service (the demo app, its configuration file and a {} raw volume with {} \
+         allocated, built as the transfers' image is) relocated from A's agent to B's by the \
+         relocation engine in this process (the daemon's side: providers `a` and `b` are the \
+         agents, over mutual TLS), with pre-copy and a 1 s grace period; the volume's \
+         pre-copy and final delta went agent to agent. Between the pre-copy and the stop of \
+         the source app, {} of {} 1 MiB blocks (1 %, spread over the image) were rewritten \
+         (\"change\"). Downtime: the source app's stop to the target app's health check \
+         passing (from the journal, as in the same-host benchmark). {repeat} round(s), each \
+         with a fresh service; every target image verified against the source with its \
+         changes, and the app at B serves B's volume.",
+        gib(plan.size),
+        gib(first.alloc),
+        first.changed,
+        plan.size / MIB,
+    )?;
+    writeln!(s)?;
+    writeln!(
+        s,
+        "| round | total s | pre-copy s | change s | downtime s | final delta s | delta sent \
+         (payload) | % of image | wire towards B after the pre-copy | load at the start |"
+    )?;
+    writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    )?;
+    for (k, r) in rounds.iter().enumerate() {
+        writeln!(
+            s,
+            "| {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.2} | {} | {:.2} % | {} | {} |",
+            k + 1,
+            r.total,
+            r.precopy,
+            r.change,
+            r.downtime,
+            r.delta,
+            mb(r.delta_sent),
+            pct(r.delta_sent),
+            mb(r.wire),
+            r.load
+        )?;
+    }
+    if rounds.len() > 1 {
+        writeln!(
+            s,
+            "| median | {:.2} | {:.2} | {:.3} | {downtime:.3} | {:.2} | | | | |",
+            m(|r| r.total),
+            m(|r| r.precopy),
+            m(|r| r.change),
+            m(|r| r.delta)
+        )?;
+    }
+    writeln!(s)?;
+    let heading = if plan.bits_per_sec == 1e9 {
+        "Target (at 1 Gbit/s)"
+    } else {
+        "The 1 Gbit/s target, for reference"
+    };
+    writeln!(
+        s,
+        "{heading}: downtime ≤ 1 s{}: {downtime:.3} s {}.",
+        if rounds.len() > 1 { " (median)" } else { "" },
+        mark(downtime <= 1.0)
+    )?;
+    writeln!(s)?;
+    for (k, r) in rounds.iter().enumerate() {
+        let steps: Vec<String> = r.steps.iter().map(|(n, t)| format!("{n} {t:.3}")).collect();
+        writeln!(
+            s,
+            "- round {}: pre-copy sent {} (payload); the final delta read {} and sent {} \
+             chunks; cutover steps (s): {}.",
+            k + 1,
+            mb(r.precopy_sent),
+            mb(r.delta_read),
+            r.delta_chunks,
+            steps.join(", ")
+        )?;
+    }
+    writeln!(s)?;
+    Ok(s)
+}
+
+/// One cutover of `service`; `seed` picks the changed blocks and their data.
+fn cutover_run(env: &CutoverEnv, plan: &Plan, service: &str, seed: usize) -> Result<CutRound> {
     use fluidcloud::conduit::engine::Engine;
     use fluidcloud::conduit::{RelocationRequest, RelocationState};
-    use std::fmt::Write;
 
     // The daemon's side: its configuration and state in a directory of its own.
-    let home = env.dir.join(format!("daemon-{i}"));
+    let home = env.dir.join(format!("daemon-{service}"));
     std::fs::create_dir_all(&home)?;
     std::fs::write(
         home.join("demo.toml.in"),
@@ -1429,8 +1551,8 @@ fn cutover_run(env: &CutoverEnv, plan: &Plan, service: &str, i: usize) -> Result
 
     let source = env.dir.join(format!("a-root/volumes/{service}/data.raw"));
     let target = env.dir.join(format!("b-root/volumes/{service}/data.raw"));
-    let blocks = one_percent_blocks(plan.size, 0xc07_0000 + i as u64);
-    let base = 2_000_000 + 10_000_000 * i as u64;
+    let blocks = one_percent_blocks(plan.size, 0xc07_0000 + seed as u64);
+    let base = 2_000_000 + 10_000_000 * seed as u64;
     let hook = Arc::new(ChangeAfterPrecopy {
         volume: source.clone(),
         blocks: blocks.clone(),
@@ -1485,7 +1607,7 @@ fn cutover_run(env: &CutoverEnv, plan: &Plan, service: &str, i: usize) -> Result
         plan.rate
     );
     let request = RelocationRequest {
-        decision_id: format!("bench-cutover-{i}"),
+        decision_id: format!("bench-cutover-{service}"),
         service: service.to_string(),
         from: "a".into(),
         to: "b".into(),
@@ -1537,8 +1659,7 @@ fn cutover_run(env: &CutoverEnv, plan: &Plan, service: &str, i: usize) -> Result
     if !served.contains(&format!("b-root/volumes/{service}/data")) {
         bail!("after the relocation the app at B serves another data file: {served}");
     }
-    let verified = image_digest(&target, DEFAULT_CHUNK_SIZE)? == want;
-    if !verified {
+    if image_digest(&target, DEFAULT_CHUNK_SIZE)? != want {
         bail!(
             "{} differs from the source image with its changes",
             target.display()
@@ -1570,72 +1691,25 @@ fn cutover_run(env: &CutoverEnv, plan: &Plan, service: &str, i: usize) -> Result
         .iter()
         .position(|s| s.name.starts_with("stop-source:"))
         .ok_or_else(|| anyhow!("the plan has no stop-source step"))?;
-    let steps: Vec<String> = record.steps[stop..]
+    let steps = record.steps[stop..]
         .iter()
         .take_while(|s| s.name != "commit")
-        .map(|s| {
-            format!(
-                "{} {:.3}",
-                s.name,
-                step_secs(&record, &s.name).unwrap_or(0.0)
-            )
-        })
+        .map(|s| (s.name.clone(), step_secs(&record, &s.name).unwrap_or(0.0)))
         .collect();
-    let pct = |b: u64| b as f64 * 100.0 / plan.size as f64;
-    let alloc = std::fs::metadata(&target)?.blocks() * 512;
-    eprintln!(
-        "  total {total:.2} s, pre-copy {precopy:.2} s, downtime {downtime:.3} s, final delta \
-         {delta:.2} s sending {}",
-        mb(delta_sent)
-    );
-
-    let mut s = String::new();
-    writeln!(
-        s,
-        "Cutover: service `{service}` (the demo app, its configuration file and a {} raw \
-         volume with {} allocated, built as the transfers' image is) relocated from A's agent to \
-         B's by the relocation engine in this process (the daemon's side: providers `a` and \
-         `b` are the agents, over mutual TLS), with pre-copy and a 1 s grace period; the \
-         volume's pre-copy and final delta went agent to agent. Between the pre-copy and the \
-         stop of the source app, {} of {} 1 MiB blocks (1 %, spread over the image) were \
-         rewritten (in {change:.3} s). Downtime: the source app's stop to the target app's \
-         health check passing (from the journal, as in the same-host benchmark). Load \
-         average at the start: {load}.",
-        gib(plan.size),
-        gib(alloc),
-        blocks.len(),
-        plan.size / MIB,
-    )?;
-    writeln!(s)?;
-    writeln!(
-        s,
-        "| total s | pre-copy s | downtime s | final delta s | delta sent (payload) | % of image | wire towards B, pre-copy done to end |"
-    )?;
-    writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
-    writeln!(
-        s,
-        "| {total:.2} | {precopy:.2} | {downtime:.3} | {delta:.2} | {} | {:.2} % | {} |",
-        mb(delta_sent),
-        pct(delta_sent),
-        mb(wire_end.saturating_sub(wire_start)),
-    )?;
-    writeln!(s)?;
-    let heading = if plan.bits_per_sec == 1e9 {
-        "Target (at 1 Gbit/s)"
-    } else {
-        "The 1 Gbit/s target, for reference"
-    };
-    writeln!(
-        s,
-        "{heading}: downtime ≤ 1 s: {downtime:.3} s {}. Pre-copy sent {} (payload); the final \
-         delta read {} and sent {delta_chunks} chunks; cutover steps (s): {}. Target image \
-         verified against the source with its changes: {}; the app at B serves B's volume.",
-        mark(downtime <= 1.0),
-        mb(precopy_sent),
-        mb(delta_read),
-        steps.join(", "),
-        if verified { "yes" } else { "NO" }
-    )?;
-    writeln!(s)?;
-    Ok(s)
+    Ok(CutRound {
+        total,
+        precopy,
+        change,
+        downtime,
+        delta,
+        delta_sent,
+        delta_read,
+        delta_chunks,
+        precopy_sent,
+        wire: wire_end.saturating_sub(wire_start),
+        steps,
+        changed: blocks.len(),
+        alloc: std::fs::metadata(&target)?.blocks() * 512,
+        load,
+    })
 }
