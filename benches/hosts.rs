@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench hosts -- [--rate 1gbit,100mbit] [--size-gib 4] [--allocated-gib 1.5]
 //! [--streams N] [--repeat N] [--only METHOD[,METHOD...]] [--dir DIR] [--tag TAG]`
-//! (root only; `scripts/bench-hosts.sh` installs the tools and cleans up after a kill).
+//! (root only; `scripts/bench-hosts.sh` installs the tools, builds the demo app and cleans up
+//! after a kill).
 //!
 //! Two network namespaces, A and B, hang off one bridge by veth pairs; both ends of each pair
 //! are shaped with a token bucket (`tc qdisc ... tbf`) to the rate under test. A real
@@ -23,6 +24,17 @@
 //! Every method starts with the source's data read once (in the page cache, or in memory on a
 //! tmpfs) and its target absent. The viaduct runs last in every round, so that its copy is
 //! the previous version the re-sync compares against.
+//!
+//! Then the cutover: a service `shopIrN` (the demo app, its configuration file and one raw
+//! volume of the same size, built the same way) is deployed on A's provider and relocated to
+//! B's by the relocation engine in this process, the daemon's side, whose providers `a` and
+//! `b` are the agents (`agent = "https://HOST:7481"` and a `[tls]` section): the pre-copy and
+//! the final delta go agent to agent. As in the same-host benchmark (`benches/relocation.rs`),
+//! the engine's observer is told when the pre-copy is done and, before the source app is
+//! stopped, 1 % of the volume's 1 MiB blocks are rewritten; the figures come from the
+//! journal, downtime being from the source app's stop to the target's health check passing
+//! (`Engine::downtime`). The app at B is reached from here over the bridge, as the daemon
+//! would reach it. The target image is compared with the source as it was at the cutover.
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -43,7 +55,10 @@ use fluidcloud::viaduct::{image_digest, DEFAULT_CHUNK_SIZE};
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "../tests/it/common/config.rs"]
+mod config;
 use common::{at_least_one, build_image, fill_random, load_average, XorShift, MIB};
+use config::ConfigBuilder;
 
 /// A volume from one host to another: the agents' viaduct against `dd | nc`, `rsync` and
 /// `zstd | nc` over a shaped link.
@@ -62,11 +77,11 @@ struct Args {
     /// The viaduct's parallel streams (`SendVolume::streams`); default the agent's.
     #[arg(long)]
     streams: Option<usize>,
-    /// Runs of each method per rate; the best counts.
+    /// Runs of each method per rate; the best counts (of the cutover, the median).
     #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     repeat: usize,
-    /// Only these methods, comma-separated (viaduct, dd, rsync, rsync-z, zstd); the re-sync
-    /// runs with the viaduct.
+    /// Only these methods, comma-separated (viaduct, dd, rsync, rsync-z, zstd, cutover); the
+    /// re-sync runs with the viaduct.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Where the hosts' files live (a temporary directory under it). Default /dev/shm, a
@@ -129,9 +144,33 @@ impl Args {
     }
 
     fn wants(&self, method: Method) -> bool {
+        self.wants_key(method.key())
+    }
+
+    fn wants_key(&self, key: &str) -> bool {
         self.only
             .as_ref()
-            .is_none_or(|o| o.iter().any(|o| o.trim() == method.key()))
+            .is_none_or(|o| o.iter().any(|o| o.trim() == key))
+    }
+
+    /// Whether any of the transfer methods runs (the cutover aside).
+    fn wants_a_method(&self) -> bool {
+        Method::ALL.into_iter().any(|m| self.wants(m))
+    }
+
+    /// Checks `--only` names known methods.
+    fn checked(self) -> Args {
+        if let Some(only) = &self.only {
+            for o in only {
+                let o = o.trim();
+                if o != CUTOVER && !Method::ALL.into_iter().any(|m| m.key() == o) {
+                    common::invalid::<Args>(format!(
+                        "--only takes viaduct, dd, rsync, rsync-z, zstd and {CUTOVER}, not `{o}`"
+                    ));
+                }
+            }
+        }
+        self
     }
 }
 
@@ -747,21 +786,35 @@ fn pre_read(path: &Path) {
 /// Rewrites 1 % of the image's 1 MiB blocks, spread over the whole image, with new random
 /// data; returns how many.
 fn change_one_percent(img: &Path, size: u64) -> Result<u64> {
+    let picked = one_percent_blocks(size, 0x5151_2026);
+    change_blocks(img, &picked, 1_000_000)?;
+    File::open(img)?.sync_all()?;
+    Ok(picked.len() as u64)
+}
+
+/// 1 % of the 1 MiB blocks of an image of `size` (at least one), picked at random over the
+/// whole image from `seed`, in order.
+fn one_percent_blocks(size: u64, seed: u64) -> Vec<u64> {
     let blocks = size / MIB;
     let changed = (blocks / 100).max(1);
-    let mut rng = XorShift(0x5151_2026);
+    let mut rng = XorShift(seed);
     let mut picked = std::collections::BTreeSet::new();
     while (picked.len() as u64) < changed {
         picked.insert(rng.below(blocks));
     }
-    let f = File::options().write(true).open(img)?;
+    picked.into_iter().collect()
+}
+
+/// Overwrites `blocks` of the image at `path` with new random data (block `b` gets the data
+/// of seed `base + b`).
+fn change_blocks(path: &Path, blocks: &[u64], base: u64) -> std::io::Result<()> {
+    let f = File::options().write(true).open(path)?;
     let mut buf = vec![0u8; MIB as usize];
-    for b in &picked {
-        fill_random(&mut buf, 1_000_000 + b);
+    for b in blocks {
+        fill_random(&mut buf, base + b);
         f.write_all_at(&buf, b * MIB)?;
     }
-    f.sync_all()?;
-    Ok(changed)
+    Ok(())
 }
 
 fn gib(bytes: u64) -> String {
@@ -783,7 +836,7 @@ fn mark(ok: bool) -> &'static str {
 // ---------------------------------------------------------------------------------------
 
 fn main() {
-    let args = Args::parse();
+    let args = Args::parse().checked();
     let plans = args.plans();
     if let Err(e) = run(&args, &plans) {
         eprintln!("benchmark failed: {e:#}");
@@ -913,60 +966,35 @@ fn run(args: &Args, plans: &[Plan]) -> Result<()> {
         None
     };
 
-    let mut out = String::new();
+    let cutover_env = if args.wants_key(CUTOVER) {
+        Some(CutoverEnv {
+            net: &net,
+            rt: &rt,
+            dir: dir.clone(),
+            pki: pki.clone(),
+            a: &a,
+            b: &b,
+            app: demo_app()?,
+        })
+    } else {
+        None
+    };
     for (i, plan) in plans.iter().enumerate() {
         eprintln!("== link {} ==", plan.rate);
         net.shape(&plan.rate)?;
-        let volume = format!("data{i}");
-        let spec = VolumeSpec {
-            name: volume.clone(),
-            size_bytes: plan.size,
-            format: DiskFormat::Raw,
-        };
-        let src = rt.block_on(async {
-            let op = a.create_volume("bench", &spec).await?;
-            wait_for(&a, &op.id, Duration::from_secs(60)).await?;
-            // The agent answers for its host and names no path; the local provider keeps
-            // its volumes at ROOT/volumes/SERVICE/VOLUME.raw.
-            let path = dir.join(format!("a-root/volumes/bench/{volume}.raw"));
-            if !path.is_file() {
-                bail!("A's volume bench/{volume} is not at {}", path.display());
-            }
-            Ok(path)
-        })?;
-        eprintln!(
-            "Building a {} image with {} allocated as A's volume bench/{volume} ...",
-            gib(plan.size),
-            gib(plan.allocated)
+        let mut section = format!(
+            "\n### Link {} (tbf on both ends of both hosts' veth links)\n\n",
+            plan.rate
         );
-        build_image(&src, plan.size, plan.allocated, 0x9e37_79b9_7f4a_7c15)
-            .context("cannot build the image")?;
-        let digest = image_digest(&src, DEFAULT_CHUNK_SIZE)?;
-        let bench = Bench {
-            net: &net,
-            rt: &rt,
-            a: &a,
-            b: &b,
-            streams: args.streams,
-            volume: volume.clone(),
-            src: src.clone(),
-            size: plan.size,
-            digest,
-            files: files.clone(),
-            incoming: dir.join("b-state/incoming"),
-            staged: staged_name(&format!("bench-{i}"), "b", "bench", &volume),
-            rsync_port,
-            next_port: std::cell::Cell::new(9000 + 100 * i as u16),
-        };
-        let section = measure(args, plan, &bench)?;
+        if args.wants_a_method() {
+            section.push_str(&transfers(
+                args, plan, i, &net, &rt, &a, &b, &dir, rsync_port,
+            )?);
+        }
+        if let Some(env) = &cutover_env {
+            section.push_str(&cutover(env, plan, i, args.repeat)?);
+        }
         print!("{section}");
-        out.push_str(&section);
-        rt.block_on(async {
-            b.discard(&bench.staged).await?;
-            let op = a.delete_volume("bench", &volume).await?;
-            wait_for(&a, &op.id, Duration::from_secs(60)).await?;
-            anyhow::Ok(())
-        })?;
     }
     eprintln!("Removing the hosts and {} ...", dir.display());
     drop(_rsyncd);
@@ -975,6 +1003,72 @@ fn run(args: &Args, plans: &[Plan]) -> Result<()> {
     drop(net);
     drop(work);
     Ok(())
+}
+
+/// The transfer methods at one rate on a fresh image, then the re-sync; the part of the
+/// report they make. Leaves nothing of theirs behind at A or B.
+#[allow(clippy::too_many_arguments)]
+fn transfers(
+    args: &Args,
+    plan: &Plan,
+    i: usize,
+    net: &Net,
+    rt: &tokio::runtime::Runtime,
+    a: &RemoteProvider,
+    b: &RemoteProvider,
+    dir: &Path,
+    rsync_port: u16,
+) -> Result<String> {
+    let files = dir.join("b-files");
+    let volume = format!("data{i}");
+    let spec = VolumeSpec {
+        name: volume.clone(),
+        size_bytes: plan.size,
+        format: DiskFormat::Raw,
+    };
+    let src = rt.block_on(async {
+        let op = a.create_volume("bench", &spec).await?;
+        wait_for(a, &op.id, Duration::from_secs(60)).await?;
+        // The agent answers for its host and names no path; the local provider keeps
+        // its volumes at ROOT/volumes/SERVICE/VOLUME.raw.
+        let path = dir.join(format!("a-root/volumes/bench/{volume}.raw"));
+        if !path.is_file() {
+            bail!("A's volume bench/{volume} is not at {}", path.display());
+        }
+        Ok(path)
+    })?;
+    eprintln!(
+        "Building a {} image with {} allocated as A's volume bench/{volume} ...",
+        gib(plan.size),
+        gib(plan.allocated)
+    );
+    build_image(&src, plan.size, plan.allocated, 0x9e37_79b9_7f4a_7c15)
+        .context("cannot build the image")?;
+    let digest = image_digest(&src, DEFAULT_CHUNK_SIZE)?;
+    let bench = Bench {
+        net,
+        rt,
+        a,
+        b,
+        streams: args.streams,
+        volume: volume.clone(),
+        src: src.clone(),
+        size: plan.size,
+        digest,
+        files: files.clone(),
+        incoming: dir.join("b-state/incoming"),
+        staged: staged_name(&format!("bench-{i}"), "b", "bench", &volume),
+        rsync_port,
+        next_port: std::cell::Cell::new(9000 + 100 * i as u16),
+    };
+    let section = measure(args, plan, &bench)?;
+    rt.block_on(async {
+        b.discard(&bench.staged).await?;
+        let op = a.delete_volume("bench", &volume).await?;
+        wait_for(a, &op.id, Duration::from_secs(60)).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(section)
 }
 
 /// Every method at one rate, then the re-sync; the section of the report it makes.
@@ -1008,13 +1102,6 @@ fn measure(args: &Args, plan: &Plan, bench: &Bench) -> Result<String> {
 
     let mut s = String::new();
     let alloc = std::fs::metadata(&bench.src)?.blocks() * 512;
-    writeln!(s)?;
-    writeln!(
-        s,
-        "### Link {} (tbf on both ends of both hosts' veth links)",
-        plan.rate
-    )?;
-    writeln!(s)?;
     writeln!(
         s,
         "Image: {} raw, {} allocated (random, text, allocated zeros), a `local` volume of A's \
@@ -1091,7 +1178,6 @@ fn measure(args: &Args, plan: &Plan, bench: &Bench) -> Result<String> {
         writeln!(s, "{}", resync(bench)?)?;
         writeln!(s)?;
     }
-    writeln!(s, "{}", cutover_row(plan))?;
     Ok(s)
 }
 
@@ -1128,14 +1214,502 @@ fn resync(bench: &Bench) -> Result<String> {
     ))
 }
 
-/// The row for the cutover downtime of a service moved across hosts with 1 % of its volume
-/// changed since the pre-copy. It needs the daemon's relocation across hosts (pre-copy
-/// through the agents, stop, final delta, adopt, start at B), which this tree does not have
-/// yet; when it does, measure it here with the hosts, agents and image above.
-fn cutover_row(plan: &Plan) -> String {
-    format!(
-        "Cutover downtime of a service moved from A to B at {} with 1 % changed: not measured \
-         yet (the relocation across hosts is not in this tree).",
-        plan.rate
+// ---------------------------------------------------------------------------------------
+// The cutover: a service relocated from A's agent to B's by the engine.
+
+/// The `--only` key of the cutover.
+const CUTOVER: &str = "cutover";
+
+/// The demo app's port at either host (each host has its own addresses).
+const APP_PORT: u16 = 8480;
+
+/// What the cutover at every rate shares.
+struct CutoverEnv<'a> {
+    net: &'a Net,
+    rt: &'a tokio::runtime::Runtime,
+    dir: PathBuf,
+    pki: PathBuf,
+    a: &'a RemoteProvider,
+    b: &'a RemoteProvider,
+    /// The release demo app.
+    app: PathBuf,
+}
+
+/// The demo app cargo built beside the `fluidcloud` this benchmark starts.
+fn demo_app() -> Result<PathBuf> {
+    let app = Path::new(env!("CARGO_BIN_EXE_fluidcloud"))
+        .parent()
+        .map(|release| release.join("examples/demo-app"))
+        .ok_or_else(|| anyhow!("the fluidcloud binary has no directory"))?;
+    if !app.exists() {
+        bail!(
+            "{} is missing: run `cargo build --release --example demo-app` first \
+             (scripts/bench-hosts.sh does), or leave `{CUTOVER}` out of --only",
+            app.display()
+        );
+    }
+    Ok(app)
+}
+
+/// Rewrites the source volume when the engine reports its pre-copy done, before the next
+/// step (stopping the source app) begins: the engine calls its observer synchronously
+/// between steps. Then notes B's link counter, so the cutover's wire bytes can be told
+/// from the pre-copy's.
+struct ChangeAfterPrecopy {
+    volume: PathBuf,
+    blocks: Vec<u64>,
+    base: u64,
+    /// B's veth end on the bridge.
+    link: String,
+    /// How long the change took and the counter after it.
+    changed: std::sync::Mutex<Option<Result<(f64, u64), String>>>,
+}
+
+impl fluidcloud::conduit::Observer for ChangeAfterPrecopy {
+    fn step(
+        &self,
+        _relocation: &str,
+        step: &fluidcloud::conduit::plan::Step,
+        state: fluidcloud::conduit::journal::StepState,
+        _detail: &str,
+    ) {
+        if step.name == "precopy:volume:data"
+            && state == fluidcloud::conduit::journal::StepState::Done
+        {
+            let started = Instant::now();
+            let outcome = change_blocks(&self.volume, &self.blocks, self.base)
+                .map_err(|e| format!("cannot change {}: {e}", self.volume.display()))
+                .map(|()| started.elapsed().as_secs_f64())
+                .and_then(|took| {
+                    qdisc_sent_bytes(None, &self.link)
+                        .map(|wire| (took, wire))
+                        .map_err(|e| e.to_string())
+                });
+            *self.changed.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        }
+    }
+}
+
+impl fluidcloud::migrators::Observer for ChangeAfterPrecopy {
+    fn transfer(&self, _relocation: &str, _step: &str, _progress: &fluidcloud::viaduct::Progress) {}
+}
+
+/// Asks `url` until it answers with a success, for up to 30 s; returns the body.
+async fn wait_answer(url: &str) -> Result<String> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(url).send().await {
+            if r.status().is_success() {
+                return Ok(r.text().await?);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("nothing answered {url} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn step_secs(record: &fluidcloud::conduit::journal::RelocationRecord, name: &str) -> Option<f64> {
+    let s = record.steps.iter().find(|s| s.name == name)?;
+    Some(
+        (s.finished_at? - s.started_at?)
+            .to_std()
+            .ok()?
+            .as_secs_f64(),
     )
+}
+
+fn output_u64(
+    record: &fluidcloud::conduit::journal::RelocationRecord,
+    name: &str,
+    key: &str,
+) -> u64 {
+    record
+        .steps
+        .iter()
+        .find(|s| s.name == name)
+        .and_then(|s| s.output.get(key))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+}
+
+/// One cutover's figures.
+struct CutRound {
+    total: f64,
+    precopy: f64,
+    change: f64,
+    downtime: f64,
+    delta: f64,
+    delta_sent: u64,
+    delta_read: u64,
+    delta_chunks: u64,
+    precopy_sent: u64,
+    /// What B's link carried towards B from the end of the pre-copy to the end.
+    wire: u64,
+    /// Seconds of each cutover step, in plan order.
+    steps: Vec<(String, f64)>,
+    /// The changed blocks, and what the target image allocates.
+    changed: usize,
+    alloc: u64,
+    load: String,
+}
+
+/// `--repeat` cutovers at one rate, each of a fresh service (`shopIrN`: the demo app and a
+/// volume of the plan's size) deployed on A's provider, its image built into the volume,
+/// relocated to B's by the engine with 1 % of the volume changed between the pre-copy and
+/// the cutover, then removed from both hosts; the part of the report they make.
+fn cutover(env: &CutoverEnv, plan: &Plan, i: usize, repeat: usize) -> Result<String> {
+    use std::fmt::Write;
+    let mut rounds = Vec::new();
+    for round in 1..=repeat {
+        let service = format!("shop{i}r{round}");
+        let result = cutover_run(env, plan, &service, i * 100 + round);
+        // Whatever happened, nothing of the service stays running or allocated.
+        env.rt.block_on(async {
+            for p in [env.a, env.b] {
+                let stop = fluidcloud::providers::StopOptions {
+                    timeout: Duration::from_secs(5),
+                    kill_after_timeout: true,
+                };
+                let _ = p.stop_app(&service, "web", stop).await;
+                let _ = p.remove_app(&service, "web").await;
+                if let Ok(op) = p.delete_volume(&service, "data").await {
+                    let _ = wait_for(p, &op.id, Duration::from_secs(60)).await;
+                }
+            }
+        });
+        let _ = std::fs::remove_dir_all(env.dir.join(format!("daemon-{service}")));
+        let r = result?;
+        eprintln!(
+            "  round {round}: total {:.2} s, pre-copy {:.2} s, downtime {:.3} s, final delta \
+             {:.2} s sending {}",
+            r.total,
+            r.precopy,
+            r.downtime,
+            r.delta,
+            mb(r.delta_sent)
+        );
+        rounds.push(r);
+    }
+    let first = &rounds[0];
+    let pct = |b: u64| b as f64 * 100.0 / plan.size as f64;
+    let m = |f: fn(&CutRound) -> f64| common::median(rounds.iter().map(f).collect());
+    let downtime = m(|r| r.downtime);
+
+    let mut s = String::new();
+    writeln!(
+        s,
+        "Cutover: a service (the demo app, its configuration file and a {} raw volume with {} \
+         allocated, built as the transfers' image is) relocated from A's agent to B's by the \
+         relocation engine in this process (the daemon's side: providers `a` and `b` are the \
+         agents, over mutual TLS), with pre-copy and a 1 s grace period; the volume's \
+         pre-copy and final delta went agent to agent. Between the pre-copy and the stop of \
+         the source app, {} of {} 1 MiB blocks (1 %, spread over the image) were rewritten \
+         (\"change\"). Downtime: the source app's stop to the target app's health check \
+         passing (from the journal, as in the same-host benchmark). {repeat} round(s), each \
+         with a fresh service; every target image verified against the source with its \
+         changes, and the app at B serves B's volume.",
+        gib(plan.size),
+        gib(first.alloc),
+        first.changed,
+        plan.size / MIB,
+    )?;
+    writeln!(s)?;
+    writeln!(
+        s,
+        "| round | total s | pre-copy s | change s | downtime s | final delta s | delta sent \
+         (payload) | % of image | wire towards B after the pre-copy | load at the start |"
+    )?;
+    writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    )?;
+    for (k, r) in rounds.iter().enumerate() {
+        writeln!(
+            s,
+            "| {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.2} | {} | {:.2} % | {} | {} |",
+            k + 1,
+            r.total,
+            r.precopy,
+            r.change,
+            r.downtime,
+            r.delta,
+            mb(r.delta_sent),
+            pct(r.delta_sent),
+            mb(r.wire),
+            r.load
+        )?;
+    }
+    if rounds.len() > 1 {
+        writeln!(
+            s,
+            "| median | {:.2} | {:.2} | {:.3} | {downtime:.3} | {:.2} | | | | |",
+            m(|r| r.total),
+            m(|r| r.precopy),
+            m(|r| r.change),
+            m(|r| r.delta)
+        )?;
+    }
+    writeln!(s)?;
+    let heading = if plan.bits_per_sec == 1e9 {
+        "Target (at 1 Gbit/s)"
+    } else {
+        "The 1 Gbit/s target, for reference"
+    };
+    writeln!(
+        s,
+        "{heading}: downtime ≤ 1 s{}: {downtime:.3} s {}.",
+        if rounds.len() > 1 { " (median)" } else { "" },
+        mark(downtime <= 1.0)
+    )?;
+    writeln!(s)?;
+    for (k, r) in rounds.iter().enumerate() {
+        let steps: Vec<String> = r.steps.iter().map(|(n, t)| format!("{n} {t:.3}")).collect();
+        writeln!(
+            s,
+            "- round {}: pre-copy sent {} (payload); the final delta read {} and sent {} \
+             chunks; cutover steps (s): {}.",
+            k + 1,
+            mb(r.precopy_sent),
+            mb(r.delta_read),
+            r.delta_chunks,
+            steps.join(", ")
+        )?;
+    }
+    writeln!(s)?;
+    Ok(s)
+}
+
+/// One cutover of `service`; `seed` picks the changed blocks and their data.
+fn cutover_run(env: &CutoverEnv, plan: &Plan, service: &str, seed: usize) -> Result<CutRound> {
+    use fluidcloud::conduit::engine::Engine;
+    use fluidcloud::conduit::{RelocationRequest, RelocationState};
+
+    // The daemon's side: its configuration and state in a directory of its own.
+    let home = env.dir.join(format!("daemon-{service}"));
+    std::fs::create_dir_all(&home)?;
+    std::fs::write(
+        home.join("demo.toml.in"),
+        "listen = \"{app.web.host}:{app.web.port}\"\ndata_file = \"{volume.data.path}\"\n",
+    )?;
+    let pki = |f: &str| env.pki.join(f).display().to_string();
+    let tls = format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        pki("ca.pem"),
+        pki("bench.pem"),
+        pki("bench-key.pem")
+    );
+    let agent = |h: &Host| format!("https://{}:7481", h.addr);
+    let text = ConfigBuilder::new()
+        .daemon("listen", "127.0.0.1:9")
+        .broker_idle()
+        .conduit("grace_period_secs", 1)
+        .conduit("stop_timeout_secs", 5)
+        .conduit("health_timeout_secs", 30)
+        .provider("a", "local", "r", |p| p.set("agent", agent(&env.net.a)))
+        .provider("b", "local", "r", |p| p.set("agent", agent(&env.net.b)))
+        .policy("watch", "cheapest", "audit", |p| p)
+        .service(service, "a", "watch", |s| {
+            s.health_url(&format!("http://{{app.web.host}}:{APP_PORT}/health"), 30)
+                // The quickstart's rules: the file is rewritten for each provider from the one
+                // running at the source, the address it listens on included.
+                .app(
+                    "web",
+                    &env.app.display().to_string(),
+                    &["demo.toml"],
+                    APP_PORT,
+                )
+                .config_file(
+                    "demo.toml",
+                    "demo.toml.in",
+                    &[
+                        (
+                            r#"data_file = "[^"]*""#,
+                            r#"data_file = "{volume.data.path}""#,
+                        ),
+                        (
+                            r#"listen = "[^"]*""#,
+                            r#"listen = "{app.web.host}:{app.web.port}""#,
+                        ),
+                    ],
+                )
+                .volume("data", plan.size as f64 / (1u64 << 30) as f64)
+        })
+        .raw(&tls)
+        .render();
+    let path = home.join("fluidcloud.toml");
+    std::fs::write(&path, &text)?;
+    let config = Arc::new(
+        fluidcloud::config::Config::parse(&path, &text)
+            .map_err(|e| anyhow!("the cutover's configuration: {e}"))?,
+    );
+
+    let source = env.dir.join(format!("a-root/volumes/{service}/data.raw"));
+    let target = env.dir.join(format!("b-root/volumes/{service}/data.raw"));
+    let blocks = one_percent_blocks(plan.size, 0xc07_0000 + seed as u64);
+    let base = 2_000_000 + 10_000_000 * seed as u64;
+    let hook = Arc::new(ChangeAfterPrecopy {
+        volume: source.clone(),
+        blocks: blocks.clone(),
+        base,
+        link: env.net.b.link.clone(),
+        changed: std::sync::Mutex::new(None),
+    });
+    let observer: Arc<dyn fluidcloud::conduit::Observer> = hook.clone();
+    // The engine spawns its tasks on the runtime it is opened in.
+    let _runtime = env.rt.enter();
+    let engine = Engine::open(config, None, Some(observer))
+        .map_err(|e| anyhow!("cannot open the engine: {e}"))?;
+    let at = |h: &Host, what: &str| format!("http://{}:{APP_PORT}{what}", h.addr);
+
+    eprintln!(
+        "{} cutover: deploying {service} on A, building its {} volume ...",
+        plan.rate,
+        gib(plan.size)
+    );
+    env.rt.block_on(async {
+        engine
+            .deploy(service, "a")
+            .await
+            .map_err(|e| anyhow!("cannot deploy `{service}` on `a`: {e}"))?;
+        wait_answer(&at(&env.net.a, "/health")).await?;
+        anyhow::Ok(())
+    })?;
+    if !source.is_file() {
+        bail!("A's volume {service}/data is not at {}", source.display());
+    }
+    build_image(&source, plan.size, plan.allocated, 0x2545_f491_4f6c_dd1d)
+        .context("cannot build the image")?;
+    // What the target must hold: the source as it will be at the cutover.
+    let expected = home.join("expected.raw");
+    let cp = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&source)
+        .arg(&expected)
+        .status()?;
+    if !cp.success() {
+        bail!("cp --sparse=always {} failed: {cp}", source.display());
+    }
+    change_blocks(&expected, &blocks, base)?;
+    let want = image_digest(&expected, DEFAULT_CHUNK_SIZE)?;
+    std::fs::remove_file(&expected)?;
+    let _ = Command::new("sync").status();
+    pre_read(&source);
+    let load = load_average();
+
+    eprintln!(
+        "{} cutover: relocating {service} from A to B ...",
+        plan.rate
+    );
+    let request = RelocationRequest {
+        decision_id: format!("bench-cutover-{service}"),
+        service: service.to_string(),
+        from: "a".into(),
+        to: "b".into(),
+        reason: "benchmark".into(),
+        origin: "operator".into(),
+    };
+    let (record, downtime, served) = env.rt.block_on(async {
+        let record = engine
+            .run(request)
+            .await
+            .map_err(|e| anyhow!("the relocation was refused: {e}"))?;
+        if record.state != RelocationState::Completed {
+            let failed: Vec<String> = record
+                .steps
+                .iter()
+                .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.name)))
+                .collect();
+            let app_log = env
+                .dir
+                .join(format!("b-root/apps/{service}/web/stderr.log"));
+            bail!(
+                "the relocation ended {}: {} {}\nA's log:\n{}\nB's log:\n{}\nThe app's \
+                 errors at B:\n{}",
+                record.state.as_str(),
+                record.detail,
+                failed.join("; "),
+                log_tail(&env.dir, "a"),
+                log_tail(&env.dir, "b"),
+                std::fs::read_to_string(&app_log).unwrap_or_default()
+            );
+        }
+        let downtime = engine
+            .downtime(&record)
+            .ok_or_else(|| anyhow!("the journal gives no downtime"))?;
+        let served = wait_answer(&at(&env.net.b, "/config")).await?;
+        anyhow::Ok((record, downtime.as_secs_f64(), served))
+    })?;
+    let wire_end = qdisc_sent_bytes(None, &env.net.b.link)?;
+    let (change, wire_start) = match hook
+        .changed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => bail!(e),
+        None => bail!("the engine never reported the pre-copy done"),
+    };
+    if !served.contains(&format!("b-root/volumes/{service}/data")) {
+        bail!("after the relocation the app at B serves another data file: {served}");
+    }
+    if image_digest(&target, DEFAULT_CHUNK_SIZE)? != want {
+        bail!(
+            "{} differs from the source image with its changes",
+            target.display()
+        );
+    }
+
+    let first = record
+        .steps
+        .iter()
+        .filter_map(|s| s.started_at)
+        .min()
+        .ok_or_else(|| anyhow!("the journal has no started step"))?;
+    let committed = record
+        .steps
+        .iter()
+        .find(|s| s.name == "commit")
+        .and_then(|s| s.finished_at)
+        .ok_or_else(|| anyhow!("the journal has no finished commit"))?;
+    let total = (committed - first).to_std()?.as_secs_f64();
+    let precopy = step_secs(&record, "precopy:volume:data").unwrap_or(0.0);
+    let sync = "sync:volume:data";
+    let delta = step_secs(&record, sync).unwrap_or(0.0);
+    let delta_sent = output_u64(&record, sync, "bytes_sent");
+    let delta_read = output_u64(&record, sync, "bytes_read");
+    let delta_chunks = output_u64(&record, sync, "chunks_sent");
+    let precopy_sent = output_u64(&record, "precopy:volume:data", "bytes_sent");
+    let stop = record
+        .steps
+        .iter()
+        .position(|s| s.name.starts_with("stop-source:"))
+        .ok_or_else(|| anyhow!("the plan has no stop-source step"))?;
+    let steps = record.steps[stop..]
+        .iter()
+        .take_while(|s| s.name != "commit")
+        .map(|s| (s.name.clone(), step_secs(&record, &s.name).unwrap_or(0.0)))
+        .collect();
+    Ok(CutRound {
+        total,
+        precopy,
+        change,
+        downtime,
+        delta,
+        delta_sent,
+        delta_read,
+        delta_chunks,
+        precopy_sent,
+        wire: wire_end.saturating_sub(wire_start),
+        steps,
+        changed: blocks.len(),
+        alloc: std::fs::metadata(&target)?.blocks() * 512,
+        load,
+    })
 }

@@ -5,12 +5,16 @@
 # to B's with the viaduct, against `dd bs=1M | nc`, `rsync --sparse` (and `-z`) to an rsync
 # daemon, and `zstd -1 -T0 | nc`; then 1 % of the image changes and the viaduct sends again.
 # Prints a table per rate: seconds, bytes on the wire (B's veth counters, headers included),
-# the viaduct's floor (its wire bytes at the link rate) and the targets.
+# the viaduct's floor (its wire bytes at the link rate) and the targets. Then the cutover: a
+# service (the demo app and a volume of the same size) relocated from A's agent to B's by the
+# relocation engine with pre-copy, 1 % of the volume changed before the cutover; its total,
+# pre-copy, downtime and final delta.
 #
 # Needs root (namespaces, veth, tc). Extra arguments go to the benchmark, e.g.
 #   scripts/bench-hosts.sh --size-gib 1 --allocated-gib 0.4          (a quick run)
 #   scripts/bench-hosts.sh --size-gib 4,1 --allocated-gib 1.5,0.4    (smaller at 100 Mbit/s)
-#   --streams N, --repeat N, --only viaduct,dd,rsync,rsync-z,zstd, --dir DIR
+#   scripts/bench-hosts.sh --rate 1gbit --only cutover              (the cutover alone)
+#   --streams N, --repeat N, --only viaduct,dd,rsync,rsync-z,zstd,cutover, --dir DIR
 # The hosts' files live in a temporary directory under --dir (default /dev/shm, a tmpfs);
 # it, the namespaces and every process in them are removed on exit, also after Ctrl-C.
 set -euo pipefail
@@ -80,5 +84,7 @@ if [ "$free_kib" -lt "$need_kib" ]; then
     echo "Need about $((need_kib / 1048576)) GiB free under $work; $((free_kib / 1048576)) GiB are free." >&2
     exit 1
 fi
-# The benchmark builds the release `fluidcloud` it starts as the agents.
+# The benchmark builds the release `fluidcloud` it starts as the agents; the cutover's
+# service runs the release demo app.
+cargo build --release --example demo-app
 cargo bench --bench hosts -- --dir "$work" --tag "$tag" ${pass[@]+"${pass[@]}"}
