@@ -258,6 +258,7 @@ fn main() -> ExitCode {
     // bucket objects) is the owner's data: private to this user, as under the systemd unit's
     // `UMask=0077`, also when started from a shell with the usual 022.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    fluidcloud::sys::process::close_inherited_on_exec();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

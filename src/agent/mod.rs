@@ -106,6 +106,8 @@ impl Agent {
             opts.shutdown = stop_viaduct.clone();
             let received = transfers::Received::default();
             opts.on_commit = Some(received.hook());
+            // Received images are staging copies only the agent reads (to adopt them).
+            opts.staging = true;
             let host = if self.advertise.contains(':') {
                 format!("[{}]", self.advertise)
             } else {

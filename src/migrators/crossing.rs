@@ -210,6 +210,7 @@ impl Landing {
         let mut opts = viaduct::ReceiverOptions::new(&root, key);
         opts.tls = Some(tls);
         opts.on_commit = Some(received.hook());
+        opts.staging = true;
         let stop = CancellationToken::new();
         opts.shutdown = stop.clone();
         tokio::spawn(viaduct::serve(listener, opts));

@@ -53,6 +53,13 @@ pub struct ReceiverOptions {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Told of every image put in place, with the digest checked against the sender's.
     pub on_commit: Option<OnCommit>,
+    /// Images are staging copies that nobody else reads while a transfer runs (an agent's
+    /// incoming images): a new version is written into the previous one instead of into a
+    /// copy of it, and the chunk digests this receiver computed at the previous commit are
+    /// trusted when the file is still the one it committed. A transfer after a pre-copy then
+    /// starts at once, however large the image. Default false: the previous version stays
+    /// whole until the new one is complete.
+    pub staging: bool,
 }
 
 /// Hears which image the receiver put in place under which name, and its checked digest:
@@ -80,6 +87,7 @@ impl ReceiverOptions {
             busy_wait: Duration::from_secs(10),
             tls: None,
             on_commit: None,
+            staging: false,
         }
     }
 }
@@ -92,9 +100,42 @@ struct Shared {
     busy_wait: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
     on_commit: Option<OnCommit>,
+    staging: bool,
+    /// In staging mode, the chunk digests of each image as committed, with the file they
+    /// describe.
+    committed: Mutex<HashMap<PathBuf, Committed>>,
     shutdown: CancellationToken,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     transfers: Mutex<HashMap<[u8; 16], Weak<Transfer>>>,
+}
+
+/// A committed image's chunk digests and the file they describe.
+struct Committed {
+    file: FileId,
+    layout: Layout,
+    digests: Vec<blake3::Hash>,
+}
+
+/// What tells one version of a file from another: the same inode, size and modification
+/// time mean nobody wrote to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
 }
 
 /// One image being received, shared by its streams.
@@ -207,6 +248,8 @@ pub async fn serve(listener: TcpListener, opts: ReceiverOptions) -> Result<(), V
         busy_wait: opts.busy_wait,
         tls: opts.tls.map(tokio_rustls::TlsAcceptor::from),
         on_commit: opts.on_commit,
+        staging: opts.staging,
+        committed: Mutex::new(HashMap::new()),
         shutdown: opts.shutdown,
         locks: Mutex::new(HashMap::new()),
         transfers: Mutex::new(HashMap::new()),
@@ -550,11 +593,31 @@ async fn open(
             }
         }
     }
+    // A staging image is written into in place: its previous version becomes the partial
+    // file, with the digests of its commit when nobody wrote to it since.
+    let mut trusted = None;
+    if shared.staging && !placement.partial.exists() && placement.target.exists() {
+        let remembered = shared
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&placement.target);
+        std::fs::rename(&placement.target, &placement.partial)
+            .map_err(|e| io_fail("reuse the previous version", &placement.target, e))?;
+        trusted = remembered.filter(|c| {
+            c.layout.length == layout.length
+                && c.layout.chunk_size == layout.chunk_size
+                && std::fs::metadata(&placement.partial).is_ok_and(|m| FileId::of(&m) == c.file)
+        });
+    }
     let (p, l) = (placement.clone(), layout.clone());
     let prepared = with_keepalive(
         &mut conn.writer,
         shared.idle,
-        tokio::task::spawn_blocking(move || prepare(&p, &l)),
+        tokio::task::spawn_blocking(move || match trusted {
+            Some(c) => reopen(&p, c.digests),
+            None => prepare(&p, &l),
+        }),
     )
     .await?
     .map_err(|e| Fail::new(ErrorCode::Io, format!("preparing failed: {e}")))?;
@@ -606,6 +669,23 @@ async fn open(
         return Err(Fail::wire(e));
     }
     Ok((transfer, id))
+}
+
+/// Opens the partial file a staging image's previous version became, whose chunk digests
+/// are known.
+fn reopen(
+    placement: &Placement,
+    digests: Vec<blake3::Hash>,
+) -> Result<(File, Vec<blake3::Hash>, ResumedFrom), Fail> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let partial = &placement.partial;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(partial)
+        .map_err(|e| io_fail("open", partial, e))?;
+    Ok((file, digests, ResumedFrom::Target))
 }
 
 /// Sets up `<name>.partial` and hashes what it holds: an interrupted transfer's partial
@@ -977,6 +1057,27 @@ async fn commit(shared: &Shared, conn: &mut Conn, transfer: &Arc<Transfer>) -> R
                 ),
             )
         })?;
+    if shared.staging {
+        if let Ok(meta) = std::fs::metadata(&transfer.placement.target) {
+            let digests = transfer
+                .table
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            shared
+                .committed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    transfer.placement.target.clone(),
+                    Committed {
+                        file: FileId::of(&meta),
+                        layout: transfer.layout.clone(),
+                        digests,
+                    },
+                );
+        }
+    }
     if let Some(hook) = &shared.on_commit {
         (hook.0)(&transfer.name, &held);
     }
@@ -995,6 +1096,96 @@ async fn commit(shared: &Shared, conn: &mut Conn, transfer: &Arc<Transfer>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A receiver on loopback in `staging` mode or not; sends `src` to it as `img`.
+    struct Staged {
+        dir: tempfile::TempDir,
+        addr: String,
+        key: PresharedKey,
+        stop: CancellationToken,
+    }
+
+    impl Staged {
+        async fn start(staging: bool) -> Staged {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("in")).unwrap();
+            let key = PresharedKey::from_secret(&[9u8; 32]).unwrap();
+            let mut opts = ReceiverOptions::new(dir.path().join("in"), key.clone());
+            opts.staging = staging;
+            opts.fsync = false;
+            let stop = opts.shutdown.clone();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            tokio::spawn(serve(listener, opts));
+            Staged {
+                dir,
+                addr,
+                key,
+                stop,
+            }
+        }
+
+        async fn send(&self, src: &Path) -> super::super::TransferReport {
+            let to = super::super::Endpoint::new(&self.addr, self.key.clone());
+            super::super::send_file(src, &to, "img", &Default::default(), &|_| {})
+                .await
+                .unwrap()
+        }
+
+        fn target(&self) -> PathBuf {
+            self.dir.path().join("in/img")
+        }
+    }
+
+    fn write_at(path: &Path, offset: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = File::options().write(true).open(path).unwrap();
+        f.write_all_at(data, offset).unwrap();
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    #[tokio::test]
+    async fn a_staging_receiver_writes_a_new_version_into_the_previous_one_without_copying_it() {
+        for staging in [false, true] {
+            let r = Staged::start(staging).await;
+            let src = r.dir.path().join("src.img");
+            let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+            std::fs::write(&src, &data).unwrap();
+            r.send(&src).await;
+            let first = inode(&r.target());
+            write_at(&src, 3 << 20, &[1u8; 4096]);
+            let again = r.send(&src).await;
+            assert_eq!(again.chunks_sent, 1, "{again:?}");
+            assert_eq!(
+                std::fs::read(r.target()).unwrap(),
+                std::fs::read(&src).unwrap()
+            );
+            // In staging mode the previous version was written into, not copied first.
+            assert_eq!(inode(&r.target()) == first, staging, "staging {staging}");
+            r.stop.cancel();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_staging_receiver_does_not_trust_digests_of_an_image_changed_after_its_commit() {
+        let r = Staged::start(true).await;
+        let src = r.dir.path().join("src.img");
+        std::fs::write(&src, vec![5u8; 4 << 20]).unwrap();
+        r.send(&src).await;
+        // Someone writes into the committed image: its remembered digests no longer hold.
+        write_at(&r.target(), 2 << 20, &[6u8; 100]);
+        let again = r.send(&src).await;
+        assert_eq!(again.chunks_sent, 1, "{again:?}");
+        assert_eq!(
+            std::fs::read(r.target()).unwrap(),
+            std::fs::read(&src).unwrap()
+        );
+        r.stop.cancel();
+    }
 
     #[test]
     fn a_full_disk_is_reported_as_such_with_the_offset() {

@@ -770,3 +770,74 @@ fn a_target_on_another_host_that_fails_its_health_check_is_rolled_back_and_clean
         .unwrap();
     assert_eq!(shop["provider"], "a", "{shop}");
 }
+
+#[test]
+fn a_volume_moves_from_an_image_file_on_one_host_into_a_block_device_on_another() {
+    let Some(hosts) = Hosts::create(2) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(devices) = crate::block_devices::loops(dir.path(), &[64 << 20]) else {
+        return;
+    };
+    let device = devices[0].dev.display().to_string();
+    let pki = Pki::create(dir.path());
+    let a = Agent::start(
+        hosts.a(),
+        dir.path(),
+        &pki,
+        "a",
+        "[providers.a]\ndriver = \"local\"\nregion = \"r\"\nroot = \"a-root\"\n",
+    );
+    let b = Agent::start(
+        hosts.b(),
+        dir.path(),
+        &pki,
+        "b",
+        &format!(
+            "[providers.b]\ndriver = \"local\"\nregion = \"r\"\nroot = \"b-root\"\n\
+             [providers.b.devices]\n\"shop/data\" = \"{device}\"\n"
+        ),
+    );
+    a.wait_up(hosts.a());
+    b.wait_up(hosts.b());
+    let config = common::config::ConfigBuilder::for_daemon()
+        .broker_idle()
+        .conduit("grace_period_secs", 1)
+        .provider("a", "local", "r", |p| p.set("agent", a.url.clone()))
+        .provider("b", "local", "r", |p| p.set("agent", b.url.clone()))
+        .policy("watch", "cheapest", "audit", |p| p)
+        .service("shop", "a", "watch", |s| s.volume("data", 0.0625))
+        .raw(&pki.daemon_tls)
+        .render();
+    let mut d = Daemon::start(dir.path(), &config);
+    let source = dir.path().join("a-root/volumes/shop/data.raw");
+    d.eventually("shop deployed at a", Duration::from_secs(30), |_| {
+        source.exists().then_some(())
+    });
+    // Data in the middle; the rest of the image is a hole, which the device (full of 0xAB)
+    // must read as zeros afterwards.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&source)
+            .unwrap();
+        let data: Vec<u8> = (0..16u32 << 20).map(|i| (i * 7 % 253) as u8).collect();
+        f.write_all_at(&data, 24 << 20).unwrap();
+    }
+    let hash = hash_of(&source);
+    let id = relocate_to_b(&d);
+    let done = d.eventually("the relocation to end", Duration::from_secs(120), |d| {
+        let r = d.get(&format!("/v1/relocations/{id}"));
+        matches!(r["state"].as_str()?, "completed" | "rolled_back" | "failed").then_some(r)
+    });
+    assert_eq!(done["state"], "completed", "{done}\n{}", b.logs());
+    assert_eq!(
+        hash_of(&devices[0].dev),
+        hash,
+        "the device does not hold the volume"
+    );
+    let adopted = done.to_string();
+    assert!(adopted.contains("viaduct (local)"), "{adopted}");
+}

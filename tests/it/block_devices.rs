@@ -20,8 +20,8 @@ use fluidcloud::viaduct::{self, LocalCopyOptions};
 const MIB: u64 = 1024 * 1024;
 
 /// A loop device over an image file, detached on drop.
-struct Loop {
-    dev: PathBuf,
+pub(crate) struct Loop {
+    pub(crate) dev: PathBuf,
 }
 
 impl Loop {
@@ -64,7 +64,7 @@ impl Drop for Loop {
 
 /// Loop devices over new image files of these sizes in `dir`, each filled with `0xAB` (so
 /// that nothing reads as zeros by chance), or `None` (skip) when loop devices cannot be made.
-fn loops(dir: &Path, sizes: &[u64]) -> Option<Vec<Loop>> {
+pub(crate) fn loops(dir: &Path, sizes: &[u64]) -> Option<Vec<Loop>> {
     let mut out = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
         let image = dir.join(format!("loop{i}.img"));

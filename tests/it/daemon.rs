@@ -1699,3 +1699,56 @@ fn an_approval_runs_the_plan_it_was_shown_or_is_refused_when_the_market_moved() 
         .collect();
     assert_eq!(ran, shown);
 }
+
+/// Regression: an app the daemon started inherited every descriptor the daemon had been
+/// given without close-on-exec (a lock held by whoever started the daemon, say), and kept it
+/// open after the daemon was gone.
+#[test]
+fn an_app_does_not_inherit_the_descriptors_the_daemon_was_started_with() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("demo.toml.in"),
+        "listen = \"{app.web.host}:{app.web.port}\"\ndata_file = \"{volume.data.path}\"\n",
+    )
+    .unwrap();
+    let lock = dir.path().join("held.lock");
+    let held = std::fs::File::create(&lock).unwrap();
+    // SAFETY: clears the close-on-exec flag of a descriptor this test owns, so the daemon
+    // started next inherits it, as a child of `flock` or a shell's redirection would.
+    unsafe {
+        let flags = libc::fcntl(held.as_raw_fd(), libc::F_GETFD);
+        assert!(libc::fcntl(held.as_raw_fd(), libc::F_SETFD, flags & !libc::FD_CLOEXEC) == 0);
+    }
+    let port = common::free_port();
+    let config = common::config::ConfigBuilder::for_daemon()
+        .broker_idle()
+        .provider_local("a", "r")
+        .policy("watch", "cheapest", "audit", |p| p)
+        .service("shop", "a", "watch", |s| {
+            s.demo_app_with_data(common::demo_app(), port, 0.03125)
+        })
+        .render();
+    let mut d = Daemon::start(dir.path(), &config);
+    let pid_file = dir.path().join("providers/a/apps/shop/web/pid");
+    let pid: u32 = d.eventually("the app started", Duration::from_secs(30), |_| {
+        std::fs::read_to_string(&pid_file)
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
+    let open: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect();
+    common::servers::kill_from_pid_file(&pid_file);
+    assert!(
+        !open.iter().any(|p| p == &lock),
+        "the app holds the daemon's inherited {}: {open:?}",
+        lock.display()
+    );
+    drop(held);
+}

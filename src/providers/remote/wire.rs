@@ -613,8 +613,8 @@ impl From<WireError> for ProviderError {
 
 /// Where an agent's viaduct receiver is reached, and the secret senders prove they hold.
 /// The daemon asks the target's agent for it and hands it to the source's agent; the secret
-/// travels only inside the daemon's TLS connections.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// travels only inside the daemon's TLS connections, and is never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiverInfo {
     /// `host:port`.
     pub addr: String,
@@ -622,6 +622,16 @@ pub struct ReceiverInfo {
     pub server_name: String,
     /// 32 random bytes, hex.
     pub secret: String,
+}
+
+impl std::fmt::Debug for ReceiverInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverInfo")
+            .field("addr", &self.addr)
+            .field("server_name", &self.server_name)
+            .field("secret", &"(hidden)")
+            .finish()
+    }
 }
 
 /// Send one of a provider's volumes to another agent's receiver, staged there as `name`.
