@@ -15,6 +15,7 @@ mod object_stores;
 mod pricing_feeds;
 mod quickstart;
 mod relocation;
+mod security;
 mod viaduct;
 mod viaduct_cli;
 mod vm;
