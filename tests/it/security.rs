@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::config::ConfigBuilder;
-use common::{bin, repo, Daemon};
+use common::config::{table, ConfigBuilder, Section};
+use common::servers::{S3sFs, SwiftServer, TestEnv};
+use common::{bin, repo, Body, Daemon, FeedServer};
 use serde_json::{json, Value};
 
 /// One route of the API: its path pattern and the methods it serves.
@@ -254,6 +255,23 @@ fn write_secret(path: &Path, text: &str, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+fn run_check(config: &Path) -> (bool, String) {
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// A distinctive secret: `what` and 24 random hex digits.
 fn planted(what: &str) -> String {
     format!("{what}{:024x}", fastrand::u128(..) >> 32)
@@ -303,6 +321,9 @@ fn files_under(dir: &Path) -> Vec<(String, String)> {
     }
     out
 }
+
+const CATALOGUE: &str = "provider,region,flavor,vcpus,memory_gib,price_per_hour,storage_price_per_gib_month,egress_price_per_gib,currency\n\
+a,lab,small-1,1,2,0.0110,0.05,0.01,USD\n";
 
 /// Every answer of the daemon's API and `/metrics` worth reading, by place.
 fn every_answer(d: &Daemon, relocations: &[String]) -> Vec<(String, String)> {
@@ -369,6 +390,176 @@ fn relocate(d: &mut Daemon, service: &str, to: &str) -> (String, Value) {
         let state = r["state"].as_str()?.to_string();
         matches!(state.as_str(), "completed" | "rolled_back" | "failed").then_some((id, r))
     })
+}
+
+#[test]
+fn no_secret_shows_in_logs_metrics_answers_or_the_journal() {
+    let env = TestEnv::load();
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3sFs::start(&env, dir.path());
+    let swift = SwiftServer::start(&env, dir.path());
+    let feeds = FeedServer::start(vec![
+        ("/catalogue.csv", Body::Json(CATALOGUE.into())),
+        ("/hook", Body::Json("{}".into())),
+    ]);
+    let feed_host = feeds.base.trim_start_matches("http://").to_string();
+    let hook_token = planted("hooktoken");
+    let feed_password = planted("feedpass");
+    let missing_feed_password = planted("feedpass404");
+    let refused_feed_password = planted("feedpassrefused");
+    let hook_password = planted("hookpass");
+    let wrong_swift_key = planted("wrongswiftkey");
+    let wrong_api_token = planted("wrongapitoken");
+    write_secret(&dir.path().join("hook.token"), &hook_token, 0o600);
+    write_secret(
+        &dir.path().join("s3.credentials"),
+        &format!(
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            s3.access_key, s3.secret_key
+        ),
+        0o600,
+    );
+    for (file, key) in [
+        ("swift.credentials", &swift.key),
+        ("swift-wrong.credentials", &wrong_swift_key),
+    ] {
+        write_secret(
+            &dir.path().join(file),
+            &format!("username = \"{}\"\npassword = \"{key}\"\n", swift.user),
+            0o600,
+        );
+    }
+    let closed = common::free_port();
+    let store = |t: Section, credentials: &str| {
+        t.set("credentials_file", credentials)
+            .set("timeout_secs", 10)
+    };
+    let priced = |url: String| {
+        move |p: common::config::Provider| {
+            p.pricing("csv", &url, |t| {
+                t.set("catalogue_provider", "a")
+                    .set("schedule", "*/2 * * * * *")
+                    .set("timeout_secs", 2)
+            })
+        }
+    };
+    let config = ConfigBuilder::for_daemon()
+        .broker_idle()
+        .conduit("grace_period_secs", 1)
+        .conduit("health_timeout_secs", 20)
+        .provider_local_with(
+            "a",
+            "lab",
+            priced(format!(
+                "http://feeduser:{feed_password}@{feed_host}/catalogue.csv"
+            )),
+        )
+        .provider_local_with(
+            "b",
+            "lab",
+            priced(format!(
+                "http://feeduser:{missing_feed_password}@{feed_host}/missing.csv"
+            )),
+        )
+        .provider_local_with(
+            "c",
+            "lab",
+            priced(format!(
+                "http://feeduser:{refused_feed_password}@127.0.0.1:{closed}/catalogue.csv"
+            )),
+        )
+        .provider("s3", "s3", "lab", |p| {
+            p.table("s3", |t| {
+                store(
+                    t.set("endpoint", s3.endpoint.as_str())
+                        .set("region", "eu-test-1")
+                        .set("path_style", true),
+                    "s3.credentials",
+                )
+            })
+        })
+        .provider("swift", "swift", "lab", |p| {
+            p.table("swift", |t| {
+                store(
+                    t.set("auth_url", swift.auth_url.as_str()),
+                    "swift.credentials",
+                )
+            })
+        })
+        .provider("swift-wrong", "swift", "lab", |p| {
+            p.table("swift", |t| {
+                store(
+                    t.set("auth_url", swift.auth_url.as_str()),
+                    "swift-wrong.credentials",
+                )
+            })
+        })
+        .policy("watch", "cheapest", "audit", |p| p)
+        .service("archive", "s3", "watch", |s| {
+            s.bucket("media", 0.05).set(
+                "cutover",
+                table([
+                    (
+                        "url",
+                        format!("http://hookuser:{hook_password}@{feed_host}/hook").into(),
+                    ),
+                    ("token_file", "hook.token".into()),
+                ]),
+            )
+        })
+        .render();
+    let started = Instant::now();
+    let mut d = Daemon::start(dir.path(), &config);
+    // Every feed polled at least once, two of them failing.
+    d.eventually("the feeds to be polled", Duration::from_secs(30), |d| {
+        let m = d.get("/v1/market");
+        let s = &m["sources"];
+        (s["pricing:a"].is_object() && s["pricing:b"].is_object() && s["pricing:c"].is_object())
+            .then_some(())
+    });
+    // A wrong token, refused and logged.
+    assert_eq!(
+        d.call("GET", "/v1/services", Some(&wrong_api_token), None)
+            .unwrap()
+            .0,
+        401
+    );
+    // To a Swift that refuses the key: fails. Then to the right one, with the hook.
+    let (failed, r) = relocate(&mut d, "archive", "swift-wrong");
+    assert_ne!(r["state"], "completed", "{r}");
+    let (moved, r) = relocate(&mut d, "archive", "swift");
+    assert_eq!(r["state"], "completed", "{r}:\n{}", d.logs());
+    assert!(feeds.hits("/hook") >= 1, "the cutover hook was not called");
+    // A reload, answered.
+    let (status, reload) = d.raw("POST", "/v1/reload", true, None).unwrap();
+    assert_eq!(status, 200, "{reload}");
+
+    let mut texts = every_answer(&d, &[failed, moved]);
+    texts.push(("POST /v1/reload".into(), reload));
+    let (_, check) = run_check(&d.config);
+    texts.push(("fluidcloud check".into(), check));
+    texts.push(("the daemon's log".into(), d.logs()));
+    // The state directory: journal, market cache, decisions.
+    texts.extend(files_under(&dir.path().join("state")));
+    let secrets = [
+        ("the S3 secret key", s3.secret_key.clone()),
+        ("the Swift key", swift.key.clone()),
+        ("a wrong Swift key", wrong_swift_key),
+        ("the hook token", hook_token),
+        ("the hook URL's password", hook_password),
+        ("a feed URL's password", feed_password),
+        ("a failing feed URL's password", missing_feed_password),
+        ("an unreachable feed URL's password", refused_feed_password),
+        ("a wrong API token", wrong_api_token),
+    ];
+    assert_nowhere(&secrets, &texts);
+    // The API token only in its own file, never in answers or logs.
+    let texts: Vec<_> = texts
+        .into_iter()
+        .filter(|(place, _)| !place.ends_with("/api-token"))
+        .collect();
+    assert_nowhere(&[("the API token", d.token.clone())], &texts);
+    eprintln!("secrets checked in {:?}", started.elapsed());
 }
 
 /// A TCP proxy to `target` that inverts the byte at position `flip_at` of what the client
@@ -645,4 +836,58 @@ fn an_agents_receiver_secret_never_shows_at_the_daemon() {
     texts.push(("agent a's log".into(), a.logs()));
     texts.push(("agent b's log".into(), b.logs()));
     assert_nowhere(&secrets, &texts);
+}
+
+/// Regression: a webhook's URL was journalled and answered as written, with the password
+/// of its userinfo and the secrets of its query string.
+#[test]
+fn a_webhook_url_with_credentials_is_shown_redacted_in_the_journal_and_the_api() {
+    let hooks = FeedServer::start(vec![("/hook", Body::Json("{}".into()))]);
+    let host = hooks.base.trim_start_matches("http://").to_string();
+    let password = planted("hookpass");
+    let signature = planted("hooksig");
+    let refused_password = planted("hookpassrefused");
+    let closed = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let hook = |url: String| table([("url", url.into())]);
+    let config = ConfigBuilder::for_daemon()
+        .broker_idle()
+        .conduit("grace_period_secs", 1)
+        .provider_local("a", "r")
+        .provider_local("b", "r")
+        .policy("watch", "cheapest", "audit", |p| p)
+        .service("shop", "a", "watch", |s| {
+            s.volume("data", 0.01).set(
+                "cutover",
+                hook(format!(
+                    "http://hooker:{password}@{host}/hook?sig={signature}"
+                )),
+            )
+        })
+        .service("crm", "a", "watch", |s| {
+            s.volume("data", 0.01).set(
+                "cutover",
+                hook(format!(
+                    "http://hooker:{refused_password}@127.0.0.1:{closed}/hook"
+                )),
+            )
+        })
+        .render();
+    let mut d = Daemon::start(dir.path(), &config);
+    let (moved, r) = relocate(&mut d, "shop", "b");
+    assert_eq!(r["state"], "completed", "{r}");
+    assert!(r.to_string().contains("://***@"), "{r}");
+    let (failed, r) = relocate(&mut d, "crm", "b");
+    assert_ne!(r["state"], "completed", "{r}");
+    let mut texts = every_answer(&d, &[moved, failed]);
+    texts.push(("the daemon's log".into(), d.logs()));
+    texts.extend(files_under(&dir.path().join("state")));
+    assert_nowhere(
+        &[
+            ("the hook URL's password", password),
+            ("the hook URL's signature", signature),
+            ("an unreachable hook URL's password", refused_password),
+        ],
+        &texts,
+    );
 }
