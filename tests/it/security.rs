@@ -272,6 +272,117 @@ fn run_check(config: &Path) -> (bool, String) {
     )
 }
 
+/// A configuration naming one secret file of each kind, all under `dir`.
+fn config_with_every_secret_file(dir: &Path) -> String {
+    let pki = dir.join("pki");
+    fluidcloud::sys::certs::create_authority(&pki, 30).unwrap();
+    let daemon =
+        fluidcloud::sys::certs::issue(&pki, fluidcloud::sys::tls::Role::Daemon, "broker", &[], 30)
+            .unwrap();
+    std::fs::rename(&daemon.key, dir.join("tls.key")).unwrap();
+    std::fs::rename(&daemon.cert, dir.join("tls.pem")).unwrap();
+    write_secret(&dir.join("api-token"), "a-token-of-the-test\n", 0o600);
+    write_secret(
+        &dir.join("s3.credentials"),
+        "aws_access_key_id = \"id\"\naws_secret_access_key = \"s3cret\"\n",
+        0o600,
+    );
+    write_secret(
+        &dir.join("swift.credentials"),
+        "username = \"test:tester\"\npassword = \"s3cret\"\n",
+        0o600,
+    );
+    write_secret(&dir.join("hook.token"), "hook-s3cret\n", 0o600);
+    ConfigBuilder::new()
+        .daemon("listen", format!("127.0.0.1:{}", common::free_port()))
+        .broker_idle()
+        .daemon("api_token_file", "api-token")
+        .provider_local("a", "r")
+        .provider("s3", "s3", "r", |p| {
+            p.table("s3", |t| {
+                t.set("endpoint", "http://127.0.0.1:9")
+                    .set("path_style", true)
+                    .set("credentials_file", "s3.credentials")
+            })
+        })
+        .provider("swift", "swift", "r", |p| {
+            p.table("swift", |t| {
+                t.set("auth_url", "http://127.0.0.1:9/auth/v1.0")
+                    .set("credentials_file", "swift.credentials")
+            })
+        })
+        .policy("watch", "cheapest", "audit", |p| p)
+        .service("shop", "a", "watch", |s| {
+            s.volume("data", 0.01).set(
+                "cutover",
+                table([
+                    ("url", "http://127.0.0.1:9/hook".into()),
+                    ("token_file", "hook.token".into()),
+                ]),
+            )
+        })
+        .raw(&format!(
+            "[tls]\nca = \"{}\"\ncert = \"tls.pem\"\nkey = \"tls.key\"\n",
+            pki.join("ca.pem").display()
+        ))
+        .render()
+}
+
+/// Regression: `check`, the daemon's start and a reload passed object stores' credentials
+/// files and webhooks' token files that other users could read; they were refused only when
+/// used, in the middle of a relocation.
+#[test]
+fn secret_files_open_to_other_users_are_refused_up_front_naming_the_file_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fluidcloud.toml");
+    std::fs::write(&config, config_with_every_secret_file(dir.path())).unwrap();
+    let (ok, said) = run_check(&config);
+    assert!(ok, "every secret file private: {said}");
+    let files = [
+        "api-token",
+        "tls.key",
+        "s3.credentials",
+        "swift.credentials",
+        "hook.token",
+    ];
+    for file in files {
+        let path = dir.path().join(file);
+        // Group access is the operator's choice (`root:fluidcloud 0640`).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let (ok, said) = run_check(&config);
+        assert!(ok, "{file} at 0640: {said}");
+        for mode in [0o644, 0o604, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let (ok, said) = run_check(&config);
+            assert!(!ok, "`check` passed {file} at {mode:o}: {said}");
+            assert!(
+                said.contains(&path.display().to_string())
+                    && said.contains("open to other users")
+                    && said.contains(&format!("{mode:04o}")),
+                "{file} at {mode:o}: {said}"
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // The daemon refuses to start on what `check` refuses, with the same words.
+    let token = dir.path().join("tls.key");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(bin())
+        .args(["daemon", "--config"])
+        .arg(&config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(&token.display().to_string()) && said.contains("open to other users"),
+        "{said}"
+    );
+}
+
 /// A distinctive secret: `what` and 24 random hex digits.
 fn planted(what: &str) -> String {
     format!("{what}{:024x}", fastrand::u128(..) >> 32)
