@@ -558,6 +558,8 @@ async fn run_webhook(
     timeout: Duration,
     event: &HookEvent,
 ) -> Result<HookOutcome, HookError> {
+    // The URL as it may be journalled, answered and logged: without its credentials.
+    let shown_url = crate::sys::redact::redact_url(url);
     let token = match token_file {
         Some(path) => Some(read_token(path).map_err(|error| HookError::Token {
             service: event.service.clone(),
@@ -595,7 +597,7 @@ async fn run_webhook(
         service: event.service.clone(),
         phase: event.phase,
         run: HookRun::Webhook {
-            url: url.to_string(),
+            url: shown_url.clone(),
             status,
             body_tail,
         },
@@ -606,12 +608,12 @@ async fn run_webhook(
         let message = if e.is_timeout() {
             format!("no answer within {} s", timeout.as_secs_f64())
         } else {
-            chain(&e)
+            chain(&e.without_url())
         };
         HookError::Request {
             service: event.service.clone(),
             phase: event.phase,
-            url: url.to_string(),
+            url: shown_url.clone(),
             message,
             outcome: Box::new(outcome(status, body, clock.elapsed())),
         }
@@ -647,7 +649,7 @@ async fn run_webhook(
         Err(HookError::Status {
             service: event.service.clone(),
             phase: event.phase,
-            url: url.to_string(),
+            url: shown_url.clone(),
             status: status.as_u16(),
             body_tail: body.text(),
             outcome: Box::new(result),

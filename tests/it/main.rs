@@ -16,6 +16,7 @@ mod object_stores;
 mod pricing_feeds;
 mod quickstart;
 mod relocation;
+mod security;
 mod viaduct;
 mod viaduct_cli;
 mod vm;

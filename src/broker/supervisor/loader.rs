@@ -43,6 +43,7 @@ impl Loaded {
                 message: e.to_string(),
             });
         }
+        all.extend(secret_files(&config));
         match (policies, regions) {
             (Ok(p), Ok(r)) if all.is_empty() => Ok(Loaded {
                 config: Arc::new(config),
@@ -114,6 +115,67 @@ impl Loaded {
             }
         }
     }
+}
+
+/// Refuses the secret files `config` names (object stores' credentials, webhooks' tokens)
+/// that other users can read, as they would be refused when used: up front, by `check`,
+/// the daemon's start and a reload, rather than in the middle of a relocation.
+fn secret_files(config: &Config) -> Vec<ConfigError> {
+    use crate::config::ObjectStoreSettings;
+    use crate::model::HookTarget;
+    let mut files: Vec<(String, &std::path::Path, &'static str)> = Vec::new();
+    for (name, p) in &config.providers {
+        let credentials = match &p.object_store {
+            Some(ObjectStoreSettings::S3(s)) => &s.credentials,
+            Some(ObjectStoreSettings::Swift(s)) => &s.credentials,
+            None => continue,
+        };
+        if let Some(f) = &credentials.file {
+            let driver = match &p.object_store {
+                Some(ObjectStoreSettings::S3(_)) => "s3",
+                _ => "swift",
+            };
+            files.push((
+                format!("providers.{name}.{driver}.credentials_file"),
+                f,
+                "the credentials file",
+            ));
+        }
+    }
+    for (name, s) in &config.services {
+        for (phase, hook) in [
+            ("cutover", &s.cutover),
+            ("recontextualise", &s.recontextualise),
+        ] {
+            if let Some(HookTarget::Webhook {
+                token_file: Some(f),
+                ..
+            }) = hook.as_ref().map(|h| &h.target)
+            {
+                files.push((
+                    format!("services.{name}.{phase}.token_file"),
+                    f,
+                    "the token file",
+                ));
+            }
+        }
+    }
+    files
+        .into_iter()
+        .filter_map(|(key, path, what)| {
+            // Only the rule is checked here: a file still missing is reported when it is
+            // used, as it was.
+            crate::sys::secret::read(path, what)
+                .err()
+                .filter(|e| matches!(e, crate::sys::secret::SecretError::OpenToOthers { .. }))
+                .map(|e| ConfigError {
+                    file: config.path.clone(),
+                    location: None,
+                    key,
+                    message: e.to_string(),
+                })
+        })
+        .collect()
 }
 
 /// Compiles every policy of `config`; all errors at once.

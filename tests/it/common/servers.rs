@@ -289,7 +289,7 @@ impl S3sFs {
     }
 }
 
-/// A single-node Swift with tempauth (`test:tester` / `testing`) and its memcached.
+/// A single-node Swift with tempauth (user `test:tester`, a random key) and its memcached.
 pub struct SwiftServer {
     env: TestEnv,
     dir: PathBuf,
@@ -327,7 +327,17 @@ impl SwiftServer {
         let mut memcached = Server::spawn("memcached", &mut memcached_cmd, &logs);
         memcached.wait(Duration::from_secs(10), || accepts(memcached_port));
 
-        write_confs(&dir, account, container, object, proxy, memcached_port);
+        // A key of its own per server, so a test can look for it in what the daemon shows.
+        let key = format!("swift-key-{:016x}", fastrand::u64(..));
+        write_confs(
+            &dir,
+            account,
+            container,
+            object,
+            proxy,
+            memcached_port,
+            &key,
+        );
         for (ring, port) in [
             ("account", account),
             ("container", container),
@@ -386,7 +396,7 @@ impl SwiftServer {
             memcached_port,
             auth_url: format!("http://127.0.0.1:{proxy}/auth/v1.0"),
             user: "test:tester".to_string(),
-            key: "testing".to_string(),
+            key,
             proxy: None,
             _storage: storage,
             _memcached: memcached,
@@ -435,7 +445,15 @@ impl SwiftServer {
     }
 }
 
-fn write_confs(dir: &Path, account: u16, container: u16, object: u16, proxy: u16, memcached: u16) {
+fn write_confs(
+    dir: &Path,
+    account: u16,
+    container: u16,
+    object: u16,
+    proxy: u16,
+    memcached: u16,
+    key: &str,
+) {
     let d = dir.display();
     let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
     write(
@@ -489,7 +507,7 @@ fn write_confs(dir: &Path, account: u16, container: u16, object: u16, proxy: u16
              [pipeline:main]\npipeline = catch_errors gatekeeper healthcheck proxy-logging cache \
              listing_formats tempauth copy slo dlo proxy-logging proxy-server\n\n\
              [app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n\
-             [filter:tempauth]\nuse = egg:swift#tempauth\nuser_test_tester = testing .admin\n\n\
+             [filter:tempauth]\nuse = egg:swift#tempauth\nuser_test_tester = {key} .admin\n\n\
              [filter:cache]\nuse = egg:swift#memcache\nmemcache_servers = 127.0.0.1:{memcached}\n\n\
              {filters}"
         ),
