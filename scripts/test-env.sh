@@ -23,7 +23,7 @@ LOG_DIR="$CACHE/logs"
 S3S_FS_VERSION=0.14.1
 SWIFT_VERSION=2.38.3
 
-COMPONENTS=(qemu_utils iproute2 s3s_fs swift memcached qemu_system guest)
+COMPONENTS=(qemu_utils iproute2 s3s_fs swift memcached qemu_system guest prometheus)
 
 declare -A ENV_VALUES=()
 ENV_ORDER=()
@@ -289,6 +289,26 @@ ensure_guest() {
     env_set FLUIDCLOUD_GUEST_KERNEL "$kernel"
     env_set FLUIDCLOUD_GUEST_MODULES "$modules"
     env_set FLUIDCLOUD_GUEST_BUSYBOX "$busybox"
+}
+
+# Prometheus and promtool, which the dashboard and alert-rule tests run: Debian's package alone,
+# unpacked. Its dependencies are the scripts and fonts of the web UI, which the tests do not
+# use; the two Go binaries link against nothing but libc.
+ensure_prometheus() {
+    local root="$CACHE/prometheus"
+    local bin="$root/usr/bin/prometheus" promtool="$root/usr/bin/promtool"
+    local libs="$root/usr/lib/x86_64-linux-gnu"
+    if runs_unpacked "$libs" "$bin" --version "$promtool"; then
+        did "prometheus: present ($("$bin" --version 2>&1 | head -n 1))"
+    else
+        rm -rf "$root"
+        unpack_debs "$root" prometheus prometheus
+        must_run_unpacked "$libs" "$bin" --version "$promtool"
+        must_run_unpacked "$libs" "$promtool" --version
+        did "prometheus: unpacked Debian's package into $root"
+    fi
+    env_set FLUIDCLOUD_PROMETHEUS "$bin"
+    env_set FLUIDCLOUD_PROMTOOL "$promtool"
 }
 
 write_env() {

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need (idempotently:
-# qemu-utils system-wide, the S3, Swift and QEMU test servers into a cache directory, see
-# scripts/test-env.sh), then builds and runs every test with the crash
-# tests' kill switch compiled in, the policy tests and the format and lint checks of the
-# default and the full build.
+# qemu-utils system-wide, the S3, Swift and QEMU test servers and Prometheus into a cache
+# directory, see scripts/test-env.sh), then builds and runs every test with the crash
+# tests' kill switch compiled in, the alert rules' unit tests, the policy tests and the
+# format and lint checks of the default and the full build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,12 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo clippy --all-targets --locked --features "$FEATURES" -- -D warnings
 echo "== tests"
 cargo test --locked --no-fail-fast --features "$FEATURES"
-echo "== dashboard"
-python3 dashboards/check.py
+echo "== alert rules"
+# The dashboards' queries run against a real Prometheus in `cargo test` (tests/it/prometheus.rs,
+# which also runs these two); here the rules are checked without building anything.
+PROMTOOL=${FLUIDCLOUD_PROMTOOL:-$(sed -n 's/^FLUIDCLOUD_PROMTOOL=//p' \
+    "${FLUIDCLOUD_TEST_ENV:-$HOME/.cache/fluidcloud-test-env}/env")}
+"$PROMTOOL" check rules dashboards/alerts.yml
+"$PROMTOOL" test rules dashboards/alerts_test.yml
 echo "== policy tests"
 cargo run --quiet --locked --features "$FEATURES" -- policy test policies/

@@ -14,6 +14,7 @@ mod local_provider;
 mod object_relocation;
 mod object_stores;
 mod pricing_feeds;
+mod prometheus;
 mod quickstart;
 mod relocation;
 mod security;
