@@ -85,6 +85,32 @@ pub async fn wait_or_kill(
     }
 }
 
+/// Marks every descriptor this process inherited beyond stdin, stdout and stderr
+/// close-on-exec, so the apps, hooks and emulators it starts do not hold them: a lock or a
+/// socket of whoever started the daemon would otherwise stay open as long as an app runs,
+/// which may be long after the daemon is gone. Called once at start, before any thread.
+pub fn close_inherited_on_exec() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD and F_SETFD only read and set the descriptor's flags; a number
+        // that is not open (the directory listing's own descriptor, closed since) fails
+        // with EBADF and is skipped. No other thread runs yet to reuse a number meanwhile.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,31 +142,5 @@ mod tests {
             .unwrap()
             .expect("it ended in time");
         assert_eq!(status.code(), Some(3));
-    }
-}
-
-/// Marks every descriptor this process inherited beyond stdin, stdout and stderr
-/// close-on-exec, so the apps, hooks and emulators it starts do not hold them: a lock or a
-/// socket of whoever started the daemon would otherwise stay open as long as an app runs,
-/// which may be long after the daemon is gone. Called once at start, before any thread.
-pub fn close_inherited_on_exec() {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<RawFd> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
-        .collect();
-    for fd in fds {
-        // SAFETY: F_GETFD and F_SETFD only read and set the descriptor's flags; a number
-        // that is not open (the directory listing's own descriptor, closed since) fails
-        // with EBADF and is skipped. No other thread runs yet to reuse a number meanwhile.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
     }
 }
