@@ -341,7 +341,8 @@ impl Prometheus {
             &[
                 ("query", expr.to_string()),
                 ("start", secs(self.started).to_string()),
-                ("end", secs(SystemTime::now()).to_string()),
+                // Rounded up: the last scrape may lie within the current second.
+                ("end", (secs(SystemTime::now()) + 1).to_string()),
                 ("step", "1".into()),
             ],
         );
@@ -632,6 +633,9 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     p.wait_until("up{job=\"fluidcloud\"}", Duration::from_secs(10), |v| {
         v == 1.0
     });
+    // Two more scrape intervals, so the samples after the reload are in every window the
+    // queries below look at, also on a loaded machine.
+    std::thread::sleep(Duration::from_secs(2));
 
     // The types the daemon declares, as Prometheus read them.
     let metadata = p.api("/api/v1/metadata", &[]);
