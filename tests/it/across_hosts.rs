@@ -9,25 +9,8 @@ use std::time::Duration;
 
 use common::agents::{process_io, Agent, Pki};
 use common::netns::Hosts;
-use common::{bin, free_port, repo, Daemon};
+use common::{bin, free_port, http_get as get, repo, Daemon};
 use serde_json::Value;
-
-fn get(url: &str) -> Option<String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .get(url)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .ok()?;
-        r.status().is_success().then_some(())?;
-        r.text().await.ok()
-    })
-}
 
 /// The shipped quickstart, its two providers each served by an agent on its own host.
 fn quickstart_across(dir: &Path, pki: &Pki, a: &str, b: &str, app_port: u16) -> String {
@@ -381,12 +364,25 @@ fn hash_of(path: &Path) -> String {
 
 /// Asks the daemon to move `shop` to `b`; returns the relocation's id.
 fn relocate_to_b(d: &Daemon) -> String {
+    relocate_to(d, "b")
+}
+
+/// Waits for relocation `id` to end; returns its record.
+fn ended(d: &mut Daemon, id: &str) -> Value {
+    d.eventually("the relocation to end", Duration::from_secs(180), |d| {
+        let r = d.get(&format!("/v1/relocations/{id}"));
+        matches!(r["state"].as_str()?, "completed" | "rolled_back" | "failed").then_some(r)
+    })
+}
+
+/// Asks the daemon to move `shop` to `to`; returns the relocation's id.
+fn relocate_to(d: &Daemon, to: &str) -> String {
     let (status, body) = d
         .raw(
             "POST",
             "/v1/services/shop/relocate",
             true,
-            Some(serde_json::json!({ "to": "b" })),
+            Some(serde_json::json!({ "to": to })),
         )
         .unwrap();
     assert_eq!(status, 202, "{body}");
@@ -399,11 +395,7 @@ fn relocate_to_b(d: &Daemon) -> String {
 /// Waits for the relocation to end and checks the service is whole: on `b` with the same
 /// data and the source decommissioned, or back on `a` unchanged with nothing left at `b`.
 fn ends_whole(m: &Moving, d: &mut Daemon, id: &str, hash: &str) -> String {
-    let state = d.eventually("the relocation to end", Duration::from_secs(180), |d| {
-        let r = d.get(&format!("/v1/relocations/{id}"));
-        let state = r["state"].as_str()?.to_string();
-        matches!(state.as_str(), "completed" | "rolled_back" | "failed").then_some(state)
-    });
+    let state = ended(d, id)["state"].as_str().unwrap().to_string();
     match state.as_str() {
         "completed" => {
             assert_eq!(hash_of(&m.volume("b")), hash, "the data at b differs");
@@ -705,23 +697,8 @@ fn a_service_moves_from_the_daemons_host_to_an_agents_and_back() {
         ("there", "here-root", "there-root"),
         ("here", "there-root", "here-root"),
     ] {
-        let (status, body) = d
-            .raw(
-                "POST",
-                "/v1/services/shop/relocate",
-                true,
-                Some(serde_json::json!({ "to": to })),
-            )
-            .unwrap();
-        assert_eq!(status, 202, "{body}");
-        let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let done = d.eventually("the relocation to end", Duration::from_secs(120), |d| {
-            let r = d.get(&format!("/v1/relocations/{id}"));
-            matches!(r["state"].as_str()?, "completed" | "rolled_back" | "failed").then_some(r)
-        });
+        let id = relocate_to(&d, to);
+        let done = ended(&mut d, &id);
         assert_eq!(
             done["state"],
             "completed",
@@ -828,10 +805,7 @@ fn a_volume_moves_from_an_image_file_on_one_host_into_a_block_device_on_another(
     }
     let hash = hash_of(&source);
     let id = relocate_to_b(&d);
-    let done = d.eventually("the relocation to end", Duration::from_secs(120), |d| {
-        let r = d.get(&format!("/v1/relocations/{id}"));
-        matches!(r["state"].as_str()?, "completed" | "rolled_back" | "failed").then_some(r)
-    });
+    let done = ended(&mut d, &id);
     assert_eq!(done["state"], "completed", "{done}\n{}", b.logs());
     assert_eq!(
         hash_of(&devices[0].dev),

@@ -8,25 +8,8 @@ use crate::common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{bin, free_port, repo, Daemon};
+use common::{bin, free_port, http_get as get, repo, Daemon};
 use serde_json::Value;
-
-fn get(url: &str) -> Option<String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .get(url)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .ok()?;
-        r.status().is_success().then_some(())?;
-        r.text().await.ok()
-    })
-}
 
 #[test]
 fn the_quickstart_relocates_shop_on_its_own() {

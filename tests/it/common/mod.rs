@@ -412,3 +412,21 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// GET `url` with a 10 s timeout: the body of a successful answer, else `None`.
+pub fn http_get(url: &str) -> Option<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())?;
+        r.text().await.ok()
+    })
+}
