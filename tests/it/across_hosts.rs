@@ -74,30 +74,6 @@ fn quickstart_across(dir: &Path, pki: &Pki, a: &str, b: &str, app_port: u16) -> 
     format!("{}\n{config}", pki.daemon_tls)
 }
 
-/// Kills, when dropped, the apps the agents' local providers started under `dir` (they
-/// outlive an agent, as they outlive a daemon).
-struct Apps<'a>(&'a Path);
-
-impl Drop for Apps<'_> {
-    fn drop(&mut self) {
-        let Ok(roots) = std::fs::read_dir(self.0) else {
-            return;
-        };
-        for root in roots.flatten() {
-            let apps = root.path().join("apps");
-            for service in std::fs::read_dir(apps).into_iter().flatten().flatten() {
-                for app in std::fs::read_dir(service.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                {
-                    common::servers::kill_from_pid_file(&app.path().join("pid"));
-                }
-            }
-        }
-    }
-}
-
 /// The providers of the quickstart as its agents serve them.
 fn agent_providers(name: &str, region: &str) -> String {
     format!("[providers.{name}]\ndriver = \"local\"\ncloud = \"aws\"\nregion = \"{region}\"\nroot = \"{name}-root\"\n")
@@ -110,7 +86,7 @@ fn the_quickstart_service_moves_to_another_host_by_policy_without_its_data_passi
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let _apps = Apps(dir.path());
+    let _apps = common::Apps(dir.path());
     let pki = Pki::create(dir.path());
     let agent_a = Agent::start(
         hosts.a(),
@@ -659,7 +635,7 @@ fn a_service_moves_from_the_daemons_host_to_an_agents_and_back() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let _apps = Apps(dir.path());
+    let _apps = common::Apps(dir.path());
     let pki = Pki::create(dir.path());
     let agent = Agent::start(
         hosts.a(),

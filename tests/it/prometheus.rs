@@ -582,6 +582,7 @@ fn legend_labels(legend: &str) -> Vec<String> {
 #[test]
 fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let dir = tempfile::tempdir().unwrap();
+    let _apps = common::Apps(dir.path());
     let app_port = free_port();
     let config = quickstart_config(dir.path(), app_port);
     let mut d = Daemon::start(dir.path(), &config);

@@ -14,6 +14,7 @@ use serde_json::Value;
 #[test]
 fn the_quickstart_relocates_shop_on_its_own() {
     let dir = tempfile::tempdir().unwrap();
+    let _apps = common::Apps(dir.path());
     let qs = repo().join("examples/quickstart");
     for entry in std::fs::read_dir(&qs).unwrap() {
         let entry = entry.unwrap();

@@ -430,3 +430,24 @@ pub fn http_get(url: &str) -> Option<String> {
         r.text().await.ok()
     })
 }
+
+/// Kills, when dropped, every app a local provider started under `dir` (found by their pid
+/// files, `.../apps/SERVICE/APP/pid`, at any depth): apps outlive the daemon or agent that
+/// started them, also when a test fails before it stops them.
+pub struct Apps<'a>(pub &'a Path);
+
+impl Drop for Apps<'_> {
+    fn drop(&mut self) {
+        fn walk(dir: &Path, in_apps: bool) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&path, in_apps || entry.file_name() == "apps");
+                } else if in_apps && entry.file_name() == "pid" {
+                    servers::kill_from_pid_file(&path);
+                }
+            }
+        }
+        walk(self.0, false);
+    }
+}
