@@ -694,7 +694,24 @@ fn a_service_moves_from_the_daemons_host_to_an_agents_and_back() {
         d.eventually("the source decommissioned", Duration::from_secs(30), |_| {
             (!volume(from_root).exists()).then_some(())
         });
+        // A reload between the moves: the next one runs on the reloaded configuration.
+        let (status, body) = d.raw("POST", "/v1/reload", true, None).unwrap();
+        assert_eq!(status, 200, "{body}");
     }
+    // Every move asked for ran exactly once and ended.
+    let count = |series: &str| d.metric(series).unwrap_or(0.0);
+    assert_eq!(
+        count("fluidcloud_relocations_requested_total{origin=\"operator\"}"),
+        2.0
+    );
+    assert_eq!(
+        count("fluidcloud_relocations_started_total{origin=\"operator\"}"),
+        2.0
+    );
+    assert_eq!(
+        count("fluidcloud_relocations_finished_total{outcome=\"completed\"}"),
+        2.0
+    );
 }
 
 #[test]

@@ -203,6 +203,10 @@ async fn a_vm_moves_from_qcow2_on_one_host_to_raw_on_another_and_boots_the_same_
     assert!(out.status.success(), "{said}\n{}", logs());
     assert!(said.contains("completed"), "{said}\n{}", logs());
     assert!(said.contains("downtime:"), "{said}");
+    // Regression: the summary counted 0 bytes sent for a disk that went between hosts (it
+    // added up `bytes_written` only, which a step crossing hosts does not report).
+    assert!(said.contains("bytes sent:"), "{said}");
+    assert!(!said.contains("(0 B)"), "{said}");
 
     // The disk went host to host at cutover and host b converted it into its raw volume.
     let journal = Journal::open(&dir.path().join("state/journal.sqlite")).unwrap();
