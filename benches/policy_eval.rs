@@ -126,6 +126,7 @@ fn services(rng: &mut Lcg, policy: &str) -> Vec<ServiceSpec> {
             ],
             cutover: None,
             recontextualise: None,
+            vm_moves: Default::default(),
         })
         .collect()
 }
@@ -144,6 +145,7 @@ fn policy_spec(name: &str, file: &Path) -> PolicySpec {
         move_duration: Duration::from_secs(3_600),
         downtime_cost_per_hour: 10.0,
         blackouts: Vec::new(),
+        vm_mode: None,
     }
 }
 

@@ -289,6 +289,7 @@ mod tests {
             move_duration: Duration::from_secs(3600),
             downtime_cost_per_hour: 0.0,
             blackouts: vec![],
+            vm_mode: None,
         }
     }
 

@@ -404,19 +404,30 @@ async fn after_commit(ctx: &Ctx) {
     grace(ctx).await;
 }
 
-/// Downtime of a cutover: from the first source app or VM stopping to the health check passing.
+/// Downtime of a cutover: from the first source app or VM stopping (for a VM moved live, its
+/// pause for the last pass of memory) to the health check passing.
 pub fn downtime(plan: &Plan, record: &RelocationRecord) -> Option<Duration> {
     let stopped = plan
         .steps
         .iter()
         .zip(&record.steps)
-        .filter(|(s, _)| {
-            matches!(
-                s.action,
-                Action::StopSource { .. } | Action::StopSourceVm { .. }
-            )
+        .filter_map(|(s, r)| match s.action {
+            Action::StopSource { .. } | Action::StopSourceVm { .. } => r.started_at,
+            Action::MigrateVm { .. } => {
+                let paused = r
+                    .output
+                    .get("paused_ms")
+                    .and_then(serde_json::Value::as_u64);
+                match paused {
+                    Some(ms) => r
+                        .finished_at
+                        .map(|f| f - chrono::Duration::milliseconds(ms as i64)),
+                    // A cold fallback: the source stopped within the step.
+                    None => r.started_at,
+                }
+            }
+            _ => None,
         })
-        .filter_map(|(_, r)| r.started_at)
         .min()?;
     let healthy = plan
         .steps
@@ -439,6 +450,7 @@ async fn grace(ctx: &Ctx) {
         .unwrap_or_else(Utc::now);
     let grace = chrono::Duration::from_std(ctx.config.conduit.grace_period)
         .unwrap_or(chrono::Duration::MAX);
+    release_sources(ctx, &record).await;
     let remaining = (committed_at + grace - Utc::now())
         .to_std()
         .unwrap_or(Duration::ZERO);
@@ -487,6 +499,26 @@ async fn grace(ctx: &Ctx) {
                 ),
             );
             tracing::warn!("Relocation {}: decommissioning failed: {msg}.", ctx.id);
+        }
+    }
+}
+
+/// Runs the grace phase's steps other than the decommission at once (the source emulators
+/// a live migration left paused); one that fails is tried again at the next start.
+async fn release_sources(ctx: &Ctx, record: &RelocationRecord) {
+    for (i, step) in ctx.plan.steps.iter().enumerate() {
+        let pending = record.steps.get(i).map(|s| s.state) != Some(StepState::Done);
+        if step.phase != Phase::Grace || matches!(step.action, Action::Decommission) || !pending {
+            continue;
+        }
+        ctx.checkpoint(i, StepState::Running, None, None);
+        match execute(ctx, step).await {
+            Ok(out) => ctx.checkpoint(i, StepState::Done, Some(&out), None),
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::warn!("Relocation {}: step `{}` failed: {msg}.", ctx.id, step.name);
+                ctx.checkpoint(i, StepState::Failed, None, Some(&msg));
+            }
         }
     }
 }

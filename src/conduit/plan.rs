@@ -21,7 +21,8 @@ pub use crate::migrators::plan::{Action, Phase, Plan, Step, VolumePlan};
 use crate::sys::units::human_bytes;
 
 use crate::config::{self, Config};
-use crate::model::{Component, ComponentKind, ServiceSpec};
+use crate::model::{Component, ComponentKind, Driver, LiveFallback, ServiceSpec, VmMode};
+use crate::providers::VmSpec;
 use crate::providers::{Capabilities, DiskFormat};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -77,7 +78,74 @@ pub fn plan(config: &Config, service: &str, from: &str, to: &str) -> Result<Plan
             provider: to.to_string(),
         });
     }
-    build(spec, source, target)
+    let mode = spec
+        .vm_moves
+        .mode
+        .or_else(|| config.policies.get(&spec.policy).and_then(|p| p.vm_mode))
+        .unwrap_or_default();
+    build(spec, source, target, mode)
+}
+
+/// Why a VM of `spec` cannot move live from `source` to `target`, if it cannot.
+fn live_blocker(
+    vm: &VmSpec,
+    source: &config::Provider,
+    target: &config::Provider,
+) -> Option<String> {
+    if source.driver != Driver::Qemu || target.driver != Driver::Qemu {
+        return Some(format!(
+            "it needs the qemu driver at both ends (`{}` uses `{}`, `{}` uses `{}`)",
+            source.name,
+            source.driver.as_str(),
+            target.name,
+            target.driver.as_str()
+        ));
+    }
+    if source.agent.is_some() || target.agent.is_some() {
+        return Some("live migration between hosts is not available yet".to_string());
+    }
+    let (a, b) = (
+        source.qemu.clone().unwrap_or_default(),
+        target.qemu.clone().unwrap_or_default(),
+    );
+    let mut differ = Vec::new();
+    if a.disk_bus != b.disk_bus {
+        differ.push(format!(
+            "disk bus {} at `{}`, {} at `{}`",
+            a.disk_bus.as_str(),
+            source.name,
+            b.disk_bus.as_str(),
+            target.name
+        ));
+    }
+    if a.nic_model != b.nic_model {
+        differ.push(format!(
+            "NIC {} at `{}`, {} at `{}`",
+            a.nic_model, source.name, b.nic_model, target.name
+        ));
+    }
+    if a.accel != b.accel {
+        differ.push(format!(
+            "accelerator {} at `{}`, {} at `{}`",
+            a.accel.as_str(),
+            source.name,
+            b.accel.as_str(),
+            target.name
+        ));
+    }
+    if !differ.is_empty() {
+        return Some(format!(
+            "the machines differ ({}), and a running guest cannot change its devices",
+            differ.join("; ")
+        ));
+    }
+    if vm.ports.iter().any(|p| p.host.is_some()) {
+        return Some(
+            "it forwards fixed host ports, which both emulators would need at once on this host"
+                .to_string(),
+        );
+    }
+    None
 }
 
 /// Checks the target can hold every component that travels.
@@ -115,7 +183,10 @@ fn check_capabilities(spec: &ServiceSpec, target: &config::Provider) -> Result<(
 /// The components of a service, sorted by what a relocation does with them.
 struct Parts<'a> {
     apps: Vec<&'a str>,
+    /// VMs moved cold (powered down, disk copied, booted at the target).
     vms: Vec<&'a str>,
+    /// VMs moved live; their disks are mirrored, not copied as volumes.
+    live: Vec<&'a str>,
     /// A VM's disk is the volume named like it: it travels like any volume.
     volumes: Vec<VolumePlan>,
     buckets: Vec<&'a Component>,
@@ -135,6 +206,7 @@ impl<'a> Parts<'a> {
         Parts {
             apps: named(ComponentKind::App),
             vms: named(ComponentKind::Vm),
+            live: Vec::new(),
             volumes: spec
                 .components
                 .iter()
@@ -180,6 +252,7 @@ fn build(
     spec: &ServiceSpec,
     source: &config::Provider,
     target: &config::Provider,
+    mode: VmMode,
 ) -> Result<Plan, PlanError> {
     check_capabilities(spec, target)?;
     let mut b = Builder {
@@ -190,10 +263,15 @@ fn build(
         steps: Vec::new(),
         notes: Vec::new(),
     };
+    if mode == VmMode::Live {
+        b.choose_live();
+    }
     b.preflight();
     let mut precopies = b.precopy_volumes();
     precopies.extend(b.copy_buckets());
-    let stops = b.stop_sources(&precopies);
+    precopies.extend(b.mirror_vms());
+    let mut stops = b.stop_sources(&precopies);
+    stops.extend(b.migrate_vms(&precopies));
     let cut_base = or_else(stops, precopies);
     let synced = b.sync_data(&cut_base);
     let data_ready = or_else(synced, cut_base);
@@ -203,6 +281,7 @@ fn build(
     let last = b.health_check(or_else(started, ready));
     let last = b.cutover(last);
     b.commit(last);
+    b.release_sources();
     b.decommission();
     Ok(b.finish())
 }
@@ -225,6 +304,100 @@ impl Builder<'_> {
             description,
         });
         name
+    }
+
+    /// Moves live the VMs that can be; the others stay cold, with a note saying why.
+    fn choose_live(&mut self) {
+        for c in &self.spec.components {
+            let Some(vm) = c.vm() else {
+                continue;
+            };
+            if let Some(why) = live_blocker(vm, self.source, self.target) {
+                self.notes.push(format!(
+                    "VM `{}` moves cold: live migration is not possible: {why}",
+                    vm.name
+                ));
+                continue;
+            }
+            self.parts.vms.retain(|v| *v != vm.name);
+            self.parts.live.push(c.name.as_str());
+            let disks: Vec<&str> = vm.disks().collect();
+            self.parts
+                .volumes
+                .retain(|v| !disks.contains(&v.name.as_str()));
+            let fallback = match self.spec.vm_moves.fallback {
+                LiveFallback::Cold => "it moves cold instead",
+                LiveFallback::Rollback => "the relocation rolls back",
+            };
+            self.notes.push(format!(
+                "VM `{}` moves live: no reboot, pauses of up to {:?} planned; if the migration does not converge within {:?}, {fallback}",
+                vm.name, self.spec.vm_moves.downtime_limit, self.spec.vm_moves.timeout
+            ));
+        }
+    }
+
+    /// Starts each live VM at the target, waiting, and mirrors its disks there.
+    fn mirror_vms(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        let (source, target) = (self.source.name.clone(), self.target.name.clone());
+        for vm in self.parts.live.clone() {
+            let d = format!(
+                "create the disks of VM `{vm}` at `{target}` ({}, empty) and start it there waiting for its migration",
+                self.target.disk_format.as_str()
+            );
+            let prepared = self.push(
+                Phase::Precopy,
+                Action::PrepareTargetVm { vm: vm.into() },
+                format!("prepare-target:vm:{vm}"),
+                vec!["preflight".into()],
+                d,
+            );
+            let d = format!("mirror the disks of VM `{vm}` from `{source}` to `{target}` while it runs, until they are in step");
+            names.push(self.push(
+                Phase::Precopy,
+                Action::MirrorVm { vm: vm.into() },
+                format!("mirror:vm:{vm}"),
+                vec![prepared],
+                d,
+            ));
+        }
+        names
+    }
+
+    /// Migrates each live VM's memory: the guest pauses for the last pass.
+    fn migrate_vms(&mut self, after: &[String]) -> Vec<String> {
+        let mut names = Vec::new();
+        for vm in self.parts.live.clone() {
+            let d = format!(
+                "migrate the memory of VM `{vm}` while it runs; it pauses for the last pass (downtime starts) and stays paused at `{}` until the commit",
+                self.source.name
+            );
+            names.push(self.push(
+                Phase::Cutover,
+                Action::MigrateVm { vm: vm.into() },
+                format!("migrate:vm:{vm}"),
+                after.to_vec(),
+                d,
+            ));
+        }
+        names
+    }
+
+    /// Ends the paused source emulators of live-moved VMs once the target is committed.
+    fn release_sources(&mut self) {
+        for vm in self.parts.live.clone() {
+            let d = format!(
+                "end the paused emulator of VM `{vm}` at `{}` (its disk is kept until the decommission)",
+                self.source.name
+            );
+            self.push(
+                Phase::Grace,
+                Action::ReleaseSourceVm { vm: vm.into() },
+                format!("release-source:vm:{vm}"),
+                vec!["commit".into()],
+                d,
+            );
+        }
     }
 
     fn preflight(&mut self) {
@@ -412,6 +585,12 @@ impl Builder<'_> {
             );
             let action = Action::StartTargetVm { vm: vm.into() };
             let name = format!("start-target:vm:{vm}");
+            names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
+        }
+        for vm in self.parts.live.clone() {
+            let d = format!("let VM `{vm}` go on at `{target}`, without a reboot");
+            let action = Action::ResumeTargetVm { vm: vm.into() };
+            let name = format!("resume-target:vm:{vm}");
             names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
         }
         names
@@ -636,5 +815,132 @@ keep_at_source = true
         let there = plan(&config, "shop", "a", "b").unwrap();
         let names = |p: &Plan| p.steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
         assert_eq!(names(&here), names(&there));
+    }
+
+    const VM_CONFIG: &str = r#"
+[daemon]
+state_dir = "state"
+
+[broker]
+evaluate_schedule = "0 0 0 1 1 *"
+
+[providers.q1]
+driver = "qemu"
+region = "lab"
+root = "q1"
+disk_format = "qcow2"
+qemu = { binary = "/bin/true" }
+
+[providers.q2]
+driver = "qemu"
+region = "lab"
+root = "q2"
+qemu = { binary = "/bin/true" }
+
+[policies.watch]
+file = "policy.rhai"
+
+[services.box]
+provider = "q1"
+policy = "watch"
+vm_mode = "live"
+live = { fallback = "rollback", timeout_secs = 30 }
+
+[[services.box.components]]
+kind = "vm"
+name = "guest"
+size_gib = 1
+[services.box.components.settings]
+ports = [{ guest = 80 }]
+
+[[services.box.components]]
+kind = "volume"
+name = "data"
+size_gib = 1
+"#;
+
+    fn vm_config(edit: impl FnOnce(&str) -> String) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.rhai"), "").unwrap();
+        let path = dir.path().join("fluidcloud.toml");
+        Config::parse(&path, &edit(VM_CONFIG)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_live_vm_is_mirrored_and_migrated_instead_of_stopped_and_copied() {
+        let plan = plan(&vm_config(str::to_string), "box", "q1", "q2").unwrap();
+        assert_eq!(
+            plan.step_names(),
+            [
+                "preflight",
+                "precopy:volume:data",
+                "prepare-target:vm:guest",
+                "mirror:vm:guest",
+                "migrate:vm:guest",
+                "sync:volume:data",
+                "resume-target:vm:guest",
+                "health-check",
+                "commit",
+                "release-source:vm:guest",
+                "decommission",
+            ]
+        );
+        let after = |name: &str| plan.steps[plan.index_of(name).unwrap()].after.clone();
+        assert_eq!(after("mirror:vm:guest"), ["prepare-target:vm:guest"]);
+        assert_eq!(
+            after("migrate:vm:guest"),
+            ["precopy:volume:data", "mirror:vm:guest"]
+        );
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| n.contains("moves live") && n.contains("rolls back")),
+            "{:?}",
+            plan.notes
+        );
+    }
+
+    #[test]
+    fn a_vm_that_cannot_move_live_moves_cold_with_a_note_saying_why() {
+        for (edit, why) in [
+            (
+                (
+                    "qemu = { binary = \"/bin/true\" }\n\n[policies",
+                    "qemu = { binary = \"/bin/true\", disk_bus = \"sata\" }\n\n[policies",
+                ),
+                "disk bus virtio at `q1`, sata at `q2`",
+            ),
+            (
+                ("{ guest = 80 }", "{ guest = 80, host = 8080 }"),
+                "fixed host ports",
+            ),
+            (("vm_mode = \"live\"", "vm_mode = \"cold\""), ""),
+        ] {
+            let config = vm_config(|c| c.replace(edit.0, edit.1));
+            let plan = plan(&config, "box", "q1", "q2").unwrap();
+            assert!(plan.index_of("stop-source:vm:guest").is_some(), "{plan}");
+            assert!(plan.index_of("migrate:vm:guest").is_none(), "{plan}");
+            if !why.is_empty() {
+                assert!(
+                    plan.notes
+                        .iter()
+                        .any(|n| n.contains("moves cold") && n.contains(why)),
+                    "{why}: {:?}",
+                    plan.notes
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_policy_chooses_the_vm_mode_of_services_that_do_not() {
+        let config = vm_config(|c| {
+            c.replace("vm_mode = \"live\"\n", "").replace(
+                "file = \"policy.rhai\"",
+                "file = \"policy.rhai\"\nvm_mode = \"live\"",
+            )
+        });
+        let plan = plan(&config, "box", "q1", "q2").unwrap();
+        assert!(plan.index_of("migrate:vm:guest").is_some(), "{plan}");
     }
 }

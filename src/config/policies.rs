@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::raw::RawPolicy;
 use super::{check_name, Validator};
+use crate::model::VmMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +48,8 @@ pub struct PolicySpec {
     pub move_duration: Duration,
     pub downtime_cost_per_hour: f64,
     pub blackouts: Vec<Blackout>,
+    /// How relocations under this policy move VMs, for services that do not say.
+    pub vm_mode: Option<VmMode>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -132,6 +135,22 @@ impl Validator<'_> {
                 0.0,
             ),
             blackouts,
+            vm_mode: raw
+                .vm_mode
+                .as_deref()
+                .and_then(|m| self.vm_mode(&format!("{key}.vm_mode"), m)),
         }
+    }
+
+    /// A `vm_mode` value; `None` (and an error) when it names no mode.
+    pub(super) fn vm_mode(&mut self, key: &str, value: &str) -> Option<VmMode> {
+        let mode = VmMode::parse(value);
+        if mode.is_none() {
+            self.err(
+                key,
+                format!("`{value}` is not one of {}", VmMode::NAMES.join(", ")),
+            );
+        }
+        mode
     }
 }

@@ -380,6 +380,8 @@ pub struct RawPolicy {
     pub downtime_cost_per_hour: Option<f64>,
     #[serde(default)]
     pub blackout: Vec<RawBlackout>,
+    /// How relocations under the policy move VMs: `cold` or `live`.
+    pub vm_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -406,6 +408,20 @@ pub struct RawService {
     pub cutover: Option<RawHook>,
     /// Hands environment data to the relocated instance.
     pub recontextualise: Option<RawHook>,
+    /// How a relocation moves the service's VMs: `cold` or `live`.
+    pub vm_mode: Option<String>,
+    pub live: Option<RawLive>,
+}
+
+/// `[services.NAME.live]`: the bounds of a live VM migration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLive {
+    pub downtime_limit_ms: Option<u64>,
+    pub timeout_secs: Option<u64>,
+    pub max_mib_per_sec: Option<f64>,
+    /// `cold` or `rollback`.
+    pub fallback: Option<String>,
 }
 
 /// A program or a webhook the conduit calls at one step of a relocation.

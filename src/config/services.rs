@@ -4,12 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::raw::{RawHook, RawService};
+use super::raw::{RawHook, RawLive, RawService};
 use super::{check_name, components, list, PolicySpec, Provider, SettingsError, Validator};
 use crate::model::names::{validate_file_name, validate_name};
 use crate::model::{
-    Component, ComponentKind, ComponentSettings, HealthCheck, HookSpec, HookTarget, Requirements,
-    ServiceSpec,
+    Component, ComponentKind, ComponentSettings, HealthCheck, HookSpec, HookTarget, LiveFallback,
+    Requirements, ServiceSpec, VmMoves,
 };
 
 impl Validator<'_> {
@@ -208,6 +208,7 @@ impl Validator<'_> {
         let recontextualise = raw
             .recontextualise
             .map(|h| self.hook(&format!("{key}.recontextualise"), h));
+        let vm_moves = self.vm_moves(&key, raw.vm_mode.as_deref(), raw.live);
         ServiceSpec {
             name: name.to_string(),
             provider: raw.provider,
@@ -219,7 +220,52 @@ impl Validator<'_> {
             components,
             cutover,
             recontextualise,
+            vm_moves,
         }
+    }
+
+    fn vm_moves(&mut self, key: &str, mode: Option<&str>, live: Option<RawLive>) -> VmMoves {
+        let mut moves = VmMoves {
+            mode: mode.and_then(|m| self.vm_mode(&format!("{key}.vm_mode"), m)),
+            ..VmMoves::default()
+        };
+        let Some(live) = live else {
+            return moves;
+        };
+        let key = format!("{key}.live");
+        if let Some(ms) = live.downtime_limit_ms {
+            if ms == 0 {
+                self.err(
+                    format!("{key}.downtime_limit_ms"),
+                    "must be at least 1, got 0",
+                );
+            }
+            moves.downtime_limit = Duration::from_millis(ms);
+        }
+        if let Some(secs) = live.timeout_secs {
+            if secs == 0 {
+                self.err(format!("{key}.timeout_secs"), "must be at least 1, got 0");
+            }
+            moves.timeout = Duration::from_secs(secs);
+        }
+        if let Some(rate) = live.max_mib_per_sec {
+            if !(rate.is_finite() && rate > 0.0) {
+                self.err(
+                    format!("{key}.max_mib_per_sec"),
+                    format!("must be a positive number of MiB/s, got {rate}"),
+                );
+            }
+            moves.max_mib_per_sec = Some(rate);
+        }
+        match live.fallback.as_deref() {
+            None | Some("cold") => {}
+            Some("rollback") => moves.fallback = LiveFallback::Rollback,
+            Some(other) => self.err(
+                format!("{key}.fallback"),
+                format!("`{other}` is not one of cold, rollback"),
+            ),
+        }
+        moves
     }
 
     fn hook(&mut self, key: &str, raw: RawHook) -> HookSpec {

@@ -12,6 +12,8 @@
 //! - [`bucket`]: the copy and final sync of a bucket, with the [`crate::providers::copier`]. A bucket kept at
 //!   its source gets no step, only a note in the plan: the apps are pointed at it there.
 //! - [`app`]: stops the source's apps and VMs, starts the target's.
+//! - [`live`]: moves a running VM to the target without a reboot (disk mirror and memory
+//!   migration), falling back to a cold move when it does not converge in time.
 //! - [`config`]: rewrites a configuration file for the target (rules in [`rewrite`]).
 //! - [`recontextualise`]: hands the target its context document and runs the hook.
 //! - [`health`]: the target's health check.
@@ -34,6 +36,7 @@ pub mod decommission;
 pub mod deploy;
 pub mod health;
 pub mod hooks;
+pub mod live;
 pub mod plan;
 pub mod preflight;
 pub mod recontextualise;
@@ -101,6 +104,11 @@ pub fn for_step(step: &Step) -> Box<dyn Migrator> {
         Action::Recontextualise => Box::new(recontextualise::Recontextualise),
         Action::StartTarget { app } => Box::new(app::StartTarget { app: app.clone() }),
         Action::StartTargetVm { vm } => Box::new(app::StartTargetVm { vm: vm.clone() }),
+        Action::PrepareTargetVm { vm } => Box::new(live::PrepareTargetVm { vm: vm.clone() }),
+        Action::MirrorVm { vm } => Box::new(live::MirrorVm { vm: vm.clone() }),
+        Action::MigrateVm { vm } => Box::new(live::MigrateVm { vm: vm.clone() }),
+        Action::ResumeTargetVm { vm } => Box::new(live::ResumeTargetVm { vm: vm.clone() }),
+        Action::ReleaseSourceVm { vm } => Box::new(live::ReleaseSourceVm { vm: vm.clone() }),
         Action::HealthCheck => Box::new(health::HealthCheck),
         Action::Cutover => Box::new(cutover::Cutover),
         Action::Commit => Box::new(Commit),

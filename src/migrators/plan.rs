@@ -77,6 +77,31 @@ pub enum Action {
     StartTargetVm {
         vm: String,
     },
+    /// Live migration: starts the VM at the target paused, waiting for the migration, on
+    /// empty disks exported for the source's mirrors.
+    PrepareTargetVm {
+        vm: String,
+    },
+    /// Live migration: mirrors the VM's disks into the target while it runs, until they
+    /// are in step.
+    MirrorVm {
+        vm: String,
+    },
+    /// Live migration: moves the VM's memory while it runs; the guest pauses for the last
+    /// pass (the downtime starts) and the source stays paused until the commit. One that
+    /// does not converge in time falls back to a cold move or fails, as the service says.
+    MigrateVm {
+        vm: String,
+    },
+    /// Live migration: the guest goes on at the target, without a reboot.
+    ResumeTargetVm {
+        vm: String,
+    },
+    /// After the commit: ends the paused source emulator of a live-migrated VM (its disk is
+    /// kept until the decommission).
+    ReleaseSourceVm {
+        vm: String,
+    },
     /// The target must pass its health check; the downtime ends here.
     HealthCheck,
     /// Runs the cutover hook that repoints clients.
@@ -128,6 +153,8 @@ impl Step {
                 | Action::StopSourceVm { .. }
                 | Action::StartTarget { .. }
                 | Action::StartTargetVm { .. }
+                | Action::MigrateVm { .. }
+                | Action::ResumeTargetVm { .. }
                 | Action::Cutover
         )
     }

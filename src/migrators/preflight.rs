@@ -127,9 +127,23 @@ async fn preflight(cx: &Cx) -> Result<Value, MigratorError> {
             }
             checked.push(format!("app {app}"));
         }
-        if let Action::StopSourceVm { vm } = &step.action {
+        if let Action::MigrateVm { vm } = &step.action {
+            // The live VM's disks travel through its mirrors: the target needs their room.
+            let spec = deploy::vm_spec(cx.spec()?, cx.component(ComponentKind::Vm, vm)?)?;
+            for disk in spec.disks() {
+                if let Some(info) = cx.source.volume_info(svc, disk).await? {
+                    needed += info.allocated_bytes;
+                }
+            }
+        }
+        if let Action::StopSourceVm { vm } | Action::MigrateVm { vm } = &step.action {
             let status = cx.source.vm_status(svc, vm).await?;
-            if !matches!(&status, Some(s) if s.state == VmState::Running) {
+            let live = matches!(step.action, Action::MigrateVm { .. });
+            // A live migration needs the guest running, not merely its emulator.
+            let running = |s: &crate::providers::VmStatus| {
+                s.state == VmState::Running && (!live || s.detail.as_deref() == Some("running"))
+            };
+            if !matches!(&status, Some(s) if running(s)) {
                 return Err(check(format!(
                     "VM `{svc}/{vm}` is not running at `{}` ({}); relocate a running service, or deploy it first",
                     cx.plan.from,

@@ -21,8 +21,8 @@ pub use app::{AppSpec, Env};
 pub use config_file::{ConfigFileSpec, ConfigFormat, RewriteRule};
 pub use provider::{bucket_copy, DiskFormat, Driver};
 pub use service::{
-    BucketSettings, Component, ComponentSettings, HealthCheck, HookSpec, HookTarget, ServiceSpec,
-    GIB,
+    BucketSettings, Component, ComponentSettings, HealthCheck, HookSpec, HookTarget, LiveFallback,
+    ServiceSpec, VmMode, VmMoves, GIB,
 };
 pub use vm::{PortForward, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
 

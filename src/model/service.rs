@@ -24,6 +24,8 @@ pub struct ServiceSpec {
     /// Hands environment data to the relocated instance, after the conduit wrote its
     /// context file.
     pub recontextualise: Option<HookSpec>,
+    /// How a relocation moves the service's VMs.
+    pub vm_moves: VmMoves,
 }
 
 impl ServiceSpec {
@@ -47,6 +49,74 @@ impl ServiceSpec {
 }
 
 pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// How a relocation moves a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmMode {
+    /// Power the VM down, copy what is left of its disk, boot it at the target.
+    #[default]
+    Cold,
+    /// Mirror its disk and migrate its memory while it runs; it goes on at the target
+    /// without a reboot.
+    Live,
+}
+
+impl VmMode {
+    pub const NAMES: &'static [&'static str] = &["cold", "live"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmMode::Cold => "cold",
+            VmMode::Live => "live",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VmMode> {
+        match s {
+            "cold" => Some(VmMode::Cold),
+            "live" => Some(VmMode::Live),
+            _ => None,
+        }
+    }
+}
+
+/// What a live migration that does not converge in time turns into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveFallback {
+    /// The VM is moved cold instead: powered down, its disk copied, booted at the target.
+    #[default]
+    Cold,
+    /// The relocation rolls back; the VM runs on at the source as if nothing happened.
+    Rollback,
+}
+
+/// `[services.NAME]`'s `vm_mode` and `[services.NAME.live]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VmMoves {
+    /// The service's own choice; without one the policy's `vm_mode` holds, else cold.
+    pub mode: Option<VmMode>,
+    /// The longest pause QEMU may plan for the last pass of memory. Default 300 ms.
+    pub downtime_limit: Duration,
+    /// How long the memory migration may take before it is cancelled. Default 300 s.
+    pub timeout: Duration,
+    /// Cap on the memory stream, MiB/s; `None` for none.
+    pub max_mib_per_sec: Option<f64>,
+    pub fallback: LiveFallback,
+}
+
+impl Default for VmMoves {
+    fn default() -> Self {
+        VmMoves {
+            mode: None,
+            downtime_limit: Duration::from_millis(300),
+            timeout: Duration::from_secs(300),
+            max_mib_per_sec: None,
+            fallback: LiveFallback::Cold,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthCheck {
@@ -225,6 +295,7 @@ mod tests {
             ],
             cutover: None,
             recontextualise: None,
+            vm_moves: VmMoves::default(),
         };
         assert_eq!(spec.storage_gib(), 5.0);
         assert_eq!(spec.bytes_to_move(), (5.0 * GIB) as u64);

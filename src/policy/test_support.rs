@@ -74,6 +74,7 @@ pub(crate) fn service(provider: &str) -> ServiceSpec {
         ],
         cutover: None,
         recontextualise: None,
+        vm_moves: Default::default(),
     }
 }
 
@@ -92,6 +93,7 @@ pub(crate) fn policy_spec() -> PolicySpec {
         move_duration: Duration::from_secs(7_200),
         downtime_cost_per_hour: 30.0,
         blackouts: Vec::new(),
+        vm_mode: None,
     }
 }
 

@@ -31,6 +31,7 @@
 pub mod copier;
 pub mod health;
 pub(crate) mod host;
+pub mod live;
 pub mod local;
 mod names;
 pub mod objstore;
@@ -57,6 +58,7 @@ use crate::sys::retry::{self, ExponentialBuilder};
 
 pub use crate::model::DiskFormat;
 pub use host::keep_root_locks_until_exit;
+pub use live::{IncomingVm, LiveLimits, MigrationReport, MirrorReport, SocketAddress};
 pub use names::{validate_file_name, validate_key, validate_name};
 pub use spec::{AppSpec, SettingsError};
 pub use vm_spec::{PortForward, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
@@ -518,6 +520,16 @@ pub enum ProviderError {
         /// How it was asked to stop, e.g. "SIGTERM".
         asked: &'static str,
     },
+    /// A live migration that failed or did not converge in time; it was cancelled and the
+    /// VM runs on at the source.
+    #[error("provider `{provider}`: {object}: the live migration {reason}; it was cancelled and the VM runs on here")]
+    MigrationFailed {
+        provider: String,
+        object: String,
+        reason: String,
+        /// The migration ran out of time (rather than failing).
+        timed_out: bool,
+    },
     #[error("provider `{provider}`: {object}: operation `{operation}` failed: {message}")]
     OperationFailed {
         provider: String,
@@ -868,6 +880,55 @@ pub trait Provider: Send + Sync + 'static {
     /// Succeeds when the VM is unknown; refuses one that runs.
     async fn remove_vm(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
         Err(self.unsupported(object::vm(service, vm), "virtual machines"))
+    }
+
+    // --- live migration (see [`live`]) -------------------------------------------------
+
+    /// Starts the VM paused, waiting for its memory and device state from a live migration,
+    /// with its disks (which must exist) exported writable for the source's mirrors.
+    /// Succeeds with the same answer when the VM already waits.
+    async fn receive_vm(&self, service: &str, spec: &VmSpec) -> Result<IncomingVm, ProviderError> {
+        Err(self.unsupported(object::vm(service, &spec.name), "live migration"))
+    }
+
+    /// Mirrors the running VM's disks into the exports of `to`; returns once every mirror is
+    /// in step, and keeps them in step until the migration or [`Provider::cancel_mirror`].
+    async fn mirror_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        to: &IncomingVm,
+    ) -> Result<MirrorReport, ProviderError> {
+        let _ = to;
+        Err(self.unsupported(object::vm(service, vm), "live migration"))
+    }
+
+    /// Migrates the VM's memory and device state to `to` (its disks must be mirrored). On
+    /// success the VM is paused here and its mirrors have drained; a migration that fails or
+    /// outlasts `limits.timeout` is cancelled ([`ProviderError::MigrationFailed`]) and the
+    /// VM runs on here.
+    async fn migrate_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        to: &IncomingVm,
+        limits: &LiveLimits,
+    ) -> Result<MigrationReport, ProviderError> {
+        let _ = (to, limits);
+        Err(self.unsupported(object::vm(service, vm), "live migration"))
+    }
+
+    /// Lets a VM paused by a live migration run: at the target once the migration is in,
+    /// at the source to take it back (what is left of the migration is cancelled first).
+    /// Succeeds when it runs.
+    async fn resume_vm(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        Err(self.unsupported(object::vm(service, vm), "live migration"))
+    }
+
+    /// Stops mirroring the VM's disks (a migration that will not happen); the VM runs on.
+    /// Succeeds when there is nothing to stop.
+    async fn cancel_mirror(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        Err(self.unsupported(object::vm(service, vm), "live migration"))
     }
 
     /// Free bytes where this provider keeps volumes, when it can tell.

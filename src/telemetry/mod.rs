@@ -77,6 +77,11 @@ pub struct Metrics {
     pub relocation_throughput: GaugeVec,
     pub cutover_downtime: Histogram,
     pub cutover_downtime_last: GaugeVec,
+    pub vm_migrations: IntCounterVec,
+    pub vm_migration_downtime: Histogram,
+    pub vm_migration_passes: Histogram,
+    pub vm_migration_dirty_rate: GaugeVec,
+    pub vm_migration_bytes: IntCounterVec,
     pub reloads: IntCounterVec,
     pub api_requests: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -299,6 +304,41 @@ impl Metrics {
                     "Downtime of the last cutover, by service."
                 ),
                 &["service"]
+            )),
+            vm_migrations: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_vm_migrations_total",
+                    "Live VM migrations, by result: completed, fell_back (moved cold instead), failed."
+                ),
+                &["result"]
+            )),
+            vm_migration_downtime: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "fluidcloud_vm_migration_downtime_seconds",
+                    "How long a live-migrated guest did not run: from its pause for the last pass to it going on at the target."
+                )
+                .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+            )),
+            vm_migration_passes: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "fluidcloud_vm_migration_passes",
+                    "Passes over guest memory a live migration took."
+                )
+                .buckets(vec![1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0]),
+            )),
+            vm_migration_dirty_rate: reg!(GaugeVec::new(
+                Opts::new(
+                    "fluidcloud_vm_migration_dirty_pages_per_second",
+                    "Guest pages dirtied per second during the last live migration, by service."
+                ),
+                &["service"]
+            )),
+            vm_migration_bytes: reg!(IntCounterVec::new(
+                Opts::new(
+                    "fluidcloud_vm_migration_bytes_total",
+                    "Bytes live migrations sent, by kind: memory, disk."
+                ),
+                &["kind"]
             )),
             reloads: reg!(IntCounterVec::new(
                 Opts::new(

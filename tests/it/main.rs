@@ -22,4 +22,5 @@ mod viaduct;
 mod viaduct_cli;
 mod vm;
 mod vm_across_hosts;
+mod vm_live;
 mod vm_relocation;

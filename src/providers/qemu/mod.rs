@@ -21,6 +21,7 @@
 //! when the caller asks for it.
 
 mod accel;
+mod live;
 mod qmp;
 
 use std::collections::BTreeMap;
@@ -38,9 +39,9 @@ use super::host::operations::{OpStore, KEEP};
 use super::host::process::ProcessId;
 use super::host::{available_bytes, lock_root, wait_gone, write_atomic, RootLock};
 use super::{
-    object, Capabilities, DiskFormat, ForwardedPort, Operation, OperationId, OperationKind,
-    Provider, ProviderError, StopOptions, StopOutcome, VmSpec, VmState, VmStatus, VolumeInfo,
-    VolumeSpec,
+    object, Capabilities, DiskFormat, ForwardedPort, IncomingVm, LiveLimits, MigrationReport,
+    MirrorReport, Operation, OperationId, OperationKind, Provider, ProviderError, StopOptions,
+    StopOutcome, VmSpec, VmState, VmStatus, VolumeInfo, VolumeSpec,
 };
 use crate::config::{self, Accel, DiskBus, QemuSettings};
 use crate::model::Driver;
@@ -62,6 +63,9 @@ const POWER_BUTTON_REPEAT: Duration = Duration::from_secs(5);
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Tries to start a VM whose automatically chosen host ports another process took.
 const PORT_ATTEMPTS: usize = 3;
+/// Where a VM waiting for a live migration serves its disks, and takes its memory.
+const NBD_SOCKET: &str = "nbd.sock";
+const MIGRATION_SOCKET: &str = "migrate.sock";
 /// The serial console of the current boot, and of the one before.
 const CONSOLE_LOGS: &[&str] = &["console.log", "console.log.1"];
 
@@ -397,12 +401,13 @@ impl QemuProvider {
                 "it forwards ports, but this provider's nic_model is `none`",
             ));
         }
-        let socket = dir.join("qmp.sock");
+        // The longest of its sockets' names.
+        let socket = dir.join(MIGRATION_SOCKET);
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(self.invalid(
                 obj(),
                 format!(
-                    "its QMP socket path {} is longer than the {MAX_SOCKET_PATH} bytes a unix socket allows; use a shorter provider root",
+                    "its socket path {} is longer than the {MAX_SOCKET_PATH} bytes a unix socket allows; use a shorter provider root",
                     socket.display()
                 ),
             ));
@@ -410,8 +415,14 @@ impl QemuProvider {
         Ok(())
     }
 
-    /// Starts the VM (the caller holds its lock and found it not running).
-    async fn launch(&self, service: &str, spec: &VmSpec) -> Result<String, ProviderError> {
+    /// Starts the VM (the caller holds its lock and found it not running); `incoming`
+    /// starts it paused, waiting for a live migration (`-incoming defer -S`).
+    async fn launch(
+        &self,
+        service: &str,
+        spec: &VmSpec,
+        incoming: bool,
+    ) -> Result<String, ProviderError> {
         let obj = || object::vm(service, &spec.name);
         let dir = self.vm_dir(service, &spec.name);
         let mut disks = Vec::new();
@@ -443,7 +454,7 @@ impl QemuProvider {
         let accel = self.accel().await?;
         std::fs::create_dir_all(&dir)
             .map_err(|e| self.io(obj(), format!("create {}", dir.display()), e))?;
-        for stale in ["pid", "qemu.pid", "qmp.sock"] {
+        for stale in ["pid", "qemu.pid", "qmp.sock", NBD_SOCKET, MIGRATION_SOCKET] {
             let _ = std::fs::remove_file(dir.join(stale));
         }
         // Keep the previous boot's console beside the new one.
@@ -452,7 +463,7 @@ impl QemuProvider {
         let mut attempts = 0;
         let launched = (|| {
             attempts += 1;
-            self.launch_once(service, spec, accel, &disks, &dir, attempts)
+            self.launch_once(service, spec, accel, &disks, attempts, incoming)
         })
         .retry(
             ConstantBuilder::new()
@@ -482,9 +493,10 @@ impl QemuProvider {
         spec: &VmSpec,
         accel: Accel,
         disks: &[(PathBuf, DiskFormat)],
-        dir: &Path,
         attempt: usize,
+        incoming: bool,
     ) -> Result<String, Launch> {
+        let dir = &self.vm_dir(service, &spec.name);
         let obj = || object::vm(service, &spec.name);
         let address = self.address();
         let ports = pick_ports(spec, &address)
@@ -514,6 +526,9 @@ impl QemuProvider {
             &ports,
             dir,
         ));
+        if incoming {
+            cmd.args(["-incoming", "defer", "-S"]);
+        }
         let output = match tokio::time::timeout(
             LAUNCH_TIMEOUT,
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output(),
@@ -600,13 +615,48 @@ impl QemuProvider {
     /// Removes pid files of an emulator that is gone.
     fn forget_process(&self, service: &str, vm: &str) {
         let dir = self.vm_dir(service, vm);
-        for f in ["pid", "qemu.pid", "qmp.sock"] {
+        for f in ["pid", "qemu.pid", "qmp.sock", NBD_SOCKET, MIGRATION_SOCKET] {
             let _ = std::fs::remove_file(dir.join(f));
         }
         self.started
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(service.to_string(), vm.to_string()));
+    }
+
+    /// Ends the VM's emulator at once: `quit` as pulling the plug would, SIGKILL for an
+    /// emulator too wedged to answer QMP. The caller holds the VM's lock.
+    async fn switch_off(
+        &self,
+        service: &str,
+        vm: &str,
+        id: ProcessId,
+    ) -> Result<(), ProviderError> {
+        if let Ok(mut qmp) = self.qmp(service, vm).await {
+            let _ = qmp.execute("quit", None).await;
+        }
+        if !Self::wait_gone(id, KILL_GRACE).await {
+            id.signal(libc::SIGKILL).map_err(|e| {
+                self.io(
+                    object::vm(service, vm),
+                    format!("kill its emulator (pid {})", id.pid),
+                    e,
+                )
+            })?;
+            if !Self::wait_gone(id, KILL_GRACE).await {
+                return Err(ProviderError::Remote {
+                    provider: self.name.clone(),
+                    object: object::vm(service, vm),
+                    action: "switch it off".to_string(),
+                    detail: format!(
+                        "its emulator (pid {}) survived QMP quit and SIGKILL",
+                        id.pid
+                    ),
+                });
+            }
+        }
+        self.forget_process(service, vm);
+        Ok(())
     }
 
     /// Running VMs of the service that use `volume` as a disk.
@@ -941,7 +991,7 @@ impl Provider for QemuProvider {
             }
         } else {
             self.forget_process(service, &spec.name);
-            self.launch(service, spec).await?
+            self.launch(service, spec, false).await?
         };
         self.ops.succeeded(OperationKind::StartVm, obj(), detail)
     }
@@ -965,6 +1015,24 @@ impl Provider for QemuProvider {
             return Ok(StopOutcome::AlreadyStopped);
         };
         let started = Instant::now();
+        // A guest paused by a migration cannot hear the power button: before an incoming
+        // migration there is no guest yet, after an outgoing one it lives on elsewhere.
+        // Its emulator is ended at once.
+        let status = match self.qmp(service, vm).await {
+            Ok(mut qmp) => qmp
+                .execute("query-status", None)
+                .await
+                .ok()
+                .and_then(|v| v["status"].as_str().map(str::to_string)),
+            Err(_) => None,
+        };
+        if let Some(status) = status.filter(|s| live::migration_paused(s)) {
+            tracing::info!(provider = %self.name, "{} is paused by a migration (`{status}`); ending its emulator.", object::vm(service, vm));
+            self.switch_off(service, vm, id).await?;
+            return Ok(StopOutcome::Stopped {
+                after: started.elapsed(),
+            });
+        }
         let wait = options.timeout.max(self.settings.powerdown_timeout);
         let deadline = started + wait;
         // The button is pressed again every few seconds: a guest still booting (ACPI not
@@ -1006,32 +1074,7 @@ impl Provider for QemuProvider {
             });
         }
         tracing::warn!(provider = %self.name, "{} did not power down within {wait:?}; switching it off.", object::vm(service, vm));
-        // `quit` ends the emulator at once, as pulling the plug would; SIGKILL is for an
-        // emulator too wedged to answer QMP.
-        if let Ok(mut qmp) = self.qmp(service, vm).await {
-            let _ = qmp.execute("quit", None).await;
-        }
-        if !Self::wait_gone(id, KILL_GRACE).await {
-            id.signal(libc::SIGKILL).map_err(|e| {
-                self.io(
-                    object::vm(service, vm),
-                    format!("kill its emulator (pid {})", id.pid),
-                    e,
-                )
-            })?;
-            if !Self::wait_gone(id, KILL_GRACE).await {
-                return Err(ProviderError::Remote {
-                    provider: self.name.clone(),
-                    object: object::vm(service, vm),
-                    action: "switch it off".to_string(),
-                    detail: format!(
-                        "its emulator (pid {}) survived QMP quit and SIGKILL",
-                        id.pid
-                    ),
-                });
-            }
-        }
-        self.forget_process(service, vm);
+        self.switch_off(service, vm, id).await?;
         Ok(StopOutcome::Killed {
             after: started.elapsed(),
         })
@@ -1122,6 +1165,37 @@ impl Provider for QemuProvider {
                 e,
             )),
         }
+    }
+
+    async fn receive_vm(&self, service: &str, spec: &VmSpec) -> Result<IncomingVm, ProviderError> {
+        self.receive(service, spec).await
+    }
+
+    async fn mirror_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        to: &IncomingVm,
+    ) -> Result<MirrorReport, ProviderError> {
+        self.mirror(service, vm, to).await
+    }
+
+    async fn migrate_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        to: &IncomingVm,
+        limits: &LiveLimits,
+    ) -> Result<MigrationReport, ProviderError> {
+        self.migrate(service, vm, to, limits).await
+    }
+
+    async fn resume_vm(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        self.resume(service, vm).await
+    }
+
+    async fn cancel_mirror(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        self.cancel_mirrors(service, vm).await
     }
 
     async fn free_bytes(&self) -> Result<Option<u64>, ProviderError> {

@@ -286,6 +286,12 @@ pub enum WireError {
         attempts: u32,
         last: String,
     },
+    MigrationFailed {
+        provider: String,
+        object: String,
+        reason: String,
+        timed_out: bool,
+    },
     StopTimedOut {
         provider: String,
         object: String,
@@ -436,6 +442,17 @@ impl From<&ProviderError> for WireError {
                 attempts: *attempts,
                 last: s(last),
             },
+            P::MigrationFailed {
+                provider,
+                object,
+                reason,
+                timed_out,
+            } => WireError::MigrationFailed {
+                provider: s(provider),
+                object: s(object),
+                reason: s(reason),
+                timed_out: *timed_out,
+            },
             P::StopTimedOut {
                 provider,
                 object,
@@ -573,6 +590,17 @@ impl From<WireError> for ProviderError {
                 timeout: Duration::from_millis(timeout_ms),
                 attempts,
                 last,
+            },
+            WireError::MigrationFailed {
+                provider,
+                object,
+                reason,
+                timed_out,
+            } => P::MigrationFailed {
+                provider,
+                object,
+                reason,
+                timed_out,
             },
             WireError::StopTimedOut {
                 provider,

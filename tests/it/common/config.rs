@@ -251,7 +251,8 @@ impl Service {
             .volume("data", volume_gib)
     }
     /// A VM booting `kernel` with `initrd` and the command line `append`, its disk of
-    /// `size_gib`, and `(guest, host)` ports forwarded from the host's loopback.
+    /// `size_gib`, and `(guest, host)` ports forwarded from the host's loopback (host port
+    /// 0: one the provider picks).
     pub fn vm(
         self,
         name: &str,
@@ -263,11 +264,12 @@ impl Service {
     ) -> Service {
         let ports: Vec<Value> = ports
             .iter()
-            .map(|(guest, host)| {
-                table([
+            .map(|(guest, host)| match host {
+                0 => table([("guest", i64::from(*guest).into())]),
+                _ => table([
                     ("guest", i64::from(*guest).into()),
                     ("host", i64::from(*host).into()),
-                ])
+                ]),
             })
             .collect();
         self.component("vm", name, |c| {

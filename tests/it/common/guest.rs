@@ -5,10 +5,16 @@
 //!
 //! - `poweroff`: powers off at once;
 //! - `serve`: brings up eth0 (slirp's 10.0.2.15), serves the hash over HTTP on `fc.port`
-//!   (`/` and `/health`) and powers off when the ACPI power button is pressed;
+//!   (`/`, `/health`, `/boot` with the kernel's boot id, `/uptime`) and powers off when the
+//!   ACPI power button is pressed;
 //! - `ignore`: keeps running and ignores the power button.
 //!
 //! `fc.hash=skip` prints `skipped` instead of hashing (a large disk takes long under TCG).
+//!
+//! `fc.writer=1` (with `serve`) runs a writer that keeps writing known blocks to the disk
+//! (see [`writer_block`]), each flushed before `/written` counts it. At the power button it
+//! stops, and the guest hashes its whole disk and prints
+//! `FLUIDCLOUD-FINAL-SHA256 <hex> written=<n>` before it powers off.
 //!
 //! `scripts/test-env.sh qemu_system guest` installs the emulator, kernel and busybox.
 
@@ -25,6 +31,28 @@ pub static ONE_VM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub const HASH_MARKER: &str = "FLUIDCLOUD-DISK-SHA256 ";
 /// Printed once the guest serves HTTP.
 pub const SERVING_MARKER: &str = "FLUIDCLOUD-SERVING";
+/// Printed at the power button by a guest that ran the writer.
+pub const FINAL_MARKER: &str = "FLUIDCLOUD-FINAL-SHA256 ";
+/// The writer's blocks: 4 KiB each, in 256 slots from 8 MiB into the disk.
+pub const WRITER_BLOCK: usize = 4096;
+pub const WRITER_FIRST_BLOCK: usize = 2048;
+pub const WRITER_SLOTS: usize = 256;
+
+/// The `k`-th block the writer writes (at slot `k % WRITER_SLOTS`): the line
+/// `format!("{k:015}\n")` repeated.
+pub fn writer_block(k: usize) -> Vec<u8> {
+    format!("{k:015}\n").repeat(WRITER_BLOCK / 16).into_bytes()
+}
+
+/// The disk a guest leaves after writing `written` blocks onto `disk`.
+pub fn after_writer(disk: &[u8], written: usize) -> Vec<u8> {
+    let mut out = disk.to_vec();
+    for k in written.saturating_sub(WRITER_SLOTS)..written {
+        let at = (WRITER_FIRST_BLOCK + k % WRITER_SLOTS) * WRITER_BLOCK;
+        out[at..at + WRITER_BLOCK].copy_from_slice(&writer_block(k));
+    }
+    out
+}
 
 /// Modules the guest loads, each after what it depends on: virtio, the PIIX IDE, AHCI and
 /// virtio-scsi disk controllers with the SCSI disk driver, the virtio and e1000 NICs, and the
@@ -72,6 +100,15 @@ fi
 hash=skipped
 grep -q 'fc.hash=skip' /proc/cmdline || hash=$(sha256sum "$disk" | cut -d' ' -f1)
 echo "FLUIDCLOUD-DISK-SHA256 $hash $disk"
+writer() {
+    k=0
+    while [ ! -e /tmp/stop ]; do
+        yes "$(printf '%015d' $k)" | head -c 4096 \
+            | dd of="$1" bs=4096 seek=$((2048 + k % 256)) conv=notrunc,fsync 2>/dev/null
+        k=$((k + 1))
+        echo $k > /www/written.tmp && mv /www/written.tmp /www/written
+    done
+}
 power_button() {
     set -- $(cat /sys/firmware/acpi/interrupts/ff_pwr_btn)
     [ "$1" != 0 ]
@@ -84,10 +121,25 @@ case "$after" in
         mkdir -p /www
         echo "$hash" > /www/index.html
         echo ok > /www/health
+        cat /proc/sys/kernel/random/boot_id > /www/boot
+        echo 0 > /www/written
+        (while true; do cut -d' ' -f1 /proc/uptime > /www/uptime.tmp; mv /www/uptime.tmp /www/uptime; sleep 1; done) &
+        writing=
+        if grep -q 'fc.writer=1' /proc/cmdline; then
+            writer "$disk" &
+            writing=$!
+        fi
         httpd -p "$port" -h /www
         echo "FLUIDCLOUD-SERVING $port"
         until power_button; do sleep 0.5; done
         echo "fc-init: power button pressed; powering off"
+        if [ -n "$writing" ]; then
+            touch /tmp/stop
+            wait "$writing"
+            sync
+            echo 3 > /proc/sys/vm/drop_caches
+            echo "FLUIDCLOUD-FINAL-SHA256 $(sha256sum "$disk" | cut -d' ' -f1) written=$(cat /www/written)"
+        fi
         sync
         poweroff -f
         ;;

@@ -1,0 +1,348 @@
+//! VMs moved live between two qemu providers on this host, with the real binary: the guest
+//! (see `common::guest`) serves HTTP and keeps writing known blocks to its disk while a
+//! client polls it every 50 ms. After the move the guest has not rebooted (same boot id),
+//! the client saw no long gap, and the disk the guest hashes at the target holds every
+//! block the writer wrote, before, during and after the migration.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::bin;
+use common::config::{ConfigBuilder, Qemu};
+use common::guest::{self, QemuEnv, FINAL_MARKER, SERVING_MARKER};
+use common::servers::kill_from_pid_file;
+use fluidcloud::config::Config;
+use fluidcloud::providers::{self, Provider, StopOptions, VolumeSpec};
+
+const DISK_BYTES: u64 = 32 << 20;
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+/// The test's bound on the gap the client sees (the benchmark reports the real figure).
+const GAP_LIMIT: Duration = Duration::from_secs(2);
+
+struct Lab {
+    env: QemuEnv,
+    dir: tempfile::TempDir,
+    initrd: PathBuf,
+}
+
+/// What the polling client saw: when each answer came, from which end, with which boot id.
+#[derive(Default)]
+struct Seen {
+    answers: Vec<(Instant, &'static str, String)>,
+    /// The last failure at each end.
+    failures: std::collections::BTreeMap<&'static str, String>,
+}
+
+impl Seen {
+    fn longest_gap(&self) -> Duration {
+        self.answers
+            .windows(2)
+            .map(|w| w[1].0 - w[0].0)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let env = QemuEnv::load();
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = env.initramfs(dir.path());
+        Lab { env, dir, initrd }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `q1` (qcow2) and `q2` (raw), both virtio with an e1000 NIC; service `box` runs one
+    /// VM with the writer, moved live with the `[services.box.live]` settings `live`.
+    fn write_config(&self, live: &[(&str, toml::Value)]) -> Config {
+        let qemu = || {
+            Qemu::tcg(
+                &self.env.qemu,
+                &self.env.firmware,
+                std::slice::from_ref(&self.env.libs),
+            )
+            .disk_bus("virtio")
+            .nic_model("e1000")
+            .powerdown_timeout_secs(60)
+        };
+        let path = self.path("fluidcloud.toml");
+        let mut settings = toml::Table::new();
+        for (k, v) in live {
+            settings.insert(k.to_string(), v.clone());
+        }
+        let append = format!("{} fc.hash=skip fc.writer=1", QemuEnv::append("serve", 80));
+        let text = ConfigBuilder::new()
+            .broker_idle()
+            .conduit("grace_period_secs", 1)
+            .conduit("stop_timeout_secs", 60)
+            .provider("q1", "qemu", "lab", |p| {
+                p.root("providers/q1").disk_format("qcow2").qemu(qemu())
+            })
+            .provider("q2", "qemu", "lab", |p| {
+                p.root("providers/q2").disk_format("raw").qemu(qemu())
+            })
+            .policy("watch", "cheapest", "audit", |p| p)
+            .service("box", "q1", "watch", |s| {
+                s.set("memory_gib", 0.1875)
+                    .set("vm_mode", "live")
+                    .set("live", toml::Value::Table(settings))
+                    .vm(
+                        "guest",
+                        0.03125,
+                        &self.env.kernel,
+                        &self.initrd,
+                        &append,
+                        &[(80, 0)],
+                    )
+            })
+            .write(&path);
+        Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Creates the source disk (half random, half zeros); returns its bytes.
+    async fn source_disk(&self, q1: &dyn Provider) -> Vec<u8> {
+        let op = q1
+            .create_volume(
+                "box",
+                &VolumeSpec {
+                    name: "guest".into(),
+                    size_bytes: DISK_BYTES,
+                    format: q1.preferred_disk_format(),
+                },
+            )
+            .await
+            .unwrap();
+        providers::wait_for(q1, &op.id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let image = q1
+            .volume_info("box", "guest")
+            .await
+            .unwrap()
+            .unwrap()
+            .path
+            .unwrap();
+        let raw = self.path("guest.raw");
+        let mut bytes = vec![0u8; DISK_BYTES as usize];
+        fastrand::Rng::with_seed(7).fill(&mut bytes[..DISK_BYTES as usize / 2]);
+        std::fs::write(&raw, &bytes).unwrap();
+        let out = Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        bytes
+    }
+
+    /// Starts the VM at `q1` and waits until it serves.
+    async fn start_source(&self, config: &Config, q1: &dyn Provider) {
+        let spec = config.services["box"].components[0].vm().unwrap().clone();
+        let op = q1.start_vm("box", &spec).await.unwrap();
+        providers::wait_for(q1, &op.id, Duration::from_secs(120))
+            .await
+            .unwrap();
+        let console = q1.vm_console("box", "guest").await.unwrap().unwrap();
+        guest::wait_for_console(&console, SERVING_MARKER, BOOT_LIMIT);
+    }
+
+    fn relocate(&self, to: &str) -> Output {
+        Command::new(bin())
+            .args(["relocate", "--config"])
+            .arg(self.path("fluidcloud.toml"))
+            .args(["box", "--to", to])
+            .env_remove("FLUIDCLOUD_KILL_AT")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// The host port the VM's HTTP port is forwarded to at `provider`, if it has run there.
+    fn port_at(&self, provider: &str) -> Option<u16> {
+        let state =
+            std::fs::read(self.path(&format!("providers/{provider}/vms/box/guest/state.json")))
+                .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&state).ok()?;
+        v["ports"][0]["host"].as_u64().map(|p| p as u16)
+    }
+
+    /// Polls the guest every 50 ms, at the source's port and then the target's, until
+    /// `stop` is set.
+    fn poll(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen> {
+        let lab = self.clone();
+        std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_millis(300))
+                .build()
+                .unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let tick = Instant::now();
+                for end in ["q1", "q2"] {
+                    let Some(port) = lab.port_at(end) else {
+                        continue;
+                    };
+                    let got = rt.block_on(async {
+                        let r = client
+                            .get(format!("http://127.0.0.1:{port}/boot"))
+                            .send()
+                            .await
+                            .map_err(|e| format!("{e:?}"))?;
+                        r.error_for_status_ref().map_err(|e| e.to_string())?;
+                        r.text().await.map_err(|e| e.to_string())
+                    });
+                    match got {
+                        Ok(boot) => {
+                            seen.answers
+                                .push((Instant::now(), end, boot.trim().to_string()));
+                            break;
+                        }
+                        Err(e) => {
+                            seen.failures.insert(end, format!("port {port}: {e}"));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
+            }
+            seen
+        })
+    }
+
+    fn stop_all(&self) {
+        for p in ["q1", "q2"] {
+            kill_from_pid_file(&self.path(&format!("providers/{p}/vms/box/guest/pid")));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    let path = std::env::temp_dir().join(format!("fc-live-{}.bin", fastrand::u64(..)));
+    std::fs::write(&path, bytes).unwrap();
+    let hash = guest::sha256_file(&path);
+    let _ = std::fs::remove_file(&path);
+    hash
+}
+
+/// Presses the VM's power button at `provider`; returns the guest's final disk hash and the
+/// blocks its writer wrote.
+async fn final_hash(config: &Config, provider: &str) -> (String, usize) {
+    let p = providers::open(&config.providers[provider]).unwrap();
+    let console = p.vm_console("box", "guest").await.unwrap().unwrap();
+    p.stop_vm(
+        "box",
+        "guest",
+        StopOptions {
+            timeout: Duration::from_secs(120),
+            kill_after_timeout: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the guest at {provider} did not power down: {e}"));
+    let line = guest::wait_for_console(&console, FINAL_MARKER, Duration::from_secs(5));
+    let mut words = line.split_whitespace();
+    let hash = words.next().unwrap_or_default().to_string();
+    let written = words
+        .next()
+        .and_then(|w| w.strip_prefix("written="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no written count in {line:?}"));
+    (hash, written)
+}
+
+fn exists(p: &Path) -> bool {
+    p.exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_moves_live_without_a_reboot_or_a_lost_write() {
+    let _one = guest::ONE_VM.lock().await;
+    let lab = Arc::new(Lab::new());
+    let config = lab.write_config(&[]);
+    let q1 = providers::open(&config.providers["q1"]).unwrap();
+    let disk = lab.source_disk(q1.as_ref()).await;
+    lab.start_source(&config, q1.as_ref()).await;
+    drop(q1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = lab.poll(stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let out = tokio::task::spawn_blocking({
+        let lab = lab.clone();
+        move || lab.relocate("q2")
+    })
+    .await
+    .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("completed"), "{said}");
+    // The writer goes on at the target for a while.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let seen = poller.join().unwrap();
+
+    let boots: std::collections::BTreeSet<&str> =
+        seen.answers.iter().map(|(_, _, b)| b.as_str()).collect();
+    assert_eq!(boots.len(), 1, "the guest rebooted: boot ids {boots:?}");
+    assert!(
+        seen.answers.iter().any(|(_, end, _)| *end == "q1"),
+        "the client never reached the source: {:?}",
+        seen.failures
+    );
+    assert!(
+        seen.answers.iter().any(|(_, end, _)| *end == "q2"),
+        "the client never reached the target: {:?}",
+        seen.failures
+    );
+    let gap = seen.longest_gap();
+    eprintln!(
+        "the client got {} answers; the longest gap was {gap:?}",
+        seen.answers.len()
+    );
+    assert!(gap < GAP_LIMIT, "the client saw a gap of {gap:?}\n{said}");
+
+    // Every block the writer wrote, before, during and after the move, is on the disk the
+    // guest hashes at the target, and in the target's image.
+    let (hash, written) = final_hash(&config, "q2").await;
+    assert!(written > 0, "the writer wrote nothing");
+    let want = guest::after_writer(&disk, written);
+    assert_eq!(
+        hash,
+        sha256(&want),
+        "the guest's disk at the target ({written} blocks written)"
+    );
+    let image = lab.path("providers/q2/volumes/box/guest.raw");
+    assert_eq!(guest::sha256_file(&image), sha256(&want));
+
+    // The paused source emulator ended after the commit, its disk after the grace period.
+    assert!(!exists(&lab.path("providers/q1/volumes/box/guest.qcow2")));
+    let q1 = providers::open(&config.providers["q1"]).unwrap();
+    assert!(q1.vm_status("box", "guest").await.unwrap().is_none());
+}
