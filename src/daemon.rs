@@ -95,6 +95,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
             metrics,
             shutdown: shutdown.clone(),
             notify,
+            clock: Arc::new(crate::broker::clock::SystemClock),
         },
     )?;
     let listener = tokio::net::TcpListener::bind(listen)

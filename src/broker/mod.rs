@@ -4,10 +4,12 @@
 //! [`supervisor::Supervisor`] owns the state; [`supervisor::BrokerHandle`] is what the API and
 //! the daemon hold. The feeds the pollers read live in [`pricing`], [`benchmarks`] and
 //! [`regions`]; the rails in [`guard`] (with the memory of the market-shock rail in
-//! [`shock`]); the log in [`decisions`]; what survives a restart in [`state`]. Where a
-//! service runs is not the Broker's: it reads it from the relocation journal.
+//! [`shock`]); the log in [`decisions`]; what survives a restart in [`state`]; the time the
+//! rails read in [`clock`]. Where a service runs is not the Broker's: it reads it from the
+//! relocation journal.
 
 pub mod benchmarks;
+pub mod clock;
 pub mod decisions;
 pub mod guard;
 pub mod pricing;

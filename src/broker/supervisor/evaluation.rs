@@ -53,16 +53,10 @@ impl Supervisor {
         let market = self.market.clone();
         let metrics = self.metrics.clone();
         let tx = self.commands_tx.clone();
+        let now = self.clock.now();
         self.tasks.spawn_blocking(move || {
             let started = Instant::now();
-            let evals = evaluate_all(
-                &config,
-                &policies,
-                &placements,
-                &market,
-                &metrics,
-                Utc::now(),
-            );
+            let evals = evaluate_all(&config, &policies, &placements, &market, &metrics, now);
             metrics
                 .policy_tick_duration
                 .observe(started.elapsed().as_secs_f64());

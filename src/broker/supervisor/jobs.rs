@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
@@ -254,7 +253,7 @@ impl Supervisor {
     pub(super) fn start_poll(&mut self, job: Job) {
         let label = job.to_string();
         if let Some(until) = self.not_before.get(&job) {
-            if Instant::now() < *until {
+            if self.clock.now() < *until {
                 // Logged once, when the source asked; every skipped tick is counted.
                 self.metrics
                     .polls_deferred
@@ -309,7 +308,7 @@ impl Supervisor {
         if !self.config().providers.contains_key(&provider) {
             return; // removed by a reload while it ran
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         let mut market = (*self.market).clone();
         let status = market
             .sources
@@ -395,8 +394,8 @@ impl Supervisor {
                         .min(pricing::MAX_RETRY_AFTER)
                         .min(Duration::from_secs(status.max_age_secs));
                     if !wait.is_zero() {
-                        self.not_before.insert(job.clone(), Instant::now() + wait);
                         let until = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                        self.not_before.insert(job.clone(), until);
                         status.retry_after = Some(until);
                         tracing::warn!(
                             "{source} asked to be polled again in {} s; its scheduled polls are skipped until {until} ({} s).",

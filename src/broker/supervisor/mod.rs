@@ -6,7 +6,8 @@
 //! `jobs` (the cron jobs and the pollers, one worker per feed), `evaluation` (policies
 //! against the market), `outcomes` (rails, modes, the conduit), `operator` (approvals and
 //! relocations by hand), `costs` (the cost series),
-//! `views` (what the API shows) and `loader` ([`Loaded`], one configuration checked).
+//! `views` (what the API shows), `loader` ([`Loaded`], one configuration checked) and
+//! `replay` ([`Replay`], the same broker driven by hand in simulated time).
 //! Where a service runs is the relocation journal's to say: the supervisor reads it through
 //! a [`PlacementBook`] and never writes it down itself.
 
@@ -17,6 +18,7 @@ mod loader;
 mod messages;
 mod operator;
 mod outcomes;
+mod replay;
 mod views;
 
 #[cfg(test)]
@@ -25,7 +27,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
@@ -37,8 +39,10 @@ pub use evaluation::{evaluate_all, Evaluation};
 pub use jobs::{Job, Stopped, SHUTDOWN_BOUND};
 pub use loader::{compile_policies, Loaded, Policies};
 pub use messages::{ApiError, BrokerHandle, Command, DecisionQuery, PollResult, Readiness};
+pub use replay::{RecordingConduit, Replay};
 pub use views::{ActiveRelocation, ServiceStatus};
 
+use super::clock::Clock;
 use super::decisions::{DecisionLog, DecisionLogError};
 use super::state::{PersistedState, StateFile};
 use crate::conduit::{Conduit, ConduitError};
@@ -84,7 +88,7 @@ pub struct Supervisor {
     /// Feeds that had good data at least once: readiness waits for every one of them.
     had_data: BTreeSet<Job>,
     /// Feeds that asked (`Retry-After`) not to be polled before a time.
-    not_before: BTreeMap<Job, Instant>,
+    not_before: BTreeMap<Job, DateTime<Utc>>,
     evaluated_once: bool,
     scheduler: Option<JobScheduler>,
     /// One poller per feed of the configuration in force.
@@ -99,6 +103,8 @@ pub struct Supervisor {
     log: DecisionLog,
     state_file: StateFile,
     state: PersistedState,
+    /// The state as last written: a tick that changed nothing writes (and syncs) nothing.
+    saved_state: PersistedState,
     /// Last logged (outcome, target, rail, policy hash) by service, to log changes only.
     last_logged: BTreeMap<String, LogKey>,
     last_costs: BTreeMap<String, Evaluation>,
@@ -109,6 +115,8 @@ pub struct Supervisor {
     /// each tick (plus this tick's own submissions): budgets count only relocations that exist.
     relocation_starts: Vec<DateTime<Utc>>,
     notify: bool,
+    /// The time every rail reads.
+    clock: Arc<dyn Clock>,
 }
 
 /// What the supervisor is given to work with.
@@ -121,6 +129,8 @@ pub struct Seams {
     pub shutdown: CancellationToken,
     /// Whether systemd listens to `sd_notify`.
     pub notify: bool,
+    /// The time the rails read: the system clock, or a simulated one to replay a feed.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Supervisor {
@@ -182,17 +192,30 @@ impl Supervisor {
             shutdown: seams.shutdown,
             log,
             state_file,
+            saved_state: state.clone(),
             state,
             last_logged: BTreeMap::new(),
             last_costs: BTreeMap::new(),
             cost_series: BTreeMap::new(),
             relocation_starts: Vec::new(),
             notify: seams.notify,
+            clock: seams.clock,
         };
         s.refresh_placements();
         s.init_series();
         s.seed_last_logged();
         Ok((s, handle))
+    }
+
+    /// Writes the state if it changed since it was last written.
+    fn save_state(&mut self) {
+        if self.state == self.saved_state {
+            return;
+        }
+        match self.state_file.save(&self.state) {
+            Ok(()) => self.saved_state = self.state.clone(),
+            Err(e) => tracing::error!("Cannot save the broker state: {e}."),
+        }
     }
 
     fn config(&self) -> &Config {

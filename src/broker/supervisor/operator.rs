@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
-
 use super::messages::ApiError;
 use super::outcomes::log_key;
 use super::{placed_at, Supervisor};
@@ -30,7 +28,7 @@ impl Supervisor {
                 original.outcome.as_str()
             )));
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         let mut d = original.clone();
         d.time = now;
         d.refers_to = Some(original.id.clone());
@@ -39,7 +37,7 @@ impl Supervisor {
                 // Withdrawn: the next evaluation proposes again, with what holds now.
                 self.state.pending.remove(&original.service);
                 self.last_logged.remove(&original.service);
-                let _ = self.state_file.save(&self.state);
+                self.save_state();
                 tracing::info!(
                     "Decision {id} of {} was not approved: {changed}.",
                     original.service
@@ -89,7 +87,7 @@ impl Supervisor {
         if let Err(e) = self.log.append(d.clone()) {
             tracing::error!("{e}");
         }
-        let _ = self.state_file.save(&self.state);
+        self.save_state();
         Ok(d)
     }
 
@@ -198,7 +196,7 @@ impl Supervisor {
                 config.broker.max_concurrent_relocations
             )));
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         let reason = reason.unwrap_or_else(|| "relocation requested by an operator".into());
         let mut d = Decision {
             id: self.log.next_id(now),
@@ -242,7 +240,7 @@ impl Supervisor {
         if let Err(e) = self.log.append(d.clone()) {
             tracing::error!("{e}");
         }
-        let _ = self.state_file.save(&self.state);
+        self.save_state();
         Ok(d)
     }
 }

@@ -39,7 +39,7 @@ impl Supervisor {
         self.busy.remove(&Job::Evaluate);
         self.refresh_placements();
         self.evaluated_once = true;
-        let now = Utc::now();
+        let now = self.clock.now();
         let window_start = now
             - chrono::Duration::from_std(self.config().broker.relocation_window)
                 .unwrap_or(chrono::Duration::MAX);
@@ -85,9 +85,7 @@ impl Supervisor {
         for d in decisions {
             self.record(d, now);
         }
-        if let Err(e) = self.state_file.save(&self.state) {
-            tracing::error!("Cannot save the broker state: {e}.");
-        }
+        self.save_state();
         self.metrics
             .relocations_active
             .set(self.conduit.active() as i64);
@@ -416,9 +414,10 @@ impl Supervisor {
                     .relocations_requested
                     .with_label_values(&[origin])
                     .inc();
-                self.relocation_starts.push(Utc::now());
+                let now = self.clock.now();
+                self.relocation_starts.push(now);
                 let m = self.state.services.entry(d.service.clone()).or_default();
-                m.last_relocation = Some(Utc::now());
+                m.last_relocation = Some(now);
                 m.streak_target = None;
                 m.streak = 0;
                 Ok(())

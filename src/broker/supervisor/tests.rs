@@ -120,6 +120,7 @@ memory_gib = 4
                 metrics: Arc::new(Metrics::new()),
                 shutdown: self.shutdown.clone(),
                 notify: false,
+                clock: Arc::new(crate::broker::clock::SystemClock),
             },
         )
         .unwrap()
@@ -461,4 +462,62 @@ async fn a_shutdown_command_stops_the_broker_and_its_workers_but_not_the_daemon(
         .unwrap();
     assert_eq!(stopped.abandoned, 0);
     assert!(!bench.shutdown.is_cancelled());
+}
+
+fn offer(provider: &str, price_per_hour: f64) -> crate::model::Offer {
+    crate::model::Offer {
+        provider: provider.into(),
+        region: "us-east-1".into(),
+        flavor: "m.large".into(),
+        vcpus: 2,
+        memory_gib: 4.0,
+        price_per_hour,
+        storage_price_per_gib_month: None,
+        egress_price_per_gib: None,
+        currency: "USD".into(),
+    }
+}
+
+#[test]
+fn the_stale_data_guard_and_the_relocation_times_read_the_injected_clock() {
+    let bench = Bench::new();
+    let loaded = Loaded::from_file(&bench.write_config(Some("http://127.0.0.1:9"))).unwrap();
+    let start: DateTime<Utc> = "2026-06-01T00:00:00Z".parse().unwrap();
+    let mut r = Replay::new(loaded, start).unwrap();
+    let poll = |r: &mut Replay| {
+        r.poll_prices("a", vec![offer("a", 0.10)]);
+        r.poll_prices("b", vec![offer("b", 0.05)]);
+    };
+    poll(&mut r);
+    // A day and an hour later by the broker's clock, the prices are older than their
+    // default maximum age of a day, however little time really passed.
+    r.advance(Duration::from_secs(25 * 3600));
+    r.evaluate();
+    assert!(r.relocations().is_empty());
+    assert_eq!(r.suppressions(), BTreeMap::from([("stale_data".into(), 1)]));
+    poll(&mut r);
+    r.evaluate();
+    let moved = r.relocations();
+    assert_eq!(moved.len(), 1, "{:?}", r.suppressions());
+    assert_eq!(moved[0].submitted_at, start + chrono::Duration::hours(25));
+    assert_eq!(r.provider_of("shop").as_deref(), Some("b"));
+}
+
+#[test]
+fn a_tick_that_changes_nothing_does_not_write_the_state_again() {
+    let bench = Bench::new();
+    let loaded = Loaded::from_file(&bench.write_config(Some("http://127.0.0.1:9"))).unwrap();
+    let mut r = Replay::new(loaded, "2026-06-01T00:00:00Z".parse().unwrap()).unwrap();
+    r.poll_prices("a", vec![offer("a", 0.10)]);
+    r.poll_prices("b", vec![offer("b", 0.10)]);
+    r.evaluate();
+    let file = bench.dir.path().join("state/broker-state.json");
+    assert!(
+        file.exists(),
+        "the first tick remembers where the service runs"
+    );
+    std::fs::remove_file(&file).unwrap();
+    r.advance(Duration::from_secs(60));
+    r.evaluate();
+    assert!(!file.exists(), "written again although nothing changed");
 }
