@@ -28,14 +28,16 @@ struct Lab {
     env: QemuEnv,
     dir: tempfile::TempDir,
     initrd: PathBuf,
+    /// The configuration as written, with `{PORT}` for the daemon's.
+    config_text: std::sync::Mutex<String>,
 }
 
 /// What the polling client saw: when each answer came, from which end, with which boot id.
 #[derive(Default)]
 struct Seen {
     answers: Vec<(Instant, &'static str, String)>,
-    /// The last failure at each end.
-    failures: std::collections::BTreeMap<&'static str, String>,
+    /// The last failure at each end, and how many there were.
+    failures: std::collections::BTreeMap<&'static str, (usize, String)>,
 }
 
 impl Seen {
@@ -53,7 +55,12 @@ impl Lab {
         let env = QemuEnv::load();
         let dir = tempfile::tempdir().unwrap();
         let initrd = env.initramfs(dir.path());
-        Lab { env, dir, initrd }
+        Lab {
+            env,
+            dir,
+            initrd,
+            config_text: Default::default(),
+        }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -80,6 +87,7 @@ impl Lab {
         }
         let append = format!("{} fc.hash=skip fc.writer=1", QemuEnv::append("serve", 80));
         let text = ConfigBuilder::new()
+            .listen_on_placeholder_port()
             .broker_idle()
             .conduit("grace_period_secs", 1)
             .conduit("stop_timeout_secs", 60)
@@ -103,8 +111,17 @@ impl Lab {
                         &[(80, 0)],
                     )
             })
-            .write(&path);
+            .render();
+        *self.config_text.lock().unwrap() = text.clone();
+        let text = text.replace("{PORT}", &common::free_port().to_string());
+        std::fs::write(&path, &text).unwrap();
         Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts the daemon on the configuration (it takes over what a killed `relocate` left).
+    fn daemon(&self) -> common::Daemon {
+        let text = self.config_text.lock().unwrap().clone();
+        common::Daemon::start(self.dir.path(), &text)
     }
 
     /// Creates the source disk (half random, half zeros); returns its bytes.
@@ -156,14 +173,31 @@ impl Lab {
     }
 
     fn relocate(&self, to: &str) -> Output {
-        Command::new(bin())
-            .args(["relocate", "--config"])
+        self.relocate_killed_at(to, None)
+    }
+
+    /// Runs `fluidcloud relocate`, killing itself at the checkpoint `kill_at`.
+    fn relocate_killed_at(&self, to: &str, kill_at: Option<&str>) -> Output {
+        let mut cmd = Command::new(bin());
+        cmd.args(["relocate", "--config"])
             .arg(self.path("fluidcloud.toml"))
             .args(["box", "--to", to])
             .env_remove("FLUIDCLOUD_KILL_AT")
-            .stdin(Stdio::null())
-            .output()
+            .stdin(Stdio::null());
+        if let Some(k) = kill_at {
+            cmd.env("FLUIDCLOUD_KILL_AT", k);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// The boot id the guest at `provider` serves, if it answers.
+    fn boot_at(&self, provider: &str) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}/boot", self.port_at(provider)?);
+        // Off the test's runtime: `http_get` runs one of its own.
+        std::thread::spawn(move || common::http_get(&url))
+            .join()
             .unwrap()
+            .map(|b| b.trim().to_string())
     }
 
     /// The host port the VM's HTTP port is forwarded to at `provider`, if it has run there.
@@ -187,7 +221,7 @@ impl Lab {
                 .unwrap();
             let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(0)
-                .timeout(Duration::from_millis(300))
+                .timeout(Duration::from_millis(500))
                 .build()
                 .unwrap();
             while !stop.load(Ordering::Relaxed) {
@@ -212,7 +246,9 @@ impl Lab {
                             break;
                         }
                         Err(e) => {
-                            seen.failures.insert(end, format!("port {port}: {e}"));
+                            let f = seen.failures.entry(end).or_default();
+                            f.0 += 1;
+                            f.1 = format!("port {port}: {e}");
                         }
                     }
                 }
@@ -290,23 +326,14 @@ async fn a_running_vm_moves_live_without_a_reboot_or_a_lost_write() {
     let disk = lab.source_disk(q1.as_ref()).await;
     lab.start_source(&config, q1.as_ref()).await;
     drop(q1);
+    let boot = lab.boot_at("q1").expect("the guest serves");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let poller = lab.poll(stop.clone());
-    std::thread::sleep(Duration::from_secs(2));
-    let out = tokio::task::spawn_blocking({
-        let lab = lab.clone();
-        move || lab.relocate("q2")
-    })
-    .await
-    .unwrap();
+    let (out, seen) = relocate_polled(&lab, |_| {}).await;
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(said.contains("completed"), "{said}");
-    // The writer goes on at the target for a while.
-    std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::Relaxed);
-    let seen = poller.join().unwrap();
+    // The writer went on at the target for a while.
+    assert_eq!(lab.boot_at("q2").as_deref(), Some(boot.as_str()));
 
     let boots: std::collections::BTreeSet<&str> =
         seen.answers.iter().map(|(_, _, b)| b.as_str()).collect();
@@ -345,4 +372,189 @@ async fn a_running_vm_moves_live_without_a_reboot_or_a_lost_write() {
     assert!(!exists(&lab.path("providers/q1/volumes/box/guest.qcow2")));
     let q1 = providers::open(&config.providers["q1"]).unwrap();
     assert!(q1.vm_status("box", "guest").await.unwrap().is_none());
+}
+
+/// Runs a live relocation in the background while a client polls the guest; returns what
+/// the relocation said and what the client saw.
+async fn relocate_polled(
+    lab: &Arc<Lab>,
+    during: impl FnOnce(&Lab) + Send + 'static,
+) -> (Output, Seen) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = lab.poll(stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let relocation = std::thread::spawn({
+        let lab = lab.clone();
+        move || lab.relocate("q2")
+    });
+    during(lab);
+    let out = tokio::task::spawn_blocking(move || relocation.join().unwrap())
+        .await
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    (out, poller.join().unwrap())
+}
+
+/// Waits until `path` exists.
+fn wait_for_file(path: &Path, limit: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < limit,
+            "{} did not appear within {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_killed_mid_migration_rolls_back_to_the_source_which_never_stopped() {
+    let _one = guest::ONE_VM.lock().await;
+    let lab = Arc::new(Lab::new());
+    // Slow enough that the kill lands while memory travels.
+    let config = lab.write_config(&[("max_mib_per_sec", 2.into())]);
+    let q1 = providers::open(&config.providers["q1"]).unwrap();
+    let disk = lab.source_disk(q1.as_ref()).await;
+    lab.start_source(&config, q1.as_ref()).await;
+    drop(q1);
+    let boot = lab.boot_at("q1").expect("the guest serves");
+
+    let (out, seen) = relocate_polled(&lab, |lab| {
+        let pid = lab.path("providers/q2/vms/box/guest/pid");
+        wait_for_file(&pid, Duration::from_secs(60));
+        // The mirror of 32 MiB is in step within a second; the memory takes longer.
+        std::thread::sleep(Duration::from_secs(4));
+        kill_from_pid_file(&pid);
+    })
+    .await;
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("rolled_back"), "{said}");
+    assert!(said.contains("migrate:vm:guest"), "{said}");
+
+    // The source kept serving the same boot, and nothing is left at the target.
+    assert_eq!(lab.boot_at("q1").as_deref(), Some(boot.as_str()));
+    let gap = seen.longest_gap();
+    assert!(gap < GAP_LIMIT, "the source stopped answering for {gap:?}");
+    assert!(seen
+        .answers
+        .iter()
+        .all(|(_, end, b)| *end == "q1" && *b == boot));
+    let q2 = providers::open(&config.providers["q2"]).unwrap();
+    assert!(q2.vm_status("box", "guest").await.unwrap().is_none());
+    assert!(q2.list_volumes("box").await.unwrap().is_empty());
+    drop(q2);
+    let (hash, written) = final_hash(&config, "q1").await;
+    assert_eq!(hash, sha256(&guest::after_writer(&disk, written)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_that_does_not_converge_in_time_falls_back_to_a_cold_move() {
+    let _one = guest::ONE_VM.lock().await;
+    let lab = Arc::new(Lab::new());
+    // 1 MiB/s cannot carry the guest's memory within 4 s.
+    let config = lab.write_config(&[("max_mib_per_sec", 1.into()), ("timeout_secs", 4.into())]);
+    let q1 = providers::open(&config.providers["q1"]).unwrap();
+    let disk = lab.source_disk(q1.as_ref()).await;
+    lab.start_source(&config, q1.as_ref()).await;
+    let console = q1.vm_console("box", "guest").await.unwrap().unwrap();
+    drop(q1);
+    let boot = lab.boot_at("q1").expect("the guest serves");
+
+    // The source's console goes with its VM at the decommission: it is read before.
+    let seen_line = Arc::new(std::sync::Mutex::new(String::new()));
+    let (out, _) = relocate_polled(&lab, {
+        let seen_line = seen_line.clone();
+        move |_| {
+            let line = guest::wait_for_console(&console, FINAL_MARKER, Duration::from_secs(120));
+            *seen_line.lock().unwrap() = line;
+        }
+    })
+    .await;
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("completed"), "{said}");
+
+    // The source powered down cleanly (its writer stopped and it hashed its disk), and the
+    // VM booted at the target from that disk.
+    let line = seen_line.lock().unwrap().clone();
+    let mut words = line.split_whitespace();
+    let source_hash = words.next().unwrap().to_string();
+    let n1: usize = words
+        .next()
+        .unwrap()
+        .trim_start_matches("written=")
+        .parse()
+        .unwrap();
+    let at_power_down = guest::after_writer(&disk, n1);
+    assert_eq!(source_hash, sha256(&at_power_down));
+    let target_boot = lab.boot_at("q2").expect("the target serves");
+    assert_ne!(target_boot, boot, "a cold move boots the guest again");
+    let (hash, n2) = final_hash(&config, "q2").await;
+    assert_eq!(hash, sha256(&guest::after_writer(&at_power_down, n2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_killed_during_a_live_move_leaves_one_guest_running_with_every_write() {
+    let _one = guest::ONE_VM.lock().await;
+    let mut outcomes = Vec::new();
+    for (point, expected) in [
+        ("mirror:vm:guest:done", "completed"),
+        ("migrate:vm:guest:running", "rolled_back"),
+        ("migrate:vm:guest:done", "rolled_back"),
+        ("resume-target:vm:guest:done", "rolled_back"),
+    ] {
+        let lab = Arc::new(Lab::new());
+        let config = lab.write_config(&[]);
+        let q1 = providers::open(&config.providers["q1"]).unwrap();
+        let disk = lab.source_disk(q1.as_ref()).await;
+        lab.start_source(&config, q1.as_ref()).await;
+        drop(q1);
+        let boot = lab.boot_at("q1").expect("the guest serves");
+        let out = lab.relocate_killed_at("q2", Some(point));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGKILL),
+            "{point}: {}",
+            text(&out)
+        );
+
+        // The daemon's client runs a runtime of its own.
+        let last = tokio::task::block_in_place(|| {
+            let mut d = lab.daemon();
+            d.eventually("the relocation to end", Duration::from_secs(180), |d| {
+                let r = d.get("/v1/relocations");
+                let last = r.as_array()?.last()?.clone();
+                let state = last["state"].as_str()?.to_string();
+                matches!(state.as_str(), "completed" | "rolled_back" | "failed").then_some(last)
+            })
+        });
+        let outcome = last["state"].as_str().unwrap().to_string();
+        assert_eq!(outcome, expected, "{point}: {last}");
+        // One guest runs, the same boot as before, with every block its writer wrote.
+        let (here, there) = if outcome == "completed" {
+            ("q2", "q1")
+        } else {
+            ("q1", "q2")
+        };
+        assert_eq!(lab.boot_at(here).as_deref(), Some(boot.as_str()), "{point}");
+        let other = providers::open(&config.providers[there]).unwrap();
+        let status = other.vm_status("box", "guest").await.unwrap();
+        assert!(
+            status.as_ref().is_none_or(|s| s.pid.is_none()),
+            "{point}: a VM still runs at {there}: {status:?}"
+        );
+        drop(other);
+        let (hash, written) = final_hash(&config, here).await;
+        assert_eq!(
+            hash,
+            sha256(&guest::after_writer(&disk, written)),
+            "{point}"
+        );
+        outcomes.push(format!("{point} -> {outcome}"));
+    }
+    eprintln!("{outcomes:#?}");
 }

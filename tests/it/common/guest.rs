@@ -12,7 +12,7 @@
 //! `fc.hash=skip` prints `skipped` instead of hashing (a large disk takes long under TCG).
 //!
 //! `fc.writer=1` (with `serve`) runs a writer that keeps writing known blocks to the disk
-//! (see [`writer_block`]), each flushed before `/written` counts it. At the power button it
+//! (see [`writer_block`]), about 20 a second, each flushed before `/written` counts it. At the power button it
 //! stops, and the guest hashes its whole disk and prints
 //! `FLUIDCLOUD-FINAL-SHA256 <hex> written=<n>` before it powers off.
 //!
@@ -107,6 +107,7 @@ writer() {
             | dd of="$1" bs=4096 seek=$((2048 + k % 256)) conv=notrunc,fsync 2>/dev/null
         k=$((k + 1))
         echo $k > /www/written.tmp && mv /www/written.tmp /www/written
+        usleep 50000
     done
 }
 power_button() {
