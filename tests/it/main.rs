@@ -8,6 +8,7 @@ mod common;
 mod across_hosts;
 mod block_devices;
 mod daemon;
+mod fuzz_corpus;
 mod hosts;
 mod layering;
 mod local_provider;
