@@ -97,6 +97,7 @@ pub use manifest::{ChunkManifest, ManifestError};
 pub use names::{check_name, NameError};
 pub use receiver::{serve, OnCommit, ReceiverOptions};
 pub use sender::{send_file, Endpoint, EndpointTls, SendOptions};
+pub use wire::{read_frames, FrameStreamMode, FrameStreamSummary};
 
 /// The default chunk size: small enough that a re-sync sends little more than what changed,
 /// large enough that per-chunk costs (a frame, a MAC, a task hop) vanish.

@@ -805,10 +805,175 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
+/// How a byte stream is read by [`read_frames`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameStreamMode {
+    /// As a receiver reads a connection before authentication: no MACs, small frames.
+    Unauthenticated,
+    /// As a receiver reads an authenticated connection, under a fixed session key; the
+    /// stream's MACs are taken as they are, so frames normally fail the MAC check.
+    Keyed,
+    /// The stream is frames without their MACs; each gets the right MAC under the fixed
+    /// session key before it is read as in `Keyed`, so decoding past the MAC is reached.
+    Sealed,
+}
+
+/// What [`read_frames`] read before it stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameStreamSummary {
+    /// The kind byte of each frame that decoded, in order.
+    pub kinds: Vec<u8>,
+    /// How reading stopped: `None` at a clean end between frames, otherwise the error as
+    /// the receiver would report it.
+    pub error: Option<String>,
+}
+
+/// Reads `stream` as the frames that arrive at a receiver, with the frame reader the
+/// receiver uses, until the stream ends or a frame is refused.
+///
+/// The viaduct never calls this; it exists for the fuzz target in `tests/fuzz` and the
+/// test that replays its corpus, which feed it arbitrary bytes. It runs the reader on a
+/// runtime of its own, so it must not be called from within an async task.
+pub fn read_frames(stream: &[u8], mode: FrameStreamMode) -> FrameStreamSummary {
+    let key = fuzzing_key();
+    let sealed;
+    let stream = if mode == FrameStreamMode::Sealed {
+        sealed = seal(stream, &key);
+        &sealed[..]
+    } else {
+        stream
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime can be built");
+    runtime.block_on(async {
+        let mut reader = FrameReader::new(stream, TO_RECEIVER, MIN_IDLE);
+        if mode != FrameStreamMode::Unauthenticated {
+            reader.set_session(key);
+        }
+        let mut body = Vec::new();
+        let mut kinds = Vec::new();
+        loop {
+            match reader.read(&mut body).await {
+                Ok(msg) => kinds.push(msg.kind() as u8),
+                Err(WireError::Closed) => return FrameStreamSummary { kinds, error: None },
+                Err(e) => {
+                    return FrameStreamSummary {
+                        kinds,
+                        error: Some(e.to_string()),
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The fixed session key of [`read_frames`].
+fn fuzzing_key() -> SessionKey {
+    super::PresharedKey::from_secret(b"fluidcloud viaduct frame reader fuzzing key")
+        .expect("the fixed fuzzing secret is a valid secret")
+        .session(&[1; 32], &[2; 32])
+}
+
+/// Appends to each frame of `stream` (laid out as the preamble says) its MAC under `key`;
+/// a truncated last frame is left as it is.
+fn seal(stream: &[u8], key: &SessionKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stream.len() + MAC_LEN * 8);
+    let mut rest = stream;
+    let mut seq = 0u64;
+    while rest.len() >= PREAMBLE {
+        let header_len = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let body_len = u32::from_le_bytes([rest[5], rest[6], rest[7], rest[8]]) as usize;
+        let Some(frame_len) = (PREAMBLE + header_len)
+            .checked_add(body_len)
+            .filter(|&n| n <= rest.len())
+        else {
+            break;
+        };
+        let (frame, tail) = rest.split_at(frame_len);
+        let mut h = key.mac(TO_RECEIVER, seq);
+        if frame[0] == Kind::Chunk as u8 {
+            h.update(&frame[..PREAMBLE + header_len]);
+        } else {
+            h.update(frame);
+        }
+        out.extend_from_slice(frame);
+        out.extend_from_slice(h.finalize().as_bytes());
+        seq += 1;
+        rest = tail;
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::viaduct::PresharedKey;
+
+    /// The fuzz target's entry point reads what the writer writes, and its sealing
+    /// computes the MACs the writer does.
+    #[test]
+    fn read_frames_reads_what_the_writer_wrote() {
+        let frames = [
+            (
+                Msg::Hello {
+                    version: VERSION,
+                    nonce: [3; 32],
+                },
+                &b""[..],
+            ),
+            (
+                Msg::Chunk {
+                    index: 7,
+                    encoding: Encoding::Raw,
+                    plain_len: 4,
+                    digest: blake3::hash(b"data"),
+                },
+                &b"data"[..],
+            ),
+            (Msg::error(ErrorCode::Busy, NO_OFFSET, "busy"), &b""[..]),
+        ];
+        let write = |key: Option<SessionKey>| {
+            let frames = frames.clone();
+            async move {
+                let mut out = Vec::new();
+                let mut writer = FrameWriter::new(&mut out, TO_RECEIVER, MIN_IDLE);
+                if let Some(key) = key {
+                    writer.set_session(key);
+                }
+                for (msg, body) in &frames {
+                    writer.write(msg, body).await.unwrap();
+                }
+                out
+            }
+        };
+        // `read_frames` runs its own runtime, so the writing happens on another.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let plain = runtime.block_on(write(None));
+        let keyed = runtime.block_on(write(Some(fuzzing_key())));
+        let clean = |kinds: Vec<u8>| FrameStreamSummary { kinds, error: None };
+        assert_eq!(
+            read_frames(&plain, FrameStreamMode::Unauthenticated),
+            clean(vec![1, 9, 16])
+        );
+        assert_eq!(
+            read_frames(&plain, FrameStreamMode::Sealed),
+            clean(vec![1, 9, 16])
+        );
+        assert_eq!(
+            read_frames(&keyed, FrameStreamMode::Keyed),
+            clean(vec![1, 9, 16])
+        );
+        assert_eq!(seal(&plain, &fuzzing_key()), keyed);
+        let refused = read_frames(&plain, FrameStreamMode::Keyed);
+        assert!(refused.kinds.is_empty(), "{refused:?}");
+        assert!(refused.error.is_some(), "{refused:?}");
+    }
 
     fn pair() -> (
         FrameWriter<tokio::io::DuplexStream>,

@@ -9,6 +9,7 @@ mod across_hosts;
 mod block_devices;
 mod daemon;
 mod flapping;
+mod fuzz_corpus;
 mod hosts;
 mod layering;
 mod local_provider;

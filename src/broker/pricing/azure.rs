@@ -247,7 +247,8 @@ async fn read_pages(
     first: Location,
     source: &PricingSource,
 ) -> Result<(Parsed, u64), PricingError> {
-    let sizes = size_table()?;
+    // A broken size table fails the poll before anything is fetched.
+    size_table()?;
     let mut parsed = Parsed::default();
     let mut visited: HashSet<String> = HashSet::from([source.url.clone()]);
     let mut location = first.clone();
@@ -266,34 +267,19 @@ async fn read_pages(
                 other => other,
             })?;
         total += body.len() as u64;
-        let page: Page =
-            serde_json::from_slice(&body).map_err(|e| PricingError::from_json(&link, None, e))?;
-        let next = page.next_page_link.clone().filter(|l| !l.trim().is_empty());
-        collect(page, page_no, &source.feed_region, sizes, &mut parsed);
-
-        let Some(next) = next else {
+        let next = read_page(
+            &body,
+            page_no,
+            &link,
+            &first,
+            &mut visited,
+            source,
+            &mut parsed,
+        )?;
+        let Some((next_location, next)) = next else {
             debug!(url = %redact_url(&source.url), pages = page_no, bytes = total, "Read every Azure price page.");
             return Ok((parsed, total));
         };
-        let paging_error = |message: String| PricingError::Paging {
-            feed: source.url.clone(),
-            message,
-        };
-        let next_location = Location::parse(&next).map_err(|e| {
-            paging_error(format!("page {page_no} has an unusable NextPageLink: {e}"))
-        })?;
-        if !first.same_origin(&next_location) {
-            return Err(paging_error(format!(
-                "page {page_no} links to {}, which is not where the feed is; refusing to follow it",
-                redact_url(&next)
-            )));
-        }
-        if !visited.insert(next.clone()) {
-            return Err(paging_error(format!(
-                "page {page_no} links back to {}, which was already read (a link loop)",
-                redact_url(&next)
-            )));
-        }
         location = next_location;
         link = next;
     }
@@ -303,6 +289,69 @@ async fn read_pages(
             "still more pages after {MAX_PAGES}; narrow the $filter in the URL (serviceName, armRegionName)"
         ),
     })
+}
+
+/// Reads one page fetched from `link`: its items go into `parsed`, and the page's
+/// `NextPageLink`, if it has one, is returned once checked (usable, where the feed is, not
+/// read before).
+fn read_page(
+    body: &[u8],
+    page_no: usize,
+    link: &str,
+    first: &Location,
+    visited: &mut HashSet<String>,
+    source: &PricingSource,
+    parsed: &mut Parsed,
+) -> Result<Option<(Location, String)>, PricingError> {
+    let sizes = size_table()?;
+    let page: Page =
+        serde_json::from_slice(body).map_err(|e| PricingError::from_json(link, None, e))?;
+    let next = page.next_page_link.clone().filter(|l| !l.trim().is_empty());
+    collect(page, page_no, &source.feed_region, sizes, parsed);
+
+    let Some(next) = next else {
+        return Ok(None);
+    };
+    let paging_error = |message: String| PricingError::Paging {
+        feed: source.url.clone(),
+        message,
+    };
+    let next_location = Location::parse(&next)
+        .map_err(|e| paging_error(format!("page {page_no} has an unusable NextPageLink: {e}")))?;
+    if !first.same_origin(&next_location) {
+        return Err(paging_error(format!(
+            "page {page_no} links to {}, which is not where the feed is; refusing to follow it",
+            redact_url(&next)
+        )));
+    }
+    if !visited.insert(next.clone()) {
+        return Err(paging_error(format!(
+            "page {page_no} links back to {}, which was already read (a link loop)",
+            redact_url(&next)
+        )));
+    }
+    Ok(Some((next_location, next)))
+}
+
+/// Reads `body` as the first page of `source`, as a poll reads it, without following its
+/// `NextPageLink` (which is checked all the same).
+pub(super) fn parse_first_page(
+    body: &[u8],
+    source: &PricingSource,
+) -> Result<Parsed, PricingError> {
+    let first = Location::parse(&source.url)?;
+    let mut visited = HashSet::from([source.url.clone()]);
+    let mut parsed = Parsed::default();
+    read_page(
+        body,
+        1,
+        &source.url,
+        &first,
+        &mut visited,
+        source,
+        &mut parsed,
+    )?;
+    Ok(parsed)
 }
 
 /// Turns one page's relevant items into candidates or rejected rows.

@@ -273,11 +273,7 @@ async fn poll_single_document(
         }
     };
 
-    let format = source.format;
-    let feed = source.url.clone();
-    let region = source.feed_region.clone();
-    let currency = source.currency.clone();
-    let catalogue_provider = source.catalogue_provider.clone();
+    let parse_source = source.clone();
     let parse_path = path.clone();
     let parsed = tokio::task::spawn_blocking(move || {
         let (reader, count) =
@@ -285,17 +281,7 @@ async fn poll_single_document(
                 path: parse_path.clone(),
                 source,
             })?;
-        let parsed = match format {
-            PricingFormat::Aws => aws::parse(reader, &feed, &parse_path, &region, &currency),
-            PricingFormat::Csv => catalogue::parse_csv(reader, &feed, &catalogue_provider, &region),
-            PricingFormat::Json => {
-                catalogue::parse_json(reader, &feed, &parse_path, &catalogue_provider, &region)
-            }
-            PricingFormat::Azure => Err(PricingError::Internal {
-                feed: feed.clone(),
-                message: "Azure feeds are paged and cannot be parsed as one document".to_string(),
-            }),
-        }?;
+        let parsed = parse_single_document(reader, &parse_path, &parse_source)?;
         Ok::<_, PricingError>((parsed, count.get()))
     })
     .await
@@ -322,6 +308,59 @@ async fn poll_single_document(
         }
     }
     parsed
+}
+
+/// Parses a feed that is one document (AWS, catalogue CSV or JSON) read from `path`.
+fn parse_single_document<R: io::Read>(
+    reader: R,
+    path: &Path,
+    source: &PricingSource,
+) -> Result<Parsed, PricingError> {
+    let (feed, region) = (source.url.as_str(), source.feed_region.as_str());
+    match source.format {
+        PricingFormat::Aws => aws::parse(reader, feed, path, region, &source.currency),
+        PricingFormat::Csv => {
+            catalogue::parse_csv(reader, feed, &source.catalogue_provider, region)
+        }
+        PricingFormat::Json => {
+            catalogue::parse_json(reader, feed, path, &source.catalogue_provider, region)
+        }
+        PricingFormat::Azure => Err(PricingError::Internal {
+            feed: feed.to_string(),
+            message: "Azure feeds are paged and cannot be parsed as one document".to_string(),
+        }),
+    }
+}
+
+/// Parses a feed held in memory the way [`poll`] parses what it fetched, and validates
+/// its rows the same way: the whole document for AWS and the catalogue formats, and for
+/// Azure one page, the first, whose `NextPageLink` is checked but not followed.
+///
+/// The daemon always polls; this entry point exists for the fuzz targets in `tests/fuzz`
+/// and the test that replays their corpus, which feed it arbitrary bytes.
+pub fn parse_document(
+    provider: &str,
+    source: &PricingSource,
+    bytes: &[u8],
+) -> Result<PollOutcome, PricingError> {
+    if bytes.len() as u64 > source.max_bytes {
+        return Err(PricingError::TooLarge {
+            url: source.url.clone(),
+            limit: source.max_bytes,
+            read: bytes.len() as u64,
+        });
+    }
+    let parsed = match source.format {
+        PricingFormat::Azure => azure::parse_first_page(bytes, source)?,
+        _ => parse_single_document(bytes, Path::new(&source.url), source)?,
+    };
+    let (offers, rejected) = finish(provider, source, parsed)?;
+    Ok(PollOutcome {
+        offers,
+        from_cache: false,
+        bytes_read: bytes.len() as u64,
+        rejected,
+    })
 }
 
 /// Validates candidates against the source's rules, applies its default storage and egress
@@ -631,6 +670,42 @@ mod tests {
                 assert!(!message.contains("at line"), "{message}");
             }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// The fuzz targets' entry point must read a feed exactly as a poll of the same file.
+    #[tokio::test]
+    async fn parse_document_reads_a_feed_as_a_poll_does() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pricing");
+        let client = reqwest::Client::new();
+        let cache = tempfile::tempdir().unwrap();
+        for (format, file, region, currency) in [
+            (
+                PricingFormat::Aws,
+                "aws-offer-eu-central-1.json",
+                "eu-central-1",
+                "USD",
+            ),
+            (
+                PricingFormat::Azure,
+                "azure-page-2.json",
+                "westeurope",
+                "USD",
+            ),
+            (PricingFormat::Csv, "catalogue.csv", "fsn1", "EUR"),
+            (PricingFormat::Json, "catalogue.json", "fsn1", "EUR"),
+        ] {
+            let path = fixtures.join(file);
+            let mut src = source(format, &format!("file://{}", path.display()), region);
+            src.currency = currency.to_string();
+            let polled = poll("p", &src, &client, cache.path()).await.unwrap();
+            let parsed = parse_document("p", &src, &std::fs::read(&path).unwrap()).unwrap();
+            assert!(!parsed.offers.is_empty(), "{file}");
+            assert_eq!(parsed, polled, "{file}");
+
+            src.max_bytes = 10;
+            let err = parse_document("p", &src, &std::fs::read(&path).unwrap()).unwrap_err();
+            assert!(matches!(err, PricingError::TooLarge { .. }), "{err}");
         }
     }
 }
