@@ -1,19 +1,23 @@
-//! Relocation of a VM with a 1 GiB disk between two qemu providers: qcow2 on virtio to raw
-//! on SATA with an e1000 NIC, under TCG, by the engine of `fluidcloud relocate` and the
-//! daemon. The guest is the tests' busybox guest (`scripts/test-env.sh qemu_system guest`),
-//! serving HTTP through a forwarded port, which is the service's health check.
+//! Relocation of a VM with a 1 GiB disk between two qemu providers on this host: qcow2 to
+//! raw, both on virtio with a virtio NIC, under TCG, by the engine of `fluidcloud relocate`
+//! and the daemon, in each mode (`cold`, `live`). The guest is the tests' busybox guest
+//! (`scripts/test-env.sh qemu_system guest`), serving HTTP through a forwarded port.
 //!
-//! `cargo bench --bench vm_relocation -- [--disk-mib N] [--rounds N]`
+//! `cargo bench --bench vm_relocation -- [--disk-mib N] [--rounds N] [--modes cold,live]`
 //!
 //! Each round: a fresh pair of providers; the source disk gets the same pseudo-random half
 //! (the rest stays unallocated); the VM is deployed and must serve before the relocation
-//! starts. Printed per round from the journal: total (first step started → commit), the
-//! cutover downtime (VM powered down → target health check passed) and its steps; the target
-//! image is hashed on the host and must equal the source's content.
+//! starts. A client asks the guest for `/health` every 50 ms, at the source's port and then
+//! the target's; its longest gap between answers is the downtime it saw. Printed per round:
+//! total (first step started → commit), the downtime the journal gives (source stopped or
+//! paused → the target's VM runs), the client's gap, for a live move QEMU's own downtime of
+//! the last pass, and the bytes sent (disk, and memory for a live move); the target image is
+//! hashed on the host and must equal the source's content.
 
 #[path = "common/mod.rs"]
 mod common;
 use clap::Parser;
+#[allow(unused_imports)]
 use common::free_port;
 
 #[path = "../tests/it/common/config.rs"]
@@ -29,6 +33,7 @@ mod guest;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,9 +55,12 @@ struct Args {
     /// The VM's disk (64 at least).
     #[arg(long, default_value_t = 1024)]
     disk_mib: u64,
-    /// Relocations to time (1 to 10).
+    /// Relocations to time per mode (1 to 10).
     #[arg(long, default_value_t = 2)]
     rounds: u32,
+    /// The modes to measure, side by side.
+    #[arg(long, value_delimiter = ',', default_value = "cold,live")]
+    modes: Vec<String>,
     #[command(flatten)]
     cargo: common::CargoBench,
 }
@@ -61,43 +69,90 @@ fn write_config(
     dir: &Path,
     env: &QemuEnv,
     initrd: &Path,
-    port: u16,
+    mode: &str,
     disk_mib: u64,
 ) -> Result<Config, String> {
-    let qemu = |bus: &str, nic: &str| {
+    let qemu = || {
         Qemu::tcg(&env.qemu, &env.firmware, std::slice::from_ref(&env.libs))
-            .disk_bus(bus)
-            .nic_model(nic)
+            .disk_bus("virtio")
+            .nic_model("virtio-net-pci")
             .powerdown_timeout_secs(120)
     };
     let text = ConfigBuilder::new()
         .conduit("grace_period_secs", 1)
         .conduit("stop_timeout_secs", 120)
         .provider("q1", "qemu", "lab", |p| {
-            p.root("q1")
-                .disk_format("qcow2")
-                .qemu(qemu("virtio", "virtio-net-pci"))
+            p.root("q1").disk_format("qcow2").qemu(qemu())
         })
         .provider("q2", "qemu", "lab", |p| {
-            p.root("q2").disk_format("raw").qemu(qemu("sata", "e1000"))
+            p.root("q2").disk_format("raw").qemu(qemu())
         })
         .policy_file("watch", &policy_path("cheapest"), |p| p)
         .service("box", "q1", "watch", |s| {
-            s.set("memory_gib", 0.25)
-                .health_url(&format!("http://127.0.0.1:{port}/health"), 300)
-                .vm(
-                    "guest",
-                    disk_mib as f64 / 1024.0,
-                    &env.kernel,
-                    initrd,
-                    &format!("{} fc.hash=skip", QemuEnv::append("serve", 80)),
-                    &[(80, port)],
-                )
+            s.set("memory_gib", 0.25).set("vm_mode", mode).vm(
+                "guest",
+                disk_mib as f64 / 1024.0,
+                &env.kernel,
+                initrd,
+                &format!("{} fc.hash=skip", QemuEnv::append("serve", 80)),
+                &[(80, 0)],
+            )
         })
         .render();
     let path = dir.join("fluidcloud.toml");
     std::fs::write(&path, &text).map_err(|e| e.to_string())?;
     Config::parse(&path, &text).map_err(|e| e.to_string())
+}
+
+/// The host port of the guest's HTTP port at `provider`, once it has started there.
+fn port_at(dir: &Path, provider: &str) -> Option<u16> {
+    let state = std::fs::read(dir.join(format!("{provider}/vms/box/guest/state.json"))).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&state).ok()?;
+    v["ports"][0]["host"].as_u64().map(|p| p as u16)
+}
+
+/// Asks the guest for `/health` every 50 ms (the source's port, then the target's) until
+/// `stop`; returns the longest gap between answers, and whether the target answered.
+fn poll(dir: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Duration, bool)> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_millis(500))
+            .build()
+            .expect("client");
+        let (mut last, mut gap, mut target) = (None::<Instant>, Duration::ZERO, false);
+        while !stop.load(Ordering::Relaxed) {
+            let tick = Instant::now();
+            for end in ["q1", "q2"] {
+                let Some(port) = port_at(&dir, end) else {
+                    continue;
+                };
+                let url = format!("http://127.0.0.1:{port}/health");
+                let ok = rt.block_on(async {
+                    client
+                        .get(&url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                });
+                if ok {
+                    let now = Instant::now();
+                    if let Some(l) = last {
+                        gap = gap.max(now - l);
+                    }
+                    last = Some(now);
+                    target |= end == "q2";
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
+        }
+        (gap, target)
+    })
 }
 
 /// A raw image of `mib` MiB whose first half is pseudo-random and the rest a hole.
@@ -115,39 +170,25 @@ fn template(dir: &Path, mib: u64) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-fn step_secs(record: &RelocationRecord, prefix: &str) -> f64 {
-    record
-        .steps
-        .iter()
-        .filter(|s| s.name.starts_with(prefix))
-        .filter_map(|s| {
-            Some(
-                (s.finished_at? - s.started_at?)
-                    .to_std()
-                    .ok()?
-                    .as_secs_f64(),
-            )
-        })
-        .sum()
-}
-
-async fn wait_serving(port: u16, limit: Duration) -> Result<Duration, String> {
+async fn wait_serving(dir: &Path, limit: Duration) -> Result<Duration, String> {
     let started = Instant::now();
-    let url = format!("http://127.0.0.1:{port}/health");
     let client = reqwest::Client::new();
     loop {
-        if let Ok(r) = client
-            .get(&url)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-        {
-            if r.status().is_success() {
-                return Ok(started.elapsed());
+        if let Some(port) = port_at(dir, "q1") {
+            let url = format!("http://127.0.0.1:{port}/health");
+            if let Ok(r) = client
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return Ok(started.elapsed());
+                }
             }
         }
         if started.elapsed() > limit {
-            return Err(format!("the guest did not serve {url} within {limit:?}"));
+            return Err(format!("the guest did not serve within {limit:?}"));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -163,14 +204,27 @@ struct Round {
     boot: f64,
     total: f64,
     downtime: f64,
-    stop: f64,
-    sync: f64,
-    start: f64,
-    health: f64,
+    client_gap: f64,
+    /// QEMU's downtime of a live move's last pass.
+    qemu_ms: Option<u64>,
+    /// Bytes sent: disk (converted or mirrored) and memory.
+    bytes: u64,
 }
 
+/// A number in a step's output.
+fn output_u64(record: &RelocationRecord, prefix: &str, key: &str) -> u64 {
+    record
+        .steps
+        .iter()
+        .filter(|s| s.name.starts_with(prefix))
+        .filter_map(|s| s.output.get(key).and_then(serde_json::Value::as_u64))
+        .sum()
+}
+
+#[allow(clippy::too_many_arguments)]
 fn round(
     work: &Path,
+    mode: &str,
     n: u32,
     env: &QemuEnv,
     initrd: &Path,
@@ -178,10 +232,9 @@ fn round(
     want: &str,
     disk_mib: u64,
 ) -> Result<Round, String> {
-    let dir = work.join(format!("round-{n}"));
+    let dir = work.join(format!("{mode}-{n}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let port = free_port();
-    let config = Arc::new(write_config(&dir, env, initrd, port, disk_mib)?);
+    let config = Arc::new(write_config(&dir, env, initrd, mode, disk_mib)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -224,7 +277,10 @@ fn round(
             .deploy("box", "q1")
             .await
             .map_err(|e| format!("cannot deploy: {e}"))?;
-        let boot = wait_serving(port, Duration::from_secs(300)).await?;
+        let boot = wait_serving(&dir, Duration::from_secs(300)).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = poll(dir.clone(), stop.clone());
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let record = engine
             .run(RelocationRequest {
                 decision_id: format!("bench-vm-{n}"),
@@ -235,7 +291,25 @@ fn round(
                 origin: "operator".into(),
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string());
+        // The client goes on until the target has answered (a cold target boots first).
+        let waited = Instant::now();
+        while record.is_ok()
+            && waited.elapsed() < Duration::from_secs(300)
+            && !client.is_finished()
+            && port_at(&dir, "q2").is_none()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if record.is_ok() {
+            wait_target(&dir, Duration::from_secs(300)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (gap, reached) = client.join().map_err(|_| "the client panicked")?;
+        let record = record?;
+        if !reached {
+            return Err("the client never reached the target".into());
+        }
         if record.state != RelocationState::Completed {
             return Err(format!(
                 "the relocation ended {}: {}",
@@ -246,11 +320,11 @@ fn round(
         let downtime = engine
             .downtime(&record)
             .ok_or("the journal gives no downtime")?;
-        Ok::<_, String>((boot, record, downtime))
+        Ok::<_, String>((boot, record, downtime, gap))
     });
     drop(runtime);
     kill_vms(&dir);
-    let (boot, record, downtime) = result?;
+    let (boot, record, downtime, gap) = result?;
     let target = dir.join("q2/volumes/box/guest.raw");
     let got = guest::sha256_file(&target);
     if got != want {
@@ -270,15 +344,41 @@ fn round(
         _ => return Err("the journal lacks start or commit times".into()),
     };
     let _ = std::fs::remove_dir_all(&dir);
+    let live = record.steps.iter().any(|s| s.name.starts_with("migrate:"));
     Ok(Round {
         boot: boot.as_secs_f64(),
         total,
         downtime: downtime.as_secs_f64(),
-        stop: step_secs(&record, "stop-source:"),
-        sync: step_secs(&record, "sync:volume:"),
-        start: step_secs(&record, "start-target:"),
-        health: step_secs(&record, "health-check"),
+        client_gap: gap.as_secs_f64(),
+        qemu_ms: live.then(|| output_u64(&record, "migrate:", "qemu_downtime_ms")),
+        bytes: output_u64(&record, "sync:volume:", "bytes_written")
+            + output_u64(&record, "migrate:", "memory_bytes")
+            + output_u64(&record, "migrate:", "disk_bytes"),
     })
+}
+
+/// Waits until the guest answers at the target.
+async fn wait_target(dir: &Path, limit: Duration) {
+    let started = Instant::now();
+    let client = reqwest::Client::new();
+    while started.elapsed() < limit {
+        if let Some(port) = port_at(dir, "q2") {
+            let url = format!("http://127.0.0.1:{port}/health");
+            if let Ok(r) = client
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    // A few more polls after the first answer.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn main() -> ExitCode {
@@ -303,38 +403,63 @@ fn main() -> ExitCode {
     };
     let want = guest::sha256_file(&raw);
     println!(
-        "VM relocation, {} MiB disk ({} MiB random, rest unallocated), qemu q1 (qcow2, virtio) -> q2 (raw, sata, e1000), TCG, grace 1 s",
+        "VM relocation, {} MiB disk ({} MiB random, rest unallocated), qemu q1 (qcow2, virtio) -> q2 (raw, virtio), 256 MiB guest, TCG, one host",
         args.disk_mib,
         args.disk_mib / 2
     );
     println!(
-        "{:<6} {:>8} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8}",
-        "round", "boot s", "total s", "downtime s", "stop s", "sync s", "start s", "health s"
+        "{:<6} {:<6} {:>7} {:>8} {:>11} {:>13} {:>11} {:>9}",
+        "mode", "round", "boot s", "total s", "journal s", "client gap s", "qemu ms", "sent MB"
     );
-    let mut rounds = Vec::new();
-    for n in 1..=args.rounds {
-        match round(work.path(), n, &env, &initrd, &raw, &want, args.disk_mib) {
-            Ok(r) => {
-                println!(
-                    "{:<6} {:>8.1} {:>8.2} {:>10.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
-                    n, r.boot, r.total, r.downtime, r.stop, r.sync, r.start, r.health
-                );
-                rounds.push(r);
-            }
-            Err(e) => {
-                eprintln!("vm_relocation: round {n}: {e}");
-                return ExitCode::FAILURE;
+    let mut summary = Vec::new();
+    for mode in &args.modes {
+        let mut rounds = Vec::new();
+        for n in 1..=args.rounds {
+            match round(
+                work.path(),
+                mode,
+                n,
+                &env,
+                &initrd,
+                &raw,
+                &want,
+                args.disk_mib,
+            ) {
+                Ok(r) => {
+                    println!(
+                        "{:<6} {:<6} {:>7.1} {:>8.2} {:>11.2} {:>13.3} {:>11} {:>9.1}",
+                        mode,
+                        n,
+                        r.boot,
+                        r.total,
+                        r.downtime,
+                        r.client_gap,
+                        r.qemu_ms
+                            .map(|m| m.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        r.bytes as f64 / 1e6
+                    );
+                    rounds.push(r);
+                }
+                Err(e) => {
+                    eprintln!("vm_relocation: {mode} round {n}: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
         }
+        let median = |f: fn(&Round) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        summary.push((mode.clone(), median(|r| r.total), median(|r| r.client_gap)));
     }
-    let mut d: Vec<f64> = rounds.iter().map(|r| r.downtime).collect();
-    d.sort_by(f64::total_cmp);
-    let mut t: Vec<f64> = rounds.iter().map(|r| r.total).collect();
-    t.sort_by(f64::total_cmp);
-    println!(
-        "median total {:.2} s, median downtime {:.2} s; target content verified by SHA-256 on the host every round",
-        t[t.len() / 2],
-        d[d.len() / 2]
-    );
+    for (mode, total, gap) in &summary {
+        println!("{mode}: median total {total:.2} s, median downtime the client saw {gap:.3} s");
+    }
+    if let [(a, _, ga), (b, _, gb)] = summary.as_slice() {
+        println!("downtime {a} / {b}: {:.1}x", ga / gb);
+    }
+    println!("target content verified by SHA-256 on the host every round");
     ExitCode::SUCCESS
 }
