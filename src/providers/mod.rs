@@ -886,7 +886,8 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Starts the VM paused, waiting for its memory and device state from a live migration,
     /// with its disks (which must exist) exported writable for the source's mirrors.
-    /// Succeeds with the same answer when the VM already waits.
+    /// Succeeds with the same answer when the VM already waits, or has received its
+    /// migration and has not been resumed.
     async fn receive_vm(&self, service: &str, spec: &VmSpec) -> Result<IncomingVm, ProviderError> {
         Err(self.unsupported(object::vm(service, &spec.name), "live migration"))
     }

@@ -114,7 +114,13 @@ impl QemuProvider {
         }
         let mut qmp = self.live_qmp(service, vm).await?;
         let status = self.run_state(&mut qmp, service, vm).await?;
-        if status != "inmigrate" {
+        let failed = |action: &str| self.qmp_failed(service, vm, action);
+        let have = exports(&mut qmp)
+            .await
+            .map_err(failed("list its NBD exports"))?;
+        // One whose migration came in and that has not been resumed is still this one.
+        let received = status == "paused" && have.iter().any(|id| id.starts_with(EXPORT));
+        if status != "inmigrate" && !received {
             return Err(self.conflict(
                 service,
                 vm,
@@ -128,10 +134,6 @@ impl QemuProvider {
         let migration = SocketAddress::Unix {
             path: dir.join(MIGRATION_SOCKET).to_string_lossy().into_owned(),
         };
-        let failed = |action: &str| self.qmp_failed(service, vm, action);
-        let have = exports(&mut qmp)
-            .await
-            .map_err(failed("list its NBD exports"))?;
         if have.is_empty() {
             let started = qmp
                 .execute("nbd-server-start", Some(json!({ "addr": legacy(&nbd) })))
@@ -159,12 +161,16 @@ impl QemuProvider {
             }
             names.push(name);
         }
-        let listening = qmp
-            .execute(
-                "migrate-incoming",
-                Some(json!({ "uri": migration.to_uri() })),
-            )
-            .await;
+        let listening = match received {
+            true => Ok(Value::Null),
+            false => {
+                qmp.execute(
+                    "migrate-incoming",
+                    Some(json!({ "uri": migration.to_uri() })),
+                )
+                .await
+            }
+        };
         if let Err(e) = listening {
             if !says(&e, "already been started") {
                 return Err(failed("listen for the migration")(e));
