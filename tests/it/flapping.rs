@@ -335,10 +335,10 @@ fn a_single_poll_glitch_to_a_near_zero_price_relocates_nothing() {
 }
 
 /// Every scenario at the default cadence, 60 evaluations per poll (60,000 evaluations per
-/// policy and scenario), within the same bounds. Slow in a debug build: run it with
-/// `cargo test --release --test it flapping:: -- --ignored --nocapture --test-threads 1`.
+/// policy and scenario), within the same bounds. About 15 minutes in a debug build: run it
+/// with `cargo test --test it flapping::every_scenario -- --ignored --nocapture --test-threads 1`.
 #[test]
-#[ignore = "a few minutes; run in release (RELIABILITY.md, Flapping)"]
+#[ignore = "about 15 minutes in a debug build (RELIABILITY.md, Flapping)"]
 fn every_scenario_at_the_default_cadence_stays_within_its_bounds() {
     // Every table is printed before any bound is checked.
     let cadence = Cadence::Scheduled;
