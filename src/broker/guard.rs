@@ -23,26 +23,73 @@ pub struct ServiceMemory {
     /// `provider` field written by older versions is ignored: the journal says where.)
     pub placed_since: Option<DateTime<Utc>>,
     pub last_relocation: Option<DateTime<Utc>>,
-    /// The target the recent evaluations asked for, and how many in a row.
+    /// The target the recent polls asked for, and how many polls with new prices in a row
+    /// (the `confirmations` rail's count).
     pub streak_target: Option<String>,
     pub streak: u32,
+    /// The newest fresh price poll (of where the service runs or of the target) the last
+    /// counted confirmation saw: the next one needs prices newer than these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streak_prices_at: Option<DateTime<Utc>>,
+}
+
+/// What one evaluation made of the streak of confirmations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Streak {
+    /// Consecutive polls with new prices that asked for the target, this one included.
+    pub count: u32,
+    /// Whether this evaluation added to the count: it saw prices newer than the last one
+    /// counted.
+    pub counted: bool,
+    /// The newest prices the count has seen; `None` before any fresh poll.
+    pub prices_at: Option<DateTime<Utc>>,
 }
 
 impl ServiceMemory {
-    /// Records one evaluation's wish; returns the streak length including it.
-    pub fn observe(&mut self, target: Option<&str>) -> u32 {
-        match target {
-            Some(t) if self.streak_target.as_deref() == Some(t) => self.streak += 1,
+    /// Records one evaluation's wish, made on prices last polled afresh at `prices_at` (the
+    /// newer of where the service runs and the target). A wish for the same target counts
+    /// only on prices newer than the last one counted: an evaluation of the same prices
+    /// neither adds to the streak nor resets it. Another target starts a new streak; no
+    /// wish (a stay, an error) ends it.
+    pub fn observe(&mut self, target: Option<&str>, prices_at: Option<DateTime<Utc>>) -> Streak {
+        let counted = match target {
+            None => {
+                self.reset_streak();
+                false
+            }
+            Some(t) if self.streak_target.as_deref() == Some(t) => {
+                // A count without its prices (written by an older version, or begun before
+                // any fresh poll) starts again.
+                let newer = prices_at > self.streak_prices_at;
+                if newer {
+                    self.streak = if self.streak_prices_at.is_some() {
+                        self.streak.saturating_add(1)
+                    } else {
+                        1
+                    };
+                    self.streak_prices_at = prices_at;
+                }
+                newer
+            }
             Some(t) => {
                 self.streak_target = Some(t.to_string());
-                self.streak = 1;
+                self.streak = u32::from(prices_at.is_some());
+                self.streak_prices_at = prices_at;
+                prices_at.is_some()
             }
-            None => {
-                self.streak_target = None;
-                self.streak = 0;
-            }
+        };
+        Streak {
+            count: self.streak,
+            counted,
+            prices_at: self.streak_prices_at,
         }
-        self.streak
+    }
+
+    /// Forgets the streak: after a relocation, or a wish for nothing.
+    pub fn reset_streak(&mut self) {
+        self.streak_target = None;
+        self.streak = 0;
+        self.streak_prices_at = None;
     }
 }
 
@@ -64,8 +111,8 @@ pub struct Proposal<'a> {
     /// Why the offer picked at the target is in market shock, when it is: its price fell
     /// too far since the last trusted poll and too few polls have seen it yet.
     pub target_shock: Option<String>,
-    /// The consecutive-evaluation count including this one.
-    pub streak: u32,
+    /// The confirmations collected for the target, this evaluation included.
+    pub streak: Streak,
     pub memory: &'a ServiceMemory,
     /// Relocations queued or running now.
     pub active_relocations: usize,
@@ -165,13 +212,11 @@ pub fn judge(
         );
     }
 
+    let confirmed = p.streak.count >= policy.confirmations;
     rail(
         "confirmations",
-        p.streak >= policy.confirmations,
-        format!(
-            "{} of {} consecutive evaluations asked for `{}`",
-            p.streak, policy.confirmations, p.target
-        ),
+        confirmed,
+        confirmation_detail(&p.streak, policy.confirmations, p.target, confirmed),
     );
 
     let residency = p.memory.placed_since.map(|t| now - t);
@@ -246,6 +291,26 @@ pub fn judge(
     v
 }
 
+/// What the `confirmations` rail says: how many polls with new prices asked for the target,
+/// and, while too few did, that the next confirmation waits for prices newer than the last
+/// ones counted.
+fn confirmation_detail(streak: &Streak, needed: u32, target: &str, confirmed: bool) -> String {
+    let count = format!(
+        "{} of {needed} consecutive polls with new prices asked for `{target}`",
+        streak.count
+    );
+    if confirmed {
+        return count;
+    }
+    match streak.prices_at {
+        Some(at) => format!(
+            "{count}; the next confirmation waits for new prices (polled after {})",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        None => format!("{count}; the confirmation waits for new prices (none polled yet)"),
+    }
+}
+
 /// The first rail that refused, if any.
 pub fn first_refusal(verdicts: &[RailVerdict]) -> Option<&RailVerdict> {
     verdicts.iter().find(|v| !v.passed)
@@ -315,6 +380,7 @@ mod tests {
             last_relocation: None,
             streak_target: Some("b".into()),
             streak: 2,
+            streak_prices_at: Some(now() - ChronoDuration::minutes(5)),
         }
     }
 
@@ -330,7 +396,11 @@ mod tests {
             migration_cost: 10.0,
             stale_sources: vec![],
             target_shock: None,
-            streak: 2,
+            streak: Streak {
+                count: 2,
+                counted: true,
+                prices_at: m.streak_prices_at,
+            },
             memory: m,
             active_relocations: 0,
             relocations_in_window: 0,
@@ -381,7 +451,7 @@ mod tests {
             ),
             // 50/month saved over 30 days ≈ 49.3, less than a 60 migration cost.
             ("break_even", Box::new(|p| p.migration_cost = 60.0)),
-            ("confirmations", Box::new(|p| p.streak = 1)),
+            ("confirmations", Box::new(|p| p.streak.count = 1)),
             (
                 "already_relocating",
                 Box::new(|p| p.already_relocating = true),
@@ -461,13 +531,92 @@ mod tests {
         assert_eq!(refusal(&proposal(&m), &pol).as_deref(), Some("blackout"));
     }
 
+    fn at(minutes: i64) -> Option<DateTime<Utc>> {
+        Some(now() + ChronoDuration::minutes(minutes))
+    }
+
     #[test]
     fn streak_resets_on_a_different_wish() {
         let mut m = ServiceMemory::default();
-        assert_eq!(m.observe(Some("b")), 1);
-        assert_eq!(m.observe(Some("b")), 2);
-        assert_eq!(m.observe(Some("c")), 1);
-        assert_eq!(m.observe(None), 0);
-        assert_eq!(m.observe(Some("c")), 1);
+        let mut count = |target: Option<&str>, prices: i64| m.observe(target, at(prices)).count;
+        assert_eq!(count(Some("b"), 0), 1);
+        assert_eq!(count(Some("b"), 60), 2);
+        assert_eq!(count(Some("c"), 60), 1);
+        assert_eq!(count(None, 120), 0);
+        assert_eq!(count(Some("c"), 120), 1);
+    }
+
+    /// Regression: the streak counted evaluation ticks, so with prices polled hourly and
+    /// policies evaluated every minute, every confirmation was collected on one poll's
+    /// prices.
+    #[test]
+    fn only_newer_prices_confirm_and_the_same_prices_neither_add_nor_reset() {
+        let mut m = ServiceMemory::default();
+        let first = m.observe(Some("b"), at(0));
+        assert_eq!((first.count, first.counted), (1, true));
+        for _ in 0..59 {
+            let same = m.observe(Some("b"), at(0));
+            assert_eq!(
+                (same.count, same.counted, same.prices_at),
+                (1, false, at(0))
+            );
+        }
+        let older = m.observe(Some("b"), at(-60));
+        assert_eq!((older.count, older.counted), (1, false));
+        let next = m.observe(Some("b"), at(60));
+        assert_eq!(
+            (next.count, next.counted, next.prices_at),
+            (2, true, at(60))
+        );
+        // The count passed stays passed while the prices do not change.
+        assert_eq!(m.observe(Some("b"), at(60)).count, 2);
+        // A wish before any fresh poll counts for nothing, and the first prices count one.
+        let mut m = ServiceMemory::default();
+        assert_eq!(m.observe(Some("b"), None), Streak::default());
+        assert_eq!(m.observe(Some("b"), None).count, 0);
+        assert_eq!(m.observe(Some("b"), at(0)).count, 1);
+        // A streak written by an older version, without its prices, starts again.
+        let old = r#"{"streak_target": "b", "streak": 2}"#;
+        let mut m: ServiceMemory = serde_json::from_str(old).unwrap();
+        assert_eq!(m.observe(Some("b"), at(0)).count, 1);
+    }
+
+    #[test]
+    fn the_confirmations_rail_says_it_waits_for_new_prices() {
+        let m = memory();
+        let mut p = proposal(&m);
+        p.streak = Streak {
+            count: 1,
+            counted: false,
+            prices_at: Some("2026-06-01T11:00:00Z".parse().unwrap()),
+        };
+        let pol = PolicySpec {
+            confirmations: 3,
+            ..policy()
+        };
+        let rails = judge(&p, &pol, &broker(), now());
+        let refused = first_refusal(&rails).unwrap();
+        assert_eq!(refused.rail, "confirmations");
+        assert_eq!(
+            refused.detail,
+            "1 of 3 consecutive polls with new prices asked for `b`; the next confirmation waits for new prices (polled after 2026-06-01T11:00:00Z)"
+        );
+        p.streak = Streak::default();
+        let rails = judge(&p, &pol, &broker(), now());
+        assert!(
+            first_refusal(&rails)
+                .unwrap()
+                .detail
+                .ends_with("waits for new prices (none polled yet)"),
+            "{rails:?}"
+        );
+        p.streak.count = 3;
+        let rails = judge(&p, &pol, &broker(), now());
+        assert_eq!(first_refusal(&rails), None);
+        let rail = rails.iter().find(|r| r.rail == "confirmations").unwrap();
+        assert_eq!(
+            rail.detail,
+            "3 of 3 consecutive polls with new prices asked for `b`"
+        );
     }
 }

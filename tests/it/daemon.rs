@@ -160,6 +160,32 @@ fn config_with_cheapest(feeds: &FeedServer, mode: &str) -> ConfigBuilder {
         .service("crm", "aws-va", "eu-only", |s| s.size(2, 4.0))
 }
 
+/// `cfg` rendered, with the feed of `aws-va` (where the services start) polled every 2 s and
+/// never reused from the cache: each poll brings new prices, so the two confirmations of
+/// `cheapest` come within seconds. Azure's feed stays hourly.
+fn aws_va_polled_every_two_seconds(cfg: ConfigBuilder) -> String {
+    let hourly = "schedule = \"0 0 * * * *\"\nstorage_price_per_gib_month = 0.08";
+    let cfg = cfg.render();
+    assert_eq!(cfg.matches(hourly).count(), 1, "{cfg}");
+    cfg.replace(
+        hourly,
+        "schedule = \"*/2 * * * * *\"\nttl_secs = 0\nstorage_price_per_gib_month = 0.08",
+    )
+}
+
+/// The confirmations rail's verdict in a decision.
+fn confirmations_detail(decision: &Value) -> String {
+    decision["rails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rail"] == "confirmations")
+        .unwrap_or_else(|| panic!("no confirmations rail in {decision}"))["detail"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// A feed polled hourly, with storage and egress prices.
 fn hourly(pricing: Section, storage: f64, egress: f64) -> Section {
     pricing
@@ -208,7 +234,7 @@ fn find(d: &Daemon, service: &str, outcome: &str) -> Option<Value> {
 fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
     let feeds = feeds();
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &config(&feeds).render());
+    let mut d = Daemon::start(dir.path(), &aws_va_polled_every_two_seconds(config(&feeds)));
     d.wait_for("/readyz", Duration::from_secs(60));
 
     // Only the Linux/Shared offers of the region count; both Azure pages were read.
@@ -236,16 +262,41 @@ fn the_daemon_polls_real_shaped_feeds_decides_and_guards() {
     assert_eq!(market["regions"]["aws-va"]["country"], "US");
     assert_eq!(market["regions"]["azure-we"]["eu"], true);
 
-    // The cheapest policy must first collect its two confirmations, then it is submitted.
+    // The cheapest policy must first collect its two confirmations, each on new prices (the
+    // evaluations every second in between see the same prices and wait), then it is
+    // submitted.
     let suppressed = d.eventually(
         "a confirmations suppression",
         Duration::from_secs(30),
         |d| find(d, "shop", "suppressed").filter(|x| x["suppressed_by"] == "confirmations"),
     );
     assert_eq!(suppressed["verdict"]["provider"], "azure-we");
+    let detail = confirmations_detail(&suppressed);
+    assert!(
+        detail.starts_with("1 of 2 consecutive polls with new prices asked for `azure-we`")
+            && detail.contains("the next confirmation waits for new prices"),
+        "{detail}"
+    );
     let submitted = d.eventually("a submitted relocation", Duration::from_secs(30), |d| {
         find(d, "shop", "submitted")
     });
+    assert_eq!(
+        confirmations_detail(&submitted),
+        "2 of 2 consecutive polls with new prices asked for `azure-we`"
+    );
+    // The second confirmation came from a later poll of aws-va (Azure is polled once).
+    let submitted_at: chrono::DateTime<chrono::Utc> =
+        submitted["time"].as_str().unwrap().parse().unwrap();
+    let aws_polls: Vec<chrono::DateTime<chrono::Utc>> = feeds
+        .hit_times("/aws/us-east-1/index.json", std::time::UNIX_EPOCH)
+        .into_iter()
+        .map(chrono::DateTime::from)
+        .collect();
+    assert!(
+        aws_polls.len() >= 2 && aws_polls[1] < submitted_at,
+        "submitted at {submitted_at} after the polls of aws-va at {aws_polls:?}"
+    );
+    assert_eq!(feeds.hits("/azure/prices?page=2"), 1);
     assert!(
         submitted["current_monthly_cost"].as_f64().unwrap()
             > submitted["target_monthly_cost"].as_f64().unwrap()
@@ -1043,10 +1094,11 @@ fn services_moving_in_the_same_tick_share_the_concurrency_budget() {
     let dir = tempfile::tempdir().unwrap();
     // Two services identical to `shop`: all three pass their rails in the same tick.
     let same_as_shop = |s: Service| s.size(2, 8.0);
+    // They collect their confirmations on the same polls.
     let cfg = config(&feeds)
         .service("shop2", "aws-va", "cheapest", same_as_shop)
         .service("shop3", "aws-va", "cheapest", same_as_shop);
-    let mut d = Daemon::start(dir.path(), &cfg.render());
+    let mut d = Daemon::start(dir.path(), &aws_va_polled_every_two_seconds(cfg));
     d.eventually("a submitted relocation", Duration::from_secs(30), |d| {
         ["shop", "shop2", "shop3"]
             .iter()

@@ -3,8 +3,9 @@
 //!
 //! Every shipped policy runs in `enforce` mode with every other setting at its default: the
 //! rails a user gets without setting anything. Each poll (every hour, the default price
-//! schedule) is followed by one evaluation, when the clock has moved by the poll interval.
-//! The conduit records relocations and completes them at once. A scenario where a move really pays
+//! schedule) is followed by one evaluation, when the clock has moved by the poll interval,
+//! or (`--ignored`, the default cadence) by the 60 evaluations of the default evaluation
+//! schedule, one a minute. The conduit records relocations and completes them at once. A scenario where a move really pays
 //! (a slow drift to a clearly cheaper provider) may relocate once; the others (the cheapest
 //! provider alternating every poll, noise around equal prices, a one-poll glitch to a
 //! near-zero price) must not relocate at all. Each scenario prints its table (run with
@@ -145,14 +146,18 @@ fn replay(policy: &'static str, feed: &Feed, polls: usize, cadence: Cadence) -> 
     }
 }
 
-/// Runs every shipped policy through `feed` and prints the scenario's table.
-fn scenario(name: &str, feed: &Feed) -> Vec<Run> {
+/// Runs every shipped policy through `feed` at `cadence` and prints the scenario's table.
+fn scenario(name: &str, feed: &Feed, cadence: Cadence) -> Vec<Run> {
     let runs: Vec<Run> = POLICIES
         .iter()
-        .map(|p| replay(p, feed, POLLS, Cadence::OncePerPoll))
+        .map(|p| replay(p, feed, POLLS, cadence))
         .collect();
+    let evaluations = match cadence {
+        Cadence::OncePerPoll => "one evaluation per poll",
+        Cadence::Scheduled => "evaluated at the default schedule, 60 times per poll",
+    };
     let mut table = format!(
-        "\n{name} ({POLLS} polls)\n\n| policy | relocations | asked to move | suppressions by reason |\n| --- | ---: | ---: | --- |\n"
+        "\n{name} ({POLLS} polls, {evaluations})\n\n| policy | relocations | asked to move | suppressions by reason |\n| --- | ---: | ---: | --- |\n"
     );
     for run in &runs {
         let suppressions = if run.suppressions.is_empty() {
@@ -214,45 +219,38 @@ fn alternating(poll: usize) -> (f64, f64) {
     }
 }
 
-#[test]
-fn cheapest_provider_alternating_every_poll_relocates_nothing() {
-    let runs = scenario("Cheapest provider alternating every poll", &alternating);
-    assert_no_relocation("alternating", &runs);
-}
-
-/// Known defect: `confirmations` counts evaluation ticks, and with the default schedules
-/// (prices polled every hour, policies evaluated every minute) the 3 confirmations are all
-/// collected on one poll's prices. A price that holds for a single poll is then confirmed,
-/// and once `min_residency` (one day) has passed the service follows the alternation: one
-/// move every 25 polls, 40 over 1,000 polls. Counting only evaluations of new market data
-/// fixes it, but changes what the quickstart and the daemon tests rely on (two
-/// confirmations within seconds on a feed polled hourly); see RELIABILITY.md.
-#[test]
-#[ignore = "known defect: confirmations are collected on one poll's prices at the default schedules"]
-fn confirmations_collected_on_one_polls_prices_let_an_alternating_price_relocate() {
-    let run = replay("cheapest", &alternating, 100, Cadence::Scheduled);
-    println!(
-        "cheapest, alternating prices, 60 evaluations per poll: {} relocations, suppressions {:?}",
-        run.relocations.len(),
-        run.suppressions
-    );
-    assert!(run.relocations.is_empty(), "{:?}", run.relocations);
-}
-
-#[test]
-fn a_slow_drift_to_a_clearly_cheaper_provider_relocates_at_most_once() {
-    // `b` drifts from the price of `a` to 30 % below it over 500 polls and stays there, both
-    // with ±1 % noise on top.
+/// `b` drifts from the price of `a` to 30 % below it over 500 polls and stays there, both
+/// with ±1 % noise on top.
+fn drift() -> impl Fn(usize) -> (f64, f64) {
     let n = noise(0x5eed_0001);
-    let feed = move |poll: usize| {
+    move |poll: usize| {
         let drift = (poll.min(500) as f64 / 500.0) * 0.3;
         (
             0.10 * (1.0 + 0.01 * n(poll, 0)),
             0.10 * (1.0 - drift) * (1.0 + 0.01 * n(poll, 1)),
         )
-    };
-    let runs = scenario("Slow drift: `b` becomes 30 % cheaper and stays", &feed);
-    for run in &runs {
+    }
+}
+
+/// Noise of ±2 % around equal prices.
+fn equal_with_noise() -> impl Fn(usize) -> (f64, f64) {
+    let n = noise(0x5eed_0002);
+    move |poll: usize| {
+        (
+            0.10 * (1.0 + 0.02 * n(poll, 0)),
+            0.10 * (1.0 + 0.02 * n(poll, 1)),
+        )
+    }
+}
+
+/// `b` at a near-zero price for one poll, the 500th.
+fn glitch(poll: usize) -> (f64, f64) {
+    (0.10, if poll == 500 { 0.0001 } else { 0.10 })
+}
+
+/// At most one relocation, to `b`, and one if the policy asked at all; `cheapest` must move.
+fn assert_relocates_once_at_most(runs: &[Run]) {
+    for run in runs {
         assert!(
             run.relocations.len() <= 1,
             "drift: `{}` relocated {} times: {:?}",
@@ -275,21 +273,97 @@ fn a_slow_drift_to_a_clearly_cheaper_provider_relocates_at_most_once() {
 }
 
 #[test]
+fn cheapest_provider_alternating_every_poll_relocates_nothing() {
+    let runs = scenario(
+        "Cheapest provider alternating every poll",
+        &alternating,
+        Cadence::OncePerPoll,
+    );
+    assert_no_relocation("alternating", &runs);
+}
+
+/// Regression: `confirmations` counted evaluation ticks, and with the default schedules
+/// (prices polled every hour, policies evaluated every minute) the 3 confirmations were all
+/// collected on one poll's prices. A price that held for a single poll was then confirmed,
+/// and once `min_residency` (one day) had passed the service followed the alternation: one
+/// move every 25 polls, 4 in these 100 polls (40 over 1,000). Only evaluations of prices
+/// newer than the last confirmation count now.
+#[test]
+fn confirmations_collected_on_one_polls_prices_let_an_alternating_price_relocate() {
+    let run = replay("cheapest", &alternating, 100, Cadence::Scheduled);
+    println!(
+        "cheapest, alternating prices, 60 evaluations per poll: {} relocations, suppressions {:?}",
+        run.relocations.len(),
+        run.suppressions
+    );
+    assert!(run.relocations.is_empty(), "{:?}", run.relocations);
+    assert_eq!(
+        run.asked,
+        50 * 60,
+        "every evaluation of the polls where `b` is cheaper"
+    );
+}
+
+#[test]
+fn a_slow_drift_to_a_clearly_cheaper_provider_relocates_at_most_once() {
+    let runs = scenario(
+        "Slow drift: `b` becomes 30 % cheaper and stays",
+        &drift(),
+        Cadence::OncePerPoll,
+    );
+    assert_relocates_once_at_most(&runs);
+}
+
+#[test]
 fn noise_around_equal_prices_relocates_nothing() {
-    let n = noise(0x5eed_0002);
-    let feed = move |poll: usize| {
-        (
-            0.10 * (1.0 + 0.02 * n(poll, 0)),
-            0.10 * (1.0 + 0.02 * n(poll, 1)),
-        )
-    };
-    let runs = scenario("Noise of ±2 % around equal prices", &feed);
+    let runs = scenario(
+        "Noise of ±2 % around equal prices",
+        &equal_with_noise(),
+        Cadence::OncePerPoll,
+    );
     assert_no_relocation("noise", &runs);
 }
 
 #[test]
 fn a_single_poll_glitch_to_a_near_zero_price_relocates_nothing() {
-    let feed = |poll: usize| (0.10, if poll == 500 { 0.0001 } else { 0.10 });
-    let runs = scenario("A single-poll glitch of `b` to a near-zero price", &feed);
+    let runs = scenario(
+        "A single-poll glitch of `b` to a near-zero price",
+        &glitch,
+        Cadence::OncePerPoll,
+    );
     assert_no_relocation("glitch", &runs);
+}
+
+/// Every scenario at the default cadence, 60 evaluations per poll (60,000 evaluations per
+/// policy and scenario), within the same bounds. About 15 minutes in a debug build: run it
+/// with `cargo test --test it flapping::every_scenario -- --ignored --nocapture --test-threads 1`.
+#[test]
+#[ignore = "about 15 minutes in a debug build (RELIABILITY.md, Flapping)"]
+fn every_scenario_at_the_default_cadence_stays_within_its_bounds() {
+    // Every table is printed before any bound is checked.
+    let cadence = Cadence::Scheduled;
+    let alternating = scenario(
+        "Cheapest provider alternating every poll",
+        &alternating,
+        cadence,
+    );
+    let drift = scenario(
+        "Slow drift: `b` becomes 30 % cheaper and stays",
+        &drift(),
+        cadence,
+    );
+    let noise = scenario(
+        "Noise of ±2 % around equal prices",
+        &equal_with_noise(),
+        cadence,
+    );
+    let glitch = scenario(
+        "A single-poll glitch of `b` to a near-zero price",
+        &glitch,
+        cadence,
+    );
+    assert_no_relocation("alternating", &alternating);
+    assert_relocates_once_at_most(&drift);
+    assert_no_relocation("noise", &noise);
+    assert_no_relocation("glitch", &glitch);
 }

@@ -379,9 +379,10 @@ impl Drop for Prometheus {
 }
 
 /// The quickstart of examples/quickstart in `dir`, as tests/it/quickstart.rs runs it: this
-/// test's ports and paths, a three-second grace period, an evaluation every 3 s so that the
-/// policy's two confirmations come quickly, and a minimum residency of 15 s for `shop` so
-/// that Prometheus scrapes the daemon before it moves.
+/// test's ports and paths, a three-second grace period, an evaluation every 3 s (the feeds
+/// are polled every 5 s: the policy's two confirmations, each on new prices, come within
+/// seconds), and a minimum residency of 15 s for `shop` so that Prometheus scrapes the daemon
+/// before it moves.
 fn quickstart_config(dir: &Path, app_port: u16) -> String {
     let qs = repo().join("examples/quickstart");
     std::fs::create_dir_all(dir.join("feeds")).unwrap();
@@ -413,6 +414,11 @@ fn quickstart_config(dir: &Path, app_port: u16) -> String {
         .replacen("min_residency_secs = 0", "min_residency_secs = 15", 1)
         .replace("\"*/15 * * * * *\"", "\"*/3 * * * * *\"");
     assert!(config.contains("grace_period_secs = 3"), "{config}");
+    assert_eq!(
+        config.matches("schedule = \"*/5 * * * * *\"").count(),
+        2,
+        "both feeds polled every 5 s: {config}"
+    );
     assert!(config.contains("\"*/3 * * * * *\""), "{config}");
     assert!(config.contains("min_residency_secs = 15"), "{config}");
     config

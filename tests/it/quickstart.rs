@@ -38,7 +38,8 @@ fn the_quickstart_relocates_shop_on_its_own() {
         "build the examples first (`cargo test` does)"
     );
     // The shipped file, with this test's ports and paths, and a shorter grace period. The
-    // evaluation schedule (every 15 s, two confirmations) leaves time to see the source.
+    // evaluations every 15 s, with two confirmations each on new prices (the feeds are
+    // polled every 5 s), leave time to see the source.
     let config = std::fs::read_to_string(dir.path().join("fluidcloud.toml"))
         .unwrap()
         .replace("127.0.0.1:7480", "127.0.0.1:{PORT}")
@@ -105,7 +106,29 @@ fn the_quickstart_relocates_shop_on_its_own() {
         .exists());
     // The decision log and the metrics show it.
     let decisions = d.get("/v1/decisions?service=shop");
-    assert!(decisions.to_string().contains("submitted"), "{decisions}");
+    let submitted = decisions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["outcome"] == "submitted")
+        .unwrap_or_else(|| panic!("no submitted decision in {decisions}"));
+    // Confirmed by two polls with new prices, not by two looks at the same ones.
+    let confirmations = submitted["rails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rail"] == "confirmations")
+        .unwrap();
+    assert_eq!(
+        confirmations["detail"],
+        "2 of 2 consecutive polls with new prices asked for `home-frankfurt`",
+        "{submitted}"
+    );
+    assert!(
+        d.metric("fluidcloud_poll_runs_total{source=\"pricing:home-frankfurt\"}")
+            .unwrap()
+            >= 2.0
+    );
     assert_eq!(
         d.metric("fluidcloud_relocations_finished_total{outcome=\"completed\"}"),
         Some(1.0)

@@ -16,6 +16,11 @@ use crate::model::{bounded_reason, MarketSnapshot, Placements, Verdict};
 use crate::policy::context::{DecisionContext, Market};
 use crate::telemetry::Metrics;
 
+/// When each provider's prices were last polled afresh (a successful poll that did not reuse
+/// a cached download), by provider: what an evaluation knew of the market's news. The
+/// `confirmations` rail counts an evaluation only on prices newer than the last it counted.
+pub type FreshPrices = BTreeMap<String, DateTime<Utc>>;
+
 /// One service's policy evaluation, before the guard rails.
 #[derive(Clone)]
 pub struct Evaluation {
@@ -51,6 +56,9 @@ impl Supervisor {
         let policies = self.loaded.policies.clone();
         let placements = self.placements.clone();
         let market = self.market.clone();
+        // Taken with the snapshot: a poll that lands while the policies run is news to the
+        // next evaluation, not to this one.
+        let fresh = self.fresh_prices.clone();
         let metrics = self.metrics.clone();
         let tx = self.commands_tx.clone();
         let now = self.clock.now();
@@ -60,7 +68,7 @@ impl Supervisor {
             metrics
                 .policy_tick_duration
                 .observe(started.elapsed().as_secs_f64());
-            let _ = tx.blocking_send(Command::EvaluationDone(evals));
+            let _ = tx.blocking_send(Command::EvaluationDone(evals, fresh));
         });
     }
 }

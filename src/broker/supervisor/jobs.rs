@@ -342,8 +342,10 @@ impl Supervisor {
                         src.max_price_drop_ratio,
                         src.price_drop_confirmations,
                     );
-                    // A cached copy saw nothing new: the shocks known stay as they were.
+                    // A cached copy saw nothing new: the shocks known stay as they were, and
+                    // it confirms no relocation.
                     if !out.from_cache {
+                        self.fresh_prices.insert(provider.clone(), now);
                         if shocks.is_empty() {
                             market.price_shocks.remove(&provider);
                         } else {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::evaluation::Evaluation;
+use super::evaluation::{Evaluation, FreshPrices};
 use super::jobs::Job;
 use super::views::ServiceStatus;
 use crate::broker::decisions::Decision;
@@ -25,7 +25,8 @@ pub enum Command {
         started: Instant,
         result: PollResult,
     },
-    EvaluationDone(Vec<Evaluation>),
+    /// One tick's evaluations, and when the prices they saw were polled.
+    EvaluationDone(Vec<Evaluation>, FreshPrices),
     Services(oneshot::Sender<Vec<ServiceStatus>>),
     Decisions {
         query: DecisionQuery,

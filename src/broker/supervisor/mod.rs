@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 use tokio_cron_scheduler::{JobScheduler, JobSchedulerError};
 use tokio_util::sync::CancellationToken;
 
-pub use evaluation::{evaluate_all, Evaluation};
+pub use evaluation::{evaluate_all, Evaluation, FreshPrices};
 pub use jobs::{Job, Stopped, SHUTDOWN_BOUND};
 pub use loader::{compile_policies, Loaded, Policies};
 pub use messages::{ApiError, BrokerHandle, Command, DecisionQuery, PollResult, Readiness};
@@ -73,6 +73,9 @@ pub enum BrokerError {
 pub struct Supervisor {
     loaded: Loaded,
     market: Arc<MarketSnapshot>,
+    /// When each provider's prices were last polled afresh: the news the `confirmations`
+    /// rail waits for.
+    fresh_prices: FreshPrices,
     market_tx: watch::Sender<Arc<MarketSnapshot>>,
     commands_tx: mpsc::Sender<Command>,
     commands: mpsc::Receiver<Command>,
@@ -172,6 +175,7 @@ impl Supervisor {
         let mut s = Supervisor {
             loaded,
             market,
+            fresh_prices: FreshPrices::new(),
             market_tx,
             commands_tx,
             commands,
@@ -255,6 +259,7 @@ impl Supervisor {
         market.offers.retain(|k, _| providers.contains(k));
         market.io.retain(|k, _| providers.contains(k));
         market.price_shocks.retain(|k, _| providers.contains(k));
+        self.fresh_prices.retain(|k, _| providers.contains(k));
         let priced: BTreeSet<_> = self
             .config()
             .providers
@@ -344,7 +349,7 @@ impl Supervisor {
                 started,
                 result,
             } => self.finish_poll(job, started, result),
-            Command::EvaluationDone(evals) => self.apply(evals),
+            Command::EvaluationDone(evals, fresh) => self.apply(evals, &fresh),
             Command::Services(reply) => {
                 self.refresh_placements();
                 let _ = reply.send(self.services());

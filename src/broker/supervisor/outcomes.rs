@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 
 use super::costs::{export_costs, CostSeries};
-use super::evaluation::Evaluation;
+use super::evaluation::{Evaluation, FreshPrices};
 use super::jobs::Job;
 use super::{placed_at, Supervisor};
 use crate::broker::decisions::{Decision, Outcome, ProposedPlan};
-use crate::broker::guard::{self, Proposal, RailVerdict};
+use crate::broker::guard::{self, Proposal, RailVerdict, Streak};
 use crate::broker::shock;
 use crate::conduit::{ConduitError, Relocation, RelocationRequest};
 use crate::config::{BrokerSettings, Config, Mode};
@@ -18,8 +18,9 @@ use crate::model::Verdict;
 
 /// What the rails and the mode made of one evaluation.
 enum Judged {
-    /// Final: logged as it is.
-    Decided(Decision),
+    /// Final: logged as it is. The flag says whether it collected a new confirmation: such
+    /// a decision is logged even when it says what the last one said.
+    Decided(Decision, bool),
     /// Passed every rail and is to be acted on (audited, proposed or submitted), subject to
     /// the tick's safety belt and budgets.
     Passed(Decision),
@@ -31,11 +32,14 @@ struct Tick<'a> {
     now: DateTime<Utc>,
     /// Services with a relocation in progress.
     relocating: &'a BTreeSet<String>,
+    /// When the prices the evaluations saw were polled.
+    fresh: &'a FreshPrices,
 }
 
 impl Supervisor {
-    /// Applies guard rails and modes to one tick's evaluations, logs and acts.
-    pub(super) fn apply(&mut self, evals: Vec<Evaluation>) {
+    /// Applies guard rails and modes to one tick's evaluations, made on prices polled when
+    /// `fresh` says, logs and acts.
+    pub(super) fn apply(&mut self, evals: Vec<Evaluation>, fresh: &FreshPrices) {
         self.busy.remove(&Job::Evaluate);
         self.refresh_placements();
         self.evaluated_once = true;
@@ -56,12 +60,13 @@ impl Supervisor {
             config: &config,
             now,
             relocating: &relocating,
+            fresh,
         };
-        let mut decisions: Vec<Decision> = Vec::new();
+        let mut decisions: Vec<(Decision, bool)> = Vec::new();
         let mut passed: Vec<Decision> = Vec::new();
         for ev in evals {
             match self.judge(ev, &tick) {
-                Some(Judged::Decided(d)) => decisions.push(d),
+                Some(Judged::Decided(d, confirmed)) => decisions.push((d, confirmed)),
                 Some(Judged::Passed(d)) => passed.push(d),
                 None => {}
             }
@@ -80,10 +85,10 @@ impl Supervisor {
             if d.outcome == Outcome::Submitted {
                 self.submit_within_budgets(&mut d, &config.broker, now);
             }
-            decisions.push(d);
+            decisions.push((d, false));
         }
-        for d in decisions {
-            self.record(d, now);
+        for (d, confirmed) in decisions {
+            self.record(d, confirmed, now);
         }
         self.save_state();
         self.metrics
@@ -131,15 +136,15 @@ impl Supervisor {
         let memory = self.state.services.entry(ev.service.clone()).or_default();
         let (target, compulsory) = match &ev.verdict {
             Err(e) => {
-                memory.observe(None);
+                memory.reset_streak();
                 d.outcome = Outcome::Error;
                 d.error = Some(e.clone());
-                return Some(Judged::Decided(d));
+                return Some(Judged::Decided(d, false));
             }
             Ok(v @ Verdict::Stay { .. }) => {
-                memory.observe(None);
+                memory.reset_streak();
                 d.verdict = Some(v.clone());
-                return Some(Judged::Decided(d));
+                return Some(Judged::Decided(d, false));
             }
             Ok(
                 v @ Verdict::Relocate {
@@ -152,7 +157,13 @@ impl Supervisor {
                 (provider.as_str(), *compulsory)
             }
         };
-        let streak = memory.observe(Some(target));
+        // News is a fresh poll of either end of the move; the target may be unknown (then
+        // other rails refuse it).
+        let prices_at = [at.as_str(), target]
+            .iter()
+            .filter_map(|p| tick.fresh.get(*p).copied())
+            .max();
+        let streak: Streak = memory.observe(Some(target), prices_at);
         let memory = memory.clone();
         let figures = ev.targets.get(target).copied();
         let target_known = if target == at {
@@ -192,7 +203,7 @@ impl Supervisor {
         if let Some(r) = guard::first_refusal(&d.rails) {
             d.outcome = Outcome::Suppressed;
             d.suppressed_by = Some(r.rail.clone());
-            return Some(Judged::Decided(d));
+            return Some(Judged::Decided(d, streak.counted));
         }
         d.outcome = match policy.mode {
             Mode::Audit => Outcome::Audited,
@@ -217,7 +228,7 @@ impl Supervisor {
                         "conduit_refused",
                         format!("no plan can be made: {e}"),
                     );
-                    return Some(Judged::Decided(d));
+                    return Some(Judged::Decided(d, false));
                 }
             }
         }
@@ -237,8 +248,7 @@ impl Supervisor {
             (Some(since), Some(known)) if known >= since => {}
             (Some(since), _) => {
                 memory.placed_since = Some(since);
-                memory.streak_target = None;
-                memory.streak = 0;
+                memory.reset_streak();
             }
             (None, None) => memory.placed_since = Some(now),
             (None, Some(_)) => {}
@@ -309,8 +319,9 @@ impl Supervisor {
         }
     }
 
-    /// Counts, logs (when it says something new) and remembers one decision.
-    fn record(&mut self, mut d: Decision, now: DateTime<Utc>) {
+    /// Counts, logs (when it says something new, or collected a confirmation) and remembers
+    /// one decision.
+    fn record(&mut self, mut d: Decision, confirmed: bool, now: DateTime<Utc>) {
         self.metrics
             .decisions
             .with_label_values(&[d.outcome.as_str()])
@@ -319,7 +330,9 @@ impl Supervisor {
             self.metrics.suppressions.with_label_values(&[r]).inc();
         }
         let key = log_key(&d);
-        let streak_progress = d.suppressed_by.as_deref() == Some("confirmations");
+        // Each confirmation collected is logged; the evaluations that wait for new prices
+        // in between say nothing new.
+        let streak_progress = confirmed && d.suppressed_by.as_deref() == Some("confirmations");
         // A decision that already has its id was handed to the conduit under it: it is
         // always logged, so every relocation has its decision.
         if d.id.is_empty() {
@@ -418,8 +431,7 @@ impl Supervisor {
                 self.relocation_starts.push(now);
                 let m = self.state.services.entry(d.service.clone()).or_default();
                 m.last_relocation = Some(now);
-                m.streak_target = None;
-                m.streak = 0;
+                m.reset_streak();
                 Ok(())
             }
             Err(e) => {

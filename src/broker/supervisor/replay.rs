@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::evaluation::evaluate_all;
 use super::jobs::Job;
-use super::messages::PollResult;
+use super::messages::{DecisionQuery, PollResult};
 use super::{BrokerError, Loaded, Seams, Supervisor};
 use crate::broker::clock::{Clock, ManualClock};
+use crate::broker::decisions::{Decision, RECENT_DECISIONS};
 use crate::broker::pricing::PollOutcome;
 use crate::conduit::{Conduit, ConduitError, Relocation, RelocationRequest, RelocationState};
 use crate::model::{Offer, Placement, PlacementBook, PlacementReadError, Placements};
@@ -26,7 +27,7 @@ use crate::telemetry::{Metrics, SUPPRESSION_REASONS};
 
 /// The broker of one configuration on a [`ManualClock`], with a [`RecordingConduit`].
 pub struct Replay {
-    supervisor: Supervisor,
+    pub(super) supervisor: Supervisor,
     clock: Arc<ManualClock>,
     conduit: Arc<RecordingConduit>,
     metrics: Arc<Metrics>,
@@ -70,9 +71,18 @@ impl Replay {
     /// Takes a fresh download of `provider`'s price feed that produced `offers`, as its
     /// poller would report it.
     pub fn poll_prices(&mut self, provider: &str, offers: Vec<Offer>) {
+        self.finish_pricing_poll(provider, offers, false);
+    }
+
+    /// Takes a poll of `provider`'s price feed that reused its cached download.
+    pub fn poll_cached_prices(&mut self, provider: &str, offers: Vec<Offer>) {
+        self.finish_pricing_poll(provider, offers, true);
+    }
+
+    fn finish_pricing_poll(&mut self, provider: &str, offers: Vec<Offer>, from_cache: bool) {
         let outcome = PollOutcome {
             offers,
-            from_cache: false,
+            from_cache,
             bytes_read: 0,
             rejected: Vec::new(),
         };
@@ -96,7 +106,8 @@ impl Replay {
             &s.metrics,
             s.clock.now(),
         );
-        s.apply(evals);
+        let fresh = s.fresh_prices.clone();
+        s.apply(evals, &fresh);
     }
 
     /// Where `service` runs now.
@@ -125,6 +136,14 @@ impl Replay {
             })
             .filter(|(_, n)| *n > 0)
             .collect()
+    }
+
+    /// The decisions logged so far (the most recent [`RECENT_DECISIONS`]), oldest first.
+    pub fn decisions(&self) -> Vec<Decision> {
+        self.supervisor.decisions(&DecisionQuery {
+            limit: Some(RECENT_DECISIONS),
+            ..DecisionQuery::default()
+        })
     }
 
     /// Decisions so far by outcome (the `fluidcloud_decisions_total` counters), the outcomes

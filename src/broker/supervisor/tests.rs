@@ -138,13 +138,22 @@ memory_gib = 4
     }
 }
 
-/// Every source fresh, as after a good poll.
+/// Every source fresh, and every provider's prices new, as after a good poll.
 fn fresh(s: &mut Supervisor) {
     let mut market = (*s.market).clone();
     for st in market.sources.values_mut() {
         st.last_success = Some(Utc::now());
     }
     s.publish(market);
+    for p in ["a", "b"] {
+        s.fresh_prices.insert(p.into(), Utc::now());
+    }
+}
+
+/// Applies one tick's evaluations, made on the prices the supervisor knows.
+fn apply(s: &mut Supervisor, evals: Vec<Evaluation>) {
+    let fresh = s.fresh_prices.clone();
+    s.apply(evals, &fresh);
 }
 
 fn wants_b(provider: &str) -> Evaluation {
@@ -183,7 +192,7 @@ async fn an_enforced_relocation_that_passes_the_rails_is_submitted_and_logged() 
     let bench = Bench::new();
     let mut s = bench.supervisor(Some("http://127.0.0.1:9"));
     fresh(&mut s);
-    s.apply(vec![wants_b("a")]);
+    apply(&mut s, vec![wants_b("a")]);
     let submitted = bench.conduit.relocations();
     assert_eq!(submitted.len(), 1);
     assert_eq!(
@@ -203,7 +212,7 @@ async fn an_enforced_relocation_that_passes_the_rails_is_submitted_and_logged() 
     );
     assert_eq!(logged[0].id, submitted[0].id);
     // The next tick finds it relocating (and cooling down): nothing more is submitted.
-    s.apply(vec![wants_b("a")]);
+    apply(&mut s, vec![wants_b("a")]);
     assert_eq!(bench.conduit.relocations().len(), 1);
     let last = s.decisions(&DecisionQuery::default()).pop().unwrap();
     assert_eq!(last.outcome, Outcome::Suppressed);
@@ -217,7 +226,7 @@ async fn an_enforced_relocation_that_passes_the_rails_is_submitted_and_logged() 
 async fn stale_market_data_suppresses_a_relocation() {
     let bench = Bench::new();
     let mut s = bench.supervisor(Some("http://127.0.0.1:9"));
-    s.apply(vec![wants_b("a")]);
+    apply(&mut s, vec![wants_b("a")]);
     assert!(bench.conduit.relocations().is_empty());
     let d = s.decisions(&DecisionQuery::default()).pop().unwrap();
     assert_eq!(d.suppressed_by.as_deref(), Some("stale_data"));
@@ -302,7 +311,9 @@ async fn after_a_relocation_the_service_is_evaluated_and_shown_at_its_new_provid
 async fn a_relocation_committed_since_the_last_look_restarts_residency_and_streak() {
     let bench = Bench::new();
     let mut s = bench.supervisor(Some("http://127.0.0.1:9"));
-    s.apply(vec![wants_b("a")]);
+    // New prices, but too old a market to act on: the wish is held and remembered.
+    s.fresh_prices.insert("b".into(), Utc::now());
+    apply(&mut s, vec![wants_b("a")]);
     let before = s.state.services["shop"].clone();
     assert_eq!(before.streak, 1);
     bench.place("shop", "b");
@@ -313,7 +324,7 @@ async fn a_relocation_committed_since_the_last_look_restarts_residency_and_strea
         compulsory: false,
     });
     at_b.targets = BTreeMap::from([("a".to_string(), (50.0, 10.0))]);
-    s.apply(vec![at_b]);
+    apply(&mut s, vec![at_b]);
     let after = &s.state.services["shop"];
     assert_eq!(
         after.placed_since,
@@ -520,4 +531,106 @@ fn a_tick_that_changes_nothing_does_not_write_the_state_again() {
     r.advance(Duration::from_secs(60));
     r.evaluate();
     assert!(!file.exists(), "written again although nothing changed");
+}
+
+/// Regression: `confirmations` counted evaluations, so with prices polled hourly and
+/// policies evaluated every minute a price that held for one poll was confirmed.
+#[test]
+fn confirmations_count_polls_with_new_prices_not_evaluations() {
+    let bench = Bench::new();
+    let path = bench.write_config(Some("http://127.0.0.1:9"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("confirmations = 1", "confirmations = 3");
+    std::fs::write(&path, text).unwrap();
+    let loaded = Loaded::from_file(&path).unwrap();
+    let mut r = Replay::new(loaded, "2026-06-01T00:00:00Z".parse().unwrap()).unwrap();
+    let minute = Duration::from_secs(60);
+    let a = || vec![offer("a", 0.10)];
+    let b = || vec![offer("b", 0.05)];
+    let confirmations = |r: &Replay| {
+        r.decisions()
+            .iter()
+            .filter(|d| d.suppressed_by.as_deref() == Some("confirmations"))
+            .map(|d| {
+                let rail = d.rails.iter().find(|v| v.rail == "confirmations").unwrap();
+                rail.detail.clone()
+            })
+            .collect::<Vec<_>>()
+    };
+    r.poll_prices("a", a());
+    r.poll_prices("b", b());
+    for _ in 0..60 {
+        r.advance(minute);
+        r.evaluate();
+    }
+    // An hour of evaluations of one poll's prices is one confirmation, logged once.
+    assert!(r.relocations().is_empty());
+    assert_eq!(
+        r.suppressions(),
+        BTreeMap::from([("confirmations".into(), 60)])
+    );
+    assert_eq!(
+        confirmations(&r),
+        ["1 of 3 consecutive polls with new prices asked for `b`; the next confirmation waits for new prices (polled after 2026-06-01T00:00:00Z)"]
+    );
+    // A poll that reused its cached download is no news.
+    r.poll_cached_prices("a", a());
+    r.poll_cached_prices("b", b());
+    r.advance(minute);
+    r.evaluate();
+    assert_eq!(confirmations(&r).len(), 1);
+    assert_eq!(r.supervisor.state.services["shop"].streak, 1);
+    // A fresh poll of the target is, and so is one of where the service runs.
+    r.poll_prices("b", b());
+    r.advance(minute);
+    r.evaluate();
+    assert_eq!(r.supervisor.state.services["shop"].streak, 2);
+    assert!(r.relocations().is_empty());
+    r.advance(minute);
+    r.evaluate();
+    r.poll_prices("a", a());
+    r.advance(minute);
+    r.evaluate();
+    assert_eq!(r.relocations().len(), 1, "{:?}", confirmations(&r));
+    let logged: Vec<Outcome> = r.decisions().iter().map(|d| d.outcome).collect();
+    assert_eq!(
+        logged,
+        [Outcome::Suppressed, Outcome::Suppressed, Outcome::Submitted]
+    );
+    let submitted = r.decisions().pop().unwrap();
+    let rail = submitted
+        .rails
+        .iter()
+        .find(|v| v.rail == "confirmations")
+        .unwrap();
+    assert_eq!(
+        rail.detail,
+        "3 of 3 consecutive polls with new prices asked for `b`"
+    );
+}
+
+#[test]
+fn a_stay_between_two_polls_starts_the_confirmations_again() {
+    let bench = Bench::new();
+    let path = bench.write_config(Some("http://127.0.0.1:9"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("confirmations = 1", "confirmations = 2");
+    std::fs::write(&path, text).unwrap();
+    let loaded = Loaded::from_file(&path).unwrap();
+    let mut r = Replay::new(loaded, "2026-06-01T00:00:00Z".parse().unwrap()).unwrap();
+    let hour = Duration::from_secs(3600);
+    for (poll, b) in [0.05, 0.10, 0.05, 0.10].into_iter().enumerate() {
+        r.poll_prices("a", vec![offer("a", 0.10)]);
+        r.poll_prices("b", vec![offer("b", b)]);
+        r.advance(hour);
+        r.evaluate();
+        assert_eq!(
+            r.supervisor.state.services["shop"].streak,
+            u32::from(poll % 2 == 0),
+            "poll {poll}"
+        );
+    }
+    assert!(r.relocations().is_empty());
 }
