@@ -130,8 +130,11 @@ pub(crate) fn cache_path(cache_dir: &Path, key: &str, extension: &str) -> PathBu
     cache_dir.join(format!("pricing-{}.{extension}", hash.to_hex()))
 }
 
-/// Whether `path` exists and was written less than `ttl` ago.
+/// Whether `path` exists and was written less than `ttl` ago, less a twentieth: a feed
+/// polled on a schedule as long as its ttl (hourly, the defaults) finds the download of the
+/// poll before a few seconds short of the ttl, and must fetch anew rather than reuse it.
 pub(crate) async fn is_fresh(path: &Path, ttl: Duration) -> bool {
+    let ttl = ttl - ttl / 20;
     if ttl.is_zero() {
         return false;
     }
@@ -424,6 +427,24 @@ async fn remove_abandoned_parts(dest: &Path, timeout: Duration) {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn a_download_as_old_as_the_poll_schedule_is_fetched_anew_not_reused() {
+        // Hourly polls with the default hourly ttl: the previous poll's download is found
+        // a few seconds short of an hour old.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feed.json");
+        std::fs::write(&path, "{}").unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        let hour = Duration::from_secs(3600);
+        file.set_modified(SystemTime::now() - (hour - Duration::from_secs(3)))
+            .unwrap();
+        assert!(!is_fresh(&path, hour).await, "reused an hour-old download");
+        file.set_modified(SystemTime::now() - Duration::from_secs(600))
+            .unwrap();
+        assert!(is_fresh(&path, hour).await);
+        assert!(!is_fresh(&path, Duration::ZERO).await);
+    }
     use super::*;
 
     fn headers(value: &str) -> HeaderMap {
