@@ -5,8 +5,8 @@
 # recovery time, and where the kills landed. Results are written to RELIABILITY.md's
 # "Crash suite" section by hand.
 #
-#   scripts/reliability.sh                      # 50 runs with a 256 MiB volume
-#   FLUIDCLOUD_CRASH_RUNS=100 FLUIDCLOUD_CRASH_MIB=512 scripts/reliability.sh
+#   scripts/reliability.sh                      # 50 runs with a 512 MiB volume
+#   FLUIDCLOUD_CRASH_RUNS=100 FLUIDCLOUD_CRASH_MIB=1024 scripts/reliability.sh
 #   FLUIDCLOUD_CRASH_SEED=1234 FLUIDCLOUD_CRASH_RUNS=1 scripts/reliability.sh   # replay a run
 #
 # The run log (each run's seed, process, delay, landing and outcome) is kept in
@@ -24,7 +24,7 @@ if ! command -v qemu-img >/dev/null; then
 fi
 
 export FLUIDCLOUD_CRASH_RUNS="${FLUIDCLOUD_CRASH_RUNS:-50}"
-export FLUIDCLOUD_CRASH_MIB="${FLUIDCLOUD_CRASH_MIB:-256}"
+export FLUIDCLOUD_CRASH_MIB="${FLUIDCLOUD_CRASH_MIB:-512}"
 log="${FLUIDCLOUD_CRASH_LOG:-$(mktemp "${TMPDIR:-/tmp}/crash-suite.XXXXXX.log")}"
 
 echo "crash suite: $FLUIDCLOUD_CRASH_RUNS runs, volume $FLUIDCLOUD_CRASH_MIB MiB, log $log" >&2
