@@ -149,6 +149,19 @@ pub(super) async fn drive(inner: Arc<Shared>, id: String, resumed: bool) {
     }
     let plan = match read_plan(&inner, &id) {
         Ok(p) => p,
+        // The relocation and its plan are journalled by two writes: a process killed between
+        // them leaves one that never started, with nothing to undo.
+        Err(PlanReadError::Missing)
+            if record.steps.iter().all(|s| s.state == StepState::Pending) =>
+        {
+            let _ = inner.journal.set_state(
+                &id,
+                RelocationState::RolledBack,
+                "not started: the process stopped before its plan was journalled",
+            );
+            count_finished(&inner, "rolled_back");
+            return;
+        }
         Err(e) => {
             let detail = format!("cannot read its plan from the journal: {e}");
             tracing::error!("Relocation {id}: {detail}.");

@@ -36,6 +36,17 @@ fn shop(
     bucket_key: &str,
     bucket: impl FnOnce(Section) -> Section,
 ) -> Service {
+    shop_sized(s, app_port, bucket_key, 0.0625, bucket)
+}
+
+/// `shop` with a volume of `volume_gib`.
+fn shop_sized(
+    s: Service,
+    app_port: u16,
+    bucket_key: &str,
+    volume_gib: f64,
+    bucket: impl FnOnce(Section) -> Section,
+) -> Service {
     s.app(
         "web",
         &demo_app().display().to_string(),
@@ -56,30 +67,41 @@ fn shop(
             ),
         ],
     )
-    .volume("data", 0.0625)
+    .volume("data", volume_gib)
     .component("bucket", "assets", |c| bucket(c.set("size_gib", 0.01)))
 }
 
-struct Setup {
+pub(crate) struct Setup {
     dir: tempfile::TempDir,
-    config: ConfigBuilder,
+    pub(crate) config: ConfigBuilder,
     app_port: u16,
 }
 
 impl Setup {
-    fn new(target_format: &str) -> Setup {
+    pub(crate) fn new(target_format: &str) -> Setup {
         Setup::with_formats("raw", target_format)
     }
 
     fn with_formats(source_format: &str, target_format: &str) -> Setup {
+        Setup::build(source_format, target_format, 64, 8)
+    }
+
+    /// Raw volumes of `volume_mib`, all of it filled with the app's data.
+    pub(crate) fn with_volume(volume_mib: u64) -> Setup {
+        Setup::build("raw", "raw", volume_mib, volume_mib)
+    }
+
+    fn build(source_format: &str, target_format: &str, volume_mib: u64, seed_mib: u64) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let app_port = free_port();
         std::fs::write(
             dir.path().join("demo.toml.in"),
-            "listen = \"{app.web.host}:{app.web.port}\"\n\
-             data_file = \"{volume.data.path}\"\n\
-             bucket_dir = \"{bucket.assets.path}\"\n\
-             seed_mib = 8\n",
+            format!(
+                "listen = \"{{app.web.host}}:{{app.web.port}}\"\n\
+                 data_file = \"{{volume.data.path}}\"\n\
+                 bucket_dir = \"{{bucket.assets.path}}\"\n\
+                 seed_mib = {seed_mib}\n"
+            ),
         )
         .unwrap();
         let config = ConfigBuilder::new()
@@ -92,7 +114,7 @@ impl Setup {
             .provider_local_with("b", "eu-central-1", |p| p.disk_format(target_format))
             .policy("watch", "cheapest", "audit", |p| p)
             .service("shop", "a", "watch", |s| {
-                shop(s, app_port, "bucket_dir", |b| b)
+                shop_sized(s, app_port, "bucket_dir", volume_mib as f64 / 1024.0, |b| b)
                     .health_url(&format!("http://127.0.0.1:{app_port}/health"), 20)
             });
         Setup {
@@ -102,15 +124,15 @@ impl Setup {
         }
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
-    fn daemon(&self) -> Daemon {
+    pub(crate) fn daemon(&self) -> Daemon {
         Daemon::start(self.dir.path(), &self.config.render())
     }
 
-    fn app(&self, path: &str) -> Option<String> {
+    pub(crate) fn app(&self, path: &str) -> Option<String> {
         let url = format!("http://127.0.0.1:{}{path}", self.app_port);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -130,7 +152,7 @@ impl Setup {
         })
     }
 
-    fn wait_app(&self, path: &str) -> String {
+    pub(crate) fn wait_app(&self, path: &str) -> String {
         for _ in 0..200 {
             if let Some(body) = self.app(path) {
                 return body;
@@ -141,7 +163,7 @@ impl Setup {
     }
 
     /// Runs `fluidcloud relocate`, optionally killing itself at `kill_at`.
-    fn relocate(&self, to: &str, kill_at: Option<&str>) -> std::process::Output {
+    pub(crate) fn relocate(&self, to: &str, kill_at: Option<&str>) -> std::process::Output {
         let mut cmd = Command::new(bin());
         cmd.args(["relocate", "--quiet", "--config"])
             .arg(self.dir.path().join("fluidcloud.toml"))
@@ -170,7 +192,7 @@ impl Drop for Setup {
 
 /// Deploys the service on `a` through the daemon, fills its bucket, and returns the data
 /// hash and bucket listing the app serves.
-fn deploy(s: &Setup) -> (String, String) {
+pub(crate) fn deploy(s: &Setup) -> (String, String) {
     let mut d = s.daemon();
     let hash = s.wait_app("/hash");
     let bucket = s.path("providers/a/buckets/shop/assets");
@@ -199,7 +221,13 @@ fn relocations(d: &mut Daemon) -> Value {
 
 /// The service is whole: either on `b` with the same data and the source gone, or on `a`
 /// untouched with nothing left on `b`.
-fn assert_consistent(s: &Setup, hash: &str, listing: &str, outcome: &str, context: &str) {
+pub(crate) fn assert_consistent(
+    s: &Setup,
+    hash: &str,
+    listing: &str,
+    outcome: &str,
+    context: &str,
+) {
     let served = s.wait_app("/hash");
     assert_eq!(served, hash, "{context}: the app serves other data");
     assert_eq!(s.wait_app("/bucket"), listing, "{context}: bucket differs");
@@ -793,7 +821,7 @@ fn a_bucket_holding_links_is_refused_at_preflight_and_what_was_not_copied_is_nev
 }
 
 /// Asks the daemon to relocate `shop` to `to`; returns the relocation's id.
-fn relocate_by_hand(d: &Daemon, to: &str) -> String {
+pub(crate) fn relocate_by_hand(d: &Daemon, to: &str) -> String {
     let (status, body) = d
         .raw(
             "POST",

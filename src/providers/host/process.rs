@@ -6,7 +6,7 @@
 //! Exits are awaited through a pidfd, which works for processes this daemon did not start
 //! (adopted after a restart) as well as for its own children, which it then reaps.
 
-use std::ffi::OsString;
+use std::ffi::{CStr, CString, OsString};
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -148,17 +148,30 @@ pub(crate) fn spawn(
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
+    // The child writes its own pid file before it becomes the app: a daemon killed at any
+    // moment after the fork leaves a pid file the next one adopts the app by, never an app
+    // that runs unknown (and holds its port) after a rollback removed its directory.
+    let pid_file = path_cstring(&app_dir.join("pid"))?;
+    let pid_tmp = path_cstring(&app_dir.join(".pid.spawn"))?;
     // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe
-    // calls are allowed; setsid is one (a single system call), allocates nothing and
-    // touches no memory shared with the parent. std has no safe way to start a session
+    // calls are allowed; setsid and the calls `write_own_pid_file` makes are system calls on
+    // the stack and on paths built before the fork: nothing is allocated and no memory
+    // shared with the parent is touched. std has no safe way to start a session
     // (`process_group` would leave the app in the daemon's session).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             rustix::process::setsid()?;
-            Ok(())
+            write_own_pid_file(&pid_tmp, &pid_file)
         });
     }
-    let child = cmd.spawn()?;
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            // The pid file may name the child that failed to exec.
+            let _ = std::fs::remove_file(app_dir.join("pid"));
+            return Err(e);
+        }
+    };
     let pid = child.id();
     // The child is reaped through its pidfd (see `wait_exit`) like an adopted process, so
     // the handle is not kept.
@@ -168,6 +181,71 @@ pub(crate) fn spawn(
             "process {pid} vanished before its start time could be read"
         ))
     })
+}
+
+fn path_cstring(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// Writes `PID START_TIME` of the calling process to `tmp`, then renames it to `path`. Runs
+/// in a forked child before exec: system calls and the stack only, no allocation (errors
+/// are plain errnos).
+fn write_own_pid_file(tmp: &CStr, path: &CStr) -> io::Result<()> {
+    use rustix::fs::{fsync, open, rename, Mode, OFlags};
+    use rustix::io::{read, write, Errno};
+    let stat = open(
+        c"/proc/self/stat",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut buf = [0u8; 1024];
+    let mut len = 0;
+    while len < buf.len() {
+        match read(&stat, &mut buf[len..])? {
+            0 => break,
+            n => len += n,
+        }
+    }
+    let text = &buf[..len];
+    // As in `parse_stat`: field 22 (the start time) is the 20th after the last `)`.
+    let close = text.iter().rposition(|&b| b == b')').ok_or(Errno::INVAL)?;
+    let start = text[close + 1..]
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|f| !f.is_empty())
+        .nth(19)
+        .filter(|f| f.len() <= 20)
+        .ok_or(Errno::INVAL)?;
+    let mut line = [0u8; 64];
+    let mut n = 0;
+    let mut digits = [0u8; 20];
+    let mut pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    let mut d = digits.len();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    for part in [&digits[d..], b" ", start, b"\n"] {
+        line[n..n + part.len()].copy_from_slice(part);
+        n += part.len();
+    }
+    let fd = open(
+        tmp,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )?;
+    let mut written = 0;
+    while written < n {
+        written += write(&fd, &line[written..n])?;
+    }
+    fsync(&fd)?;
+    drop(fd);
+    rename(tmp, path)?;
+    Ok(())
 }
 
 fn open_log(path: &Path) -> io::Result<std::fs::File> {
@@ -321,6 +399,52 @@ mod tests {
             !other.is_running(),
             "a different start time is another process"
         );
+    }
+
+    /// A daemon killed between starting an app and writing its pid file left the app
+    /// running unknown: the next daemon could not adopt it, the rollback removed its
+    /// directory, and the orphan kept the port the source app needed to start again.
+    #[test]
+    fn an_app_has_its_pid_file_before_it_runs_so_a_killed_daemon_orphans_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = AppSpec {
+            name: "web".to_string(),
+            command: "sh".to_string(),
+            args: vec!["-c".to_string(), "cat pid > seen".to_string()],
+            env: Default::default(),
+            workdir: None,
+            port: None,
+        };
+        let path = [(OsString::from("PATH"), std::env::var_os("PATH").unwrap())];
+        let id = spawn(&spec, dir.path(), dir.path(), &path).unwrap();
+        let seen = dir.path().join("seen");
+        for _ in 0..200 {
+            if !id.is_running() && seen.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        // What the app saw when it started is the pid file naming it.
+        assert_eq!(std::fs::read_to_string(&seen).unwrap(), id.to_pid_file());
+        let _ = waitpid(
+            Some(Pid::from_raw(id.pid as i32).unwrap()),
+            WaitOptions::NOHANG,
+        );
+    }
+
+    #[test]
+    fn a_command_that_cannot_start_leaves_no_pid_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = AppSpec {
+            name: "web".to_string(),
+            command: "/nonexistent/app".to_string(),
+            args: vec![],
+            env: Default::default(),
+            workdir: None,
+            port: None,
+        };
+        assert!(spawn(&spec, dir.path(), dir.path(), &[]).is_err());
+        assert!(!dir.path().join("pid").exists());
     }
 
     #[test]
