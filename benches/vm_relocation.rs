@@ -170,11 +170,12 @@ fn template(dir: &Path, mib: u64) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-async fn wait_serving(dir: &Path, limit: Duration) -> Result<Duration, String> {
+/// Waits until the guest answers `/health` at `provider`; returns how long that took.
+async fn wait_serving(dir: &Path, provider: &str, limit: Duration) -> Result<Duration, String> {
     let started = Instant::now();
     let client = reqwest::Client::new();
     loop {
-        if let Some(port) = port_at(dir, "q1") {
+        if let Some(port) = port_at(dir, provider) {
             let url = format!("http://127.0.0.1:{port}/health");
             if let Ok(r) = client
                 .get(&url)
@@ -188,9 +189,11 @@ async fn wait_serving(dir: &Path, limit: Duration) -> Result<Duration, String> {
             }
         }
         if started.elapsed() > limit {
-            return Err(format!("the guest did not serve within {limit:?}"));
+            return Err(format!(
+                "the guest did not serve at {provider} within {limit:?}"
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -277,7 +280,7 @@ fn round(
             .deploy("box", "q1")
             .await
             .map_err(|e| format!("cannot deploy: {e}"))?;
-        let boot = wait_serving(&dir, Duration::from_secs(300)).await?;
+        let boot = wait_serving(&dir, "q1", Duration::from_secs(300)).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let client = poll(dir.clone(), stop.clone());
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -301,8 +304,13 @@ fn round(
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if record.is_ok() {
-            wait_target(&dir, Duration::from_secs(300)).await;
+        if record.is_ok()
+            && wait_serving(&dir, "q2", Duration::from_secs(300))
+                .await
+                .is_ok()
+        {
+            // A few more polls after the target's first answer.
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         stop.store(true, Ordering::Relaxed);
         let (gap, reached) = client.join().map_err(|_| "the client panicked")?;
@@ -355,30 +363,6 @@ fn round(
             + output_u64(&record, "migrate:", "memory_bytes")
             + output_u64(&record, "migrate:", "disk_bytes"),
     })
-}
-
-/// Waits until the guest answers at the target.
-async fn wait_target(dir: &Path, limit: Duration) {
-    let started = Instant::now();
-    let client = reqwest::Client::new();
-    while started.elapsed() < limit {
-        if let Some(port) = port_at(dir, "q2") {
-            let url = format!("http://127.0.0.1:{port}/health");
-            if let Ok(r) = client
-                .get(&url)
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-            {
-                if r.status().is_success() {
-                    // A few more polls after the first answer.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    return;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn main() -> ExitCode {

@@ -17,7 +17,7 @@ use common::config::{ConfigBuilder, Qemu};
 use common::guest::{self, QemuEnv, FINAL_MARKER, SERVING_MARKER};
 use common::servers::kill_from_pid_file;
 use fluidcloud::config::Config;
-use fluidcloud::providers::{self, Provider, StopOptions, VolumeSpec};
+use fluidcloud::providers::{self, Provider, StopOptions};
 
 const DISK_BYTES: u64 = 32 << 20;
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
@@ -126,38 +126,9 @@ impl Lab {
 
     /// Creates the source disk (half random, half zeros); returns its bytes.
     async fn source_disk(&self, q1: &dyn Provider) -> Vec<u8> {
-        let op = q1
-            .create_volume(
-                "box",
-                &VolumeSpec {
-                    name: "guest".into(),
-                    size_bytes: DISK_BYTES,
-                    format: q1.preferred_disk_format(),
-                },
-            )
-            .await
-            .unwrap();
-        providers::wait_for(q1, &op.id, Duration::from_secs(60))
-            .await
-            .unwrap();
-        let image = q1
-            .volume_info("box", "guest")
-            .await
-            .unwrap()
-            .unwrap()
-            .path
-            .unwrap();
-        let raw = self.path("guest.raw");
         let mut bytes = vec![0u8; DISK_BYTES as usize];
         fastrand::Rng::with_seed(7).fill(&mut bytes[..DISK_BYTES as usize / 2]);
-        std::fs::write(&raw, &bytes).unwrap();
-        let out = Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        guest::write_disk(q1, "box", "guest", &bytes, self.dir.path()).await;
         bytes
     }
 

@@ -15,7 +15,7 @@ use common::guest::{self, QemuEnv, HASH_MARKER, SERVING_MARKER};
 use common::servers::kill_from_pid_file;
 use common::{bin, free_port};
 use fluidcloud::config::Config;
-use fluidcloud::providers::{self, Provider, StopOptions, VolumeSpec};
+use fluidcloud::providers::{self, Provider, StopOptions};
 
 const DISK_BYTES: u64 = 32 << 20;
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
@@ -104,39 +104,10 @@ impl Lab {
     /// Creates the source disk with pseudo-random content; returns its SHA-256 as raw bytes.
     async fn source_disk(&self, config: &Config) -> String {
         let q1 = providers::open(&config.providers["q1"]).unwrap_or_else(|e| panic!("{e}"));
-        let op = q1
-            .create_volume(
-                "box",
-                &VolumeSpec {
-                    name: "guest".into(),
-                    size_bytes: DISK_BYTES,
-                    format: q1.preferred_disk_format(),
-                },
-            )
-            .await
-            .unwrap();
-        providers::wait_for(q1.as_ref(), &op.id, Duration::from_secs(60))
-            .await
-            .unwrap();
-        let image = q1
-            .volume_info("box", "guest")
-            .await
-            .unwrap()
-            .unwrap()
-            .path
-            .unwrap();
-        let raw = self.path("guest.raw");
         let mut bytes = vec![0u8; DISK_BYTES as usize];
         fastrand::Rng::with_seed(42).fill(&mut bytes[..DISK_BYTES as usize / 2]);
-        std::fs::write(&raw, &bytes).unwrap();
-        let out = Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        guest::sha256_file(&raw)
+        guest::write_disk(q1.as_ref(), "box", "guest", &bytes, self.dir.path()).await;
+        guest::sha256_file(&self.dir.path().join("guest.raw"))
     }
 
     fn relocate(&self, to: &str) -> Output {

@@ -334,3 +334,39 @@ pub fn sha256_file(path: &Path) -> String {
         .expect("a hash")
         .to_string()
 }
+
+/// Creates volume `service/name` of `bytes.len()` at `provider` (in its format) and writes
+/// `bytes` into it through `qemu-img` (from a raw copy in `scratch`).
+pub async fn write_disk(
+    provider: &dyn fluidcloud::providers::Provider,
+    service: &str,
+    name: &str,
+    bytes: &[u8],
+    scratch: &Path,
+) {
+    use fluidcloud::providers::{self, VolumeSpec};
+    let op = provider
+        .create_volume(
+            service,
+            &VolumeSpec {
+                name: name.into(),
+                size_bytes: bytes.len() as u64,
+                format: provider.preferred_disk_format(),
+            },
+        )
+        .await
+        .unwrap();
+    providers::wait_for(provider, &op.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let info = provider.volume_info(service, name).await.unwrap().unwrap();
+    let raw = scratch.join(format!("{name}.raw"));
+    std::fs::write(&raw, bytes).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", info.format.as_str()])
+        .arg(&raw)
+        .arg(info.path.unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
