@@ -425,7 +425,9 @@ pub fn downtime(plan: &Plan, record: &RelocationRecord) -> Option<Duration> {
         .iter()
         .zip(&record.steps)
         .filter_map(|(s, r)| match s.action {
-            Action::StopSource { .. } | Action::StopSourceVm { .. } => r.started_at,
+            Action::StopSource { .. }
+            | Action::StopSourceVm { .. }
+            | Action::FinalPassVm { .. } => r.started_at,
             Action::MigrateVm { .. } => {
                 let paused = r
                     .output

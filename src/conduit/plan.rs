@@ -86,6 +86,21 @@ pub fn plan(config: &Config, service: &str, from: &str, to: &str) -> Result<Plan
     build(spec, source, target, mode)
 }
 
+/// Why the disks of a VM cannot be pre-copied from `source` to `target`, if they cannot.
+fn precopy_blocker(source: &config::Provider, target: &config::Provider) -> Option<String> {
+    if source.driver != Driver::Qemu {
+        return Some(format!(
+            "it needs the qemu driver at the source (`{}` uses `{}`)",
+            source.name,
+            source.driver.as_str()
+        ));
+    }
+    if source.agent.is_some() || target.agent.is_some() {
+        return Some("pre-copy between hosts is not available yet".to_string());
+    }
+    None
+}
+
 /// Why a VM of `spec` cannot move live from `source` to `target`, if it cannot.
 fn live_blocker(
     vm: &VmSpec,
@@ -187,6 +202,9 @@ struct Parts<'a> {
     vms: Vec<&'a str>,
     /// VMs moved live; their disks are mirrored, not copied as volumes.
     live: Vec<&'a str>,
+    /// VMs whose disks are pre-copied while they run, with those disks (not copied as
+    /// volumes).
+    precopy: Vec<(&'a str, Vec<VolumePlan>)>,
     /// A VM's disk is the volume named like it: it travels like any volume.
     volumes: Vec<VolumePlan>,
     buckets: Vec<&'a Component>,
@@ -207,6 +225,7 @@ impl<'a> Parts<'a> {
             apps: named(ComponentKind::App),
             vms: named(ComponentKind::Vm),
             live: Vec::new(),
+            precopy: Vec::new(),
             volumes: spec
                 .components
                 .iter()
@@ -263,13 +282,16 @@ fn build(
         steps: Vec::new(),
         notes: Vec::new(),
     };
-    if mode == VmMode::Live {
-        b.choose_live();
+    match mode {
+        VmMode::Live => b.choose_live(),
+        VmMode::Precopy => b.choose_precopy(),
+        VmMode::Cold => {}
     }
     b.preflight();
     let mut precopies = b.precopy_volumes();
     precopies.extend(b.copy_buckets());
     precopies.extend(b.mirror_vms());
+    precopies.extend(b.precopy_vms());
     let mut stops = b.stop_sources(&precopies);
     stops.extend(b.migrate_vms(&precopies));
     let cut_base = or_else(stops, precopies);
@@ -336,6 +358,53 @@ impl Builder<'_> {
         }
     }
 
+    /// Pre-copies the disks of the VMs that can be while they run; the others stay cold,
+    /// with a note saying why.
+    fn choose_precopy(&mut self) {
+        for c in &self.spec.components {
+            let Some(vm) = c.vm() else {
+                continue;
+            };
+            if let Some(why) = precopy_blocker(self.source, self.target) {
+                self.notes.push(format!(
+                    "VM `{}` moves cold: its disks cannot be pre-copied while it runs: {why}",
+                    vm.name
+                ));
+                continue;
+            }
+            self.parts.vms.retain(|v| *v != vm.name);
+            let disks: Vec<&str> = vm.disks().collect();
+            let (moving, rest) = std::mem::take(&mut self.parts.volumes)
+                .into_iter()
+                .partition(|v| disks.contains(&v.name.as_str()));
+            self.parts.volumes = rest;
+            self.parts.precopy.push((c.name.as_str(), moving));
+            self.notes.push(format!(
+                "VM `{}`'s disks are copied while it runs, whatever their format; it powers down only for the last of what it wrote, then boots at `{}`",
+                vm.name, self.target.name
+            ));
+        }
+    }
+
+    /// Copies the disks of each pre-copied VM while it runs.
+    fn precopy_vms(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        for (vm, disks) in self.parts.precopy.clone() {
+            let d = format!(
+                "copy the disks of VM `{vm}` to `{}` ({}) while it runs, in passes over what it wrote since the last",
+                self.target.name,
+                self.target.disk_format.as_str()
+            );
+            let action = Action::PrecopyVm {
+                vm: vm.into(),
+                disks,
+            };
+            let name = format!("precopy:vm:{vm}");
+            names.push(self.push(Phase::Precopy, action, name, vec!["preflight".into()], d));
+        }
+        names
+    }
+
     /// Starts each live VM at the target, waiting, and mirrors its disks there.
     fn mirror_vms(&mut self) -> Vec<String> {
         let mut names = Vec::new();
@@ -383,9 +452,17 @@ impl Builder<'_> {
         names
     }
 
-    /// Ends the paused source emulators of live-moved VMs once the target is committed.
+    /// Ends the paused source emulators of live-moved VMs, and the halted ones of pre-copied
+    /// VMs, once the target is committed.
     fn release_sources(&mut self) {
-        for vm in self.parts.live.clone() {
+        let precopied = self.parts.precopy.iter().map(|(vm, _)| *vm);
+        for vm in self
+            .parts
+            .live
+            .clone()
+            .into_iter()
+            .chain(precopied.collect::<Vec<_>>())
+        {
             let d = format!(
                 "end the paused emulator of VM `{vm}` at `{}` (its disk is kept until the decommission)",
                 self.source.name
@@ -488,6 +565,17 @@ impl Builder<'_> {
             let name = format!("stop-source:vm:{vm}");
             names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
         }
+        for (vm, disks) in self.parts.precopy.clone() {
+            let d = format!(
+                "power VM `{vm}` down at `{source}` (downtime starts; its emulator is kept), copy what it wrote since the last pass, compare the whole disk"
+            );
+            let action = Action::FinalPassVm {
+                vm: vm.into(),
+                disks,
+            };
+            let name = format!("final-pass:vm:{vm}");
+            names.push(self.push(Phase::Cutover, action, name, after.to_vec(), d));
+        }
         names
     }
 
@@ -578,7 +666,14 @@ impl Builder<'_> {
             Some(q) => q.disk_bus.as_str(),
             None => "the provider's bus",
         };
-        for vm in self.parts.vms.clone() {
+        let precopied = self.parts.precopy.iter().map(|(vm, _)| *vm);
+        for vm in self
+            .parts
+            .vms
+            .clone()
+            .into_iter()
+            .chain(precopied.collect::<Vec<_>>())
+        {
             let d = format!(
                 "boot VM `{vm}` at `{target}` ({} disk on {bus})",
                 self.target.disk_format.as_str(),
@@ -598,7 +693,10 @@ impl Builder<'_> {
 
     /// The target must prove healthy: the downtime ends.
     fn health_check(&mut self, after: Vec<String>) -> String {
-        let (apps, vms) = (&self.parts.apps, &self.parts.vms);
+        let apps = &self.parts.apps;
+        let vms: Vec<&str> = (self.parts.vms.iter().copied())
+            .chain(self.parts.precopy.iter().map(|(vm, _)| *vm))
+            .collect();
         let d = match &self.spec.health_check {
             Some(h) => format!(
                 "run the service's health check at `{}` (up to {:?}; downtime ends)",
@@ -659,7 +757,10 @@ impl Builder<'_> {
     }
 
     fn finish(self) -> Plan {
-        let bytes_to_move = self.parts.volumes.iter().map(|v| v.size_bytes).sum::<u64>()
+        let precopied = self.parts.precopy.iter().flat_map(|(_, disks)| disks);
+        let bytes_to_move = (self.parts.volumes.iter().chain(precopied))
+            .map(|v| v.size_bytes)
+            .sum::<u64>()
             + self
                 .parts
                 .moving_buckets()
@@ -897,6 +998,57 @@ size_gib = 1
                 .any(|n| n.contains("moves live") && n.contains("rolls back")),
             "{:?}",
             plan.notes
+        );
+    }
+
+    #[test]
+    fn a_precopied_vm_is_copied_while_it_runs_and_halted_only_for_its_last_writes() {
+        let config = vm_config(|c| c.replace("vm_mode = \"live\"", "vm_mode = \"precopy\""));
+        let plan = plan(&config, "box", "q1", "q2").unwrap();
+        assert_eq!(
+            plan.step_names(),
+            [
+                "preflight",
+                "precopy:volume:data",
+                "precopy:vm:guest",
+                "final-pass:vm:guest",
+                "sync:volume:data",
+                "start-target:vm:guest",
+                "health-check",
+                "commit",
+                "release-source:vm:guest",
+                "decommission",
+            ]
+        );
+        let step = &plan.steps[plan.index_of("precopy:vm:guest").unwrap()];
+        // The VM's disk travels with the VM, not as a volume of its own.
+        let Action::PrecopyVm { disks, .. } = &step.action else {
+            panic!("{step:?}");
+        };
+        assert_eq!(disks.len(), 1);
+        assert_eq!(disks[0].name, "guest");
+        assert!(!plan.step_names().contains(&"precopy:volume:guest"));
+        let after = |name: &str| plan.steps[plan.index_of(name).unwrap()].after.clone();
+        assert_eq!(
+            after("final-pass:vm:guest"),
+            ["precopy:volume:data", "precopy:vm:guest"]
+        );
+        assert!(plan.steps[plan.index_of("final-pass:vm:guest").unwrap()].restores_service());
+
+        // Between hosts it moves cold, and the plan says why.
+        let mut across = config;
+        across.providers.get_mut("q2").unwrap().agent = Some("h2".into());
+        let cold = super::plan(&across, "box", "q1", "q2").unwrap();
+        assert!(
+            cold.step_names().contains(&"stop-source:vm:guest"),
+            "{cold}"
+        );
+        assert!(
+            cold.notes
+                .iter()
+                .any(|n| n.contains("cannot be pre-copied")),
+            "{:?}",
+            cold.notes
         );
     }
 

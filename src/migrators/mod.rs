@@ -38,6 +38,7 @@ pub mod health;
 pub mod hooks;
 pub mod live;
 pub mod plan;
+pub mod precopy;
 pub mod preflight;
 pub mod recontextualise;
 pub mod rewrite;
@@ -109,6 +110,14 @@ pub fn for_step(step: &Step) -> Box<dyn Migrator> {
         Action::MigrateVm { vm } => Box::new(live::MigrateVm { vm: vm.clone() }),
         Action::ResumeTargetVm { vm } => Box::new(live::ResumeTargetVm { vm: vm.clone() }),
         Action::ReleaseSourceVm { vm } => Box::new(live::ReleaseSourceVm { vm: vm.clone() }),
+        Action::PrecopyVm { vm, disks } => Box::new(precopy::PrecopyVm {
+            vm: vm.clone(),
+            disks: disks.clone(),
+        }),
+        Action::FinalPassVm { vm, disks } => Box::new(precopy::FinishPrecopyVm {
+            vm: vm.clone(),
+            disks: disks.clone(),
+        }),
         Action::HealthCheck => Box::new(health::HealthCheck),
         Action::Cutover => Box::new(cutover::Cutover),
         Action::Commit => Box::new(Commit),

@@ -102,6 +102,19 @@ pub enum Action {
     ReleaseSourceVm {
         vm: String,
     },
+    /// Pre-copy: copies the disks of a running VM in passes over what its guest wrote since
+    /// the previous one.
+    PrecopyVm {
+        vm: String,
+        disks: Vec<VolumePlan>,
+    },
+    /// Pre-copy: halts the VM's guest (the downtime starts), copies what it wrote since the
+    /// last pass and verifies the whole disk; the source emulator stays, halted, until the
+    /// commit.
+    FinalPassVm {
+        vm: String,
+        disks: Vec<VolumePlan>,
+    },
     /// The target must pass its health check; the downtime ends here.
     HealthCheck,
     /// Runs the cutover hook that repoints clients.
@@ -151,6 +164,7 @@ impl Step {
             self.action,
             Action::StopSource { .. }
                 | Action::StopSourceVm { .. }
+                | Action::FinalPassVm { .. }
                 | Action::StartTarget { .. }
                 | Action::StartTargetVm { .. }
                 | Action::MigrateVm { .. }

@@ -127,6 +127,19 @@ async fn preflight(cx: &Cx) -> Result<Value, MigratorError> {
             }
             checked.push(format!("app {app}"));
         }
+        if let Action::PrecopyVm { disks, .. } = &step.action {
+            // A staging image and, for a target in another format, the converted volume.
+            for disk in disks {
+                if let Some(info) = cx.source.volume_info(svc, &disk.name).await? {
+                    let copies = if disk.target_format == crate::providers::DiskFormat::Raw {
+                        1
+                    } else {
+                        2
+                    };
+                    needed += copies * info.allocated_bytes;
+                }
+            }
+        }
         if let Action::MigrateVm { vm } = &step.action {
             // The live VM's disks travel through its mirrors: the target needs their room.
             let spec = deploy::vm_spec(cx.spec()?, cx.component(ComponentKind::Vm, vm)?)?;
@@ -136,10 +149,16 @@ async fn preflight(cx: &Cx) -> Result<Value, MigratorError> {
                 }
             }
         }
-        if let Action::StopSourceVm { vm } | Action::MigrateVm { vm } = &step.action {
+        if let Action::StopSourceVm { vm }
+        | Action::MigrateVm { vm }
+        | Action::FinalPassVm { vm, .. } = &step.action
+        {
             let status = cx.source.vm_status(svc, vm).await?;
-            let live = matches!(step.action, Action::MigrateVm { .. });
-            // A live migration needs the guest running, not merely its emulator.
+            // Live and pre-copied VMs need the guest running, not merely its emulator.
+            let live = matches!(
+                step.action,
+                Action::MigrateVm { .. } | Action::FinalPassVm { .. }
+            );
             let running = |s: &crate::providers::VmStatus| {
                 s.state == VmState::Running && (!live || s.detail.as_deref() == Some("running"))
             };

@@ -59,7 +59,7 @@ fn converted_path(cx: &Cx, v: &VolumePlan) -> PathBuf {
     cx.work_dir.join(format!("{}.converted", v.name))
 }
 
-async fn ensure_target_volume(
+pub(super) async fn ensure_target_volume(
     cx: &Cx,
     v: &VolumePlan,
     size: u64,

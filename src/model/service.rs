@@ -57,17 +57,21 @@ pub enum VmMode {
     /// Power the VM down, copy what is left of its disk, boot it at the target.
     #[default]
     Cold,
+    /// Copy its disk while it runs, in passes over what it wrote since the last one; power
+    /// it down, copy only what it wrote last, boot it at the target.
+    Precopy,
     /// Mirror its disk and migrate its memory while it runs; it goes on at the target
     /// without a reboot.
     Live,
 }
 
 impl VmMode {
-    pub const NAMES: &'static [&'static str] = &["cold", "live"];
+    pub const NAMES: &'static [&'static str] = &["cold", "precopy", "live"];
 
     pub fn as_str(self) -> &'static str {
         match self {
             VmMode::Cold => "cold",
+            VmMode::Precopy => "precopy",
             VmMode::Live => "live",
         }
     }
@@ -75,6 +79,7 @@ impl VmMode {
     pub fn parse(s: &str) -> Option<VmMode> {
         match s {
             "cold" => Some(VmMode::Cold),
+            "precopy" => Some(VmMode::Precopy),
             "live" => Some(VmMode::Live),
             _ => None,
         }

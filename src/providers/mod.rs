@@ -35,6 +35,7 @@ pub mod live;
 pub mod local;
 mod names;
 pub mod objstore;
+pub mod precopy;
 pub mod qemu;
 pub mod remote;
 mod spec;
@@ -60,6 +61,7 @@ pub use crate::model::DiskFormat;
 pub use host::keep_root_locks_until_exit;
 pub use live::{IncomingVm, LiveLimits, MigrationReport, MirrorReport, SocketAddress};
 pub use names::{validate_file_name, validate_key, validate_name};
+pub use precopy::{DiskExport, DiskPass, DiskPassKind, Halt};
 pub use spec::{AppSpec, SettingsError};
 pub use vm_spec::{PortForward, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
 
@@ -930,6 +932,39 @@ pub trait Provider: Send + Sync + 'static {
     /// Succeeds when there is nothing to stop.
     async fn cancel_mirror(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
         Err(self.unsupported(object::vm(service, vm), "live migration"))
+    }
+
+    // --- pre-copy of a running VM's disks (see [`precopy`]) -----------------------------
+
+    /// Prepares a pass over the running VM's disks: tracking and read-only exports. Asking
+    /// for the same [`DiskPassKind::Final`] again gives the same answer.
+    async fn track_vm_disks(
+        &self,
+        service: &str,
+        vm: &str,
+        kind: DiskPassKind,
+    ) -> Result<DiskPass, ProviderError> {
+        let _ = kind;
+        Err(self.unsupported(object::vm(service, vm), "pre-copy of a running VM"))
+    }
+
+    /// Stops the VM's guest for the last pass of a pre-copy, keeping its emulator and the
+    /// tracking of its disks: through the power button, or paused when the guest has not
+    /// shut down within `timeout`. Succeeds at once when the guest is halted already.
+    async fn halt_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        timeout: Duration,
+    ) -> Result<Halt, ProviderError> {
+        let _ = timeout;
+        Err(self.unsupported(object::vm(service, vm), "pre-copy of a running VM"))
+    }
+
+    /// Ends a pre-copy's tracking and exports; the VM runs (or stays halted) as it is.
+    /// Succeeds when there is nothing to end.
+    async fn untrack_vm_disks(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        Err(self.unsupported(object::vm(service, vm), "pre-copy of a running VM"))
     }
 
     /// Free bytes where this provider keeps volumes, when it can tell.

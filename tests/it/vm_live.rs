@@ -24,7 +24,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(180);
 /// The test's bound on the gap the client sees (the benchmark reports the real figure).
 const GAP_LIMIT: Duration = Duration::from_secs(2);
 
-struct Lab {
+pub(crate) struct Lab {
     env: QemuEnv,
     dir: tempfile::TempDir,
     initrd: PathBuf,
@@ -34,14 +34,14 @@ struct Lab {
 
 /// What the polling client saw: when each answer came, from which end, with which boot id.
 #[derive(Default)]
-struct Seen {
-    answers: Vec<(Instant, &'static str, String)>,
+pub(crate) struct Seen {
+    pub(crate) answers: Vec<(Instant, &'static str, String)>,
     /// The last failure at each end, and how many there were.
-    failures: std::collections::BTreeMap<&'static str, (usize, String)>,
+    pub(crate) failures: std::collections::BTreeMap<&'static str, (usize, String)>,
 }
 
 impl Seen {
-    fn longest_gap(&self) -> Duration {
+    pub(crate) fn longest_gap(&self) -> Duration {
         self.answers
             .windows(2)
             .map(|w| w[1].0 - w[0].0)
@@ -51,7 +51,7 @@ impl Seen {
 }
 
 impl Lab {
-    fn new() -> Lab {
+    pub(crate) fn new() -> Lab {
         let env = QemuEnv::load();
         let dir = tempfile::tempdir().unwrap();
         let initrd = env.initramfs(dir.path());
@@ -63,13 +63,18 @@ impl Lab {
         }
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
     /// `q1` (qcow2) and `q2` (raw), both virtio with an e1000 NIC; service `box` runs one
     /// VM with the writer, moved live with the `[services.box.live]` settings `live`.
     fn write_config(&self, live: &[(&str, toml::Value)]) -> Config {
+        self.write_config_moving("live", live)
+    }
+
+    /// [`Self::write_config`] with the VM moved in `mode`.
+    pub(crate) fn write_config_moving(&self, mode: &str, live: &[(&str, toml::Value)]) -> Config {
         let qemu = || {
             Qemu::tcg(
                 &self.env.qemu,
@@ -100,7 +105,7 @@ impl Lab {
             .policy("watch", "cheapest", "audit", |p| p)
             .service("box", "q1", "watch", |s| {
                 s.set("memory_gib", 0.1875)
-                    .set("vm_mode", "live")
+                    .set("vm_mode", mode)
                     .set("live", toml::Value::Table(settings))
                     .vm(
                         "guest",
@@ -119,13 +124,13 @@ impl Lab {
     }
 
     /// Starts the daemon on the configuration (it takes over what a killed `relocate` left).
-    fn daemon(&self) -> common::Daemon {
+    pub(crate) fn daemon(&self) -> common::Daemon {
         let text = self.config_text.lock().unwrap().clone();
         common::Daemon::start(self.dir.path(), &text)
     }
 
     /// Creates the source disk (half random, half zeros); returns its bytes.
-    async fn source_disk(&self, q1: &dyn Provider) -> Vec<u8> {
+    pub(crate) async fn source_disk(&self, q1: &dyn Provider) -> Vec<u8> {
         let mut bytes = vec![0u8; DISK_BYTES as usize];
         fastrand::Rng::with_seed(7).fill(&mut bytes[..DISK_BYTES as usize / 2]);
         guest::write_disk(q1, "box", "guest", &bytes, self.dir.path()).await;
@@ -133,7 +138,7 @@ impl Lab {
     }
 
     /// Starts the VM at `q1` and waits until it serves.
-    async fn start_source(&self, config: &Config, q1: &dyn Provider) {
+    pub(crate) async fn start_source(&self, config: &Config, q1: &dyn Provider) {
         let spec = config.services["box"].components[0].vm().unwrap().clone();
         let op = q1.start_vm("box", &spec).await.unwrap();
         providers::wait_for(q1, &op.id, Duration::from_secs(120))
@@ -143,12 +148,12 @@ impl Lab {
         guest::wait_for_console(&console, SERVING_MARKER, BOOT_LIMIT);
     }
 
-    fn relocate(&self, to: &str) -> Output {
+    pub(crate) fn relocate(&self, to: &str) -> Output {
         self.relocate_killed_at(to, None)
     }
 
     /// Runs `fluidcloud relocate`, killing itself at the checkpoint `kill_at`.
-    fn relocate_killed_at(&self, to: &str, kill_at: Option<&str>) -> Output {
+    pub(crate) fn relocate_killed_at(&self, to: &str, kill_at: Option<&str>) -> Output {
         let mut cmd = Command::new(bin());
         cmd.args(["relocate", "--config"])
             .arg(self.path("fluidcloud.toml"))
@@ -162,7 +167,7 @@ impl Lab {
     }
 
     /// The boot id the guest at `provider` serves, if it answers.
-    fn boot_at(&self, provider: &str) -> Option<String> {
+    pub(crate) fn boot_at(&self, provider: &str) -> Option<String> {
         let url = format!("http://127.0.0.1:{}/boot", self.port_at(provider)?);
         // Off the test's runtime: `http_get` runs one of its own.
         std::thread::spawn(move || common::http_get(&url))
@@ -242,7 +247,7 @@ impl Drop for Lab {
     }
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "{}\n{}",
         String::from_utf8_lossy(&out.stdout),
@@ -250,7 +255,7 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     let path = std::env::temp_dir().join(format!("fc-live-{}.bin", fastrand::u64(..)));
     std::fs::write(&path, bytes).unwrap();
     let hash = guest::sha256_file(&path);
@@ -260,9 +265,12 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Presses the VM's power button at `provider`; returns the guest's final disk hash and the
 /// blocks its writer wrote.
-async fn final_hash(config: &Config, provider: &str) -> (String, usize) {
+pub(crate) async fn final_hash(config: &Config, provider: &str) -> (String, usize) {
     let p = providers::open(&config.providers[provider]).unwrap();
     let console = p.vm_console("box", "guest").await.unwrap().unwrap();
+    // A guest that powered down before in this emulator (and was booted again) printed a
+    // line already: the one wanted is the next.
+    let earlier = final_lines(&console).len();
     p.stop_vm(
         "box",
         "guest",
@@ -273,7 +281,18 @@ async fn final_hash(config: &Config, provider: &str) -> (String, usize) {
     )
     .await
     .unwrap_or_else(|e| panic!("the guest at {provider} did not power down: {e}"));
-    let line = guest::wait_for_console(&console, FINAL_MARKER, Duration::from_secs(5));
+    let started = Instant::now();
+    let line = loop {
+        if let Some(line) = final_lines(&console).get(earlier) {
+            break line.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no new `{FINAL_MARKER}` on {}",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let mut words = line.split_whitespace();
     let hash = words.next().unwrap_or_default().to_string();
     let written = words
@@ -282,6 +301,15 @@ async fn final_hash(config: &Config, provider: &str) -> (String, usize) {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no written count in {line:?}"));
     (hash, written)
+}
+
+/// What follows the final marker on each line of the console that has it, in order.
+pub(crate) fn final_lines(console: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(FINAL_MARKER))
+        .map(str::to_string)
+        .collect()
 }
 
 fn exists(p: &Path) -> bool {
@@ -347,7 +375,7 @@ async fn a_running_vm_moves_live_without_a_reboot_or_a_lost_write() {
 
 /// Runs a live relocation in the background while a client polls the guest; returns what
 /// the relocation said and what the client saw.
-async fn relocate_polled(
+pub(crate) async fn relocate_polled(
     lab: &Arc<Lab>,
     during: impl FnOnce(&Lab) + Send + 'static,
 ) -> (Output, Seen) {

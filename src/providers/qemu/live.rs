@@ -14,6 +14,8 @@
 //! Every step first looks at what QEMU already has (jobs, nodes, exports, migration
 //! status), so running one again after a crash goes on from where the last one stopped.
 
+mod precopy;
+
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 

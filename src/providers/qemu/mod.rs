@@ -39,9 +39,9 @@ use super::host::operations::{OpStore, KEEP};
 use super::host::process::ProcessId;
 use super::host::{available_bytes, lock_root, wait_gone, write_atomic, RootLock};
 use super::{
-    object, Capabilities, DiskFormat, ForwardedPort, IncomingVm, LiveLimits, MigrationReport,
-    MirrorReport, Operation, OperationId, OperationKind, Provider, ProviderError, StopOptions,
-    StopOutcome, VmSpec, VmState, VmStatus, VolumeInfo, VolumeSpec,
+    object, Capabilities, DiskFormat, DiskPass, DiskPassKind, ForwardedPort, Halt, IncomingVm,
+    LiveLimits, MigrationReport, MirrorReport, Operation, OperationId, OperationKind, Provider,
+    ProviderError, StopOptions, StopOutcome, VmSpec, VmState, VmStatus, VolumeInfo, VolumeSpec,
 };
 use crate::config::{self, Accel, DiskBus, QemuSettings};
 use crate::model::Driver;
@@ -1026,8 +1026,8 @@ impl Provider for QemuProvider {
                 .and_then(|v| v["status"].as_str().map(str::to_string)),
             Err(_) => None,
         };
-        if let Some(status) = status.filter(|s| live::migration_paused(s)) {
-            tracing::info!(provider = %self.name, "{} is paused by a migration (`{status}`); ending its emulator.", object::vm(service, vm));
+        if let Some(status) = status.filter(|s| live::migration_paused(s) || s == "shutdown") {
+            tracing::info!(provider = %self.name, "{}'s guest is powered down or paused by a migration (`{status}`); ending its emulator.", object::vm(service, vm));
             self.switch_off(service, vm, id).await?;
             return Ok(StopOutcome::Stopped {
                 after: started.elapsed(),
@@ -1191,11 +1191,39 @@ impl Provider for QemuProvider {
     }
 
     async fn resume_vm(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        if self.wake(service, vm).await? {
+            return Ok(());
+        }
         self.resume(service, vm).await
     }
 
     async fn cancel_mirror(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
         self.cancel_mirrors(service, vm).await
+    }
+
+    async fn track_vm_disks(
+        &self,
+        service: &str,
+        vm: &str,
+        kind: DiskPassKind,
+    ) -> Result<DiskPass, ProviderError> {
+        self.track(service, vm, kind).await
+    }
+
+    async fn halt_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        timeout: Duration,
+    ) -> Result<Halt, ProviderError> {
+        self.halt(service, vm, timeout).await
+    }
+
+    async fn untrack_vm_disks(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        if self.running(service, vm).is_none() {
+            return Ok(());
+        }
+        self.untrack(service, vm).await
     }
 
     async fn free_bytes(&self) -> Result<Option<u64>, ProviderError> {

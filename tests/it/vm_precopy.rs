@@ -1,0 +1,219 @@
+//! VMs moved with a pre-copy of their disks between two qemu providers on this host, with
+//! the real binary: the disks (qcow2 at the source, raw at the target) are copied while the
+//! guest runs and keeps writing; at cutover the guest powers down, only what it wrote since
+//! the last pass is copied, and it boots at the target with every block it wrote.
+
+use crate::common;
+use crate::vm_live::{final_hash, final_lines, relocate_polled, sha256, text, Lab};
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::guest;
+
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+use fluidcloud::conduit::journal::{Journal, StepRecord};
+use fluidcloud::providers;
+
+/// The steps of the last relocation the journal under `dir` holds.
+fn last_steps(dir: &Path) -> Vec<StepRecord> {
+    let journal = Journal::open(&dir.join("state/journal.sqlite")).unwrap();
+    journal.list().unwrap().pop().expect("a relocation").steps
+}
+
+fn output<'a>(steps: &'a [StepRecord], name: &str) -> &'a serde_json::Value {
+    &steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step {name}"))
+        .output
+}
+
+/// The FINAL line a guest printed: its disk's hash and the blocks its writer wrote.
+fn final_line(line: &str) -> (String, usize) {
+    let mut words = line.split_whitespace();
+    let hash = words.next().unwrap().to_string();
+    let n = words
+        .next()
+        .and_then(|w| w.strip_prefix("written="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no written count in {line:?}"));
+    (hash, n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_precopied_vm_powers_down_only_for_what_it_wrote_last_and_loses_no_write() {
+    let _one = guest::ONE_VM.lock().await;
+    let lab = Arc::new(Lab::new());
+    let config = lab.write_config_moving("precopy", &[]);
+    let q1 = providers::open(&config.providers["q1"]).unwrap();
+    let disk = lab.source_disk(q1.as_ref()).await;
+    lab.start_source(&config, q1.as_ref()).await;
+    let console = q1.vm_console("box", "guest").await.unwrap().unwrap();
+    drop(q1);
+    let boot = lab.boot_at("q1").expect("the guest serves");
+
+    // The source's console goes with its VM at the decommission: it is read before.
+    let seen_line = Arc::new(std::sync::Mutex::new(String::new()));
+    let (out, _) = relocate_polled(&lab, {
+        let seen_line = seen_line.clone();
+        move |_| {
+            // Watched until it shows, or for long enough: a relocation that failed says why
+            // in its output, checked first.
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(120) {
+                if let Some(line) = final_lines(&console).first() {
+                    *seen_line.lock().unwrap() = line.clone();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    })
+    .await;
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("completed"), "{said}");
+
+    // The whole disk travelled while the guest ran; the cutover read only its last writes.
+    let steps = last_steps(lab.path("").as_path());
+    let pre = output(&steps, "precopy:vm:guest");
+    let fin = output(&steps, "final-pass:vm:guest");
+    eprintln!("pre-copy: {pre}\nfinal pass: {fin}");
+    let data = (disk.len() / 2) as u64;
+    assert!(
+        pre["bytes_read"].as_u64().unwrap() >= data,
+        "the pre-copy read less than the disk's data: {pre}"
+    );
+    assert!(pre["passes"].as_array().unwrap().len() >= 2, "{pre}");
+    let last = fin["bytes_read"].as_u64().unwrap();
+    assert!(
+        last < data / 4,
+        "the final pass read {last} bytes of {data}: {fin}"
+    );
+    assert_eq!(fin["halted"], "powered_down", "{fin}");
+    assert!(!said.contains("moves cold"), "{said}");
+
+    // The source powered down cleanly with every block its writer wrote...
+    let (source_hash, n1) = final_line(&seen_line.lock().unwrap());
+    let at_power_down = guest::after_writer(&disk, n1);
+    assert_eq!(source_hash, sha256(&at_power_down));
+    // ...and the VM booted at the target from that disk.
+    let q2 = providers::open(&config.providers["q2"]).unwrap();
+    let target_console = q2.vm_console("box", "guest").await.unwrap().unwrap();
+    drop(q2);
+    guest::wait_for_console(&target_console, guest::SERVING_MARKER, BOOT_LIMIT);
+    let target_boot = lab.boot_at("q2").expect("the target serves");
+    assert_ne!(target_boot, boot, "the guest boots again at the target");
+    let (hash, n2) = final_hash(&config, "q2").await;
+    assert_eq!(hash, sha256(&guest::after_writer(&at_power_down, n2)));
+
+    // The halted source emulator ended after the commit, its disk after the grace period.
+    let q1 = providers::open(&config.providers["q1"]).unwrap();
+    assert!(q1.vm_status("box", "guest").await.unwrap().is_none());
+    assert!(!lab.path("providers/q1/volumes/box/guest.qcow2").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_killed_during_a_precopy_move_leaves_one_guest_running_with_every_write() {
+    let _one = guest::ONE_VM.lock().await;
+    let mut outcomes = Vec::new();
+    for (point, expected) in [
+        ("precopy:vm:guest:running", "completed"),
+        ("final-pass:vm:guest:running", "rolled_back"),
+        ("final-pass:vm:guest:done", "rolled_back"),
+    ] {
+        let lab = Arc::new(Lab::new());
+        let config = lab.write_config_moving("precopy", &[]);
+        let q1 = providers::open(&config.providers["q1"]).unwrap();
+        let disk = lab.source_disk(q1.as_ref()).await;
+        lab.start_source(&config, q1.as_ref()).await;
+        let console = q1.vm_console("box", "guest").await.unwrap().unwrap();
+        drop(q1);
+        let boot = lab.boot_at("q1").expect("the guest serves");
+        // The source's console goes with its VM at the decommission: it is watched from
+        // before the relocation on.
+        let ended = Arc::new(AtomicBool::new(false));
+        let watched = std::thread::spawn({
+            let (console, ended) = (console.clone(), ended.clone());
+            move || loop {
+                let done = ended.load(Ordering::Relaxed);
+                if let Some(l) = final_lines(&console).first() {
+                    return Some(l.clone());
+                }
+                if done {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let out = lab.relocate_killed_at("q2", Some(point));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGKILL),
+            "{point}: {}",
+            text(&out)
+        );
+
+        let last = tokio::task::block_in_place(|| {
+            let mut d = lab.daemon();
+            d.eventually("the relocation to end", Duration::from_secs(240), |d| {
+                let r = d.get("/v1/relocations");
+                let last = r.as_array()?.last()?.clone();
+                let state = last["state"].as_str()?.to_string();
+                matches!(state.as_str(), "completed" | "rolled_back" | "failed").then_some(last)
+            })
+        });
+        ended.store(true, Ordering::Relaxed);
+        let outcome = last["state"].as_str().unwrap().to_string();
+        assert_eq!(outcome, expected, "{point}: {last}");
+        let (here, there) = if outcome == "completed" {
+            ("q2", "q1")
+        } else {
+            ("q1", "q2")
+        };
+        // A guest booted again serves once it is up.
+        let start = std::time::Instant::now();
+        while lab.boot_at(here).is_none() {
+            assert!(
+                start.elapsed() < BOOT_LIMIT,
+                "{point}: nothing serves at {here}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let other = providers::open(&config.providers[there]).unwrap();
+        let status = other.vm_status("box", "guest").await.unwrap();
+        assert!(
+            status.as_ref().is_none_or(|s| s.pid.is_none()),
+            "{point}: a VM still runs at {there}: {status:?}"
+        );
+        drop(other);
+        // When the guest powered down at the source (cleanly, with every write) and booted
+        // again, at the target or at the source after the rollback, the disk it hashes now
+        // holds what it had then plus what its writer wrote since; when it never stopped,
+        // what it had at first plus every write.
+        let before = match watched.join().unwrap() {
+            Some(line) => {
+                let (h, n) = final_line(&line);
+                let at = guest::after_writer(&disk, n);
+                assert_eq!(h, sha256(&at), "{point}: the source's disk at power-down");
+                at
+            }
+            None => {
+                assert_eq!(lab.boot_at(here), Some(boot.clone()), "{point}");
+                disk.clone()
+            }
+        };
+        let (hash, written) = final_hash(&config, here).await;
+        assert_eq!(
+            hash,
+            sha256(&guest::after_writer(&before, written)),
+            "{point}"
+        );
+        outcomes.push(format!("{point} -> {outcome}"));
+    }
+    eprintln!("{outcomes:#?}");
+}
