@@ -19,10 +19,10 @@ use common::servers::kill_from_pid_file;
 use fluidcloud::config::Config;
 use fluidcloud::providers::{self, Provider, StopOptions};
 
-const DISK_BYTES: u64 = 32 << 20;
-const BOOT_LIMIT: Duration = Duration::from_secs(180);
+pub(crate) const DISK_BYTES: u64 = 32 << 20;
+pub(crate) const BOOT_LIMIT: Duration = Duration::from_secs(180);
 /// The test's bound on the gap the client sees (the benchmark reports the real figure).
-const GAP_LIMIT: Duration = Duration::from_secs(2);
+pub(crate) const GAP_LIMIT: Duration = Duration::from_secs(2);
 
 struct Lab {
     env: QemuEnv,
@@ -34,14 +34,14 @@ struct Lab {
 
 /// What the polling client saw: when each answer came, from which end, with which boot id.
 #[derive(Default)]
-struct Seen {
-    answers: Vec<(Instant, &'static str, String)>,
+pub(crate) struct Seen {
+    pub(crate) answers: Vec<(Instant, &'static str, String)>,
     /// The last failure at each end, and how many there were.
-    failures: std::collections::BTreeMap<&'static str, (usize, String)>,
+    pub(crate) failures: std::collections::BTreeMap<&'static str, (usize, String)>,
 }
 
 impl Seen {
-    fn longest_gap(&self) -> Duration {
+    pub(crate) fn longest_gap(&self) -> Duration {
         self.answers
             .windows(2)
             .map(|w| w[1].0 - w[0].0)
@@ -184,49 +184,18 @@ impl Lab {
     /// `stop` is set.
     fn poll(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen> {
         let lab = self.clone();
-        std::thread::spawn(move || {
-            let mut seen = Seen::default();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .timeout(Duration::from_millis(500))
-                .build()
-                .unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                let tick = Instant::now();
-                for end in ["q1", "q2"] {
-                    let Some(port) = lab.port_at(end) else {
-                        continue;
-                    };
-                    let got = rt.block_on(async {
-                        let r = client
-                            .get(format!("http://127.0.0.1:{port}/boot"))
-                            .send()
-                            .await
-                            .map_err(|e| format!("{e:?}"))?;
-                        r.error_for_status_ref().map_err(|e| e.to_string())?;
-                        r.text().await.map_err(|e| e.to_string())
-                    });
-                    match got {
-                        Ok(boot) => {
-                            seen.answers
-                                .push((Instant::now(), end, boot.trim().to_string()));
-                            break;
-                        }
-                        Err(e) => {
-                            let f = seen.failures.entry(end).or_default();
-                            f.0 += 1;
-                            f.1 = format!("port {port}: {e}");
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
-            }
-            seen
-        })
+        poll_ends(
+            move || {
+                ["q1", "q2"]
+                    .into_iter()
+                    .filter_map(|end| {
+                        let port = lab.port_at(end)?;
+                        Some((end, format!("http://127.0.0.1:{port}/boot")))
+                    })
+                    .collect()
+            },
+            stop,
+        )
     }
 
     fn stop_all(&self) {
@@ -236,13 +205,61 @@ impl Lab {
     }
 }
 
+/// Polls the guest's boot id every 50 ms until `stop` is set, at the URLs `ends` names (its
+/// ends, in order: the first that answers counts).
+pub(crate) fn poll_ends(
+    ends: impl Fn() -> Vec<(&'static str, String)> + Send + 'static,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Seen> {
+    std::thread::spawn(move || {
+        let mut seen = Seen::default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            let tick = Instant::now();
+            for (end, url) in ends() {
+                let got = rt.block_on(async {
+                    let r = client
+                        .get(&url)
+                        .send()
+                        .await
+                        .map_err(|e| format!("{e:?}"))?;
+                    r.error_for_status_ref().map_err(|e| e.to_string())?;
+                    r.text().await.map_err(|e| e.to_string())
+                });
+                match got {
+                    Ok(boot) => {
+                        seen.answers
+                            .push((Instant::now(), end, boot.trim().to_string()));
+                        break;
+                    }
+                    Err(e) => {
+                        let f = seen.failures.entry(end).or_default();
+                        f.0 += 1;
+                        f.1 = format!("{url}: {e}");
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
+        }
+        seen
+    })
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop_all();
     }
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "{}\n{}",
         String::from_utf8_lossy(&out.stdout),
@@ -250,7 +267,7 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     let path = std::env::temp_dir().join(format!("fc-live-{}.bin", fastrand::u64(..)));
     std::fs::write(&path, bytes).unwrap();
     let hash = guest::sha256_file(&path);
@@ -263,6 +280,16 @@ fn sha256(bytes: &[u8]) -> String {
 async fn final_hash(config: &Config, provider: &str) -> (String, usize) {
     let p = providers::open(&config.providers[provider]).unwrap();
     let console = p.vm_console("box", "guest").await.unwrap().unwrap();
+    power_down_for_hash(p.as_ref(), provider, &console).await
+}
+
+/// Presses the power button of VM `box/guest` at `p` (named `provider`), whose serial console
+/// is written to `console`; returns the guest's final disk hash and the blocks it wrote.
+pub(crate) async fn power_down_for_hash(
+    p: &dyn Provider,
+    provider: &str,
+    console: &Path,
+) -> (String, usize) {
     p.stop_vm(
         "box",
         "guest",
@@ -273,7 +300,7 @@ async fn final_hash(config: &Config, provider: &str) -> (String, usize) {
     )
     .await
     .unwrap_or_else(|e| panic!("the guest at {provider} did not power down: {e}"));
-    let line = guest::wait_for_console(&console, FINAL_MARKER, Duration::from_secs(5));
+    let line = guest::wait_for_console(console, FINAL_MARKER, Duration::from_secs(5));
     let mut words = line.split_whitespace();
     let hash = words.next().unwrap_or_default().to_string();
     let written = words
