@@ -258,6 +258,11 @@ fn op_name(call: &Call) -> &'static str {
         Call::StopVm { .. } => "stop_vm",
         Call::VmStatus { .. } => "vm_status",
         Call::RemoveVm { .. } => "remove_vm",
+        Call::ReceiveVm { .. } => "receive_vm",
+        Call::MirrorVm { .. } => "mirror_vm",
+        Call::MigrateVm { .. } => "migrate_vm",
+        Call::ResumeVm { .. } => "resume_vm",
+        Call::CancelMirror { .. } => "cancel_mirror",
         Call::FreeBytes => "free_bytes",
     }
 }
@@ -327,6 +332,16 @@ async fn dispatch(p: &dyn Provider, call: Call) -> Result<Response, Failure> {
         } => ok(p.stop_vm(&service, &vm, options.into()).await?),
         Call::VmStatus { service, vm } => ok(p.vm_status(&service, &vm).await?),
         Call::RemoveVm { service, vm } => ok(p.remove_vm(&service, &vm).await?),
+        Call::ReceiveVm { service, spec, how } => ok(p.receive_vm(&service, &spec, &how).await?),
+        Call::MirrorVm { service, vm, to } => ok(p.mirror_vm(&service, &vm, &to).await?),
+        Call::MigrateVm {
+            service,
+            vm,
+            to,
+            limits,
+        } => ok(p.migrate_vm(&service, &vm, &to, &limits).await?),
+        Call::ResumeVm { service, vm } => ok(p.resume_vm(&service, &vm).await?),
+        Call::CancelMirror { service, vm } => ok(p.cancel_mirror(&service, &vm).await?),
         Call::FreeBytes => ok(p.free_bytes().await?),
     }
 }

@@ -116,13 +116,17 @@ fn live_blocker(
             target.driver.as_str()
         ));
     }
-    if source.agent.is_some() || target.agent.is_some() {
-        return Some("live migration between hosts is not available yet".to_string());
-    }
-    let (a, b) = (
-        source.qemu.clone().unwrap_or_default(),
-        target.qemu.clone().unwrap_or_default(),
-    );
+    // Between hosts the emulators talk host to host under TLS (see `migrators::live`).
+    // The machine settings of a provider an agent serves are in the agent's configuration,
+    // not here: those are compared by QEMU itself, whose refusal fails the migration and
+    // rolls the relocation back with the guest running on at the source.
+    let (a, b) = match (&source.agent, &target.agent) {
+        (None, None) => (
+            source.qemu.clone().unwrap_or_default(),
+            target.qemu.clone().unwrap_or_default(),
+        ),
+        _ => Default::default(),
+    };
     let mut differ = Vec::new();
     if a.disk_bus != b.disk_bus {
         differ.push(format!(
@@ -154,7 +158,9 @@ fn live_blocker(
             differ.join("; ")
         ));
     }
-    if vm.ports.iter().any(|p| p.host.is_some()) {
+    // Both ends on one host: the daemon's own providers, or one agent's.
+    let one_host = source.agent == target.agent;
+    if one_host && vm.ports.iter().any(|p| p.host.is_some()) {
         return Some(
             "it forwards fixed host ports, which both emulators would need at once on this host"
                 .to_string(),
@@ -1078,6 +1084,65 @@ size_gib = 1
                         .iter()
                         .any(|n| n.contains("moves cold") && n.contains(why)),
                     "{why}: {:?}",
+                    plan.notes
+                );
+            }
+        }
+    }
+
+    /// The VM configuration with `q1` and `q2` served by agents at these addresses.
+    fn vm_config_on(
+        edit: impl FnOnce(&str) -> String,
+        q1: Option<&str>,
+        q2: Option<&str>,
+    ) -> Config {
+        let mut config = vm_config(edit);
+        for (name, agent) in [("q1", q1), ("q2", q2)] {
+            let p = config.providers.get_mut(name).unwrap();
+            p.agent = agent.map(str::to_string);
+            if agent.is_some() {
+                // An agent's machine settings are in the agent's configuration.
+                p.qemu = None;
+            }
+        }
+        config
+    }
+
+    #[test]
+    fn a_vm_on_an_agents_provider_moves_live_too() {
+        let sata = |c: &str| {
+            c.replace(
+                "root = \"q1\"\ndisk_format = \"qcow2\"\nqemu = { binary = \"/bin/true\" }",
+                "root = \"q1\"\ndisk_format = \"qcow2\"\nqemu = { binary = \"/bin/true\", disk_bus = \"sata\" }",
+            )
+        };
+        for (q1, q2) in [
+            (Some("https://10.0.0.2:7481"), Some("https://10.0.0.3:7481")),
+            (None, Some("https://10.0.0.3:7481")),
+            (Some("https://10.0.0.2:7481"), None),
+        ] {
+            let plan = plan(&vm_config_on(sata, q1, q2), "box", "q1", "q2").unwrap();
+            assert!(plan.index_of("migrate:vm:guest").is_some(), "{plan}");
+            assert!(plan.index_of("stop-source:vm:guest").is_none(), "{plan}");
+        }
+    }
+
+    #[test]
+    fn fixed_host_ports_block_a_live_move_on_one_host_only() {
+        let ports = |c: &str| c.replace("{ guest = 80 }", "{ guest = 80, host = 8080 }");
+        let one_agent = Some("https://10.0.0.3:7481");
+        for (q1, q2, live) in [
+            (None, None, false),
+            (one_agent, one_agent, false),
+            (None, one_agent, true),
+            (Some("https://10.0.0.2:7481"), one_agent, true),
+        ] {
+            let plan = plan(&vm_config_on(ports, q1, q2), "box", "q1", "q2").unwrap();
+            assert_eq!(plan.index_of("migrate:vm:guest").is_some(), live, "{plan}");
+            if !live {
+                assert!(
+                    plan.notes.iter().any(|n| n.contains("fixed host ports")),
+                    "{:?}",
                     plan.notes
                 );
             }

@@ -231,7 +231,7 @@ impl Landing {
 }
 
 /// The local address this host sends from toward `host`.
-fn route_to(host: &str) -> std::io::Result<IpAddr> {
+pub(super) fn route_to(host: &str) -> std::io::Result<IpAddr> {
     let probe = std::net::UdpSocket::bind(if host.contains(':') {
         "[::]:0"
     } else {

@@ -13,6 +13,12 @@
 //!   ending the target's guest and letting the source's run again.
 //! - `resume-target:vm:<vm>` lets the guest go on at the target; undone by ending it.
 //! - `release-source:vm:<vm>`, after the commit, ends the paused source emulator.
+//!
+//! Between hosts (an end served by an agent, unless both are the same agent's) the target
+//! listens on TCP and the source's emulator connects to it directly, host to host; both
+//! streams run under TLS with a key made for the relocation ([`LiveKey`], kept 0600 in its
+//! working directory so that a step run again after a crash finds the same one, never in
+//! the journal nor in a log).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -24,7 +30,8 @@ use super::volume::CopyVolume;
 use super::{deploy, Cx, Migrator, MigratorError};
 use crate::model::{ComponentKind, LiveFallback, VmSpec};
 use crate::providers::{
-    self, IncomingVm, LiveLimits, MigrationReport, ProviderError, StopOptions, VmState, VolumeSpec,
+    self, IncomingVm, LiveKey, LiveLimits, MigrationReport, ProviderError, Reception, StopOptions,
+    VmState, VolumeSpec,
 };
 
 /// How long a VM start or a volume operation may take.
@@ -46,6 +53,63 @@ fn kill(cx: &Cx) -> StopOptions {
 /// Where the migration's figures are kept for the steps after it.
 fn report_path(cx: &Cx, vm: &str) -> PathBuf {
     cx.work_dir.join(format!("{vm}.migration.json"))
+}
+
+/// Where the relocation's key of a VM's migration between hosts is kept.
+fn key_path(cx: &Cx, vm: &str) -> PathBuf {
+    cx.work_dir.join(format!("{vm}.live.key"))
+}
+
+/// The key of the VM's migration between hosts: the one made earlier in the relocation, or
+/// a fresh one.
+fn live_key(cx: &Cx, vm: &str) -> Result<LiveKey, MigratorError> {
+    let path = key_path(cx, vm);
+    match std::fs::read_to_string(&path) {
+        Ok(hex) => LiveKey::try_from(hex)
+            .map_err(|e| MigratorError::file("read", &path, std::io::Error::other(e.to_string()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = LiveKey::random();
+            crate::sys::fs::write_atomic(&path, key.to_hex().as_bytes())
+                .map_err(|e| MigratorError::file("write", &path, e))?;
+            Ok(key)
+        }
+        Err(e) => Err(MigratorError::file("read", &path, e)),
+    }
+}
+
+/// How the target receives the VM: over unix sockets when both ends are on one host (the
+/// daemon's own providers, or one agent's), else over TCP with TLS on the target host's
+/// address toward the source (an agent's host as the daemon reaches it; for a target of
+/// the daemon's own, the address this host sends from toward the source's agent).
+fn reception(cx: &Cx, vm: &str) -> Result<Reception, MigratorError> {
+    let host = match (cx.source.remote(), cx.target.remote()) {
+        (None, None) => return Ok(Reception::Local),
+        (Some(a), Some(b)) if a.agent_url() == b.agent_url() => return Ok(Reception::Local),
+        (_, Some(target)) => target.host().to_string(),
+        (Some(source), None) => super::crossing::route_to(source.host())
+            .map_err(|e| {
+                MigratorError::Check(format!(
+                    "cannot find this host's address toward `{}`: {e}",
+                    source.host()
+                ))
+            })?
+            .to_string(),
+    };
+    Ok(Reception::Network {
+        host,
+        key: live_key(cx, vm)?,
+    })
+}
+
+/// The target's VM, waiting (started when it is not), and its address as the source needs
+/// it (with the key when it is on another host).
+async fn receive(cx: &Cx, vm: &VmSpec) -> Result<IncomingVm, MigratorError> {
+    let how = reception(cx, &vm.name)?;
+    let mut incoming = cx.target.receive_vm(cx.svc(), vm, &how).await?;
+    if let Reception::Network { key, .. } = how {
+        incoming.key = Some(key);
+    }
+    Ok(incoming)
 }
 
 pub struct PrepareTargetVm {
@@ -77,8 +141,9 @@ impl Migrator for PrepareTargetVm {
                 json!({ "volume": disk, "bytes": info.virtual_size, "format": format.as_str() }),
             );
         }
-        let incoming = cx.target.receive_vm(svc, &vm).await?;
-        Ok(json!({ "disks": disks, "incoming": incoming }))
+        let mut incoming = receive(cx, &vm).await?;
+        let encrypted = incoming.key.take().is_some();
+        Ok(json!({ "disks": disks, "incoming": incoming, "tls": encrypted }))
     }
 
     async fn undo(&self, cx: &Cx) -> Result<(), MigratorError> {
@@ -91,6 +156,7 @@ impl Migrator for PrepareTargetVm {
             providers::wait_for(cx.target.as_ref(), &op.id, OPERATION).await?;
         }
         super::remove_file(&report_path(cx, &vm.name))?;
+        super::remove_file(&key_path(cx, &vm.name))?;
         Ok(())
     }
 }
@@ -103,12 +169,16 @@ pub struct MirrorVm {
 impl Migrator for MirrorVm {
     async fn run(&self, cx: &Cx) -> Result<Value, MigratorError> {
         let vm = vm_of(cx, &self.vm)?;
-        let incoming = cx.target.receive_vm(cx.svc(), &vm).await?;
+        let incoming = receive(cx, &vm).await?;
         let report = cx.source.mirror_vm(cx.svc(), &vm.name, &incoming).await?;
+        let method = match incoming.key {
+            Some(_) => "QEMU blockdev-mirror over NBD with TLS (PSK), host to host",
+            None => "QEMU blockdev-mirror over NBD",
+        };
         Ok(json!({
             "disk_bytes": report.disk_bytes,
             "seconds": report.seconds,
-            "method": "QEMU blockdev-mirror over NBD",
+            "method": method,
         }))
     }
 
@@ -195,7 +265,7 @@ impl Migrator for MigrateVm {
             timeout: moves.timeout,
             max_bytes_per_sec: moves.max_mib_per_sec.map(|r| (r * 1024.0 * 1024.0) as u64),
         };
-        let incoming: IncomingVm = cx.target.receive_vm(svc, &vm).await?;
+        let incoming = receive(cx, &vm).await?;
         match cx
             .source
             .migrate_vm(svc, &vm.name, &incoming, &limits)
@@ -203,7 +273,8 @@ impl Migrator for MigrateVm {
         {
             Ok(report) => {
                 observe(cx, &report);
-                let out = serde_json::to_value(&report).unwrap_or(Value::Null);
+                let mut out = serde_json::to_value(&report).unwrap_or(Value::Null);
+                out["tls"] = json!(incoming.key.is_some());
                 let path = report_path(cx, &vm.name);
                 crate::sys::fs::write_atomic(&path, out.to_string().as_bytes())
                     .map_err(|e| MigratorError::file("write", &path, e))?;

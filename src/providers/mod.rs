@@ -59,7 +59,9 @@ use crate::sys::retry::{self, ExponentialBuilder};
 
 pub use crate::model::DiskFormat;
 pub use host::keep_root_locks_until_exit;
-pub use live::{IncomingVm, LiveLimits, MigrationReport, MirrorReport, SocketAddress};
+pub use live::{
+    IncomingVm, LiveKey, LiveLimits, MigrationReport, MirrorReport, Reception, SocketAddress,
+};
 pub use names::{validate_file_name, validate_key, validate_name};
 pub use precopy::{DiskExport, DiskPass, DiskPassKind, Halt};
 pub use spec::{AppSpec, SettingsError};
@@ -888,9 +890,16 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Starts the VM paused, waiting for its memory and device state from a live migration,
     /// with its disks (which must exist) exported writable for the source's mirrors.
-    /// Succeeds with the same answer when the VM already waits, or has received its
-    /// migration and has not been resumed.
-    async fn receive_vm(&self, service: &str, spec: &VmSpec) -> Result<IncomingVm, ProviderError> {
+    /// `how` says where it listens and whether the streams need TLS. Succeeds with the same
+    /// answer when the VM already waits, or has received its migration and has not been
+    /// resumed.
+    async fn receive_vm(
+        &self,
+        service: &str,
+        spec: &VmSpec,
+        how: &Reception,
+    ) -> Result<IncomingVm, ProviderError> {
+        let _ = how;
         Err(self.unsupported(object::vm(service, &spec.name), "live migration"))
     }
 

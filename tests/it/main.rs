@@ -26,5 +26,6 @@ mod viaduct_cli;
 mod vm;
 mod vm_across_hosts;
 mod vm_live;
+mod vm_live_across_hosts;
 mod vm_precopy;
 mod vm_relocation;

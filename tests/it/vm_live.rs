@@ -19,10 +19,10 @@ use common::servers::kill_from_pid_file;
 use fluidcloud::config::Config;
 use fluidcloud::providers::{self, Provider, StopOptions};
 
-const DISK_BYTES: u64 = 32 << 20;
-const BOOT_LIMIT: Duration = Duration::from_secs(180);
+pub(crate) const DISK_BYTES: u64 = 32 << 20;
+pub(crate) const BOOT_LIMIT: Duration = Duration::from_secs(180);
 /// The test's bound on the gap the client sees (the benchmark reports the real figure).
-const GAP_LIMIT: Duration = Duration::from_secs(2);
+pub(crate) const GAP_LIMIT: Duration = Duration::from_secs(2);
 
 pub(crate) struct Lab {
     env: QemuEnv,
@@ -176,6 +176,22 @@ impl Lab {
             .map(|b| b.trim().to_string())
     }
 
+    /// The boot id of the guest at `provider` once it serves: a guest booted anew takes a
+    /// few seconds under TCG, longer than a VM's health check (it runs) waits.
+    pub(crate) fn serving_at(&self, provider: &str) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(boot) = self.boot_at(provider) {
+                return boot;
+            }
+            assert!(
+                start.elapsed() < BOOT_LIMIT,
+                "nothing serves at {provider} within {BOOT_LIMIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The host port the VM's HTTP port is forwarded to at `provider`, if it has run there.
     fn port_at(&self, provider: &str) -> Option<u16> {
         let state =
@@ -189,49 +205,18 @@ impl Lab {
     /// `stop` is set.
     fn poll(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen> {
         let lab = self.clone();
-        std::thread::spawn(move || {
-            let mut seen = Seen::default();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .timeout(Duration::from_millis(500))
-                .build()
-                .unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                let tick = Instant::now();
-                for end in ["q1", "q2"] {
-                    let Some(port) = lab.port_at(end) else {
-                        continue;
-                    };
-                    let got = rt.block_on(async {
-                        let r = client
-                            .get(format!("http://127.0.0.1:{port}/boot"))
-                            .send()
-                            .await
-                            .map_err(|e| format!("{e:?}"))?;
-                        r.error_for_status_ref().map_err(|e| e.to_string())?;
-                        r.text().await.map_err(|e| e.to_string())
-                    });
-                    match got {
-                        Ok(boot) => {
-                            seen.answers
-                                .push((Instant::now(), end, boot.trim().to_string()));
-                            break;
-                        }
-                        Err(e) => {
-                            let f = seen.failures.entry(end).or_default();
-                            f.0 += 1;
-                            f.1 = format!("port {port}: {e}");
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
-            }
-            seen
-        })
+        poll_ends(
+            move || {
+                ["q1", "q2"]
+                    .into_iter()
+                    .filter_map(|end| {
+                        let port = lab.port_at(end)?;
+                        Some((end, format!("http://127.0.0.1:{port}/boot")))
+                    })
+                    .collect()
+            },
+            stop,
+        )
     }
 
     fn stop_all(&self) {
@@ -239,6 +224,54 @@ impl Lab {
             kill_from_pid_file(&self.path(&format!("providers/{p}/vms/box/guest/pid")));
         }
     }
+}
+
+/// Polls the guest's boot id every 50 ms until `stop` is set, at the URLs `ends` names (its
+/// ends, in order: the first that answers counts).
+pub(crate) fn poll_ends(
+    ends: impl Fn() -> Vec<(&'static str, String)> + Send + 'static,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Seen> {
+    std::thread::spawn(move || {
+        let mut seen = Seen::default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            let tick = Instant::now();
+            for (end, url) in ends() {
+                let got = rt.block_on(async {
+                    let r = client
+                        .get(&url)
+                        .send()
+                        .await
+                        .map_err(|e| format!("{e:?}"))?;
+                    r.error_for_status_ref().map_err(|e| e.to_string())?;
+                    r.text().await.map_err(|e| e.to_string())
+                });
+                match got {
+                    Ok(boot) => {
+                        seen.answers
+                            .push((Instant::now(), end, boot.trim().to_string()));
+                        break;
+                    }
+                    Err(e) => {
+                        let f = seen.failures.entry(end).or_default();
+                        f.0 += 1;
+                        f.1 = format!("{url}: {e}");
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
+        }
+        seen
+    })
 }
 
 impl Drop for Lab {
@@ -268,9 +301,19 @@ pub(crate) fn sha256(bytes: &[u8]) -> String {
 pub(crate) async fn final_hash(config: &Config, provider: &str) -> (String, usize) {
     let p = providers::open(&config.providers[provider]).unwrap();
     let console = p.vm_console("box", "guest").await.unwrap().unwrap();
+    power_down_for_hash(p.as_ref(), provider, &console).await
+}
+
+/// Presses the power button of VM `box/guest` at `p` (named `provider`), whose serial console
+/// is written to `console`; returns the guest's final disk hash and the blocks it wrote.
+pub(crate) async fn power_down_for_hash(
+    p: &dyn Provider,
+    provider: &str,
+    console: &Path,
+) -> (String, usize) {
     // A guest that powered down before in this emulator (and was booted again) printed a
     // line already: the one wanted is the next.
-    let earlier = final_lines(&console).len();
+    let earlier = final_lines(console).len();
     p.stop_vm(
         "box",
         "guest",
@@ -283,7 +326,7 @@ pub(crate) async fn final_hash(config: &Config, provider: &str) -> (String, usiz
     .unwrap_or_else(|e| panic!("the guest at {provider} did not power down: {e}"));
     let started = Instant::now();
     let line = loop {
-        if let Some(line) = final_lines(&console).get(earlier) {
+        if let Some(line) = final_lines(console).get(earlier) {
             break line.clone();
         }
         assert!(
@@ -489,7 +532,7 @@ async fn a_migration_that_does_not_converge_in_time_falls_back_to_a_cold_move() 
         .unwrap();
     let at_power_down = guest::after_writer(&disk, n1);
     assert_eq!(source_hash, sha256(&at_power_down));
-    let target_boot = lab.boot_at("q2").expect("the target serves");
+    let target_boot = lab.serving_at("q2");
     assert_ne!(target_boot, boot, "a cold move boots the guest again");
     let (hash, n2) = final_hash(&config, "q2").await;
     assert_eq!(hash, sha256(&guest::after_writer(&at_power_down, n2)));

@@ -12,8 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::guest;
-
-const BOOT_LIMIT: Duration = Duration::from_secs(180);
 use fluidcloud::conduit::journal::{Journal, StepRecord};
 use fluidcloud::providers;
 
@@ -101,11 +99,7 @@ async fn a_precopied_vm_powers_down_only_for_what_it_wrote_last_and_loses_no_wri
     let at_power_down = guest::after_writer(&disk, n1);
     assert_eq!(source_hash, sha256(&at_power_down));
     // ...and the VM booted at the target from that disk.
-    let q2 = providers::open(&config.providers["q2"]).unwrap();
-    let target_console = q2.vm_console("box", "guest").await.unwrap().unwrap();
-    drop(q2);
-    guest::wait_for_console(&target_console, guest::SERVING_MARKER, BOOT_LIMIT);
-    let target_boot = lab.boot_at("q2").expect("the target serves");
+    let target_boot = lab.serving_at("q2");
     assert_ne!(target_boot, boot, "the guest boots again at the target");
     let (hash, n2) = final_hash(&config, "q2").await;
     assert_eq!(hash, sha256(&guest::after_writer(&at_power_down, n2)));
@@ -175,15 +169,7 @@ async fn the_daemon_killed_during_a_precopy_move_leaves_one_guest_running_with_e
         } else {
             ("q1", "q2")
         };
-        // A guest booted again serves once it is up.
-        let start = std::time::Instant::now();
-        while lab.boot_at(here).is_none() {
-            assert!(
-                start.elapsed() < BOOT_LIMIT,
-                "{point}: nothing serves at {here}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        lab.serving_at(here);
         let other = providers::open(&config.providers[there]).unwrap();
         let status = other.vm_status("box", "guest").await.unwrap();
         assert!(

@@ -11,20 +11,31 @@
 //!   client nodes are deleted;
 //! - target: the exports and the NBD server go, and `cont` lets the guest run.
 //!
+//! Between hosts ([`Reception::Network`]) the target's NBD server and migration listen on
+//! TCP on the address it is given (ports picked once and kept in `incoming.json` in the
+//! VM's directory), and both emulators get a `tls-creds-psk` object named `fc-live-tls`
+//! whose directory (`live-tls/`, 0700) holds the relocation's key in `keys.psk` (0600):
+//! the server end at the target, the client end at the source. The NBD server, the NBD
+//! client nodes and the migration (`tls-creds` parameter, both sides) all use it, so
+//! neither a plain NBD client nor a plain migration stream gets in. The object and the
+//! key file go once the mirrors are drained (source) and the guest is resumed (target), or
+//! with the VM's directory when it is removed.
+//!
 //! Every step first looks at what QEMU already has (jobs, nodes, exports, migration
 //! status), so running one again after a crash goes on from where the last one stopped.
 
 mod precopy;
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use super::{QemuProvider, Qmp, QmpError, MIGRATION_SOCKET, NBD_SOCKET};
 use crate::providers::{
-    object, IncomingVm, LiveLimits, MigrationReport, MirrorReport, ProviderError, SocketAddress,
-    VmSpec,
+    object, IncomingVm, LiveKey, LiveLimits, MigrationReport, MirrorReport, ProviderError,
+    Reception, SocketAddress, VmSpec,
 };
 
 /// The source's NBD client node and mirror job of disk `i` are both named `<prefix><i>`.
@@ -37,6 +48,14 @@ const POLL: Duration = Duration::from_millis(50);
 const WIND_DOWN: Duration = Duration::from_secs(60);
 /// `max-bandwidth` for a migration without a limit (QEMU's default is 128 MiB/s).
 const UNLIMITED: u64 = 1 << 40;
+/// The id of the TLS credentials object of a migration between hosts.
+const CREDS: &str = "fc-live-tls";
+/// The directory (in the VM's) holding the key file of [`CREDS`].
+const TLS_DIR: &str = "live-tls";
+/// The user name the key is filed under (QEMU's default for a PSK client is `qemu`).
+const PSK_USER: &str = "fluidcloud";
+/// Where the target keeps the TCP addresses it listens on, for a call made again.
+const INCOMING_FILE: &str = "incoming.json";
 
 /// The QMP `RunState`s of a VM whose guest does not run because of a migration.
 pub(super) fn migration_paused(status: &str) -> bool {
@@ -101,17 +120,22 @@ impl QemuProvider {
         &self,
         service: &str,
         spec: &VmSpec,
+        how: &Reception,
     ) -> Result<IncomingVm, ProviderError> {
         let vm = spec.name.as_str();
         self.check(service, vm)?;
         spec.validate()
             .map_err(|r| self.invalid(object::vm(service, vm), r))?;
+        let dir = self.vm_dir(service, vm);
         {
             let lock = self.vm_lock(service, vm);
             let _guard = lock.lock().await;
             if self.running(service, vm).is_none() {
                 self.forget_process(service, vm);
                 self.launch(service, spec, true).await?;
+                // Addresses kept by an emulator that is gone are free for anyone now.
+                remove_if_there(&dir.join(INCOMING_FILE))
+                    .map_err(|e| self.file_failed(service, vm, "remove its old addresses", e))?;
             }
         }
         let mut qmp = self.live_qmp(service, vm).await?;
@@ -129,17 +153,29 @@ impl QemuProvider {
                 format!("it runs already (status `{status}`); only a VM started to wait for a live migration takes one"),
             ));
         }
-        let dir = self.vm_dir(service, vm);
-        let nbd = SocketAddress::Unix {
-            path: dir.join(NBD_SOCKET).to_string_lossy().into_owned(),
+        let (nbd, migration) = match how {
+            Reception::Local => (
+                SocketAddress::Unix {
+                    path: dir.join(NBD_SOCKET).to_string_lossy().into_owned(),
+                },
+                SocketAddress::Unix {
+                    path: dir.join(MIGRATION_SOCKET).to_string_lossy().into_owned(),
+                },
+            ),
+            Reception::Network { host, key } => {
+                if !received {
+                    self.add_creds(&mut qmp, service, vm, key, "server").await?;
+                }
+                self.tcp_addresses(service, vm, &dir, host)?
+            }
         };
-        let migration = SocketAddress::Unix {
-            path: dir.join(MIGRATION_SOCKET).to_string_lossy().into_owned(),
-        };
+        let tls = matches!(how, Reception::Network { .. });
         if have.is_empty() {
-            let started = qmp
-                .execute("nbd-server-start", Some(json!({ "addr": legacy(&nbd) })))
-                .await;
+            let mut args = json!({ "addr": legacy(&nbd) });
+            if tls {
+                args["tls-creds"] = json!(CREDS);
+            }
+            let started = qmp.execute("nbd-server-start", Some(args)).await;
             if let Err(e) = started {
                 if !says(&e, "already running") {
                     return Err(failed("start its NBD server")(e));
@@ -163,6 +199,14 @@ impl QemuProvider {
             }
             names.push(name);
         }
+        if tls && !received {
+            qmp.execute(
+                "migrate-set-parameters",
+                Some(json!({ "tls-creds": CREDS })),
+            )
+            .await
+            .map_err(failed("require TLS of its incoming migration"))?;
+        }
         let listening = match received {
             true => Ok(Value::Null),
             false => {
@@ -182,7 +226,124 @@ impl QemuProvider {
             migration,
             nbd,
             exports: names,
+            key: None,
         })
+    }
+
+    fn file_failed(
+        &self,
+        service: &str,
+        vm: &str,
+        action: &str,
+        e: std::io::Error,
+    ) -> ProviderError {
+        ProviderError::Io {
+            provider: self.name.clone(),
+            object: object::vm(service, vm),
+            action: action.to_string(),
+            source: e,
+        }
+    }
+
+    /// The TCP addresses (NBD, migration) the target listens on at `host`: the ones picked
+    /// by an earlier call, or two free ports now.
+    fn tcp_addresses(
+        &self,
+        service: &str,
+        vm: &str,
+        dir: &Path,
+        host: &str,
+    ) -> Result<(SocketAddress, SocketAddress), ProviderError> {
+        let path = dir.join(INCOMING_FILE);
+        let kept = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<(SocketAddress, SocketAddress)>(&b).ok());
+        if let Some((nbd, migration)) = kept {
+            if matches!(&nbd, SocketAddress::Tcp { host: h, .. } if h == host) {
+                return Ok((nbd, migration));
+            }
+        }
+        let failed = |e| self.file_failed(service, vm, &format!("pick ports on {host}"), e);
+        // Both held at once so that they differ; QEMU binds them right after.
+        let a = std::net::TcpListener::bind((host, 0)).map_err(failed)?;
+        let b = std::net::TcpListener::bind((host, 0)).map_err(failed)?;
+        let port = |l: &std::net::TcpListener| l.local_addr().map(|a| a.port()).map_err(failed);
+        let tcp = |port| SocketAddress::Tcp {
+            host: host.to_string(),
+            port,
+        };
+        let picked = (tcp(port(&a)?), tcp(port(&b)?));
+        drop((a, b));
+        let bytes = serde_json::to_vec(&picked).unwrap_or_default();
+        crate::sys::fs::write_atomic(&path, &bytes)
+            .map_err(|e| self.file_failed(service, vm, "keep its addresses", e))?;
+        Ok(picked)
+    }
+
+    /// Adds the TLS credentials of a migration between hosts (`endpoint` `server` at the
+    /// target, `client` at the source), with `key` in a 0600 file only QEMU and the agent
+    /// read. Succeeds when they are there already.
+    async fn add_creds(
+        &self,
+        qmp: &mut Qmp,
+        service: &str,
+        vm: &str,
+        key: &LiveKey,
+        endpoint: &str,
+    ) -> Result<(), ProviderError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.vm_dir(service, vm).join(TLS_DIR);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| self.file_failed(service, vm, "create its TLS directory", e))?;
+        let line = format!("{PSK_USER}:{}\n", key.to_hex());
+        crate::sys::fs::write_atomic(&dir.join("keys.psk"), line.as_bytes())
+            .map_err(|e| self.file_failed(service, vm, "write its migration key", e))?;
+        let mut args = json!({
+            "qom-type": "tls-creds-psk",
+            "id": CREDS,
+            "endpoint": endpoint,
+            "dir": dir.to_string_lossy(),
+        });
+        if endpoint == "client" {
+            args["username"] = json!(PSK_USER);
+        }
+        match qmp.execute("object-add", Some(args)).await {
+            Err(e) if !says(&e, "duplicate") => {
+                Err(self.qmp_failed(service, vm, "add its TLS credentials")(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes what [`Self::add_creds`] added; nothing there is fine.
+    async fn drop_creds(
+        &self,
+        qmp: &mut Qmp,
+        service: &str,
+        vm: &str,
+    ) -> Result<(), ProviderError> {
+        let dir = self.vm_dir(service, vm).join(TLS_DIR);
+        let had =
+            named_objects(qmp)
+                .await
+                .map_err(self.qmp_failed(service, vm, "list its objects"))?;
+        if had.contains(CREDS) {
+            qmp.execute("migrate-set-parameters", Some(json!({ "tls-creds": "" })))
+                .await
+                .map_err(self.qmp_failed(service, vm, "stop requiring TLS of its migration"))?;
+            qmp.execute("object-del", Some(json!({ "id": CREDS })))
+                .await
+                .map_err(self.qmp_failed(service, vm, "remove its TLS credentials"))?;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(self.file_failed(service, vm, "remove its migration key", e))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub(super) async fn mirror(
@@ -200,18 +361,20 @@ impl QemuProvider {
         let nodes = named_nodes(&mut qmp)
             .await
             .map_err(failed("list its block nodes"))?;
+        let tls = self.outgoing_tls(&mut qmp, service, vm, to).await?;
         for (i, export) in to.exports.iter().enumerate() {
             let id = format!("{MIRROR}{i}");
             if running.iter().any(|j| job_id(j) == id) {
                 continue;
             }
             if !nodes.contains(&id) {
-                qmp.execute(
-                    "blockdev-add",
-                    Some(json!({ "driver": "nbd", "node-name": id, "server": to.nbd.to_qmp(), "export": export })),
-                )
-                .await
-                .map_err(failed("connect to the target's disk export"))?;
+                let mut args = json!({ "driver": "nbd", "node-name": id, "server": to.nbd.to_qmp(), "export": export });
+                if tls {
+                    args["tls-creds"] = json!(CREDS);
+                }
+                qmp.execute("blockdev-add", Some(args))
+                    .await
+                    .map_err(failed("connect to the target's disk export"))?;
             }
             let node = node_of(&mut qmp, &format!("disk{i}"))
                 .await
@@ -247,6 +410,32 @@ impl QemuProvider {
                 });
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Whether the streams to `to` need TLS (it is on another host); adds the client's
+    /// credentials when they do. A TCP address without a key is refused: nothing of a guest
+    /// crosses the network in clear text.
+    async fn outgoing_tls(
+        &self,
+        qmp: &mut Qmp,
+        service: &str,
+        vm: &str,
+        to: &IncomingVm,
+    ) -> Result<bool, ProviderError> {
+        let tcp = [&to.nbd, &to.migration]
+            .iter()
+            .any(|a| matches!(a, SocketAddress::Tcp { .. }));
+        match (&to.key, tcp) {
+            (_, false) => Ok(false),
+            (Some(key), true) => {
+                self.add_creds(qmp, service, vm, key, "client").await?;
+                Ok(true)
+            }
+            (None, true) => Err(self.invalid(
+                object::vm(service, vm),
+                "a live migration to another host needs its key: its disks and memory never cross the network in clear text",
+            )),
         }
     }
 
@@ -308,11 +497,13 @@ impl QemuProvider {
             )
             .await
             .map_err(failed("set its migration capabilities"))?;
+            let tls = self.outgoing_tls(&mut qmp, service, vm, to).await?;
             qmp.execute(
                 "migrate-set-parameters",
                 Some(json!({
                     "downtime-limit": limits.downtime_limit.as_millis() as u64,
                     "max-bandwidth": limits.max_bytes_per_sec.unwrap_or(UNLIMITED),
+                    "tls-creds": if tls { CREDS } else { "" },
                 })),
             )
             .await
@@ -500,6 +691,7 @@ impl QemuProvider {
                     .map_err(failed("remove the target's disk export from it"))?;
             }
         }
+        self.drop_creds(qmp, service, vm).await?;
         if !errors.is_empty() {
             return Err(self.migration_failed(
                 service,
@@ -573,6 +765,9 @@ impl QemuProvider {
                 return Err(failed("stop its NBD server")(e));
             }
         }
+        self.drop_creds(&mut qmp, service, vm).await?;
+        remove_if_there(&self.vm_dir(service, vm).join(INCOMING_FILE))
+            .map_err(|e| self.file_failed(service, vm, "remove its kept addresses", e))?;
         self.ensure_running(&mut qmp, service, vm).await
     }
 }
@@ -662,6 +857,25 @@ async fn named_nodes(qmp: &mut Qmp) -> Result<BTreeSet<String>, QmpError> {
         .flatten()
         .filter_map(|n| n["node-name"].as_str().map(str::to_string))
         .collect())
+}
+
+/// The ids of the user-created objects (`/objects/ID`).
+async fn named_objects(qmp: &mut Qmp) -> Result<BTreeSet<String>, QmpError> {
+    let v = qmp
+        .execute("qom-list", Some(json!({ "path": "/objects" })))
+        .await?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect())
+}
+
+fn remove_if_there(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 async fn exports(qmp: &mut Qmp) -> Result<BTreeSet<String>, QmpError> {

@@ -1167,8 +1167,13 @@ impl Provider for QemuProvider {
         }
     }
 
-    async fn receive_vm(&self, service: &str, spec: &VmSpec) -> Result<IncomingVm, ProviderError> {
-        self.receive(service, spec).await
+    async fn receive_vm(
+        &self,
+        service: &str,
+        spec: &VmSpec,
+        how: &crate::providers::Reception,
+    ) -> Result<IncomingVm, ProviderError> {
+        self.receive(service, spec, how).await
     }
 
     async fn mirror_vm(

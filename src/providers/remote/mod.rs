@@ -19,9 +19,10 @@ use futures_util::TryStreamExt;
 use serde::de::DeserializeOwned;
 
 use super::{
-    object, AppSpec, AppStatus, BucketLocation, Capabilities, Endpoint, ObjectBody, ObjectInfo,
-    ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, Provider, ProviderError,
-    StopOptions, StopOutcome, VmSpec, VmStatus, VolumeInfo, VolumeSpec,
+    object, AppSpec, AppStatus, BucketLocation, Capabilities, Endpoint, IncomingVm, LiveLimits,
+    MigrationReport, MirrorReport, ObjectBody, ObjectInfo, ObjectMeta, ObjectStat, ObjectStream,
+    Operation, OperationId, Provider, ProviderError, Reception, StopOptions, StopOutcome, VmSpec,
+    VmStatus, VolumeInfo, VolumeSpec,
 };
 use crate::model::{DiskFormat, Driver};
 use crate::sys::tls::Identity;
@@ -33,6 +34,12 @@ use wire::{
 /// How long one call may take before the daemon gives up on the agent. Long-running work
 /// (volume creation, VM start) is an operation polled with short calls.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a disk mirror may take to come in step: its call lasts until then. One cut
+/// short is picked up again by the next call (the agent's driver finds its jobs running).
+const MIRROR_CALL_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+/// What a migration call may take beyond the migration's own timeout: the cancel, the
+/// drain of the mirrors and their wind-downs.
+const MIGRATE_CALL_MARGIN: Duration = Duration::from_secs(300);
 
 /// A provider served by an agent.
 pub struct RemoteProvider {
@@ -214,10 +221,22 @@ impl RemoteProvider {
         object: &str,
         body: Option<&B>,
     ) -> Result<T, ProviderError> {
+        self.request_within(method, path, object, body, CALL_TIMEOUT)
+            .await
+    }
+
+    async fn request_within<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        object: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, ProviderError> {
         let mut rq = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .timeout(CALL_TIMEOUT);
+            .timeout(timeout);
         if let Some(b) = body {
             rq = rq.json(b);
         }
@@ -270,8 +289,18 @@ impl RemoteProvider {
         object: String,
         call: &Call,
     ) -> Result<T, ProviderError> {
+        self.call_within(object, call, CALL_TIMEOUT).await
+    }
+
+    /// [`Self::call`] for a call that may take longer than most.
+    async fn call_within<T: DeserializeOwned>(
+        &self,
+        object: String,
+        call: &Call,
+        timeout: Duration,
+    ) -> Result<T, ProviderError> {
         let path = wire::call_path(&self.name);
-        self.request(reqwest::Method::POST, &path, &object, Some(call))
+        self.request_within(reqwest::Method::POST, &path, &object, Some(call), timeout)
             .await
     }
 }
@@ -686,6 +715,73 @@ impl Provider for RemoteProvider {
             vm: vm.into(),
         };
         self.call(object::vm(service, vm), &call).await
+    }
+
+    async fn receive_vm(
+        &self,
+        service: &str,
+        spec: &VmSpec,
+        how: &Reception,
+    ) -> Result<IncomingVm, ProviderError> {
+        let call = Call::ReceiveVm {
+            service: service.into(),
+            spec: spec.clone(),
+            how: how.clone(),
+        };
+        // Starting the emulator is part of it.
+        self.call_within(object::vm(service, &spec.name), &call, MIGRATE_CALL_MARGIN)
+            .await
+    }
+
+    async fn mirror_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        to: &IncomingVm,
+    ) -> Result<MirrorReport, ProviderError> {
+        let call = Call::MirrorVm {
+            service: service.into(),
+            vm: vm.into(),
+            to: to.clone(),
+        };
+        self.call_within(object::vm(service, vm), &call, MIRROR_CALL_TIMEOUT)
+            .await
+    }
+
+    async fn migrate_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        to: &IncomingVm,
+        limits: &LiveLimits,
+    ) -> Result<MigrationReport, ProviderError> {
+        let call = Call::MigrateVm {
+            service: service.into(),
+            vm: vm.into(),
+            to: to.clone(),
+            limits: *limits,
+        };
+        let within = limits.timeout.saturating_add(MIGRATE_CALL_MARGIN);
+        self.call_within(object::vm(service, vm), &call, within)
+            .await
+    }
+
+    async fn resume_vm(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        let call = Call::ResumeVm {
+            service: service.into(),
+            vm: vm.into(),
+        };
+        self.call_within(object::vm(service, vm), &call, MIGRATE_CALL_MARGIN)
+            .await
+    }
+
+    async fn cancel_mirror(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        let call = Call::CancelMirror {
+            service: service.into(),
+            vm: vm.into(),
+        };
+        self.call_within(object::vm(service, vm), &call, MIGRATE_CALL_MARGIN)
+            .await
     }
 
     async fn free_bytes(&self) -> Result<Option<u64>, ProviderError> {

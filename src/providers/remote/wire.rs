@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{DiskFormat, Driver};
 use crate::providers::{
-    AppSpec, Capabilities, OperationId, ProviderError, StopOptions, VmSpec, VolumeSpec,
+    AppSpec, Capabilities, IncomingVm, LiveLimits, OperationId, ProviderError, Reception,
+    StopOptions, VmSpec, VolumeSpec,
 };
 
 /// The path an agent serves calls for provider `NAME` at: `/v1/providers/NAME/call`.
@@ -175,6 +176,32 @@ pub enum Call {
         service: String,
         vm: String,
     },
+    /// Live migration ([`crate::providers::live`]). `how` and `to` may carry the
+    /// relocation's key, which is why [`Call`]'s `Debug` of them hides it.
+    ReceiveVm {
+        service: String,
+        spec: VmSpec,
+        how: Reception,
+    },
+    MirrorVm {
+        service: String,
+        vm: String,
+        to: IncomingVm,
+    },
+    MigrateVm {
+        service: String,
+        vm: String,
+        to: IncomingVm,
+        limits: LiveLimits,
+    },
+    ResumeVm {
+        service: String,
+        vm: String,
+    },
+    CancelMirror {
+        service: String,
+        vm: String,
+    },
     FreeBytes,
 }
 
@@ -209,14 +236,20 @@ impl Call {
             | RemoveApp { service, app }
             | WriteAppFile { service, app, .. }
             | ReadAppFile { service, app, .. } => vec![("service", service), ("app", app)],
-            CheckVm { service, spec } | StartVm { service, spec } => {
+            CheckVm { service, spec }
+            | StartVm { service, spec }
+            | ReceiveVm { service, spec, .. } => {
                 let mut v = vec![("service", service.as_str()), ("vm", spec.name.as_str())];
                 v.extend(spec.volumes.iter().map(|n| ("volume", n.as_str())));
                 v
             }
-            StopVm { service, vm, .. } | VmStatus { service, vm } | RemoveVm { service, vm } => {
-                vec![("service", service), ("vm", vm)]
-            }
+            StopVm { service, vm, .. }
+            | VmStatus { service, vm }
+            | RemoveVm { service, vm }
+            | MirrorVm { service, vm, .. }
+            | MigrateVm { service, vm, .. }
+            | ResumeVm { service, vm }
+            | CancelMirror { service, vm } => vec![("service", service), ("vm", vm)],
         }
     }
 }
@@ -331,6 +364,7 @@ const FEATURES: &[&str] = &[
     "object storage",
     "apps",
     "virtual machines",
+    "live migration",
 ];
 const STOP_ASKS: &[&str] = &["SIGTERM", "the ACPI power button (QMP system_powerdown)"];
 
@@ -808,4 +842,59 @@ pub enum PullState {
     Failed {
         error: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::{LiveKey, SocketAddress};
+
+    #[test]
+    fn a_migration_call_travels_whole_and_prints_no_key() {
+        let key = LiveKey::random();
+        let to = IncomingVm {
+            migration: SocketAddress::Tcp {
+                host: "10.0.0.3".into(),
+                port: 40001,
+            },
+            nbd: SocketAddress::Tcp {
+                host: "10.0.0.3".into(),
+                port: 40002,
+            },
+            exports: vec!["disk0".into()],
+            key: Some(key.clone()),
+        };
+        let call = Call::MigrateVm {
+            service: "box".into(),
+            vm: "guest".into(),
+            to,
+            limits: LiveLimits {
+                downtime_limit: Duration::from_millis(300),
+                timeout: Duration::from_secs(60),
+                max_bytes_per_sec: None,
+            },
+        };
+        let json = serde_json::to_string(&call).unwrap();
+        assert_eq!(serde_json::from_str::<Call>(&json).unwrap(), call);
+        assert!(!format!("{call:?}").contains(&key.to_hex()));
+        assert_eq!(call.names(), [("service", "box"), ("vm", "guest")]);
+    }
+
+    #[test]
+    fn a_failed_migration_keeps_its_kind_across_the_wire() {
+        let e = ProviderError::MigrationFailed {
+            provider: "q2".into(),
+            object: "vm `box/guest`".into(),
+            reason: "did not converge".into(),
+            timed_out: true,
+        };
+        let back: ProviderError = WireError::from(&e).into();
+        assert!(matches!(
+            back,
+            ProviderError::MigrationFailed {
+                timed_out: true,
+                ..
+            }
+        ));
+    }
 }
