@@ -9,6 +9,7 @@ mod across_hosts;
 mod block_devices;
 mod crash_suite;
 mod daemon;
+mod faults;
 mod flapping;
 mod fuzz_corpus;
 mod hosts;

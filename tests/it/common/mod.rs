@@ -5,6 +5,7 @@
 
 pub mod agents;
 pub mod config;
+pub mod faultproxy;
 pub mod guest;
 pub mod netns;
 pub mod servers;
