@@ -410,6 +410,8 @@ struct Soak {
     stuck: Duration,
     /// Relocations queued or running at the last check.
     running: usize,
+    /// Relocations in the journal at the last check.
+    relocations: usize,
 }
 
 impl Soak {
@@ -529,6 +531,7 @@ impl Soak {
             open.insert(id);
         }
         self.unfinished_since.retain(|k, _| open.contains(k));
+        self.relocations = relocations.len();
         self.running = relocations
             .iter()
             .filter(|r| r["state"] == "running" || r["state"] == "queued")
@@ -624,6 +627,7 @@ fn the_daemon_keeps_its_invariants_for_a_soak_with_a_restart_in_the_middle() {
         api_failures_since: None,
         stuck: settings.stuck,
         running: 0,
+        relocations: 0,
     };
     let mut d = Daemon::start(dir.path(), &text);
 
@@ -654,6 +658,7 @@ fn the_daemon_keeps_its_invariants_for_a_soak_with_a_restart_in_the_middle() {
     soak.started = Instant::now();
     let mut life = LifeStart::default();
     let mut before_restart: Option<AtRestart> = None;
+    let mut reported = 0;
     while soak.started.elapsed() < run {
         let tick = Instant::now();
         feeds.set(
@@ -710,6 +715,18 @@ fn the_daemon_keeps_its_invariants_for_a_soak_with_a_restart_in_the_middle() {
             soak.restarts += 1;
             // The new daemon's unfinished clocks start with it; its first minutes recover.
             soak.unfinished_since.clear();
+        }
+        // A line a minute shows the trend of a long run.
+        let minute = soak.started.elapsed().as_secs() / 60;
+        if minute > reported {
+            reported = minute;
+            println!(
+                "soak: at {} s: RSS {}, {} relocations, {} decisions",
+                soak.started.elapsed().as_secs(),
+                mib(soak.rss.last().map(|r| r.1).unwrap_or_default()),
+                soak.relocations,
+                decision_log(&soak.state()).len()
+            );
         }
         std::thread::sleep(Duration::from_secs(1).saturating_sub(tick.elapsed()));
     }
