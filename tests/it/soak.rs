@@ -170,13 +170,23 @@ impl Schedule {
         phases[(phase as usize).min(phases.len() - 1)]
     }
 
-    /// The catalogue every provider polls: each provider's row for each size's flavor.
+    /// The catalogue every provider polls at `elapsed` into the run.
     fn catalogue(&self, elapsed: Duration) -> String {
+        Schedule::priced(|size| self.cheap_at(size, elapsed))
+    }
+
+    /// Every provider at the same price: nothing pays, nothing moves (while the soak sets up).
+    fn even() -> String {
+        Schedule::priced(|_| None)
+    }
+
+    /// Each provider's row for each size's flavor, `cheap(size)` the cheaper provider.
+    fn priced(cheap: impl Fn(usize) -> Option<usize>) -> String {
         let mut csv = String::from(
             "provider,region,flavor,vcpus,memory_gib,price_per_hour,storage_price_per_gib_month,egress_price_per_gib,currency\n",
         );
         for size in 0..SIZES {
-            let cheap = self.cheap_at(size, elapsed);
+            let cheap = cheap(size);
             // Each size costs three times the one below it, so a service's cheapest fitting
             // offer is always its own size's flavor, whatever the schedule does.
             let base = 0.01 * 3f64.powi(size as i32 + 1);
@@ -596,10 +606,7 @@ fn the_daemon_keeps_its_invariants_for_a_soak_with_a_restart_in_the_middle() {
         settings.phase_secs,
         if settings.kill { "KILL" } else { "TERM" }
     );
-    let feeds = FeedServer::start(vec![(
-        "/catalogue.csv",
-        Body::Json(schedule.catalogue(Duration::ZERO)),
-    )]);
+    let feeds = FeedServer::start(vec![("/catalogue.csv", Body::Json(Schedule::even()))]);
     let svcs = services(settings.services);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -631,7 +638,8 @@ fn the_daemon_keeps_its_invariants_for_a_soak_with_a_restart_in_the_middle() {
     };
     let mut d = Daemon::start(dir.path(), &text);
 
-    // Every app answers, and its bucket gets a few objects; what each serves is noted.
+    // Every app answers, and its bucket gets a few objects; what each serves is noted. The
+    // prices are even until the run begins, so nothing moves meanwhile.
     let mut served: BTreeMap<String, (String, String)> = BTreeMap::new();
     for s in &svcs {
         d.eventually(
