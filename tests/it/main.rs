@@ -22,6 +22,7 @@ mod prometheus;
 mod quickstart;
 mod relocation;
 mod security;
+mod soak;
 mod viaduct;
 mod viaduct_cli;
 mod vm;
