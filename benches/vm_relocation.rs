@@ -1,9 +1,9 @@
 //! Relocation of a VM with a 1 GiB disk between two qemu providers on this host: qcow2 to
 //! raw, both on virtio with a virtio NIC, under TCG, by the engine of `fluidcloud relocate`
-//! and the daemon, in each mode (`cold`, `live`). The guest is the tests' busybox guest
+//! and the daemon, in each mode (`cold`, `precopy`, `live`). The guest is the tests' busybox guest
 //! (`scripts/test-env.sh qemu_system guest`), serving HTTP through a forwarded port.
 //!
-//! `cargo bench --bench vm_relocation -- [--disk-mib N] [--rounds N] [--modes cold,live]`
+//! `cargo bench --bench vm_relocation -- [--disk-mib N] [--rounds N] [--modes cold,precopy,live]`
 //!
 //! Each round: a fresh pair of providers; the source disk gets the same pseudo-random half
 //! (the rest stays unallocated); the VM is deployed and must serve before the relocation
@@ -11,7 +11,8 @@
 //! the target's; its longest gap between answers is the downtime it saw. Printed per round:
 //! total (first step started → commit), the downtime the journal gives (source stopped or
 //! paused → the target's VM runs), the client's gap, for a live move QEMU's own downtime of
-//! the last pass, and the bytes sent (disk, and memory for a live move); the target image is
+//! the last pass, and the bytes sent (disk, all passes of a pre-copy, and memory for a live
+//! move); the target image is
 //! hashed on the host and must equal the source's content.
 
 #[path = "common/mod.rs"]
@@ -59,7 +60,7 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     rounds: u32,
     /// The modes to measure, side by side.
-    #[arg(long, value_delimiter = ',', default_value = "cold,live")]
+    #[arg(long, value_delimiter = ',', default_value = "cold,precopy,live")]
     modes: Vec<String>,
     #[command(flatten)]
     cargo: common::CargoBench,
@@ -360,6 +361,8 @@ fn round(
         client_gap: gap.as_secs_f64(),
         qemu_ms: live.then(|| output_u64(&record, "migrate:", "qemu_downtime_ms")),
         bytes: output_u64(&record, "sync:volume:", "bytes_written")
+            + output_u64(&record, "precopy:vm:", "bytes_read")
+            + output_u64(&record, "final-pass:vm:", "bytes_read")
             + output_u64(&record, "migrate:", "memory_bytes")
             + output_u64(&record, "migrate:", "disk_bytes"),
     })

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Measures the relocation of a VM with a 1 GiB disk (half of it random data, the rest
-# unallocated), qcow2 -> raw on virtio, under TCG, cold and live side by side: total time,
+# unallocated), qcow2 -> raw on virtio, under TCG, cold, precopy and live side by side (one
+# host; across hosts cold and live): total time,
 # the downtime a client polling every 50 ms saw, QEMU's own downtime of a live move, bytes
 # sent, with the target's disk hashed on the host every round. Two runs:
 #   - on one host: two qemu providers of this process (`cargo bench --bench vm_relocation`);
