@@ -48,9 +48,10 @@ for target in "${targets[@]}"; do
         failed=1
         grep -m 3 -E 'panicked|ERROR: libFuzzer|SUMMARY' "$log" || tail -n 5 "$log"
     fi
-    rows+=("$(printf '%-16s %12s %8s %8s' "$target" "${runs:-?}" "$corpus" "$crashes")")
+    rows+=("$(printf '| %-16s | %12s | %8s | %8s |' "$target" "${runs:-?}" "$corpus" "$crashes")")
 done
 
-printf '\n%-16s %12s %8s %8s\n' target runs corpus crashes
+printf '\n| %-16s | %12s | %8s | %8s |\n' target runs corpus crashes
+printf '| --- | ---: | ---: | ---: |\n'
 printf '%s\n' "${rows[@]}"
 exit $failed
