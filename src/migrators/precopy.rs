@@ -244,6 +244,7 @@ impl Migrator for PrecopyVm {
             "method": "dirty bitmaps, read through QEMU's NBD export while the guest runs",
             "passes": passes,
             "bytes_read": total,
+            "bytes_written": total,
             "converted": converted,
             "seconds": started.elapsed().as_secs_f64(),
         }))
@@ -324,6 +325,7 @@ impl Migrator for FinishPrecopyVm {
             "halted": halt,
             "halt_seconds": halted.as_secs_f64(),
             "bytes_read": bytes,
+            "bytes_written": bytes,
             "copy_seconds": (copied - halted).as_secs_f64(),
             "verified": "qemu-img compare of the whole disk with the halted source",
             "seconds": started.elapsed().as_secs_f64(),
