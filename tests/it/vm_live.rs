@@ -346,6 +346,49 @@ pub(crate) async fn power_down_for_hash(
     (hash, written)
 }
 
+/// Runs `fluidcloud relocate` to `q2`, killed at the checkpoint `point`, then a daemon that
+/// takes the relocation over; asserts it ends `expected` and that no VM runs at the end the
+/// guest left. Returns the end the guest runs at.
+pub(crate) async fn killed_and_taken_over(
+    lab: &Lab,
+    config: &Config,
+    point: &str,
+    expected: &str,
+) -> &'static str {
+    let out = lab.relocate_killed_at("q2", Some(point));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{point}: {}",
+        text(&out)
+    );
+    // The daemon's client runs a runtime of its own.
+    let last = tokio::task::block_in_place(|| {
+        let mut d = lab.daemon();
+        d.eventually("the relocation to end", Duration::from_secs(240), |d| {
+            let r = d.get("/v1/relocations");
+            let last = r.as_array()?.last()?.clone();
+            let state = last["state"].as_str()?.to_string();
+            matches!(state.as_str(), "completed" | "rolled_back" | "failed").then_some(last)
+        })
+    });
+    let outcome = last["state"].as_str().unwrap();
+    assert_eq!(outcome, expected, "{point}: {last}");
+    let (here, there) = if outcome == "completed" {
+        ("q2", "q1")
+    } else {
+        ("q1", "q2")
+    };
+    let other = providers::open(&config.providers[there]).unwrap();
+    let status = other.vm_status("box", "guest").await.unwrap();
+    assert!(
+        status.as_ref().is_none_or(|s| s.pid.is_none()),
+        "{point}: a VM still runs at {there}: {status:?}"
+    );
+    here
+}
+
 /// What follows the final marker on each line of the console that has it, in order.
 pub(crate) fn final_lines(console: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(console).unwrap_or_default();
@@ -555,48 +598,16 @@ async fn the_daemon_killed_during_a_live_move_leaves_one_guest_running_with_ever
         lab.start_source(&config, q1.as_ref()).await;
         drop(q1);
         let boot = lab.boot_at("q1").expect("the guest serves");
-        let out = lab.relocate_killed_at("q2", Some(point));
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGKILL),
-            "{point}: {}",
-            text(&out)
-        );
-
-        // The daemon's client runs a runtime of its own.
-        let last = tokio::task::block_in_place(|| {
-            let mut d = lab.daemon();
-            d.eventually("the relocation to end", Duration::from_secs(180), |d| {
-                let r = d.get("/v1/relocations");
-                let last = r.as_array()?.last()?.clone();
-                let state = last["state"].as_str()?.to_string();
-                matches!(state.as_str(), "completed" | "rolled_back" | "failed").then_some(last)
-            })
-        });
-        let outcome = last["state"].as_str().unwrap().to_string();
-        assert_eq!(outcome, expected, "{point}: {last}");
+        let here = killed_and_taken_over(&lab, &config, point, expected).await;
         // One guest runs, the same boot as before, with every block its writer wrote.
-        let (here, there) = if outcome == "completed" {
-            ("q2", "q1")
-        } else {
-            ("q1", "q2")
-        };
         assert_eq!(lab.boot_at(here).as_deref(), Some(boot.as_str()), "{point}");
-        let other = providers::open(&config.providers[there]).unwrap();
-        let status = other.vm_status("box", "guest").await.unwrap();
-        assert!(
-            status.as_ref().is_none_or(|s| s.pid.is_none()),
-            "{point}: a VM still runs at {there}: {status:?}"
-        );
-        drop(other);
         let (hash, written) = final_hash(&config, here).await;
         assert_eq!(
             hash,
             sha256(&guest::after_writer(&disk, written)),
             "{point}"
         );
-        outcomes.push(format!("{point} -> {outcome}"));
+        outcomes.push(format!("{point} -> {expected} at {here}"));
     }
     eprintln!("{outcomes:#?}");
 }

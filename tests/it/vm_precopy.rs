@@ -4,7 +4,9 @@
 //! the last pass is copied, and it boots at the target with every block it wrote.
 
 use crate::common;
-use crate::vm_live::{final_hash, final_lines, relocate_polled, sha256, text, Lab};
+use crate::vm_live::{
+    final_hash, final_lines, killed_and_taken_over, relocate_polled, sha256, text, Lab,
+};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -143,40 +145,9 @@ async fn the_daemon_killed_during_a_precopy_move_leaves_one_guest_running_with_e
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        let out = lab.relocate_killed_at("q2", Some(point));
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGKILL),
-            "{point}: {}",
-            text(&out)
-        );
-
-        let last = tokio::task::block_in_place(|| {
-            let mut d = lab.daemon();
-            d.eventually("the relocation to end", Duration::from_secs(240), |d| {
-                let r = d.get("/v1/relocations");
-                let last = r.as_array()?.last()?.clone();
-                let state = last["state"].as_str()?.to_string();
-                matches!(state.as_str(), "completed" | "rolled_back" | "failed").then_some(last)
-            })
-        });
+        let here = killed_and_taken_over(&lab, &config, point, expected).await;
         ended.store(true, Ordering::Relaxed);
-        let outcome = last["state"].as_str().unwrap().to_string();
-        assert_eq!(outcome, expected, "{point}: {last}");
-        let (here, there) = if outcome == "completed" {
-            ("q2", "q1")
-        } else {
-            ("q1", "q2")
-        };
         lab.serving_at(here);
-        let other = providers::open(&config.providers[there]).unwrap();
-        let status = other.vm_status("box", "guest").await.unwrap();
-        assert!(
-            status.as_ref().is_none_or(|s| s.pid.is_none()),
-            "{point}: a VM still runs at {there}: {status:?}"
-        );
-        drop(other);
         // When the guest powered down at the source (cleanly, with every write) and booted
         // again, at the target or at the source after the rollback, the disk it hashes now
         // holds what it had then plus what its writer wrote since; when it never stopped,
@@ -199,7 +170,7 @@ async fn the_daemon_killed_during_a_precopy_move_leaves_one_guest_running_with_e
             sha256(&guest::after_writer(&before, written)),
             "{point}"
         );
-        outcomes.push(format!("{point} -> {outcome}"));
+        outcomes.push(format!("{point} -> {expected} at {here}"));
     }
     eprintln!("{outcomes:#?}");
 }
