@@ -30,12 +30,12 @@ use serde_json::Value;
 
 /// Seconds the source is kept after the target is healthy: long enough for kills to land in
 /// it, short enough that the suite sees every source decommissioned.
-const GRACE_SECS: i64 = 2;
+pub(crate) const GRACE_SECS: i64 = 2;
 
 /// How long a recovery may take before the run counts as inconsistent.
-const RECOVERY_LIMIT: Duration = Duration::from_secs(180);
+pub(crate) const RECOVERY_LIMIT: Duration = Duration::from_secs(180);
 
-fn env_u64(name: &str, default: u64) -> u64 {
+pub(crate) fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
         Ok(v) => v
             .parse()
@@ -44,14 +44,14 @@ fn env_u64(name: &str, default: u64) -> u64 {
     }
 }
 
-fn setup(volume_mib: u64) -> Setup {
+pub(crate) fn setup(volume_mib: u64) -> Setup {
     let mut s = Setup::with_volume(volume_mib);
     s.config = s.config.clone().conduit("grace_period_secs", GRACE_SECS);
     s
 }
 
 /// BLAKE3 over every object of a bucket directory (key and bytes), in key order.
-fn bucket_digest(dir: &Path) -> String {
+pub(crate) fn bucket_digest(dir: &Path) -> String {
     fn walk(dir: &Path, base: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = entry.path();
@@ -97,7 +97,7 @@ fn app_runs(pid_file: &Path) -> bool {
 
 /// Where the kill landed, from the journal the killed process left: the steps that were
 /// running, the step last finished, or the relocation's state.
-fn landing(state_dir: &Path) -> String {
+pub(crate) fn landing(state_dir: &Path) -> String {
     let journal = match Journal::open(&state_dir.join("journal.sqlite")) {
         Ok(j) => j,
         Err(_) => return "before the journal".to_string(),
@@ -135,17 +135,17 @@ fn landing(state_dir: &Path) -> String {
 
 /// What one run drew from its seed.
 #[derive(Clone, Copy)]
-struct Draw {
-    seed: u64,
+pub(crate) struct Draw {
+    pub(crate) seed: u64,
     via_cli: bool,
     /// Killed in the grace period rather than before the commit.
-    in_grace: bool,
+    pub(crate) in_grace: bool,
     /// Of the part of the relocation the kill lands in.
     fraction: f64,
 }
 
 impl Draw {
-    fn new(seed: u64) -> Draw {
+    pub(crate) fn new(seed: u64) -> Draw {
         let mut rng = fastrand::Rng::with_seed(seed);
         Draw {
             seed,
@@ -156,7 +156,7 @@ impl Draw {
     }
 
     /// How long after the relocation starts the process is killed.
-    fn delay(&self, timing: &Timing) -> Duration {
+    pub(crate) fn delay(&self, timing: &Timing) -> Duration {
         if self.in_grace {
             timing.to_commit + (timing.to_end - timing.to_commit).mul_f64(self.fraction)
         } else {
@@ -223,7 +223,17 @@ fn start_and_kill(s: &Setup, draw: &Draw, delay: Duration) -> String {
 /// answers from where it ended (`b` when completed, `a` otherwise; either when failed).
 fn recover(s: &Setup) -> (Daemon, Option<String>, Duration, Duration) {
     let started = Instant::now();
-    let mut d = s.daemon();
+    let d = s.daemon();
+    follow(s, d, started)
+}
+
+/// Follows the recovery `d` runs, begun at `started` (what was killed restarted), until the
+/// relocation is over and the app answers from where it ended; times count from `started`.
+pub(crate) fn follow(
+    s: &Setup,
+    mut d: Daemon,
+    started: Instant,
+) -> (Daemon, Option<String>, Duration, Duration) {
     let mut outcome = None;
     let mut to_terminal = None;
     // When the app first answered from each provider, by the data file it reads.
@@ -348,7 +358,14 @@ fn run(draw: Draw, volume_mib: u64, timing: &Timing) -> Run {
 }
 
 /// The end state after recovery is relocated or rolled back, whole (see `assert_whole`).
-fn check(s: &Setup, hash: &str, listing: &str, digest: &str, outcome: Option<&str>, context: &str) {
+pub(crate) fn check(
+    s: &Setup,
+    hash: &str,
+    listing: &str,
+    digest: &str,
+    outcome: Option<&str>,
+    context: &str,
+) {
     match outcome {
         // Killed before anything was journalled: the service never left `a`.
         None => assert_consistent(s, hash, listing, "rolled_back", context),
@@ -372,16 +389,20 @@ fn check(s: &Setup, hash: &str, listing: &str, digest: &str, outcome: Option<&st
 }
 
 /// How long an uninterrupted relocation takes through the daemon, from the request.
-struct Timing {
+pub(crate) struct Timing {
     /// To the commit (the relocation enters its grace period).
-    to_commit: Duration,
+    pub(crate) to_commit: Duration,
     /// To `completed`, the grace period included.
-    to_end: Duration,
+    pub(crate) to_end: Duration,
 }
 
 fn measure(volume_mib: u64) -> Timing {
-    let s = setup(volume_mib);
-    let (hash, listing) = deploy(&s);
+    measure_on(&setup(volume_mib))
+}
+
+/// Measures an uninterrupted relocation of the service `s` deploys.
+pub(crate) fn measure_on(s: &Setup) -> Timing {
+    let (hash, listing) = deploy(s);
     let mut d = s.daemon();
     let started = Instant::now();
     let id = relocate_by_hand(&d, "b");
@@ -402,7 +423,7 @@ fn measure(volume_mib: u64) -> Timing {
         assert!(started.elapsed() < RECOVERY_LIMIT, "{}", d.logs());
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_consistent(&s, &hash, &listing, "completed", "uninterrupted");
+    assert_consistent(s, &hash, &listing, "completed", "uninterrupted");
     d.signal(libc::SIGTERM);
     let _ = d.child.wait();
     Timing {
@@ -411,14 +432,14 @@ fn measure(volume_mib: u64) -> Timing {
     }
 }
 
-fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
     e.downcast_ref::<String>()
         .cloned()
         .or_else(|| e.downcast_ref::<&str>().map(|m| m.to_string()))
         .unwrap_or_default()
 }
 
-fn seconds(d: Duration) -> String {
+pub(crate) fn seconds(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 

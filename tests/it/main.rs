@@ -7,6 +7,7 @@ mod common;
 
 mod across_hosts;
 mod block_devices;
+mod crash_agents;
 mod crash_suite;
 mod daemon;
 mod faults;

@@ -57,6 +57,11 @@ fn shop_sized(
         "demo.toml",
         "demo.toml.in",
         &[
+            // Where the app listens: the target's host when the providers are on two.
+            (
+                r#"listen = "[^"]*""#,
+                r#"listen = "{app.web.host}:{app.web.port}""#,
+            ),
             (
                 r#"data_file = "[^"]*""#,
                 r#"data_file = "{volume.data.path}""#,
@@ -75,6 +80,8 @@ pub(crate) struct Setup {
     dir: tempfile::TempDir,
     pub(crate) config: ConfigBuilder,
     app_port: u16,
+    /// Where the app may answer, tried in order: the providers' hosts.
+    pub(crate) app_hosts: Vec<String>,
 }
 
 impl Setup {
@@ -115,12 +122,13 @@ impl Setup {
             .policy("watch", "cheapest", "audit", |p| p)
             .service("shop", "a", "watch", |s| {
                 shop_sized(s, app_port, "bucket_dir", volume_mib as f64 / 1024.0, |b| b)
-                    .health_url(&format!("http://127.0.0.1:{app_port}/health"), 20)
+                    .health_url(&format!("http://{{app.web.host}}:{app_port}/health"), 20)
             });
         Setup {
             dir,
             config,
             app_port,
+            app_hosts: vec!["127.0.0.1".to_string()],
         }
     }
 
@@ -133,22 +141,28 @@ impl Setup {
     }
 
     pub(crate) fn app(&self, path: &str) -> Option<String> {
-        let url = format!("http://127.0.0.1:{}{path}", self.app_port);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            let r = reqwest::Client::new()
-                .get(&url)
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await
-                .ok()?;
-            if !r.status().is_success() {
-                return None;
+            for host in &self.app_hosts {
+                let url = format!("http://{host}:{}{path}", self.app_port);
+                let Ok(r) = reqwest::Client::new()
+                    .get(&url)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                if r.status().is_success() {
+                    if let Ok(body) = r.text().await {
+                        return Some(body);
+                    }
+                }
             }
-            r.text().await.ok()
+            None
         })
     }
 
