@@ -410,10 +410,16 @@ pub fn relocations(
     a: &ApiArgs,
     service: Option<&str>,
     state: Option<&str>,
+    limit: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
+    let limit = limit.map(|n| n.to_string());
     let path = format!(
         "/v1/relocations{}",
-        query(&[("service", service), ("state", state)])
+        query(&[
+            ("service", service),
+            ("state", state),
+            ("limit", limit.as_deref())
+        ])
     );
     let Some(v) = fetch(a, reqwest::Method::GET, &path)? else {
         return Ok(ExitCode::SUCCESS);

@@ -142,6 +142,9 @@ enum Cmd {
         /// rolled_back, failed), or `active` for every unfinished one.
         #[arg(long)]
         state: Option<String>,
+        /// The most recent N (default 100).
+        #[arg(long)]
+        limit: Option<usize>,
         #[command(subcommand)]
         command: Option<RelocationsCmd>,
     },
@@ -339,9 +342,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api,
             service,
             state,
+            limit,
             command,
         } => match command {
-            None => client::relocations(&api, service.as_deref(), state.as_deref()),
+            None => client::relocations(&api, service.as_deref(), state.as_deref(), limit),
             Some(RelocationsCmd::Show { api, id, watch }) if watch => relocate::watch(&api, &id),
             Some(RelocationsCmd::Show { api, id, .. }) => client::relocation(&api, &id),
             Some(RelocationsCmd::Cancel { api, id }) => client::cancel(&api, &id),

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::broker::supervisor::{ApiError, BrokerHandle, Command, DecisionQuery};
+use crate::broker::supervisor::{ApiError, BrokerHandle, Command, DecisionQuery, RelocationQuery};
 use crate::config::Config;
 use crate::sys::secret::ApiTokenPath;
 
@@ -341,31 +341,19 @@ async fn relocate(
     }
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RelocationQuery {
-    service: Option<String>,
-    /// A state (`running`, `grace`, …), or `active` for every unfinished one.
-    state: Option<String>,
-}
-
 async fn relocations(
     State(s): State<AppState>,
-    ApiQuery(q): ApiQuery<RelocationQuery>,
+    ApiQuery(query): ApiQuery<RelocationQuery>,
 ) -> Response {
-    match s.broker.ask(Command::Relocations).await {
-        Some(v) => {
-            let picked: Vec<_> = v
-                .into_iter()
-                .filter(|r| q.service.as_ref().is_none_or(|s| &r.request.service == s))
-                .filter(|r| match q.state.as_deref() {
-                    None => true,
-                    Some("active") => r.state.is_active(),
-                    Some(st) => r.state.as_str() == st,
-                })
-                .collect();
-            Json(picked).into_response()
-        }
+    if query.limit == Some(0) {
+        return ApiError::Invalid("`limit` must be at least 1".into()).into_response();
+    }
+    match s
+        .broker
+        .ask(|reply| Command::Relocations { query, reply })
+        .await
+    {
+        Some(v) => Json(v).into_response(),
         None => stopped(),
     }
 }

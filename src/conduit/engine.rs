@@ -98,7 +98,7 @@ impl Engine {
         let config = self.inner.config();
         let placements = self.placements();
         let busy: BTreeSet<String> = self
-            .relocations()
+            .summaries()
             .into_iter()
             .filter(|r| r.state.is_active())
             .map(|r| r.request.service)
@@ -215,7 +215,7 @@ impl Engine {
 
     fn accept(&self, request: &RelocationRequest) -> Result<String, ConduitError> {
         if self
-            .relocations()
+            .summaries()
             .iter()
             .any(|r| r.request.service == request.service && r.state.is_active())
         {
@@ -367,6 +367,29 @@ impl Conduit for Engine {
                 Vec::new()
             }
         }
+    }
+
+    fn summaries(&self) -> Vec<Relocation> {
+        match self.inner.journal.summaries() {
+            Ok(records) => records.into_iter().map(|r| self.to_relocation(r)).collect(),
+            Err(e) => {
+                tracing::error!("Cannot read the relocation journal: {e}.");
+                Vec::new()
+            }
+        }
+    }
+
+    fn recent(&self, limit: usize, keep: &dyn Fn(&Relocation) -> bool) -> Vec<Relocation> {
+        let mut picked: Vec<Relocation> = self
+            .summaries()
+            .into_iter()
+            .rev()
+            .filter(|r| keep(r))
+            .take(limit)
+            .filter_map(|r| self.relocation(&r.id))
+            .collect();
+        picked.reverse();
+        picked
     }
 
     fn active(&self) -> usize {

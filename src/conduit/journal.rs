@@ -414,6 +414,45 @@ impl Journal {
         }))
     }
 
+    /// Every relocation without its steps, oldest first: one query over the relocations
+    /// alone, whatever their steps hold (what the broker reads every tick).
+    pub fn summaries(&self) -> Result<Vec<RelocationRecord>, JournalError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, request, state, detail, created_at, updated_at FROM relocations ORDER BY created_at, id",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql(e))?;
+        rows.into_iter()
+            .map(|(id, request, state, detail, created, updated)| {
+                Ok(RelocationRecord {
+                    request: serde_json::from_str(&request)
+                        .map_err(|e| JournalError::Corrupt(format!("request of `{id}`: {e}")))?,
+                    id,
+                    state: parse_relocation_state(&state)?,
+                    detail,
+                    created_at: parse_time(&created)?,
+                    updated_at: parse_time(&updated)?,
+                    steps: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
     /// Every relocation, oldest first.
     pub fn list(&self) -> Result<Vec<RelocationRecord>, JournalError> {
         self.records("SELECT id FROM relocations ORDER BY created_at, id")

@@ -132,6 +132,33 @@ pub trait Conduit: Send + Sync + 'static {
     /// Every relocation this conduit knows, newest last.
     fn relocations(&self) -> Vec<Relocation>;
 
+    /// Every relocation this conduit knows, newest last, without steps or progress: what
+    /// the broker's guard rails read each tick, cheap however long the history.
+    fn summaries(&self) -> Vec<Relocation> {
+        self.relocations()
+            .into_iter()
+            .map(|r| Relocation {
+                steps: Vec::new(),
+                progress: Default::default(),
+                ..r
+            })
+            .collect()
+    }
+
+    /// The `limit` most recent relocations that `keep` selects (it sees them without their
+    /// steps), with their steps, newest last.
+    fn recent(&self, limit: usize, keep: &dyn Fn(&Relocation) -> bool) -> Vec<Relocation> {
+        let mut picked: Vec<Relocation> = self
+            .relocations()
+            .into_iter()
+            .rev()
+            .filter(|r| keep(r))
+            .take(limit)
+            .collect();
+        picked.reverse();
+        picked
+    }
+
     /// One relocation, with the live progress of its running transfers.
     fn relocation(&self, id: &str) -> Option<Relocation> {
         self.relocations().into_iter().find(|r| r.id == id)
@@ -154,7 +181,7 @@ pub trait Conduit: Send + Sync + 'static {
     }
     /// Relocations that hold an execution slot (queued, running, rolling back).
     fn active(&self) -> usize {
-        self.relocations()
+        self.summaries()
             .iter()
             .filter(|r| r.state.holds_slot())
             .count()

@@ -464,6 +464,18 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
     assert!(body.contains("force"), "{body}");
     let (s, body) = relocate(&d, "crm", json!({"to": "azure-we", "force": true}));
     assert_eq!(s, 202, "{body}");
+    // The list holds the most recent relocations, oldest first, as many as asked.
+    let all = d.get("/v1/relocations");
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    let last = d.get("/v1/relocations?limit=1");
+    assert_eq!(last.as_array().unwrap().len(), 1);
+    assert_eq!(last[0]["request"]["service"], "crm");
+    assert_eq!(
+        d.get("/v1/relocations?service=shop&limit=5")[0]["request"]["service"],
+        "shop"
+    );
+    let (s, body) = d.raw("GET", "/v1/relocations?limit=0", true, None).unwrap();
+    assert_eq!(s, 422, "{body}");
     // Two refusals on that route: no token, then a wrong one.
     assert_eq!(
         d.metric("fluidcloud_api_requests_total{route=\"/v1/services\",status=\"401\"}"),

@@ -77,6 +77,11 @@ const RSS_CAP_MIB: f64 = 512.0;
 
 /// After the run, how long the prices hold still for the daemon to finish what it started.
 const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+/// What the checks ask every second: the most recent relocations, as a monitor would (at
+/// most 60 start a minute, so 500 reach minutes back).
+const RECENT: &str = "/v1/relocations?limit=500";
+/// Every relocation, for the checks once the daemon is idle.
+const ALL: &str = "/v1/relocations?limit=100000";
 
 fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -422,6 +427,9 @@ struct Soak {
     running: usize,
     /// Relocations in the journal at the last check.
     relocations: usize,
+    /// Every relocation seen, by id, as last seen: the API lists the most recent ones, as a
+    /// monitor asks for them, and a finished one no longer changes.
+    seen: BTreeMap<String, Value>,
 }
 
 impl Soak {
@@ -445,7 +453,7 @@ impl Soak {
         if let Some(mib) = rss_mib(d.child.id()) {
             self.rss.push((self.started.elapsed().as_secs_f64(), mib));
         }
-        let relocations = match d.raw("GET", "/v1/relocations", true, None) {
+        let relocations = match d.raw("GET", RECENT, true, None) {
             Ok((200, body)) => serde_json::from_str::<Value>(&body).unwrap(),
             other => {
                 let since = *self.api_failures_since.get_or_insert(now);
@@ -459,7 +467,12 @@ impl Soak {
             }
         };
         self.api_failures_since = None;
-        let relocations = relocations.as_array().cloned().unwrap_or_default();
+        for r in relocations.as_array().into_iter().flatten() {
+            self.seen
+                .insert(r["id"].as_str().unwrap_or_default().to_string(), r.clone());
+        }
+        let mut relocations: Vec<Value> = self.seen.values().cloned().collect();
+        relocations.sort_by_key(|r| r["submitted_at"].as_str().unwrap_or_default().to_string());
         let decisions = decision_log(&self.state());
 
         // Each `submitted`/`approved` decision has exactly one relocation, and the other way.
@@ -635,6 +648,7 @@ fn the_daemon_keeps_its_invariants_for_a_soak_with_a_restart_in_the_middle() {
         stuck: settings.stuck,
         running: 0,
         relocations: 0,
+        seen: BTreeMap::new(),
     };
     let mut d = Daemon::start(dir.path(), &text);
 
@@ -747,7 +761,7 @@ fn the_daemon_keeps_its_invariants_for_a_soak_with_a_restart_in_the_middle() {
     let mut count = usize::MAX;
     loop {
         soak.check(&d);
-        let relocations = d.get("/v1/relocations");
+        let relocations = d.get(ALL);
         let relocations = relocations.as_array().unwrap();
         if relocations.len() != count
             || relocations
@@ -774,7 +788,7 @@ fn the_daemon_keeps_its_invariants_for_a_soak_with_a_restart_in_the_middle() {
     soak.polls = feeds.hits("/catalogue.csv") as u64;
 
     // The final checks, on the idle daemon.
-    let relocations = d.get("/v1/relocations").as_array().unwrap().clone();
+    let relocations = d.get(ALL).as_array().unwrap().clone();
     let decisions = decision_log(&soak.state());
     let by_id: HashMap<String, &Value> = relocations
         .iter()

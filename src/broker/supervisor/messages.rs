@@ -32,7 +32,10 @@ pub enum Command {
         query: DecisionQuery,
         reply: oneshot::Sender<Vec<Decision>>,
     },
-    Relocations(oneshot::Sender<Vec<Relocation>>),
+    Relocations {
+        query: RelocationQuery,
+        reply: oneshot::Sender<Vec<Relocation>>,
+    },
     Relocation {
         id: String,
         reply: oneshot::Sender<Option<Relocation>>,
@@ -69,6 +72,40 @@ pub struct DecisionQuery {
     pub service: Option<String>,
     pub outcome: Option<String>,
     pub limit: Option<usize>,
+}
+
+/// `GET /v1/relocations`: the most recent `limit` relocations of `service` in `state`.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelocationQuery {
+    pub service: Option<String>,
+    /// A state (`running`, `grace`, …), or `active` for every unfinished one.
+    pub state: Option<String>,
+    /// Default [`RelocationQuery::DEFAULT_LIMIT`], at most [`RelocationQuery::MAX_LIMIT`].
+    pub limit: Option<usize>,
+}
+
+impl RelocationQuery {
+    pub const DEFAULT_LIMIT: usize = 100;
+    pub const MAX_LIMIT: usize = 100_000;
+
+    /// Whether `r` is one the query asks for.
+    pub fn keeps(&self, r: &Relocation) -> bool {
+        self.service
+            .as_ref()
+            .is_none_or(|s| &r.request.service == s)
+            && match self.state.as_deref() {
+                None => true,
+                Some("active") => r.state.is_active(),
+                Some(st) => r.state.as_str() == st,
+            }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+            .unwrap_or(Self::DEFAULT_LIMIT)
+            .min(Self::MAX_LIMIT)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

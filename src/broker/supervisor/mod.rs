@@ -38,7 +38,9 @@ use tokio_util::sync::CancellationToken;
 pub use evaluation::{evaluate_all, Evaluation, FreshPrices};
 pub use jobs::{Job, Stopped, SHUTDOWN_BOUND};
 pub use loader::{compile_policies, Loaded, Policies};
-pub use messages::{ApiError, BrokerHandle, Command, DecisionQuery, PollResult, Readiness};
+pub use messages::{
+    ApiError, BrokerHandle, Command, DecisionQuery, PollResult, Readiness, RelocationQuery,
+};
 pub use replay::{RecordingConduit, Replay};
 pub use views::{ActiveRelocation, ServiceStatus};
 
@@ -357,8 +359,9 @@ impl Supervisor {
             Command::Decisions { query, reply } => {
                 let _ = reply.send(self.decisions(&query));
             }
-            Command::Relocations(reply) => {
-                let _ = reply.send(self.conduit.relocations());
+            Command::Relocations { query, reply } => {
+                let keep = |r: &crate::conduit::Relocation| query.keeps(r);
+                let _ = reply.send(self.conduit.recent(query.limit(), &keep));
             }
             Command::Relocation { id, reply } => {
                 let _ = reply.send(self.conduit.relocation(&id));

@@ -49,7 +49,7 @@ impl Supervisor {
                 .unwrap_or(chrono::Duration::MAX);
         let total = evals.len();
         let config = self.loaded.config.clone();
-        let relocations = self.conduit.relocations();
+        let relocations = self.conduit.summaries();
         self.remember_relocations(&relocations, window_start);
         let relocating: BTreeSet<String> = relocations
             .into_iter()

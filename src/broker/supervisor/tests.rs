@@ -14,6 +14,8 @@ use crate::model::{Placement, Verdict};
 #[derive(Default)]
 struct FakeConduit {
     submitted: Mutex<Vec<Relocation>>,
+    /// Calls that read every relocation with its steps.
+    full_reads: std::sync::atomic::AtomicUsize,
 }
 
 impl Conduit for FakeConduit {
@@ -33,6 +35,12 @@ impl Conduit for FakeConduit {
     }
 
     fn relocations(&self) -> Vec<Relocation> {
+        self.full_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.submitted.lock().unwrap().clone()
+    }
+
+    fn summaries(&self) -> Vec<Relocation> {
         self.submitted.lock().unwrap().clone()
     }
 }
@@ -220,6 +228,26 @@ async fn an_enforced_relocation_that_passes_the_rails_is_submitted_and_logged() 
         .rails
         .iter()
         .any(|r| r.rail == "already_relocating" && !r.passed));
+}
+
+/// The journal grows with every relocation a daemon makes in its life; each tick and each
+/// status call read all of it, every step's output included.
+#[tokio::test]
+async fn a_tick_and_the_status_view_read_no_relocations_steps() {
+    let bench = Bench::new();
+    let mut s = bench.supervisor(Some("http://127.0.0.1:9"));
+    fresh(&mut s);
+    apply(&mut s, vec![wants_b("a")]);
+    apply(&mut s, vec![wants_b("a")]);
+    assert!(s.services()[0].relocation.is_some());
+    assert_eq!(
+        bench
+            .conduit
+            .full_reads
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(bench.conduit.summaries().len(), 1);
 }
 
 #[tokio::test]

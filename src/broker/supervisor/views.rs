@@ -59,7 +59,7 @@ impl Supervisor {
             .iter()
             .map(|d| (d.service.as_str(), d))
             .collect();
-        let relocations = self.conduit.relocations();
+        let relocations = self.conduit.summaries();
         let active: BTreeMap<&str, &Relocation> = relocations
             .iter()
             .filter(|r| r.state.is_active())
