@@ -19,7 +19,5 @@ fi
 export FLUIDCLOUD_FAULT_RUNS="${FLUIDCLOUD_FAULT_RUNS:-50}"
 export FLUIDCLOUD_FAULT_RATE="${FLUIDCLOUD_FAULT_RATE:-0.2}"
 echo "fault suite: $FLUIDCLOUD_FAULT_RUNS runs at rate $FLUIDCLOUD_FAULT_RATE" >&2
-# --include-ignored: the relocation suite is ignored in `cargo test` until the retries it
-# found missing are in (RELIABILITY.md, Fault suite).
 cargo test --release --features crash-points --test it faults:: -- \
-    --include-ignored --nocapture --test-threads 1
+    --nocapture --test-threads 1
