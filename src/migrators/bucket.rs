@@ -1,9 +1,10 @@
 //! The bucket migrator: copies a bucket's objects to the target while the source runs, and
-//! copies what changed since at cutover, both through the [`crate::providers::copier`]. The hashes the
-//! pre-copy learned wait in the work directory for the sync. Its undo deletes the target's
-//! bucket and its objects, each call again on temporary failures. A bucket kept at its source (`keep_at_source`) gets no step. Between two agents
-//! the target's agent pulls the objects from the source's ([`crate::agent::buckets`]), so
-//! they go host to host; otherwise the daemon copies them.
+//! copies what changed since at cutover, both through the [`crate::providers::copier`]. The
+//! hashes the pre-copy learned wait in the work directory for the sync. Its undo deletes the
+//! target's bucket and its objects, each call again on temporary failures. A bucket kept at
+//! its source (`keep_at_source`) gets no step. Between two agents the target's agent pulls
+//! the objects from the source's ([`crate::agent::buckets`]), so they go host to host;
+//! otherwise the daemon copies them.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
