@@ -4,6 +4,7 @@
 # 503/500/429 answers, truncated bodies), and the pricing feeds behind one, then prints the
 # table: runs, relocated, rolled back, inconsistent (must be 0), worst recovery time, and
 # the faults injected. Results are written to RELIABILITY.md's "Fault suite" section by hand.
+# `cargo test` runs its quick form (4 runs).
 #
 #   scripts/faults.sh                                   # 50 runs at 20 % faults
 #   FLUIDCLOUD_FAULT_RUNS=100 FLUIDCLOUD_FAULT_RATE=0.3 scripts/faults.sh
@@ -19,7 +20,5 @@ fi
 export FLUIDCLOUD_FAULT_RUNS="${FLUIDCLOUD_FAULT_RUNS:-50}"
 export FLUIDCLOUD_FAULT_RATE="${FLUIDCLOUD_FAULT_RATE:-0.2}"
 echo "fault suite: $FLUIDCLOUD_FAULT_RUNS runs at rate $FLUIDCLOUD_FAULT_RATE" >&2
-# --include-ignored: the relocation suite is ignored in `cargo test` until the retries it
-# found missing are in (RELIABILITY.md, Fault suite).
 cargo test --release --features crash-points --test it faults:: -- \
-    --include-ignored --nocapture --test-threads 1
+    --nocapture --test-threads 1

@@ -1,9 +1,10 @@
 //! The bucket migrator: copies a bucket's objects to the target while the source runs, and
-//! copies what changed since at cutover, both through the [`crate::providers::copier`]. The hashes the
-//! pre-copy learned wait in the work directory for the sync. Its undo deletes the target's
-//! bucket. A bucket kept at its source (`keep_at_source`) gets no step. Between two agents
-//! the target's agent pulls the objects from the source's ([`crate::agent::buckets`]), so
-//! they go host to host; otherwise the daemon copies them.
+//! copies what changed since at cutover, both through the [`crate::providers::copier`]. The
+//! hashes the pre-copy learned wait in the work directory for the sync. Its undo deletes the
+//! target's bucket and its objects, each call again on temporary failures. A bucket kept at
+//! its source (`keep_at_source`) gets no step. Between two agents the target's agent pulls
+//! the objects from the source's ([`crate::agent::buckets`]), so they go host to host;
+//! otherwise the daemon copies them.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,17 +30,9 @@ impl Migrator for CopyBucket {
     }
 
     async fn undo(&self, cx: &Cx) -> Result<(), MigratorError> {
-        let (svc, bucket) = (cx.svc(), self.bucket.as_str());
-        for o in cx.target.list_objects(svc, bucket).await.or_else(|e| {
-            if e.is_not_found() {
-                Ok(Vec::new())
-            } else {
-                Err(e)
-            }
-        })? {
-            cx.target.delete_object(svc, bucket, &o.key).await?;
-        }
-        cx.target.delete_bucket(svc, bucket).await?;
+        // Each delete is made again on temporary failures: a reset must not leave objects
+        // behind and fail the rollback.
+        copier::remove_bucket(cx.target.as_ref(), cx.svc(), &self.bucket).await?;
         Ok(())
     }
 }
@@ -114,7 +107,16 @@ async fn copy_bucket(cx: &Cx, step: &str, bucket: &str) -> Result<Value, Migrato
     // The target bucket is this relocation's own: objects deleted at the source since the
     // pre-copy go at the sync, so the target ends as an exact copy.
     for key in &report.extra_at_target {
-        cx.target.delete_object(svc, bucket, key).await?;
+        copier::retry_transient(
+            copier::OBJECT_ATTEMPTS,
+            None,
+            &format!(
+                "Deleting object `{key}` of bucket `{svc}/{bucket}` at `{}`",
+                cx.plan.to
+            ),
+            || cx.target.delete_object(svc, bucket, key),
+        )
+        .await?;
     }
     cx.count_bytes(
         "bucket",

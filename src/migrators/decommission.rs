@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::{name_some, Cx, Migrator, MigratorError};
 use crate::model::ComponentKind;
+use crate::providers::copier::{retry_transient, OBJECT_ATTEMPTS};
 use crate::providers::{self, StopOptions};
 
 pub struct Decommission;
@@ -68,10 +69,24 @@ async fn decommission(cx: &Cx) -> Result<Value, MigratorError> {
                 removed.push(format!("vm {} and its disk", c.name));
             }
             ComponentKind::Bucket if !c.keep_at_source => {
-                match cx.source.list_objects(svc, &c.name).await {
+                // Each call again on temporary failures: one reset must not leave the
+                // relocation in its grace period until the next start.
+                let listing = format!("Listing bucket `{svc}/{}` at `{}`", c.name, cx.plan.from);
+                let listed = retry_transient(OBJECT_ATTEMPTS, None, &listing, || {
+                    cx.source.list_objects(svc, &c.name)
+                })
+                .await;
+                match listed {
                     Ok(objects) => {
                         for o in objects {
-                            cx.source.delete_object(svc, &c.name, &o.key).await?;
+                            let what = format!(
+                                "Deleting object `{}` of bucket `{svc}/{}` at `{}`",
+                                o.key, c.name, cx.plan.from
+                            );
+                            retry_transient(OBJECT_ATTEMPTS, None, &what, || {
+                                cx.source.delete_object(svc, &c.name, &o.key)
+                            })
+                            .await?;
                         }
                         // Never copied, so never deleted: the bucket stays with them.
                         let others = cx.source.list_non_objects(svc, &c.name).await?;
@@ -93,7 +108,12 @@ async fn decommission(cx: &Cx) -> Result<Value, MigratorError> {
                             ));
                             continue;
                         }
-                        cx.source.delete_bucket(svc, &c.name).await?;
+                        let what =
+                            format!("Deleting bucket `{svc}/{}` at `{}`", c.name, cx.plan.from);
+                        retry_transient(OBJECT_ATTEMPTS, None, &what, || {
+                            cx.source.delete_bucket(svc, &c.name)
+                        })
+                        .await?;
                     }
                     Err(e) if e.is_not_found() => {}
                     Err(e) => return Err(e.into()),

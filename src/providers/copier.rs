@@ -26,6 +26,16 @@
 //! object is copied once more. If it changes during that second copy as well, it is reported
 //! in [`BucketCopyError::Unstable`]: stop the writers, or copy again when it settles.
 //!
+//! # Temporary failures
+//!
+//! A call that fails on the way ([`is_transient`]: a reset, a timeout, an answer such as
+//! `503` or `429`, a body cut short) is made again with exponential backoff and jitter, up to
+//! [`OBJECT_ATTEMPTS`] times: listings, lookups, reads to hash, and copies. A copy hands the
+//! target a stream that cannot be replayed, so it is replayed from its source: the object is
+//! looked up and opened at the source again and written again in full (a large object's
+//! parts are retried one by one below, by the driver). [`remove_bucket`] deletes a bucket
+//! and its objects the same way, for the undo of a copy.
+//!
 //! # The manifest
 //!
 //! After copying, both buckets are listed again. For every object of the source, the BLAKE3
@@ -58,10 +68,118 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::providers::{ObjectInfo, ObjectStream, Provider, ProviderError};
+use crate::providers::{ObjectInfo, ObjectStat, ObjectStream, Provider, ProviderError};
 use crate::sys::rate::RateLimiter;
+use crate::sys::retry::{self, Retryable};
 
 pub use crate::model::bucket_copy::{DEFAULT_CONCURRENCY, MAX_CONCURRENCY};
+
+/// Attempts at one call (a listing, a lookup, a read, a copy, a delete) that fails with a
+/// temporary error, the first included.
+pub const OBJECT_ATTEMPTS: usize = 4;
+
+/// True when `e` may go away if the call is made again: the connection was reset or closed
+/// on the way, the provider answered an error it has no better name for (most often a `5xx`
+/// or `429` the driver does not retry or that outlasted its retries), or a stream broke part
+/// way. Not: a refused connection or an unknown host (nothing listens there), a timeout
+/// (drivers retry those themselves, each attempt waiting its full timeout; retrying again
+/// above them would multiply the wait for a store that does not answer), wrong credentials,
+/// missing or conflicting objects, refused input.
+pub fn is_transient(e: &ProviderError) -> bool {
+    match e {
+        ProviderError::Unreachable { detail, .. } => {
+            let d = detail.to_ascii_lowercase();
+            !["refused", "dns error", "timeout", "timed out"]
+                .iter()
+                .any(|t| d.contains(t))
+        }
+        ProviderError::Remote { .. } => true,
+        ProviderError::Io { source, .. } => source.kind() != io::ErrorKind::Interrupted,
+        _ => false,
+    }
+}
+
+/// Calls `call` until it succeeds, fails with an error that is not transient
+/// ([`is_transient`]), or `attempts` were made, pausing with exponential backoff and jitter
+/// between attempts; no new attempt starts once `cancel` is cancelled. `what` names the call
+/// in the log ("Deleting object `k` of …").
+pub async fn retry_transient<T, F, Fut>(
+    attempts: usize,
+    cancel: Option<&CancellationToken>,
+    what: &str,
+    call: F,
+) -> Result<T, ProviderError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ProviderError>>,
+{
+    again(attempts, cancel, what, is_transient, call).await
+}
+
+async fn again<T, E, F, Fut>(
+    attempts: usize,
+    cancel: Option<&CancellationToken>,
+    what: &str,
+    transient: impl Fn(&E) -> bool,
+    call: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    call.retry(retry::jittered(attempts.saturating_sub(1)))
+        .when(|e| transient(e) && !cancel.is_some_and(|c| c.is_cancelled()))
+        .notify(|e, pause| {
+            tracing::info!(
+                "{what} failed ({e}); trying again in {:.1} s.",
+                pause.as_secs_f64()
+            )
+        })
+        .await
+}
+
+/// Deletes a bucket with every object in it; succeeds when it is gone already. Each call is
+/// made again on temporary failures ([`retry_transient`]), so one reset does not leave
+/// objects behind.
+pub async fn remove_bucket(
+    provider: &dyn Provider,
+    service: &str,
+    bucket: &str,
+) -> Result<(), ProviderError> {
+    let name = provider.name();
+    let listed = retry_transient(
+        OBJECT_ATTEMPTS,
+        None,
+        &format!("Listing bucket `{service}/{bucket}` at `{name}` to delete it"),
+        || provider.list_objects(service, bucket),
+    )
+    .await;
+    let objects = match listed {
+        Ok(l) => l,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for o in objects {
+        retry_transient(
+            OBJECT_ATTEMPTS,
+            None,
+            &format!(
+                "Deleting object `{}` of bucket `{service}/{bucket}` at `{name}`",
+                o.key
+            ),
+            || provider.delete_object(service, bucket, &o.key),
+        )
+        .await?;
+    }
+    retry_transient(
+        OBJECT_ATTEMPTS,
+        None,
+        &format!("Deleting bucket `{service}/{bucket}` at `{name}`"),
+        || provider.delete_bucket(service, bucket),
+    )
+    .await
+}
 
 /// How [`copy_bucket`] works.
 #[derive(Debug, Clone)]
@@ -439,8 +557,50 @@ struct End<'a> {
 }
 
 impl End<'_> {
-    /// Reads an object through to its end and returns its size and BLAKE3.
+    /// Reads an object through to its end and returns its size and BLAKE3; a read that
+    /// fails on the way is started again.
     async fn hash(
+        &self,
+        key: &str,
+        limiter: Option<&Arc<RateLimiter>>,
+        cancel: &CancellationToken,
+        counter: &Arc<AtomicU64>,
+    ) -> Result<(u64, blake3::Hash), ProviderError> {
+        retry_transient(
+            OBJECT_ATTEMPTS,
+            Some(cancel),
+            &format!("Reading {} to hash it", self.describe(key)),
+            || self.hash_once(key, limiter, cancel, counter),
+        )
+        .await
+    }
+
+    /// `object `k` of bucket `s/b` at `p``, for the log.
+    fn describe(&self, key: &str) -> String {
+        format!(
+            "object `{key}` of bucket `{}/{}` at `{}`",
+            self.service,
+            self.bucket,
+            self.provider.name()
+        )
+    }
+
+    /// One look-up at this end, made again on temporary failures.
+    async fn stat(
+        &self,
+        key: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<ObjectStat>, ProviderError> {
+        retry_transient(
+            OBJECT_ATTEMPTS,
+            Some(cancel),
+            &format!("Looking up {}", self.describe(key)),
+            || self.provider.stat_object(self.service, self.bucket, key),
+        )
+        .await
+    }
+
+    async fn hash_once(
         &self,
         key: &str,
         limiter: Option<&Arc<RateLimiter>>,
@@ -568,6 +728,22 @@ struct ObjectError {
     error: ProviderError,
 }
 
+impl std::fmt::Display for ObjectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "at the {}: {}", self.side, self.error)
+    }
+}
+
+/// One copy of an object that went through.
+struct Copied {
+    /// The source's object before and after it was read.
+    before: ObjectStat,
+    after: Option<ObjectStat>,
+    written: ObjectInfo,
+    /// Size and BLAKE3 of what was read.
+    read: (u64, blake3::Hash),
+}
+
 impl ObjectError {
     fn at(side: Side) -> impl FnOnce(ProviderError) -> ObjectError {
         move |error| ObjectError { side, error }
@@ -644,14 +820,26 @@ impl<'a> Run<'a> {
         self.tick(|t| t.phase = Some(BucketPhase::Listing), true);
         // The source first: a missing source bucket must not leave an empty target behind.
         let src_list = self.list(&self.src).await?;
-        self.dst
-            .provider
-            .ensure_bucket(self.dst.service, self.dst.bucket)
-            .await
-            .map_err(|error| BucketCopyError::Bucket {
-                side: Side::Target,
-                error,
-            })?;
+        retry_transient(
+            OBJECT_ATTEMPTS,
+            Some(&self.stop),
+            &format!(
+                "Creating bucket `{}/{}` at `{}`",
+                self.dst.service,
+                self.dst.bucket,
+                self.dst.provider.name()
+            ),
+            || {
+                self.dst
+                    .provider
+                    .ensure_bucket(self.dst.service, self.dst.bucket)
+            },
+        )
+        .await
+        .map_err(|error| BucketCopyError::Bucket {
+            side: Side::Target,
+            error,
+        })?;
         let dst_list = self.list(&self.dst).await?;
         self.check_cancel()?;
 
@@ -759,13 +947,22 @@ impl<'a> Run<'a> {
     }
 
     async fn list(&self, end: &End<'_>) -> Result<Vec<ObjectInfo>, BucketCopyError> {
-        end.provider
-            .list_objects(end.service, end.bucket)
-            .await
-            .map_err(|error| BucketCopyError::Bucket {
-                side: end.side,
-                error,
-            })
+        retry_transient(
+            OBJECT_ATTEMPTS,
+            Some(&self.stop),
+            &format!(
+                "Listing bucket `{}/{}` at `{}`",
+                end.service,
+                end.bucket,
+                end.provider.name()
+            ),
+            || end.provider.list_objects(end.service, end.bucket),
+        )
+        .await
+        .map_err(|error| BucketCopyError::Bucket {
+            side: end.side,
+            error,
+        })
     }
 
     /// Without credentials or an endpoint every other object fails the same way: stop
@@ -853,12 +1050,8 @@ impl<'a> Run<'a> {
             // costs a request rather than the whole content. (A store that lists BLAKE3
             // hashes, like the local one, has no entity tags to give.)
             let (s, d) = tokio::join!(
-                self.src
-                    .provider
-                    .stat_object(self.src.service, self.src.bucket, &src.key),
-                self.dst
-                    .provider
-                    .stat_object(self.dst.service, self.dst.bucket, &dst.key),
+                self.src.stat(&src.key, &self.stop),
+                self.dst.stat(&dst.key, &self.stop),
             );
             let (s, d) = (
                 s.map_err(ObjectError::at(Side::Source))?,
@@ -925,70 +1118,27 @@ impl<'a> Run<'a> {
         learned: &Mutex<KnownHashes>,
     ) -> Result<Outcome, ObjectError> {
         let key = src.key.as_str();
+        let what = format!("Copying {}", self.src.describe(key));
         for attempt in 1..=2 {
-            let before = self
-                .src
-                .provider
-                .stat_object(self.src.service, self.src.bucket, key)
-                .await
-                .map_err(ObjectError::at(Side::Source))?;
-            let Some(before) = before else {
+            // The target consumed the stream it was given: a failed attempt is replayed from
+            // the source.
+            let tried = again(
+                OBJECT_ATTEMPTS,
+                Some(&self.stop),
+                &what,
+                |e: &ObjectError| is_transient(&e.error),
+                || self.copy_once(key),
+            )
+            .await?;
+            let Some(Copied {
+                before,
+                after,
+                written,
+                read: (read_size, read_hash),
+            }) = tried
+            else {
                 return Ok(Outcome::Vanished);
             };
-            let body = match self
-                .src
-                .provider
-                .read_object(self.src.service, self.src.bucket, key)
-                .await
-            {
-                Ok(b) => b,
-                Err(e) if e.is_not_found() => return Ok(Outcome::Vanished),
-                Err(e) => return Err(ObjectError::at(Side::Source)(e)),
-            };
-            let (tap, slot) = Tap::new(
-                body.stream,
-                self.limiter.as_ref(),
-                &self.stop,
-                &self.bytes_read,
-            );
-            let tap: ObjectStream = Box::pin(tap);
-            let written = self
-                .dst
-                .provider
-                .write_object_with_meta(self.dst.service, self.dst.bucket, key, tap, &before.meta)
-                .await;
-            let written = written.map_err(ObjectError::at(Side::Target))?;
-            let read = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let Some((read_size, read_hash)) = read else {
-                return Err(ObjectError::at(Side::Target)(ProviderError::Invalid {
-                    provider: self.dst.provider.name().to_string(),
-                    object: crate::providers::object::key(self.dst.service, self.dst.bucket, key),
-                    reason: "the provider stored the object without reading its content to the end"
-                        .to_string(),
-                }));
-            };
-            if let Some(h) = &written.blake3 {
-                if !h.eq_ignore_ascii_case(&read_hash.to_hex()) {
-                    return Err(ObjectError::at(Side::Target)(ProviderError::Invalid {
-                        provider: self.dst.provider.name().to_string(),
-                        object: crate::providers::object::key(
-                            self.dst.service,
-                            self.dst.bucket,
-                            key,
-                        ),
-                        reason: format!(
-                            "it stored content with BLAKE3 {h}, but what was sent has BLAKE3 {}",
-                            read_hash.to_hex()
-                        ),
-                    }));
-                }
-            }
-            let after = self
-                .src
-                .provider
-                .stat_object(self.src.service, self.src.bucket, key)
-                .await
-                .map_err(ObjectError::at(Side::Source))?;
             let before_fp = Fingerprint::of(&before.info);
             let stable = after
                 .as_ref()
@@ -1029,6 +1179,74 @@ impl<'a> Run<'a> {
             );
         }
         Ok(Outcome::Unstable)
+    }
+
+    /// One attempt at copying an object: looks it up at the source, streams it to the
+    /// target, and looks it up again. `None`: the object is gone from the source.
+    async fn copy_once(&self, key: &str) -> Result<Option<Copied>, ObjectError> {
+        let before = self
+            .src
+            .stat(key, &self.stop)
+            .await
+            .map_err(ObjectError::at(Side::Source))?;
+        let Some(before) = before else {
+            return Ok(None);
+        };
+        let body = match self
+            .src
+            .provider
+            .read_object(self.src.service, self.src.bucket, key)
+            .await
+        {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(ObjectError::at(Side::Source)(e)),
+        };
+        let (tap, slot) = Tap::new(
+            body.stream,
+            self.limiter.as_ref(),
+            &self.stop,
+            &self.bytes_read,
+        );
+        let tap: ObjectStream = Box::pin(tap);
+        let written = self
+            .dst
+            .provider
+            .write_object_with_meta(self.dst.service, self.dst.bucket, key, tap, &before.meta)
+            .await;
+        let written = written.map_err(ObjectError::at(Side::Target))?;
+        let read = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some((read_size, read_hash)) = read else {
+            return Err(ObjectError::at(Side::Target)(ProviderError::Invalid {
+                provider: self.dst.provider.name().to_string(),
+                object: crate::providers::object::key(self.dst.service, self.dst.bucket, key),
+                reason: "the provider stored the object without reading its content to the end"
+                    .to_string(),
+            }));
+        };
+        if let Some(h) = &written.blake3 {
+            if !h.eq_ignore_ascii_case(&read_hash.to_hex()) {
+                return Err(ObjectError::at(Side::Target)(ProviderError::Invalid {
+                    provider: self.dst.provider.name().to_string(),
+                    object: crate::providers::object::key(self.dst.service, self.dst.bucket, key),
+                    reason: format!(
+                        "it stored content with BLAKE3 {h}, but what was sent has BLAKE3 {}",
+                        read_hash.to_hex()
+                    ),
+                }));
+            }
+        }
+        let after = self
+            .src
+            .stat(key, &self.stop)
+            .await
+            .map_err(ObjectError::at(Side::Source))?;
+        Ok(Some(Copied {
+            before,
+            after,
+            written,
+            read: (read_size, read_hash),
+        }))
     }
 
     /// Lists both sides again and builds their manifests. Returns them, the keys only at the

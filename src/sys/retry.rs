@@ -1,11 +1,24 @@
 //! Retrying with backoff, through [`backon`]: callers describe their delays with one of its
 //! builders and either hand them to `backon` directly (a fixed number of attempts) or to
-//! [`until_deadline`] (as many attempts as fit in a time limit).
+//! [`until_deadline`] (as many attempts as fit in a time limit). [`jittered`] is the backoff
+//! for calls to a remote service that failed on the way.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use backon::{BackoffBuilder, ConstantBuilder, ExponentialBuilder, Retryable};
+
+/// Pauses between attempts at a remote call that failed on the way (a reset, a timeout, a
+/// `5xx` or `429` answer): 100 ms doubling up to 2 s, each stretched by a random part of
+/// itself so that clients that failed together do not come back in step; `retries` more
+/// attempts at most.
+pub fn jittered(retries: usize) -> ExponentialBuilder {
+    ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(retries)
+        .with_jitter()
+}
 
 /// Calls `attempt` until it succeeds or `timeout` (from now) has passed, pausing between
 /// attempts as `backoff` says; a pause that would end past the deadline is cut short at it.

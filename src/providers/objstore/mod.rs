@@ -19,7 +19,17 @@
 //!
 //! Reads are pinned to the entity tag seen when the object was opened, so a concurrent
 //! overwrite fails the read (which is then retried on the new version) rather than mixing
-//! two versions. OpenDAL retries temporary failures three times with a short backoff.
+//! two versions.
+//!
+//! Temporary failures: every request is bounded by the provider's `timeout_secs` (also
+//! each read or write of a body, so a stalled connection ends), and OpenDAL retries what it
+//! knows as temporary (resets, timeouts, `5xx`) three times with backoff and jitter,
+//! including each part of a large upload. Lookups, listings, opening a read, deletes and
+//! the checks before an upload are then made again as a whole on any temporary failure
+//! ([`copier::is_transient`]: Swift's `429` among them, which OpenDAL does not retry), up to
+//! [`copier::OBJECT_ATTEMPTS`] times. An upload's stream cannot be replayed here; the copier
+//! replays it from its source. Logins and bucket calls go through [`send`], which honours
+//! `Retry-After`.
 
 mod credentials;
 mod naming;
@@ -38,6 +48,7 @@ use opendal::options::{ListOptions, ReaderOptions, WriteOptions};
 use opendal::Operator;
 use tokio::io::AsyncReadExt;
 
+use super::copier;
 use super::{
     object, validate_key, validate_meta, validate_name, BucketLocation, Capabilities, DiskFormat,
     ObjectBody, ObjectInfo, ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, Provider,
@@ -45,7 +56,7 @@ use super::{
 };
 use crate::config::{self, ObjectStoreSettings};
 use crate::model::Driver;
-use crate::sys::retry::{BackoffBuilder, ConstantBuilder, ExponentialBuilder, Retryable};
+use crate::sys::retry::{self, BackoffBuilder, ConstantBuilder, Retryable};
 
 pub(crate) use naming::Store;
 
@@ -352,6 +363,16 @@ impl ObjectStore {
         }
     }
 
+    /// As [`ObjectStore::with_login`], and the whole again on temporary failures (see the
+    /// module documentation). Only for calls that can be repeated: no stream is consumed.
+    async fn idempotent<T, F, Fut>(&self, what: &str, f: F) -> Result<T, ProviderError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, ProviderError>>,
+    {
+        copier::retry_transient(copier::OBJECT_ATTEMPTS, None, what, || self.with_login(&f)).await
+    }
+
     async fn stat_remote(
         &self,
         op: &Operator,
@@ -602,37 +623,57 @@ fn http_error(
     }
 }
 
+/// The longest `Retry-After` honoured: a store asking for longer is asked again sooner,
+/// since the caller's own deadline is what counts.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// Sends a login or bucket request, again when it failed on the way (a kept-alive connection
 /// turned out to be closed, the connection was reset or timed out) or the server answered
 /// that it could not serve it now (`500`, `502`, `503`, `504`, `429`): up to four more
 /// attempts, with exponential backoff and jitter so that clients that failed together do not
-/// come back in step. A refused connection is not retried: the server is not there, and the
-/// caller says so at once. Only idempotent requests are sent this way; a request whose body
-/// cannot be cloned (a stream) is sent once.
+/// come back in step, and no sooner than the answer's `Retry-After` (in seconds, up to
+/// [`MAX_RETRY_AFTER`]). A refused connection is not retried: the server is not there, and
+/// the caller says so at once. Only idempotent requests are sent this way; a request whose
+/// body cannot be cloned (a stream) is sent once.
 async fn send(request: reqwest::RequestBuilder) -> Result<reqwest::Response, reqwest::Error> {
     if request.try_clone().is_none() {
         return request.send().await;
     }
-    let mut pauses = ExponentialBuilder::new()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_max_times(4)
-        .with_jitter()
-        .build();
+    let mut pauses = retry::jittered(4).build();
     loop {
         let Some(again) = request.try_clone() else {
             unreachable!("the request was cloned above")
         };
         let result = again.send().await;
-        let transient = match &result {
-            Ok(r) => matches!(r.status().as_u16(), 500 | 502 | 503 | 504 | 429),
-            Err(e) => !e.is_connect() && (e.is_request() || e.is_timeout() || e.is_body()),
+        let (transient, asked) = match &result {
+            Ok(r) => (
+                matches!(r.status().as_u16(), 500 | 502 | 503 | 504 | 429),
+                retry_after(r),
+            ),
+            Err(e) => (
+                !e.is_connect() && (e.is_request() || e.is_timeout() || e.is_body()),
+                None,
+            ),
         };
         match pauses.next() {
-            Some(pause) if transient => tokio::time::sleep(pause).await,
+            Some(pause) if transient => {
+                tokio::time::sleep(pause.max(asked.unwrap_or_default())).await
+            }
             _ => return result,
         }
     }
+}
+
+/// How long the answer asks to wait before the next attempt, bounded. Only the delay in
+/// seconds is read; the HTTP-date form leaves the backoff to decide.
+fn retry_after(r: &reqwest::Response) -> Option<Duration> {
+    let text = r
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
+    let secs: u64 = text.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
 /// The HTTP client for logins and bucket calls.
@@ -659,7 +700,8 @@ fn finish(
             opendal::layers::RetryLayer::new()
                 .with_max_times(3)
                 .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(2)),
+                .with_max_delay(Duration::from_secs(2))
+                .with_jitter(),
         )
         .finish()
 }
@@ -738,7 +780,8 @@ impl Provider for ObjectStore {
         bucket: &str,
     ) -> Result<Vec<ObjectInfo>, ProviderError> {
         let (remote, obj) = self.remote_bucket(service, bucket)?;
-        self.with_login(|| async {
+        let what = format!("Listing {obj} at `{}`", self.name);
+        self.idempotent(&what, || async {
             // Some stores list a missing bucket as empty; a copy from it must fail instead.
             if !self.bucket_exists(&remote, &obj).await? {
                 return Err(ProviderError::NotFound {
@@ -778,7 +821,8 @@ impl Provider for ObjectStore {
         key: &str,
     ) -> Result<Option<ObjectStat>, ProviderError> {
         let (remote, bucket_obj, obj) = self.remote_key(service, bucket, key)?;
-        self.with_login(|| async {
+        let what = format!("Looking up {obj} at `{}`", self.name);
+        self.idempotent(&what, || async {
             let op = self.remote.operator(&remote).await?;
             match self.stat_remote(&op, key, &obj, &bucket_obj).await? {
                 Some((info, meta)) => Ok(Some(ObjectStat { info, meta })),
@@ -801,7 +845,8 @@ impl Provider for ObjectStore {
         key: &str,
     ) -> Result<ObjectBody, ProviderError> {
         let (remote, bucket_obj, obj) = self.remote_key(service, bucket, key)?;
-        self.with_login(|| async {
+        let what = format!("Opening {obj} at `{}`", self.name);
+        self.idempotent(&what, || async {
             let op = self.remote.operator(&remote).await?;
             // Replaced between the stat and the read: open the new version, at once.
             let reopens = ConstantBuilder::new()
@@ -888,8 +933,9 @@ impl Provider for ObjectStore {
         })?;
         // The body can be read only once, so a refused login cannot be retried past this
         // point; the login is checked (and renewed when due) before anything is read.
+        let what = format!("Preparing the upload of {obj} to `{}`", self.name);
         let before = self
-            .with_login(|| async {
+            .idempotent(&what, || async {
                 if !self.known_bucket(&remote) && !self.bucket_exists(&remote, &bucket_obj).await? {
                     return Err(ProviderError::NotFound {
                         provider: self.name.clone(),
@@ -915,7 +961,8 @@ impl Provider for ObjectStore {
         key: &str,
     ) -> Result<(), ProviderError> {
         let (remote, _, obj) = self.remote_key(service, bucket, key)?;
-        self.with_login(|| async {
+        let what = format!("Deleting {obj} at `{}`", self.name);
+        self.idempotent(&what, || async {
             let op = self.remote.operator(&remote).await?;
             match self.remote.delete_object(&op, &remote, key, &obj).await {
                 // Deleting what is gone succeeds, also when its bucket is gone.
@@ -955,6 +1002,47 @@ mod send_tests {
         let answer = send(client.head(&url)).await.unwrap();
         assert_eq!(answer.status(), 200);
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    /// The fault suite's `429` and `503` answers ask for a second's pause: it is kept.
+    #[tokio::test]
+    async fn retry_after_is_honoured_and_bounded() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let app = axum::Router::new().fallback(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n {
+                    0 => (
+                        axum::http::StatusCode::TOO_MANY_REQUESTS,
+                        [("retry-after", "1")],
+                        "slow down",
+                    ),
+                    _ => (axum::http::StatusCode::OK, [("x-fine", "1")], "here"),
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/b", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = http_client(Duration::from_secs(5)).unwrap();
+        let started = std::time::Instant::now();
+        let answer = send(client.get(&url)).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(started.elapsed() >= Duration::from_secs(1));
+
+        let asked = |value: &str| {
+            let r = axum::http::Response::builder()
+                .status(503)
+                .header("retry-after", value)
+                .body("")
+                .unwrap();
+            retry_after(&reqwest::Response::from(r))
+        };
+        assert_eq!(asked("2"), Some(Duration::from_secs(2)));
+        assert_eq!(asked("3600"), Some(MAX_RETRY_AFTER));
+        assert_eq!(asked("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }
 
     #[tokio::test]

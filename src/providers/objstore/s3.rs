@@ -231,6 +231,14 @@ impl Remote for S3 {
         match (status, code.as_str()) {
             (s, _) if s.is_success() => Ok(()),
             (_, "BucketAlreadyOwnedByYou") => Ok(()),
+            // The answer to an earlier attempt that created it may have been lost on the way
+            // (the request is sent again then), and some servers (s3s-fs) say this to its
+            // owner too: the bucket is ours when it can be listed.
+            (_, "BucketAlreadyExists")
+                if matches!(self.bucket_exists(remote, obj).await, Ok(true)) =>
+            {
+                Ok(())
+            }
             (_, "BucketAlreadyExists") => Err(ProviderError::Conflict {
                 provider: self.provider.clone(),
                 object: obj.to_string(),

@@ -430,12 +430,21 @@ impl HttpLayer {
             .unwrap_or_else(|| "/".into());
         let url = format!("http://{}{path_and_query}", self.upstream);
         let (parts, body) = req.into_parts();
+        // A request without a framed body (a DELETE, a HEAD) goes without one: a streamed
+        // body would go chunked, which S3 servers refuse without a `Content-Length`.
+        let framed = parts.headers.contains_key("content-length")
+            || parts.headers.contains_key("transfer-encoding");
+        let body = if framed {
+            reqwest::Body::wrap_stream(body.into_data_stream())
+        } else {
+            reqwest::Body::from(Vec::new())
+        };
         // `Host` goes as the client sent it: S3 signatures cover it.
         let sent = self
             .client
             .request(parts.method, url)
             .headers(end_to_end(&parts.headers))
-            .body(reqwest::Body::wrap_stream(body.into_data_stream()))
+            .body(body)
             .send()
             .await;
         let answer = match sent {
