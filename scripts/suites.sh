@@ -10,7 +10,7 @@
 #   soak      scripts/soak.sh: the daemon for an hour with 20 services, invariants
 #   fuzz      scripts/fuzz.sh: every fuzz target for FLUIDCLOUD_FUZZ_SECS (default 300) each
 #
-#   scripts/suites.sh                       # all of them: about three hours here
+#   scripts/suites.sh                       # all of them: about two hours here
 #   SUITES="crash faults" scripts/suites.sh # some
 #
 # The scripts' own variables size each suite (FLUIDCLOUD_CRASH_RUNS, FLUIDCLOUD_FAULT_RUNS,

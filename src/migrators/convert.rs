@@ -154,13 +154,34 @@ pub async fn compare(
     to: DiskFormat,
     dst: &Path,
 ) -> Result<(), MigratorError> {
-    qemu_img(
-        &["compare", "-q", "-f", from.as_str(), "-F", to.as_str()],
-        &[src, dst],
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e| MigratorError::Check(format!("the copy differs from the source: {e}")))
+    compare_with(&[], from, src, to, dst).await
+}
+
+/// [`compare`] of a source that a halted emulator still holds open (`qemu-img -U`): nothing
+/// writes to it, but its lock would refuse the read.
+pub async fn compare_held(
+    from: DiskFormat,
+    src: &Path,
+    to: DiskFormat,
+    dst: &Path,
+) -> Result<(), MigratorError> {
+    compare_with(&["-U"], from, src, to, dst).await
+}
+
+async fn compare_with(
+    extra: &[&str],
+    from: DiskFormat,
+    src: &Path,
+    to: DiskFormat,
+    dst: &Path,
+) -> Result<(), MigratorError> {
+    let mut args = vec!["compare", "-q"];
+    args.extend_from_slice(extra);
+    args.extend(["-f", from.as_str(), "-F", to.as_str()]);
+    qemu_img(&args, &[src, dst])
+        .await
+        .map(|_| ())
+        .map_err(|e| MigratorError::Check(format!("the copy differs from the source: {e}")))
 }
 
 /// Runs `qemu-img` with `args`, then `paths`, and returns what it printed.
