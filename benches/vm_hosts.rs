@@ -2,10 +2,10 @@
 //! bridge, their links shaped with a token bucket (tbf) to `--rate` (default 1gbit), a real
 //! `fluidcloud agent` in each serving a qemu provider (`qa` qcow2, `qb` raw, both virtio with
 //! a virtio NIC, under TCG), moved by the engine of `fluidcloud relocate` in the bench's own
-//! namespace (the daemon's host), in each mode (`cold`, `live`). The companion of
+//! namespace (the daemon's host), in each mode (`cold`, `precopy`, `live`). The companion of
 //! `vm_relocation` (the same guest, disk and columns, on one host).
 //!
-//! `cargo bench --bench vm_hosts -- [--disk-mib N] [--rounds N] [--modes cold,live] [--rate R]`
+//! `cargo bench --bench vm_hosts -- [--disk-mib N] [--rounds N] [--modes cold,precopy,live] [--rate R]`
 //!
 //! Each round: fresh agents and providers; the source disk gets the same pseudo-random half
 //! (the rest stays unallocated); the VM is deployed at host a and must serve before the
@@ -14,7 +14,8 @@
 //! address); its longest gap between answers is the downtime it saw. Printed per round:
 //! total (first step started → commit), the journal's downtime, the client's gap, QEMU's
 //! downtime of a live move's last pass, and the bytes host b received on its link (its
-//! veth's counter: disk, memory, TLS and TCP headers, and the daemon's calls). The target
+//! veth's counter: disk, memory, TLS and TCP headers, and the daemon's calls), and for a
+//! pre-copy the bytes its final pass put on the wire (during the downtime). The target
 //! image is hashed and must equal the source's content. Needs root.
 
 #[path = "common/mod.rs"]
@@ -69,7 +70,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     rounds: u32,
     /// The modes to measure, side by side.
-    #[arg(long, value_delimiter = ',', default_value = "cold,live")]
+    #[arg(long, value_delimiter = ',', default_value = "cold,precopy,live")]
     modes: Vec<String>,
     /// The rate of both hosts' links (tc tbf).
     #[arg(long, default_value = "1gbit")]
@@ -227,6 +228,8 @@ struct Round {
     qemu_ms: Option<u64>,
     /// Bytes host b received on its link.
     wire: u64,
+    /// Bytes a pre-copy's final pass put on the wire.
+    final_sent: Option<u64>,
 }
 
 fn output_u64(record: &RelocationRecord, prefix: &str, key: &str) -> u64 {
@@ -387,6 +390,10 @@ fn round(
     };
     let _ = std::fs::remove_dir_all(&dir);
     let live = record.steps.iter().any(|s| s.name.starts_with("migrate:"));
+    let precopied = record
+        .steps
+        .iter()
+        .any(|s| s.name.starts_with("final-pass:"));
     Ok(Round {
         boot: boot.as_secs_f64(),
         total,
@@ -394,6 +401,7 @@ fn round(
         client_gap: gap.as_secs_f64(),
         qemu_ms: live.then(|| output_u64(&record, "migrate:", "qemu_downtime_ms")),
         wire,
+        final_sent: precopied.then(|| output_u64(&record, "final-pass:", "bytes_sent")),
     })
 }
 
@@ -431,8 +439,16 @@ fn main() -> ExitCode {
         args.rate
     );
     println!(
-        "{:<6} {:<6} {:>7} {:>8} {:>11} {:>13} {:>11} {:>12}",
-        "mode", "round", "boot s", "total s", "journal s", "client gap s", "qemu ms", "on wire MB"
+        "{:<8} {:<6} {:>7} {:>8} {:>11} {:>13} {:>11} {:>12} {:>14}",
+        "mode",
+        "round",
+        "boot s",
+        "total s",
+        "journal s",
+        "client gap s",
+        "qemu ms",
+        "on wire MB",
+        "final pass MB"
     );
     let mut summary = Vec::new();
     for mode in &args.modes {
@@ -451,7 +467,7 @@ fn main() -> ExitCode {
             ) {
                 Ok(r) => {
                     println!(
-                        "{:<6} {:<6} {:>7.1} {:>8.2} {:>11.2} {:>13.3} {:>11} {:>12.1}",
+                        "{:<8} {:<6} {:>7.1} {:>8.2} {:>11.2} {:>13.3} {:>11} {:>12.1} {:>14}",
                         mode,
                         n,
                         r.boot,
@@ -461,7 +477,10 @@ fn main() -> ExitCode {
                         r.qemu_ms
                             .map(|m| m.to_string())
                             .unwrap_or_else(|| "-".into()),
-                        r.wire as f64 / 1e6
+                        r.wire as f64 / 1e6,
+                        r.final_sent
+                            .map(|b| format!("{:.1}", b as f64 / 1e6))
+                            .unwrap_or_else(|| "-".into())
                     );
                     rounds.push(r);
                 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measures the relocation of a VM with a 1 GiB disk (half of it random data, the rest
-# unallocated), qcow2 -> raw on virtio, under TCG, cold, precopy and live side by side (one
-# host; across hosts cold and live): total time,
+# unallocated), qcow2 -> raw on virtio, under TCG, cold, precopy and live side by side (on
+# one host and across hosts): total time,
 # the downtime a client polling every 50 ms saw, QEMU's own downtime of a live move, bytes
 # sent, with the target's disk hashed on the host every round. Two runs:
 #   - on one host: two qemu providers of this process (`cargo bench --bench vm_relocation`);
@@ -9,7 +9,7 @@
 #     --rate (default 1gbit), a `fluidcloud agent` in each (`cargo bench --bench vm_hosts`);
 #     bytes are those host b received on its link. Needs root; skipped without it.
 # Installs the emulator and the test guest with scripts/test-env.sh first.
-# Extra arguments go to both benchmarks (--disk-mib N, --rounds N, --modes cold,live);
+# Extra arguments go to both benchmarks (--disk-mib N, --rounds N, --modes cold,precopy,live);
 # --rate R to the run across hosts only, --only one-host|hosts picks one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

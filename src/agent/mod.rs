@@ -7,6 +7,7 @@
 //! - `/metrics` on a separate plain-HTTP listener, for Prometheus.
 
 pub mod buckets;
+pub mod precopy;
 pub mod server;
 pub mod transfers;
 
@@ -29,6 +30,8 @@ pub struct Agent {
     pub advertise: String,
     /// Where received images are staged before they become volumes.
     pub incoming: std::path::PathBuf,
+    /// Where pre-copy passes of this host's VMs are read into, to be sent from.
+    pub precopy: std::path::PathBuf,
 }
 
 /// The sockets an agent serves on.
@@ -124,8 +127,20 @@ impl Agent {
             });
             receiver_task = Some(tokio::spawn(crate::viaduct::serve(listener, opts)));
         }
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.precopy)
+                .map_err(|source| AgentError::Incoming {
+                    path: self.precopy.clone(),
+                    source,
+                })?;
+        }
         let transfers = Arc::new(transfers::Transfers::new(
             receiver,
+            self.precopy.clone(),
             &self.identity,
             self.metrics.clone(),
         )?);
@@ -284,6 +299,7 @@ pub async fn serve(
         metrics: AgentMetrics::new(),
         advertise: settings.advertise.clone(),
         incoming: settings.state_dir.join("incoming"),
+        precopy: settings.state_dir.join("precopy"),
     };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     agent.run(listeners, shutdown).await?;

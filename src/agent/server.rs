@@ -18,7 +18,8 @@ use futures_util::TryStreamExt;
 use serde::Serialize;
 
 use crate::providers::remote::wire::{
-    self, AdoptVolume, Call, Description, Discard, ObjectRef, SendVolume, WireError,
+    self, AdoptVolume, Call, Description, Discard, ObjectRef, PrecopyPass, SendStaging, SendVolume,
+    WireError,
 };
 use crate::providers::{
     validate_file_name, validate_key, validate_name, ObjectMeta, Provider, ProviderError,
@@ -48,6 +49,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/viaduct", get(receiver_info))
         .route("/v1/transfers", post(send_volume))
+        .route("/v1/transfers/staging", post(send_staging))
+        .route("/v1/precopy", post(precopy_pass))
         .route(
             "/v1/transfers/{id}",
             get(transfer_status).delete(cancel_transfer),
@@ -119,6 +122,12 @@ impl From<TransferError> for Failure {
     fn from(e: TransferError) -> Self {
         match e {
             TransferError::Provider(p) => p.into(),
+            TransferError::Pass(p) => Failure(WireError::Remote {
+                provider: String::new(),
+                object: "the pre-copy pass".into(),
+                action: "read the VM's disks".into(),
+                detail: p.to_string(),
+            }),
             TransferError::UnknownTransfer(_) | TransferError::NotStaged { .. } => {
                 Failure(WireError::NotFound {
                     provider: String::new(),
@@ -263,6 +272,9 @@ fn op_name(call: &Call) -> &'static str {
         Call::MigrateVm { .. } => "migrate_vm",
         Call::ResumeVm { .. } => "resume_vm",
         Call::CancelMirror { .. } => "cancel_mirror",
+        Call::TrackVmDisks { .. } => "track_vm_disks",
+        Call::HaltVm { .. } => "halt_vm",
+        Call::UntrackVmDisks { .. } => "untrack_vm_disks",
         Call::FreeBytes => "free_bytes",
     }
 }
@@ -342,6 +354,17 @@ async fn dispatch(p: &dyn Provider, call: Call) -> Result<Response, Failure> {
         } => ok(p.migrate_vm(&service, &vm, &to, &limits).await?),
         Call::ResumeVm { service, vm } => ok(p.resume_vm(&service, &vm).await?),
         Call::CancelMirror { service, vm } => ok(p.cancel_mirror(&service, &vm).await?),
+        Call::TrackVmDisks { service, vm, kind } => {
+            ok(p.track_vm_disks(&service, &vm, kind).await?)
+        }
+        Call::HaltVm {
+            service,
+            vm,
+            timeout_ms,
+        } => ok(p
+            .halt_vm(&service, &vm, std::time::Duration::from_millis(timeout_ms))
+            .await?),
+        Call::UntrackVmDisks { service, vm } => ok(p.untrack_vm_disks(&service, &vm).await?),
         Call::FreeBytes => ok(p.free_bytes().await?),
     }
 }
@@ -433,6 +456,41 @@ async fn send_volume(
     })?;
     state.metrics.call("send_volume");
     ok(state.transfers.send(p, req).await?)
+}
+
+/// Refuses a name that is not a relative path inside the directory it names a file in.
+fn check_file_name(provider: &str, what: &str, name: &str) -> Result<(), Failure> {
+    crate::viaduct::check_name(name)
+        .map_err(|r| invalid(provider, format!("{what} {name:?}"), r.to_string()))
+}
+
+async fn send_staging(
+    State(state): State<Arc<ApiState>>,
+    Json(req): Json<SendStaging>,
+) -> Result<Response, Failure> {
+    let send = &req.send;
+    let p = state.provider(&send.provider)?.clone();
+    check_volume(&send.provider, &send.service, &send.volume)?;
+    check_file_name(&send.provider, "staged name", &send.name)?;
+    check_file_name(&send.provider, "pre-copy image", &req.staging)?;
+    state.metrics.call("send_staging");
+    ok(state.transfers.send_staging(p, req).await?)
+}
+
+async fn precopy_pass(
+    State(state): State<Arc<ApiState>>,
+    Json(req): Json<PrecopyPass>,
+) -> Result<Response, Failure> {
+    let p = state.provider(&req.provider)?.clone();
+    check_name(&req.provider, "service", &req.service)?;
+    check_name(&req.provider, "vm", &req.vm)?;
+    state.metrics.call("precopy_pass");
+    let dir = state.transfers.precopy_dir();
+    let result = super::precopy::pass(p.as_ref(), dir, &req).await;
+    if result.is_err() {
+        state.metrics.call_failed();
+    }
+    ok(result?)
 }
 
 async fn transfer_status(

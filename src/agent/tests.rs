@@ -59,6 +59,7 @@ async fn fixture() -> Fixture {
         metrics: metrics.clone(),
         advertise: "127.0.0.1".into(),
         incoming: dir.path().join("incoming"),
+        precopy: dir.path().join("precopy"),
     };
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = api.local_addr().unwrap();
@@ -310,6 +311,7 @@ async fn host(dir: &Path, pki: &Path, name: &str, format: &str) -> Host {
         metrics: metrics.clone(),
         advertise: "127.0.0.1".into(),
         incoming: dir.join(format!("{name}-incoming")),
+        precopy: dir.join(format!("{name}-precopy")),
     };
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = api.local_addr().unwrap().port();
@@ -549,4 +551,95 @@ async fn a_send_to_a_receiver_with_another_secret_fails_and_nothing_lands() {
         .await
         .unwrap_err();
     assert!(err.is_not_found(), "{err}");
+}
+
+#[tokio::test]
+async fn a_precopy_image_is_sent_only_from_the_precopy_directory_and_only_for_its_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs::create_authority(&pki, 30).unwrap();
+    let a = host(dir.path(), &pki, "a", "raw").await;
+    let b = host(dir.path(), &pki, "b", "raw").await;
+    let staging = wire::precopy_staging_name("r/1", "a", "shop", "data");
+    assert_eq!(staging, "r_1/a.shop.data.precopy.raw");
+    let image = dir.path().join("a-precopy").join(&staging);
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    let mut bytes = vec![0u8; 1 << 20];
+    fastrand::Rng::with_seed(5).fill(&mut bytes[..1 << 19]);
+    std::fs::write(&image, &bytes).unwrap();
+    // A file beside the pre-copy directory that a name must not reach.
+    std::fs::write(dir.path().join("secret.precopy.raw"), b"no").unwrap();
+    let receiver = b.remote.receiver().await.unwrap();
+    let send = |staging: &str| wire::SendStaging {
+        send: SendVolume {
+            provider: "a".into(),
+            service: "shop".into(),
+            volume: "data".into(),
+            to: receiver.clone(),
+            name: "r_1/b.shop.data.img".into(),
+            streams: None,
+            max_bytes_per_sec: None,
+        },
+        staging: staging.into(),
+    };
+    for (bad, why) in [
+        ("../secret.precopy.raw", "`..`"),
+        ("/etc/passwd", "absolute"),
+        (
+            "r_1/a.shop.other.precopy.raw",
+            "not a pre-copy image of volume",
+        ),
+    ] {
+        let err = a.remote.send_staging(&send(bad)).await.unwrap_err();
+        assert!(matches!(err, ProviderError::Invalid { .. }), "{bad}: {err}");
+        assert!(err.to_string().contains(why), "{bad}: {err}");
+    }
+    let err = a
+        .remote
+        .send_staging(&send("r_2/a.shop.data.precopy.raw"))
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+
+    let id = a.remote.send_staging(&send(&staging)).await.unwrap();
+    let report = loop {
+        match a.remote.transfer(&id.id).await.unwrap() {
+            TransferState::Running { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+            TransferState::Done { report } => break report,
+            TransferState::Failed { error } => panic!("the send failed: {error}"),
+        }
+    };
+    assert_eq!(report.image_bytes, 1 << 20);
+    let landed = std::fs::read(dir.path().join("b-incoming/r_1/b.shop.data.img")).unwrap();
+    assert!(
+        landed == bytes,
+        "the staged image differs from the pre-copy image"
+    );
+
+    // A pass over the disks of a VM of a driver that runs none is refused as such.
+    let err = a
+        .remote
+        .precopy_pass(&wire::PrecopyPass {
+            provider: "a".into(),
+            service: "shop".into(),
+            vm: "guest".into(),
+            relocation: "r/1".into(),
+            kind: crate::providers::DiskPassKind::Full,
+            compare: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::Unsupported { .. }), "{err}");
+
+    a.remote.discard_precopy(&staging).await.unwrap();
+    assert!(!image.exists());
+    assert!(!image.parent().unwrap().exists());
+    assert!(dir.path().join("secret.precopy.raw").exists());
+    let err = a
+        .remote
+        .discard_precopy("../secret.precopy.raw")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::Invalid { .. }), "{err}");
+    assert!(dir.path().join("secret.precopy.raw").exists());
 }

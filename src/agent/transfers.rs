@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::providers::precopy::PassError;
 use crate::providers::remote::wire::{
-    AdoptVolume, Adopted, Discard, ReceiverInfo, SendVolume, SentReport, TransferId, TransferState,
+    AdoptVolume, Adopted, Discard, ReceiverInfo, SendStaging, SendVolume, SentReport, TransferId,
+    TransferState,
 };
 use crate::providers::{self, DiskFormat, Provider, ProviderError, VolumeSpec};
 use crate::sys::qemu_img::{qemu_img, QemuImgError};
@@ -42,6 +44,8 @@ pub enum TransferError {
     },
     #[error(transparent)]
     Viaduct(#[from] viaduct::ViaductError),
+    #[error(transparent)]
+    Pass(#[from] PassError),
     #[error(transparent)]
     Tool(#[from] QemuImgError),
     #[error("the adopted volume's digest {got} is not the sent image's {expected}")]
@@ -99,6 +103,8 @@ impl Received {
 /// The transfers of one agent.
 pub struct Transfers {
     pub receiver: Option<Receiver>,
+    /// Where pre-copy passes of this host's VMs are read into, to be sent from.
+    precopy: PathBuf,
     identity_tls: Arc<rustls::ClientConfig>,
     metrics: AgentMetrics,
     running: Mutex<HashMap<String, Tracked>>,
@@ -126,11 +132,13 @@ fn key_from_hex(secret: &str) -> Result<PresharedKey, TransferError> {
 impl Transfers {
     pub fn new(
         receiver: Option<Receiver>,
+        precopy: PathBuf,
         identity: &Identity,
         metrics: AgentMetrics,
     ) -> Result<Self, crate::sys::tls::TlsError> {
         Ok(Transfers {
             receiver,
+            precopy,
             identity_tls: identity.client_config()?,
             metrics,
             running: Mutex::new(HashMap::new()),
@@ -145,20 +153,68 @@ impl Transfers {
             .ok_or(TransferError::NoReceiver)
     }
 
+    /// Where pre-copy passes are read into.
+    pub fn precopy_dir(&self) -> &Path {
+        &self.precopy
+    }
+
+    /// The send already running under the staged name `name`, if one is.
+    fn running_send(&self, name: &str) -> Option<TransferId> {
+        let id = self.by_name.lock().unwrap().get(name).cloned()?;
+        let running = self
+            .running
+            .lock()
+            .unwrap()
+            .get(&id)
+            .is_some_and(|t| matches!(*t.state.lock().unwrap(), TransferState::Running { .. }));
+        running.then_some(TransferId { id })
+    }
+
+    /// Starts sending the staging image a pre-copy pass read on this host; answers at once
+    /// with the transfer's id.
+    pub async fn send_staging(
+        self: &Arc<Self>,
+        provider: Arc<dyn Provider>,
+        req: SendStaging,
+    ) -> Result<TransferId, TransferError> {
+        let SendStaging { send, staging } = req;
+        if let Some(id) = self.running_send(&send.name) {
+            return Ok(id);
+        }
+        viaduct::check_name(&staging).map_err(|e| TransferError::Invalid(e.to_string()))?;
+        // Only the staging image of the volume the request names.
+        let own = format!(
+            "{}.{}.{}.precopy.raw",
+            provider.name(),
+            send.service,
+            send.volume
+        );
+        if Path::new(&staging).file_name() != Some(std::ffi::OsStr::new(&own)) {
+            return Err(TransferError::Invalid(format!(
+                "`{staging}` is not a pre-copy image of volume `{}/{}` of `{}`",
+                send.service,
+                send.volume,
+                provider.name()
+            )));
+        }
+        let path = self.precopy.join(&staging);
+        if !path.is_file() {
+            return Err(TransferError::NotStaged {
+                name: staging,
+                detail: "no pre-copy pass was read into it on this host".into(),
+            });
+        }
+        self.start(send, path)
+    }
+
     /// Starts sending a volume of `provider`; answers at once with the transfer's id.
     pub async fn send(
         self: &Arc<Self>,
         provider: Arc<dyn Provider>,
         req: SendVolume,
     ) -> Result<TransferId, TransferError> {
-        if let Some(id) = self.by_name.lock().unwrap().get(&req.name).cloned() {
-            let running =
-                self.running.lock().unwrap().get(&id).is_some_and(|t| {
-                    matches!(*t.state.lock().unwrap(), TransferState::Running { .. })
-                });
-            if running {
-                return Ok(TransferId { id });
-            }
+        if let Some(id) = self.running_send(&req.name) {
+            return Ok(id);
         }
         let info = provider
             .volume_info(&req.service, &req.volume)
@@ -172,6 +228,15 @@ impl Transfers {
             service: req.service.clone(),
             volume: req.volume.clone(),
         })?;
+        self.start(req, path)
+    }
+
+    /// Sends the image at `path` as `req` asks.
+    fn start(
+        self: &Arc<Self>,
+        req: SendVolume,
+        path: PathBuf,
+    ) -> Result<TransferId, TransferError> {
         let key = key_from_hex(&req.to.secret)?;
         let name =
             server_name(&req.to.server_name).map_err(|e| TransferError::Invalid(e.to_string()))?;
@@ -304,8 +369,12 @@ impl Transfers {
         Ok(adopted)
     }
 
-    /// Removes a staged image (and its directory when it is then empty).
+    /// Removes a staged image (and its directory when it is then empty), or a pre-copy's
+    /// staging image.
     pub fn discard(&self, req: &Discard) -> Result<(), TransferError> {
+        if req.precopy {
+            return self.discard_precopy(&req.name);
+        }
         let staged = self.staged(&req.name)?;
         for path in [staged.clone(), partial_of(&staged)] {
             match std::fs::remove_file(&path) {
@@ -327,6 +396,30 @@ impl Transfers {
             }
         }
         self.by_name.lock().unwrap().remove(&req.name);
+        Ok(())
+    }
+}
+
+impl Transfers {
+    fn discard_precopy(&self, name: &str) -> Result<(), TransferError> {
+        viaduct::check_name(name).map_err(|e| TransferError::Invalid(e.to_string()))?;
+        let path = self.precopy.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(TransferError::Io {
+                    action: "remove",
+                    path,
+                    source,
+                })
+            }
+        }
+        if let Some(dir) = path.parent() {
+            if dir != self.precopy.as_path() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
         Ok(())
     }
 }

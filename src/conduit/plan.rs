@@ -86,17 +86,17 @@ pub fn plan(config: &Config, service: &str, from: &str, to: &str) -> Result<Plan
     build(spec, source, target, mode)
 }
 
-/// Why the disks of a VM cannot be pre-copied from `source` to `target`, if they cannot.
-fn precopy_blocker(source: &config::Provider, target: &config::Provider) -> Option<String> {
+/// Why the disks of a VM cannot be pre-copied from `source`, if they cannot. Any target
+/// will do: the passes are read on the source's host (by its agent when one serves it; the
+/// daemon's configuration names the driver the agent runs) and, between hosts, sent to the
+/// target's host over the viaduct.
+fn precopy_blocker(source: &config::Provider) -> Option<String> {
     if source.driver != Driver::Qemu {
         return Some(format!(
             "it needs the qemu driver at the source (`{}` uses `{}`)",
             source.name,
             source.driver.as_str()
         ));
-    }
-    if source.agent.is_some() || target.agent.is_some() {
-        return Some("pre-copy between hosts is not available yet".to_string());
     }
     None
 }
@@ -371,7 +371,7 @@ impl Builder<'_> {
             let Some(vm) = c.vm() else {
                 continue;
             };
-            if let Some(why) = precopy_blocker(self.source, self.target) {
+            if let Some(why) = precopy_blocker(self.source) {
                 self.notes.push(format!(
                     "VM `{}` moves cold: its disks cannot be pre-copied while it runs: {why}",
                     vm.name
@@ -1041,21 +1041,45 @@ size_gib = 1
         );
         assert!(plan.steps[plan.index_of("final-pass:vm:guest").unwrap()].restores_service());
 
-        // Between hosts it moves cold, and the plan says why.
-        let mut across = config;
-        across.providers.get_mut("q2").unwrap().agent = Some("h2".into());
-        let cold = super::plan(&across, "box", "q1", "q2").unwrap();
-        assert!(
-            cold.step_names().contains(&"stop-source:vm:guest"),
-            "{cold}"
-        );
-        assert!(
-            cold.notes
-                .iter()
-                .any(|n| n.contains("cannot be pre-copied")),
-            "{:?}",
-            cold.notes
-        );
+        // Between hosts too, whichever end an agent serves: the passes are read on the
+        // source's host and sent to the target's.
+        for (q1, q2) in [
+            (None, Some("https://10.0.0.3:7481")),
+            (Some("https://10.0.0.2:7481"), None),
+            (Some("https://10.0.0.2:7481"), Some("https://10.0.0.3:7481")),
+        ] {
+            let across = vm_config_on(
+                |c| c.replace("vm_mode = \"live\"", "vm_mode = \"precopy\""),
+                q1,
+                q2,
+            );
+            let plan = super::plan(&across, "box", "q1", "q2").unwrap();
+            let names = plan.step_names();
+            assert!(names.contains(&"precopy:vm:guest"), "{q1:?} {q2:?}: {plan}");
+            assert!(
+                names.contains(&"final-pass:vm:guest"),
+                "{q1:?} {q2:?}: {plan}"
+            );
+            assert!(
+                !names.contains(&"stop-source:vm:guest"),
+                "{q1:?} {q2:?}: {plan}"
+            );
+            assert!(
+                !plan
+                    .notes
+                    .iter()
+                    .any(|n| n.contains("cannot be pre-copied")),
+                "{q1:?} {q2:?}: {:?}",
+                plan.notes
+            );
+        }
+
+        // A source that is not qemu has no dirty bitmaps to read.
+        let mut local = config.providers["q1"].clone();
+        local.driver = Driver::Local;
+        let why = precopy_blocker(&local).expect("a local source cannot be pre-copied");
+        assert!(why.contains("qemu driver"), "{why}");
+        assert!(precopy_blocker(&config.providers["q1"]).is_none());
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!
 //! Every pass lands in the same staged image at the receiver (named by
 //! [`staged_name`]), so the final pass sends only the chunks that changed since the
-//! pre-copy. A send that fails (a broken link, a restarted agent) is sent again; the receiver
+//! pre-copy. A VM's pre-copy ([`super::precopy`]) sends the staging image each pass read
+//! on the source's host ([`Outgoing::staging`]) the same way. A send that fails (a broken link, a restarted agent) is sent again; the receiver
 //! keeps what it verified, so it resumes from there. The final pass then makes the staged
 //! image the target's volume ([`adopt_staged`]: renamed into place or converted).
 
@@ -25,10 +26,11 @@ use super::plan::VolumePlan;
 use super::{remove_file, Cx, MigratorError};
 use crate::agent::transfers::{adopt_staged, random_secret, sent_report, Received, TransferError};
 use crate::providers::remote::wire::{
-    staged_name, AdoptVolume, ReceiverInfo, SendVolume, SentReport, TransferState,
+    staged_name, AdoptVolume, Adopted, ReceiverInfo, SendStaging, SendVolume, SentReport,
+    TransferState,
 };
 use crate::providers::remote::RemoteProvider;
-use crate::providers::{self, DiskFormat, VolumeInfo};
+use crate::providers::{self, DiskFormat};
 use crate::sys::tls::server_name;
 use crate::viaduct::{self, Endpoint, EndpointTls, PresharedKey, SendOptions};
 
@@ -43,7 +45,7 @@ pub fn crosses_hosts(cx: &Cx) -> bool {
 }
 
 /// The name the volume is staged under at the receiver.
-fn staged(cx: &Cx, v: &VolumePlan) -> String {
+pub(super) fn staged(cx: &Cx, v: &VolumePlan) -> String {
     staged_name(&cx.id, &cx.plan.to, cx.svc(), &v.name)
 }
 
@@ -73,7 +75,13 @@ pub async fn copy_across(
     }
     let name = staged(cx, v);
     let started = Instant::now();
-    let (sent, landing) = send(cx, step, &info, &name).await?;
+    let image = Outgoing {
+        volume: info.name.clone(),
+        size: info.virtual_size,
+        path: info.path.clone(),
+        staging: None,
+    };
+    let (sent, landing) = send(cx, step, &image, &name).await?;
     cx.count_bytes("volume", sent.bytes_read, sent.bytes_sent, started);
     let mut out = json!({
         "method": "viaduct (host to host)",
@@ -92,20 +100,36 @@ pub async fn copy_across(
     if !final_pass {
         return Ok(out);
     }
+    let adopted = adopt_across(cx, v, v.source_format, info.virtual_size, &sent, &landing).await?;
+    out["adopted"] = json!(adopted);
+    Ok(out)
+}
+
+/// Makes the image staged for `v` at the target (in `format`, `size` bytes to the guest,
+/// sent as `sent` reports, to `landing`) the target's volume, and removes the staged image.
+pub(super) async fn adopt_across(
+    cx: &Cx,
+    v: &VolumePlan,
+    format: DiskFormat,
+    size: u64,
+    sent: &SentReport,
+    landing: &Landing,
+) -> Result<Adopted, MigratorError> {
+    let name = staged(cx, v);
     let req = AdoptVolume {
         provider: cx.plan.to.clone(),
-        service: svc.to_string(),
+        service: cx.svc().to_string(),
         volume: v.name.clone(),
         name: name.clone(),
-        format: v.source_format,
-        size_bytes: info.virtual_size,
+        format,
+        size_bytes: size,
         digest: sent.digest.clone(),
     };
-    let adopted = match cx.target.remote() {
+    match cx.target.remote() {
         Some(target) => {
             let adopted = target.adopt_volume(&req).await?;
             target.discard(&name).await?;
-            adopted
+            Ok(adopted)
         }
         None => {
             let path = incoming(cx).join(&name);
@@ -114,11 +138,9 @@ pub async fn copy_across(
                 .await
                 .map_err(transfer_error)?;
             remove_staged(cx, &name)?;
-            adopted
+            Ok(adopted)
         }
-    };
-    out["adopted"] = json!(adopted);
-    Ok(out)
+    }
 }
 
 /// Deletes the target's volume and what is staged for it.
@@ -145,7 +167,7 @@ fn remove_staged(cx: &Cx, name: &str) -> Result<(), MigratorError> {
     Ok(())
 }
 
-fn host_of(remote: Option<&RemoteProvider>) -> String {
+pub(super) fn host_of(remote: Option<&RemoteProvider>) -> String {
     remote.map_or_else(|| "this host".to_string(), |r| r.host().to_string())
 }
 
@@ -157,9 +179,22 @@ fn transfer_error(e: TransferError) -> MigratorError {
     }
 }
 
+/// An image a send carries to the target's host.
+pub(super) struct Outgoing {
+    /// The volume it is an image of.
+    pub volume: String,
+    /// The size the guest sees.
+    pub size: u64,
+    /// Where it is, when it is on this host (the source is the daemon's own).
+    pub path: Option<PathBuf>,
+    /// At the source's agent: the name of the pre-copy staging image to send, rather than
+    /// the volume's own image.
+    pub staging: Option<String>,
+}
+
 /// The receiver a volume lands at.
-struct Landing {
-    info: ReceiverInfo,
+pub(super) struct Landing {
+    pub info: ReceiverInfo,
     /// What a receiver of the daemon's own verified (empty for an agent's).
     received: Received,
     /// Stops the daemon's own receiver when the pass ends.
@@ -244,10 +279,10 @@ pub(super) fn route_to(host: &str) -> std::io::Result<IpAddr> {
 /// Sends the source's image of `info` to the target's receiver as `name`, again after a
 /// failure (each send resumes from what the receiver verified; a restarted agent's receiver
 /// is asked for again), until it arrives whole or the step is cancelled.
-async fn send(
+pub(super) async fn send(
     cx: &Cx,
     step: &str,
-    info: &VolumeInfo,
+    info: &Outgoing,
     name: &str,
 ) -> Result<(SentReport, Landing), MigratorError> {
     let mut attempt = 0;
@@ -272,7 +307,7 @@ async fn send(
                     MigratorError::Check(format!(
                         "the copy of volume `{}/{}` was stopped: another transfer of the relocation failed",
                         cx.svc(),
-                        info.name
+                        info.volume
                     ))
                 })
             }
@@ -283,7 +318,7 @@ async fn send(
                     "Relocation {}: sending volume `{}/{}` failed ({e}); sending again in {wait:?}, from what arrived (attempt {} of {}).",
                     cx.id,
                     cx.svc(),
-                    info.name,
+                    info.volume,
                     attempt + 1,
                     RESENDS + 1
                 );
@@ -313,21 +348,30 @@ async fn send_from_agent(
     cx: &Cx,
     source: &RemoteProvider,
     step: &str,
-    info: &VolumeInfo,
+    info: &Outgoing,
     to: &ReceiverInfo,
     name: &str,
 ) -> Result<SentReport, Sent> {
-    let id = source
-        .send_volume(&SendVolume {
-            provider: cx.plan.from.clone(),
-            service: cx.svc().to_string(),
-            volume: info.name.clone(),
-            to: to.clone(),
-            name: name.to_string(),
-            streams: None,
-            max_bytes_per_sec: cx.config.conduit.volume_max_bytes_per_sec,
-        })
-        .await?;
+    let req = SendVolume {
+        provider: cx.plan.from.clone(),
+        service: cx.svc().to_string(),
+        volume: info.volume.clone(),
+        to: to.clone(),
+        name: name.to_string(),
+        streams: None,
+        max_bytes_per_sec: cx.config.conduit.volume_max_bytes_per_sec,
+    };
+    let id = match &info.staging {
+        Some(staging) => {
+            source
+                .send_staging(&SendStaging {
+                    send: req,
+                    staging: staging.clone(),
+                })
+                .await?
+        }
+        None => source.send_volume(&req).await?,
+    };
     let progress = cx.progress(step);
     let started = Instant::now();
     loop {
@@ -335,7 +379,7 @@ async fn send_from_agent(
             _ = tokio::time::sleep(POLL) => {}
             _ = cx.transfers.cancelled() => {
                 if let Err(e) = source.cancel_transfer(&id.id).await {
-                    tracing::warn!("Relocation {}: could not stop the send of volume `{}/{}` at `{}`: {e}.", cx.id, cx.svc(), info.name, cx.plan.from);
+                    tracing::warn!("Relocation {}: could not stop the send of volume `{}/{}` at `{}`: {e}.", cx.id, cx.svc(), info.volume, cx.plan.from);
                 }
                 return Err(Sent::Cancelled);
             }
@@ -350,7 +394,7 @@ async fn send_from_agent(
                 if let Some(p) = &progress {
                     p(&viaduct::Progress {
                         phase: viaduct::Phase::Transferring,
-                        image_bytes: info.virtual_size,
+                        image_bytes: info.size,
                         chunks_total,
                         chunks_done,
                         bytes_read,
@@ -365,7 +409,7 @@ async fn send_from_agent(
                     "`{}` could not send volume `{}/{}` to {}: {error}",
                     cx.plan.from,
                     cx.svc(),
-                    info.name,
+                    info.volume,
                     to.addr
                 ))))
             }
@@ -373,11 +417,11 @@ async fn send_from_agent(
     }
 }
 
-/// Sends a volume of the daemon's own provider to the target's agent.
+/// Sends an image on the daemon's host to the target's agent.
 async fn send_from_here(
     cx: &Cx,
     step: &str,
-    info: &VolumeInfo,
+    info: &Outgoing,
     to: &ReceiverInfo,
     name: &str,
 ) -> Result<SentReport, Sent> {
@@ -389,7 +433,7 @@ async fn send_from_here(
         MigratorError::Check(format!(
             "volume `{}/{}` at `{}` has no image on this host",
             cx.svc(),
-            info.name,
+            info.volume,
             cx.plan.from
         ))
     })?;

@@ -14,32 +14,33 @@
 //!   marks into the staging image and the target's volume, and compares the whole target
 //!   with the source (`qemu-img compare`). The source emulator stays, halted, until the
 //!   commit. Undone by booting the source's guest again.
+//!
+//! Between hosts ([`across`]) the passes are read on the source's host and sent over the
+//! viaduct to the target's, where the last one becomes the target's volume.
 
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod across;
+
 use super::convert::{compare, compare_held, convert, write_ranges};
+use super::crossing::crosses_hosts;
 use super::plan::VolumePlan;
 use super::volume::ensure_target_volume;
 use super::{remove_file, Cx, Migrator, MigratorError};
 use crate::model::ComponentKind;
-use crate::providers::{self, DiskFormat, DiskPass, DiskPassKind, SocketAddress, VmState};
-use crate::sys::nbd::{self, NbdClient};
+use crate::providers::precopy::{self, DiskRead, PassError};
+use crate::providers::{self, DiskFormat, DiskPass, DiskPassKind, VmState};
 
 /// Passes after the first one at most.
 const MAX_DIRTY_PASSES: u32 = 8;
 /// A pass that reads no more than this ends the pre-copy: the final pass will be about as
 /// short.
 const SMALL_PASS: u64 = 16 << 20;
-/// Bytes read from the export and written to the staging image at a time.
-const PIECE: u64 = 4 << 20;
-/// How long one NBD request may take.
-const NBD_TIMEOUT: Duration = Duration::from_secs(60);
 /// The unit the delta of a converted image is written and read back in: a multiple of
 /// QEMU's dirty-bitmap granularity and of the NBD block size.
 const DELTA_BLOCK: u64 = 64 << 10;
@@ -50,15 +51,22 @@ fn staging_path(cx: &Cx, disk: &str) -> PathBuf {
     cx.work_dir.join(format!("{disk}.precopy.raw"))
 }
 
-fn endpoint(addr: &SocketAddress) -> nbd::Endpoint {
-    match addr {
-        SocketAddress::Unix { path } => nbd::Endpoint::Unix(path.into()),
-        SocketAddress::Tcp { host, port } => nbd::Endpoint::Tcp(format!("{host}:{port}")),
+impl From<PassError> for MigratorError {
+    fn from(e: PassError) -> Self {
+        match e {
+            PassError::Io {
+                action,
+                path,
+                source,
+            } => MigratorError::File {
+                action,
+                path,
+                source,
+            },
+            PassError::Cancelled => MigratorError::Cancelled,
+            other => MigratorError::Check(other.to_string()),
+        }
     }
-}
-
-fn nbd_failed(vm: &str, e: nbd::NbdError) -> MigratorError {
-    MigratorError::Check(format!("reading the disks of VM `{vm}` failed: {e}"))
 }
 
 /// A new, empty (sparse) raw image of `size` bytes at `path`.
@@ -77,12 +85,6 @@ fn flush(path: &Path) -> Result<(), MigratorError> {
         .map_err(|e| MigratorError::file("flush", path, e))
 }
 
-/// What one pass read from one disk.
-struct DiskRead {
-    ranges: Vec<Range<u64>>,
-    bytes: u64,
-}
-
 /// Reads the extents `pass` names of every disk into its staging image (`images`, in the
 /// pass's disk order).
 async fn read_pass(
@@ -91,62 +93,7 @@ async fn read_pass(
     pass: &DiskPass,
     images: &[PathBuf],
 ) -> Result<Vec<DiskRead>, MigratorError> {
-    let mut out = Vec::new();
-    for (disk, image) in pass.disks.iter().zip(images) {
-        let context = match &disk.bitmap {
-            Some(b) => format!("qemu:dirty-bitmap:{b}"),
-            None => "base:allocation".to_string(),
-        };
-        let mut client = NbdClient::connect(
-            endpoint(&pass.nbd),
-            &disk.export,
-            &[context.as_str()],
-            NBD_TIMEOUT,
-        )
-        .await
-        .map_err(|e| nbd_failed(vm, e))?;
-        let whole = 0..client.size();
-        let ranges = match &disk.bitmap {
-            Some(b) => client.dirty_extents(b, whole).await,
-            None => client.allocated_extents(whole).await,
-        }
-        .map_err(|e| nbd_failed(vm, e))?;
-        let file = OpenOptions::new()
-            .write(true)
-            .open(image)
-            .map_err(|e| MigratorError::file("open", image, e))?;
-        let mut buf = Vec::new();
-        let mut bytes = 0;
-        for r in &ranges {
-            let mut at = r.start;
-            while at < r.end {
-                if cx.transfers.is_cancelled() {
-                    return Err(MigratorError::Cancelled);
-                }
-                let len = PIECE.min(r.end - at) as usize;
-                buf.resize(len, 0);
-                client
-                    .read(at, &mut buf)
-                    .await
-                    .map_err(|e| nbd_failed(vm, e))?;
-                file.write_all_at(&buf, at)
-                    .map_err(|e| MigratorError::file("write", image, e))?;
-                at += len as u64;
-                bytes += len as u64;
-            }
-        }
-        let _ = client.disconnect().await;
-        drop(file);
-        let synced = image.clone();
-        tokio::task::spawn_blocking(move || flush(&synced))
-            .await
-            .map_err(|source| MigratorError::Task {
-                task: "flush",
-                source,
-            })??;
-        out.push(DiskRead { ranges, bytes });
-    }
-    Ok(out)
+    Ok(precopy::read_pass(vm, pass, images, &cx.transfers).await?)
 }
 
 /// The disk plan of each disk of `pass`, in its order.
@@ -192,6 +139,9 @@ pub struct PrecopyVm {
 #[async_trait::async_trait]
 impl Migrator for PrecopyVm {
     async fn run(&self, cx: &Cx) -> Result<Value, MigratorError> {
+        if crosses_hosts(cx) {
+            return across::precopy(cx, &self.vm, &self.disks).await;
+        }
         let (svc, vm) = (cx.svc(), self.vm.as_str());
         let started = Instant::now();
         let pass = cx
@@ -257,6 +207,9 @@ impl Migrator for PrecopyVm {
     }
 
     async fn undo(&self, cx: &Cx) -> Result<(), MigratorError> {
+        if crosses_hosts(cx) {
+            return across::undo(cx, &self.vm, &self.disks).await;
+        }
         let svc = cx.svc();
         cx.source.untrack_vm_disks(svc, &self.vm).await?;
         for v in &self.disks {
@@ -276,6 +229,9 @@ pub struct FinishPrecopyVm {
 #[async_trait::async_trait]
 impl Migrator for FinishPrecopyVm {
     async fn run(&self, cx: &Cx) -> Result<Value, MigratorError> {
+        if crosses_hosts(cx) {
+            return across::final_pass(cx, &self.vm, &self.disks).await;
+        }
         let (svc, vm) = (cx.svc(), self.vm.as_str());
         let started = Instant::now();
         let halt = cx

@@ -31,4 +31,5 @@ mod vm_across_hosts;
 mod vm_live;
 mod vm_live_across_hosts;
 mod vm_precopy;
+mod vm_precopy_across_hosts;
 mod vm_relocation;

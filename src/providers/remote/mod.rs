@@ -19,16 +19,16 @@ use futures_util::TryStreamExt;
 use serde::de::DeserializeOwned;
 
 use super::{
-    object, AppSpec, AppStatus, BucketLocation, Capabilities, Endpoint, IncomingVm, LiveLimits,
-    MigrationReport, MirrorReport, ObjectBody, ObjectInfo, ObjectMeta, ObjectStat, ObjectStream,
-    Operation, OperationId, Provider, ProviderError, Reception, StopOptions, StopOutcome, VmSpec,
-    VmStatus, VolumeInfo, VolumeSpec,
+    object, AppSpec, AppStatus, BucketLocation, Capabilities, DiskPass, DiskPassKind, Endpoint,
+    Halt, IncomingVm, LiveLimits, MigrationReport, MirrorReport, ObjectBody, ObjectInfo,
+    ObjectMeta, ObjectStat, ObjectStream, Operation, OperationId, Provider, ProviderError,
+    Reception, StopOptions, StopOutcome, VmSpec, VmStatus, VolumeInfo, VolumeSpec,
 };
 use crate::model::{DiskFormat, Driver};
 use crate::sys::tls::Identity;
 use wire::{
-    AdoptVolume, Adopted, Call, Discard, ObjectRef, ReceiverInfo, SendVolume, TransferId,
-    TransferState, WireError,
+    AdoptVolume, Adopted, Call, Discard, ObjectRef, PassReport, PrecopyPass, ReceiverInfo,
+    SendStaging, SendVolume, TransferId, TransferState, WireError,
 };
 
 /// How long one call may take before the daemon gives up on the agent. Long-running work
@@ -40,6 +40,9 @@ const MIRROR_CALL_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// What a migration call may take beyond the migration's own timeout: the cancel, the
 /// drain of the mirrors and their wind-downs.
 const MIGRATE_CALL_MARGIN: Duration = Duration::from_secs(300);
+/// How long one pre-copy pass over a VM's disks may take (its reading, on the agent's host):
+/// a whole disk at the first.
+const PASS_CALL_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// A provider served by an agent.
 pub struct RemoteProvider {
@@ -140,6 +143,46 @@ impl RemoteProvider {
             .await
     }
 
+    /// Starts sending the staging image of a pre-copy pass to another host's receiver.
+    pub async fn send_staging(&self, req: &SendStaging) -> Result<TransferId, ProviderError> {
+        let what = format!("the pre-copy image `{}`", req.staging);
+        self.request(
+            reqwest::Method::POST,
+            "/v1/transfers/staging",
+            &what,
+            Some(req),
+        )
+        .await
+    }
+
+    /// Reads a pass of a pre-copy of a VM on the agent's host, into its staging images.
+    pub async fn precopy_pass(&self, req: &PrecopyPass) -> Result<PassReport, ProviderError> {
+        let what = object::vm(&req.service, &req.vm);
+        self.request_within(
+            reqwest::Method::POST,
+            "/v1/precopy",
+            &what,
+            Some(req),
+            PASS_CALL_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Removes the staging image of a pre-copy this agent's host read.
+    pub async fn discard_precopy(&self, name: &str) -> Result<(), ProviderError> {
+        let req = Discard {
+            name: name.into(),
+            precopy: true,
+        };
+        self.request(
+            reqwest::Method::POST,
+            "/v1/discard",
+            &format!("the pre-copy image `{name}`"),
+            Some(&req),
+        )
+        .await
+    }
+
     /// How a send this provider's agent started is doing.
     pub async fn transfer(&self, id: &str) -> Result<TransferState, ProviderError> {
         let path = format!("/v1/transfers/{id}");
@@ -204,7 +247,10 @@ impl RemoteProvider {
 
     /// Removes an image this agent staged.
     pub async fn discard(&self, name: &str) -> Result<(), ProviderError> {
-        let req = Discard { name: name.into() };
+        let req = Discard {
+            name: name.into(),
+            precopy: false,
+        };
         self.request(
             reqwest::Method::POST,
             "/v1/discard",
@@ -777,6 +823,47 @@ impl Provider for RemoteProvider {
 
     async fn cancel_mirror(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
         let call = Call::CancelMirror {
+            service: service.into(),
+            vm: vm.into(),
+        };
+        self.call_within(object::vm(service, vm), &call, MIGRATE_CALL_MARGIN)
+            .await
+    }
+
+    async fn track_vm_disks(
+        &self,
+        service: &str,
+        vm: &str,
+        kind: DiskPassKind,
+    ) -> Result<DiskPass, ProviderError> {
+        let call = Call::TrackVmDisks {
+            service: service.into(),
+            vm: vm.into(),
+            kind,
+        };
+        self.call_within(object::vm(service, vm), &call, MIGRATE_CALL_MARGIN)
+            .await
+    }
+
+    async fn halt_vm(
+        &self,
+        service: &str,
+        vm: &str,
+        timeout: Duration,
+    ) -> Result<Halt, ProviderError> {
+        let call = Call::HaltVm {
+            service: service.into(),
+            vm: vm.into(),
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        };
+        // The guest gets `timeout` to power down, then is paused.
+        let within = timeout.saturating_add(MIGRATE_CALL_MARGIN);
+        self.call_within(object::vm(service, vm), &call, within)
+            .await
+    }
+
+    async fn untrack_vm_disks(&self, service: &str, vm: &str) -> Result<(), ProviderError> {
+        let call = Call::UntrackVmDisks {
             service: service.into(),
             vm: vm.into(),
         };

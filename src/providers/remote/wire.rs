@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{DiskFormat, Driver};
 use crate::providers::{
-    AppSpec, Capabilities, IncomingVm, LiveLimits, OperationId, ProviderError, Reception,
-    StopOptions, VmSpec, VolumeSpec,
+    AppSpec, Capabilities, DiskPassKind, IncomingVm, LiveLimits, OperationId, ProviderError,
+    Reception, StopOptions, VmSpec, VolumeSpec,
 };
 
 /// The path an agent serves calls for provider `NAME` at: `/v1/providers/NAME/call`.
@@ -202,6 +202,21 @@ pub enum Call {
         service: String,
         vm: String,
     },
+    /// Pre-copy ([`crate::providers::precopy`]).
+    TrackVmDisks {
+        service: String,
+        vm: String,
+        kind: DiskPassKind,
+    },
+    HaltVm {
+        service: String,
+        vm: String,
+        timeout_ms: u64,
+    },
+    UntrackVmDisks {
+        service: String,
+        vm: String,
+    },
     FreeBytes,
 }
 
@@ -249,7 +264,10 @@ impl Call {
             | MirrorVm { service, vm, .. }
             | MigrateVm { service, vm, .. }
             | ResumeVm { service, vm }
-            | CancelMirror { service, vm } => vec![("service", service), ("vm", vm)],
+            | CancelMirror { service, vm }
+            | TrackVmDisks { service, vm, .. }
+            | HaltVm { service, vm, .. }
+            | UntrackVmDisks { service, vm } => vec![("service", service), ("vm", vm)],
         }
     }
 }
@@ -365,6 +383,7 @@ const FEATURES: &[&str] = &[
     "apps",
     "virtual machines",
     "live migration",
+    "pre-copy of a running VM",
 ];
 const STOP_ASKS: &[&str] = &["SIGTERM", "the ACPI power button (QMP system_powerdown)"];
 
@@ -712,10 +731,28 @@ pub struct SendVolume {
     pub max_bytes_per_sec: Option<u64>,
 }
 
+/// A [`SendVolume`] of the staging image a pre-copy pass of the volume's VM read on the
+/// agent's host (its name under the agent's pre-copy directory, [`precopy_staging_name`])
+/// rather than the volume's own image, which the running guest writes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendStaging {
+    pub send: SendVolume,
+    pub staging: String,
+}
+
 /// The name a volume's image is staged under at a receiving agent while it moves: one per
 /// relocation, provider, service and volume.
 pub fn staged_name(relocation: &str, provider: &str, service: &str, volume: &str) -> String {
-    let safe: String = relocation
+    format!(
+        "{}/{provider}.{service}.{volume}.img",
+        safe_relocation(relocation)
+    )
+}
+
+/// A relocation's id as a directory name.
+fn safe_relocation(relocation: &str) -> String {
+    relocation
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -724,8 +761,59 @@ pub fn staged_name(relocation: &str, provider: &str, service: &str, volume: &str
                 '_'
             }
         })
-        .collect();
-    format!("{safe}/{provider}.{service}.{volume}.img")
+        .collect()
+}
+
+/// The name of the raw staging image a pre-copy reads a disk into on the source's host: one
+/// per relocation, provider, service and volume.
+pub fn precopy_staging_name(
+    relocation: &str,
+    provider: &str,
+    service: &str,
+    volume: &str,
+) -> String {
+    format!(
+        "{}/{provider}.{service}.{volume}.precopy.raw",
+        safe_relocation(relocation)
+    )
+}
+
+/// Read one pass of a pre-copy of VM `vm` on the agent's host, where its emulator's NBD
+/// export is, into a raw staging image per disk ([`precopy_staging_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrecopyPass {
+    pub provider: String,
+    pub service: String,
+    pub vm: String,
+    /// The relocation's id, which names the staging images.
+    pub relocation: String,
+    pub kind: DiskPassKind,
+    /// After the pass, compare each staging image with the halted guest's disk (a
+    /// [`DiskPassKind::Final`] pass only).
+    pub compare: bool,
+}
+
+/// What a pass read of one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassedDisk {
+    pub volume: String,
+    /// The disk's size in bytes.
+    pub size: u64,
+    /// Whether the pass read only what a dirty bitmap marked (else the whole disk, into a
+    /// fresh staging image).
+    pub incremental: bool,
+    pub bytes_read: u64,
+    /// The staging image's name ([`precopy_staging_name`]).
+    pub staging: String,
+    /// How the staging image was checked against the source disk, when it was.
+    pub verified: Option<String>,
+}
+
+/// A pass read on the source's host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassReport {
+    pub disks: Vec<PassedDisk>,
 }
 
 /// What a finished send carried.
@@ -800,6 +888,9 @@ pub struct Adopted {
 #[serde(deny_unknown_fields)]
 pub struct Discard {
     pub name: String,
+    /// A pre-copy's staging image on this (the source's) host, not an image received.
+    #[serde(default)]
+    pub precopy: bool,
 }
 
 /// Copy a bucket of another agent's provider into a bucket of this agent's: the receiving

@@ -1,0 +1,436 @@
+//! A VM moved with a pre-copy of its disks between hosts, with the real binaries: an agent
+//! in each of two network namespaces serves a qemu provider (`qa` on host a with qcow2
+//! disks, `qb` on host b with raw ones), and `fluidcloud relocate` (in the test's namespace,
+//! as the daemon's host) moves the busybox guest of the VM tests from a to b while it keeps
+//! writing known blocks to its disk. The passes are read on host a by its agent and sent to
+//! host b over the viaduct; at cutover the guest powers down, only what it wrote since the
+//! last pass travels, and it boots at host b with every block it wrote. A daemon killed
+//! during the final pass ends with the relocation rolled back and the guest serving again at
+//! host a with every write.
+
+use crate::common;
+use crate::vm_live::{final_lines, power_down_for_hash, sha256, text, BOOT_LIMIT, DISK_BYTES};
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::agents::{Agent, Pki};
+use common::config::{ConfigBuilder, Qemu};
+use common::guest::{self, QemuEnv, SERVING_MARKER};
+use common::netns::Hosts;
+use common::servers::kill_from_pid_file;
+use common::{bin, free_port};
+use fluidcloud::conduit::journal::{Journal, StepRecord};
+use fluidcloud::config::Config;
+use fluidcloud::providers::{self, Provider};
+
+/// Where provider `provider` (root `dir/PROVIDER-root`) keeps the state of VM `box/guest`.
+fn vm_dir(dir: &Path, provider: &str) -> PathBuf {
+    dir.join(format!("{provider}-root/vms/box/guest"))
+}
+
+/// Kills, when dropped, the emulators the agents started: they outlive their agent, and a
+/// process left in a namespace keeps it alive.
+struct Guests(PathBuf);
+
+impl Drop for Guests {
+    fn drop(&mut self) {
+        for provider in ["qa", "qb"] {
+            kill_from_pid_file(&vm_dir(&self.0, provider).join("pid"));
+        }
+    }
+}
+
+/// The `[providers.NAME]` section of an agent: a qemu provider under `NAME-root` keeping
+/// `format` disks, on the machine of `vm_live` (virtio disks, an e1000 NIC), under TCG.
+fn agent_provider(env: &QemuEnv, name: &str, format: &str) -> String {
+    let qemu = Qemu::tcg(&env.qemu, &env.firmware, std::slice::from_ref(&env.libs))
+        .disk_bus("virtio")
+        .nic_model("e1000")
+        .powerdown_timeout_secs(60);
+    let rendered = ConfigBuilder::new()
+        .provider(name, "qemu", "lab", |p| {
+            p.root(&format!("{name}-root"))
+                .disk_format(format)
+                .qemu(qemu)
+        })
+        .render();
+    let mut table: toml::Table = rendered.parse().unwrap();
+    table.remove("daemon");
+    toml::to_string(&table).unwrap()
+}
+
+/// The regular files under `dir`, at any depth.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Two hosts with an agent each, the daemon's configuration moving VM `box/guest` from `qa`
+/// to `qb` by pre-copy, and the guest running at host a on its disk (half random, half
+/// zeros).
+struct Lab {
+    // Dropped in this order: the emulators, the agents, the namespaces, the files.
+    _guests: Guests,
+    a: Agent,
+    b: Agent,
+    hosts: Hosts,
+    dir: tempfile::TempDir,
+    /// The configuration with `{PORT}` for the daemon's.
+    config_text: String,
+    config: Config,
+    /// The guest's HTTP port, forwarded at whichever host it runs.
+    port: u16,
+    disk: Vec<u8>,
+}
+
+impl Lab {
+    async fn start() -> Option<Lab> {
+        let env = QemuEnv::load();
+        let hosts = Hosts::create(2)?;
+        let dir = tempfile::tempdir().unwrap();
+        let guests = Guests(dir.path().to_path_buf());
+        let initrd = env.initramfs(dir.path());
+        let pki = Pki::create(dir.path());
+        let a = Agent::start(
+            hosts.a(),
+            dir.path(),
+            &pki,
+            "a",
+            &agent_provider(&env, "qa", "qcow2"),
+        );
+        let b = Agent::start(
+            hosts.b(),
+            dir.path(),
+            &pki,
+            "b",
+            &agent_provider(&env, "qb", "raw"),
+        );
+        a.wait_up(hosts.a());
+        b.wait_up(hosts.b());
+        let port = free_port();
+        let append = format!("{} fc.hash=skip fc.writer=1", QemuEnv::append("serve", 80));
+        let config_text = ConfigBuilder::new()
+            .listen_on_placeholder_port()
+            .broker_idle()
+            .conduit("grace_period_secs", 1)
+            .conduit("stop_timeout_secs", 60)
+            .provider("qa", "qemu", "lab", |p| {
+                p.disk_format("qcow2").set("agent", a.url.clone())
+            })
+            .provider("qb", "qemu", "lab", |p| {
+                p.disk_format("raw").set("agent", b.url.clone())
+            })
+            .policy("watch", "cheapest", "audit", |p| p)
+            .service("box", "qa", "watch", |s| {
+                s.set("memory_gib", 0.1875).set("vm_mode", "precopy").vm(
+                    "guest",
+                    0.03125,
+                    &env.kernel,
+                    &initrd,
+                    &append,
+                    &[(80, port)],
+                )
+            })
+            .raw(&pki.daemon_tls)
+            .render();
+        let path = dir.path().join("fluidcloud.toml");
+        let text = config_text.replace("{PORT}", &free_port().to_string());
+        std::fs::write(&path, &text).unwrap();
+        let config = Config::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+
+        let qa = providers::open(&config.providers["qa"]).unwrap();
+        let mut disk = vec![0u8; DISK_BYTES as usize];
+        fastrand::Rng::with_seed(13).fill(&mut disk[..DISK_BYTES as usize / 2]);
+        guest::write_disk(qa.as_ref(), "box", "guest", &disk, dir.path()).await;
+        let spec = config.services["box"].components[0].vm().unwrap().clone();
+        let op = qa.start_vm("box", &spec).await.unwrap();
+        providers::wait_for(qa.as_ref(), &op.id, Duration::from_secs(120))
+            .await
+            .unwrap();
+        guest::wait_for_console(
+            &vm_dir(dir.path(), "qa").join("console.log"),
+            SERVING_MARKER,
+            BOOT_LIMIT,
+        );
+        Some(Lab {
+            _guests: guests,
+            a,
+            b,
+            hosts,
+            dir,
+            config_text,
+            config,
+            port,
+            disk,
+        })
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn provider(&self, name: &str) -> Arc<dyn Provider> {
+        providers::open(&self.config.providers[name]).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        format!("agent a:\n{}\nagent b:\n{}", self.a.logs(), self.b.logs())
+    }
+
+    /// The boot id the guest serves at host a (`qa`) or b, if it answers.
+    fn boot_at(&self, provider: &str) -> Option<String> {
+        let host = if provider == "qa" {
+            self.hosts.a().addr
+        } else {
+            self.hosts.b().addr
+        };
+        let url = format!("http://{host}:{}/boot", self.port);
+        std::thread::spawn(move || common::http_get(&url))
+            .join()
+            .unwrap()
+            .map(|b| b.trim().to_string())
+    }
+
+    /// The boot id of the guest at `provider` once it serves.
+    fn serving_at(&self, provider: &str) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(boot) = self.boot_at(provider) {
+                return boot;
+            }
+            assert!(
+                start.elapsed() < BOOT_LIMIT,
+                "nothing serves at {provider} within {BOOT_LIMIT:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs `fluidcloud relocate box --to qb`, killing itself at the checkpoint `kill_at`.
+    fn relocate(&self, kill_at: Option<&str>) -> Output {
+        let mut cmd = Command::new(bin());
+        cmd.args(["relocate", "--config"])
+            .arg(self.path("fluidcloud.toml"))
+            .args(["box", "--to", "qb"])
+            .env_remove("FLUIDCLOUD_KILL_AT")
+            .stdin(Stdio::null());
+        if let Some(k) = kill_at {
+            cmd.env("FLUIDCLOUD_KILL_AT", k);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Watches the source's console from now on, until `ended`: the line the guest printed
+    /// when it powered down there, if it did.
+    fn watch_source(&self, ended: Arc<AtomicBool>) -> std::thread::JoinHandle<Option<String>> {
+        let console = vm_dir(self.dir.path(), "qa").join("console.log");
+        std::thread::spawn(move || loop {
+            let done = ended.load(Ordering::Relaxed);
+            if let Some(l) = final_lines(&console).first() {
+                return Some(l.clone());
+            }
+            if done {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        })
+    }
+
+    /// The steps of the last relocation.
+    fn steps(&self) -> Vec<StepRecord> {
+        let journal = Journal::open(&self.path("state/journal.sqlite")).unwrap();
+        journal.list().unwrap().pop().expect("a relocation").steps
+    }
+}
+
+fn output<'a>(steps: &'a [StepRecord], name: &str) -> &'a serde_json::Value {
+    &steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step {name}"))
+        .output
+}
+
+/// The FINAL line a guest printed: its disk's hash and the blocks its writer wrote.
+fn final_line(line: &str) -> (String, usize) {
+    let mut words = line.split_whitespace();
+    let hash = words.next().unwrap().to_string();
+    let n = words
+        .next()
+        .and_then(|w| w.strip_prefix("written="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no written count in {line:?}"));
+    (hash, n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_precopied_between_hosts_powers_down_only_for_its_last_writes_and_loses_none() {
+    let _one = guest::ONE_VM.lock().await;
+    let Some(lab) = Lab::start().await else {
+        return;
+    };
+    let boot = lab.serving_at("qa");
+
+    let ended = Arc::new(AtomicBool::new(false));
+    let watched = lab.watch_source(ended.clone());
+    let started = Instant::now();
+    let out = tokio::task::block_in_place(|| lab.relocate(None));
+    ended.store(true, Ordering::Relaxed);
+    let said = text(&out);
+    eprintln!("relocated in {:?}:\n{said}", started.elapsed());
+    assert!(out.status.success(), "{said}\n{}", lab.logs());
+    assert!(said.contains("completed"), "{said}\n{}", lab.logs());
+    assert!(!said.contains("moves cold"), "{said}");
+
+    // The whole disk travelled host to host while the guest ran, in passes; the cutover
+    // sent only what its last writes changed.
+    let steps = lab.steps();
+    let pre = output(&steps, "precopy:vm:guest");
+    let fin = output(&steps, "final-pass:vm:guest");
+    eprintln!("pre-copy: {pre}\nfinal pass: {fin}");
+    let data = DISK_BYTES / 2;
+    assert!(
+        pre["bytes_read"].as_u64().unwrap() >= data,
+        "the pre-copy read less than the disk's data: {pre}"
+    );
+    let passes = pre["passes"].as_array().unwrap();
+    assert!(passes.len() >= 2, "{pre}");
+    // The first pass put the disk's data on the wire (its zeros are not sent); the later
+    // ones only what changed.
+    let first_sent = passes[0]["bytes_sent"].as_u64().unwrap();
+    assert!(first_sent >= data / 2, "{pre}");
+    assert_eq!(
+        pre["to"].as_str().unwrap(),
+        format!("{}:7482", lab.hosts.b().addr)
+    );
+    assert!(pre["from"]
+        .as_str()
+        .unwrap()
+        .contains(&lab.hosts.a().addr.to_string()));
+    let last_sent = fin["bytes_sent"].as_u64().unwrap();
+    assert!(
+        last_sent < DISK_BYTES / 8,
+        "the final pass sent {last_sent} bytes of a {DISK_BYTES}-byte disk: {fin}"
+    );
+    assert!(fin["bytes_read"].as_u64().unwrap() < data / 4, "{fin}");
+    assert_eq!(fin["halted"], "powered_down", "{fin}");
+    let disk_out = &fin["disks"][0];
+    assert_eq!(disk_out["incremental"], true, "{fin}");
+    assert!(
+        disk_out["verified_at_source"]
+            .as_str()
+            .unwrap()
+            .contains("compare"),
+        "{fin}"
+    );
+
+    // The source powered down cleanly with every block its writer wrote...
+    let line = watched
+        .join()
+        .unwrap()
+        .expect("the guest powered down at host a");
+    let (source_hash, n1) = final_line(&line);
+    let at_power_down = guest::after_writer(&lab.disk, n1);
+    assert_eq!(source_hash, sha256(&at_power_down));
+    // ...and the VM booted at host b from that disk, and wrote on.
+    let target_boot = lab.serving_at("qb");
+    assert_ne!(target_boot, boot, "the guest boots again at the target");
+    let qb = lab.provider("qb");
+    let console = vm_dir(lab.dir.path(), "qb").join("console.log");
+    let (hash, n2) = power_down_for_hash(qb.as_ref(), "qb", &console).await;
+    let want = sha256(&guest::after_writer(&at_power_down, n2));
+    assert_eq!(hash, want, "the guest's disk at host b ({n2} blocks)");
+    assert_eq!(
+        guest::sha256_file(&lab.path("qb-root/volumes/box/guest.raw")),
+        want
+    );
+
+    // The halted source emulator ended after the commit, its disk after the grace period;
+    // no staging image is left at either host.
+    let qa = lab.provider("qa");
+    assert!(qa.vm_status("box", "guest").await.unwrap().is_none());
+    assert!(!lab.path("qa-root/volumes/box/guest.qcow2").exists());
+    for staging in ["a-state/precopy", "b-state/incoming"] {
+        let left = files_under(&lab.path(staging));
+        assert!(left.is_empty(), "left in {staging}: {left:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_killed_during_a_final_pass_between_hosts_rolls_back_with_every_write() {
+    let _one = guest::ONE_VM.lock().await;
+    let Some(lab) = Lab::start().await else {
+        return;
+    };
+    let boot = lab.serving_at("qa");
+    let ended = Arc::new(AtomicBool::new(false));
+    let watched = lab.watch_source(ended.clone());
+    let point = "final-pass:vm:guest:done";
+    let out = tokio::task::block_in_place(|| lab.relocate(Some(point)));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{}\n{}",
+        text(&out),
+        lab.logs()
+    );
+    // The daemon takes the relocation over and rolls it back: the cutover was not proven.
+    let last = tokio::task::block_in_place(|| {
+        let mut d = common::Daemon::start(lab.dir.path(), &lab.config_text);
+        d.eventually("the relocation to end", Duration::from_secs(300), |d| {
+            let r = d.get("/v1/relocations");
+            let last = r.as_array()?.last()?.clone();
+            let state = last["state"].as_str()?.to_string();
+            matches!(state.as_str(), "completed" | "rolled_back" | "failed").then_some(last)
+        })
+    });
+    ended.store(true, Ordering::Relaxed);
+    assert_eq!(last["state"], "rolled_back", "{last}\n{}", lab.logs());
+
+    // The guest powered down at host a for the final pass and booted there again; the
+    // target holds no VM, no volume and no staged image, the source no staging image.
+    let line = watched
+        .join()
+        .unwrap()
+        .expect("the guest powered down at host a for the final pass");
+    let (h, n1) = final_line(&line);
+    let at_power_down = guest::after_writer(&lab.disk, n1);
+    assert_eq!(h, sha256(&at_power_down), "the source's disk at power-down");
+    let again = lab.serving_at("qa");
+    assert_ne!(again, boot, "the guest booted again at host a");
+    let qb = lab.provider("qb");
+    let status = qb.vm_status("box", "guest").await.unwrap();
+    assert!(
+        status.as_ref().is_none_or(|s| s.pid.is_none()),
+        "a VM runs at host b: {status:?}"
+    );
+    assert!(qb.volume_info("box", "guest").await.unwrap().is_none());
+    for staging in ["a-state/precopy", "b-state/incoming"] {
+        let left = files_under(&lab.path(staging));
+        assert!(left.is_empty(), "left in {staging}: {left:?}");
+    }
+
+    // Every block it wrote before and after is on its disk at host a.
+    let qa = lab.provider("qa");
+    let console = vm_dir(lab.dir.path(), "qa").join("console.log");
+    let (hash, n2) = power_down_for_hash(qa.as_ref(), "qa", &console).await;
+    assert_eq!(
+        hash,
+        sha256(&guest::after_writer(&at_power_down, n2)),
+        "the guest's disk at host a ({n2} blocks)"
+    );
+}
