@@ -236,17 +236,7 @@ impl Lab {
     /// Watches the source's console from now on, until `ended`: the line the guest printed
     /// when it powered down there, if it did.
     fn watch_source(&self, ended: Arc<AtomicBool>) -> std::thread::JoinHandle<Option<String>> {
-        let console = vm_dir(self.dir.path(), "qa").join("console.log");
-        std::thread::spawn(move || loop {
-            let done = ended.load(Ordering::Relaxed);
-            if let Some(l) = final_lines(&console).first() {
-                return Some(l.clone());
-            }
-            if done {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        })
+        watch_console(vm_dir(self.dir.path(), "qa").join("console.log"), ended)
     }
 
     /// The steps of the last relocation.
@@ -254,6 +244,24 @@ impl Lab {
         let journal = Journal::open(&self.path("state/journal.sqlite")).unwrap();
         journal.list().unwrap().pop().expect("a relocation").steps
     }
+}
+
+/// Watches `console` from now on (it goes with its VM), until `ended`: the first final line
+/// the guest printed on it, if it did.
+fn watch_console(
+    console: PathBuf,
+    ended: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Option<String>> {
+    std::thread::spawn(move || loop {
+        let done = ended.load(Ordering::Relaxed);
+        if let Some(l) = final_lines(&console).first() {
+            return Some(l.clone());
+        }
+        if done {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    })
 }
 
 fn output<'a>(steps: &'a [StepRecord], name: &str) -> &'a serde_json::Value {
@@ -463,4 +471,161 @@ async fn the_daemon_killed_during_a_precopy_between_hosts_leaves_one_guest_with_
         outcomes.push(format!("{point} -> {expected} at {here}"));
     }
     eprintln!("{outcomes:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_precopied_from_an_agents_host_to_the_daemons_and_back_keeps_every_write() {
+    let _one = guest::ONE_VM.lock().await;
+    let env = QemuEnv::load();
+    let Some(hosts) = Hosts::create(2) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _guests = Guests(dir.path().to_path_buf());
+    // The daemon's own emulator, too.
+    struct Own(PathBuf);
+    impl Drop for Own {
+        fn drop(&mut self) {
+            kill_from_pid_file(&self.0);
+        }
+    }
+    let _own = Own(vm_dir(dir.path(), "q0").join("pid"));
+    let initrd = env.initramfs(dir.path());
+    let pki = Pki::create(dir.path());
+    let a = Agent::start(
+        hosts.a(),
+        dir.path(),
+        &pki,
+        "a",
+        &agent_provider(&env, "qa", "qcow2"),
+    );
+    a.wait_up(hosts.a());
+    let qemu = Qemu::tcg(&env.qemu, &env.firmware, std::slice::from_ref(&env.libs))
+        .disk_bus("virtio")
+        .nic_model("e1000")
+        .powerdown_timeout_secs(60);
+    let port = free_port();
+    let append = format!("{} fc.hash=skip fc.writer=1", QemuEnv::append("serve", 80));
+    let path = dir.path().join("fluidcloud.toml");
+    let text_of_config = ConfigBuilder::new()
+        .broker_idle()
+        .conduit("grace_period_secs", 1)
+        .conduit("stop_timeout_secs", 60)
+        .provider("qa", "qemu", "lab", |p| {
+            p.disk_format("qcow2").set("agent", a.url.clone())
+        })
+        .provider("q0", "qemu", "lab", |p| {
+            p.root("q0-root").disk_format("raw").qemu(qemu)
+        })
+        .policy("watch", "cheapest", "audit", |p| p)
+        .service("box", "qa", "watch", |s| {
+            s.set("memory_gib", 0.1875).set("vm_mode", "precopy").vm(
+                "guest",
+                0.03125,
+                &env.kernel,
+                &initrd,
+                &append,
+                &[(80, port)],
+            )
+        })
+        .raw(&pki.daemon_tls)
+        .write(&path);
+    let config = Config::parse(&path, &text_of_config).unwrap_or_else(|e| panic!("{e}"));
+    let qa = providers::open(&config.providers["qa"]).unwrap();
+    let mut disk = vec![0u8; DISK_BYTES as usize];
+    fastrand::Rng::with_seed(17).fill(&mut disk[..DISK_BYTES as usize / 2]);
+    guest::write_disk(qa.as_ref(), "box", "guest", &disk, dir.path()).await;
+    let spec = config.services["box"].components[0].vm().unwrap().clone();
+    let op = qa.start_vm("box", &spec).await.unwrap();
+    providers::wait_for(qa.as_ref(), &op.id, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let console = |p: &str| vm_dir(dir.path(), p).join("console.log");
+    guest::wait_for_console(&console("qa"), SERVING_MARKER, BOOT_LIMIT);
+    // The source's console goes with its VM at the decommission: it is watched during the
+    // move.
+    let relocate = |to: &str, from: &str| {
+        let ended = Arc::new(AtomicBool::new(false));
+        let watched = watch_console(console(from), ended.clone());
+        let out = Command::new(bin())
+            .args(["relocate", "--config"])
+            .arg(&path)
+            .args(["box", "--to", to])
+            .env_remove("FLUIDCLOUD_KILL_AT")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        ended.store(true, Ordering::Relaxed);
+        let line = watched
+            .join()
+            .unwrap()
+            .unwrap_or_else(|| panic!("the guest never powered down at {from}"));
+        let said = text(&out);
+        assert!(
+            out.status.success() && said.contains("completed"),
+            "to {to}: {said}\n{}",
+            a.logs()
+        );
+        let journal = Journal::open(&dir.path().join("state/journal.sqlite")).unwrap();
+        let steps = journal.list().unwrap().pop().unwrap().steps;
+        let pre = output(&steps, "precopy:vm:guest").clone();
+        let fin = output(&steps, "final-pass:vm:guest").clone();
+        eprintln!("to {to}:\npre-copy: {pre}\nfinal pass: {fin}");
+        assert!(pre["passes"].as_array().unwrap().len() >= 2, "{pre}");
+        assert!(
+            pre["bytes_sent"].as_u64().unwrap() >= DISK_BYTES / 4,
+            "{pre}"
+        );
+        assert!(
+            fin["bytes_sent"].as_u64().unwrap() < DISK_BYTES / 8,
+            "{fin}"
+        );
+        assert_eq!(fin["halted"], "powered_down", "{fin}");
+        (pre, fin, final_line(&line))
+    };
+
+    // From host a to the daemon's host: host a's agent reads and sends, the daemon
+    // receives on its address toward host a.
+    let (pre, _, (h, n1)) = tokio::task::block_in_place(|| relocate("q0", "qa"));
+    assert_eq!(pre["from"], hosts.a().addr.to_string(), "{pre}");
+    let at_a = guest::after_writer(&disk, n1);
+    assert_eq!(h, sha256(&at_a), "the disk at host a at power-down");
+    guest::wait_for_console(&console("q0"), SERVING_MARKER, BOOT_LIMIT);
+    assert!(!dir.path().join("qa-root/volumes/box/guest.qcow2").exists());
+    // Its writer writes at the daemon's host for a while before it moves back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // And back: the daemon reads its own emulator's passes and sends them to host a.
+    let (pre, fin, (h, n2)) = tokio::task::block_in_place(|| relocate("qa", "q0"));
+    assert_eq!(pre["from"], "this host", "{pre}");
+    assert_eq!(pre["to"], format!("{}:7482", hosts.a().addr), "{pre}");
+    // A raw image into host a's qcow2 volume: converted there.
+    assert_eq!(
+        fin["disks"][0]["adopted"]["method"], "qemu-img convert",
+        "{fin}"
+    );
+    assert!(n1 > 0 && n2 > 0, "the writer wrote {n1} and {n2} blocks");
+    let at_q0 = guest::after_writer(&at_a, n2);
+    assert_eq!(
+        h,
+        sha256(&at_q0),
+        "the disk at the daemon's host at power-down"
+    );
+    // The emulator at host a is a new one, with a new console.
+    guest::wait_for_console(&console("qa"), SERVING_MARKER, BOOT_LIMIT);
+    let (hash, n3) = power_down_for_hash(qa.as_ref(), "qa", &console("qa")).await;
+    assert_eq!(
+        hash,
+        sha256(&guest::after_writer(&at_q0, n3)),
+        "the guest's disk back at host a ({n3} blocks)"
+    );
+    // No staging or staged image is left on either host.
+    let left: Vec<PathBuf> = files_under(dir.path())
+        .into_iter()
+        .filter(|p| {
+            let name = p.to_string_lossy();
+            name.ends_with(".precopy.raw") || name.ends_with(".img") || name.ends_with(".partial")
+        })
+        .collect();
+    assert!(left.is_empty(), "left: {left:?}");
 }
