@@ -4,6 +4,9 @@
 //!
 //! - [`server`]: the HTTPS API, one call per operation of the provider trait
 //!   ([`crate::providers::remote`] is its client in the daemon).
+//! - [`transfers`]: the viaduct's sends and the adoption of received images.
+//! - [`precopy`]: the passes of a VM's pre-copy, read on this host into staging images
+//!   that [`transfers`] sends.
 //! - `/metrics` on a separate plain-HTTP listener, for Prometheus.
 
 pub mod buckets;

@@ -830,6 +830,8 @@ impl Provider for RemoteProvider {
             .await
     }
 
+    /// The NBD server the answer names is on the agent's host, out of the daemon's reach:
+    /// a pre-copy between hosts has the agent read its passes ([`Self::precopy_pass`]).
     async fn track_vm_disks(
         &self,
         service: &str,

@@ -972,6 +972,43 @@ mod tests {
     }
 
     #[test]
+    fn the_precopy_calls_travel_whole_and_name_their_vm() {
+        for call in [
+            Call::TrackVmDisks {
+                service: "box".into(),
+                vm: "guest".into(),
+                kind: DiskPassKind::Final,
+            },
+            Call::HaltVm {
+                service: "box".into(),
+                vm: "guest".into(),
+                timeout_ms: 60_000,
+            },
+            Call::UntrackVmDisks {
+                service: "box".into(),
+                vm: "guest".into(),
+            },
+        ] {
+            let json = serde_json::to_string(&call).unwrap();
+            assert_eq!(serde_json::from_str::<Call>(&json).unwrap(), call, "{json}");
+            assert_eq!(call.names(), [("service", "box"), ("vm", "guest")]);
+        }
+        // A relocation's id cannot lead a staging image out of its directory.
+        assert_eq!(
+            precopy_staging_name("../x/y", "qa", "box", "guest"),
+            "___x_y/qa.box.guest.precopy.raw"
+        );
+        let unsupported = ProviderError::Unsupported {
+            provider: "qa".into(),
+            driver: "local",
+            object: "vm `box/guest`".into(),
+            what: "pre-copy of a running VM",
+        };
+        let back: ProviderError = WireError::from(&unsupported).into();
+        assert_eq!(back.to_string(), unsupported.to_string());
+    }
+
+    #[test]
     fn a_failed_migration_keeps_its_kind_across_the_wire() {
         let e = ProviderError::MigrationFailed {
             provider: "q2".into(),
