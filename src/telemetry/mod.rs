@@ -393,6 +393,12 @@ impl Metrics {
             metrics.relocation_bytes_read.with_label_values(&[k]);
             metrics.relocation_bytes_sent.with_label_values(&[k]);
         }
+        for r in ["completed", "fell_back", "failed"] {
+            metrics.vm_migrations.with_label_values(&[r]);
+        }
+        for k in ["memory", "disk"] {
+            metrics.vm_migration_bytes.with_label_values(&[k]);
+        }
         metrics
     }
 

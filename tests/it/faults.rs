@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::config::{ConfigBuilder, Section};
-use common::faultproxy::{Counts, FaultProxy, Rates};
+use common::faultproxy::{Counts, FaultProxy, Lost, Rates};
 use common::servers::{S3sFs, SwiftServer, TestEnv};
 use common::{Body, Daemon, FeedServer};
 use fluidcloud::config::Config;
@@ -171,9 +171,18 @@ impl Stores {
 
     /// The stores as the suite sees them: direct, without faults.
     fn direct(&self) -> Config {
-        let path = self.path("direct.toml");
+        self.parsed(false)
+    }
+
+    /// The stores as the daemon sees them (through the proxies when `proxied`).
+    fn parsed(&self, proxied: bool) -> Config {
+        let path = self.path(if proxied {
+            "proxied.toml"
+        } else {
+            "direct.toml"
+        });
         let text = self
-            .config(false)
+            .config(proxied)
             .render()
             .replace("{DIR}", &self.dir.path().display().to_string())
             .replace("{PORT}", "0");
@@ -424,6 +433,73 @@ fn relocations_through_faulty_stores_end_relocated_or_rolled_back() {
     }
     // The daemon still answers.
     d.wait_for("/healthz", Duration::from_secs(5));
+    d.signal(libc::SIGTERM);
+    assert!(d.child.wait().unwrap().success(), "{}", d.logs());
+}
+
+/// Regression: S3 servers (s3s-fs among them) answer `BucketAlreadyExists` to the bucket's
+/// owner as well, so a create whose answer was lost on the way, and which the driver sent
+/// again, failed with "the name is taken by another account".
+#[test]
+fn a_bucket_create_whose_answer_was_lost_succeeds_when_the_bucket_is_ours() {
+    let stores = Stores::start(Rates::none(), seed());
+    let (direct, proxied) = (stores.direct(), stores.parsed(true));
+    // The first PUT is the bucket's create: s3s-fs makes the bucket, the answer is lost.
+    stores.s3_proxy.fail_next("PUT", "/", Lost::Answer, 1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s3 = open(&proxied, "s3");
+        s3.ensure_bucket("archive", "media")
+            .await
+            .unwrap_or_else(|e| panic!("the create sent again must succeed: {e}"));
+        assert_eq!(
+            stores.s3_proxy.scripted_left(),
+            0,
+            "the answer was not lost"
+        );
+        s3.write_object("archive", "media", "k", body(content(1, 1000)))
+            .await
+            .unwrap();
+        let listed = open(&direct, "s3")
+            .list_objects("archive", "media")
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+    });
+}
+
+/// Regression: the decommission deleted the source bucket's objects once each, behind only
+/// the store client's own retries; a delete failing more often than those left the
+/// relocation in its grace period until the daemon's next start.
+#[test]
+fn a_decommission_delete_failing_more_often_than_the_store_client_retries_is_retried() {
+    let stores = Stores::start(Rates::none(), seed());
+    let direct = stores.direct();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let original = rt.block_on(async {
+        let s3 = open(&direct, "s3");
+        fill(s3.as_ref(), 6).await;
+        manifest(s3.as_ref()).await.unwrap()
+    });
+    let mut d = Daemon::start(stores.dir.path(), &stores.config(true).render());
+    // One delete by the driver is up to 16 requests (four tries of the store client's four);
+    // the copy to Swift deletes nothing at S3, so these are the decommission's.
+    stores.s3_proxy.fail_next("DELETE", "/", Lost::Request, 17);
+    let (outcome, took, error) = relocate(&d, "swift");
+    assert_eq!(
+        (outcome.as_str(), error),
+        ("completed", None),
+        "{}",
+        d.logs()
+    );
+    assert_eq!(
+        stores.s3_proxy.scripted_left(),
+        0,
+        "the deletes did not fail"
+    );
+    rt.block_on(check(&direct, &original, "swift", "s3"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("relocated in {} with 17 deletes failed", seconds(took));
     d.signal(libc::SIGTERM);
     assert!(d.child.wait().unwrap().success(), "{}", d.logs());
 }

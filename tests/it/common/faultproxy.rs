@@ -138,9 +138,39 @@ struct Shared {
     stall: Duration,
     /// When a request was last answered by the upstream in full, by path.
     clean: Mutex<HashMap<String, Vec<Instant>>>,
+    /// Faults set for particular requests, taken in order, before any drawn fault.
+    scripted: Mutex<Vec<Scripted>>,
+}
+
+/// What a scripted fault does to the request it matches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Lost {
+    /// The request never reaches the upstream: the proxy answers `503` itself.
+    Request,
+    /// The upstream gets the request and acts on it, and its answer is replaced by a `503`:
+    /// the client cannot tell that it happened.
+    Answer,
+}
+
+/// `count` requests with `method` whose path starts with `path` get `lost`.
+struct Scripted {
+    method: String,
+    path: String,
+    lost: Lost,
+    count: u64,
 }
 
 impl Shared {
+    /// The scripted fault the request `method path` takes, if one matches.
+    fn scripted_fault(&self, method: &str, path: &str) -> Option<Lost> {
+        let mut scripted = self.scripted.lock().unwrap();
+        let f = scripted
+            .iter_mut()
+            .find(|f| f.count > 0 && f.method == method && path.starts_with(&f.path))?;
+        f.count -= 1;
+        Some(f.lost)
+    }
+
     fn rates(&self) -> Rates {
         *self.rates.lock().unwrap()
     }
@@ -201,6 +231,7 @@ impl FaultProxy {
             counters: Counters::default(),
             stall,
             clean: Mutex::default(),
+            scripted: Mutex::default(),
         });
         let outer = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = outer.local_addr().unwrap();
@@ -272,6 +303,28 @@ impl FaultProxy {
             answered_429: get(&c.answered_429),
             truncated: get(&c.truncated),
         }
+    }
+
+    /// The next `count` requests with `method` whose path starts with `path` fail the way
+    /// `lost` says, whatever the rates (HTTP only). They count as `503` answers.
+    pub fn fail_next(&self, method: &str, path: &str, lost: Lost, count: u64) {
+        self.shared.scripted.lock().unwrap().push(Scripted {
+            method: method.to_string(),
+            path: path.to_string(),
+            lost,
+            count,
+        });
+    }
+
+    /// How many of the requests set by [`FaultProxy::fail_next`] have not come yet.
+    pub fn scripted_left(&self) -> u64 {
+        self.shared
+            .scripted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|f| f.count)
+            .sum()
     }
 
     /// When requests for `path` were answered by the upstream in full (HTTP only).
@@ -369,6 +422,20 @@ async fn tcp_connection(s: &Shared, client: TcpStream, next_hop: SocketAddr) {
     }
 }
 
+/// A `503` from the proxy, with `Retry-After` as the drawn ones carry.
+fn unavailable() -> Response {
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "fault injected by the test proxy\n",
+    )
+        .into_response();
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from_static("1"));
+    r.headers_mut()
+        .insert("connection", HeaderValue::from_static("close"));
+    r
+}
+
 #[derive(Clone)]
 struct HttpLayer {
     shared: Arc<Shared>,
@@ -401,7 +468,15 @@ impl HttpLayer {
     async fn handle(&self, req: Request) -> Response {
         let s = &self.shared;
         bump(&s.counters.requests);
-        let rates = s.rates();
+        let scripted = s.scripted_fault(req.method().as_str(), req.uri().path());
+        if scripted == Some(Lost::Request) {
+            bump(&s.counters.answered_503);
+            return unavailable();
+        }
+        let rates = match scripted {
+            Some(_) => Rates::none(),
+            None => s.rates(),
+        };
         let draw = s.f64();
         if draw < rates.error {
             let (status, counter) = match s.below(3) {
@@ -457,6 +532,12 @@ impl HttpLayer {
                     .into_response()
             }
         };
+        if scripted == Some(Lost::Answer) {
+            // The upstream has acted; what it answered is read and dropped.
+            let _ = answer.bytes().await;
+            bump(&s.counters.answered_503);
+            return unavailable();
+        }
         let status = answer.status();
         let mut headers = end_to_end(answer.headers());
         let (from, to) = (self.upstream.to_string(), self.public.to_string());
