@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+
 use super::executor;
 use super::journal::{Journal, JournalError, RelocationRecord, StepState};
 use super::plan::{self, Plan, PlanError};
@@ -98,9 +100,8 @@ impl Engine {
         let config = self.inner.config();
         let placements = self.placements();
         let busy: BTreeSet<String> = self
-            .summaries()
+            .under_way()
             .into_iter()
-            .filter(|r| r.state.is_active())
             .map(|r| r.request.service)
             .collect();
         for (name, spec) in &config.services {
@@ -208,6 +209,21 @@ impl Engine {
             .ok_or_else(|| ConduitError::Refused(format!("relocation {id} vanished")))
     }
 
+    /// The relocations that have not ended, without their steps.
+    fn under_way(&self) -> Vec<Relocation> {
+        self.summaries_of(self.inner.journal.unfinished_summaries())
+    }
+
+    fn summaries_of(&self, read: Result<Vec<RelocationRecord>, JournalError>) -> Vec<Relocation> {
+        match read {
+            Ok(records) => records.into_iter().map(|r| self.to_relocation(r)).collect(),
+            Err(e) => {
+                tracing::error!("Cannot read the relocation journal: {e}.");
+                Vec::new()
+            }
+        }
+    }
+
     /// The journal record of one relocation.
     pub fn record(&self, id: &str) -> Option<RelocationRecord> {
         self.inner.journal.get(id).ok().flatten()
@@ -215,9 +231,9 @@ impl Engine {
 
     fn accept(&self, request: &RelocationRequest) -> Result<String, ConduitError> {
         if self
-            .summaries()
+            .under_way()
             .iter()
-            .any(|r| r.request.service == request.service && r.state.is_active())
+            .any(|r| r.request.service == request.service)
         {
             return Err(ConduitError::AlreadyRelocating(request.service.clone()));
         }
@@ -369,25 +385,53 @@ impl Conduit for Engine {
         }
     }
 
-    fn summaries(&self) -> Vec<Relocation> {
-        match self.inner.journal.summaries() {
-            Ok(records) => records.into_iter().map(|r| self.to_relocation(r)).collect(),
-            Err(e) => {
-                tracing::error!("Cannot read the relocation journal: {e}.");
-                Vec::new()
-            }
-        }
+    fn summaries_since(&self, since: DateTime<Utc>) -> Vec<Relocation> {
+        self.summaries_of(self.inner.journal.summaries_since(since))
+    }
+
+    fn last_relocations(&self) -> BTreeMap<String, DateTime<Utc>> {
+        self.inner.journal.last_by_service().unwrap_or_else(|e| {
+            tracing::error!("Cannot read the relocation journal: {e}.");
+            BTreeMap::new()
+        })
     }
 
     fn recent(&self, limit: usize, keep: &dyn Fn(&Relocation) -> bool) -> Vec<Relocation> {
-        let mut picked: Vec<Relocation> = self
-            .summaries()
-            .into_iter()
-            .rev()
-            .filter(|r| keep(r))
-            .take(limit)
-            .filter_map(|r| self.relocation(&r.id))
-            .collect();
+        // Newest first, a page at a time, so that however long the history only a page of
+        // summaries and the relocations picked are in memory.
+        const PAGE: usize = 256;
+        let mut picked = Vec::new();
+        let mut after: Option<(DateTime<Utc>, String)> = None;
+        while picked.len() < limit {
+            let page = match self
+                .inner
+                .journal
+                .summaries_page(after.as_ref().map(|(t, id)| (*t, id.as_str())), PAGE)
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!("Cannot read the relocation journal: {e}.");
+                    break;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = Some((last.created_at, last.id.clone()));
+            let full = page.len() == PAGE;
+            for r in page {
+                if picked.len() == limit {
+                    break;
+                }
+                let r = self.to_relocation(r);
+                if keep(&r) {
+                    if let Some(r) = self.relocation(&r.id) {
+                        picked.push(r);
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
         picked.reverse();
         picked
     }

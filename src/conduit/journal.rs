@@ -6,6 +6,7 @@
 //! The journal records; it does not decide. Whether an in-flight step is re-run (steps are
 //! idempotent) or rolled back is the executor's call.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -144,7 +145,7 @@ pub struct Journal {
 /// been applied. A migration is only ever appended, so a journal written by this release
 /// opens in the next. The first one creates only what is missing, so a journal written before
 /// the schema had a version takes it without losing a row.
-const MIGRATIONS: &[&str] = &[SCHEMA_1];
+const MIGRATIONS: &[&str] = &[SCHEMA_1, SCHEMA_2];
 
 const SCHEMA_1: &str = "
 CREATE TABLE IF NOT EXISTS relocations (
@@ -183,6 +184,15 @@ CREATE TABLE IF NOT EXISTS deployed (
     PRIMARY KEY (service, provider, component)
 );
 CREATE INDEX IF NOT EXISTS relocations_by_state ON relocations(state);
+";
+
+/// What the broker reads every tick and the API pages through, found without reading (or
+/// sorting) the whole history: relocations in the order they were submitted, and each
+/// service's relocations.
+const SCHEMA_2: &str = "
+CREATE INDEX IF NOT EXISTS relocations_by_creation ON relocations(created_at, id);
+CREATE INDEX IF NOT EXISTS relocations_by_service
+    ON relocations(json_extract(request, '$.service'), created_at);
 ";
 
 impl Journal {
@@ -414,17 +424,93 @@ impl Journal {
         }))
     }
 
-    /// Every relocation without its steps, oldest first: one query over the relocations
-    /// alone, whatever their steps hold (what the broker reads every tick).
-    pub fn summaries(&self) -> Result<Vec<RelocationRecord>, JournalError> {
+    /// Without their steps, oldest first: the relocations that have not ended (queued,
+    /// running, rolling back, in their grace period) and every one submitted at or after
+    /// `since`. What the broker reads each tick, as long as the history grows.
+    pub fn summaries_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<RelocationRecord>, JournalError> {
+        // Times are compared as the RFC 3339 text they are stored as, which sorts like the
+        // times themselves up to the year 9999 (later years take a sign).
+        let latest = DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z")
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or(since);
+        let since = since.min(latest);
+        self.summary_rows(
+            &format!(
+                "SELECT {SUMMARY} FROM relocations WHERE created_at >= ?1 \
+                 UNION SELECT {SUMMARY} FROM relocations \
+                 WHERE state IN ('queued', 'running', 'rolling_back', 'grace') \
+                 ORDER BY created_at, id"
+            ),
+            [since.to_rfc3339()],
+        )
+    }
+
+    /// Up to `n` relocations without their steps, newest first, submitted before the one
+    /// `after` names (its submission time and id; `None` starts from the newest).
+    pub fn summaries_page(
+        &self,
+        after: Option<(DateTime<Utc>, &str)>,
+        n: usize,
+    ) -> Result<Vec<RelocationRecord>, JournalError> {
+        let n = n.min(i64::MAX as usize) as i64;
+        match after {
+            None => self.summary_rows(
+                &format!(
+                    "SELECT {SUMMARY} FROM relocations ORDER BY created_at DESC, id DESC LIMIT ?1"
+                ),
+                params![n],
+            ),
+            Some((at, id)) => self.summary_rows(
+                &format!(
+                    "SELECT {SUMMARY} FROM relocations WHERE (created_at, id) < (?1, ?2) \
+                     ORDER BY created_at DESC, id DESC LIMIT ?3"
+                ),
+                params![at.to_rfc3339(), id, n],
+            ),
+        }
+    }
+
+    /// When each service's last relocation was submitted.
+    pub fn last_by_service(&self) -> Result<BTreeMap<String, DateTime<Utc>>, JournalError> {
         let conn = self.lock();
         let mut stmt = conn
             .prepare(
-                "SELECT id, request, state, detail, created_at, updated_at FROM relocations ORDER BY created_at, id",
+                "SELECT json_extract(request, '$.service') AS service, MAX(created_at) \
+                 FROM relocations GROUP BY service",
             )
             .map_err(|e| self.sql(e))?;
         let rows = stmt
             .query_map([], |r| {
+                Ok((r.get::<_, Option<String>>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql(e))?;
+        rows.into_iter()
+            .map(|(service, at)| {
+                let service = service.ok_or_else(|| {
+                    JournalError::Corrupt(format!(
+                        "a relocation submitted at {at} names no service"
+                    ))
+                })?;
+                Ok((service, parse_time(&at)?))
+            })
+            .collect()
+    }
+
+    /// The relocations `query` (selecting [`SUMMARY`]) finds, without their steps.
+    fn summary_rows(
+        &self,
+        query: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<RelocationRecord>, JournalError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(query).map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map(params, |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -451,6 +537,18 @@ impl Journal {
                 })
             })
             .collect()
+    }
+
+    /// The relocations that have not ended, without their steps, oldest first.
+    pub fn unfinished_summaries(&self) -> Result<Vec<RelocationRecord>, JournalError> {
+        self.summary_rows(
+            &format!(
+                "SELECT {SUMMARY} FROM relocations \
+                 WHERE state IN ('queued', 'running', 'rolling_back', 'grace') \
+                 ORDER BY created_at, id"
+            ),
+            [],
+        )
     }
 
     /// Every relocation, oldest first.
@@ -653,6 +751,9 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// The columns of a relocation without its steps, as [`Journal::summary_rows`] reads them.
+const SUMMARY: &str = "id, request, state, detail, created_at, updated_at";
+
 fn parse_time(s: &str) -> Result<DateTime<Utc>, JournalError> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
@@ -808,5 +909,127 @@ mod tests {
             Err(JournalError::Unknown(_))
         ));
         assert_eq!(j.list().unwrap().len(), 1);
+    }
+
+    /// A journal of `n` relocations of `service` that ended, submitted a minute apart up
+    /// to an hour before now, ids `old-<i>`.
+    fn history(j: &Journal, service: &str, n: usize) {
+        for i in 0..n {
+            let mut r = request(&format!("old-{service}-{i}"));
+            r.service = service.into();
+            j.create(&r, &["copy"]).unwrap();
+            j.set_state(&r.decision_id, RelocationState::Completed, "")
+                .unwrap();
+            let at = Utc::now() - chrono::Duration::minutes(60 + (n - i) as i64);
+            j.lock()
+                .execute(
+                    "UPDATE relocations SET created_at = ?1 WHERE id = ?2",
+                    params![at.to_rfc3339(), r.decision_id],
+                )
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_tick_reads_what_is_under_way_and_what_the_rails_window_holds_not_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("journal.sqlite")).unwrap();
+        history(&j, "shop", 300);
+        history(&j, "crm", 5);
+        // One that ended an hour ago and is still in its grace period, one running now.
+        let mut grace = request("graced");
+        grace.service = "blog".into();
+        j.create(&grace, &["copy"]).unwrap();
+        j.set_state("graced", RelocationState::Grace, "").unwrap();
+        j.lock()
+            .execute(
+                "UPDATE relocations SET created_at = ?1 WHERE id = 'graced'",
+                params![(Utc::now() - chrono::Duration::hours(3)).to_rfc3339()],
+            )
+            .unwrap();
+        j.create(&request("now"), &["copy"]).unwrap();
+
+        let ids = |records: Vec<RelocationRecord>| -> Vec<String> {
+            records.into_iter().map(|r| r.id).collect()
+        };
+        // The rails' window reaches back 62.5 minutes: two of each history are in it.
+        let window = Utc::now() - chrono::Duration::seconds(62 * 60 + 30);
+        assert_eq!(
+            ids(j.summaries_since(window).unwrap()),
+            [
+                "graced",
+                "old-shop-298",
+                "old-crm-3",
+                "old-shop-299",
+                "old-crm-4",
+                "now"
+            ]
+        );
+        assert_eq!(
+            ids(j.summaries_since(DateTime::<Utc>::MAX_UTC).unwrap()),
+            ["graced", "now"]
+        );
+        assert_eq!(ids(j.unfinished_summaries().unwrap()), ["graced", "now"]);
+        let last = j.last_by_service().unwrap();
+        assert_eq!(last.len(), 3, "{last:?}");
+        assert_eq!(last["shop"], j.get("now").unwrap().unwrap().created_at);
+        assert_eq!(last["crm"], j.get("old-crm-4").unwrap().unwrap().created_at);
+        assert_eq!(last["blog"], j.get("graced").unwrap().unwrap().created_at);
+    }
+
+    /// Regression: the broker's tick read every relocation ever made (and SQLite sorted them
+    /// all), so the daemon's memory rose with its history. Each read it makes now walks an
+    /// index to what it returns.
+    #[test]
+    fn the_reads_of_a_tick_and_of_a_page_use_indexes_not_a_sort_of_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("journal.sqlite")).unwrap();
+        history(&j, "shop", 50);
+        let conn = j.lock();
+        conn.execute_batch("ANALYZE").unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            rows.join("; ")
+        };
+        let t = "'2026-01-01T00:00:00+00:00'";
+        for (what, sql) in [
+            (
+                "summaries_since",
+                format!(
+                    "SELECT {SUMMARY} FROM relocations WHERE created_at >= {t} \
+                     UNION SELECT {SUMMARY} FROM relocations \
+                     WHERE state IN ('queued', 'running', 'rolling_back', 'grace') \
+                     ORDER BY created_at, id"
+                ),
+            ),
+            (
+                "summaries_page",
+                format!(
+                    "SELECT {SUMMARY} FROM relocations WHERE (created_at, id) < ({t}, 'x') \
+                     ORDER BY created_at DESC, id DESC LIMIT 10"
+                ),
+            ),
+            (
+                "last_by_service",
+                "SELECT json_extract(request, '$.service') AS service, MAX(created_at) \
+                 FROM relocations GROUP BY service"
+                    .to_string(),
+            ),
+        ] {
+            let p = plan(&sql);
+            assert!(p.contains("USING"), "{what} reads no index: {p}");
+            assert!(
+                !p.split("; ").any(|step| step == "SCAN relocations"),
+                "{what} scans the table: {p}"
+            );
+            if what != "summaries_since" {
+                assert!(!p.contains("TEMP B-TREE"), "{what} sorts the history: {p}");
+            }
+        }
     }
 }

@@ -132,17 +132,29 @@ pub trait Conduit: Send + Sync + 'static {
     /// Every relocation this conduit knows, newest last.
     fn relocations(&self) -> Vec<Relocation>;
 
-    /// Every relocation this conduit knows, newest last, without steps or progress: what
-    /// the broker's guard rails read each tick, cheap however long the history.
-    fn summaries(&self) -> Vec<Relocation> {
+    /// Without steps or progress, newest last: the relocations that have not ended and every
+    /// one submitted at or after `since`. What the broker's guard rails read each tick; its
+    /// cost follows what is under way and the rails' window, not the length of the history.
+    fn summaries_since(&self, since: DateTime<Utc>) -> Vec<Relocation> {
         self.relocations()
             .into_iter()
+            .filter(|r| r.state.is_active() || r.submitted_at >= since)
             .map(|r| Relocation {
                 steps: Vec::new(),
                 progress: Default::default(),
                 ..r
             })
             .collect()
+    }
+
+    /// When each service's last relocation was submitted.
+    fn last_relocations(&self) -> std::collections::BTreeMap<String, DateTime<Utc>> {
+        let mut last = std::collections::BTreeMap::new();
+        for r in self.relocations() {
+            let t = last.entry(r.request.service).or_insert(r.submitted_at);
+            *t = (*t).max(r.submitted_at);
+        }
+        last
     }
 
     /// The `limit` most recent relocations that `keep` selects (it sees them without their
@@ -181,7 +193,7 @@ pub trait Conduit: Send + Sync + 'static {
     }
     /// Relocations that hold an execution slot (queued, running, rolling back).
     fn active(&self) -> usize {
-        self.summaries()
+        self.summaries_since(DateTime::<Utc>::MAX_UTC)
             .iter()
             .filter(|r| r.state.holds_slot())
             .count()

@@ -1,7 +1,7 @@
 //! Outcomes: one tick's evaluations judged by the guard rails and the policy's mode,
 //! submitted to the conduit, logged and remembered.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 
@@ -49,7 +49,7 @@ impl Supervisor {
                 .unwrap_or(chrono::Duration::MAX);
         let total = evals.len();
         let config = self.loaded.config.clone();
-        let relocations = self.conduit.summaries();
+        let relocations = self.conduit.summaries_since(window_start);
         self.remember_relocations(&relocations, window_start);
         let relocating: BTreeSet<String> = relocations
             .into_iter()
@@ -302,20 +302,13 @@ impl Supervisor {
             .map(|r| r.submitted_at)
             .filter(|t| *t >= window_start)
             .collect();
-        let mut last: BTreeMap<&str, DateTime<Utc>> = BTreeMap::new();
-        for r in relocations {
-            let t = last.entry(&r.request.service).or_insert(r.submitted_at);
-            *t = (*t).max(r.submitted_at);
-        }
+        let last = self.conduit.last_relocations();
         for service in last.keys() {
-            self.state
-                .services
-                .entry((*service).to_string())
-                .or_default();
+            self.state.services.entry(service.clone()).or_default();
         }
         // A last relocation the journal does not hold never happened.
         for (service, m) in &mut self.state.services {
-            m.last_relocation = last.get(service.as_str()).copied();
+            m.last_relocation = last.get(service).copied();
         }
     }
 

@@ -40,8 +40,25 @@ impl Conduit for FakeConduit {
         self.submitted.lock().unwrap().clone()
     }
 
-    fn summaries(&self) -> Vec<Relocation> {
-        self.submitted.lock().unwrap().clone()
+    fn summaries_since(&self, since: DateTime<Utc>) -> Vec<Relocation> {
+        self.submitted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.state.is_active() || r.submitted_at >= since)
+            .cloned()
+            .collect()
+    }
+
+    fn last_relocations(&self) -> BTreeMap<String, DateTime<Utc>> {
+        let mut last = BTreeMap::new();
+        for r in self.submitted.lock().unwrap().iter() {
+            let t = last
+                .entry(r.request.service.clone())
+                .or_insert(r.submitted_at);
+            *t = (*t).max(r.submitted_at);
+        }
+        last
     }
 }
 
@@ -247,7 +264,13 @@ async fn a_tick_and_the_status_view_read_no_relocations_steps() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
-    assert_eq!(bench.conduit.summaries().len(), 1);
+    assert_eq!(
+        bench
+            .conduit
+            .summaries_since(DateTime::<Utc>::MIN_UTC)
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]

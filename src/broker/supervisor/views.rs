@@ -59,7 +59,8 @@ impl Supervisor {
             .iter()
             .map(|d| (d.service.as_str(), d))
             .collect();
-        let relocations = self.conduit.summaries();
+        // Only those under way: nothing was submitted after the end of time.
+        let relocations = self.conduit.summaries_since(DateTime::<Utc>::MAX_UTC);
         let active: BTreeMap<&str, &Relocation> = relocations
             .iter()
             .filter(|r| r.state.is_active())
