@@ -44,6 +44,8 @@ const SMALL_PASS: u64 = 16 << 20;
 /// The unit the delta of a converted image is written and read back in: a multiple of
 /// QEMU's dirty-bitmap granularity and of the NBD block size.
 const DELTA_BLOCK: u64 = 64 << 10;
+/// How long the undo of a final pass keeps trying to let the source's guest run again.
+const WAKE_FOR: Duration = Duration::from_secs(300);
 /// How long a volume operation may take.
 const OPERATION: Duration = Duration::from_secs(600);
 
@@ -101,6 +103,7 @@ fn plans<'a>(
     disks: &'a [VolumePlan],
     pass: &DiskPass,
 ) -> Result<Vec<&'a VolumePlan>, MigratorError> {
+    covers(disks, pass.disks.iter().map(|d| d.volume.as_str()))?;
     pass.disks
         .iter()
         .map(|d| {
@@ -112,6 +115,25 @@ fn plans<'a>(
             })
         })
         .collect()
+}
+
+/// Fails unless the source exports every disk the plan moves: a disk left out would be
+/// neither copied nor compared, and would be lost with the source.
+fn covers<'a>(
+    disks: &[VolumePlan],
+    exported: impl Iterator<Item = &'a str> + Clone,
+) -> Result<(), MigratorError> {
+    match disks
+        .iter()
+        .find(|v| !exported.clone().any(|e| e == v.name))
+    {
+        Some(v) => Err(MigratorError::Check(format!(
+            "the running VM does not export disk `{}`, which the plan moves; it may have been \
+             started with another disk list: restart it at the source, then relocate",
+            v.name
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Where each disk's pass lands: the target's volume for a raw target, else a staging image.
@@ -295,6 +317,20 @@ impl Migrator for FinishPrecopyVm {
     }
 
     async fn undo(&self, cx: &Cx) -> Result<(), MigratorError> {
+        // The guest may be down at the source: keep trying for minutes, not seconds, so
+        // that an agent restarting (the likeliest reason the final pass failed) does not
+        // leave it down with the relocation given up.
+        crate::sys::retry::until_deadline(crate::sys::retry::jittered(usize::MAX), WAKE_FOR, || {
+            self.wake(cx)
+        })
+        .await
+    }
+}
+
+impl FinishPrecopyVm {
+    /// Lets the source's guest run again: booted again when it was halted (or its emulator
+    /// gone), left alone when it never stopped.
+    async fn wake(&self, cx: &Cx) -> Result<(), MigratorError> {
         let svc = cx.svc();
         let status = cx.source.vm_status(svc, &self.vm).await?;
         if status.is_some_and(|s| s.pid.is_some() && s.state != VmState::Stopped) {

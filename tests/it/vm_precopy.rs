@@ -174,3 +174,44 @@ async fn the_daemon_killed_during_a_precopy_move_leaves_one_guest_running_with_e
     }
     eprintln!("{outcomes:#?}");
 }
+
+/// Regression: a halt for the last pass presses the guest's power button, and the guest
+/// then shuts down whatever happens to the call that pressed it. When that call was cut
+/// short (its daemon killed) while the guest was still shutting down, the rollback saw it
+/// running and only let it go on: it finished powering down, and QEMU, told to keep the
+/// emulator, paused it. The source stayed down with the relocation rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_after_a_halt_cut_short_boots_the_source_guest_again() {
+    let _one = guest::ONE_VM.lock().await;
+    let lab = Arc::new(Lab::new());
+    let config = lab.write_config_moving("precopy", &[]);
+    let q1 = providers::open(&config.providers["q1"]).unwrap();
+    lab.source_disk(q1.as_ref()).await;
+    lab.start_source(&config, q1.as_ref()).await;
+    let boot = lab.boot_at("q1").expect("the guest serves");
+    q1.track_vm_disks("box", "guest", fluidcloud::providers::DiskPassKind::Full)
+        .await
+        .unwrap();
+    // The button is pressed at once; the guest takes more than a second to power down
+    // under TCG, and the halt is dropped well before that.
+    let halt = q1.halt_vm("box", "guest", Duration::from_secs(60));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), halt)
+            .await
+            .is_err(),
+        "the guest powered down within 400 ms: the halt was not cut short"
+    );
+    q1.resume_vm("box", "guest").await.unwrap();
+    let again = lab.serving_at("q1");
+    assert_ne!(again, boot, "the guest was not booted again");
+    // It keeps serving: nothing is left to power it down later.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lab.boot_at("q1"), Some(again));
+    let status = q1.vm_status("box", "guest").await.unwrap().unwrap();
+    assert_eq!(status.state, fluidcloud::providers::VmState::Running);
+    let stop = fluidcloud::providers::StopOptions {
+        timeout: Duration::from_secs(20),
+        kill_after_timeout: true,
+    };
+    q1.stop_vm("box", "guest", stop).await.unwrap();
+}

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{plans, read_pass, staging_path, MAX_DIRTY_PASSES, SMALL_PASS};
+use super::{covers, plans, read_pass, staging_path, MAX_DIRTY_PASSES, SMALL_PASS};
 use crate::migrators::crossing::{self, adopt_across, host_of, staged, undo_across, Outgoing};
 use crate::migrators::plan::VolumePlan;
 use crate::migrators::{remove_file, Cx, MigratorError};
@@ -70,6 +70,7 @@ async fn read_on_source(
         for d in &report.disks {
             plan_of(disks, &d.volume)?;
         }
+        covers(disks, report.disks.iter().map(|d| d.volume.as_str()))?;
         return Ok(report.disks);
     }
     let pass = cx.source.track_vm_disks(svc, vm, kind).await?;

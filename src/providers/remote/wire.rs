@@ -889,7 +889,9 @@ pub struct Adopted {
 pub struct Discard {
     pub name: String,
     /// A pre-copy's staging image on this (the source's) host, not an image received.
-    #[serde(default)]
+    /// Left out when false, so that an agent of the release before reads every other
+    /// discard as it did.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub precopy: bool,
 }
 

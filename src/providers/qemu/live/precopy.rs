@@ -31,6 +31,13 @@ const POLL: Duration = Duration::from_millis(100);
 const PRESS_AGAIN: Duration = Duration::from_secs(5);
 /// How long deleted exports get to let go of their bitmaps.
 const LET_GO: Duration = Duration::from_secs(10);
+/// How long a rollback waits for a guest whose power button was pressed to finish powering
+/// down before it pauses it (and then boots it again).
+const FINISH_HALT: Duration = Duration::from_secs(60);
+/// Written in the VM's directory before the power button is first pressed for a halt: once
+/// pressed, a guest shuts down whatever happens to the call that pressed it, so a rollback
+/// must see that a halt began even when the guest still runs.
+const HALTING: &str = "precopy-halting";
 
 /// One disk as QEMU holds it.
 struct Disk {
@@ -195,6 +202,10 @@ impl QemuProvider {
                     vm,
                     format!("its guest does not run (status `{status}`): a pre-copy pass reads a running guest's disks"),
                 ))
+            }
+            DiskPassKind::Full => {
+                // A pre-copy starts with its guest running: no halt has begun.
+                let _ = std::fs::remove_file(self.vm_dir(service, vm).join(HALTING));
             }
             _ => {}
         }
@@ -366,6 +377,13 @@ impl QemuProvider {
             // The button is pressed again every few seconds: a guest still booting misses
             // a press, as a real machine would.
             if pressed.is_none_or(|at| at.elapsed() >= PRESS_AGAIN) {
+                let marker = self.vm_dir(service, vm).join(HALTING);
+                std::fs::write(&marker, b"").map_err(|e| ProviderError::Io {
+                    provider: self.name.clone(),
+                    object: object::vm(service, vm),
+                    action: format!("note that its halt began in {}", marker.display()),
+                    source: e,
+                })?;
                 qmp.execute("set-action", Some(json!({ "shutdown": "pause" })))
                     .await
                     .map_err(failed("keep its emulator when the guest powers down"))?;
@@ -431,11 +449,20 @@ impl QemuProvider {
         service: &str,
         vm: &str,
     ) -> Result<bool, ProviderError> {
+        let marker = self.vm_dir(service, vm).join(HALTING);
         let Ok(mut qmp) = self.live_qmp(service, vm).await else {
             return Ok(false);
         };
         let failed = |action: &str| self.qmp_failed(service, vm, action);
-        let status = self.run_state(&mut qmp, service, vm).await?;
+        let mut status = self.run_state(&mut qmp, service, vm).await?;
+        if status == "running" && marker.exists() {
+            // Its power button was pressed and its guest may be shutting down still: let the
+            // halt finish (QEMU serves one QMP client at a time), then boot it again.
+            drop(qmp);
+            self.halt(service, vm, FINISH_HALT).await?;
+            qmp = self.live_qmp(service, vm).await?;
+            status = self.run_state(&mut qmp, service, vm).await?;
+        }
         let tracked = self
             .precopy_disks(&mut qmp, service, vm)
             .await?
@@ -458,6 +485,11 @@ impl QemuProvider {
         qmp.execute("cont", None)
             .await
             .map_err(failed("let its guest run"))?;
+        if let Err(e) = std::fs::remove_file(&marker) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(provider = %self.name, "Cannot remove {}: {e}.", marker.display());
+            }
+        }
         Ok(true)
     }
 }
