@@ -124,8 +124,8 @@ impl From<TransferError> for Failure {
             TransferError::Provider(p) => p.into(),
             TransferError::Pass(p) => Failure(WireError::Remote {
                 provider: String::new(),
-                object: "the pre-copy pass".into(),
-                action: "read the VM's disks".into(),
+                object: "a pre-copy pass on the agent's host".into(),
+                action: "read the VM's disks into staging images".into(),
                 detail: p.to_string(),
             }),
             TransferError::UnknownTransfer(_) | TransferError::NotStaged { .. } => {

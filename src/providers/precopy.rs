@@ -101,8 +101,10 @@ pub enum PassError {
     NoStaging { path: PathBuf },
     #[error("the pass was cancelled")]
     Cancelled,
-    #[error("the staging image differs from the halted source disk: {0}")]
-    Differs(QemuImgError),
+    #[error("the staging image {} differs from the halted source disk {}", staging.display(), disk.display())]
+    Differs { disk: PathBuf, staging: PathBuf },
+    #[error("cannot compare the staging image with the halted source disk: {0}")]
+    Compare(QemuImgError),
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PassError {
@@ -254,5 +256,15 @@ pub async fn compare_held(
         source.as_os_str(),
         staging.as_os_str(),
     ];
-    qemu_img(args).await.map(|_| ()).map_err(PassError::Differs)
+    match qemu_img(args).await {
+        Ok(_) => Ok(()),
+        // `qemu-img compare` exits 1 when the images differ, 2 or more when it failed.
+        Err(QemuImgError::Failed { status, .. }) if status.code() == Some(1) => {
+            Err(PassError::Differs {
+                disk: source.to_path_buf(),
+                staging: staging.to_path_buf(),
+            })
+        }
+        Err(e) => Err(PassError::Compare(e)),
+    }
 }

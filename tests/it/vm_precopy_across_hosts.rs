@@ -372,6 +372,11 @@ async fn a_vm_precopied_between_hosts_powers_down_only_for_its_last_writes_and_l
     assert!(qa.vm_status("box", "guest").await.unwrap().is_none());
     assert!(!lab.path("qa-root/volumes/box/guest.qcow2").exists());
     for staging in ["a-state/precopy", "b-state/incoming"] {
+        // The directories the passes went through, so that an empty listing means emptied.
+        assert!(
+            lab.path(staging).is_dir(),
+            "{staging} is not where passes go"
+        );
         let left = files_under(&lab.path(staging));
         assert!(left.is_empty(), "left in {staging}: {left:?}");
     }

@@ -319,7 +319,22 @@ impl RemoteProvider {
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         match serde_json::from_str::<WireError>(&text) {
-            Ok(w) => w.into(),
+            Ok(w) => match w.into() {
+                // What the agent does for itself (a pre-copy pass, a transfer) names no
+                // provider: it is this one's agent.
+                ProviderError::Remote {
+                    provider,
+                    object,
+                    action,
+                    detail,
+                } if provider.is_empty() => ProviderError::Remote {
+                    provider: self.name.clone(),
+                    object,
+                    action,
+                    detail,
+                },
+                e => e,
+            },
             Err(_) => ProviderError::Remote {
                 provider: self.name.clone(),
                 object,
