@@ -377,17 +377,7 @@ impl Transfers {
         }
         let staged = self.staged(&req.name)?;
         for path in [staged.clone(), partial_of(&staged)] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(TransferError::Io {
-                        action: "remove",
-                        path,
-                        source,
-                    })
-                }
-            }
+            remove_if_there(path)?;
         }
         if let Some(dir) = staged.parent() {
             let incoming = &self.receiver.as_ref().expect("checked by staged").incoming;
@@ -400,21 +390,23 @@ impl Transfers {
     }
 }
 
+/// Removes the file at `path`; one already gone is fine.
+fn remove_if_there(path: PathBuf) -> Result<(), TransferError> {
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(TransferError::Io {
+            action: "remove",
+            path,
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl Transfers {
     fn discard_precopy(&self, name: &str) -> Result<(), TransferError> {
         viaduct::check_name(name).map_err(|e| TransferError::Invalid(e.to_string()))?;
         let path = self.precopy.join(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(TransferError::Io {
-                    action: "remove",
-                    path,
-                    source,
-                })
-            }
-        }
+        remove_if_there(path.clone())?;
         if let Some(dir) = path.parent() {
             if dir != self.precopy.as_path() {
                 let _ = std::fs::remove_dir(dir);
