@@ -376,6 +376,24 @@ async fn volume_path(
 mod tests {
     use super::*;
 
+    /// Regression: a disk the plan moves but the running VM did not export was neither
+    /// copied nor compared, and the final pass succeeded without it.
+    #[test]
+    fn a_pass_that_leaves_out_a_planned_disk_is_refused() {
+        let plan = |name: &str| VolumePlan {
+            name: name.into(),
+            size_bytes: 1 << 20,
+            source_format: DiskFormat::Qcow2,
+            target_format: DiskFormat::Raw,
+        };
+        let disks = [plan("root"), plan("data")];
+        assert!(covers(&disks, ["root", "data"].into_iter()).is_ok());
+        let e = covers(&disks, ["root"].into_iter())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`data`"), "{e}");
+    }
+
     #[test]
     fn dirty_ranges_widen_to_whole_blocks_and_merge() {
         let k = 1024;

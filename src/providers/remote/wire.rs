@@ -942,6 +942,27 @@ mod tests {
     use super::*;
     use crate::providers::{LiveKey, SocketAddress};
 
+    /// Regression: `precopy: false` went on the wire in every discard, and an agent of the
+    /// release before (which refuses unknown fields) refused them all.
+    #[test]
+    fn an_ordinary_discard_reads_as_the_release_before_wrote_it() {
+        let plain = Discard {
+            name: "r/x".into(),
+            precopy: false,
+        };
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            serde_json::json!({ "name": "r/x" })
+        );
+        let staging = Discard {
+            name: "r/x".into(),
+            precopy: true,
+        };
+        let back: Discard =
+            serde_json::from_value(serde_json::to_value(&staging).unwrap()).unwrap();
+        assert_eq!(back, staging);
+    }
+
     #[test]
     fn a_migration_call_travels_whole_and_prints_no_key() {
         let key = LiveKey::random();
