@@ -31,6 +31,9 @@ pub struct Agent {
     pub metrics: AgentMetrics,
     /// The address other hosts reach this one at (its certificate names it).
     pub advertise: String,
+    /// `HOST:PORT` the senders are told to reach the viaduct receiver at, when not
+    /// `advertise` and the port it listens on.
+    pub viaduct_advertise: Option<String>,
     /// Where received images are staged before they become volumes.
     pub incoming: std::path::PathBuf,
     /// Where pre-copy passes of this host's VMs are read into, to be sent from.
@@ -121,7 +124,10 @@ impl Agent {
             };
             receiver = Some(transfers::Receiver {
                 info: crate::providers::remote::wire::ReceiverInfo {
-                    addr: format!("{host}:{port}"),
+                    addr: self
+                        .viaduct_advertise
+                        .clone()
+                        .unwrap_or_else(|| format!("{host}:{port}")),
                     server_name: self.advertise.clone(),
                     secret,
                 },
@@ -289,18 +295,23 @@ pub async fn serve(
         },
     };
     tracing::info!(
-        "The agent `{}` serves {} on {} (viaduct {}), reached as {}.",
+        "The agent `{}` serves {} on {} (viaduct {}), reached as {}{}.",
         identity.me().name,
         providers.keys().cloned().collect::<Vec<_>>().join(", "),
         settings.listen,
         settings.viaduct_listen,
-        settings.advertise
+        settings.advertise,
+        match &settings.viaduct_advertise {
+            Some(a) => format!(" (viaduct at {a})"),
+            None => String::new(),
+        }
     );
     let agent = Agent {
         identity,
         providers,
         metrics: AgentMetrics::new(),
         advertise: settings.advertise.clone(),
+        viaduct_advertise: settings.viaduct_advertise.clone(),
         incoming: settings.state_dir.join("incoming"),
         precopy: settings.state_dir.join("precopy"),
     };

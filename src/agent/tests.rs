@@ -58,6 +58,7 @@ async fn fixture() -> Fixture {
         providers: BTreeMap::from([("a".to_string(), provider)]),
         metrics: metrics.clone(),
         advertise: "127.0.0.1".into(),
+        viaduct_advertise: None,
         incoming: dir.path().join("incoming"),
         precopy: dir.path().join("precopy"),
     };
@@ -310,6 +311,7 @@ async fn host(dir: &Path, pki: &Path, name: &str, format: &str) -> Host {
         providers: BTreeMap::from([(name.to_string(), local.clone())]),
         metrics: metrics.clone(),
         advertise: "127.0.0.1".into(),
+        viaduct_advertise: None,
         incoming: dir.join(format!("{name}-incoming")),
         precopy: dir.join(format!("{name}-precopy")),
     };

@@ -25,6 +25,10 @@ pub struct AgentSettings {
     pub advertise: String,
     pub listen: SocketAddr,
     pub viaduct_listen: SocketAddr,
+    /// `HOST:PORT` the senders are told to reach the viaduct receiver at, when a NAT or a
+    /// port forward stands between them and `viaduct_listen`; by default `advertise` and
+    /// the port the receiver listens on. The TLS name stays `advertise`.
+    pub viaduct_advertise: Option<String>,
     /// Plain-HTTP `/metrics`; none when unset.
     pub metrics_listen: Option<SocketAddr>,
     /// Where received images are staged. Default `/var/lib/fluidcloud-agent`, or
@@ -86,6 +90,17 @@ impl Validator<'_> {
             raw.viaduct_listen,
             DEFAULT_VIADUCT_LISTEN,
         );
+        let viaduct_advertise = raw.viaduct_advertise.and_then(|a| {
+            if host_and_port(&a) {
+                Some(a)
+            } else {
+                self.err(
+                    "agent.viaduct_advertise",
+                    format!("`{a}` is not a host and port such as 203.0.113.7:7482"),
+                );
+                None
+            }
+        });
         let metrics_listen = raw
             .metrics_listen
             .map(|m| self.socket("agent.metrics_listen", Some(m), "127.0.0.1:9482"));
@@ -99,6 +114,7 @@ impl Validator<'_> {
             advertise: raw.advertise,
             listen,
             viaduct_listen,
+            viaduct_advertise,
             metrics_listen,
             state_dir,
         })
@@ -153,6 +169,47 @@ impl Validator<'_> {
                 );
             }
             p.tls = tls.clone();
+        }
+    }
+}
+
+/// `HOST:PORT`: a host name or IP address (an IPv6 one in brackets) and a port above 0.
+fn host_and_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let host = match host.strip_prefix('[') {
+        Some(v6) => match v6.strip_suffix(']') {
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+            _ => return false,
+        },
+        None if host.contains(':') => return false,
+        None => host,
+    };
+    port.parse::<u16>().is_ok_and(|p| p > 0) && crate::sys::tls::server_name(host).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_viaduct_address_to_advertise_is_a_host_and_a_port() {
+        for ok in [
+            "203.0.113.7:7482",
+            "nat.example.net:17482",
+            "[2001:db8::1]:7482",
+        ] {
+            assert!(super::host_and_port(ok), "{ok}");
+        }
+        for bad in [
+            "203.0.113.7",
+            "nat.example.net:0",
+            "nat.example.net:70000",
+            "2001:db8::1:7482",
+            "[nat.example.net]:7482",
+            "not a host:7482",
+            ":7482",
+        ] {
+            assert!(!super::host_and_port(bad), "{bad}");
         }
     }
 }

@@ -185,6 +185,7 @@ pub struct RawAgent {
     pub advertise: String,
     pub listen: Option<String>,
     pub viaduct_listen: Option<String>,
+    pub viaduct_advertise: Option<String>,
     pub metrics_listen: Option<String>,
     pub state_dir: Option<String>,
 }

@@ -1013,6 +1013,7 @@ fn an_agents_configuration_needs_its_certificate_and_says_where_it_listens() {
 [agent]
 advertise = "not a host"
 listen = "7481"
+viaduct_advertise = "10.0.0.9"
 
 [providers.a]
 driver = "local"
@@ -1024,6 +1025,7 @@ agent = "https://10.0.0.2:7481"
         ("agent:", "needs the [tls] section"),
         ("agent.advertise", "neither a host name nor an IP address"),
         ("agent.listen", "is not an address and port"),
+        ("agent.viaduct_advertise", "is not a host and port"),
         ("providers.a.agent", "an agent serves its own providers"),
     ] {
         assert!(

@@ -31,11 +31,12 @@ use crate::providers::remote::wire::{
 };
 use crate::providers::remote::RemoteProvider;
 use crate::providers::{self, DiskFormat};
+use crate::sys::retry::{BackoffBuilder, ExponentialBuilder};
 use crate::sys::tls::server_name;
 use crate::viaduct::{self, Endpoint, EndpointTls, PresharedKey, SendOptions};
 
 /// Sends after the first that may fail before the step gives up.
-const RESENDS: u32 = 4;
+const RESENDS: usize = 4;
 /// How often a send's agent is asked how it is doing.
 const POLL: Duration = Duration::from_millis(250);
 
@@ -285,6 +286,14 @@ pub(super) async fn send(
     info: &Outgoing,
     name: &str,
 ) -> Result<(SentReport, Landing), MigratorError> {
+    // 2, 4, 8, 16 s, each stretched by a random part of itself: the sends of relocations
+    // that failed together do not come back in step.
+    let mut pauses = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_secs(2))
+        .with_max_delay(Duration::from_secs(16))
+        .with_max_times(RESENDS)
+        .with_jitter()
+        .build();
     let mut attempt = 0;
     loop {
         let result = match Landing::open(cx).await {
@@ -311,9 +320,11 @@ pub(super) async fn send(
                     ))
                 })
             }
-            Err(Sent::Failed(e)) if attempt < RESENDS => {
+            Err(Sent::Failed(e)) => {
+                let Some(wait) = pauses.next() else {
+                    return Err(e);
+                };
                 attempt += 1;
-                let wait = Duration::from_secs(1 << attempt);
                 tracing::warn!(
                     "Relocation {}: sending volume `{}/{}` failed ({e}); sending again in {wait:?}, from what arrived (attempt {} of {}).",
                     cx.id,
@@ -327,7 +338,6 @@ pub(super) async fn send(
                     _ = cx.transfers.cancelled() => {}
                 }
             }
-            Err(Sent::Failed(e)) => return Err(e),
         }
     }
 }

@@ -25,7 +25,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use common::agents::{Agent, Pki};
-use common::netns::Hosts;
+use common::netns::{Host, Hosts};
 
 /// Which processes a run kills: an agent (the source's or the target's), with or without the
 /// daemon.
@@ -71,15 +71,25 @@ impl Victim {
 /// The daemon suite's setup with its providers served by agents: `a` by an agent on one
 /// host, `b` by one on another, their roots `providers/a` and `providers/b` under the test's
 /// directory as in the daemon suite. Dropped in order: agents, apps, hosts.
-struct Across {
-    a: Agent,
-    b: Agent,
-    s: Setup,
-    hosts: Hosts,
+pub(crate) struct Across {
+    pub(crate) a: Agent,
+    pub(crate) b: Agent,
+    pub(crate) s: Setup,
+    pub(crate) hosts: Hosts,
 }
 
 impl Across {
-    fn new(volume_mib: u64) -> Option<Across> {
+    pub(crate) fn new(volume_mib: u64) -> Option<Across> {
+        Across::with_viaducts(volume_mib, |_, _| None)
+    }
+
+    /// [`Across::new`], with `viaduct_at(hosts, host)` naming, for the agent on `host`, the
+    /// address senders are told to reach its viaduct receiver at (`viaduct_advertise`: a
+    /// proxy in front of it), or none for its own.
+    pub(crate) fn with_viaducts(
+        volume_mib: u64,
+        mut viaduct_at: impl FnMut(&Hosts, &Host) -> Option<String>,
+    ) -> Option<Across> {
         let hosts = Hosts::create(2)?;
         let mut s = setup(volume_mib);
         let dir = s.path("");
@@ -90,8 +100,14 @@ impl Across {
                  root = \"providers/{name}\"\n"
             )
         };
-        let a = Agent::start(hosts.a(), &dir, &pki, "a", &providers("a", "us-east-1"));
-        let b = Agent::start(hosts.b(), &dir, &pki, "b", &providers("b", "eu-central-1"));
+        let mut agent = |host: &Host, name: &str, region: &str| {
+            let lines = viaduct_at(&hosts, host)
+                .map(|at| format!("viaduct_advertise = \"{at}\"\n"))
+                .unwrap_or_default();
+            Agent::start_with(host, &dir, &pki, name, &providers(name, region), &lines)
+        };
+        let a = agent(hosts.a(), "a", "us-east-1");
+        let b = agent(hosts.b(), "b", "eu-central-1");
         a.wait_up(hosts.a());
         b.wait_up(hosts.b());
         s.config = s

@@ -11,12 +11,21 @@
 //! throughout. `FLUIDCLOUD_FAULT_RUNS` (default 4) and `FLUIDCLOUD_FAULT_SEED` size and replay
 //! the suite; `scripts/faults.sh` runs the full one.
 //!
+//! Between hosts: the viaduct receiver of the target's agent behind a TCP proxy that resets
+//! and stalls connections in the middle of the volume's copy (see
+//! `relocations_between_hosts_through_a_faulty_viaduct_end_relocated_or_rolled_back`).
+//!
 //! Feeds: with the feeds behind a proxy, no decision is made on prices older than the feed's
 //! `max_age_secs`; when the feed stalls and fails for longer than that, the stale-data guard
 //! suppresses the decisions instead.
 
 use crate::common;
+use crate::crash_agents::Across;
+use crate::crash_suite::{self, bucket_digest, follow, panic_message};
+use crate::relocation::{deploy, relocate_by_hand};
 
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -435,6 +444,161 @@ fn relocations_through_faulty_stores_end_relocated_or_rolled_back() {
     d.wait_for("/healthz", Duration::from_secs(5));
     d.signal(libc::SIGTERM);
     assert!(d.child.wait().unwrap().success(), "{}", d.logs());
+}
+
+/// How one relocation between hosts through a faulty viaduct ended.
+struct HostRun {
+    seed: u64,
+    outcome: Option<String>,
+    took: Duration,
+    injected: Counts,
+    problem: Option<String>,
+}
+
+/// Relocations between hosts with the viaduct behind the proxy: the crash suite's service
+/// (the demo app, its volume, bucket and configuration) moves from `a`, served by an agent on
+/// one host, to `b`, served by one on another, and the target's agent tells senders to reach
+/// its viaduct receiver through a TCP fault proxy (`viaduct_advertise`), which resets or
+/// stalls connections at `FLUIDCLOUD_FAULT_RATE` anywhere in the volume's bytes. Each run
+/// (a fresh deployment, `FLUIDCLOUD_FAULT_HOST_RUNS`, default 2; `FLUIDCLOUD_FAULT_MIB`,
+/// default 64) must end relocated or rolled back, whole, as the crash suite checks it, never
+/// failed. Needs root for the hosts' namespaces, as every test across hosts.
+#[test]
+fn relocations_between_hosts_through_a_faulty_viaduct_end_relocated_or_rolled_back() {
+    let runs = env_u64("FLUIDCLOUD_FAULT_HOST_RUNS", 2);
+    let volume_mib = env_u64("FLUIDCLOUD_FAULT_MIB", 64);
+    let rate = fault_rate();
+    let first_seed = seed();
+    println!(
+        "fault suite between hosts: {runs} relocations of a {volume_mib} MiB volume, its \
+         bucket and configuration from one agent's host to another's, {:.0} % of the \
+         viaduct's connections reset or stalled, first seed {first_seed}",
+        rate * 100.0
+    );
+    let mut done: Vec<HostRun> = Vec::new();
+    for i in 0..runs {
+        let seed = first_seed.wrapping_add(i);
+        let mut proxies = Vec::new();
+        let made = Across::with_viaducts(volume_mib, |hosts, host| {
+            // Only the target's receiver is sent to: the rollback sends nothing back.
+            if host.addr != hosts.b().addr {
+                return None;
+            }
+            let proxy = FaultProxy::tcp_on(
+                hosts.gateway.into(),
+                SocketAddr::new(host.addr.into(), 7482),
+                Rates::spread(rate, false),
+                seed,
+                STALL,
+            );
+            // Each of the sender's streams carries about a quarter of the volume.
+            proxy.set_strike_within((volume_mib << 20) / 4);
+            let at = proxy.addr.to_string();
+            proxies.push(proxy);
+            Some(at)
+        });
+        let Some(x) = made else {
+            return;
+        };
+        let s = &x.s;
+        let (hash, listing) = deploy(s);
+        let digest = bucket_digest(&s.path("providers/a/buckets/shop/assets"));
+        let d = s.daemon();
+        let started = Instant::now();
+        relocate_by_hand(&d, "b");
+        let context = format!("seed {seed}");
+        let mut ended = (None, RUN_LIMIT);
+        let checked = catch_unwind(AssertUnwindSafe(|| {
+            let (mut d, outcome, took, _) = follow(s, d, started);
+            ended = (outcome.clone(), took);
+            crash_suite::check(s, &hash, &listing, &digest, outcome.as_deref(), &context);
+            assert_ne!(
+                outcome.as_deref(),
+                Some("failed"),
+                "failed, not rolled back"
+            );
+            d.signal(libc::SIGTERM);
+            assert!(d.child.wait().unwrap().success(), "{}", d.logs());
+        }));
+        let mut injected = Counts::default();
+        for p in &proxies {
+            injected.add(&p.counts());
+        }
+        let r = HostRun {
+            seed,
+            outcome: ended.0,
+            took: ended.1,
+            injected,
+            problem: checked.err().map(|e| {
+                let log = |name: &str| std::fs::read_to_string(s.path(name)).unwrap_or_default();
+                format!(
+                    "{}\ndaemon:\n{}\nagent a:\n{}\nagent b:\n{}",
+                    panic_message(e.as_ref()),
+                    log("daemon.log"),
+                    log("a.log"),
+                    log("b.log")
+                )
+            }),
+        };
+        println!(
+            "run {:>3} seed {} {:>3} connections, {} resets, {} stalls -> {:<11} in {:>7}{}",
+            i + 1,
+            r.seed,
+            r.injected.connections,
+            r.injected.resets,
+            r.injected.stalls,
+            r.outcome.as_deref().unwrap_or("not started"),
+            seconds(r.took),
+            if r.problem.is_some() {
+                "  INCONSISTENT"
+            } else {
+                ""
+            }
+        );
+        done.push(r);
+    }
+    let mut total = Counts::default();
+    for r in &done {
+        total.add(&r.injected);
+    }
+    let count = |f: &dyn Fn(&HostRun) -> bool| done.iter().filter(|r| f(r)).count();
+    println!();
+    println!("viaduct proxies: {total}");
+    println!();
+    println!(
+        "| runs between hosts | relocated | rolled back | inconsistent | worst recovery time | faults injected |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {} | {} | {} | {} | {} | {} |",
+        done.len(),
+        count(&|r| r.problem.is_none() && r.outcome.as_deref() == Some("completed")),
+        count(&|r| r.problem.is_none() && r.outcome.as_deref() == Some("rolled_back")),
+        count(&|r| r.problem.is_some()),
+        seconds(done.iter().map(|r| r.took).max().unwrap_or_default()),
+        total.faults(),
+    );
+    let problems: Vec<String> = done
+        .iter()
+        .filter_map(|r| {
+            r.problem.as_ref().map(|p| {
+                format!(
+                    "seed {} (replay: FLUIDCLOUD_FAULT_SEED={} FLUIDCLOUD_FAULT_HOST_RUNS=1 \
+                     FLUIDCLOUD_FAULT_MIB={volume_mib}): {p}",
+                    r.seed, r.seed
+                )
+            })
+        })
+        .collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+    // The senders went through the proxy: the agent told them its address.
+    assert!(
+        runs == 0 || total.connections > 0,
+        "no viaduct connection came through the proxy: {total}"
+    );
+    if rate > 0.0 && runs > 0 {
+        assert!(total.faults() > 0, "no fault was injected: {total}");
+    }
 }
 
 /// Regression: S3 servers (s3s-fs among them) answer `BucketAlreadyExists` to the bucket's

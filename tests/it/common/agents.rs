@@ -51,6 +51,18 @@ impl Agent {
     /// Starts the agent `name` in `host`, serving `providers` (TOML `[providers.X]`
     /// sections; relative roots are under `dir`), its state under `dir/NAME-state`.
     pub fn start(host: &Host, dir: &Path, pki: &Pki, name: &str, providers: &str) -> Agent {
+        Agent::start_with(host, dir, pki, name, providers, "")
+    }
+
+    /// [`Agent::start`] with more lines for its `[agent]` section.
+    pub fn start_with(
+        host: &Host,
+        dir: &Path,
+        pki: &Pki,
+        name: &str,
+        providers: &str,
+        agent_lines: &str,
+    ) -> Agent {
         let cert = certs::issue(
             &pki.dir,
             Role::Agent,
@@ -65,7 +77,7 @@ impl Agent {
             format!(
                 "[agent]\nadvertise = \"{addr}\"\nlisten = \"{addr}:7481\"\n\
                  viaduct_listen = \"{addr}:7482\"\nmetrics_listen = \"{addr}:7483\"\n\
-                 state_dir = \"{name}-state\"\n\n{tls}\n{providers}",
+                 state_dir = \"{name}-state\"\n{agent_lines}\n{tls}\n{providers}",
                 addr = host.addr,
                 tls = tls_section(&pki.dir, &cert.cert, &cert.key),
             ),

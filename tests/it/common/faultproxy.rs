@@ -1,4 +1,4 @@
-//! A fault-injecting proxy on loopback, put between the daemon and a server it talks to (a
+//! A fault-injecting proxy (on loopback unless told otherwise), put between the daemon and a server it talks to (a
 //! pricing feed, S3, Swift, a viaduct receiver). Faults are drawn from a seeded RNG at
 //! configurable rates and counted, so a test can print what it injected and check the
 //! faults really happened.
@@ -11,7 +11,7 @@
 //! headers promise the whole length, the connection closes part way).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -136,6 +136,8 @@ struct Shared {
     counters: Counters,
     /// How long a stalled connection holds before it closes.
     stall: Duration,
+    /// A connection's fault strikes within its first this many bytes (64 KiB by default).
+    strike_within: AtomicU64,
     /// When a request was last answered by the upstream in full, by path.
     clean: Mutex<HashMap<String, Vec<Instant>>>,
     /// Faults set for particular requests, taken in order, before any drawn fault.
@@ -194,7 +196,19 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// A proxy for the plain TCP server at `upstream`: resets and stalls only.
     pub fn tcp(upstream: SocketAddr, rates: Rates, seed: u64, stall: Duration) -> FaultProxy {
-        FaultProxy::start(upstream, rates, seed, stall, false)
+        FaultProxy::tcp_on(Ipv4Addr::LOCALHOST.into(), upstream, rates, seed, stall)
+    }
+
+    /// [`FaultProxy::tcp`] listening on `bind` instead of loopback (the bridge's address, for
+    /// clients in other network namespaces).
+    pub fn tcp_on(
+        bind: IpAddr,
+        upstream: SocketAddr,
+        rates: Rates,
+        seed: u64,
+        stall: Duration,
+    ) -> FaultProxy {
+        FaultProxy::start(bind, upstream, rates, seed, stall, false)
     }
 
     /// A proxy for the HTTP server at `upstream` (`http://HOST:PORT[/…]`; the path is
@@ -209,10 +223,11 @@ impl FaultProxy {
         let addr: SocketAddr = authority
             .parse()
             .unwrap_or_else(|e| panic!("{upstream}: not http://IP:PORT: {e}"));
-        FaultProxy::start(addr, rates, seed, stall, true)
+        FaultProxy::start(Ipv4Addr::LOCALHOST.into(), addr, rates, seed, stall, true)
     }
 
     fn start(
+        bind: IpAddr,
         upstream: SocketAddr,
         rates: Rates,
         seed: u64,
@@ -230,10 +245,11 @@ impl FaultProxy {
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
             counters: Counters::default(),
             stall,
+            strike_within: AtomicU64::new(64 << 10),
             clean: Mutex::default(),
             scripted: Mutex::default(),
         });
-        let outer = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let outer = rt.block_on(TcpListener::bind((bind, 0))).unwrap();
         let addr = outer.local_addr().unwrap();
         // The HTTP layer listens on a port of its own; the TCP layer forwards to it.
         let next_hop = if http {
@@ -288,6 +304,14 @@ impl FaultProxy {
 
     pub fn set_rates(&self, rates: Rates) {
         *self.shared.rates.lock().unwrap() = rates;
+    }
+
+    /// Lets a connection's fault strike anywhere in its first `bytes` (64 KiB by default):
+    /// for a stream that carries megabytes, so that faults land in the middle of a copy.
+    pub fn set_strike_within(&self, bytes: u64) {
+        self.shared
+            .strike_within
+            .store(bytes.max(1), Ordering::Relaxed);
     }
 
     pub fn counts(&self) -> Counts {
@@ -358,7 +382,7 @@ async fn tcp_connection(s: &Shared, client: TcpStream, next_hop: SocketAddr) {
     } else {
         None
     };
-    let strike_at = s.below(64 << 10);
+    let strike_at = s.below(s.strike_within.load(Ordering::Relaxed));
     let Ok(upstream) = TcpStream::connect(next_hop).await else {
         let _ = client.set_zero_linger();
         return;
