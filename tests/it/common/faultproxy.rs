@@ -136,8 +136,10 @@ struct Shared {
     counters: Counters,
     /// How long a stalled connection holds before it closes.
     stall: Duration,
-    /// A connection's fault strikes within its first this many bytes (64 KiB by default).
-    strike_within: AtomicU64,
+    /// A connection's fault strikes within its first 64 KiB, drawn evenly; or, when set,
+    /// within its first this many bytes, drawn log-uniformly (see
+    /// [`FaultProxy::set_strike_spread`]).
+    strike_spread: AtomicU64,
     /// When a request was last answered by the upstream in full, by path.
     clean: Mutex<HashMap<String, Vec<Instant>>>,
     /// Faults set for particular requests, taken in order, before any drawn fault.
@@ -245,7 +247,7 @@ impl FaultProxy {
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
             counters: Counters::default(),
             stall,
-            strike_within: AtomicU64::new(64 << 10),
+            strike_spread: AtomicU64::new(0),
             clean: Mutex::default(),
             scripted: Mutex::default(),
         });
@@ -306,12 +308,12 @@ impl FaultProxy {
         *self.shared.rates.lock().unwrap() = rates;
     }
 
-    /// Lets a connection's fault strike anywhere in its first `bytes` (64 KiB by default):
-    /// for a stream that carries megabytes, so that faults land in the middle of a copy.
-    pub fn set_strike_within(&self, bytes: u64) {
+    /// Lets a connection's fault strike at a byte drawn log-uniformly up to `bytes`: as
+    /// often in the handshakes and the first exchanges as in the middle of a long copy.
+    pub fn set_strike_spread(&self, bytes: u64) {
         self.shared
-            .strike_within
-            .store(bytes.max(1), Ordering::Relaxed);
+            .strike_spread
+            .store(bytes.max(2), Ordering::Relaxed);
     }
 
     pub fn counts(&self) -> Counts {
@@ -382,7 +384,10 @@ async fn tcp_connection(s: &Shared, client: TcpStream, next_hop: SocketAddr) {
     } else {
         None
     };
-    let strike_at = s.below(s.strike_within.load(Ordering::Relaxed));
+    let strike_at = match s.strike_spread.load(Ordering::Relaxed) {
+        0 => s.below(64 << 10),
+        spread => (spread as f64).powf(s.f64()) as u64,
+    };
     let Ok(upstream) = TcpStream::connect(next_hop).await else {
         let _ = client.set_zero_linger();
         return;
