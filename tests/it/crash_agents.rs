@@ -83,6 +83,18 @@ impl Across {
         Across::with_viaducts(volume_mib, |_, _| None)
     }
 
+    /// A failed check's message, with the daemon's and both agents' logs.
+    pub(crate) fn explain(&self, e: &(dyn std::any::Any + Send)) -> String {
+        let log = |name: &str| std::fs::read_to_string(self.s.path(name)).unwrap_or_default();
+        format!(
+            "{}\ndaemon:\n{}\nagent a:\n{}\nagent b:\n{}",
+            panic_message(e),
+            log("daemon.log"),
+            log("a.log"),
+            log("b.log")
+        )
+    }
+
     /// [`Across::new`], with `viaduct_at(hosts, host)` naming, for the agent on `host`, the
     /// address senders are told to reach its viaduct receiver at (`viaduct_advertise`: a
     /// proxy in front of it), or none for its own.
@@ -184,16 +196,7 @@ fn run(draw: Draw, victim: Victim, volume_mib: u64, timing: &Timing) -> Run {
         d.signal(libc::SIGTERM);
         let _ = d.child.wait();
     }));
-    let problem = checked.err().map(|e| {
-        let log = |name: &str| std::fs::read_to_string(s.path(name)).unwrap_or_default();
-        format!(
-            "{}\ndaemon:\n{}\nagent a:\n{}\nagent b:\n{}",
-            panic_message(e.as_ref()),
-            log("daemon.log"),
-            log("a.log"),
-            log("b.log")
-        )
-    });
+    let problem = checked.err().map(|e| x.explain(e.as_ref()));
     let (outcome, to_terminal, to_serving) = recovered;
     Run {
         seed: draw.seed,

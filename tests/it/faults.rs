@@ -21,7 +21,7 @@
 
 use crate::common;
 use crate::crash_agents::Across;
-use crate::crash_suite::{self, bucket_digest, follow, panic_message};
+use crate::crash_suite::{self, bucket_digest, follow};
 use crate::relocation::{deploy, relocate_by_hand};
 
 use std::net::SocketAddr;
@@ -531,16 +531,7 @@ fn relocations_between_hosts_through_a_faulty_viaduct_end_relocated_or_rolled_ba
             outcome: ended.0,
             took: ended.1,
             injected,
-            problem: checked.err().map(|e| {
-                let log = |name: &str| std::fs::read_to_string(s.path(name)).unwrap_or_default();
-                format!(
-                    "{}\ndaemon:\n{}\nagent a:\n{}\nagent b:\n{}",
-                    panic_message(e.as_ref()),
-                    log("daemon.log"),
-                    log("a.log"),
-                    log("b.log")
-                )
-            }),
+            problem: checked.err().map(|e| x.explain(e.as_ref())),
         };
         println!(
             "run {:>3} seed {} {:>3} connections, {} resets, {} stalls -> {:<11} in {:>7}{}",
