@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use fluidcloud::broker::supervisor::RelocationQuery;
 use fluidcloud::config::Config;
 use serde_json::Value;
 
@@ -412,22 +413,37 @@ pub fn relocations(
     state: Option<&str>,
     limit: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
-    let limit = limit.map(|n| n.to_string());
-    let path = format!(
-        "/v1/relocations{}",
-        query(&[
-            ("service", service),
-            ("state", state),
-            ("limit", limit.as_deref())
-        ])
-    );
-    let Some(v) = fetch(a, reqwest::Method::GET, &path)? else {
+    // The API answers at most `MAX_LIMIT` a page; more are asked for page by page back.
+    let want = limit.unwrap_or(RelocationQuery::DEFAULT_LIMIT);
+    let api = Api::new(a)?;
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let page_size = (want - all.len()).min(RelocationQuery::MAX_LIMIT);
+        let page_limit = page_size.to_string();
+        let before = all.first().map(|r| s(&r["id"]));
+        let path = format!(
+            "/v1/relocations{}",
+            query(&[
+                ("service", service),
+                ("state", state),
+                ("limit", Some(page_limit.as_str())),
+                ("before", before.as_deref()),
+            ])
+        );
+        let page = api.call(reqwest::Method::GET, &path)?;
+        let page = page.as_array().cloned().unwrap_or_default();
+        let full = page.len() == page_size;
+        all.splice(0..0, page);
+        if !full || all.len() >= want {
+            break;
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
-    };
-    let rows = v
-        .as_array()
-        .into_iter()
-        .flatten()
+    }
+    let rows = all
+        .iter()
         .map(|r| {
             vec![
                 s(&r["id"]),

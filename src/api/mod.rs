@@ -348,12 +348,20 @@ async fn relocations(
     if query.limit == Some(0) {
         return ApiError::Invalid("`limit` must be at least 1".into()).into_response();
     }
+    if query.limit.is_some_and(|l| l > RelocationQuery::MAX_LIMIT) {
+        return ApiError::Invalid(format!(
+            "`limit` is at most {}: ask for the page before with `before=` the oldest id of a page",
+            RelocationQuery::MAX_LIMIT
+        ))
+        .into_response();
+    }
     match s
         .broker
         .ask(|reply| Command::Relocations { query, reply })
         .await
     {
-        Some(v) => Json(v).into_response(),
+        Some(Ok(v)) => Json(v).into_response(),
+        Some(Err(e)) => e.into_response(),
         None => stopped(),
     }
 }

@@ -396,12 +396,27 @@ impl Conduit for Engine {
         })
     }
 
-    fn recent(&self, limit: usize, keep: &dyn Fn(&Relocation) -> bool) -> Vec<Relocation> {
+    fn recent(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+        keep: &dyn Fn(&Relocation) -> bool,
+    ) -> Result<Vec<Relocation>, ConduitError> {
         // Newest first, a page at a time, so that however long the history only a page of
         // summaries and the relocations picked are in memory.
         const PAGE: usize = 256;
         let mut picked = Vec::new();
-        let mut after: Option<(DateTime<Utc>, String)> = None;
+        let mut after: Option<(DateTime<Utc>, String)> = match before {
+            None => None,
+            Some(id) => match self.inner.journal.get(id) {
+                Ok(Some(r)) => Some((r.created_at, r.id)),
+                Ok(None) => return Err(ConduitError::Unknown(id.to_string())),
+                Err(e) => {
+                    tracing::error!("Cannot read the relocation journal: {e}.");
+                    return Ok(Vec::new());
+                }
+            },
+        };
         while picked.len() < limit {
             let page = match self
                 .inner
@@ -433,7 +448,7 @@ impl Conduit for Engine {
             }
         }
         picked.reverse();
-        picked
+        Ok(picked)
     }
 
     fn active(&self) -> usize {

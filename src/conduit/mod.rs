@@ -158,17 +158,30 @@ pub trait Conduit: Send + Sync + 'static {
     }
 
     /// The `limit` most recent relocations that `keep` selects (it sees them without their
-    /// steps), with their steps, newest last.
-    fn recent(&self, limit: usize, keep: &dyn Fn(&Relocation) -> bool) -> Vec<Relocation> {
-        let mut picked: Vec<Relocation> = self
-            .relocations()
+    /// steps), with their steps, newest last; with `before`, only those submitted before the
+    /// relocation of that id (unknown: an error).
+    fn recent(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+        keep: &dyn Fn(&Relocation) -> bool,
+    ) -> Result<Vec<Relocation>, ConduitError> {
+        let mut all = self.relocations();
+        if let Some(id) = before {
+            let at = all
+                .iter()
+                .position(|r| r.id == id)
+                .ok_or_else(|| ConduitError::Unknown(id.to_string()))?;
+            all.truncate(at);
+        }
+        let mut picked: Vec<Relocation> = all
             .into_iter()
             .rev()
             .filter(|r| keep(r))
             .take(limit)
             .collect();
         picked.reverse();
-        picked
+        Ok(picked)
     }
 
     /// One relocation, with the live progress of its running transfers.

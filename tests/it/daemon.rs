@@ -483,6 +483,51 @@ fn the_api_refuses_missing_and_wrong_tokens_and_unknown_names() {
     );
 }
 
+/// Regression: `GET /v1/relocations` answered up to 100,000 relocations at once, each with
+/// its steps, built whole in memory; a client asking for the whole history of a busy daemon
+/// (the 100-minute soak's 5,339) raised its RSS by 70 MiB for good. A page is at most 1000
+/// now, and `before` pages back.
+#[test]
+fn a_client_pages_back_through_relocations_instead_of_asking_for_them_all_at_once() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with_cheapest(&feeds, "audit").render();
+    let d = Daemon::start(dir.path(), &cfg);
+    let (s, body) = relocate(&d, "shop", json!({"to": "azure-we"}));
+    assert_eq!(s, 202, "{body}");
+    let (s, body) = relocate(&d, "crm", json!({"to": "azure-we", "force": true}));
+    assert_eq!(s, 202, "{body}");
+    let all = d.get("/v1/relocations");
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    // Pages back through the history: the page before the oldest of a page.
+    let shop = d.get(&format!(
+        "/v1/relocations?limit=1&before={}",
+        all[1]["id"].as_str().unwrap()
+    ));
+    assert_eq!(shop.as_array().unwrap().len(), 1, "{shop}");
+    assert_eq!(shop[0]["request"]["service"], "shop");
+    assert_eq!(shop[0]["id"], all[0]["id"]);
+    let none = d.get(&format!(
+        "/v1/relocations?before={}",
+        shop[0]["id"].as_str().unwrap()
+    ));
+    assert_eq!(none, json!([]));
+    let (s, body) = d
+        .raw("GET", "/v1/relocations?before=r-none", true, None)
+        .unwrap();
+    assert_eq!(s, 404, "{body}");
+    assert!(body.contains("r-none"), "{body}");
+    // A page is built in memory: at most 1000 relocations, and the answer says how to page.
+    let (s, body) = d
+        .raw("GET", "/v1/relocations?limit=1001", true, None)
+        .unwrap();
+    assert_eq!(s, 422, "{body}");
+    assert!(
+        body.contains("at most 1000") && body.contains("before="),
+        "{body}"
+    );
+}
+
 #[test]
 fn bad_feeds_are_counted_and_never_crash_the_daemon() {
     let feeds = feeds();

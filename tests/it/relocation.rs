@@ -936,6 +936,12 @@ fn an_operator_follows_and_cancels_a_relocation_before_its_commit_but_not_after(
         out.contains("✓ commit") && out.contains("state:  grace"),
         "{out}"
     );
+    // More than the API's largest page: the CLI pages back by itself.
+    let (ok, listed) = cli(&["relocations", "--limit", "5000"]);
+    assert!(
+        ok && listed.contains(&id) && listed.contains(&second),
+        "{listed}"
+    );
     let (status, body) = d
         .raw(
             "POST",

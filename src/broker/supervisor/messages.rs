@@ -34,7 +34,7 @@ pub enum Command {
     },
     Relocations {
         query: RelocationQuery,
-        reply: oneshot::Sender<Vec<Relocation>>,
+        reply: oneshot::Sender<Result<Vec<Relocation>, ApiError>>,
     },
     Relocation {
         id: String,
@@ -74,7 +74,8 @@ pub struct DecisionQuery {
     pub limit: Option<usize>,
 }
 
-/// `GET /v1/relocations`: the most recent `limit` relocations of `service` in `state`.
+/// `GET /v1/relocations`: the most recent `limit` relocations of `service` in `state`, or
+/// the most recent of those handed to the conduit `before` a given one (the next page back).
 #[derive(Debug, Default, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelocationQuery {
@@ -83,11 +84,15 @@ pub struct RelocationQuery {
     pub state: Option<String>,
     /// Default [`RelocationQuery::DEFAULT_LIMIT`], at most [`RelocationQuery::MAX_LIMIT`].
     pub limit: Option<usize>,
+    /// A relocation's id: only those handed to the conduit before it (the oldest of a page
+    /// asks for the page before it).
+    pub before: Option<String>,
 }
 
 impl RelocationQuery {
     pub const DEFAULT_LIMIT: usize = 100;
-    pub const MAX_LIMIT: usize = 100_000;
+    /// The largest page: an answer is built in memory, each relocation with its steps.
+    pub const MAX_LIMIT: usize = 1000;
 
     /// Whether `r` is one the query asks for.
     pub fn keeps(&self, r: &Relocation) -> bool {

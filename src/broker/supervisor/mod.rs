@@ -361,7 +361,11 @@ impl Supervisor {
             }
             Command::Relocations { query, reply } => {
                 let keep = |r: &crate::conduit::Relocation| query.keeps(r);
-                let _ = reply.send(self.conduit.recent(query.limit(), &keep));
+                let page = self
+                    .conduit
+                    .recent(query.limit(), query.before.as_deref(), &keep)
+                    .map_err(|e| ApiError::NotFound(e.to_string()));
+                let _ = reply.send(page);
             }
             Command::Relocation { id, reply } => {
                 let _ = reply.send(self.conduit.relocation(&id));
