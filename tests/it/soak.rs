@@ -43,7 +43,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::config::ConfigBuilder;
-use common::{demo_app, free_port, Apps, Body, Daemon, FeedServer};
+use common::{demo_app, free_ports, Apps, Body, Daemon, FeedServer};
 use fluidcloud::conduit::journal::Journal;
 use fluidcloud::conduit::RelocationState;
 use serde_json::Value;
@@ -237,6 +237,7 @@ struct Svc {
 }
 
 fn services(n: usize) -> Vec<Svc> {
+    let ports = free_ports(n);
     (0..n)
         .map(|i| {
             // Two `eu-only` services start in the US and wait for approval; one in five of
@@ -251,7 +252,7 @@ fn services(n: usize) -> Vec<Svc> {
                 provider,
                 policy,
                 vcpus: i % SIZES + 1,
-                port: free_port(),
+                port: ports[i],
             }
         })
         .collect()

@@ -158,6 +158,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct free ports: the listeners are held until all are drawn, since the kernel may
+/// hand a port just released to the next `bind` (two apps would then share one).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
