@@ -411,10 +411,7 @@ impl Conduit for Engine {
             Some(id) => match self.inner.journal.get(id) {
                 Ok(Some(r)) => Some((r.created_at, r.id)),
                 Ok(None) => return Err(ConduitError::Unknown(id.to_string())),
-                Err(e) => {
-                    tracing::error!("Cannot read the relocation journal: {e}.");
-                    return Ok(Vec::new());
-                }
+                Err(e) => return Err(journal_unreadable(e)),
             },
         };
         while picked.len() < limit {
@@ -424,10 +421,8 @@ impl Conduit for Engine {
                 .summaries_page(after.as_ref().map(|(t, id)| (*t, id.as_str())), PAGE)
             {
                 Ok(page) => page,
-                Err(e) => {
-                    tracing::error!("Cannot read the relocation journal: {e}.");
-                    break;
-                }
+                // A page cut short would read as the start of the history.
+                Err(e) => return Err(journal_unreadable(e)),
             };
             let Some(last) = page.last() else { break };
             after = Some((last.created_at, last.id.clone()));
@@ -471,4 +466,11 @@ impl Conduit for Engine {
             BTreeMap::new()
         })
     }
+}
+
+/// A read of the journal that failed, logged and returned: the caller answers with an error
+/// rather than with what it could read.
+fn journal_unreadable(e: JournalError) -> ConduitError {
+    tracing::error!("Cannot read the relocation journal: {e}.");
+    ConduitError::Journal(e.to_string())
 }

@@ -120,6 +120,9 @@ pub enum ConduitError {
     Refused(String),
     #[error("no relocation `{0}`")]
     Unknown(String),
+    /// The journal could not be read: an answer built without it would be wrong.
+    #[error("the relocation journal cannot be read: {0}")]
+    Journal(String),
     /// A cancel that came too late (or for a relocation that is not running here).
     #[error("relocation `{id}` cannot be cancelled: {reason}")]
     NotCancellable { id: String, reason: String },

@@ -528,6 +528,59 @@ fn a_client_pages_back_through_relocations_instead_of_asking_for_them_all_at_onc
     );
 }
 
+/// Regression: a relocation of the journal that could not be read cut the page short (or
+/// emptied it), answered 200: a client paging back took it for the start of the history.
+/// Now the answer is a 500 that says the journal cannot be read, and the daemon goes on.
+#[test]
+fn a_page_of_relocations_the_journal_cannot_read_is_an_error_not_a_short_page() {
+    let feeds = feeds();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with_cheapest(&feeds, "audit").render();
+    let mut d = Daemon::start(dir.path(), &cfg);
+    for (service, body) in [
+        ("shop", json!({"to": "azure-we"})),
+        ("crm", json!({"to": "azure-we", "force": true})),
+    ] {
+        let (s, body) = relocate(&d, service, body);
+        assert_eq!(s, 202, "{body}");
+    }
+    // `crm` cut over (its source is kept for the grace period): nothing writes its row now.
+    let all = d.eventually("crm cut over", Duration::from_secs(60), |d| {
+        let all = d.get("/v1/relocations");
+        (all[1]["state"] == "grace").then_some(all)
+    });
+    let (shop, crm) = (
+        all[0]["id"].as_str().unwrap(),
+        all[1]["id"].as_str().unwrap(),
+    );
+    // Its submission time is damaged on disk; it now sorts before `shop`'s.
+    let journal = rusqlite::Connection::open(dir.path().join("state/journal.sqlite")).unwrap();
+    journal.busy_timeout(Duration::from_secs(10)).unwrap();
+    let changed = journal
+        .execute(
+            "UPDATE relocations SET created_at = '2000-01-01 nonsense' WHERE id = ?1",
+            [crm],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(journal);
+    for query in [
+        "/v1/relocations".to_string(),
+        format!("/v1/relocations?before={crm}"),
+        format!("/v1/relocations?before={shop}"),
+    ] {
+        let (s, body) = d.raw("GET", &query, true, None).unwrap();
+        assert_eq!(s, 500, "{query}: {body}");
+        assert!(
+            body.contains("relocation journal cannot be read") && body.contains("nonsense"),
+            "{query}: {body}"
+        );
+    }
+    // The daemon goes on: what does not need the damaged row still answers.
+    let (s, body) = d.raw("GET", "/v1/services", true, None).unwrap();
+    assert_eq!(s, 200, "{body}");
+}
+
 #[test]
 fn bad_feeds_are_counted_and_never_crash_the_daemon() {
     let feeds = feeds();

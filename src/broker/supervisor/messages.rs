@@ -121,6 +121,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// What the daemon needs to answer could not be read; the request itself was fine.
+    #[error("{0}")]
+    Internal(String),
 }
 
 #[derive(Debug, Clone, Serialize)]

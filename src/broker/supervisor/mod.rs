@@ -364,7 +364,10 @@ impl Supervisor {
                 let page = self
                     .conduit
                     .recent(query.limit(), query.before.as_deref(), &keep)
-                    .map_err(|e| ApiError::NotFound(e.to_string()));
+                    .map_err(|e| match e {
+                        ConduitError::Unknown(_) => ApiError::NotFound(e.to_string()),
+                        _ => ApiError::Internal(e.to_string()),
+                    });
                 let _ = reply.send(page);
             }
             Command::Relocation { id, reply } => {
