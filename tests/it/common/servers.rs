@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use super::{free_port, free_ports};
 
 /// Where the installed servers are.
 #[derive(Debug, Clone)]
@@ -308,9 +308,8 @@ impl SwiftServer {
         let dir = dir.join("swift");
         let logs = dir.join("logs");
         std::fs::create_dir_all(dir.join("srv/node/d1")).unwrap();
-        let memcached_port = free_port();
-        let (account, container, object, proxy) =
-            (free_port(), free_port(), free_port(), free_port());
+        let p = free_ports(5);
+        let (memcached_port, account, container, object, proxy) = (p[0], p[1], p[2], p[3], p[4]);
 
         let mut memcached_cmd = Command::new(&env.memcached);
         if let Some(libs) = &env.memcached_libs {
