@@ -9,6 +9,7 @@ pub mod faultproxy;
 pub mod guest;
 pub mod netns;
 pub mod servers;
+pub use servers::free_ports;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -156,17 +157,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// `n` distinct free ports: the listeners are held until all are drawn, since the kernel may
-/// hand a port just released to the next `bind` (two apps would then share one).
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 pub fn repo() -> PathBuf {

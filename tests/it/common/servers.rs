@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, free_ports};
+use super::free_port;
 
 /// Where the installed servers are.
 #[derive(Debug, Clone)]
@@ -511,4 +511,15 @@ fn write_confs(
              {filters}"
         ),
     );
+}
+
+/// `n` distinct free ports: the listeners are held until all are drawn, since the kernel may
+/// hand a port just released to the next `bind` (two servers would then share one).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
