@@ -433,8 +433,10 @@ impl Conduit for Engine {
                 }
                 let r = self.to_relocation(r);
                 if keep(&r) {
-                    if let Some(r) = self.relocation(&r.id) {
-                        picked.push(r);
+                    match self.inner.journal.get(&r.id) {
+                        Ok(Some(full)) => picked.push(self.to_relocation(full)),
+                        Ok(None) => {}
+                        Err(e) => return Err(journal_unreadable(e)),
                     }
                 }
             }

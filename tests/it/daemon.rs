@@ -529,8 +529,9 @@ fn a_client_pages_back_through_relocations_instead_of_asking_for_them_all_at_onc
 }
 
 /// Regression: a relocation of the journal that could not be read cut the page short (or
-/// emptied it), answered 200: a client paging back took it for the start of the history.
-/// Now the answer is a 500 that says the journal cannot be read, and the daemon goes on.
+/// emptied it, or left out the one relocation whose steps could not be read), answered 200:
+/// a client paging back took it for the whole history. Now the answer is a 500 that says
+/// the journal cannot be read, and the daemon goes on.
 #[test]
 fn a_page_of_relocations_the_journal_cannot_read_is_an_error_not_a_short_page() {
     let feeds = feeds();
@@ -544,7 +545,7 @@ fn a_page_of_relocations_the_journal_cannot_read_is_an_error_not_a_short_page() 
         let (s, body) = relocate(&d, service, body);
         assert_eq!(s, 202, "{body}");
     }
-    // `crm` cut over (its source is kept for the grace period): nothing writes its row now.
+    // `crm` cut over (its source is kept for the grace period): nothing writes its rows now.
     let all = d.eventually("crm cut over", Duration::from_secs(60), |d| {
         let all = d.get("/v1/relocations");
         (all[1]["state"] == "grace").then_some(all)
@@ -553,30 +554,57 @@ fn a_page_of_relocations_the_journal_cannot_read_is_an_error_not_a_short_page() 
         all[0]["id"].as_str().unwrap(),
         all[1]["id"].as_str().unwrap(),
     );
-    // Its submission time is damaged on disk; it now sorts before `shop`'s.
     let journal = rusqlite::Connection::open(dir.path().join("state/journal.sqlite")).unwrap();
     journal.busy_timeout(Duration::from_secs(10)).unwrap();
-    let changed = journal
-        .execute(
-            "UPDATE relocations SET created_at = '2000-01-01 nonsense' WHERE id = ?1",
+    let damage = |sql: &str| assert_eq!(journal.execute(sql, [crm]).unwrap(), 1, "{sql}");
+    let answers_500 = |queries: &[String], says: &str| {
+        for query in queries {
+            let (s, body) = d.raw("GET", query, true, None).unwrap();
+            assert_eq!(s, 500, "{query}: {body}");
+            assert!(
+                body.contains("relocation journal cannot be read") && body.contains(says),
+                "{query}: {body}"
+            );
+        }
+    };
+    // Its submission time is damaged on disk (it now sorts before `shop`'s): every page that
+    // reaches it, and the page before it, fail.
+    let created: String = journal
+        .query_row(
+            "SELECT created_at FROM relocations WHERE id = ?1",
             [crm],
+            |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(changed, 1);
+    damage("UPDATE relocations SET created_at = '2000-01-01 nonsense' WHERE id = ?1");
+    answers_500(
+        &[
+            "/v1/relocations".to_string(),
+            format!("/v1/relocations?before={crm}"),
+            format!("/v1/relocations?before={shop}"),
+        ],
+        "nonsense",
+    );
+    journal
+        .execute(
+            "UPDATE relocations SET created_at = ?1 WHERE id = ?2",
+            [created.as_str(), crm],
+        )
+        .unwrap();
+    assert_eq!(d.get("/v1/relocations").as_array().unwrap().len(), 2);
+    // Its summary reads, but the output of its first step is damaged.
+    damage("UPDATE steps SET output = '{nonsense' WHERE relocation_id = ?1 AND seq = 0");
+    answers_500(
+        &[
+            "/v1/relocations".to_string(),
+            "/v1/relocations?service=crm".to_string(),
+        ],
+        "step 0 output",
+    );
     drop(journal);
-    for query in [
-        "/v1/relocations".to_string(),
-        format!("/v1/relocations?before={crm}"),
-        format!("/v1/relocations?before={shop}"),
-    ] {
-        let (s, body) = d.raw("GET", &query, true, None).unwrap();
-        assert_eq!(s, 500, "{query}: {body}");
-        assert!(
-            body.contains("relocation journal cannot be read") && body.contains("nonsense"),
-            "{query}: {body}"
-        );
-    }
-    // The daemon goes on: what does not need the damaged row still answers.
+    // The daemon goes on: what does not need the damaged rows still answers.
+    let shop_only = d.get("/v1/relocations?service=shop");
+    assert_eq!(shop_only[0]["id"], shop, "{shop_only}");
     let (s, body) = d.raw("GET", "/v1/services", true, None).unwrap();
     assert_eq!(s, 200, "{body}");
 }
